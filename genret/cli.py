@@ -1,0 +1,260 @@
+"""The ``genret`` command: data, training, indexing, search, evaluation and the demo.
+
+Every command that reads a dataset accepts a Karpathy ``dataset_*.json``, a ``.jsonl`` file, or a
+folder holding one. Errors print one line naming the file, line or argument, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from genret import __version__
+from genret.config import ConfigError, add_arguments, merge_arguments
+
+logger = logging.getLogger("genret")
+
+USER_ERRORS = (ValueError, FileNotFoundError, LookupError, ConfigError, NotADirectoryError)
+
+
+def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None:
+    p.add_argument("--data", required=True, help="dataset_*.json, a .jsonl file, or a folder holding one")
+    p.add_argument("--image-root", default=None, help="image folder (default: beside the annotation file)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="on a bad entry or unreadable image: stop (raise) or leave it out with a warning (skip)")
+    if split is not None:
+        p.add_argument("--split", default=split, help=f"which split (default: {split})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from genret.data.synth import SynthConfig
+    from genret.training.clip import CLIPTrainConfig
+    from genret.training.pretrain_mllm import PretrainConfig
+
+    parser = argparse.ArgumentParser(prog="genret", description="Image-text retrieval with multimodal LLMs.")
+    parser.add_argument("--version", action="version", version=f"genret {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the miniature world (Karpathy format)")
+    synth.add_argument("out", help="output folder")
+    add_arguments(synth, SynthConfig)
+
+    train = sub.add_parser("train", help="training").add_subparsers(dest="train_command", required=True)
+    clip = train.add_parser("clip", help="train a mini CLIP contrastively")
+    _add_data_args(clip)
+    clip.add_argument("--out", required=True, help="checkpoint folder to write")
+    clip.add_argument("--config", default=None, help="TOML/YAML file of CLIPTrainConfig settings")
+    add_arguments(clip, CLIPTrainConfig)
+
+    mllm = train.add_parser("mllm", help="build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)")
+    _add_data_args(mllm)
+    mllm.add_argument("--clip", required=True, help="the mini CLIP checkpoint whose vision tower it uses")
+    mllm.add_argument("--out", required=True, help="checkpoint folder to write")
+    mllm.add_argument("--config", default=None, help="TOML/YAML file of PretrainConfig settings")
+    add_arguments(mllm, PretrainConfig)
+
+    index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
+    build = index.add_parser("build", help="embed a dataset split and save a searchable pipeline")
+    build.add_argument("pipeline", help="pipeline file (TOML/YAML) or an encoder model directory/id")
+    _add_data_args(build, split="test")
+    build.add_argument("--out", required=True, help="pipeline folder to write")
+    build.add_argument("--factory", default=None, help="faiss factory string (overrides the pipeline file)")
+
+    search = sub.add_parser("search", help="search a saved pipeline")
+    search.add_argument("pipeline", help="a folder written by `genret index build`")
+    search.add_argument("text", nargs="?", help="the text query (searches images)")
+    search.add_argument("--image", default=None, help="an image query (searches captions)")
+    search.add_argument("-k", "--k", type=int, default=10, help="results to show (default: 10)")
+    search.add_argument("--json", action="store_true", help="print JSON")
+
+    ev = sub.add_parser("eval", help="evaluate a pipeline on a dataset split")
+    ev.add_argument("pipeline", help="saved pipeline folder, pipeline file, or encoder model directory/id")
+    _add_data_args(ev, split="test")
+    ev.add_argument("--directions", default="t2i,i2t", help="t2i, i2t or both (default: t2i,i2t)")
+    ev.add_argument("--out", default=None, help="folder for report.json and report.md")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    demo = sub.add_parser("demo", help="the miniature world end to end: data, mini CLIP, index, evaluation")
+    demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
+    demo.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _load_data(args: argparse.Namespace):
+    from genret.data import load_dataset
+
+    return load_dataset(args.data, image_root=args.image_root, on_error=args.on_error)
+
+
+def _open_pipeline(ref: str):
+    """A saved pipeline folder, a pipeline file, or an encoder model (prefilter-only pipeline)."""
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+
+    path = Path(ref)
+    if (path / "manifest.json").is_file() and (path / "pipeline.toml").is_file():
+        return RetrievalPipeline.load(path)
+    if path.is_file():
+        return RetrievalPipeline.from_config(path)
+    if not path.exists() and path.suffix in (".toml", ".yaml", ".yml"):
+        raise FileNotFoundError(f"pipeline file not found: {ref}")
+    return RetrievalPipeline.from_config(PipelineConfig(name=path.name, encoder=EncoderConfig(model=ref)))
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from genret.data.synth import SynthConfig, generate_world
+
+    config = merge_arguments(SynthConfig, args)
+    path = generate_world(args.out, config, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from genret.training.clip import CLIPTrainConfig, train_clip
+
+    config = merge_arguments(CLIPTrainConfig, args, args.config)
+    dataset = _load_data(args)
+    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
+    summary = train_clip(dataset.split("train"), args.out, config, val=val, progress=not args.quiet)
+    last = summary["history"][-1]
+    print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
+          f"final loss {last['loss']:.3f}" + (f", val t2i R@1 {last['val_t2i_R@1']:.1f}" if "val_t2i_R@1" in last else ""))
+    return 0
+
+
+def cmd_train_mllm(args: argparse.Namespace) -> int:
+    from genret.training.pretrain_mllm import PretrainConfig, pretrain_mllm
+
+    config = merge_arguments(PretrainConfig, args, args.config)
+    dataset = _load_data(args)
+    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
+    summary = pretrain_mllm(args.clip, dataset.split("train"), args.out, config, val=val, progress=not args.quiet)
+    print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
+          f"final loss {summary['history'][-1]['loss']:.3f}"
+          + (f", held-out caption loss {summary['val_caption_loss']}" if "val_caption_loss" in summary else ""))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    pipe = _open_pipeline(args.pipeline)
+    if args.factory:
+        pipe.config.index.factory = args.factory
+    data = _load_data(args).split(args.split)
+    pipe.index(data, on_error=args.on_error, progress=not args.quiet)
+    pipe.save(args.out)
+    sizes = ", ".join(f"{len(ix)} {m}s" for m, ix in pipe.gallery.indexes.items())
+    print(f"saved {args.out}: {sizes} ({pipe.config.index.factory})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from genret.data.images import load_image
+    from genret.types import Query
+
+    if (args.text is None) == (args.image is None):
+        raise ValueError("give either a text query or --image PATH (not both)")
+    if args.image is not None:
+        load_image(args.image)  # a clear error before any model work
+        query = Query(id="query", image=args.image)
+    else:
+        if not args.text.strip():
+            raise ValueError("the text query is empty")
+        query = Query(id="query", text=args.text)
+    pipe = _open_pipeline(args.pipeline)
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    ranking = pipe.search([query], k=args.k)[0]
+    target = query.target
+    results = []
+    for rank, cand in enumerate(ranking.candidates, start=1):
+        item = pipe.gallery.item(target, cand.item_id)
+        results.append({"rank": rank, "id": cand.item_id, "score": round(cand.score, 4),
+                        "scores": {k: round(v, 4) for k, v in cand.scores.items()},
+                        target: item.text if target == "text" else item.image})
+    if args.json:
+        print(json.dumps({"query": {"text": query.text, "image": query.image}, "target": target,
+                          "results": results}, indent=2))
+    else:
+        for r in results:
+            print(f"{r['rank']:>3}  {r['score']:+.4f}  {r['id']:<12} {r[target]}")
+    return 0
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    from genret.eval.report import metrics_table, twins_table
+
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    ds = report["dataset"]
+    print(f"{report['pipeline']} on {ds['name']}/{ds['split']} ({ds['images']} images), metrics in %:")
+    print(metrics_table(report))
+    if report.get("twins"):
+        print("\ntwins: how often the right image beats its swapped twin (t2i), and back (i2t):")
+        print(twins_table(report))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from genret.eval.evaluator import evaluate
+    from genret.eval.report import write_report
+
+    pipe = _open_pipeline(args.pipeline)
+    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+    report = evaluate(pipe, _load_data(args), split=args.split, directions=directions, progress=not args.quiet)
+    if args.out:
+        write_report(report, args.out)
+        logger.info("wrote %s/report.json and report.md", args.out)
+    _print_report(report, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from genret.demo import run_demo
+
+    report = run_demo(Path(args.out), fresh=args.fresh, progress=not args.quiet)
+    _print_report(report, args.json)
+    if not args.json:
+        print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")
+    return 0
+
+
+COMMANDS = {
+    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("index", "build"): cmd_index_build,
+    ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``genret`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for noisy in ("sentence_transformers", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. the note that torchvision is absent: PIL processors are used
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sub = getattr(args, f"{args.command}_command", None)
+    from genret.data.images import ImageLoadError
+
+    try:
+        return COMMANDS[(args.command, sub)](args)
+    except (*USER_ERRORS, ImageLoadError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"genret: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The miniature world: a deterministic synthetic image-caption data set in Karpathy format.
+
+Each image (64×64 by default) shows two coloured shapes (circle, square, triangle, star, cross, diamond;
+red, green, blue, yellow, purple, white; small or large) on a dark grey, slightly noisy background, one
+"left of", "right of", "above" or "below" the other, with paraphrased captions that name the colour and
+shape of both objects and the relation. :class:`~genret.data.scene.Scene` is the single source of truth;
+captions are derived from it and it is saved with each image.
+
+The test split is built so that a model must read structure, not a bag of words:
+
+- *Twins*: about ``twin_fraction`` of the test images come in pairs, alternately a *binding* twin (the
+  two colours swapped between the shapes; shapes, sizes and places kept) and a *relation* twin (the two
+  objects' places swapped, so the relation inverts). Twins are drawn with the same rotations, radii and
+  background noise, so their pixels differ only where the swap shows. Every caption of one twin is false
+  of the other, yet uses the same words.
+- *Unseen combinations*: no test scene signature (the two objects' shape, colour and size plus the
+  relation, whichever object is named first) occurs in train or val, and no val signature occurs in train.
+- *Drawn differently*: training shapes are rotated by at most 12° and filled flat; test shapes are rotated
+  by 12°–24° (either way) and get a darker outline, a rendering training never shows. Circles, which
+  rotation leaves alike, differ by the outline. Val is drawn like test, so that choosing a model on val
+  measures what test measures.
+
+Deterministic: the same config gives byte-identical JSON and PNG files; each image is drawn from its own
+seed, taken in order from ``random.Random(config.seed)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from math import cos, pi, radians, sin
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from genret._io import write_json
+from genret.data.scene import COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Scene, SceneObject
+
+logger = logging.getLogger(__name__)
+
+VERSION = 2
+"""Bumped whenever the same config would give a different world (layout, drawing, captions)."""
+
+TWIN_KINDS = ("binding", "relation")
+
+# Geometry in pixels of a 64-px canvas, scaled with image_size. Nominal radii give objects ~10-14 px
+# (small) and ~18-24 px (large) across; no shape reaches further than _EXTENT nominal radii from its centre.
+_RADIUS = {"small": (5.0, 7.0), "large": (9.0, 12.0)}
+_EXTENT = 1.2
+_MARGIN = 1.0  # clear space between a shape's farthest point and the canvas edge
+_GAP = 3.0  # clear space between the two shapes along the relation's axis
+_CROSS_JITTER = 3.0  # each centre's offset across the relation's axis: the objects stay roughly level
+_BACKGROUND, _NOISE = 40, 6
+
+
+@dataclass(frozen=True)
+class _Style:
+    rotation: tuple[float, float]  # range of |angle| in degrees
+    outline: bool
+
+
+_STYLES = {"train": _Style((0.0, 12.0), outline=False), "test": _Style((12.0, 24.0), outline=True)}
+_SPLIT_STYLE = {"train": "train", "val": "test", "test": "test"}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Size, resolution and seed of a miniature world."""
+
+    n_train: int = field(default=3000, metadata={"help": "training images"})
+    n_val: int = field(default=200, metadata={"help": "validation images"})
+    n_test: int = field(default=500, metadata={"help": "test images (twins included)"})
+    image_size: int = field(default=64, metadata={"help": "image side in pixels (at least 32)"})
+    captions_per_image: int = field(default=5, metadata={"help": f"distinct captions per image (1 to {MAX_CAPTIONS})"})
+    twin_fraction: float = field(default=0.5, metadata={"help": "fraction of test images that come in twin pairs"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same files"})
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "n_test", "image_size", "captions_per_image", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("n_train", "n_val", "n_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.n_train + self.n_val + self.n_test == 0:
+            raise ValueError("n_train, n_val and n_test are all 0: nothing to generate")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+        if not 1 <= self.captions_per_image <= MAX_CAPTIONS:
+            raise ValueError(f"captions_per_image must be in 1..{MAX_CAPTIONS} (the distinct captions the "
+                             f"templates give), got {self.captions_per_image}")
+        if not isinstance(self.twin_fraction, (int, float)) or not 0.0 <= self.twin_fraction <= 1.0:
+            raise ValueError(f"twin_fraction must be in [0, 1], got {self.twin_fraction!r}")
+
+
+def sample_scene(rng: random.Random, image_size: int = 64, distinct: bool = False) -> Scene:
+    """A random scene whose relation holds clearly, laid out on an ``image_size`` canvas.
+
+    Both objects fit at either place, so a relation twin (places swapped) stays on the canvas too.
+
+    Args:
+        rng: the source of randomness.
+        image_size: canvas side in pixels.
+        distinct: make the objects differ in shape *and* colour (what a binding twin needs).
+
+    Returns:
+        The scene, positions rounded to 0.01 px.
+    """
+    s, k = float(image_size), image_size / 64
+    while True:
+        (sa, ca), (sb, cb) = ((rng.choice(SHAPES), rng.choice(tuple(COLOURS))) for _ in range(2))
+        if (sa, ca) != (sb, cb) and not (distinct and (sa == sb or ca == cb)):
+            break
+    size_a, size_b, relation = rng.choice(SIZES), rng.choice(SIZES), rng.choice(RELATIONS)
+    ea, eb = (_EXTENT * _RADIUS[size][1] * k for size in (size_a, size_b))
+    edge = max(ea, eb) + _MARGIN * k
+    gap = ea + eb + _GAP * k
+    # Along the relation's axis: objects[0] first (left or top), a clear gap, then objects[1].
+    first = rng.uniform(edge, s - edge - gap)
+    second = rng.uniform(first + gap, s - edge)
+    if relation in ("right of", "below"):
+        first, second = s - first, s - second
+    jitter = _CROSS_JITTER * k
+    across = rng.uniform(edge + jitter, s - edge - jitter)
+    pos = [(first, across + rng.uniform(-jitter, jitter)), (second, across + rng.uniform(-jitter, jitter))]
+    if relation in ("above", "below"):
+        pos = [(x, y) for y, x in pos]
+    a, b = (SceneObject(shape, colour, size, round(x, 2), round(y, 2))
+            for (shape, colour, size), (x, y) in zip(((sa, ca, size_a), (sb, cb, size_b)), pos))
+    return Scene((a, b), relation)
+
+
+def _ring(n: int, radius: float, start: float = -pi / 2) -> list[tuple[float, float]]:
+    return [(radius * cos(start + 2 * pi * i / n), radius * sin(start + 2 * pi * i / n)) for i in range(n)]
+
+
+def _outline(shape: str, r: float) -> list[tuple[float, float]]:
+    """Polygon points around (0, 0), y down; no point further than ``_EXTENT * r``."""
+    if shape == "square":
+        return _ring(4, 1.16 * r, pi / 4)
+    if shape == "diamond":
+        return [(0, -1.2 * r), (0.8 * r, 0), (0, 1.2 * r), (-0.8 * r, 0)]
+    if shape == "triangle":
+        return _ring(3, 1.2 * r)
+    if shape == "star":
+        outer, inner = _ring(5, 1.2 * r), _ring(5, 0.5 * r, -pi / 2 + pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if shape == "cross":
+        w, e = 0.4 * r, 1.1 * r
+        return [(-w, -e), (w, -e), (w, -w), (e, -w), (e, w), (w, w), (w, e), (-w, e), (-w, w), (-e, w), (-e, -w),
+                (-w, -w)]
+    raise ValueError(f"no outline for shape {shape!r}")
+
+
+def render(scene: Scene, image_size: int, seed: int, style: str = "train") -> Image.Image:
+    """Draw a scene on a dark grey, slightly noisy background.
+
+    Args:
+        scene: what to draw; positions are in pixels of this canvas.
+        image_size: canvas side in pixels.
+        seed: fixes the noise and each object's radius and rotation; objects draw their jitter in the
+            order of ``scene.objects``, so twins drawn from one seed look alike but for the swap.
+        style: ``"train"`` (rotation up to 12°, flat fill) or ``"test"`` (rotation 12°–24°, darker outline).
+
+    Returns:
+        An RGB image of ``image_size`` × ``image_size``.
+    """
+    if style not in _STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(_STYLES)}")
+    look, k = _STYLES[style], image_size / 64
+    rng = random.Random(seed)
+    noise = np.random.default_rng(rng.getrandbits(64)).integers(-_NOISE, _NOISE + 1, size=(image_size, image_size, 1))
+    img = Image.fromarray(np.repeat(_BACKGROUND + noise, 3, axis=2).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(k))
+    for obj in scene.objects:
+        r = rng.uniform(*_RADIUS[obj.size]) * k
+        angle = radians(rng.uniform(*look.rotation) * rng.choice((-1, 1)))
+        fill = COLOURS[obj.colour]
+        line = tuple(int(c * 0.55) for c in fill) if look.outline else None
+        if obj.shape == "circle":
+            draw.ellipse([obj.x - r, obj.y - r, obj.x + r, obj.y + r], fill=fill, outline=line, width=width)
+        else:
+            c, s = cos(angle), sin(angle)
+            points = [(obj.x + px * c - py * s, obj.y + px * s + py * c) for px, py in _outline(obj.shape, r)]
+            draw.polygon(points, fill=fill, outline=line, width=width)
+    return img
+
+
+@dataclass(frozen=True)
+class _Planned:
+    split: str
+    scene: Scene
+    captions: tuple[str, ...]
+    seed: int
+    twin_of: int | None = None
+    twin_kind: str | None = None
+
+
+def _plan(config: SynthConfig, rng: random.Random) -> list[_Planned]:
+    """Every image's split, scene, captions, drawing seed and twin, in train, val, test order.
+
+    Test is sampled first so that val and train can avoid its signatures.
+    """
+    size, n_caps = config.image_size, config.captions_per_image
+    offset = config.n_train + config.n_val
+    n_pairs = min(config.n_test // 2, int(config.n_test * config.twin_fraction / 2 + 0.5))
+    test: list[_Planned] = []
+    for pair in range(n_pairs):
+        kind = TWIN_KINDS[pair % 2]
+        # A binding twin of a scene whose objects share a shape or a colour would be the scene itself.
+        base = sample_scene(rng, size, distinct=kind == "binding")
+        twin = base.binding_twin() if kind == "binding" else base.relation_twin()
+        seed, i = rng.getrandbits(32), offset + len(test)
+        test += [_Planned("test", base, tuple(base.captions(rng, n_caps)), seed, i + 1, kind),
+                 _Planned("test", twin, tuple(twin.captions(rng, n_caps)), seed, i, kind)]
+    while len(test) < config.n_test:
+        scene = sample_scene(rng, size)
+        test.append(_Planned("test", scene, tuple(scene.captions(rng, n_caps)), rng.getrandbits(32)))
+    taken = {p.scene.signature() for p in test}
+    val = _avoiding("val", config.n_val, taken, rng, config)
+    taken |= {p.scene.signature() for p in val}
+    return _avoiding("train", config.n_train, taken, rng, config) + val + test
+
+
+def _avoiding(split: str, n: int, taken: set, rng: random.Random, config: SynthConfig) -> list[_Planned]:
+    out: list[_Planned] = []
+    misses = 0
+    while len(out) < n:
+        scene = sample_scene(rng, config.image_size)
+        if scene.signature() in taken:
+            misses += 1
+            if misses > 10_000:  # ~10k signatures exist; test and val can only exhaust them if huge
+                raise ValueError(f"cannot find {split} scenes unseen in the later splits: n_test and n_val "
+                                 f"({config.n_test}, {config.n_val}) leave almost no signature free")
+            continue
+        misses = 0
+        out.append(_Planned(split, scene, tuple(scene.captions(rng, config.captions_per_image)),
+                            rng.getrandbits(32)))
+    return out
+
+
+def _entry(imgid: int, name: str, planned: _Planned, first_sentid: int) -> dict:
+    """One Karpathy image entry, with the scene and twin link the miniature world adds."""
+    sentids = list(range(first_sentid, first_sentid + len(planned.captions)))
+    entry = {"filename": name, "filepath": "images", "split": planned.split, "imgid": imgid, "sentids": sentids,
+             "sentences": [{"raw": raw, "tokens": raw.replace(",", " ").split(), "imgid": imgid, "sentid": sid}
+                           for sid, raw in zip(sentids, planned.captions)],
+             "scene": planned.scene.to_dict()}
+    if planned.twin_of is not None:
+        entry["twin_of"], entry["twin_kind"] = planned.twin_of, planned.twin_kind
+    return entry
+
+
+def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
+    """Write the miniature world: ``images/NNNNNN.png`` and, last, ``dataset_synth.json`` (Karpathy format).
+
+    Every file is written to a temporary name and renamed into place, and any previous
+    ``dataset_synth.json`` is removed first, so an interrupted run never leaves a JSON that points to
+    missing or half-written images.
+
+    Args:
+        out_dir: the folder to write (created if needed).
+        config: sizes, resolution and seed.
+        progress: show a progress bar while rendering.
+
+    Returns:
+        The path of ``dataset_synth.json``.
+    """
+    out = Path(out_dir)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    path = out / "dataset_synth.json"
+    if path.exists():
+        logger.info("replacing the world in %s", out)
+        path.unlink()
+    plan = _plan(config, random.Random(config.seed))
+    entries, sentid = [], 0
+    for imgid, planned in enumerate(tqdm(plan, desc="render world", unit="img", disable=not progress)):
+        name = f"{imgid:06d}.png"
+        img = render(planned.scene, config.image_size, planned.seed, _SPLIT_STYLE[planned.split])
+        tmp = images_dir / f".{name}.tmp"  # not mkstemp: that would make the image unreadable to others (0600)
+        try:
+            img.save(tmp, format="PNG")
+            os.replace(tmp, images_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        entries.append(_entry(imgid, name, planned, sentid))
+        sentid += len(planned.captions)
+    provenance = {"generator": "genret.data.synth", "version": VERSION, "config": asdict(config)}
+    write_json(path, {"dataset": "synth", "genret": provenance, "images": entries})
+    logger.info("wrote %d images (%d train, %d val, %d test, %d twin pairs) to %s", len(entries), config.n_train,
+                config.n_val, config.n_test, sum(p.twin_of is not None for p in plan) // 2, out)
+    return path

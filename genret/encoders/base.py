@@ -1,0 +1,100 @@
+"""The dual-encoder contract: images and texts into one L2-normalised float32 space, batched and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from genret.data.images import ImageLike, image_key, load_image
+from genret.encoders.cache import EmbeddingCache
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DualEncoder(ABC):
+    """Encodes images and texts into a shared space.
+
+    Subclasses implement :meth:`_embed_images` and :meth:`_embed_texts` on one batch; this class does
+    batching, progress, normalisation and the optional on-disk cache.
+
+    Attributes:
+        model_id: the model reference it was loaded from (hub id or directory).
+        revision: a fingerprint of the weights, part of every cache key and index manifest.
+        dim: the embedding dimension.
+        backend: the registered backend name.
+    """
+
+    backend: str = ""
+
+    def __init__(self, model_id: str, revision: str, dim: int, cache: EmbeddingCache | None = None) -> None:
+        self.model_id = model_id
+        self.revision = revision
+        self.dim = dim
+        self.cache = cache
+
+    @property
+    def cache_namespace(self) -> str:
+        """The cache folder of this model: backend, id and weights fingerprint."""
+        return hashlib.sha1(f"{self.backend}|{self.model_id}|{self.revision}".encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What an index manifest records about this encoder."""
+        return {"backend": self.backend, "model": self.model_id, "revision": self.revision, "dim": self.dim}
+
+    @abstractmethod
+    def _embed_images(self, images: list) -> np.ndarray:
+        """Embed one batch of RGB PIL images (not normalised)."""
+
+    @abstractmethod
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed one batch of texts (not normalised)."""
+
+    def encode_images(
+        self, images: Sequence[ImageLike], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Embed images (paths or PIL images) into an ``(n, dim)`` float32 array of unit rows.
+
+        Raises:
+            genret.data.ImageLoadError: naming the file, when an image is missing or unreadable.
+        """
+        keys = [image_key(im) for im in images] if self.cache is not None else None
+        return self._encode(list(images), keys, lambda b: self._embed_images([load_image(x) for x in b]),
+                            batch_size, progress, "images")
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """Embed texts into an ``(n, dim)`` float32 array of unit rows."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text {i} is {'empty' if isinstance(t, str) else type(t).__name__}: {t!r}")
+        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts] if self.cache is not None else None
+        return self._encode(list(texts), keys, self._embed_texts, batch_size, progress, "texts")
+
+    def _encode(self, inputs: list[T], keys: list[str] | None, embed: Callable[[list[T]], np.ndarray],
+                batch_size: int, progress: bool, what: str) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        out = np.zeros((len(inputs), self.dim), dtype=np.float32)
+        todo = list(range(len(inputs)))
+        if keys is not None and self.cache is not None:
+            found = self.cache.get(self.cache_namespace, keys)
+            for i, vec in found.items():
+                out[i] = vec
+            todo = [i for i in todo if i not in found]
+            if found:
+                logger.info("embedding cache: %d of %d %s already encoded", len(found), len(inputs), what)
+        bar = tqdm(total=len(todo), desc=f"encode {what}", unit=what[:-1], disable=not progress or not todo)
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            vecs = np.asarray(embed([inputs[i] for i in idx]), dtype=np.float32)
+            out[idx] = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            bar.update(len(idx))
+        bar.close()
+        if keys is not None and self.cache is not None and todo:
+            self.cache.put(self.cache_namespace, [keys[i] for i in todo], out[todo])
+        return out

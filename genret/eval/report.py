@@ -1,0 +1,103 @@
+"""Evaluation reports: ``report.json`` for scripts, ``report.md`` and a terminal table for people."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from genret._io import atomic_path, write_json, write_text
+from genret.eval.evaluator import DIRECTIONS
+
+
+def metrics_table(report: dict) -> str:
+    """A Markdown table of every stage's metrics in each direction (percentages)."""
+    stages = report["stages"]
+    directions = [d for d in DIRECTIONS if any(d in m for m in stages.values())]
+    keys = [k for k in next(iter(stages.values()))[directions[0]]] if stages else []
+    head = ["stage"] + [f"{d} {k}" for d in directions for k in keys]
+    has_rsum = any("RSUM" in m for m in stages.values())
+    if has_rsum:
+        head.append("RSUM")
+    rows = []
+    for name, m in stages.items():
+        row = [name] + [f"{m[d][k]:.1f}" if d in m else "-" for d in directions for k in keys]
+        if has_rsum:
+            row.append(f"{m['RSUM']:.1f}" if "RSUM" in m else "-")
+        rows.append(row)
+    return _markdown([head] + rows)
+
+
+def twins_table(report: dict) -> str:
+    """A Markdown table of twin accuracy per stage, or ``""`` when the split has no twins."""
+    twins = report.get("twins")
+    if not twins:
+        return ""
+    directions = [d for d in DIRECTIONS if any(d in m for m in twins.values())]
+    head = ["stage", "pairs"] + [f"{d} own-over-twin %" for d in directions]
+    rows = [[name, str(m["pairs"])] + [f"{m[d]:.1f}" for d in directions] for name, m in twins.items()]
+    return _markdown([head] + rows)
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows[1:]])
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report as Markdown."""
+    ds = report["dataset"]
+    queries = ", ".join(f"{DIRECTIONS[d]} {n}" for d, n in ds["queries"].items())
+    parts = [
+        f"# genret evaluation: {report['pipeline']}",
+        f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; queries: {queries}. "
+        f"Metrics in percent.",
+        "## Retrieval", metrics_table(report),
+    ]
+    if report.get("twins"):
+        parts += ["## Twins (choose the image over its swapped twin, and back)", twins_table(report)]
+    timing = report["timings"]
+    lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
+    lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)" for name, t in timing["stages"].items()]
+    parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_recall_curves(report: dict, path: str | os.PathLike) -> None:
+    """Recall@K against K, one line per stage, one panel per direction, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = report.get("recall_curves", {})
+    directions = [d for d in DIRECTIONS if any(d in c for c in curves.values())]
+    if not directions:
+        return
+    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 3.6), squeeze=False)
+    for ax, direction in zip(axes[0], directions):
+        for stage, by_dir in curves.items():
+            if direction in by_dir:
+                ks = [int(k) for k in by_dir[direction]]
+                ax.plot(ks, list(by_dir[direction].values()), marker="o", label=stage)
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+        ax.set_ylabel("R@K (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{DIRECTIONS[direction]} ({report['dataset']['name']}/{report['dataset']['split']})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """Write ``report.json``, ``report.md`` and ``recall.png`` under ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", render_markdown(report) + "\n![recall@K](recall.png)\n")
+    plot_recall_curves(report, out / "recall.png")
+    return out

@@ -1,0 +1,59 @@
+"""A gallery: the searchable items of each modality, with their vector indexes.
+
+On disk, one folder per modality (``images/``, ``texts/``) holding a :class:`VectorIndex` and an
+``items.json`` with what a later stage needs to look at each item (the caption, the image path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from genret._io import read_json, write_json
+from genret.index.faiss_index import VectorIndex
+from genret.types import Item
+
+FOLDERS = {"image": "images", "text": "texts"}
+
+
+@dataclass
+class Gallery:
+    """Items and indexes by modality (``"image"``, ``"text"``), plus where they came from."""
+
+    indexes: dict[str, VectorIndex] = field(default_factory=dict)
+    items: dict[str, dict[str, Item]] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    def index(self, modality: str) -> VectorIndex:
+        """The index of ``modality``, with an error that says how to build it."""
+        if modality not in self.indexes:
+            raise LookupError(f"the pipeline has no {modality} gallery; index one with `genret index build` "
+                              "or RetrievalPipeline.index(dataset)")
+        return self.indexes[modality]
+
+    def item(self, modality: str, item_id: str) -> Item:
+        """One gallery item."""
+        return self.items[modality][item_id]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save every modality's index and items under ``path``."""
+        path = Path(path)
+        for modality, index in self.indexes.items():
+            folder = path / FOLDERS[modality]
+            index.save(folder)
+            write_json(folder / "items.json", [asdict(self.items[modality][i]) for i in index.ids])
+        write_json(path / "gallery.json", {"modalities": sorted(self.indexes), "source": self.source})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: dict | None = None) -> "Gallery":
+        """Load a saved gallery, checking each index against ``encoder``."""
+        path = Path(path)
+        meta = read_json(path / "gallery.json", what="gallery manifest")
+        gallery = cls(source=meta.get("source", {}))
+        for modality in meta["modalities"]:
+            folder = path / FOLDERS[modality]
+            gallery.indexes[modality] = VectorIndex.load(folder, encoder=encoder)
+            items = [Item(**d) for d in read_json(folder / "items.json", what="gallery items")]
+            gallery.items[modality] = {it.id: it for it in items}
+        return gallery

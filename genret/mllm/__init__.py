@@ -1,0 +1,5 @@
+"""Multimodal LLM backend: loading, model families, LoRA adapters, batched scoring."""
+
+from genret.mllm.backend import MLLM, MLLMConfig
+
+__all__ = ["MLLM", "MLLMConfig"]

@@ -1,0 +1,82 @@
+"""The model-family protocol: what differs between LLaVA, Qwen2-VL, Idefics3... and nothing else.
+
+Stages never branch on the family; they call these methods. A family is registered under each
+transformers ``model_type`` it serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from genret.registry import Registry
+
+
+class Family:
+    """Family-specific knowledge about an image-text-to-text model.
+
+    Attributes:
+        name: the family's name.
+        model_types: transformers ``config.model_type`` values it serves.
+        lora_targets: default LoRA target modules (language model projections).
+    """
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def image_token(self, processor) -> str:
+        """The placeholder a prompt carries for one image (before the processor expands it)."""
+        return processor.image_token
+
+    def image_token_id(self, model) -> int:
+        """The id of the expanded image-feature token in ``input_ids``."""
+        return int(model.config.image_token_id)
+
+    def image_inputs(self, processor, images: list) -> dict[str, torch.Tensor]:
+        """Pixel tensors (and grids) for a batch of PIL images."""
+        return dict(processor.image_processor(images=images, return_tensors="pt"))
+
+    def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image, the features the language model sees (after the projector): ``(tokens, hidden)``."""
+        out = model.get_image_features(**image_inputs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, torch.Tensor):
+            feats = list(feats) if feats.dim() == 3 else [feats]
+        return list(feats)
+
+    def expand_image_tokens(self, processor, text: str, n_tokens: list[int]) -> str:
+        """Replace each image placeholder of ``text`` by the tokens of its features (``n_tokens[i]`` each)."""
+        token = self.image_token(processor)
+        parts = text.split(token)
+        if len(parts) - 1 != len(n_tokens):
+            raise ValueError(f"prompt has {len(parts) - 1} image placeholders for {len(n_tokens)} images")
+        out = parts[0]
+        for n, rest in zip(n_tokens, parts[1:]):
+            out += token * n + rest
+        return out
+
+    def forward_kwargs(self, model, input_ids: torch.Tensor, image_inputs: dict | None) -> dict[str, Any]:
+        """Extra arguments the model's forward needs beside ids/embeddings (e.g. Qwen's rope inputs)."""
+        return {}
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+
+
+def register(family: Family) -> Family:
+    """Register ``family`` under each of its model types."""
+    for model_type in family.model_types:
+        FAMILIES.register(model_type)(family)
+    return family
+
+
+def family_of(model) -> Family:
+    """The family of a loaded model, by its ``config.model_type``."""
+    model_type = model.config.model_type
+    try:
+        return FAMILIES.get(model_type)
+    except KeyError:
+        raise ValueError(f"no genret model family for model_type {model_type!r}; supported: "
+                         f"{', '.join(FAMILIES.names())}") from None

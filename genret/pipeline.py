@@ -1,0 +1,265 @@
+"""RetrievalPipeline: builds the stages of a config, indexes a gallery, searches, saves and loads.
+
+A pipeline file (TOML or YAML) names the dual encoder, the index type and the stages in order::
+
+    name = "mini"
+    [encoder]
+    model = "runs/clip"
+    [index]
+    factory = "Flat"
+    [[stages]]
+    type = "prefilter"
+    k = 100
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from genret import __version__
+from genret._io import atomic_dir, read_manifest, write_json
+from genret.config import ConfigError, from_dict, read_config_file, to_dict, write_config_file
+from genret.data.dataset import Dataset
+from genret.data.images import ImageLoadError
+from genret.encoders import EmbeddingCache, load_encoder
+from genret.encoders.base import DualEncoder
+from genret.index.faiss_index import VectorIndex
+from genret.index.gallery import Gallery
+from genret.stages import STAGES, RankStage, RewriteStage, Stage, StageContext
+from genret.types import Item, Query, Ranking
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "genret.pipeline"
+VERSION = 1
+
+
+@dataclass
+class EncoderConfig:
+    """The dual encoder that embeds the gallery and the queries."""
+
+    model: str = field(default="", metadata={"help": "Hugging Face model id or local directory"})
+    backend: str = field(default="hf", metadata={"help": "hf (CLIP, SigLIP) or sentence-transformers"})
+    device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1 (default: GPU if any)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16"})
+    batch_size: int = field(default=64, metadata={"help": "images per encoding batch"})
+    cache_dir: str = field(default="", metadata={"help": "embedding cache folder ('' for none)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class IndexConfig:
+    """How gallery vectors are indexed."""
+
+    factory: str = field(default="Flat", metadata={"help": "faiss factory string: Flat, HNSW32, IVF256,PQ32, ..."})
+    metric: str = field(default="ip", metadata={"help": "ip (cosine on unit vectors) or l2"})
+    search_params: str = field(default="", metadata={"help": "faiss search parameters, e.g. efSearch=128"})
+
+
+@dataclass
+class PipelineConfig:
+    """A whole pipeline: encoder, index and stages in order (each a table with a ``type``)."""
+
+    name: str = field(default="genret", metadata={"help": "pipeline name, shown in reports"})
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    stages: tuple[dict, ...] = field(default=({"type": "prefilter"},), metadata={"help": "stage tables"})
+
+    def __post_init__(self) -> None:
+        if not self.encoder.model:
+            raise ValueError("encoder.model is required (a model id or local directory)")
+        if not self.stages:
+            raise ValueError("a pipeline needs at least one stage")
+
+
+def load_config(path: str | os.PathLike) -> PipelineConfig:
+    """Read a pipeline file; a relative ``encoder.model`` is taken relative to the file when it exists there."""
+    path = Path(path)
+    data = read_config_file(path)
+    config = from_dict(PipelineConfig, data, where=str(path))
+    model = Path(config.encoder.model)
+    if not model.is_absolute() and (path.parent / model).is_dir():
+        config.encoder.model = str((path.parent / model).resolve())
+    return config
+
+
+def build_stages(config: PipelineConfig) -> list[Stage]:
+    """Instantiate each stage table of the config."""
+    stages, names = [], set()
+    for i, table in enumerate(config.stages):
+        table = dict(table)
+        where = f"stages[{i}]"
+        if "type" not in table:
+            raise ConfigError(f"{where}: missing 'type' (one of {', '.join(STAGES.names())})")
+        try:
+            cls = STAGES.get(table.pop("type"))
+        except KeyError as err:
+            raise ConfigError(f"{where}: {err.args[0]}") from None
+        name = table.pop("name", None) or cls.__name__.removesuffix("Stage").lower()
+        if name in names:
+            raise ConfigError(f"{where}: stage name {name!r} is used twice; give one a 'name'")
+        names.add(name)
+        stages.append(cls(from_dict(cls.config_class, table, where), name))
+    if not any(isinstance(s, RankStage) for s in stages):
+        raise ConfigError("the pipeline has no ranking stage (add a 'prefilter')")
+    return stages
+
+
+class RetrievalPipeline:
+    """Rewrite and rank stages over a dual encoder and a gallery.
+
+    Example::
+
+        pipe = RetrievalPipeline.from_config("pipeline.toml")
+        pipe.index(load_dataset("data/dataset_synth.json").split("test"))
+        rankings = pipe.search([Query(id="q", text="a red circle left of a blue square")], k=5)
+        pipe.save("runs/pipe")
+        pipe = RetrievalPipeline.load("runs/pipe")
+    """
+
+    def __init__(self, config: PipelineConfig, encoder: DualEncoder | None = None, gallery: Gallery | None = None):
+        self.config = config
+        self.stages = build_stages(config)
+        if encoder is None:
+            enc = config.encoder
+            cache = EmbeddingCache(enc.cache_dir) if enc.cache_dir else None
+            encoder = load_encoder(enc.backend, enc.model, device=enc.device or None, dtype=enc.dtype,
+                                   cache=cache, trust_remote_code=enc.trust_remote_code)
+        self.encoder = encoder
+        self.gallery = gallery or Gallery()
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | PipelineConfig) -> "RetrievalPipeline":
+        """Build from a pipeline file (TOML/YAML) or a :class:`PipelineConfig`."""
+        return cls(config if isinstance(config, PipelineConfig) else load_config(config))
+
+    @property
+    def context(self) -> StageContext:
+        """What the stages share."""
+        return StageContext(encoder=self.encoder, gallery=self.gallery)
+
+    def index(self, dataset: Dataset, modalities: Sequence[str] = ("image", "text"), on_error: str = "raise",
+              progress: bool = True) -> None:
+        """Embed a dataset's images and captions and index them as the gallery.
+
+        Args:
+            dataset: the records to index (pick a split first: ``dataset.split("test")``).
+            modalities: which galleries to build: ``image`` (for text queries), ``text`` (for image queries).
+            on_error: ``raise`` on an unreadable image; ``skip`` leaves it out with a warning and a count.
+            progress: show progress bars.
+        """
+        gallery = Gallery(source={"dataset": str(dataset.source.resolve()), "name": dataset.name,
+                                  "splits": sorted({r.split for r in dataset.records}), "images": len(dataset)})
+        for modality in modalities:
+            if modality == "image":
+                items = dataset.image_items()
+                if on_error == "skip":
+                    items = _readable(items)
+                vectors = self.encoder.encode_images([it.image for it in items], self.config.encoder.batch_size, progress)
+            elif modality == "text":
+                items = dataset.text_items()
+                vectors = self.encoder.encode_texts([it.text for it in items], progress=progress)
+            else:
+                raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+            idx = VectorIndex(self.encoder.dim, self.config.index.factory, self.config.index.metric,
+                              encoder=self.encoder.describe(), search_params=self.config.index.search_params,
+                              modality=modality)
+            idx.add([it.id for it in items], vectors)
+            gallery.indexes[modality] = idx
+            gallery.items[modality] = {it.id: it for it in items}
+        self.gallery = gallery
+        for stage in self.stages:  # e.g. the rerank stage's MLLM image features, computed once here
+            if hasattr(stage, "index_gallery"):
+                stage.index_gallery(gallery, progress=progress)
+
+    def run(self, queries: Sequence[Query], k: int | None = None,
+            upstream: Sequence[Ranking] | None = None) -> list[tuple[str, list[Ranking]]]:
+        """Run every stage; returns each rank stage's rankings in order (for evaluation).
+
+        Args:
+            queries: the queries.
+            k: candidates each rank stage returns (default: each stage's own ``k``).
+            upstream: rank only these candidates (one ranking per query), e.g. a twin pair.
+        """
+        ctx = self.context
+        outputs: list[tuple[str, list[Ranking]]] = []
+        queries = list(queries)
+        for stage in self.stages:
+            start = time.perf_counter()
+            if isinstance(stage, RewriteStage):
+                queries = stage.rewrite(queries, ctx)
+            else:
+                upstream = stage.rank(queries, upstream, ctx, k=k)
+                outputs.append((stage.name, upstream))
+            self.timings[stage.name] = self.timings.get(stage.name, 0.0) + time.perf_counter() - start
+        return outputs
+
+    def search(self, queries: Sequence[Query] | Query, k: int = 10) -> list[Ranking]:
+        """The final ranking of each query, top ``k``.
+
+        Raises:
+            ValueError: when ``k`` exceeds the size of the gallery searched.
+        """
+        queries = [queries] if isinstance(queries, Query) else list(queries)
+        for target in {q.target for q in queries}:
+            size = len(self.gallery.index(target))
+            if k > size:
+                raise ValueError(f"k={k} is larger than the {target} gallery ({size} items); ask for at most {size}")
+        return [r.top(k) for r in self.run(queries)[-1][1]]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save config, gallery and manifest to a directory, atomically."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            write_config_file(tmp / "pipeline.toml", to_dict(self.config))
+            if self.gallery.indexes:
+                self.gallery.save(tmp / "gallery")
+            for stage in self.stages:
+                if hasattr(stage, "save_state"):
+                    stage.save_state(tmp / "stages" / stage.name)
+            write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, "genret": __version__,
+                                               "encoder": self.encoder.describe(),
+                                               "stages": [s.name for s in self.stages]})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: DualEncoder | None = None) -> "RetrievalPipeline":
+        """Load a saved pipeline; its gallery is checked against the encoder the config names."""
+        path = Path(path)
+        read_manifest(path, FORMAT, VERSION, "pipeline")
+        pipe = cls(load_config(path / "pipeline.toml"), encoder=encoder)
+        if (path / "gallery").is_dir():
+            pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe())
+        for stage in pipe.stages:
+            if hasattr(stage, "load_state"):
+                stage.load_state(path / "stages" / stage.name)
+        return pipe
+
+
+def _readable(items: list[Item]) -> list[Item]:
+    from PIL import Image
+
+    kept = []
+    for it in items:
+        try:
+            with Image.open(it.image) as img:
+                img.verify()
+            kept.append(it)
+        except Exception:  # noqa: BLE001 - any decoding failure means "skip this file"
+            logger.debug("unreadable image %s", it.image)
+    if len(kept) < len(items):
+        logger.warning("skipped %d unreadable images of %d", len(items) - len(kept), len(items))
+    if not kept:
+        raise ImageLoadError("no readable images to index")
+    return kept
+

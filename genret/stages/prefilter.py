@@ -1,0 +1,76 @@
+"""The dual-encoder prefilter: top-k from the faiss index of the query's target modality."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from genret.stages.base import STAGES, RankStage, StageContext
+from genret.types import Candidate, Query, Ranking
+
+
+@dataclass
+class PrefilterConfig:
+    """Settings of the prefilter stage."""
+
+    k: int = field(default=100, metadata={"help": "candidates passed on to the next stage"})
+    batch_size: int = field(default=256, metadata={"help": "queries encoded per batch"})
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+
+def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int = 256) -> np.ndarray:
+    """Embed text queries with the text tower and image queries with the image tower, in order."""
+    out = np.zeros((len(queries), ctx.encoder.dim), dtype=np.float32)
+    text_rows = [i for i, q in enumerate(queries) if q.image is None]
+    image_rows = [i for i, q in enumerate(queries) if q.image is not None]
+    bad = [queries[i].id for i in text_rows if not queries[i].text and not queries[i].dialog]
+    if bad:
+        raise ValueError(f"queries without text or image: {bad[:5]}")
+    if text_rows:
+        texts = [queries[i].text or " ".join(queries[i].dialog) for i in text_rows]
+        out[text_rows] = ctx.encoder.encode_texts(texts, batch_size=batch_size)
+    if image_rows:
+        # A composed (image + text) query needs a rewrite stage first; the prefilter embeds the image.
+        out[image_rows] = ctx.encoder.encode_images([queries[i].image for i in image_rows], batch_size=64)
+    return out
+
+
+@STAGES.register("prefilter")
+class PrefilterStage(RankStage):
+    """Dual-encoder retrieval from the gallery's faiss index (both directions)."""
+
+    config_class = PrefilterConfig
+
+    def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
+             k: int | None = None) -> list[Ranking]:
+        k = k or self.config.k
+        vectors = encode_queries(queries, ctx, self.config.batch_size)
+        rankings: list[Ranking] = []
+        for target in ("image", "text"):
+            rows = [i for i, q in enumerate(queries) if q.target == target]
+            if not rows:
+                continue
+            index = ctx.gallery.index(target)
+            if upstream is not None:
+                results = [self._score_given(index, vectors[i], upstream[i]) for i in rows]
+            else:
+                # The configured k is a budget: a gallery smaller than it is searched whole.
+                scores, ids = index.search(vectors[rows], min(k, len(index)))
+                results = [list(zip(ids[j], scores[j].tolist())) for j in range(len(rows))]
+            for i, pairs in zip(rows, results):
+                pairs = sorted(pairs, key=lambda p: -p[1])[:k]
+                cands = tuple(Candidate(item_id=c, score=s, scores={self.name: s}) for c, s in pairs)
+                rankings.append((i, Ranking(query=queries[i], candidates=cands, stage=self.name)))
+        return [r for _, r in sorted(rankings, key=lambda p: p[0])]
+
+    @staticmethod
+    def _score_given(index, vector: np.ndarray, ranking: Ranking) -> list[tuple[str, float]]:
+        ids = ranking.ids
+        if not ids:
+            return []
+        return list(zip(ids, (index.reconstruct(ids) @ vector).tolist()))

@@ -1,0 +1,190 @@
+"""The MLLM rerank stage: rescore the upstream candidates pointwise, generatively or listwise.
+
+Both directions: a text query ranks images, an image query ranks captions. Each candidate keeps
+the upstream score and gets this stage's own score; with ``fusion_weight`` set, the ranking score
+is ``upstream + fusion_weight · rerank`` (LamRA's fusion), else the rerank score alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from genret.data.images import load_image
+from genret.prompts import load_prompt
+from genret.stages.base import STAGES, RankStage, StageContext
+from genret.types import Query, Ranking
+
+if TYPE_CHECKING:
+    import torch
+
+    from genret.index.gallery import Gallery
+
+logger = logging.getLogger(__name__)
+FEATURES_FORMAT = "genret.mllm_features"
+
+MODES = {
+    "pointwise": {"t2i": {"user": ("{text}", "{image}")}, "i2t": {"user": ("{text}", "{image}")}},
+    "generative": {"t2i": {"user": ("{image}",), "assistant": ("{text}",)},
+                   "i2t": {"user": ("{image}",), "assistant": ("{text}",)}},
+    "listwise": {"t2i": {"user": ("{text}", "{candidates}"), "item": ("{number}", "{image}")},
+                 "i2t": {"user": ("{image}", "{candidates}"), "item": ("{number}", "{text}")}},
+}
+
+
+@dataclass
+class RerankConfig:
+    """Settings of the MLLM rerank stage."""
+
+    model: str = field(default="", metadata={"help": "MLLM id or local directory"})
+    mode: str = field(default="generative", metadata={"help": "pointwise, generative or listwise"})
+    prompt: str = field(default="", metadata={"help": "prompt name or file (default: rerank_<mode>)"})
+    k: int = field(default=20, metadata={"help": "upstream candidates reranked per query"})
+    fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * rerank; unset: rerank only"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
+    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
+    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
+    cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required (an MLLM id or directory)")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+
+@STAGES.register("rerank")
+class RerankStage(RankStage):
+    """An MLLM judges each upstream candidate (see :mod:`genret.mllm.scoring`)."""
+
+    config_class = RerankConfig
+
+    def __init__(self, config: RerankConfig, name: str) -> None:
+        super().__init__(config, name)
+        self.prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=MODES[config.mode])
+        self._mllm = None
+        self.features: dict[str, "torch.Tensor"] = {}
+        self._warned = False
+
+    @property
+    def mllm(self):
+        """The MLLM, loaded on first use."""
+        if self._mllm is None:
+            from genret.mllm import MLLM, MLLMConfig
+
+            self._mllm = MLLM.load(MLLMConfig(model=self.config.model, dtype=self.config.dtype,
+                                              device_map=self.config.device_map))
+        return self._mllm
+
+    def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
+        """Compute every gallery image's MLLM features (after the projector) once, for fast rerank."""
+        from tqdm.auto import tqdm
+
+        from genret.mllm.scoring import image_features
+
+        if not self.config.cache_features or "image" not in gallery.items:
+            return
+        items = list(gallery.items["image"].values())
+        self.features = {}
+        for s in tqdm(range(0, len(items), 64), desc=f"{self.name}: image features", disable=not progress):
+            chunk = items[s:s + 64]
+            feats = image_features(self.mllm, [load_image(it.image) for it in chunk])
+            self.features.update(zip((it.id for it in chunk), feats))
+
+    def _describe(self) -> dict:
+        return {"format": FEATURES_FORMAT, "version": 1, "model": self.config.model, "revision": self.mllm.revision,
+                "family": self.mllm.family.name, "count": len(self.features)}
+
+    def save_state(self, folder: Path) -> None:
+        """Save the cached features (safetensors) with a manifest naming the MLLM that made them."""
+        if not self.features:
+            return
+        import torch
+        from safetensors.torch import save_file
+
+        from genret._io import atomic_path, write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = list(self.features)
+        with atomic_path(folder / "features.safetensors") as tmp:
+            save_file({"features": torch.stack([self.features[i] for i in ids])}, str(tmp),
+                      metadata={"ids": json.dumps(ids)})
+        write_json(folder / "manifest.json", self._describe())
+
+    def load_state(self, folder: Path) -> None:
+        """Load cached features; features of another MLLM are ignored with a warning (scored on the fly)."""
+        if not (folder / "manifest.json").is_file():
+            return
+        from safetensors import safe_open
+
+        from genret._io import read_manifest
+
+        manifest = read_manifest(folder, FEATURES_FORMAT, 1, "MLLM feature cache")
+        if manifest["revision"] != self.mllm.revision or manifest["model"] != self.config.model:
+            logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
+                           folder, manifest["model"], manifest["revision"], self.config.model)
+            return
+        with safe_open(str(folder / "features.safetensors"), framework="pt") as fh:
+            ids = json.loads(fh.metadata()["ids"])
+            self.features = dict(zip(ids, fh.get_tensor("features")))
+
+    def _image_features(self, ids: list[str], items) -> list:
+        missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]
+        if missing:
+            if self.features and not self._warned:
+                logger.warning("%s: %d candidates have no cached features; computing them now", self.name, len(missing))
+                self._warned = True
+            from genret.mllm.scoring import image_features
+
+            self.features.update(zip((i for i, _ in missing), image_features(self.mllm, [load_image(it.image) for _, it in missing])))
+        return [self.features[i] for i in ids]
+
+    def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
+             k: int | None = None) -> list[Ranking]:
+        if upstream is None:
+            raise ValueError(f"stage {self.name!r} reranks candidates: put a prefilter stage before it")
+        out = []
+        for query, ranking in zip(queries, upstream):
+            cands = ranking.candidates[: self.config.k]
+            if not cands:
+                out.append(ranking)
+                continue
+            scores = self._score(query, [c.item_id for c in cands], ctx)
+            w = self.config.fusion_weight
+            rescored = [c.rescored(self.name, s, None if w is None else c.score + w * s) for c, s in zip(cands, scores)]
+            rescored.sort(key=lambda c: -c.score)
+            out.append(Ranking(query=query, candidates=tuple(rescored[: k or len(rescored)]), stage=self.name))
+        return out
+
+    def _score(self, query: Query, ids: list[str], ctx: StageContext) -> list[float]:
+        from genret.mllm import scoring
+
+        direction = "t2i" if query.target == "image" else "i2t"
+        section = self.prompt.section(direction)
+        items = [ctx.gallery.item(query.target, i) for i in ids]
+        if direction == "t2i":
+            texts = [query.text or " ".join(query.dialog)] * len(ids)
+            images = self._image_features(ids, items) if self.config.cache_features else [load_image(it.image) for it in items]
+        else:
+            texts = [it.text for it in items]
+            image = load_image(query.image)
+            if self.config.cache_features:
+                from genret.mllm.scoring import image_features
+
+                image = image_features(self.mllm, [image])[0]
+            images = [image] * len(ids)
+        mode, bs = self.config.mode, self.config.batch_size
+        if mode == "pointwise":
+            return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
+                                            self.prompt.settings.get("no", "no"), bs)
+        if mode == "generative":
+            texts = [section["assistant"].replace("{text}", t) for t in texts]
+            return scoring.generative_scores(self.mllm, section["user"], texts, images, bs)
+        if direction == "t2i":
+            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": texts[0]}, images, "image")
+        return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": images[0]}, texts, "text")

@@ -1,0 +1,112 @@
+"""Typed records shared by every stage: queries, gallery items, candidates and rankings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+Modality = Literal["image", "text"]
+
+
+def _frozen_mapping(values: Mapping[str, float] | None) -> Mapping[str, float]:
+    return MappingProxyType(dict(values or {}))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One gallery entry: an image (by path) or a caption (by text).
+
+    Args:
+        id: stable identifier, unique within its modality's gallery.
+        modality: ``"image"`` or ``"text"``.
+        text: the caption, for text items.
+        image: the image file path, for image items.
+        group: the id of the image a caption belongs to (for image-to-text ground truth).
+    """
+
+    id: str
+    modality: Modality
+    text: str | None = None
+    image: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the user asks for: a text, an image, an image plus a modification text, or a dialog.
+
+    ``target`` says which gallery is searched: text queries default to images and image
+    queries to texts; a composed query (image + text) searches images.
+
+    Example:
+        >>> Query(id="q1", text="a red circle").target
+        'image'
+        >>> Query(id="q2", image="cat.png").target
+        'text'
+    """
+
+    id: str
+    text: str | None = None
+    image: str | None = None
+    dialog: tuple[str, ...] = ()
+    target: Modality | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.image is None and not self.dialog:
+            raise ValueError(f"query {self.id!r} has no text, image or dialog")
+        if self.text is not None and not isinstance(self.text, str):
+            raise TypeError(f"query {self.id!r}: text must be a string, got {type(self.text).__name__}")
+        if self.target is None:
+            object.__setattr__(self, "target", "image" if (self.text is not None or self.dialog) else "text")
+        if self.target not in ("image", "text"):
+            raise ValueError(f"query {self.id!r}: target must be 'image' or 'text', got {self.target!r}")
+
+    @property
+    def modality(self) -> str:
+        """``text``, ``image``, ``image+text`` or ``dialog``."""
+        if self.dialog:
+            return "dialog"
+        if self.image is not None and self.text is not None:
+            return "image+text"
+        return "image" if self.image is not None else "text"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A gallery item proposed for a query, with the score each stage gave it.
+
+    ``score`` is the score the candidate is ranked by now; ``scores`` keeps every stage's own
+    score by stage name so fusion and reports can use them.
+    """
+
+    item_id: str
+    score: float
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _frozen_mapping(self.scores))
+
+    def rescored(self, stage: str, stage_score: float, score: float | None = None) -> "Candidate":
+        """A copy with ``stage``'s score recorded and the ranking score set (default: the stage score)."""
+        scores = dict(self.scores)
+        scores[stage] = float(stage_score)
+        return replace(self, score=float(stage_score if score is None else score), scores=scores)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The ranked candidates a stage returns for one query, best first."""
+
+    query: Query
+    candidates: tuple[Candidate, ...]
+    stage: str = ""
+
+    @property
+    def ids(self) -> list[str]:
+        """The candidates' item ids, best first."""
+        return [c.item_id for c in self.candidates]
+
+    def top(self, k: int) -> "Ranking":
+        """The first ``k`` candidates."""
+        return replace(self, candidates=self.candidates[:k])

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny miniature world and a tiny mini CLIP trained on it, built once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+from genret.data import load_dataset
+from genret.data.synth import SynthConfig, generate_world
+from genret.training.clip import CLIPTrainConfig, train_clip
+
+# Tests never reach for a model hub: everything they load is built here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TINY_WORLD = SynthConfig(n_train=96, n_val=8, n_test=24, seed=7)
+TINY_CLIP = CLIPTrainConfig(vision_layers=1, vision_width=32, text_layers=1, text_width=32, heads=2,
+                            projection_dim=16, context_length=24, epochs=6, batch_size=32, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, TINY_WORLD, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world(world_dir):
+    return load_dataset(world_dir)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory, world):
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    train_clip(world.split("train"), out, TINY_CLIP, val=world.split("val"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def _encoder(clip_dir):
+    from genret.encoders.hf import HFDualEncoder
+
+    return HFDualEncoder(str(clip_dir), device="cpu")
+
+
+@pytest.fixture
+def encoder(_encoder):
+    """A fresh copy of the session's tiny CLIP encoder (tests may attach caches)."""
+    return copy.copy(_encoder)
+
+
+@pytest.fixture(scope="session")
+def mllm_dir(tmp_path_factory, clip_dir, world):
+    """A tiny LLaVA on the tiny CLIP's vision tower (untrained language model: tests check mechanics)."""
+    import torch
+
+    from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
+
+    torch.manual_seed(0)
+    texts = [c for r in world.records for c in r.captions] + ["Does the image match the text? Answer yes or no."]
+    model, processor = build_mini_mllm(clip_dir, texts, MiniMLLMConfig(hidden_size=32, layers=1, heads=2,
+                                                                       intermediate_size=64, vocab_size=400))
+    out = tmp_path_factory.mktemp("mllm") / "mllm"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from genret.cli import main
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, clip_dir, world_dir):
+    out = tmp_path_factory.mktemp("cli") / "pipe"
+    assert main(["-q", "index", "build", str(clip_dir), "--data", str(world_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_search_text_and_image_as_json(built, world, capsys):
+    rec = world.split("test").records[0]
+    assert main(["-q", "search", str(built), rec.captions[0], "--k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["target"] == "image" and [r["rank"] for r in out["results"]] == [1, 2, 3]
+    assert all(r["image"].endswith(".png") and "prefilter" in r["scores"] for r in out["results"])
+    assert main(["-q", "search", str(built), "--image", str(rec.path), "--k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].lstrip().startswith("1")
+
+
+def test_eval_json_has_both_directions(built, world_dir, tmp_path, capsys):
+    assert main(["-q", "eval", str(built), "--data", str(world_dir), "--json", "--out", str(tmp_path / "r")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for d in ("t2i", "i2t"):
+        assert set(report["stages"]["prefilter"][d]) >= {"R@1", "R@5", "R@10"}
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert main(["-q", "eval", str(built), "--data", str(world_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "t2i R@1" in text and "twins" in text
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["search", "{built}", "--image", "{bad}"], "bad.png: not a readable image"),
+    (["search", "{built}", "a circle", "--k", "999"], "k=999 is larger than the image gallery"),
+    (["search", "{built}"], "give either a text query or --image"),
+    (["search", "{tmp}/nowhere", "x"], "encoder model directory not found"),
+    (["eval", "{built}", "--data", "{tmp}/missing.json"], "dataset not found"),
+    (["eval", "{built}", "--data", "{world}", "--split", "nope"], "no images in split nope"),
+    (["index", "build", "{tmp}/p.toml", "--data", "{world}", "--out", "{tmp}/o"], "pipeline file not found"),
+])
+def test_user_errors_exit_2_with_a_message(built, world_dir, tmp_path, capsys, argv, match):
+    (tmp_path / "bad.png").write_text("not an image")
+    argv = [a.format(built=built, bad=tmp_path / "bad.png", tmp=tmp_path, world=world_dir) for a in argv]
+    assert main(["-q"] + argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_data_synth_and_train_clip(tmp_path, capsys):
+    assert main(["-q", "data", "synth", str(tmp_path / "w"), "--n-train", "40", "--n-val", "4", "--n-test", "8"]) == 0
+    assert (tmp_path / "w" / "dataset_synth.json").is_file()
+    argv = ["-q", "train", "clip", "--data", str(tmp_path / "w"), "--out", str(tmp_path / "c"), "--epochs", "1",
+            "--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+            "--heads", "2", "--projection-dim", "16", "--batch-size", "16"]
+    assert main(argv) == 0
+    assert "saved" in capsys.readouterr().out
+    assert (tmp_path / "c" / "model.safetensors").is_file()
+    assert main(["-q", "train", "clip", "--data", str(tmp_path / "w"), "--out", str(tmp_path / "c2"),
+                 "--heads", "3"]) == 2
+    assert "heads" in capsys.readouterr().err and not (tmp_path / "c2").exists()
+
+
+def test_demo_runs_end_to_end_on_a_tiny_world(tmp_path, monkeypatch, capsys):
+    import genret.demo as demo
+    from conftest import TINY_CLIP, TINY_WORLD
+
+    monkeypatch.setattr(demo, "DEMO_WORLD", TINY_WORLD)
+    monkeypatch.setattr(demo, "DEMO_CLIP", TINY_CLIP)
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "t2i R@1" in out and "prefilter" in out
+    report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
+    assert report["stages"]["prefilter"]["t2i"]["R@10"] > 0
+    mtime = (tmp_path / "d" / "clip" / "model.safetensors").stat().st_mtime
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses the trained CLIP
+    assert (tmp_path / "d" / "clip" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_any_karpathy_dataset_flickr_layout(tmp_path, world, capsys):
+    """The same commands train, index and evaluate a data set laid out like a Flickr30K download."""
+    from PIL import Image
+
+    images = []
+    (tmp_path / "flickr30k-images").mkdir()
+    for i, rec in enumerate(world.records):
+        name = f"{1000 + i}.jpg"
+        Image.open(rec.path).save(tmp_path / "flickr30k-images" / name, quality=95)
+        images.append({"filename": name, "imgid": i, "split": rec.split, "sentids": [],
+                       "sentences": [{"raw": c, "imgid": i} for c in rec.captions]})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": images}))
+    tiny = ["--epochs", "1", "--vision-layers", "1", "--text-layers", "1", "--vision-width", "32",
+            "--text-width", "32", "--heads", "2", "--projection-dim", "16", "--batch-size", "32"]
+    assert main(["-q", "train", "clip", "--data", str(tmp_path), "--out", str(tmp_path / "clip")] + tiny) == 0
+    assert main(["-q", "index", "build", str(tmp_path / "clip"), "--data", str(tmp_path / "dataset_flickr30k.json"),
+                 "--out", str(tmp_path / "pipe"), "--factory", "HNSW16"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "eval", str(tmp_path / "pipe"), "--data", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dataset"]["name"] == "flickr30k" and report["dataset"]["images"] == len(world.split("test"))
+    assert report["config"]["index"]["factory"] == "HNSW16"
+    assert "R@10" in report["stages"]["prefilter"]["i2t"]

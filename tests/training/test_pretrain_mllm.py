@@ -1,0 +1,23 @@
+import json
+from dataclasses import replace
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from genret.training.mini_mllm import MiniMLLMConfig
+from genret.training.pretrain_mllm import PretrainConfig, pretrain_mllm
+
+TINY = MiniMLLMConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, vocab_size=400)
+
+
+def test_pretraining_saves_a_llava_that_loads_like_any_checkpoint(clip_dir, world, tmp_path):
+    train = world.split("train")
+    train = replace(train, records=train.records[:32])
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "m", PretrainConfig(epochs=2, batch_size=32), TINY,
+                            val=world.split("val"), progress=False)
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["history"][1]["loss"] < summary["history"][0]["loss"]  # it learns the captions' words
+    assert set(summary["val_caption_loss"]) == {"with_image", "shuffled_image"}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
+    assert json.loads((tmp_path / "m" / "genret.json").read_text())["task"] == "pretrain"
