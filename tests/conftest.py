@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 TINY_WORLD = SynthConfig(n_train=96, n_val=8, n_test=24, seed=7)
 TINY_CLIP = CLIPTrainConfig(vision_layers=1, vision_width=32, text_layers=1, text_width=32, heads=2,
-                            projection_dim=16, context_length=24, epochs=6, batch_size=32, vocab_size=300)
+                            projection_dim=16, context_length=24, epochs=6, batch_size=16, vocab_size=300)
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,13 @@ def test_tokenizer_covers_every_character(clip_dir):
 
 
 def test_training_lowers_the_contrastive_loss(clip_dir):
-    history = json.loads((clip_dir / "genret.json").read_text())["history"]
-    # The first epoch starts from random weights (loss above ln(32) = 3.47, chance for 32 pairs).
-    assert history[0]["loss"] > np.log(32)
+    summary = json.loads((clip_dir / "genret.json").read_text())
+    history = summary["history"]
+    # The first epoch starts from random weights (loss above ln(16) = 2.77, chance for 16 pairs);
+    # 36 steps later it is well below chance (measured: 2.29-2.50 over seeds and thread counts).
+    chance = np.log(summary["config"]["batch_size"])
+    assert history[0]["loss"] > chance
+    assert history[-1]["loss"] < chance - 0.15
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
 
 
