@@ -88,41 +88,162 @@ def _first_token(mllm: MLLM, word: str) -> int:
     return ids[0]
 
 
+def _same_images(images: Sequence[Sequence]) -> bool:
+    """Whether every row carries the very same images (so image tokens may sit in a shared prefix)."""
+    first = list(images[0])
+    return all(len(row) == len(first) and all(a is b for a, b in zip(row, first)) for row in images[1:])
+
+
+def shared_prefix_length(inputs: dict[str, torch.Tensor], images: Sequence[Sequence], image_token_id: int,
+                         limit: int | None = None) -> int:
+    """How many leading tokens all rows share, leaving each row at least one token of its own.
+
+    Image tokens count as shared only where every row carries the same image objects: the ids of
+    two different images' tokens are equal, their features are not.
+    """
+    ids, lengths = inputs["input_ids"], inputs["attention_mask"].sum(dim=1)
+    cap = int(lengths.min()) - 1
+    if limit is not None:
+        cap = min(cap, limit)
+    if cap <= 0 or len(ids) < 2:
+        return 0
+    differs = (ids[:, :cap] != ids[:1, :cap]).any(dim=0)
+    if not _same_images(images):
+        differs |= ids[0, :cap] == image_token_id
+    hits = differs.nonzero()
+    return int(hits[0]) if len(hits) else cap
+
+
+def _positions(mllm: MLLM, inputs: dict[str, torch.Tensor], start: int) -> torch.Tensor | None:
+    """Position ids of the tokens from ``start`` on, or None where the family cannot split its inputs."""
+    family_positions = getattr(mllm.family, "position_ids", None)
+    if family_positions is not None:  # e.g. Qwen's multimodal RoPE: (3, batch, length)
+        return family_positions(mllm.model, inputs)[..., start:]
+    if mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], None):
+        return None
+    ids = inputs["input_ids"]
+    return torch.arange(start, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+
+def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, batch_size: int):
+    """Logits of positions ``prefix - 1`` onwards for every row, running the shared prefix once.
+
+    The prefix's KV cache is computed on the first row and repeated for each batch of suffixes,
+    which carry explicit position ids; the result equals a full forward of each row (the tests
+    check 1e-4). Yields ``(rows, logits)`` per batch; ``logits[:, 0]`` is the last prefix position.
+    """
+    import copy
+
+    positions = _positions(mllm, inputs, prefix)
+    embeds = inputs.get("inputs_embeds")
+    if embeds is None:
+        embeds = mllm.model.get_input_embeddings()(inputs["input_ids"])
+    mask = inputs["attention_mask"]
+    head = mllm.model(inputs_embeds=embeds[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True,
+                      **({"position_ids": _positions(mllm, {k: v[:1] for k, v in inputs.items()}, 0)[..., :prefix]}
+                         if positions is not None and positions.dim() == 3 else {}))
+    last = head.logits[:, -1:]
+    for s in range(0, len(embeds), batch_size):
+        rows = slice(s, s + batch_size)
+        n = len(embeds[rows])
+        width = int(mask[rows].sum(dim=1).max())
+        cache = copy.deepcopy(head.past_key_values)
+        cache.batch_repeat_interleave(n)
+        pos = positions[..., rows, : width - prefix] if positions.dim() == 3 else positions[rows, : width - prefix]
+        out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
+                         past_key_values=cache, position_ids=pos, use_cache=True)
+        yield rows, torch.cat([last.expand(n, -1, -1), out.logits], dim=1)
+
+
+def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence[Sequence], min_prefix: int,
+                   limit: int | None = None) -> int:
+    """The prefix to share, or 0 where sharing does not pay or the family cannot split its inputs."""
+    prefix = shared_prefix_length(inputs, images, mllm.family.image_token_id(mllm.model), limit)
+    if prefix < min_prefix or _positions(mllm, {k: v[:1] for k, v in inputs.items()}, 0) is None:
+        return 0
+    return prefix
+
+
 @torch.inference_mode()
 def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Sequence, yes: str = "yes",
-                     no: str = "no", batch_size: int = 16) -> list[float]:
-    """log P(yes) − log P(no) for each (text, image) pair, at the first answer position."""
+                     no: str = "no", batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
+    """log P(yes) − log P(no) for each (text, image) pair, at the first answer position.
+
+    With ``shared_prefix`` and cached image features, the tokens every prompt shares (the query
+    part: the prompt files put it first) run once and their KV cache serves all candidates.
+    """
     yes_id, no_id = _first_token(mllm, yes), _first_token(mllm, no)
-    out: list[float] = []
+    rows = [[im] for im in images]
+    prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+    if shared_prefix and _all_cached(rows) and len(prompts) > 1:
+        inputs = _inputs(mllm, prompts, rows)
+        prefix = _shared_prefix(mllm, inputs, rows, min_prefix)
+        if prefix:
+            out = torch.empty(len(prompts))
+            for sel, logits in _prefix_forward(mllm, inputs, prefix, batch_size):
+                last = inputs["attention_mask"][sel].sum(dim=1) - 1 - (prefix - 1)
+                lp = logits[torch.arange(len(last)), last].float().log_softmax(-1)
+                out[sel] = (lp[:, yes_id] - lp[:, no_id]).cpu()
+            return out.tolist()
+    out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
-        prompts = [_render(mllm, user_message(template, text=t)) for t in texts[s:s + batch_size]]
-        inputs = _inputs(mllm, prompts, [[im] for im in images[s:s + batch_size]])
+        inputs = _inputs(mllm, prompts[s:s + batch_size], rows[s:s + batch_size])
         logits = _forward(mllm, inputs).logits
         last = inputs["attention_mask"].sum(dim=1) - 1
-        rows = logits[torch.arange(len(prompts)), last].float().log_softmax(-1)
-        out += (rows[:, yes_id] - rows[:, no_id]).tolist()
-    return out
+        lp = logits[torch.arange(len(last)), last].float().log_softmax(-1)
+        out_list += (lp[:, yes_id] - lp[:, no_id]).tolist()
+    return out_list
+
+
+def _all_cached(rows: Sequence[Sequence]) -> bool:
+    flat = [im for row in rows for im in row]
+    return bool(flat) and all(isinstance(im, torch.Tensor) for im in flat)
+
+
+def _mean_token_logprob(logits: torch.Tensor, target: torch.Tensor, first: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Mean log-prob of ``target[b, j]`` for ``first[b] <= j < end[b]``; ``logits[b, j]`` predicts ``target[b, j]``."""
+    logp = logits.float().log_softmax(-1)
+    token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    pos = torch.arange(target.shape[1], device=target.device).unsqueeze(0)
+    mask = (pos >= first.unsqueeze(1)) & (pos < end.unsqueeze(1))
+    return (token_logp * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 @torch.inference_mode()
 def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], images: Sequence,
-                      batch_size: int = 16) -> list[float]:
-    """Mean log P(text | image) over the text's tokens (and the end-of-turn token)."""
+                      batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
+    """Mean log P(text | image) over the text's tokens (and the end-of-turn token).
+
+    With ``shared_prefix`` and cached features, a prompt every candidate shares (one image and
+    its instruction, when ranking captions for an image) runs once for all candidates.
+    """
     eos = mllm.tokenizer.eos_token or ""
-    out: list[float] = []
+    rows = [[im] for im in images]
+    prompt = _render(mllm, user_message(user_template))
+    full = [prompt + t + eos for t in texts]
+    if shared_prefix and _all_cached(rows) and len(full) > 1:
+        inputs = _inputs(mllm, full, rows)
+        start = int(_inputs(mllm, [prompt], rows[:1])["attention_mask"].sum())
+        prefix = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
+        if prefix:
+            out = torch.empty(len(full))
+            for sel, logits in _prefix_forward(mllm, inputs, prefix, batch_size):
+                # logits[:, j] sits at position prefix - 1 + j and predicts the token after it.
+                width = logits.shape[1] - 1
+                target = inputs["input_ids"][sel, prefix:prefix + width]
+                ends = inputs["attention_mask"][sel].sum(dim=1) - prefix
+                first = torch.full_like(ends, start - prefix)
+                out[sel] = _mean_token_logprob(logits[:, :width], target, first, ends).cpu()
+            return out.tolist()
+    out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
-        chunk, ims = list(texts[s:s + batch_size]), [[im] for im in images[s:s + batch_size]]
-        prompt = _render(mllm, user_message(user_template))
-        starts = _inputs(mllm, [prompt] * len(chunk), ims)["attention_mask"].sum(dim=1)
-        inputs = _inputs(mllm, [prompt + t + eos for t in chunk], ims)
-        logp = _forward(mllm, inputs).logits[:, :-1].float().log_softmax(-1)
-        target = inputs["input_ids"][:, 1:]
-        token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        pos = torch.arange(target.shape[1], device=target.device).unsqueeze(0)
+        chunk_rows = rows[s:s + batch_size]
+        starts = _inputs(mllm, [prompt] * len(chunk_rows), chunk_rows)["attention_mask"].sum(dim=1)
+        inputs = _inputs(mllm, full[s:s + batch_size], chunk_rows)
+        logits = _forward(mllm, inputs).logits[:, :-1]
         ends = inputs["attention_mask"].sum(dim=1)
-        mask = (pos >= (starts - 1).unsqueeze(1)) & (pos < (ends - 1).unsqueeze(1))
-        out += ((token_logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-    return out
+        out_list += _mean_token_logprob(logits, inputs["input_ids"][:, 1:], starts - 1, ends - 1).tolist()
+    return out_list
 
 
 @torch.inference_mode()

@@ -102,3 +102,49 @@ def test_cached_image_features_give_the_plain_path_scores(mllm, images, which):
         plain = listwise_scores(mllm, section["user"], section["item"], {"text": texts[0]}, images[:3], "image")
         fast = listwise_scores(mllm, section["user"], section["item"], {"text": texts[0]}, feats, "image")
     assert fast == pytest.approx(plain, abs=1e-4)
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_and_at_differing_images():
+    from genret.mllm.scoring import shared_prefix_length
+
+    ids = torch.tensor([[1, 2, 9, 9, 3, 4, 0], [1, 2, 9, 9, 3, 5, 6]])
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    a, b = object(), object()
+    assert shared_prefix_length(inputs, [[a], [a]], image_token_id=9) == 5
+    assert shared_prefix_length(inputs, [[a], [b]], image_token_id=9) == 2  # same ids, different images
+    assert shared_prefix_length(inputs, [[a], [a]], image_token_id=9, limit=3) == 3
+    same = {"input_ids": ids[:1].repeat(2, 1), "attention_mask": inputs["attention_mask"][:1].repeat(2, 1)}
+    assert shared_prefix_length(same, [[a], [a]], image_token_id=9) == 5  # each row keeps a token of its own
+
+
+@pytest.mark.parametrize("which", ["pointwise_t2i", "pointwise_i2t", "generative_i2t"])
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_shared_prefix_path_gives_the_plain_scores(mllm, images, which, batch_size):
+    from genret.mllm.scoring import _inputs, _render, image_features, shared_prefix_length
+
+    feats = image_features(mllm, images[:4])
+    captions = ["a red circle", "a blue star above a green cross", "a square", "a big green triangle below it",
+                "a red circle left of a blue square"]
+    if which == "pointwise_t2i":  # one query text, the candidate images differ: the text is the prefix
+        template = load_prompt("rerank_pointwise").section("t2i")["user"]
+        texts, ims = ["a small red circle left of a blue square"] * 4, feats
+        run = lambda **kw: pointwise_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
+        prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+    elif which == "pointwise_i2t":  # one query image, the candidate captions differ: the image is the prefix
+        template = load_prompt("rerank_pointwise").section("i2t")["user"]
+        texts, ims = captions, [feats[0]] * 5
+        run = lambda **kw: pointwise_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
+        prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+    else:
+        template = "{image}\nDescribe the image."
+        texts, ims = captions, [feats[0]] * 5
+        run = lambda **kw: generative_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
+        prompts = [_render(mllm, user_message(template)) + t + mllm.tokenizer.eos_token for t in texts]
+    prefix = shared_prefix_length(_inputs(mllm, prompts, [[im] for im in ims]), [[im] for im in ims],
+                                  mllm.family.image_token_id(mllm.model))
+    assert prefix >= (5 if which == "pointwise_t2i" else mllm.model.config.image_seq_length)  # the fast path runs
+    assert run(shared_prefix=True) == pytest.approx(run(shared_prefix=False), abs=1e-4)
+    if which != "pointwise_t2i":  # and equals the PIL-image path too
+        plain = (pointwise_scores(mllm, template, texts, [images[0]] * 5, batch_size=batch_size)
+                 if which == "pointwise_i2t" else generative_scores(mllm, template, texts, [images[0]] * 5, batch_size=batch_size))
+        assert run(shared_prefix=True) == pytest.approx(plain, abs=1e-4)
