@@ -48,6 +48,7 @@ class RerankConfig:
     dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
     device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
+    shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -181,10 +182,12 @@ class RerankStage(RankStage):
         mode, bs = self.config.mode, self.config.batch_size
         if mode == "pointwise":
             return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
-                                            self.prompt.settings.get("no", "no"), bs)
+                                            self.prompt.settings.get("no", "no"), bs,
+                                            shared_prefix=self.config.shared_prefix)
         if mode == "generative":
             texts = [section["assistant"].replace("{text}", t) for t in texts]
-            return scoring.generative_scores(self.mllm, section["user"], texts, images, bs)
+            return scoring.generative_scores(self.mllm, section["user"], texts, images, bs,
+                                             shared_prefix=self.config.shared_prefix)
         if direction == "t2i":
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": texts[0]}, images, "image")
         return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": images[0]}, texts, "text")
