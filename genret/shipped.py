@@ -1,0 +1,77 @@
+"""The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP and the mini MLLM.
+
+Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, longer than the demo may take, so the
+trained checkpoints live in the repository with ``scripts/make_mini_world_models.sh`` that remakes
+them. ``manifest.json`` beside them is their manifest: the world generator version and config they
+were trained on, and a SHA-256 of every weight file, checked before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from genret._io import ManifestError, atomic_dir, read_json, read_manifest, write_json
+
+MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parent.parent / "adapters" / "mini-world")
+FORMAT = "genret.mini_world_models"
+PARTS = ("clip", "mllm")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Path:
+    """Copy ``run_dir/{clip,mllm}`` (made from ``run_dir/world``) to ``dest`` with a manifest, atomically."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    world = read_json(run_dir / "world" / "dataset_synth.json")["genret"]
+    with atomic_dir(dest) as tmp:
+        parts = {}
+        for part in PARTS:
+            shutil.copytree(run_dir / part, Path(tmp) / part)
+            made = Path(tmp) / part / "genret.json"
+            summary = read_json(made) if made.is_file() else {}
+            parts[part] = {"weights": _weights(Path(tmp) / part), "history": summary.get("history"),
+                           "train_seconds": summary.get("train_seconds"), "config": summary.get("config")}
+        write_json(Path(tmp) / "manifest.json", {"format": FORMAT, "version": 1, "world": {
+            "generator_version": world["version"], "config": world["config"]}, "parts": parts})
+    return dest
+
+
+def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike = MINI_WORLD) -> dict[str, Path]:
+    """The shipped ``{"clip": dir, "mllm": dir}`` if they were trained on this world, else ManifestError.
+
+    Raises:
+        ManifestError: no manifest, another world, or a weight file that does not match its hash.
+    """
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder, FORMAT, 1, "mini-world models")
+    except FileNotFoundError:
+        raise ManifestError(f"{folder}: no shipped mini-world models here (no manifest.json); "
+                            "make them with scripts/make_mini_world_models.sh") from None
+    made = manifest["world"]
+    if made["generator_version"] != world_version or made["config"] != world_config:
+        raise ManifestError(f"{folder}: the shipped models were trained on world v{made['generator_version']} "
+                            f"{made['config']}, not v{world_version} {world_config}; remake them with "
+                            "scripts/make_mini_world_models.sh")
+    out = {}
+    for part in PARTS:
+        for name, digest in manifest["parts"][part]["weights"].items():
+            path = folder / part / name
+            if not path.is_file() or _sha256(path) != digest:
+                raise ManifestError(f"{path}: missing or changed since it was shipped (SHA-256 differs); "
+                                    "restore it from git or remake with scripts/make_mini_world_models.sh")
+        out[part] = folder / part
+    return out

@@ -1,0 +1,48 @@
+from dataclasses import asdict
+
+import pytest
+
+from genret._io import ManifestError, read_json
+from genret.data.synth import VERSION
+from genret.shipped import ship, shipped_models
+
+
+@pytest.fixture
+def shipped(tmp_path, world_dir, clip_dir, mllm_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, src in (("world", world_dir), ("clip", clip_dir), ("mllm", mllm_dir)):
+        (run / name).symlink_to(src, target_is_directory=True)
+    return ship(run, tmp_path / "mini-world")
+
+
+def _world_config(world_dir):
+    made = read_json(world_dir / "dataset_synth.json")["genret"]
+    return made["version"], made["config"]
+
+
+def test_shipped_models_are_found_for_their_world(shipped, world_dir):
+    version, config = _world_config(world_dir)
+    assert version == VERSION
+    parts = shipped_models(version, config, shipped)
+    assert (parts["clip"] / "model.safetensors").is_file() and (parts["mllm"] / "config.json").is_file()
+
+
+def test_another_world_is_refused(shipped, world_dir):
+    version, config = _world_config(world_dir)
+    with pytest.raises(ManifestError, match="trained on world"):
+        shipped_models(version, {**config, "seed": config["seed"] + 1}, shipped)
+    with pytest.raises(ManifestError, match="trained on world"):
+        shipped_models(version + 1, config, shipped)
+
+
+def test_a_changed_weight_file_is_refused(shipped, world_dir):
+    weights = shipped / "mllm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ManifestError, match="SHA-256 differs"):
+        shipped_models(*_world_config(world_dir), shipped)
+
+
+def test_no_manifest_is_a_clear_error(tmp_path, world_dir):
+    with pytest.raises(ManifestError, match="no shipped mini-world models"):
+        shipped_models(*_world_config(world_dir), tmp_path)
