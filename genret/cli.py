@@ -82,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="folder for report.json and report.md")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    demo = sub.add_parser("demo", help="the miniature world end to end: data, mini CLIP, index, evaluation")
+    demo = sub.add_parser("demo", help="the miniature world end to end: data, prefilter, zero-shot and LoRA rerank, evaluation")
     demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
     demo.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
+    demo.add_argument("--train-clip", action="store_true", help="train the mini CLIP here (5 min) instead of using the shipped one")
+    demo.add_argument("--no-rerank", action="store_true", help="the prefilter alone (trains the mini CLIP; no MLLM)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -220,7 +222,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from genret.demo import run_demo
 
-    report = run_demo(Path(args.out), fresh=args.fresh, progress=not args.quiet)
+    report = run_demo(Path(args.out), fresh=args.fresh, progress=not args.quiet, train_clip_here=args.train_clip,
+                      rerank=not args.no_rerank)
     _print_report(report, args.json)
     if not args.json:
         print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")

@@ -1,7 +1,11 @@
 """``genret demo``: the miniature world end to end, each step through the same library calls as the CLI.
 
-1. generate the world (Karpathy format), 2. train the mini CLIP on its training split,
-3. index the test split, 4. evaluate both directions (with the twin check) and write the report.
+1. generate the world (Karpathy format);
+2. the models: the shipped mini CLIP and mini MLLM (``adapters/mini-world/``, checked against the
+   world by their manifest), or with ``train_clip`` a mini CLIP trained here;
+3. fine-tune a pointwise LoRA rerank adapter on the training split (hard negatives from the CLIP);
+4. index the test split and evaluate prefilter → zero-shot rerank → LoRA rerank, both directions,
+   with the twin check, and write the report.
 Steps whose output already exists are reused unless ``fresh``.
 """
 
@@ -12,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from genret._io import read_json
+from genret._io import ManifestError, read_json
 from genret.config import write_config_file
 from genret.data import load_dataset
 from genret.data.synth import VERSION as WORLD_VERSION
@@ -27,6 +31,15 @@ logger = logging.getLogger(__name__)
 # Sized so that the whole demo, install included, stays under 10 minutes on 2 CPU cores.
 DEMO_WORLD = SynthConfig()
 DEMO_CLIP = CLIPTrainConfig(epochs=16)
+RERANK_K = 10  # prefilter candidates each rerank stage judges
+
+
+def demo_rerank_config():
+    """The LoRA the demo trains: pointwise yes/no with prefilter-mined hard negatives, both directions."""
+    from genret.training.rerank import RerankTrainConfig
+
+    return RerankTrainConfig(mode="pointwise", max_steps=150, batch_size=8, negatives=7, mine_k=20,
+                             eval_every=0, eval_queries=50, save_every=0)
 
 
 def _stale(folder: Path, marker: str, expected: dict, fresh: bool) -> bool:
@@ -40,36 +53,84 @@ def _stale(folder: Path, marker: str, expected: dict, fresh: bool) -> bool:
         return True
 
 
-def run_demo(out: Path, fresh: bool = False, progress: bool = True) -> dict:
-    """Run the demo under ``out`` and return the evaluation report."""
+def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path]:
+    """The CLIP and the MLLM the demo runs on (shipped, or the CLIP trained here on request)."""
+    from genret.shipped import shipped_models
+
+    try:
+        shipped = shipped_models(WORLD_VERSION, asdict(DEMO_WORLD))
+    except ManifestError as err:
+        raise ManifestError(f"{err}\n(the demo needs the shipped mini MLLM; pretraining it takes 20-25 minutes: "
+                           "scripts/make_mini_world_models.sh)") from None
+    if not train_clip_here:
+        logger.info("2/5 using the shipped mini CLIP and mini MLLM in %s", shipped["clip"].parent)
+        return shipped["clip"].resolve(), shipped["mllm"].resolve()
+    clip_dir = out / "clip"
+    if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
+        logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
+        train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
+    return clip_dir.resolve(), shipped["mllm"].resolve()
+
+
+def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_here: bool = False,
+             rerank: bool = True) -> dict:
+    """Run the demo under ``out`` and return the evaluation report.
+
+    Args:
+        out: the working folder.
+        fresh: redo every step.
+        progress: progress bars.
+        train_clip_here: train the mini CLIP (5 minutes) instead of using the shipped one.
+        rerank: add the MLLM rerank stages (zero-shot and LoRA); off: the prefilter alone.
+    """
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.perf_counter()
     world = out / "world"
     if fresh or not _world_matches(world):
-        logger.info("1/4 generating the miniature world in %s", world)
+        logger.info("1/5 generating the miniature world in %s", world)
         generate_world(world, DEMO_WORLD, progress=progress)
     timings["data"] = time.perf_counter() - t0
     dataset = load_dataset(world)
 
     t0 = time.perf_counter()
-    clip_dir = out / "clip"
-    if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
-        logger.info("2/4 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
-        train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
-    timings["train_clip"] = time.perf_counter() - t0
+    if rerank:
+        clip_dir, mllm_dir = _models(out, dataset, fresh, train_clip_here, progress)
+    else:
+        clip_dir, mllm_dir = (out / "clip").resolve(), None
+        if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
+            logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
+            train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
+    timings["models"] = time.perf_counter() - t0
+
+    stages: list[dict] = [{"type": "prefilter", "k": 100}]
+    if rerank:
+        t0 = time.perf_counter()
+        adapter = out / "rerank-lora"
+        config = demo_rerank_config()
+        if _stale(adapter, "genret.json", asdict(config), fresh) or read_json(adapter / "genret.json").get("base_model") != str(mllm_dir):
+            from genret.training.rerank import train_rerank
+
+            logger.info("3/5 training the pointwise rerank LoRA (%d steps)", config.max_steps)
+            train_rerank(str(mllm_dir), dataset.split("train"), adapter, config, prefilter=str(clip_dir),
+                         val=dataset.split("val"), progress=progress)
+        timings["train_rerank"] = time.perf_counter() - t0
+        # Each rerank stage judges the same top-10 (no fusion, so the order it receives does not matter).
+        stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": "pointwise", "k": RERANK_K},
+                   {"type": "rerank", "name": "lora", "model": str(mllm_dir), "mode": "pointwise", "k": RERANK_K,
+                    "adapter": str(adapter)}]
 
     t0 = time.perf_counter()
     config_path = out / "pipeline.toml"
-    write_config_file(config_path, {"name": "mini-clip", "encoder": {"model": "clip"}, "index": {"factory": "Flat"},
-                                    "stages": [{"type": "prefilter", "k": 100}]})
+    write_config_file(config_path, {"name": "mini-world", "encoder": {"model": str(clip_dir)},
+                                    "index": {"factory": "Flat"}, "stages": stages})
     pipe = RetrievalPipeline.from_config(config_path)
-    logger.info("3/4 indexing the test split")
+    logger.info("4/5 indexing the test split")
     pipe.index(dataset.split("test"), progress=progress)
     pipe.save(out / "pipeline")
     timings["index"] = time.perf_counter() - t0
 
-    logger.info("4/4 evaluating")
+    logger.info("5/5 evaluating")
     report = evaluate(pipe, dataset, split="test", progress=progress)
     report["demo_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     write_report(report, out / "report")

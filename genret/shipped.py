@@ -49,13 +49,13 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Pa
     return dest
 
 
-def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike = MINI_WORLD) -> dict[str, Path]:
+def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike | None = None) -> dict[str, Path]:
     """The shipped ``{"clip": dir, "mllm": dir}`` if they were trained on this world, else ManifestError.
 
     Raises:
         ManifestError: no manifest, another world, or a weight file that does not match its hash.
     """
-    folder = Path(folder)
+    folder = Path(folder or MINI_WORLD)
     try:
         manifest = read_manifest(folder, FORMAT, 1, "mini-world models")
     except FileNotFoundError:

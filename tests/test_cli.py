@@ -64,20 +64,61 @@ def test_data_synth_and_train_clip(tmp_path, capsys):
     assert "heads" in capsys.readouterr().err and not (tmp_path / "c2").exists()
 
 
-def test_demo_runs_end_to_end_on_a_tiny_world(tmp_path, monkeypatch, capsys):
+def test_demo_prefilter_only_on_a_tiny_world(tmp_path, monkeypatch, capsys):
     import genret.demo as demo
     from conftest import TINY_CLIP, TINY_WORLD
 
     monkeypatch.setattr(demo, "DEMO_WORLD", TINY_WORLD)
     monkeypatch.setattr(demo, "DEMO_CLIP", TINY_CLIP)
-    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0
+    assert main(["-q", "demo", "--no-rerank", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "t2i R@1" in out and "prefilter" in out
     report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
     assert report["stages"]["prefilter"]["t2i"]["R@10"] > 0
     mtime = (tmp_path / "d" / "clip" / "model.safetensors").stat().st_mtime
-    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses the trained CLIP
+    assert main(["-q", "demo", "--no-rerank", "--out", str(tmp_path / "d")]) == 0  # reuses the trained CLIP
     assert (tmp_path / "d" / "clip" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path, monkeypatch, capsys,
+                                                                        world_dir, clip_dir, mllm_dir):
+    import dataclasses
+
+    import genret.demo as demo
+    import genret.shipped as shipped
+    from conftest import TINY_WORLD
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, src in (("world", world_dir), ("clip", clip_dir), ("mllm", mllm_dir)):
+        (run / name).symlink_to(src, target_is_directory=True)
+    monkeypatch.setattr(shipped, "MINI_WORLD", shipped.ship(run, tmp_path / "mini-world"))
+    monkeypatch.setattr(demo, "DEMO_WORLD", TINY_WORLD)
+    tiny = dataclasses.replace(demo.demo_rerank_config(), max_steps=2, batch_size=2, negatives=2, mine_k=4,
+                               eval_queries=4)
+    monkeypatch.setattr(demo, "demo_rerank_config", lambda: tiny)
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "lora" in out
+    report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
+    assert set(report["stages"]) == {"prefilter", "zero-shot", "lora"}
+    assert set(report["twins"]) >= {"prefilter", "zero-shot", "lora"}
+    adapter = tmp_path / "d" / "rerank-lora"
+    assert json.loads((adapter / "genret.json").read_text())["base_model"] == str((tmp_path / "mini-world" / "mllm").resolve())
+    mtime = (adapter / "genret.json").stat().st_mtime
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses the adapter
+    assert (adapter / "genret.json").stat().st_mtime == mtime
+
+
+def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):
+    import genret.demo as demo
+    import genret.shipped as shipped
+    from conftest import TINY_WORLD
+
+    monkeypatch.setattr(shipped, "MINI_WORLD", tmp_path / "nothing")
+    monkeypatch.setattr(demo, "DEMO_WORLD", TINY_WORLD)
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) != 0
+    assert "make_mini_world_models.sh" in capsys.readouterr().err
 
 
 def test_any_karpathy_dataset_flickr_layout(tmp_path, world, capsys):
