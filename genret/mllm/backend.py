@@ -76,7 +76,7 @@ class MLLM:
     @classmethod
     def load(cls, config: MLLMConfig | str, **overrides) -> "MLLM":
         """Load a checkpoint by id or directory (see :class:`MLLMConfig` for the options)."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         if isinstance(config, str):
             config = MLLMConfig(model=config, **overrides)
@@ -87,7 +87,7 @@ class MLLM:
         if config.load_in_4bit or config.load_in_8bit:
             kwargs["quantization_config"] = quantization_config(config)
         try:
-            processor = AutoProcessor.from_pretrained(ref, trust_remote_code=config.trust_remote_code)
+            processor = load_processor(ref, trust_remote_code=config.trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
         except OSError as err:
             raise FileNotFoundError(f"could not load MLLM {config.model!r}: {err}") from None
@@ -100,6 +100,64 @@ class MLLM:
                              "processor; the checkpoint's processor files are missing or need torchvision")
         model.eval()
         return cls(model, processor, str(config.model), model_fingerprint(ref, getattr(model.config, "_commit_hash", None)))
+
+
+def processor_without_video(cls: type) -> type:
+    """``cls`` (e.g. ``Qwen2VLProcessor``) built without its video processor, which needs torchvision.
+
+    The subclass keeps ``cls``'s name, so that ``save_pretrained`` writes the real processor class
+    and the directory loads anywhere as the real processor would.
+    """
+    if cls not in _NO_VIDEO:
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            kwargs.pop("video_processor", None)
+            cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+        _NO_VIDEO[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                                     "__doc__": cls.__doc__})
+    return _NO_VIDEO[cls]
+
+
+_NO_VIDEO: dict[type, type] = {}
+
+
+def load_processor(ref: str, trust_remote_code: bool = False):
+    """``AutoProcessor.from_pretrained(ref)``, falling back to the processor without its video part.
+
+    Qwen2-VL's, Qwen2.5-VL's and SmolVLM's processors build a video processor that needs
+    torchvision; without it ``AutoProcessor`` raises or silently returns the bare tokenizer. Then
+    the model type's processor class is loaded again through :func:`processor_without_video`.
+    """
+    from transformers import AutoProcessor
+
+    error: Exception | None = None
+    try:
+        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ImportError, ValueError) as err:
+        processor, error = None, err
+    if processor is not None and hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+        return processor
+    cls = _processor_class(ref, trust_remote_code)
+    if cls is not None and "video_processor" in cls.get_attributes():
+        logger.info("%s: loading %s without its video processor", ref, cls.__name__)
+        return processor_without_video(cls).from_pretrained(ref)
+    if error is not None:
+        raise error
+    return processor
+
+
+def _processor_class(ref: str, trust_remote_code: bool):
+    """The transformers processor class registered for ``ref``'s model type, if any."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
 def quantization_config(config: MLLMConfig):

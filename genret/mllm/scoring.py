@@ -39,12 +39,14 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list]) -> dict[str, torch
     """Right-padded model inputs; images are PIL images, or cached features (tensors) of each image.
 
     With cached features the vision tower does not run: the prompt's image placeholders are expanded
-    to as many tokens as the features have, and the features are written into the embeddings.
+    to as many tokens as the features have, the features are written into the embeddings, and the
+    family's :meth:`~genret.mllm.families.Family.feature_inputs` (e.g. Qwen's grids) join the inputs.
     """
     flat = [im for ims in images for im in ims]
     cached = bool(flat) and all(isinstance(im, torch.Tensor) for im in flat)
     if cached:
-        texts = [mllm.family.expand_image_tokens(mllm.processor, t, [len(f) for f in ims]) for t, ims in zip(texts, images)]
+        texts = [mllm.family.expand_image_tokens(mllm.processor, t, [_n_tokens(f) for f in ims])
+                 for t, ims in zip(texts, images)]
     kwargs = {"images": flat} if flat and not cached else {}
     tok = mllm.processor.tokenizer
     side, tok.padding_side = tok.padding_side, "right"
@@ -59,15 +61,32 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list]) -> dict[str, torch
         ids = inputs["input_ids"]
         embeds = mllm.model.get_input_embeddings()(ids)
         mask = ids == mllm.family.image_token_id(mllm.model)
-        embeds[mask] = torch.cat(flat).to(embeds.device, embeds.dtype)
+        values = torch.cat([f.reshape(-1, f.shape[-1]) for f in flat])
+        if int(mask.sum()) != len(values):
+            raise ValueError(f"the prompts hold {int(mask.sum())} image tokens for {len(values)} feature vectors")
+        embeds[mask] = values.to(embeds.device, embeds.dtype)
         inputs["inputs_embeds"] = embeds
+        inputs.update({k: v.to(mllm.device) for k, v in mllm.family.feature_inputs(mllm.model, flat).items()})
     return inputs
 
 
+def _n_tokens(feature: torch.Tensor) -> int:
+    """How many image tokens a cached feature fills: all dimensions but the hidden one."""
+    return feature.numel() // feature.shape[-1]
+
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "inputs_embeds")
+
+
 def _forward(mllm: MLLM, inputs: dict[str, torch.Tensor], **kwargs):
-    if "inputs_embeds" in inputs:
-        return mllm.model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kwargs)
-    return mllm.model(**inputs, **kwargs)
+    """One forward over :func:`_inputs`, with the family's extra arguments (explicit ``kwargs`` win)."""
+    image_inputs = {k: v for k, v in inputs.items() if k not in _TEXT_KEYS}
+    extra = mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], image_inputs or None, inputs["attention_mask"])
+    if "inputs_embeds" in inputs:  # cached features: the embeddings already hold them
+        args = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+    else:
+        args = dict(inputs)
+    return mllm.model(**{**args, **extra, **kwargs})
 
 
 @torch.inference_mode()
@@ -288,7 +307,7 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
         cache.batch_repeat_interleave(k)
         length = inputs["input_ids"].shape[1]
         mask = torch.ones((k, length + width - 1), dtype=torch.long, device=mllm.device)
-        position_ids = torch.arange(length, length + width - 1, device=mllm.device).expand(k, -1)
+        position_ids = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
         logits = mllm.model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=position_ids).logits
         logp = logits.float().log_softmax(-1)
         for i, a in enumerate(answers):

@@ -39,7 +39,11 @@ class Family:
         return dict(processor.image_processor(images=images, return_tensors="pt"))
 
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per image, the features the language model sees (after the projector): ``(tokens, hidden)``."""
+        """Per image, the features the language model sees (after the projector).
+
+        ``(tokens, hidden)``, or a layout whose leading dimensions multiply to the token count (Qwen keeps
+        ``(rows, cols, hidden)`` so that the grid travels with a cached feature); scoring flattens them.
+        """
         out = model.get_image_features(**image_inputs)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         if isinstance(feats, torch.Tensor):
@@ -57,9 +61,28 @@ class Family:
             out += token * n + rest
         return out
 
-    def forward_kwargs(self, model, input_ids: torch.Tensor, image_inputs: dict | None) -> dict[str, Any]:
-        """Extra arguments the model's forward needs beside ids/embeddings (e.g. Qwen's rope inputs)."""
+    def feature_inputs(self, model, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the forward needs of cached ``features`` beyond their values (e.g. Qwen's ``image_grid_thw``).
+
+        Scoring with cached features adds these to its inputs in place of the pixel tensors.
+        """
         return {}
+
+    def forward_kwargs(self, model, input_ids: torch.Tensor, image_inputs: dict | None,
+                       attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """Extra arguments the model's forward needs beside ids/embeddings (e.g. Qwen's rope positions).
+
+        Args:
+            input_ids: the prompt ids, image tokens expanded, ``(batch, length)``.
+            image_inputs: the processor's image tensors, or :meth:`feature_inputs` of cached features.
+            attention_mask: ``(batch, length)``, 1 on real tokens.
+        """
+        return {}
+
+    def next_position_ids(self, model, inputs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """Position ids of ``length`` tokens appended after each row's last real token (KV-cache continuation)."""
+        start = inputs["attention_mask"].sum(dim=1, keepdim=True)
+        return start + torch.arange(length, device=start.device)
 
 
 FAMILIES: Registry[Family] = Registry("model family")

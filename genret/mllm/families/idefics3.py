@@ -1,0 +1,58 @@
+"""Idefics3 (and SmolVLM checkpoints of ``model_type`` idefics3): a SigLIP tower, pixel shuffle, a Llama-style LM.
+
+- Prompt: one ``<image>`` per image; the processor replaces it with
+  ``<fake_token_around_image><global-img>`` + ``<image>`` × ``image_seq_len`` + ``<fake_token_around_image>``
+  when the image is not split. With ``do_image_splitting`` (the image processor's default) an image
+  larger than ``max_image_size`` becomes rows × cols tiles plus a downscaled global view, written as
+  ``<fake_token_around_image><row_i_col_j>`` + ``<image>`` × ``image_seq_len`` per tile, a newline per
+  row, then the global block above.
+- Positions are plain 1-D: nothing to add to the forward.
+- Cached features: ``(image_seq_len, hidden)`` per image after the connector, for images that are
+  not split. Scoring PIL images works with splitting too (the processor lays the tiles out); caching
+  features of a split image is refused with an error, because rows × cols cannot be recovered from a
+  feature's token count (a 4×1 and a 2×2 split have as many tokens). To cache features of large
+  images, set ``do_image_splitting`` false in the checkpoint's processor config (every image is then
+  resized to one ``max_image_size`` tile) or score without the feature cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genret.mllm.families.base import Family, register
+
+
+class Idefics3Family(Family):
+    """``Idefics3ForConditionalGeneration``."""
+
+    name = "idefics3"
+    model_types = ("idefics3",)
+    # The Llama LM's attention; the SigLIP tower's q/k/v share these names (its output is out_proj).
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def image_inputs(self, processor, images: list) -> dict[str, torch.Tensor]:
+        """Pixel tensors ``(images, tiles, 3, H, W)`` and their pixel masks; refuses split images."""
+        out = processor.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
+        rows, cols = out.pop("rows", None), out.pop("cols", None)
+        if rows is not None and (torch.as_tensor(rows).any() or torch.as_tensor(cols).any()):
+            raise ValueError("Idefics3 features of split images cannot be cached (their tile layout is lost); set "
+                             "do_image_splitting=false in the processor config, or score without cached features")
+        return dict(out)
+
+    def expand_image_tokens(self, processor, text: str, n_tokens: list[int]) -> str:
+        """Replace each ``<image>`` by the unsplit layout of ``n_tokens[i]`` image tokens."""
+        token = self.image_token(processor)
+        parts = text.split(token)
+        if len(parts) - 1 != len(n_tokens):
+            raise ValueError(f"prompt has {len(parts) - 1} image placeholders for {len(n_tokens)} images")
+        fake, glob = processor.fake_image_token, processor.global_image_tag
+        out = parts[0]
+        for n, rest in zip(n_tokens, parts[1:]):
+            if n != processor.image_seq_len:
+                raise ValueError(f"an Idefics3 image feature has {n} tokens, the processor's image_seq_len is "
+                                 f"{processor.image_seq_len}: only unsplit images can be scored from cached features")
+            out += fake + glob + token * n + fake + rest
+        return out
+
+
+IDEFICS3 = register(Idefics3Family())

@@ -1,0 +1,176 @@
+"""Tiny checkpoints of every supported model family, from shrunk configs of the real architectures.
+
+:func:`build_tiny` writes a directory that :meth:`genret.mllm.MLLM.load` reads exactly as it reads a
+user's checkpoint (``AutoProcessor`` + ``AutoModelForImageTextToText``, no remote code): random weights,
+under 100k parameters, a byte-level BPE trained on ``texts`` that holds the family's real special tokens,
+the family's chat template (``genret/mllm/templates``), a processor built without torchvision. One
+builder per family, as trl's ``generate_tiny_models`` does. The weights are random: such a model
+exercises every code path of its family and judges nothing.
+
+Example::
+
+    path = build_tiny("qwen2_vl", tmp_path / "qwen", ["a red circle left of a blue square"])
+    mllm = MLLM.load(str(path))  # Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The language model of every tiny family: one layer, hidden 32, grouped-query attention.
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 2048, "initializer_range": 0.2}
+VOCAB_SIZE = 400
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+IDEFICS3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                    "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+
+
+def _bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int):
+    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
+def _image_processor(name: str, **kwargs):
+    """The PIL-backed image processor ``name`` (transformers 5 names it ``...Pil``; 4.x has no suffix)."""
+    import transformers
+
+    return (getattr(transformers, name + "Pil", None) or getattr(transformers, name))(**kwargs)
+
+
+def _text_config(tokenizer, **extra) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return {**TEXT, "vocab_size": len(tokenizer), "eos_token_id": ids(tokenizer.eos_token),
+            "pad_token_id": ids(tokenizer.pad_token), "bos_token_id": None, **extra}
+
+
+def _llava(texts: list[str]):
+    """LLaVA: a CLIP vision tower (32 px, 8 px patches: 16 image tokens), a projector, a Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from genret.training.mini_mllm import CHAT_TEMPLATE, train_chat_tokenizer
+
+    tokenizer = train_chat_tokenizer(texts, VOCAB_SIZE)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**_text_config(tokenizer)).to_dict(),
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    image_processor = _image_processor("CLIPImageProcessor", size={"shortest_edge": 32},
+                                       crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE.read_text(),
+                               image_token="<image>", num_additional_image_tokens=1)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _qwen_tokenizer(texts: list[str]):
+    from transformers import Qwen2Tokenizer
+
+    model = json.loads(_bpe(texts, QWEN_SPECIAL, VOCAB_SIZE).to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL)})
+    return tokenizer
+
+
+def _qwen(prefix: str):
+    """Qwen2-VL (``"Qwen2VL"``) or Qwen2.5-VL (``"Qwen2_5_VL"``): 8 px patches merged 2×2; 64 px → 3×3 tokens."""
+
+    def build(texts: list[str]):
+        import transformers
+
+        from genret.mllm.backend import processor_without_video
+
+        tokenizer = _qwen_tokenizer(texts)
+        ids = tokenizer.convert_tokens_to_ids
+        if prefix == "Qwen2VL":
+            vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2}
+        else:  # two blocks, so both the windowed and the full-attention paths run
+            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                      "window_size": 32, "fullatt_block_indexes": [1]}
+        vision.update(patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+        # head_dim 16: the rotary half (8) split over (t, h, w) as Qwen splits its 64 into 16/24/24.
+        text = _text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+        config = getattr(transformers, f"{prefix}Config")(
+            text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"))
+        image_processor = _image_processor("Qwen2VLImageProcessor", patch_size=8, merge_size=2, temporal_patch_size=2,
+                                           size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
+        processor_class = processor_without_video(getattr(transformers, f"{prefix}Processor"))
+        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=(TEMPLATES / "qwen2_vl.jinja").read_text())
+        return getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor
+
+    return build
+
+
+def _idefics3(texts: list[str]):
+    """Idefics3: a SigLIP-style tower on 32 px tiles (8 px patches, pixel shuffle 2: 4 tokens), a Llama.
+
+    The image processor does not split (64 px images are resized to one 32 px tile); set its
+    ``do_image_splitting`` to get 2×2 tiles plus the global view.
+    """
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                              PreTrainedTokenizerFast)
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(texts, IDEFICS3_SPECIAL, VOCAB_SIZE),
+                                        bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                        pad_token="<|endoftext|>", padding_side="right",
+                                        extra_special_tokens=list(IDEFICS3_SPECIAL[1:]))
+    image_processor = _image_processor("Idefics3ImageProcessor", size={"longest_edge": 64},
+                                       max_image_size={"longest_edge": 32}, do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=(TEMPLATES / "idefics3.jinja").read_text())
+    text = _text_config(processor.tokenizer, model_type="llama")
+    config = Idefics3Config(text_config=text, scale_factor=2, pad_token_id=text["pad_token_id"],
+                            image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+                            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8})
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+BUILDERS: dict[str, Callable] = {"llava": _llava, "qwen2_vl": _qwen("Qwen2VL"), "qwen2_5_vl": _qwen("Qwen2_5_VL"),
+                                 "idefics3": _idefics3}
+
+
+def build_tiny(family: str, out_dir: str | Path, texts: Iterable[str], seed: int = 0) -> Path:
+    """Build and save a tiny random checkpoint of ``family``.
+
+    Args:
+        family: one of :data:`BUILDERS` (``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``idefics3``).
+        out_dir: the checkpoint directory to write.
+        texts: what the tokenizer is trained on (the prompts' and captions' words).
+        seed: the weights' random seed.
+
+    Returns:
+        ``out_dir``, loadable with :meth:`genret.mllm.MLLM.load`.
+    """
+    import torch
+
+    from genret import __version__
+    from genret._io import write_json
+
+    if family not in BUILDERS:
+        raise ValueError(f"no tiny builder for {family!r}; known: {', '.join(BUILDERS)}")
+    torch.manual_seed(seed)
+    model, processor = BUILDERS[family](list(texts))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_json(out / "genret.json", {"format": "genret.tiny_mllm", "genret": __version__, "family": family,
+                                     "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
+    return out
