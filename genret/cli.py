@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from genret.data.synth import SynthConfig
     from genret.training.clip import CLIPTrainConfig
     from genret.training.pretrain_mllm import PretrainConfig
+    from genret.training.rerank import RerankTrainConfig
 
     parser = argparse.ArgumentParser(prog="genret", description="Image-text retrieval with multimodal LLMs.")
     parser.add_argument("--version", action="version", version=f"genret {__version__}")
@@ -60,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     mllm.add_argument("--out", required=True, help="checkpoint folder to write")
     mllm.add_argument("--config", default=None, help="TOML/YAML file of PretrainConfig settings")
     add_arguments(mllm, PretrainConfig)
+
+    rerank = train.add_parser("rerank", help="LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives")
+    _add_data_args(rerank)
+    rerank.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
+    rerank.add_argument("--clip", required=True, help="the prefilter's dual encoder (checkpoint directory or id) that "
+                        "mines hard negatives")
+    rerank.add_argument("--out", required=True, help="adapter folder to write (checkpoints go under OUT/checkpoints)")
+    rerank.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
+    rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+    add_arguments(rerank, RerankTrainConfig)
 
     index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
     build = index.add_parser("build", help="embed a dataset split and save a searchable pipeline")
@@ -143,6 +155,30 @@ def cmd_train_mllm(args: argparse.Namespace) -> int:
     print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
           f"final loss {summary['history'][-1]['loss']:.3f}"
           + (f", held-out caption loss {summary['val_caption_loss']}" if "val_caption_loss" in summary else ""))
+    return 0
+
+
+def cmd_train_rerank(args: argparse.Namespace) -> int:
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+
+    config = merge_arguments(RerankTrainConfig, args, args.config)
+    dataset = _load_data(args)
+    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
+    try:
+        summary = train_rerank(args.base, dataset.split("train"), args.out, config, prefilter=args.clip, val=val,
+                               resume=args.resume, progress=not args.quiet)
+    except ImportError as err:  # an optional package the settings need (bitsandbytes for --load-in-4bit)
+        raise ValueError(str(err)) from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    metrics, speed = summary["metrics"], summary["speed"]
+    print(f"saved {args.out}: {summary['mode']} rerank adapter, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+          f"({speed['steps_per_s']:.2f} steps/s, {speed['queries_per_s']:.1f} queries/s), "
+          f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}")
+    for direction, m in metrics.get("val", {}).items():
+        print(f"  val {direction} R@1: prefilter {m['prefilter_R@1']:.1f} -> rerank {m['rerank_R@1']:.1f} "
+              f"({m['queries']} queries, top {summary['config']['eval_k']})")
     return 0
 
 
@@ -231,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("index", "build"): cmd_index_build,
+    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
 }
 

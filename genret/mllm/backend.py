@@ -73,6 +73,35 @@ class MLLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def attach_adapter(self, path, name: str | None = None, **checks) -> str:
+        """Load a genret LoRA adapter directory onto this model, checked against its manifest; returns its name.
+
+        Keyword arguments (``task``, ``mode``, ``prompt``, ``activate``, ``trainable``): see
+        :func:`genret.mllm.adapters.attach_adapter`.
+        """
+        from genret.mllm.adapters import attach_adapter
+
+        return attach_adapter(self, path, name, **checks)
+
+    def use_adapter(self, names: str | list[str] | None) -> None:
+        """Activate one adapter, several stacked (a list), or none (``None``: the base model alone)."""
+        from genret.mllm.adapters import use_adapter
+
+        use_adapter(self, names)
+
+    def detach_adapter(self, name: str) -> None:
+        """Remove an attached adapter (after the last one the model is the plain base again)."""
+        from genret.mllm.adapters import detach_adapter
+
+        detach_adapter(self, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the adapters now applied (empty: the base model alone)."""
+        from genret.mllm.adapters import active_adapters
+
+        return active_adapters(self)
+
     @classmethod
     def load(cls, config: MLLMConfig | str, **overrides) -> "MLLM":
         """Load a checkpoint by id or directory (see :class:`MLLMConfig` for the options)."""

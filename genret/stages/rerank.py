@@ -49,6 +49,8 @@ class RerankConfig:
     device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
+    adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
+                                                      "its manifest must match model, mode and prompt"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,8 +80,11 @@ class RerankStage(RankStage):
         if self._mllm is None:
             from genret.mllm import MLLM, MLLMConfig
 
-            self._mllm = MLLM.load(MLLMConfig(model=self.config.model, dtype=self.config.dtype,
-                                              device_map=self.config.device_map))
+            mllm = MLLM.load(MLLMConfig(model=self.config.model, dtype=self.config.dtype,
+                                        device_map=self.config.device_map))
+            if self.config.adapter:
+                mllm.attach_adapter(self.config.adapter, task="rerank", mode=self.config.mode, prompt=self.prompt)
+            self._mllm = mllm
         return self._mllm
 
     def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:

@@ -1,0 +1,304 @@
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genret.cli import main
+from genret.config import ConfigError, from_dict
+from genret.mllm import MLLM
+from genret.mllm.scoring import image_features, listwise_scores, pointwise_scores
+from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+from genret.prompts import load_prompt
+from genret.training.rerank import RerankTrainConfig, pointwise_loss, train_rerank
+from genret.types import Query
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory, mllm_dir):
+    """The tiny LLaVA with token embeddings at a trained model's scale.
+
+    At the random initialisation's scale (std 0.02, hidden 32) no logit can move far from uniform,
+    whatever the LoRA does; a pretrained base's embeddings span a usable range.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path_factory.mktemp("judge") / "mllm"
+    shutil.copytree(mllm_dir, out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(world):
+    """A handful of training images: a few dozen steps overfit them."""
+    train = world.split("train")
+    return replace(train, records=train.records[:8])
+
+
+def _config(**overrides) -> RerankTrainConfig:
+    settings = dict(negatives=3, mine_k=4, batch_size=8, directions="i2t", lr=1e-2, max_steps=STEPS, warmup=0.0,
+                    lora_dropout=0.0, log_every=1, eval_every=20, eval_queries=4, eval_k=3, save_every=0)
+    return RerankTrainConfig(**{**settings, **overrides})
+
+
+def _train(base, data, out, config, **kwargs):
+    losses = []
+    summary = train_rerank(str(base), data, out, config, progress=False,
+                           on_step=lambda s: losses.append(s["loss"]), **kwargs)
+    return summary, losses
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, judge_dir, small, world, clip_dir):
+    root = tmp_path_factory.mktemp("runs")
+    return {mode: (root / mode, *_train(judge_dir, small, root / mode, _config(mode=mode), prefilter=str(clip_dir),
+                                        val=world.split("val")))
+            for mode in ("pointwise", "listwise")}
+
+
+def _learned(mode: str, losses: list[float]) -> bool:
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    if mode == "pointwise":  # below what any constant score gets: ln 2 (balanced BCE) + ln 4 (softmax over 4)
+        return last < math.log(2) + math.log(4) - 0.2
+    return last < first / 2
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+def test_training_lowers_the_loss(runs, mode):
+    _, summary, losses = runs[mode]
+    assert len(losses) == STEPS and summary["steps"] == STEPS
+    assert _learned(mode, losses), losses
+
+
+def test_without_a_learning_rate_the_same_check_fails(judge_dir, small, clip_dir, tmp_path):
+    _, losses = _train(judge_dir, small, tmp_path / "a", _config(lr=1e-7, eval_every=0), prefilter=str(clip_dir))
+    assert not _learned("pointwise", losses), losses
+
+
+def test_adapter_manifest_history_and_speed(runs, judge_dir, clip_dir):
+    out, summary, _ = runs["listwise"]
+    manifest = json.loads((out / "genret.json").read_text())
+    assert manifest == json.loads(json.dumps(summary))
+    assert {"adapter_config.json", "adapter_model.safetensors", "genret.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "checkpoints").exists()  # a finished run keeps only the adapter
+    assert manifest["format"] == "genret.rerank_adapter" and manifest["task"] == "rerank"
+    assert manifest["mode"] == "listwise" and manifest["family"] == "llava"
+    assert manifest["base_model"] == str(judge_dir) and manifest["base_revision"] == MLLM.load(str(judge_dir)).revision
+    assert manifest["prompt"] == {"name": "rerank_listwise", "version": 1}
+    assert manifest["config"] == json.loads(json.dumps(_config(mode="listwise").__dict__))
+    assert manifest["data"]["prefilter"] == str(clip_dir) and manifest["data"]["queries"] == 8
+    evals = [h for h in manifest["history"] if "eval" in h]
+    assert [h["step"] for h in evals] == [0, 20, STEPS]
+    for h in evals:
+        assert set(h["eval"]) == {"t2i", "i2t"} and h["eval"]["t2i"]["queries"] == 4
+        assert h["eval"]["t2i"]["rerank_R@1"] <= h["eval"]["t2i"]["prefilter_R@3"]  # it only reorders the top 3
+    assert manifest["metrics"]["val"] == evals[-1]["eval"]
+    assert manifest["speed"]["steps_per_s"] > 0 and manifest["speed"]["queries_per_s"] > 0
+
+
+def test_trained_adapter_reloads_onto_a_fresh_base_and_ranks_its_positives(runs, judge_dir, small, clip_dir):
+    from PIL import Image
+
+    from genret.encoders import load_encoder
+    from genret.training.negatives import caption_table, mine_negatives
+
+    out, _, _ = runs["pointwise"]
+    section = load_prompt("rerank_pointwise").section("i2t")["user"]
+    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4, directions=("i2t",))
+    texts, _ = caption_table(small)
+
+    def judged(mllm):  # the training loss, on scores from the stage's scorer, and how often a caption wins a pair
+        feats = image_features(mllm, [Image.open(r.path).convert("RGB") for r in small.records])
+        losses, right, scores = [], [], []
+        for g in groups:
+            cands = list(g.positives) + list(g.negatives)
+            row = pointwise_scores(mllm, section, [texts[c] for c in cands], [feats[g.query]] * len(cands))
+            pos, neg = row[:len(g.positives)], row[len(g.positives):]
+            for p in pos:
+                losses.append(pointwise_loss(torch.tensor([[p] + neg]), torch.tensor([0]), 1.0).item())
+                right += [p > n for n in neg]
+            scores += row
+        return sum(losses) / len(losses), sum(right) / len(right), scores
+
+    base_loss, base_right, _ = judged(MLLM.load(str(judge_dir)))
+    first, second = MLLM.load(str(judge_dir)), MLLM.load(str(judge_dir))
+    for m in (first, second):
+        m.attach_adapter(out, mode="pointwise")
+    loss, right, scores = judged(first)
+    assert judged(second)[2] == pytest.approx(scores, abs=1e-5)  # the same adapter, the same scores
+    assert loss < base_loss - 0.5 and right > base_right, (loss, base_loss, right, base_right)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, world):
+    """One tiny checkpoint of every supported family (random weights: they check mechanics, not judgement)."""
+    from genret.mllm.tiny import build_tiny
+
+    prompts = [t for name in ("rerank_pointwise", "rerank_listwise") for d in ("t2i", "i2t")
+               for t in load_prompt(name).section(d).values()]
+    texts = [c for r in world.records for c in r.captions] + prompts
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny(f, root / f, texts) for f in ("llava", "qwen2_vl", "idefics3")}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family, mode):
+    """The loss is taken on exactly what the rerank stage reads at inference: same prompts, positions, answer."""
+    from peft import LoraConfig, get_peft_model
+
+    from genret.encoders import load_encoder
+    from genret.mllm import scoring
+    from genret.mllm.adapters import language_model_targets
+    from genret.training import rerank as tr
+    from genret.training.negatives import caption_table, mine_negatives
+
+    mllm = MLLM.load(str(tiny_dirs[family]))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, init_lora_weights=False, target_modules=language_model_targets(mllm.model, ("q_proj", "o_proj")))
+    mllm.model = get_peft_model(mllm.model, lora).eval()
+    prompt = load_prompt(f"rerank_{mode}")
+    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4)
+    examples = tr.epoch_examples(groups, _config(mode=mode), 0)
+    examples = [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")]
+    texts, _ = caption_table(small)
+    paths = [str(r.path) for r in small.records]
+    feats = dict(enumerate(tr._features(mllm, paths)))
+    batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
+    answers = tr.number_answers(mllm, 4)
+    with torch.no_grad():  # both examples in one batch: padding must change nothing
+        got = tr.pointwise_scores(batch, examples, scoring._first_token(mllm, "yes"), scoring._first_token(mllm, "no")) \
+            if mode == "pointwise" else tr.listwise_logprobs(batch, examples, answers)
+    for row, e in enumerate(examples):
+        section = prompt.section(e.direction)
+        t2i = e.direction == "t2i"
+        cands = [feats[c] for c in e.candidates] if t2i else [texts[c] for c in e.candidates]
+        if mode == "pointwise":
+            want = pointwise_scores(mllm, section["user"], [texts[e.query]] * 4 if t2i else cands,
+                                    cands if t2i else [feats[e.query]] * 4)
+            assert got[row].tolist() == pytest.approx(want, abs=1e-4)
+        else:
+            query = {"text": texts[e.query]} if t2i else {"image": feats[e.query]}
+            want = listwise_scores(mllm, section["user"], section["item"], query, cands, "image" if t2i else "text")
+            first, rest = got
+            assert (first[row, e.target] + rest[row]).item() == pytest.approx(want[e.target], abs=1e-4)
+
+
+def test_resume_gives_the_adapter_of_an_uninterrupted_run(mllm_dir, small, clip_dir, tmp_path):
+    config = _config(directions="both", batch_size=4, max_steps=6, save_every=2, lora_dropout=0.1, lr=5e-3,
+                     warmup=0.2, eval_every=0, log_every=3)
+    whole, _ = _train(mllm_dir, small, tmp_path / "whole", config, prefilter=str(clip_dir))
+
+    def crash(state):
+        if state["step"] == 5:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_rerank(str(mllm_dir), small, tmp_path / "cut", config, prefilter=str(clip_dir), progress=False, on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000004"]
+    with pytest.raises(ValueError, match="holds checkpoints of an unfinished run.*--resume"):
+        train_rerank(str(mllm_dir), small, tmp_path / "cut", config, prefilter=str(clip_dir), progress=False)
+    with pytest.raises(ValueError, match="made with lr = 0.005, this run has 0.001"):
+        train_rerank(str(mllm_dir), small, tmp_path / "cut", replace(config, lr=1e-3), prefilter=str(clip_dir),
+                     progress=False, resume=True)
+    resumed = train_rerank(str(mllm_dir), small, tmp_path / "cut", config, prefilter=str(clip_dir), progress=False,
+                           resume=True)
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == whole["history"] and resumed["steps"] == 6
+    with pytest.raises(ValueError, match="nothing to resume: the run there has finished"):
+        train_rerank(str(mllm_dir), small, tmp_path / "cut", config, prefilter=str(clip_dir), progress=False, resume=True)
+
+
+def test_cli_trains_and_the_stage_uses_the_adapter(world_dir, world, mllm_dir, clip_dir, encoder, tmp_path, capsys):
+    out = tmp_path / "lora"
+    args = ["-q", "train", "rerank", "--data", str(world_dir), "--base", str(mllm_dir), "--clip", str(clip_dir),
+            "--out", str(out), "--mode", "listwise", "--max-steps", "2", "--batch-size", "2", "--negatives", "2",
+            "--mine-k", "4", "--eval-queries", "3", "--eval-k", "3", "--lora-targets", "q_proj,v_proj"]
+    assert main(args + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "listwise" and summary["config"]["lora_targets"] == "q_proj,v_proj"
+    assert summary["data"]["queries"] == 96 * 6  # every caption (t2i) and every image (i2t) of the training split
+    assert main(args + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+    stages = ({"type": "prefilter", "k": 4}, {"type": "rerank", "model": str(mllm_dir), "mode": "listwise", "k": 4,
+                                               "adapter": str(out)})
+    pipe = RetrievalPipeline(PipelineConfig(encoder=EncoderConfig(model="x"), stages=stages), encoder=encoder)
+    pipe.index(world.split("test"), progress=False)
+    assert pipe.stages[1].mllm.active_adapters == ["lora"]
+    rec = world.split("test").records[0]
+    results = pipe.search([Query(id="t", text=rec.captions[0]), Query(id="i", image=str(rec.path))], k=4)
+    assert all(len(r.candidates) == 4 and "rerank" in r.candidates[0].scores for r in results)
+
+    wrong = ({"type": "prefilter", "k": 4}, {"type": "rerank", "model": str(mllm_dir), "mode": "pointwise", "adapter": str(out)})
+    pipe = RetrievalPipeline(PipelineConfig(encoder=EncoderConfig(model="x"), stages=wrong), encoder=encoder)
+    with pytest.raises(ValueError, match="a 'listwise' rerank adapter, used in 'pointwise' mode"):
+        pipe.index(world.split("test"), progress=False)
+
+
+@pytest.mark.parametrize("table,match", [
+    ({"mode": "generative"}, "mode must be one of pointwise, listwise"),
+    ({"negatives": 9, "mine_k": 5}, "mine_k \\(5\\) must be at least negatives \\(9\\)"),
+    ({"directions": "up"}, "directions must be one of"),
+    ({"lora_dropout": 1.5}, "lora_dropout and warmup must be in"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+])
+def test_bad_configs_are_refused(table, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(RerankTrainConfig, table)
+
+
+def test_listwise_numbers_must_start_with_distinct_tokens(mllm_dir, small, clip_dir, tmp_path):
+    with pytest.raises(ValueError, match="negatives <= 8"):
+        train_rerank(str(mllm_dir), small, tmp_path / "x", _config(mode="listwise", negatives=9, mine_k=9),
+                     prefilter=str(clip_dir), progress=False)
+
+
+def test_qlora_without_bitsandbytes_says_what_to_install(mllm_dir, small, clip_dir, tmp_path, monkeypatch):
+    import genret.mllm.backend as backend
+
+    monkeypatch.setattr(backend, "bitsandbytes_available", lambda: False)  # it is installed here
+    with pytest.raises(ImportError, match="pip install 'genret\\[quant\\]'"):
+        train_rerank(str(mllm_dir), small, tmp_path / "x", _config(load_in_4bit=True), prefilter=str(clip_dir),
+                     progress=False)
+
+
+def test_qlora_trains_in_4bit_and_the_adapter_loads_on_the_full_base(tmp_path, small, clip_dir):
+    """The code path a CUDA user runs (4-bit NF4 base, k-bit preparation, checkpointing), here on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+
+    from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
+
+    # bitsandbytes' CPU kernels need layers at least 64 wide; the session's tiny models are 32.
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "vocab_size": len(processor.tokenizer)},
+                                vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 64, "patch_size": 16}))
+    clip.save_pretrained(tmp_path / "clip64")
+    processor.save_pretrained(tmp_path / "clip64")
+    texts = [c for r in small.records for c in r.captions] + ["Does the image match the text? Answer yes or no."]
+    model, proc = build_mini_mllm(tmp_path / "clip64", texts, MiniMLLMConfig(hidden_size=64, layers=1, heads=2,
+                                                                           intermediate_size=128, vocab_size=300))
+    model.save_pretrained(tmp_path / "base")
+    proc.save_pretrained(tmp_path / "base")
+    config = _config(load_in_4bit=True, gradient_checkpointing=True, max_steps=2, eval_every=0)
+    summary = train_rerank(str(tmp_path / "base"), small, tmp_path / "q", config, prefilter=str(clip_dir), progress=False)
+    assert summary["config"]["load_in_4bit"] and summary["steps"] == 2
+    full = MLLM.load(str(tmp_path / "base"))
+    assert full.attach_adapter(tmp_path / "q", mode="pointwise") == "q"  # same base weights: same fingerprint
+    quantized = MLLM.load(str(tmp_path / "base"), load_in_4bit=True)
+    quantized.attach_adapter(tmp_path / "q", mode="pointwise")
