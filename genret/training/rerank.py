@@ -23,6 +23,10 @@ Example::
     summary = train_rerank("adapters/mini-world/mllm", data.split("train"), "runs/rerank",
                            RerankTrainConfig(mode="listwise"), prefilter="adapters/mini-world/clip",
                            val=data.split("val"))
+
+On several GPUs (``batch_size`` query groups per GPU; checked here with ``torchrun`` on CPU processes)::
+
+    accelerate launch --multi_gpu --num_processes 4 $(which genret) train rerank --base ... --load-in-4bit
 """
 
 from __future__ import annotations
