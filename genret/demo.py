@@ -4,8 +4,9 @@
 2. the models: the shipped mini CLIP and mini MLLM (``adapters/mini-world/``, checked against the
    world by their manifest), or with ``train_clip`` a mini CLIP trained here;
 3. fine-tune a pointwise LoRA rerank adapter on the training split (hard negatives from the CLIP);
-4. index the test split and evaluate prefilter → zero-shot rerank → LoRA rerank, both directions,
-   with the twin check, and write the report.
+4. index the test split and evaluate prefilter → zero-shot rerank (generative: log P(caption | image))
+   → LoRA rerank (pointwise), each over the CLIP's top 10, both directions, with the twin check, and
+   write the report.
 Steps whose output already exists are reused unless ``fresh``.
 """
 
@@ -115,8 +116,8 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
             train_rerank(str(mllm_dir), dataset.split("train"), adapter, config, prefilter=str(clip_dir),
                          val=dataset.split("val"), progress=progress)
         timings["train_rerank"] = time.perf_counter() - t0
-        # Each rerank stage judges the same top-10 (no fusion, so the order it receives does not matter).
-        stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": "pointwise", "k": RERANK_K},
+        # Each rerank stage judges the same top 10 (no fusion, so the order it receives does not matter).
+        stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": "generative", "k": RERANK_K},
                    {"type": "rerank", "name": "lora", "model": str(mllm_dir), "mode": "pointwise", "k": RERANK_K,
                     "adapter": str(adapter)}]
 

@@ -103,7 +103,7 @@ class RerankStage(RankStage):
             self.features.update(zip((it.id for it in chunk), feats))
 
     def _describe(self) -> dict:
-        return {"format": FEATURES_FORMAT, "version": 1, "model": self.config.model, "revision": self.mllm.revision,
+        return {"format": FEATURES_FORMAT, "version": 2, "model": self.config.model, "revision": self.mllm.revision,
                 "family": self.mllm.family.name, "count": len(self.features)}
 
     def save_state(self, folder: Path) -> None:
@@ -117,8 +117,9 @@ class RerankStage(RankStage):
 
         folder.mkdir(parents=True, exist_ok=True)
         ids = list(self.features)
+        # One tensor per image: images of other sizes (Qwen2-VL's native resolution) have other shapes.
         with atomic_path(folder / "features.safetensors") as tmp:
-            save_file({"features": torch.stack([self.features[i] for i in ids])}, str(tmp),
+            save_file({str(n): self.features[i].contiguous() for n, i in enumerate(ids)}, str(tmp),
                       metadata={"ids": json.dumps(ids)})
         write_json(folder / "manifest.json", self._describe())
 
@@ -130,14 +131,14 @@ class RerankStage(RankStage):
 
         from genret._io import read_manifest
 
-        manifest = read_manifest(folder, FEATURES_FORMAT, 1, "MLLM feature cache")
+        manifest = read_manifest(folder, FEATURES_FORMAT, 2, "MLLM feature cache")
         if manifest["revision"] != self.mllm.revision or manifest["model"] != self.config.model:
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
             return
         with safe_open(str(folder / "features.safetensors"), framework="pt") as fh:
             ids = json.loads(fh.metadata()["ids"])
-            self.features = dict(zip(ids, fh.get_tensor("features")))
+            self.features = {i: fh.get_tensor(str(n)) for n, i in enumerate(ids)}
 
     def _image_features(self, ids: list[str], items) -> list:
         missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+from collections import Counter
+
 import numpy as np
 
 from genret.data.dataset import Dataset
@@ -72,17 +74,19 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
     images = encoder.encode_images([str(r.path) for r in data.records], batch_size=batch_size, progress=progress)
     captions = encoder.encode_texts(texts, progress=progress)
     caption_sets = [set(r.captions) for r in data.records]
+    keys = [content_key(r) for r in data.records]
+    same = max(Counter(keys).values())  # the most images that show one thing: look that much deeper
     by_image: list[list[int]] = [[] for _ in data.records]
     for c, owner in enumerate(owners):
         by_image[owner].append(c)
     groups: list[QueryGroup] = []
     stats: dict = {}
     if "t2i" in directions:
-        ranked = top_k(images, captions, k + 1)
+        ranked = top_k(images, captions, k + same)
         top1, kept = [], []
         for c, row in enumerate(ranked):
             positive = owners[c]
-            negs = [i for i in row if i != positive and texts[c] not in caption_sets[i]][:k]
+            negs = [i for i in row if keys[i] != keys[positive] and texts[c] not in caption_sets[i]][:k]
             groups.append(QueryGroup("t2i", c, (positive,), tuple(negs)))
             top1.append(row[0] == positive)
             kept.append(len(negs))
@@ -90,16 +94,31 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
                         "negatives": round(float(np.mean(kept)), 2)}
     if "i2t" in directions:
         most = max(len(r.captions) for r in data.records)
-        ranked = top_k(captions, images, k + most)
+        ranked = top_k(captions, images, k + same * most)
         top1, kept = [], []
         for i, row in enumerate(ranked):
-            negs = [c for c in row if owners[c] != i and texts[c] not in caption_sets[i]][:k]
+            negs = [c for c in row if keys[owners[c]] != keys[i] and texts[c] not in caption_sets[i]][:k]
             groups.append(QueryGroup("i2t", i, tuple(by_image[i]), tuple(negs)))
             top1.append(owners[row[0]] == i)
             kept.append(len(negs))
         stats["i2t"] = {"queries": len(ranked), "prefilter_R@1": round(100 * float(np.mean(top1)), 2),
                         "negatives": round(float(np.mean(kept)), 2)}
     return groups, stats
+
+
+def content_key(record) -> object:
+    """What a record shows, where the data set says: the scene signature of the miniature world's records.
+
+    Two training images of the same scene are not negatives of each other (a "negative" that matches
+    the query would teach the reranker the opposite of the truth); elsewhere each image is its own.
+    A caption shared by two images also rules them out as each other's negatives (see above).
+    """
+    scene = record.meta.get("scene") if record.meta else None
+    if scene:
+        from genret.data.scene import Scene
+
+        return ("scene", Scene.from_dict(scene).signature())
+    return ("id", record.id)
 
 
 def top_k(gallery: np.ndarray, queries: np.ndarray, k: int) -> list[list[int]]:

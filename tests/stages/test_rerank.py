@@ -72,3 +72,16 @@ def test_cached_features_match_plain_path_and_survive_save(encoder, world, mllm_
     again = loaded.run(q)[-1][1][0]
     assert [c.score for c in again.candidates] == pytest.approx([c.score for c in a.candidates], abs=1e-4)
     assert "no cached features" in caplog.text
+
+
+def test_features_of_different_shapes_survive_save(encoder, mllm_dir, tmp_path):
+    """Native-resolution families (Qwen2-VL) give each image its own number of feature tokens."""
+    import torch
+
+    stage = _pipe(encoder, mllm_dir).stages[1]
+    stage.features = {"a": torch.randn(4, 8), "b": torch.randn(6, 8), "c": torch.randn(2, 3, 8)}
+    stage.save_state(tmp_path / "s")
+    again = _pipe(encoder, mllm_dir).stages[1]
+    again.load_state(tmp_path / "s")
+    assert set(again.features) == {"a", "b", "c"}
+    assert all(torch.equal(again.features[k], v) for k, v in stage.features.items())
