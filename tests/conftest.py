@@ -66,3 +66,18 @@ def mllm_dir(tmp_path_factory, clip_dir, world):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def scaled_copy(mllm_dir, out, factor: float):
+    """A copy of the MLLM at ``mllm_dir`` with its token embeddings scaled by ``factor`` (other weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(mllm_dir, out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(factor)
+    model.save_pretrained(out)
+    return out

@@ -133,34 +133,34 @@ def shared_prefix_length(inputs: dict[str, torch.Tensor], images: Sequence[Seque
     return int(hits[0]) if len(hits) else cap
 
 
-def _positions(mllm: MLLM, inputs: dict[str, torch.Tensor], start: int) -> torch.Tensor | None:
-    """Position ids of the tokens from ``start`` on, or None where the family cannot split its inputs."""
+def _positions(mllm: MLLM, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Position ids of every token, ``(batch, length)`` or the family's own shape (Qwen: ``(3, batch, length)``),
+    or None where the family needs forward inputs that cannot be split at a prefix."""
     family_positions = getattr(mllm.family, "position_ids", None)
-    if family_positions is not None:  # e.g. Qwen's multimodal RoPE: (3, batch, length)
-        return family_positions(mllm.model, inputs)[..., start:]
+    if family_positions is not None:
+        return family_positions(mllm.model, inputs)
     if mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], None):
         return None
     ids = inputs["input_ids"]
-    return torch.arange(start, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
 
-def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, batch_size: int):
+def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, positions: torch.Tensor,
+                    batch_size: int):
     """Logits of positions ``prefix - 1`` onwards for every row, running the shared prefix once.
 
     The prefix's KV cache is computed on the first row and repeated for each batch of suffixes,
-    which carry explicit position ids; the result equals a full forward of each row (the tests
+    which carry their explicit position ids; the result equals a full forward of each row (the tests
     check 1e-4). Yields ``(rows, logits)`` per batch; ``logits[:, 0]`` is the last prefix position.
     """
     import copy
 
-    positions = _positions(mllm, inputs, prefix)
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = mllm.model.get_input_embeddings()(inputs["input_ids"])
     mask = inputs["attention_mask"]
-    head = mllm.model(inputs_embeds=embeds[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True,
-                      **({"position_ids": _positions(mllm, {k: v[:1] for k, v in inputs.items()}, 0)[..., :prefix]}
-                         if positions is not None and positions.dim() == 3 else {}))
+    head = mllm.model(inputs_embeds=embeds[:1, :prefix], attention_mask=mask[:1, :prefix],
+                      position_ids=positions[..., :1, :prefix], use_cache=True)
     last = head.logits[:, -1:]
     for s in range(0, len(embeds), batch_size):
         rows = slice(s, s + batch_size)
@@ -168,19 +168,18 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, ba
         width = int(mask[rows].sum(dim=1).max())
         cache = copy.deepcopy(head.past_key_values)
         cache.batch_repeat_interleave(n)
-        pos = positions[..., rows, : width - prefix] if positions.dim() == 3 else positions[rows, : width - prefix]
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
-                         past_key_values=cache, position_ids=pos, use_cache=True)
+                         past_key_values=cache, position_ids=positions[..., rows, prefix:width], use_cache=True)
         yield rows, torch.cat([last.expand(n, -1, -1), out.logits], dim=1)
 
 
 def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence[Sequence], min_prefix: int,
-                   limit: int | None = None) -> int:
-    """The prefix to share, or 0 where sharing does not pay or the family cannot split its inputs."""
+                   limit: int | None = None) -> tuple[int, torch.Tensor | None]:
+    """The prefix to share and every token's positions, or ``(0, None)`` where sharing does not pay or
+    the family cannot split its inputs."""
     prefix = shared_prefix_length(inputs, images, mllm.family.image_token_id(mllm.model), limit)
-    if prefix < min_prefix or _positions(mllm, {k: v[:1] for k, v in inputs.items()}, 0) is None:
-        return 0
-    return prefix
+    positions = _positions(mllm, inputs) if prefix >= min_prefix else None
+    return (prefix, positions) if positions is not None else (0, None)
 
 
 @torch.inference_mode()
@@ -196,10 +195,10 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
     prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
     if shared_prefix and _all_cached(rows) and len(prompts) > 1:
         inputs = _inputs(mllm, prompts, rows)
-        prefix = _shared_prefix(mllm, inputs, rows, min_prefix)
+        prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix)
         if prefix:
             out = torch.empty(len(prompts))
-            for sel, logits in _prefix_forward(mllm, inputs, prefix, batch_size):
+            for sel, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size):
                 last = inputs["attention_mask"][sel].sum(dim=1) - 1 - (prefix - 1)
                 lp = logits[torch.arange(len(last)), last].float().log_softmax(-1)
                 out[sel] = (lp[:, yes_id] - lp[:, no_id]).cpu()
@@ -243,10 +242,10 @@ def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], imag
     if shared_prefix and _all_cached(rows) and len(full) > 1:
         inputs = _inputs(mllm, full, rows)
         start = int(_inputs(mllm, [prompt], rows[:1])["attention_mask"].sum())
-        prefix = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
+        prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
         if prefix:
             out = torch.empty(len(full))
-            for sel, logits in _prefix_forward(mllm, inputs, prefix, batch_size):
+            for sel, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size):
                 # logits[:, j] sits at position prefix - 1 + j and predicts the token after it.
                 width = logits.shape[1] - 1
                 target = inputs["input_ids"][sel, prefix:prefix + width]

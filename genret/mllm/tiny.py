@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+from genret.training.mini_mllm import byte_level_bpe
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The language model of every tiny family: one layer, hidden 32, grouped-query attention.
 TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -30,17 +32,6 @@ IDEFICS3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fak
                     "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 
 
-def _bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int):
-    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    return bpe
 
 
 def _image_processor(name: str, **kwargs):
@@ -79,7 +70,7 @@ def _llava(texts: list[str]):
 def _qwen_tokenizer(texts: list[str]):
     from transformers import Qwen2Tokenizer
 
-    model = json.loads(_bpe(texts, QWEN_SPECIAL, VOCAB_SIZE).to_str())["model"]
+    model = json.loads(byte_level_bpe(texts, QWEN_SPECIAL, VOCAB_SIZE).to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL)})
@@ -127,7 +118,7 @@ def _idefics3(texts: list[str]):
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
                               PreTrainedTokenizerFast)
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(texts, IDEFICS3_SPECIAL, VOCAB_SIZE),
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(texts, IDEFICS3_SPECIAL, VOCAB_SIZE),
                                         bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                                         pad_token="<|endoftext|>", padding_side="right",
                                         extra_special_tokens=list(IDEFICS3_SPECIAL[1:]))

@@ -34,16 +34,22 @@ class MiniMLLMConfig:
             raise ValueError(f"heads ({self.heads}) must divide hidden_size ({self.hidden_size})")
 
 
+def byte_level_bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
 def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer with genret's chat special tokens and template."""
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
+    bpe = byte_level_bpe(texts, SPECIAL, vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
         extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATE.read_text(),

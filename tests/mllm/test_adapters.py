@@ -100,15 +100,9 @@ def test_stack_switch_and_detach(mllm_dir, pairs, adapters):
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory, mllm_dir):
     """The same architecture with other weights: another fingerprint."""
-    from transformers import AutoModelForImageTextToText
+    from conftest import scaled_copy
 
-    out = tmp_path_factory.mktemp("other") / "mllm"
-    shutil.copytree(mllm_dir, out)
-    model = AutoModelForImageTextToText.from_pretrained(out)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(2)
-    model.save_pretrained(out)
-    return out
+    return scaled_copy(mllm_dir, tmp_path_factory.mktemp("other") / "mllm", 2)
 
 
 @pytest.mark.parametrize("edit,checks,match", [

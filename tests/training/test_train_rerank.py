@@ -1,6 +1,5 @@
 import json
 import math
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -26,15 +25,9 @@ def judge_dir(tmp_path_factory, mllm_dir):
     At the random initialisation's scale (std 0.02, hidden 32) no logit can move far from uniform,
     whatever the LoRA does; a pretrained base's embeddings span a usable range.
     """
-    from transformers import AutoModelForImageTextToText
+    from conftest import scaled_copy
 
-    out = tmp_path_factory.mktemp("judge") / "mllm"
-    shutil.copytree(mllm_dir, out)
-    model = AutoModelForImageTextToText.from_pretrained(out)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    model.save_pretrained(out)
-    return out
+    return scaled_copy(mllm_dir, tmp_path_factory.mktemp("judge") / "mllm", 10)
 
 
 @pytest.fixture(scope="module")
