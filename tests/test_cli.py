@@ -121,8 +121,8 @@ def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch
     assert "make_mini_world_models.sh" in capsys.readouterr().err
 
 
-def test_any_karpathy_dataset_flickr_layout(tmp_path, world, capsys):
-    """The same commands train, index and evaluate a data set laid out like a Flickr30K download."""
+def test_any_karpathy_dataset_flickr_layout(tmp_path, world, mllm_dir, capsys):
+    """The same commands train (CLIP and a rerank LoRA), index and evaluate a data set laid out like Flickr30K."""
     from PIL import Image
 
     images = []
@@ -144,3 +144,18 @@ def test_any_karpathy_dataset_flickr_layout(tmp_path, world, capsys):
     assert report["dataset"]["name"] == "flickr30k" and report["dataset"]["images"] == len(world.split("test"))
     assert report["config"]["index"]["factory"] == "HNSW16"
     assert "R@10" in report["stages"]["prefilter"]["i2t"]
+
+    assert main(["-q", "train", "rerank", "--data", str(tmp_path), "--base", str(mllm_dir), "--clip", str(tmp_path / "clip"),
+                 "--out", str(tmp_path / "lora"), "--max-steps", "2", "--batch-size", "2", "--negatives", "2",
+                 "--mine-k", "4", "--eval-queries", "2", "--eval-k", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["data"]["source"].endswith("dataset_flickr30k.json") and summary["steps"] == 2
+    (tmp_path / "p.toml").write_text(
+        f'[encoder]\nmodel = "{tmp_path / "clip"}"\n[[stages]]\ntype = "prefilter"\nk = 5\n'
+        f'[[stages]]\ntype = "rerank"\nmodel = "{mllm_dir}"\nmode = "pointwise"\nk = 5\nadapter = "{tmp_path / "lora"}"\n')
+    assert main(["-q", "index", "build", str(tmp_path / "p.toml"), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "pipe2")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "eval", str(tmp_path / "pipe2"), "--data", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["stages"]) == {"prefilter", "rerank"} and report["dataset"]["name"] == "flickr30k"

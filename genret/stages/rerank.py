@@ -47,6 +47,8 @@ class RerankConfig:
     batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
     dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
     device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the MLLM in 4 bits (bitsandbytes, CUDA)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the MLLM in 8 bits (bitsandbytes, CUDA)"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
     adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
@@ -81,7 +83,8 @@ class RerankStage(RankStage):
             from genret.mllm import MLLM, MLLMConfig
 
             mllm = MLLM.load(MLLMConfig(model=self.config.model, dtype=self.config.dtype,
-                                        device_map=self.config.device_map))
+                                        device_map=self.config.device_map, load_in_4bit=self.config.load_in_4bit,
+                                        load_in_8bit=self.config.load_in_8bit))
             if self.config.adapter:
                 mllm.attach_adapter(self.config.adapter, task="rerank", mode=self.config.mode, prompt=self.prompt)
             self._mllm = mllm
