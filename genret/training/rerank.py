@@ -13,6 +13,10 @@ the model is trained on exactly the score that stage reads:
   log-likelihood of the rest of the right answer (e.g. the end-of-turn token), so that the whole
   answer the listwise scorer reads is trained.
 
+- generative: ``s = mean log P(text | image)`` over the text's tokens, the stage's generative score.
+  Loss = softmax cross-entropy over the group's ``s / temperature`` (the positive should win) −
+  ``lm_weight`` × the positive's ``s`` (its caption likelihood, which keeps the captioner a captioner).
+
 LoRA goes on the language model only; the vision tower and projector stay frozen, so every
 training image's projected features are computed once and fed through the cached-features path.
 Runs under ``accelerate`` (``accelerate launch`` for several GPUs: ``batch_size`` is per process),
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODES = ("pointwise", "listwise")
+MODES = ("pointwise", "listwise", "generative")
 DIRECTIONS = {"both": ("t2i", "i2t"), "t2i": ("t2i",), "i2t": ("i2t",)}
 
 
@@ -68,12 +72,17 @@ DIRECTIONS = {"both": ("t2i", "i2t"), "t2i": ("t2i",), "i2t": ("i2t",)}
 class RerankTrainConfig:
     """What and how to train: the rerank mode, LoRA, negatives, optimisation, evaluation, checkpoints."""
 
-    mode: str = field(default="pointwise", metadata={"help": "pointwise (yes/no per candidate) or listwise (numbered candidates)"})
+    mode: str = field(default="pointwise", metadata={"help": "pointwise (yes/no per candidate), listwise (numbered "
+                                                     "candidates) or generative (log P(text | image))"})
     prompt: str = field(default="", metadata={"help": "prompt name or file (default: rerank_<mode>, the stage's)"})
     directions: str = field(default="both", metadata={"help": "training queries: t2i (captions), i2t (images) or both"})
     negatives: int = field(default=7, metadata={"help": "negatives per query, sampled from the prefilter's top mine_k"})
     mine_k: int = field(default=20, metadata={"help": "prefilter candidates per query that negatives are drawn from"})
     group_weight: float = field(default=1.0, metadata={"help": "pointwise: weight of the softmax loss over a query's group"})
+    temperature: float = field(default=0.1, metadata={"help": "generative: softmax temperature over a group's mean "
+                                                          "log-likelihoods"})
+    lm_weight: float = field(default=1.0, metadata={"help": "generative: weight of the positive's caption "
+                                                        "log-likelihood in the loss"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (costs ~10% of a step on the CPU)"})
@@ -106,15 +115,16 @@ class RerankTrainConfig:
         for name in ("negatives", "mine_k", "lora_r", "epochs", "batch_size", "eval_queries", "eval_k", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "threads", "eval_every", "save_every", "group_weight", "weight_decay", "max_grad_norm"):
+        for name in ("max_steps", "threads", "eval_every", "save_every", "group_weight", "weight_decay", "max_grad_norm",
+                     "lm_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.mine_k < self.negatives:
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup < 1:
             raise ValueError("lora_dropout and warmup must be in [0, 1)")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError(f"lr and temperature must be positive, got {self.lr} and {self.temperature}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
@@ -157,6 +167,23 @@ class _Batch:
             return {i: self.feats[i] for i in indices}
         unique = sorted(set(indices))
         return dict(zip(unique, _features(self.mllm, [self.paths[i] for i in unique])))
+
+    def text_logprobs(self, prompts: list[str], texts: list[str], images: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Mean log-probability of each row's ``text`` (and end-of-turn token) after its ``prompt``, with gradients.
+
+        The same sequences and tokens as :func:`genret.mllm.scoring.generative_scores`.
+        """
+        eos = self.mllm.tokenizer.eos_token or ""
+        with torch.no_grad():
+            starts = scoring._inputs(self.mllm, prompts, images)["attention_mask"].sum(dim=1)
+            inputs = scoring._inputs(self.mllm, [p + t + eos for p, t in zip(prompts, texts)], images)
+        image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
+        extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
+                                                inputs["attention_mask"])
+        logits = self.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
+                            use_cache=False, **extra).logits[:, :-1]
+        ends = inputs["attention_mask"].sum(dim=1)
+        return scoring._mean_token_logprob(logits, inputs["input_ids"][:, 1:], starts - 1, ends - 1)
 
     def forward(self, prompts: list[str], images: list[list[torch.Tensor]], positions: Callable | None = None,
                 append: list[list[int]] | None = None) -> torch.Tensor:
@@ -225,6 +252,34 @@ def pointwise_loss(scores: torch.Tensor, target: torch.Tensor, group_weight: flo
     bce = F.binary_cross_entropy_with_logits(scores, is_pos.float(), reduction="none")
     balanced = 0.5 * (bce[is_pos] + bce.masked_fill(is_pos, 0).sum(1) / (scores.shape[1] - 1))
     return balanced.mean() + group_weight * F.cross_entropy(scores, target)
+
+
+def generative_scores(batch: _Batch, examples: Sequence[Example]) -> torch.Tensor:
+    """Mean log P(text | image) of every (query, candidate) pair: ``(queries, candidates)``, with gradients.
+
+    The stage's generative score (:func:`genret.mllm.scoring.generative_scores`): a caption query is
+    scored against each candidate image, an image query against each candidate caption.
+    """
+    feats = batch.features([c if e.direction == "t2i" else e.query for e in examples
+                            for c in (e.candidates if e.direction == "t2i" else e.candidates[:1])])
+    prompt = {d: scoring._render(batch.mllm, scoring.user_message(batch.prompt.section(d)["user"]))
+              for d in {e.direction for e in examples}}
+    prompts, texts, images = [], [], []
+    for e in examples:
+        prompts += [prompt[e.direction]] * len(e.candidates)
+        if e.direction == "t2i":
+            texts += [batch.texts[e.query]] * len(e.candidates)
+            images += [[feats[c]] for c in e.candidates]
+        else:
+            texts += [batch.texts[c] for c in e.candidates]
+            images += [[feats[e.query]]] * len(e.candidates)
+    return batch.text_logprobs(prompts, texts, images).view(len(examples), -1)
+
+
+def generative_loss(scores: torch.Tensor, target: torch.Tensor, temperature: float, lm_weight: float) -> torch.Tensor:
+    """Softmax CE over the group's ``scores / temperature`` − ``lm_weight`` × the positive's mean log-likelihood."""
+    positive = scores.gather(1, target.unsqueeze(1)).squeeze(1)
+    return F.cross_entropy(scores / temperature, target) - lm_weight * positive.mean()
 
 
 def listwise_logprobs(batch: _Batch, examples: Sequence[Example],
@@ -373,6 +428,12 @@ class _Evaluator:
                                                 [self.feats[c] for c in row], yes, no)
             return scoring.pointwise_scores(mllm, section["user"], [self.texts[c] for c in row],
                                             [self.feats[q]] * len(row), yes, no)
+        if mode == "generative":
+            if direction == "t2i":
+                return scoring.generative_scores(mllm, section["user"], [self.texts[q]] * len(row),
+                                                 [self.feats[c] for c in row])
+            return scoring.generative_scores(mllm, section["user"], [self.texts[c] for c in row],
+                                             [self.feats[q]] * len(row))
         if direction == "t2i":
             return scoring.listwise_scores(mllm, section["user"], section["item"], {"text": self.texts[q]},
                                            [self.feats[c] for c in row], "image")
@@ -515,6 +576,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         target = torch.tensor([e.target for e in chunk], device=accelerator.device)
         if config.mode == "pointwise":
             loss = pointwise_loss(pointwise_scores(batch, chunk, yes_id, no_id), target, config.group_weight)
+        elif config.mode == "generative":
+            loss = generative_loss(generative_scores(batch, chunk), target, config.temperature, config.lm_weight)
         else:
             loss = listwise_loss(*listwise_logprobs(batch, chunk, answers), target)
         accelerator.backward(loss)

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from genret.cli import main
 from genret.config import ConfigError, from_dict
 from genret.mllm import MLLM
-from genret.mllm.scoring import image_features, listwise_scores, pointwise_scores
+from genret.mllm.scoring import generative_scores, image_features, listwise_scores, pointwise_scores
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.prompts import load_prompt
-from genret.training.rerank import RerankTrainConfig, pointwise_loss, train_rerank
+from genret.training.rerank import RerankTrainConfig, generative_loss, pointwise_loss, train_rerank
 from genret.types import Query
 
 STEPS = 40
@@ -55,17 +55,19 @@ def runs(tmp_path_factory, judge_dir, small, world, clip_dir):
     root = tmp_path_factory.mktemp("runs")
     return {mode: (root / mode, *_train(judge_dir, small, root / mode, _config(mode=mode), prefilter=str(clip_dir),
                                         val=world.split("val")))
-            for mode in ("pointwise", "listwise")}
+            for mode in ("pointwise", "listwise", "generative")}
 
 
 def _learned(mode: str, losses: list[float]) -> bool:
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     if mode == "pointwise":  # below what any constant score gets: ln 2 (balanced BCE) + ln 4 (softmax over 4)
         return last < math.log(2) + math.log(4) - 0.2
+    if mode == "generative":  # softmax over 4 (ln 4 at chance) + the positive's caption NLL (~ln vocab at the start)
+        return last < first - 1.0
     return last < first / 2
 
 
-@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+@pytest.mark.parametrize("mode", ["pointwise", "listwise", "generative"])
 def test_training_lowers_the_loss(runs, mode):
     _, summary, losses = runs[mode]
     assert len(losses) == STEPS and summary["steps"] == STEPS
@@ -131,12 +133,41 @@ def test_trained_adapter_reloads_onto_a_fresh_base_and_ranks_its_positives(runs,
     assert loss < base_loss - 0.5 and right > base_right, (loss, base_loss, right, base_right)
 
 
+def test_generative_adapter_ranks_the_training_positives_higher(runs, judge_dir, small, clip_dir):
+    """The generative adapter, loaded onto a fresh base, scored by the stage's scorer: lower group loss, more wins."""
+    from PIL import Image
+
+    from genret.encoders import load_encoder
+    from genret.training.negatives import caption_table, mine_negatives
+
+    out, _, _ = runs["generative"]
+    section = load_prompt("rerank_generative").section("i2t")["user"]
+    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4, directions=("i2t",))
+    texts, _ = caption_table(small)
+
+    def judged(mllm):
+        feats = image_features(mllm, [Image.open(r.path).convert("RGB") for r in small.records])
+        losses, right = [], []
+        for g in groups:
+            cands = list(g.positives) + list(g.negatives)
+            row = generative_scores(mllm, section, [texts[c] for c in cands], [feats[g.query]] * len(cands))
+            losses.append(generative_loss(torch.tensor([row]), torch.tensor([0]), 0.1, 0.0).item())
+            right += [row[0] > n for n in row[1:]]
+        return sum(losses) / len(losses), sum(right) / len(right)
+
+    base_loss, base_right = judged(MLLM.load(str(judge_dir)))
+    tuned = MLLM.load(str(judge_dir))
+    tuned.attach_adapter(out, mode="generative")
+    loss, right = judged(tuned)
+    assert loss < base_loss - 0.5 and right > base_right, (loss, base_loss, right, base_right)
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, world):
     """One tiny checkpoint of every supported family (random weights: they check mechanics, not judgement)."""
     from genret.mllm.tiny import build_tiny
 
-    prompts = [t for name in ("rerank_pointwise", "rerank_listwise") for d in ("t2i", "i2t")
+    prompts = [t for name in ("rerank_pointwise", "rerank_listwise", "rerank_generative") for d in ("t2i", "i2t")
                for t in load_prompt(name).section(d).values()]
     texts = [c for r in world.records for c in r.captions] + prompts
     root = tmp_path_factory.mktemp("tiny")
@@ -144,7 +175,7 @@ def tiny_dirs(tmp_path_factory, world):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
-@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+@pytest.mark.parametrize("mode", ["pointwise", "listwise", "generative"])
 def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family, mode):
     """The loss is taken on exactly what the rerank stage reads at inference: same prompts, positions, answer."""
     from peft import LoraConfig, get_peft_model
@@ -169,15 +200,20 @@ def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family
     batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
     answers = tr.number_answers(mllm, 4)
     with torch.no_grad():  # both examples in one batch: padding must change nothing
-        got = tr.pointwise_scores(batch, examples, scoring._first_token(mllm, "yes"), scoring._first_token(mllm, "no")) \
-            if mode == "pointwise" else tr.listwise_logprobs(batch, examples, answers)
+        if mode == "pointwise":
+            got = tr.pointwise_scores(batch, examples, scoring._first_token(mllm, "yes"), scoring._first_token(mllm, "no"))
+        elif mode == "generative":
+            got = tr.generative_scores(batch, examples)
+        else:
+            got = tr.listwise_logprobs(batch, examples, answers)
     for row, e in enumerate(examples):
         section = prompt.section(e.direction)
         t2i = e.direction == "t2i"
         cands = [feats[c] for c in e.candidates] if t2i else [texts[c] for c in e.candidates]
-        if mode == "pointwise":
-            want = pointwise_scores(mllm, section["user"], [texts[e.query]] * 4 if t2i else cands,
-                                    cands if t2i else [feats[e.query]] * 4)
+        if mode in ("pointwise", "generative"):
+            scorer = pointwise_scores if mode == "pointwise" else generative_scores
+            want = scorer(mllm, section["user"], [texts[e.query]] * 4 if t2i else cands,
+                          cands if t2i else [feats[e.query]] * 4)
             assert got[row].tolist() == pytest.approx(want, abs=1e-4)
         else:
             query = {"text": texts[e.query]} if t2i else {"image": feats[e.query]}
@@ -241,7 +277,9 @@ def test_cli_trains_and_the_stage_uses_the_adapter(world_dir, world, mllm_dir, c
 
 
 @pytest.mark.parametrize("table,match", [
-    ({"mode": "generative"}, "mode must be one of pointwise, listwise"),
+    ({"mode": "sideways"}, "mode must be one of pointwise, listwise, generative"),
+    ({"mode": "generative", "temperature": 0}, "lr and temperature must be positive"),
+    ({"lm_weight": -1}, "lm_weight must not be negative"),
     ({"negatives": 9, "mine_k": 5}, "mine_k \\(5\\) must be at least negatives \\(9\\)"),
     ({"directions": "up"}, "directions must be one of"),
     ({"lora_dropout": 1.5}, "lora_dropout and warmup must be in"),
