@@ -80,7 +80,9 @@ def constrained_beam_search(model, inputs: Mapping[str, Any], trie: Trie | Seque
     if "attention_mask" in inputs and not bool(inputs["attention_mask"][:, -1].all()):
         raise ValueError("the prompts are right-padded: pad them on the left for generation "
                          "(tokenizer.padding_side = 'left')")
-    batch = int(next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[0])
+    if "input_ids" not in inputs and "inputs_embeds" not in inputs:
+        raise ValueError(f"the inputs hold no input_ids or inputs_embeds (keys: {', '.join(inputs)})")
+    batch = int((inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]).shape[0])
     tries = _tries_per_row(trie, batch)
     known = [t for t in tries if t is not None]
     if max_new_tokens is None:

@@ -1,17 +1,13 @@
 """Identifier schemes for generative retrieval: every gallery item gets a string the MLLM learns to emit.
 
-Five schemes, as GRACE names them, registered in :data:`SCHEMES`:
+Five schemes, as GRACE names them, registered in :data:`SCHEMES` (item 417's identifier; new tokens):
 
-=============  ==================================================  ===========================
-scheme         identifier of item 417                              new tokens
-=============  ==================================================  ===========================
-``string``     ``417`` (the model's tokenizer splits it as it may)  none
-``numeric``    ``4 1 7`` (one digit per position, width optional)   none
-``semantic``   a caption-like pseudo-query, made unique             none
-``structured`` ``<s1_07><s2_03><p_05>`` (recursive k-means path)    one per cluster and level,
-                                                                    one per position in a leaf
-``atomic``     ``<id_000417>``                                      one per item
-=============  ==================================================  ===========================
+- ``string``: ``417``, split into tokens by the model's own tokenizer; none.
+- ``numeric``: ``4 1 7``, one digit per position, zero-padded to a width if asked; none.
+- ``semantic``: a caption-like pseudo-query given per item, made unique; none.
+- ``structured``: ``<s1_07><s2_03><p_05>``, the item's path down a recursive k-means over image
+  embeddings, then its position in the leaf; one token per cluster and level, one per leaf position.
+- ``atomic``: ``<id_000417>``; one token per item.
 
 Example::
 
@@ -27,6 +23,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -70,9 +67,13 @@ class Identifiers:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    @cached_property
+    def _position(self) -> dict[str, int]:
+        return {item: i for i, item in enumerate(self.item_ids)}
+
     def identifier(self, item_id: str) -> str:
-        """The identifier of ``item_id``."""
-        return self.identifiers[self.item_ids.index(item_id)]
+        """The identifier of ``item_id`` (KeyError when it is not in the gallery)."""
+        return self.identifiers[self._position[item_id]]
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``folder/identifiers.json`` atomically and return its path."""
@@ -156,6 +157,10 @@ def string_identifiers(item_ids: Sequence[str]) -> Identifiers:
 def numeric_identifiers(item_ids: Sequence[str], width: int | None = None, separator: str = " ") -> Identifiers:
     """Each item's index as separated digits (``"4 1 7"``), so that every digit is a position of its own.
 
+    The model's tokenizer still decides the tokens: a byte-level BPE without `` 1``-style merges spends a
+    token on each separator too (``4``, `` ``, ``1``, ...); with a tokenizer that splits digits (Llama's),
+    ``separator=""`` gives one token per digit.
+
     Args:
         item_ids: the gallery's item ids.
         width: pad every index with zeros to this many digits (``"0 4 1 7"``), so all ids have one length;
@@ -187,6 +192,7 @@ def semantic_identifiers(item_ids: Sequence[str], texts: Mapping[str, Sequence[s
         texts: item id -> candidate texts, best first (the data's captions, or an MLLM captioner's).
     """
     items = _check_items(item_ids)
+    texts = {i: [t] if isinstance(t, str) else list(t) for i, t in texts.items()}  # one text is one candidate
     missing = [i for i in items if not any(" ".join(t.split()) for t in texts.get(i, ()))]
     if missing:
         raise ValueError(f"{len(missing)} items have no candidate text (e.g. {missing[0]!r}): give every item "

@@ -49,11 +49,13 @@ def test_registry_lists_the_five_schemes():
 
 
 def test_semantic_takes_the_first_free_candidate_then_a_suffix():
-    texts = {"a": ["a red  circle", "a circle"], "b": ["a red circle", "a red shape"], "c": ["a red circle"],
+    texts = {"a": ["a red  circle", "a circle"], "b": ["a red circle", "a red shape"], "c": "a red circle",
              "d": ["a red circle", "a red shape"], "e": ["  ", "a red circle"]}
     ids = make_identifiers("semantic", list(texts), texts=texts)
     assert ids.identifiers == ("a red circle", "a red shape", "a red circle #2", "a red circle #3",
                                "a red circle #4")
+    with pytest.raises(KeyError):
+        ids.identifier("z")
 
 
 def test_structured_paths_follow_the_clusters():
