@@ -1,0 +1,474 @@
+"""GRACE training: an MLLM memorises a gallery of images as identifiers and learns to retrieve them from text.
+
+Two tasks, mixed in every batch (``retrieve_ratio`` of the rows retrieve, the rest memorise), both a
+plain next-token loss on the identifier's tokens (eos included, exactly the sequences the trie holds):
+
+- memorise: a gallery image (prompt ``grace.memorise``) → its identifier;
+- retrieve: a query text (``grace.retrieve``) → the identifier of its image. The queries are the
+  training split's captions of gallery images that belong to it (if any) and, for every gallery image,
+  a pseudo-query: the base MLLM's own greedy caption of it (``grace.caption``), computed once and kept
+  in the adapter folder (``pseudo_queries.json``). The captions of evaluation images are never used.
+
+LoRA goes on the language model only; the new identifier tokens' embedding rows (and their output
+rows, tied or not) are trained through peft's ``trainable_token_indices``, which saves just those rows
+with the adapter. They start from the prefilter's image embeddings (``init="prefilter"``: a fixed random
+projection to the LM's width, rescaled to the mean and spread of the existing rows; a token shared by
+several items, e.g. a structured cluster token, gets the mean of its items') or from the mean row.
+
+The adapter folder: peft's files, ``genret.json`` (task ``grace``, mode = scheme), ``identifiers.json``,
+the tokenizer with the added tokens, and ``pseudo_queries.json``. Not resumable yet: a run starts over.
+
+Example::
+
+    manifest = train_grace("adapters/mini-world/mllm", data, "runs/grace-atomic",
+                           GraceTrainConfig(scheme="atomic", max_steps=300), prefilter="adapters/mini-world/clip")
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from genret import __version__
+from genret.data.dataset import TRAIN_SPLITS, Dataset
+from genret.data.images import load_image
+from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
+from genret.mllm import scoring
+from genret.training.rerank import _features, _lr_factor
+
+if TYPE_CHECKING:
+    from genret.encoders.base import DualEncoder
+    from genret.mllm.backend import MLLM
+    from genret.prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+PROMPT_NEEDS = {"memorise": {"user": ("{image}",)}, "retrieve": {"user": ("{text}",)}, "caption": {"user": ("{image}",)}}
+PSEUDO_FILE = "pseudo_queries.json"
+INITS = ("prefilter", "mean")
+
+
+@dataclass
+class GraceTrainConfig:
+    """What and how to train: scheme, gallery, task mix, LoRA, new-token rows, optimisation, evaluation."""
+
+    scheme: str = field(default="atomic", metadata={"help": "identifier scheme: string, numeric, semantic, structured, atomic"})
+    gallery_splits: str = field(default="test", metadata={"help": "comma-separated splits whose images become retrievable"})
+    prompt: str = field(default="grace", metadata={"help": "prompt name or file with [memorise], [retrieve], [caption]"})
+    retrieve_ratio: float = field(default=0.5, metadata={"help": "fraction of each batch that is retrieve (text -> id)"})
+    pseudo_queries: bool = field(default=True, metadata={"help": "the base MLLM's caption of each gallery image as a query"})
+    caption_tokens: int = field(default=32, metadata={"help": "most tokens of a pseudo-query caption"})
+    init: str = field(default="prefilter", metadata={"help": "new-token rows: prefilter (image embeddings) or mean"})
+    k: int = field(default=16, metadata={"help": "structured: k-means branching factor"})
+    leaf_size: int = field(default=16, metadata={"help": "structured: most items per leaf"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the gallery's memorise rows (unless max_steps)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the LoRA weights"})
+    token_lr: float = field(default=1e-2, metadata={"help": "learning rate of the new tokens' rows"})
+    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    eval_every: int = field(default=0, metadata={"help": "steps between val evaluations (0: only at the end)"})
+    eval_queries: int = field(default=32, metadata={"help": "images and texts per val evaluation"})
+    num_beams: int = field(default=5, metadata={"help": "beam width of the val evaluation"})
+    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES.names())}, got {self.scheme!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
+            raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
+        for name in ("lora_r", "epochs", "batch_size", "eval_queries", "num_beams", "log_every", "caption_tokens", "k",
+                     "leaf_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "threads", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0 or self.token_lr <= 0:
+            raise ValueError("lr and token_lr must be positive")
+        self.gallery_splits = ",".join(s.strip() for s in self.gallery_splits.split(",") if s.strip())
+        if not self.gallery_splits:
+            raise ValueError("gallery_splits names no split")
+
+
+def pseudo_queries(mllm: "MLLM", prompt: "Prompt", paths: Sequence[str], max_new_tokens: int = 32,
+                   batch_size: int = 16, progress: bool = False) -> list[str]:
+    """The MLLM's greedy caption of each image, with the prompt's ``[caption]`` template.
+
+    Args:
+        mllm: the captioner (the base model, before any adapter).
+        prompt: a prompt with a ``[caption]`` table (``grace``).
+        paths: image files.
+        max_new_tokens: the longest caption, in tokens.
+        batch_size: images per ``generate`` call.
+        progress: show a progress bar.
+
+    Returns:
+        One caption per image, stripped (empty where the model said nothing).
+    """
+    text = scoring._render(mllm, scoring.user_message(prompt.section("caption")["user"]))
+    tok = mllm.tokenizer
+    out: list[str] = []
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        for s in tqdm(range(0, len(paths), batch_size), desc="pseudo-queries", unit="batch", disable=not progress):
+            chunk = [load_image(p) for p in paths[s:s + batch_size]]
+            inputs = mllm.processor(text=[text] * len(chunk), images=chunk, padding=True, return_tensors="pt")
+            inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+            with torch.inference_mode():
+                gen = mllm.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                          pad_token_id=tok.pad_token_id)
+            out += [t.strip() for t in tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def init_token_rows(identifiers: Identifiers, tokenizer, model, embeddings: np.ndarray | None, seed: int = 0) -> str:
+    """Set the new tokens' input (and untied output) embedding rows; returns how (``prefilter`` or ``mean``).
+
+    With ``embeddings`` (one row per item, e.g. the prefilter's image embeddings), each item's vector is
+    projected to the LM's width by a fixed random Gaussian matrix, standardised per dimension, and
+    mapped to the mean and standard deviation of the existing rows; a token gets the mean over the items
+    whose identifier holds it (a structured cluster token: its cluster; a leaf-position token: ~ the
+    mean row). Without, every new row is the mean of the existing rows.
+    """
+    new_ids = tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))
+    if not new_ids:
+        return "none"
+    first = min(new_ids)
+    members: dict[str, list[int]] = {t: [] for t in identifiers.new_tokens}
+    if embeddings is not None:
+        for i, ident in enumerate(identifiers.identifiers):
+            for t in set(re.findall(r"<[^<>]+>", ident)):
+                if t in members:
+                    members[t].append(i)
+    tables = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(out.weight)
+    how = "mean"
+    with torch.no_grad():
+        for table in tables:
+            old = table[:first].float()
+            mu, sd = old.mean(0), old.std(0)
+            rows = mu.expand(len(new_ids), -1).clone()
+            if embeddings is not None:
+                gen = torch.Generator().manual_seed(seed)
+                x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+                x = F.normalize(x, dim=-1) @ (torch.randn(x.shape[1], table.shape[1], generator=gen) / math.sqrt(x.shape[1]))
+                z = (x - x.mean(0)) / x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.zeros_like(x)
+                for r, t in enumerate(identifiers.new_tokens):
+                    if members[t]:
+                        rows[r] = mu + sd * z[members[t]].mean(0)
+                how = "prefilter"
+            table[new_ids] = rows.to(table.dtype)
+    return how
+
+
+def _token_targets(model, token_ids: list[int]) -> dict[str, list[int]]:
+    """peft ``trainable_token_indices``: the input embedding, and the output layer when it is not tied to it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    targets = {names[id(emb)].rsplit(".", 1)[-1]: list(token_ids)}
+    if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
+        targets[names[id(out)].rsplit(".", 1)[-1]] = list(token_ids)
+    return targets
+
+
+def _add_lora(mllm: "MLLM", config: GraceTrainConfig, token_ids: list[int]):
+    from peft import LoraConfig, get_peft_model
+
+    from genret.mllm.adapters import language_model_targets
+
+    targets = tuple(config.lora_targets.split(",")) if config.lora_targets else mllm.family.lora_targets
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=language_model_targets(mllm.model, targets),
+                      trainable_token_indices=_token_targets(mllm.model, token_ids) if token_ids else None)
+    mllm.model = get_peft_model(mllm.model, lora)
+    return mllm.model
+
+
+def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Tensor]],
+                    targets: list[list[int]]) -> torch.Tensor:
+    """Mean next-token cross-entropy of each row's ``targets`` (identifier tokens + eos) after its prompt.
+
+    The prompt's embeddings (cached image features included) carry no gradient; the target tokens are
+    embedded by the (peft-wrapped) input embedding, so the new tokens' rows learn as inputs too.
+    """
+    with torch.no_grad():
+        inputs = scoring._inputs(mllm, prompts, images)
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    table = mllm.model.get_input_embeddings()
+    device = inputs["input_ids"].device
+    width = max(n + len(t) for n, t in zip(lengths, targets))
+    pad = mllm.tokenizer.pad_token_id or 0
+    rows, ids, labels = [], [], []
+    for r, (n, tgt) in enumerate(zip(lengths, targets)):
+        tgt_t = torch.tensor(tgt, device=device)
+        seq = torch.cat([inputs["input_ids"][r, :n], tgt_t])
+        emb = torch.cat([inputs["inputs_embeds"][r, :n].detach(), table(tgt_t).to(inputs["inputs_embeds"].dtype)])
+        rows.append(F.pad(emb, (0, 0, 0, width - len(seq))))
+        ids.append(F.pad(seq, (0, width - len(seq)), value=pad))
+        labels.append(F.pad(torch.cat([torch.full((n,), -100, device=device), tgt_t]), (0, width - len(seq)), value=-100))
+    input_ids, labels_t = torch.stack(ids), torch.stack(labels)
+    mask = (torch.arange(width, device=device)[None] < torch.tensor([n + len(t) for n, t in zip(lengths, targets)],
+                                                                    device=device)[:, None]).long()
+    image_inputs = {k: v for k, v in inputs.items() if k not in scoring._TEXT_KEYS}
+    extra = mllm.family.forward_kwargs(mllm.model, input_ids, image_inputs or None, mask)
+    logits = mllm.model(inputs_embeds=torch.stack(rows), attention_mask=mask, use_cache=False, **extra).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def _prompts(mllm: "MLLM", prompt: "Prompt", texts: Sequence[str | None]) -> list[str]:
+    """Rendered prompts: ``None`` is a memorise row (an image), a string a retrieve row (a text)."""
+    mem, ret = prompt.section("memorise")["user"], prompt.section("retrieve")["user"]
+    return [scoring._render(mllm, scoring.user_message(mem) if t is None else scoring.user_message(ret, text=t))
+            for t in texts]
+
+
+@torch.no_grad()
+def evaluate_grace(mllm: "MLLM", prompt: "Prompt", trie: Trie, item_ids: Sequence[str],
+                   images: Sequence[torch.Tensor | str], queries: Sequence[tuple[str, str]], num_beams: int = 5,
+                   batch_size: int = 16) -> dict:
+    """Image → id top-1 (memorisation) and text → id R@1 (retrieval), in percent, by trie beam search.
+
+    Args:
+        mllm: the model (adapter attached).
+        prompt: the ``grace`` prompt.
+        trie: the identifiers to decode.
+        item_ids: the images' items, aligned with ``images`` (image files).
+        images: image files of the memorise check.
+        queries: ``(text, item id)`` pairs of the retrieve check.
+        num_beams: beam width.
+        batch_size: prompts per ``generate`` call.
+    """
+    tok = mllm.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    mllm.model.eval()
+    try:
+        def top1(texts: list[str | None], pics: list, want: list[str]) -> float:
+            hits = 0
+            for s in range(0, len(texts), batch_size):
+                rendered = _prompts(mllm, prompt, texts[s:s + batch_size])
+                kw = {"images": [load_image(p) for p in pics[s:s + batch_size]]} if pics else {}
+                inputs = mllm.processor(text=rendered, padding=True, return_tensors="pt", **kw)
+                inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+                found = constrained_beam_search(mllm.model, inputs, trie, num_beams=num_beams, num_return_sequences=1,
+                                                pad_token_id=tok.pad_token_id)
+                hits += sum(bool(f) and f[0].item_id == w for f, w in zip(found, want[s:s + batch_size]))
+            return round(100.0 * hits / max(1, len(texts)), 2)
+
+        return {"image_to_id_top1": top1([None] * len(images), list(images), list(item_ids)),
+                "text_to_id_R@1": top1([q for q, _ in queries], [], [i for _, i in queries]),
+                "images": len(images), "texts": len(queries)}
+    finally:
+        tok.padding_side = side
+
+
+def _load_pseudo(path: Path, key: dict) -> list[str] | None:
+    from genret._io import read_json
+
+    if not path.is_file():
+        return None
+    data = read_json(path, what="pseudo-queries")
+    return data.get("queries") if isinstance(data, dict) and data.get("key") == key else None
+
+
+def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
+                config: GraceTrainConfig | None = None, *, prefilter: "str | os.PathLike | DualEncoder | None" = None,
+                queries: "Mapping[str, Sequence[str]] | None" = None, progress: bool = True) -> dict:
+    """Train a GRACE adapter on ``base``: memorise the gallery's images, retrieve them from text; saves ``out_dir``.
+
+    Args:
+        base: the MLLM (Hugging Face id or local directory).
+        data: the whole data set; the gallery is its ``config.gallery_splits`` images, the retrieve captions
+            come from its training split only.
+        out_dir: the adapter folder to write.
+        config: see :class:`GraceTrainConfig`.
+        prefilter: the dual encoder whose image embeddings build structured ids and initialise new rows
+            (a directory/id loaded with the ``hf`` backend, or a loaded encoder); required for ``structured``.
+        queries: more retrieve queries, gallery image id -> texts (e.g. another captioner's pseudo-queries);
+            never the evaluation captions of the images, which would train on the test queries.
+        progress: show progress bars.
+
+    Returns:
+        The adapter manifest (also ``out_dir/genret.json``): config, history, val metrics, speed.
+    """
+    from accelerate import Accelerator
+
+    from genret._io import write_json
+    from genret.encoders import load_encoder
+    from genret.mllm.adapters import FORMAT, VERSION, save_adapter
+    from genret.prompts import load_prompt
+    from genret.training.rerank import RerankTrainConfig, _load_base
+
+    config = config or GraceTrainConfig()
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        raise ValueError("train grace runs in one process for now; launch it without accelerate's multi-process")
+    prompt = load_prompt(config.prompt, required=PROMPT_NEEDS)
+    gallery = data.split(*config.gallery_splits.split(","))
+    items = [r.id for r in gallery.records]
+    paths = [str(r.path) for r in gallery.records]
+    if config.scheme == "structured" and prefilter is None:
+        raise ValueError("the structured scheme clusters the prefilter's image embeddings: pass prefilter (--clip)")
+    encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
+    embeddings = encoder.encode_images(paths, progress=progress) if encoder is not None else None
+    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
+
+    extra = dict(queries or {})
+    unknown = [i for i in extra if i not in set(items)]
+    if unknown:
+        raise ValueError(f"queries name {len(unknown)} images outside the gallery (e.g. {unknown[0]!r})")
+    queries: list[tuple[str, int]] = []  # (text, gallery position)
+    for g, rec in enumerate(gallery.records):
+        if rec.split in TRAIN_SPLITS:
+            queries += [(c, g) for c in rec.captions]
+    n_captions = len(queries)
+    queries += [(t, g) for g, i in enumerate(items) for t in extra.get(i, ())]
+    pseudo: list[str] = []
+    if config.pseudo_queries:
+        key = {"base_revision": mllm.revision, "prompt": prompt.key, "items": len(items), "first": items[0],
+               "last": items[-1], "caption_tokens": config.caption_tokens}
+        pseudo = _load_pseudo(out_dir / PSEUDO_FILE, key) or pseudo_queries(mllm, prompt, paths, config.caption_tokens,
+                                                                             progress=progress)
+        queries += [(t, g) for g, t in enumerate(pseudo) if t]
+        if not any(pseudo):
+            logger.warning("the captioner gave no pseudo-query for any of the %d gallery images (an untrained base?)",
+                           len(pseudo))
+    if config.retrieve_ratio > 0 and not queries:
+        raise ValueError(f"no retrieve queries: the gallery ({config.gallery_splits}) holds no training images, no "
+                         "queries were given and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
+
+    kw = {"embeddings": embeddings, "k": config.k, "leaf_size": config.leaf_size} if config.scheme == "structured" \
+        else {"texts": {i: [t] if t else list(r.captions[:1]) for i, t, r in zip(items, pseudo or [""] * len(items),
+                                                                               gallery.records)}} \
+        if config.scheme == "semantic" else {}
+    if config.scheme == "semantic" and not pseudo:
+        raise ValueError("the semantic scheme names images by their pseudo-queries: turn pseudo_queries on")
+    identifiers = make_identifiers(config.scheme, items, **kw)
+    add_tokens(identifiers, mllm.tokenizer, mllm.model)
+    targets = tokenize(identifiers, mllm.tokenizer)
+    token_ids = mllm.tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))
+    init = init_token_rows(identifiers, mllm.tokenizer, mllm.model,
+                           embeddings if config.init == "prefilter" else None, config.seed)
+    trie = Trie(targets, items)
+    feats = _features(mllm, paths, progress, "gallery image features")
+
+    torch.manual_seed(config.seed)
+    model = _add_lora(mllm, config, token_ids)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
+    rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": config.lr, "base": config.lr},
+                                   {"params": rows, "lr": config.token_lr, "base": config.token_lr, "weight_decay": 0.0}],
+                                  weight_decay=0.0)
+    n_ret = round(config.batch_size * config.retrieve_ratio) if queries else 0
+    n_mem = config.batch_size - n_ret
+    total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem))
+    rng = random.Random(config.seed)
+    streams = {"mem": [], "ret": []}
+
+    def draw(kind: str, n: int, size: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not streams[kind]:
+                streams[kind] = rng.sample(range(size), size)
+            out.append(streams[kind].pop())
+        return out
+
+    rng_eval = random.Random(config.seed + 1)
+    check_img = rng_eval.sample(range(len(items)), min(config.eval_queries, len(items)))
+    check_txt = rng_eval.sample(queries, min(config.eval_queries, len(queries)))
+
+    def val() -> dict:
+        out = evaluate_grace(mllm, prompt, trie, [items[i] for i in check_img], [paths[i] for i in check_img],
+                             [(t, items[g]) for t, g in check_txt], config.num_beams)
+        model.train()
+        return out
+
+    history, window = [], []
+    bar = tqdm(total=total, desc=f"train grace ({config.scheme})", unit="step", disable=not progress)
+    t0, eval_seconds = time.perf_counter(), 0.0
+    model.train()
+    for step in range(1, total + 1):
+        factor = _lr_factor(step - 1, total, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base"] * factor
+        mem = draw("mem", n_mem, len(items))
+        ret = [queries[i] for i in draw("ret", n_ret, len(queries))] if n_ret else []
+        texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
+        positions = mem + [g for _, g in ret]
+        loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[g]] for g in mem] + [[] for _ in ret],
+                               [targets[g] for g in positions])
+        loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(lora + rows, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        entry: dict = {}
+        if step % config.log_every == 0 or step == total:
+            entry = {"step": step, "loss": round(float(np.mean(window)), 4), "lr": config.lr * factor}
+            window = []
+        if (config.eval_every and step % config.eval_every == 0) or step == total:
+            tick = time.perf_counter()
+            entry = {"step": step, **entry, "eval": val()}
+            eval_seconds += time.perf_counter() - tick
+        if entry:
+            history.append(entry)
+            logger.info("step %d: %s", step, entry)
+    bar.close()
+    seconds = time.perf_counter() - t0 - eval_seconds
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval"] for h in history if "eval" in h]
+    manifest = {
+        "format": FORMAT, "version": VERSION, "genret": __version__, "task": "grace", "mode": config.scheme,
+        "scheme": config.scheme, "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
+        "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
+        "gallery": {"source": str(data.source), "splits": config.gallery_splits, "images": len(items)},
+        "tokens": {"vocab_size": len(mllm.tokenizer), "new_token_ids": [int(t) for t in token_ids[:1] + token_ids[-1:]],
+                   "new_tokens": len(token_ids), "init": init},
+        "data": {"captions": n_captions, "pseudo_queries": sum(map(bool, pseudo)), "given_queries": sum(map(len, extra.values())), "retrieve_queries": len(queries),
+                 "prefilter": getattr(encoder, "model_id", str(prefilter)) if encoder is not None else None},
+        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                    **({"val": evals[-1]} if evals else {})},
+        "history": history, "steps": total,
+        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "device": str(accelerator.device),
+                  "eval_seconds": round(eval_seconds, 1)},
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    save_adapter(out_dir, model, manifest)
+    identifiers.save(out_dir)
+    mllm.tokenizer.save_pretrained(str(out_dir))
+    if pseudo:
+        write_json(out_dir / PSEUDO_FILE, {"key": key, "items": items, "queries": pseudo})
+    return manifest
