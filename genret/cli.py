@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from genret.data.synth import SynthConfig
     from genret.training.clip import CLIPTrainConfig
     from genret.training.pretrain_mllm import PretrainConfig
+    from genret.training.grace import GraceTrainConfig
     from genret.training.rerank import RerankTrainConfig
 
     parser = argparse.ArgumentParser(prog="genret", description="Image-text retrieval with multimodal LLMs.")
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
     rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(rerank, RerankTrainConfig)
+    grace = train.add_parser("grace", help="GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)")
+    _add_data_args(grace)
+    grace.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
+    grace.add_argument("--clip", default=None, help="the prefilter's dual encoder: structured ids, new-row initialisation")
+    grace.add_argument("--out", required=True, help="adapter folder to write")
+    grace.add_argument("--config", default=None, help="TOML/YAML file of GraceTrainConfig settings")
+    grace.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+    add_arguments(grace, GraceTrainConfig)
 
     index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
     build = index.add_parser("build", help="embed a dataset split and save a searchable pipeline")
@@ -182,6 +191,24 @@ def cmd_train_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_grace(args: argparse.Namespace) -> int:
+    from genret.training.grace import GraceTrainConfig, train_grace
+
+    config = merge_arguments(GraceTrainConfig, args, args.config)
+    summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    m = summary["metrics"]
+    print(f"saved {args.out}: {summary['scheme']} GRACE adapter over {summary['gallery']['images']} images "
+          f"({summary['gallery']['splits']}), {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
+          f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
+    if "val" in m:
+        print(f"  val: image -> id top-1 {m['val']['image_to_id_top1']:.1f}, text -> id R@1 {m['val']['text_to_id_R@1']:.1f} "
+              f"(training queries)")
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     pipe = _open_pipeline(args.pipeline)
     if args.factory:
@@ -267,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("index", "build"): cmd_index_build,
+    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
 }
 
