@@ -89,3 +89,16 @@ def test_bad_config_is_refused():
 def test_structured_needs_the_prefilter(world, mllm_dir, tmp_path):
     with pytest.raises(ValueError, match="prefilter"):
         train_grace(mllm_dir, world, tmp_path / "s", GraceTrainConfig(scheme="structured", max_steps=1), progress=False)
+
+
+@pytest.mark.parametrize("scheme,new_rows", [("structured", True), ("numeric", False)])
+def test_other_schemes_train_and_save(scheme, new_rows, world, mllm_dir, clip_dir, tmp_path):
+    """Structured ids (new cluster/position tokens, prefilter-initialised) and numeric ids (no new token) train."""
+    given = {r.id: r.captions[:1] for r in world.split("test").records}
+    config = GraceTrainConfig(scheme=scheme, max_steps=3, batch_size=8, k=4, leaf_size=4, caption_tokens=2,
+                              eval_queries=4, num_beams=3)
+    manifest = train_grace(mllm_dir, world, tmp_path / "g", config, prefilter=clip_dir, queries=given, progress=False)
+    ids = Identifiers.load(tmp_path / "g")
+    assert ids.scheme == manifest["mode"] == scheme
+    assert manifest["tokens"]["new_tokens"] == len(ids.new_tokens) and bool(ids.new_tokens) == new_rows
+    assert manifest["tokens"]["init"] == ("prefilter" if new_rows else "none")
