@@ -367,12 +367,16 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         raise ValueError(f"no retrieve queries: the gallery ({config.gallery_splits}) holds no training images, no "
                          "queries were given and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
 
-    kw = {"embeddings": embeddings, "k": config.k, "leaf_size": config.leaf_size} if config.scheme == "structured" \
-        else {"texts": {i: [t] if t else list(r.captions[:1]) for i, t, r in zip(items, pseudo or [""] * len(items),
-                                                                               gallery.records)}} \
-        if config.scheme == "semantic" else {}
-    if config.scheme == "semantic" and not pseudo:
-        raise ValueError("the semantic scheme names images by their pseudo-queries: turn pseudo_queries on")
+    kw: dict = {}
+    if config.scheme == "structured":
+        kw = {"embeddings": embeddings, "k": config.k, "leaf_size": config.leaf_size}
+    elif config.scheme == "semantic":
+        if not pseudo:
+            raise ValueError("the semantic scheme names images by their pseudo-queries: turn pseudo_queries on")
+        # A pseudo-query names an image; a training image without one falls back to its captions, an evaluation
+        # image never does (its captions are the test queries).
+        kw = {"texts": {i: [t] if t else list(r.captions) if r.split in TRAIN_SPLITS else []
+                        for i, t, r in zip(items, pseudo, gallery.records)}}
     identifiers = make_identifiers(config.scheme, items, **kw)
     add_tokens(identifiers, mllm.tokenizer, mllm.model)
     targets = tokenize(identifiers, mllm.tokenizer)

@@ -102,3 +102,10 @@ def test_other_schemes_train_and_save(scheme, new_rows, world, mllm_dir, clip_di
     assert ids.scheme == manifest["mode"] == scheme
     assert manifest["tokens"]["new_tokens"] == len(ids.new_tokens) and bool(ids.new_tokens) == new_rows
     assert manifest["tokens"]["init"] == ("prefilter" if new_rows else "none")
+
+
+def test_semantic_ids_never_come_from_evaluation_captions(world, mllm_dir, tmp_path):
+    """The tiny base captions nothing: the test images get no pseudo-query, and their own captions do not stand in."""
+    config = GraceTrainConfig(scheme="semantic", max_steps=1, caption_tokens=2, retrieve_ratio=0.0)
+    with pytest.raises(ValueError, match="24 items have no candidate text"):
+        train_grace(mllm_dir, world, tmp_path / "s", config, progress=False)
