@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     grace.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
     grace.add_argument("--clip", default=None, help="the prefilter's dual encoder: structured ids, new-row initialisation")
     grace.add_argument("--out", required=True, help="adapter folder to write")
+    grace.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     grace.add_argument("--config", default=None, help="TOML/YAML file of GraceTrainConfig settings")
     grace.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(grace, GraceTrainConfig)
@@ -195,7 +196,8 @@ def cmd_train_grace(args: argparse.Namespace) -> int:
     from genret.training.grace import GraceTrainConfig, train_grace
 
     config = merge_arguments(GraceTrainConfig, args, args.config)
-    summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
+    summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
+                          progress=not args.quiet)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -16,7 +16,8 @@ projection to the LM's width, rescaled to the mean and spread of the existing ro
 several items, e.g. a structured cluster token, gets the mean of its items') or from the mean row.
 
 The adapter folder: peft's files, ``genret.json`` (task ``grace``, mode = scheme), ``identifiers.json``,
-the tokenizer with the added tokens, and ``pseudo_queries.json``. Not resumable yet: a run starts over.
+the tokenizer with the added tokens, and ``pseudo_queries.json``. Checkpoints every ``save_every`` steps under
+``out_dir/checkpoints`` (LoRA + new rows + optimizer + data order) make a run resumable.
 
 Example::
 
@@ -34,7 +35,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ class GraceTrainConfig:
     token_lr: float = field(default=1e-2, metadata={"help": "learning rate of the new tokens' rows"})
     warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    save_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints (0: none)"})
     eval_every: int = field(default=0, metadata={"help": "steps between val evaluations (0: only at the end)"})
     eval_queries: int = field(default=32, metadata={"help": "images and texts per val evaluation"})
     num_beams: int = field(default=5, metadata={"help": "beam width of the val evaluation"})
@@ -102,7 +104,7 @@ class GraceTrainConfig:
                      "leaf_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "threads", "max_grad_norm"):
+        for name in ("max_steps", "eval_every", "save_every", "threads", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr <= 0:
@@ -299,7 +301,8 @@ def _load_pseudo(path: Path, key: dict) -> list[str] | None:
 
 def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
                 config: GraceTrainConfig | None = None, *, prefilter: "str | os.PathLike | DualEncoder | None" = None,
-                queries: "Mapping[str, Sequence[str]] | None" = None, progress: bool = True) -> dict:
+                queries: "Mapping[str, Sequence[str]] | None" = None, resume: bool = False, progress: bool = True,
+                on_step: "Callable[[dict], None] | None" = None) -> dict:
     """Train a GRACE adapter on ``base``: memorise the gallery's images, retrieve them from text; saves ``out_dir``.
 
     Args:
@@ -312,7 +315,9 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
             (a directory/id loaded with the ``hf`` backend, or a loaded encoder); required for ``structured``.
         queries: more retrieve queries, gallery image id -> texts (e.g. another captioner's pseudo-queries);
             never the evaluation captions of the images, which would train on the test queries.
+        resume: continue from the last checkpoint under ``out_dir/checkpoints`` (same settings required).
         progress: show progress bars.
+        on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
 
     Returns:
         The adapter manifest (also ``out_dir/genret.json``): config, history, val metrics, speed.
@@ -323,10 +328,17 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     from genret.encoders import load_encoder
     from genret.mllm.adapters import FORMAT, VERSION, save_adapter
     from genret.prompts import load_prompt
-    from genret.training.rerank import RerankTrainConfig, _load_base
+    from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from genret.training.rerank import RerankTrainConfig, _check_resume, _load_base
 
     config = config or GraceTrainConfig()
     out_dir = Path(out_dir)
+    last = latest_checkpoint(out_dir)
+    if resume and last is None:
+        raise ValueError(f"{out_dir}: nothing to resume: no checkpoint found; start the run without --resume")
+    if not resume and last is not None:
+        raise ValueError(f"{out_dir} holds checkpoints of an unfinished run ({last.name}); pass --resume to continue "
+                         "it, or remove the folder to start over")
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -417,11 +429,19 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         model.train()
         return out
 
-    history, window = [], []
-    bar = tqdm(total=total, desc=f"train grace ({config.scheme})", unit="step", disable=not progress)
+    history, window, first = [], [], 0
+    identity = {"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key, "items": len(items),
+                "retrieve_queries": len(queries)}
+    if resume:
+        state = load_checkpoint(last, model, optimizer)
+        _check_resume(state, identity, last)
+        first, history, window = state["step"], state["history"], state["window"]
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        streams.update(state["streams"])
+    bar = tqdm(total=total, initial=first, desc=f"train grace ({config.scheme})", unit="step", disable=not progress)
     t0, eval_seconds = time.perf_counter(), 0.0
     model.train()
-    for step in range(1, total + 1):
+    for step in range(first + 1, total + 1):
         factor = _lr_factor(step - 1, total, config.warmup)
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * factor
@@ -450,8 +470,14 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         if entry:
             history.append(entry)
             logger.info("step %d: %s", step, entry)
+        if config.save_every and step % config.save_every == 0 and step < total:
+            save_checkpoint(out_dir, step, model, optimizer, {**identity, "history": history, "window": window,
+                                                              "rng": rng.getstate(), "streams": streams})
+        if on_step is not None:
+            on_step({"step": step, "total": total, "loss": loss.item()})
     bar.close()
     seconds = time.perf_counter() - t0 - eval_seconds
+    done = total - first
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval"] for h in history if "eval" in h]
     manifest = {
@@ -466,7 +492,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                     **({"val": evals[-1]} if evals else {})},
         "history": history, "steps": total,
-        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "device": str(accelerator.device),
+        "speed": {"steps_per_s": round(done / max(seconds, 1e-9), 3), "device": str(accelerator.device),
                   "eval_seconds": round(eval_seconds, 1)},
         "train_seconds": round(time.perf_counter() - start, 1),
     }

@@ -109,3 +109,30 @@ def test_semantic_ids_never_come_from_evaluation_captions(world, mllm_dir, tmp_p
     config = GraceTrainConfig(scheme="semantic", max_steps=1, caption_tokens=2, retrieve_ratio=0.0)
     with pytest.raises(ValueError, match="24 items have no candidate text"):
         train_grace(mllm_dir, world, tmp_path / "s", config, progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(world, mllm_dir, clip_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    given = {r.id: r.captions[:1] for r in world.split("test").records}
+    config = GraceTrainConfig(scheme="atomic", max_steps=6, save_every=2, batch_size=8, caption_tokens=2,
+                              eval_queries=2, num_beams=2)
+
+    def stop(info):
+        if info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_grace(mllm_dir, world, tmp_path / "a", config, prefilter=clip_dir, queries=given, progress=False,
+                    on_step=stop)
+    with pytest.raises(ValueError, match="pass --resume"):
+        train_grace(mllm_dir, world, tmp_path / "a", config, prefilter=clip_dir, queries=given, progress=False)
+    resumed = train_grace(mllm_dir, world, tmp_path / "a", config, prefilter=clip_dir, queries=given, resume=True,
+                          progress=False)
+    whole = train_grace(mllm_dir, world, tmp_path / "b", config, prefilter=clip_dir, queries=given, progress=False)
+    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [h["loss"] for h in resumed["history"] if "loss" in h] == [h["loss"] for h in whole["history"] if "loss" in h]
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_grace(mllm_dir, world, tmp_path / "a", config, prefilter=clip_dir, queries=given, resume=True,
+                    progress=False)
