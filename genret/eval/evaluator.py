@@ -61,11 +61,15 @@ def _twin_accuracy(pipe: RetrievalPipeline, dataset: Dataset, pairs: list[tuple[
                    directions: Sequence[str]) -> dict[str, dict]:
     records = dataset.by_id()
     out: dict[str, dict] = {}
+    # A stage that retrieves over the whole gallery whatever it is handed cannot be asked to choose between two.
+    chooses = {s.name for s in pipe.stages if getattr(s, "reranks_upstream", True)}
 
     def run(queries: list[Query], candidates: list[list[str]], correct: list[set[str]], direction: str) -> None:
         upstream = [Ranking(query=q, candidates=tuple(Candidate(c, 0.0) for c in cands))
                     for q, cands in zip(queries, candidates)]
         for stage, rankings in pipe.run(queries, k=max(len(c) for c in candidates), upstream=upstream):
+            if stage not in chooses:
+                continue
             hits = sum(bool(r.candidates) and r.candidates[0].item_id in ok for r, ok in zip(rankings, correct))
             out.setdefault(stage, {"pairs": len(pairs)})[direction] = round(100.0 * hits / len(queries), 2)
 

@@ -42,6 +42,16 @@ class RankStage(Stage):
 
     kind = "rank"
 
+    @property
+    def reranks_upstream(self) -> bool:
+        """Whether, given upstream rankings, the stage scores exactly those candidates.
+
+        False for a stage that retrieves over the whole gallery whatever came before it (the generate
+        stage with ``restrict = "none"``): the twin check, which hands every stage an image and its twin
+        to choose between, leaves such a stage out.
+        """
+        return True
+
     @abstractmethod
     def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
              k: int | None = None) -> list[Ranking]:
@@ -50,7 +60,7 @@ class RankStage(Stage):
         Args:
             queries: the queries, each with its ``target`` modality.
             upstream: the previous rank stage's rankings, one per query, or ``None``. A stage given
-                upstream rankings scores exactly those candidates.
+                upstream rankings scores exactly those candidates, unless :attr:`reranks_upstream` is False.
             ctx: the encoder and gallery.
             k: how many candidates to return; default the stage's own ``k``.
         """

@@ -141,6 +141,11 @@ class GenerateStage(RankStage):
         self._images: set[str] = set()
 
     @property
+    def reranks_upstream(self) -> bool:
+        """Only with ``restrict = "upstream"``; otherwise it decodes over the whole gallery."""
+        return self.config.restrict == "upstream"
+
+    @property
     def mllm(self) -> "MLLM":
         """The base MLLM with the adapter, loaded on first use."""
         if self._mllm is None:

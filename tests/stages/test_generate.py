@@ -66,11 +66,17 @@ def test_restrict_upstream_returns_only_upstream_candidates_and_fuses(encoder, w
             assert c.score == pytest.approx(c.scores["prefilter"] + 0.5 * c.scores["generate"], abs=1e-5)
 
 
-def test_eval_reports_the_generate_stage(encoder, world, grace_dir):
-    pipe = _pipe(encoder, {"type": "prefilter", "k": 10}, {"type": "generate", "adapter": str(grace_dir)})
+@pytest.mark.parametrize("restrict", ["none", "upstream"])
+def test_eval_reports_the_generate_stage(encoder, world, grace_dir, restrict):
+    pipe = _pipe(encoder, {"type": "prefilter", "k": 10},
+                 {"type": "generate", "adapter": str(grace_dir), "restrict": restrict, "upstream_k": 10})
     report = evaluate(pipe, world, split="test", directions=("t2i",), progress=False)
     assert set(report["stages"]) == {"prefilter", "generate"}
     assert 0 <= report["stages"]["generate"]["t2i"]["R@10"] <= 100
+    # The twin check hands each stage an image and its twin: only a stage that scores what it is handed can
+    # answer it; over the whole gallery (restrict = none) the pair may not even be among its beams.
+    assert report["twins"]["prefilter"]["pairs"] > 0
+    assert ("generate" in report["twins"]) == (restrict == "upstream")
 
 
 def test_image_queries_are_refused_or_passed_on(encoder, world, grace_dir):
