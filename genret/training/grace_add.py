@@ -1,0 +1,442 @@
+"""Adding images to a trained GRACE index: new identifiers, a short memorisation pass with replay, a forgetting report.
+
+The new images get identifiers consistent with the parent adapter's scheme, never changing an old one:
+
+- ``string`` / ``numeric``: the next indices (a fixed-width numeric scheme refuses a gallery it cannot hold);
+- ``semantic``: each new image's pseudo-query (a training image without one: its captions), made unique
+  against every existing identifier (`` #2`` suffixes as at training);
+- ``atomic``: one new token per image, its rows initialised from the prefilter's image embedding as at training;
+- ``structured``: the k-means tree is not re-run and no centroid is needed: a new image joins the leaf of its
+  nearest existing image (prefilter embeddings, cosine), at the leaf's first free position; a leaf already
+  holding ``leaf_size`` items grows a new position token (``<p_16>``, ...), its rows initialised like the others.
+
+Training continues from the parent: its LoRA weights and trained identifier rows are loaded into a fresh peft
+model whose ``trainable_token_indices`` cover the old and the new tokens, then both tasks (memorise, retrieve)
+run for a short pass in which ``replay`` of every batch's rows are old items (limiting forgetting).
+What the old images lose is measured on fixed samples before and after (image → id top-1, text → id R@1) and
+written to the manifest's ``forgetting`` section. The new folder is written whole and atomically; the parent is
+only read.
+
+Example::
+
+    manifest = add_images("runs/grace-atomic", data, "runs/grace-atomic+val", GraceAddConfig(new_splits="val"),
+                          prefilter="adapters/mini-world/clip")
+    manifest["forgetting"]["old"]   # {"before": {...}, "after": {...}, "drop": {...}}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genret import __version__
+from genret.data.dataset import TRAIN_SPLITS, Dataset
+from genret.identifiers import Identifiers, Trie, add_tokens, make_identifiers, tokenize
+from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
+                                   identifier_loss, init_token_rows, pseudo_queries)
+from genret.training.rerank import _features, _lr_factor
+
+if TYPE_CHECKING:
+    from genret.encoders.base import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GraceAddConfig:
+    """How to add images to a GRACE adapter: which, how long, how much replay of the old ones."""
+
+    new_splits: str = field(default="", metadata={"help": "comma-separated splits whose images are added"})
+    replay: float = field(default=0.75, metadata={"help": "fraction of each batch drawn from the old items (forgetting)"})
+    retrieve_ratio: float = field(default=0.5, metadata={"help": "fraction of each batch that is retrieve (text -> id)"})
+    pseudo_queries: bool = field(default=True, metadata={"help": "the base MLLM's caption of each new image as a query"})
+    caption_tokens: int = field(default=32, metadata={"help": "most tokens of a pseudo-query caption"})
+    epochs: int = field(default=3, metadata={"help": "passes over the new images' memorise rows (unless max_steps)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    lr: float = field(default=0.0, metadata={"help": "peak AdamW learning rate of the LoRA weights (0: the parent's)"})
+    token_lr: float = field(default=0.0, metadata={"help": "learning rate of the identifier tokens' rows (0: the parent's)"})
+    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    eval_queries: int = field(default=32, metadata={"help": "images and texts per group in the forgetting check"})
+    num_beams: int = field(default=5, metadata={"help": "beam width of the forgetting check"})
+    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow out_dir to be the parent adapter (replaced whole)"})
+
+    def __post_init__(self) -> None:
+        self.new_splits = ",".join(s.strip() for s in self.new_splits.split(",") if s.strip())
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"replay must be in [0, 1) (some rows must be new images), got {self.replay}")
+        if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
+            raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
+        for name in ("epochs", "batch_size", "eval_queries", "num_beams", "log_every", "caption_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "threads", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr < 0 or self.token_lr < 0:
+            raise ValueError("lr and token_lr must not be negative (0: the parent's)")
+
+
+def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings: np.ndarray | None = None,
+                       old_embeddings: np.ndarray | None = None,
+                       texts: Mapping[str, Sequence[str]] | None = None) -> Identifiers:
+    """``old`` with ``new_items`` appended under the same scheme; no old identifier changes.
+
+    Args:
+        old: the parent adapter's identifiers.
+        new_items: the images to add, none of which may have an identifier yet.
+        embeddings: structured: the new items' prefilter image embeddings.
+        old_embeddings: structured: the old items' embeddings, aligned with ``old.item_ids``.
+        texts: semantic: new item id -> candidate texts, best first.
+
+    Raises:
+        ValueError: an item that already has an identifier (named), or a gallery the scheme cannot hold.
+    """
+    new_items = tuple(new_items)
+    if not new_items:
+        raise ValueError("no images to add")
+    known = set(old.item_ids)
+    dup = [i for i in new_items if i in known]
+    if dup:
+        raise ValueError(f"{len(dup)} of the images to add already have identifiers (e.g. {dup[0]!r} is "
+                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+    if len(set(new_items)) != len(new_items):
+        raise ValueError("the images to add hold duplicate ids")
+    n_old, items = len(old), old.item_ids + new_items
+    params, tokens = dict(old.parameters), list(old.new_tokens)
+    if old.scheme in ("string", "numeric"):
+        # The scheme's own function numbers the whole gallery in order: the old items keep their indices.
+        ids = make_identifiers(old.scheme, items, **({"width": params.get("width"),
+                                                        "separator": params.get("separator", " ")}
+                                                       if old.scheme == "numeric" else {}))
+        if ids.identifiers[:n_old] != old.identifiers:
+            raise ValueError(f"the parent's {old.scheme} identifiers are not the indices 0..{n_old - 1} in order; "
+                             "they cannot be extended")
+        return Identifiers(old.scheme, params, items, ids.identifiers, ())
+    if old.scheme == "semantic":
+        texts = texts or {}
+        both = {**{i: [t] for i, t in zip(old.item_ids, old.identifiers)}, **{i: texts.get(i, ()) for i in new_items}}
+        ids = make_identifiers("semantic", items, texts=both)
+        return Identifiers("semantic", params, items, ids.identifiers, ())
+    if old.scheme == "atomic":
+        prefix = params.get("prefix", "id")
+        width = len(re.fullmatch(r"<.+_(\d+)>", old.identifiers[0]).group(1))
+        new = tuple(f"<{prefix}_{n_old + j:0{width}d}>" for j in range(len(new_items)))
+        return Identifiers("atomic", params, items, old.identifiers + new, tuple(tokens) + new)
+    if old.scheme == "structured":
+        return _extend_structured(old, new_items, embeddings, old_embeddings)
+    raise ValueError(f"adding images to {old.scheme!r} identifiers is not supported")
+
+
+def _extend_structured(old: Identifiers, new_items: tuple[str, ...], embeddings, old_embeddings) -> Identifiers:
+    if embeddings is None or old_embeddings is None:
+        raise ValueError("structured ids place new images by the prefilter's image embeddings: pass prefilter (--clip)")
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = np.asarray(old_embeddings, dtype=np.float32)
+    if len(x) != len(new_items) or len(y) != len(old):
+        raise ValueError("structured: one embedding per new item and per old item is needed")
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True).clip(1e-12)
+    nearest = (x @ y.T).argmax(1)
+    pos = re.compile(r"<p_(\d+)>$")
+    leaves: dict[str, set[int]] = {}
+    for ident in old.identifiers:
+        m = pos.search(ident)
+        leaves.setdefault(ident[:m.start()], set()).add(int(m.group(1)))
+    pdigits = max(2, len(str(int(old.parameters.get("leaf_size", 16)) - 1)))
+    tokens, have = list(old.new_tokens), set(old.new_tokens)
+    out = []
+    for j in nearest:
+        ident = old.identifiers[int(j)]
+        leaf = ident[:pos.search(ident).start()]
+        used = leaves[leaf]
+        p = next(q for q in range(len(used) + 1) if q not in used)
+        used.add(p)
+        token = f"<p_{p:0{pdigits}d}>"
+        if token not in have:  # a full leaf grows a position
+            tokens.append(token)
+            have.add(token)
+        out.append(leaf + token)
+    params = {**old.parameters, "added_by": "nearest existing image's leaf"}
+    return Identifiers("structured", params, old.item_ids + new_items, old.identifiers + tuple(out), tuple(tokens))
+
+
+def _load_parent_weights(model, parent: Path, n_old_tokens: int) -> None:
+    """Load the parent adapter's LoRA and trained rows into ``model`` (whose token rows may be more)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(parent / "adapter_model.safetensors"))
+    current = {n: p for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    for key, value in list(saved.items()):
+        if "trainable_tokens_delta" not in key:
+            continue
+        stem = key.rsplit("trainable_tokens_delta", 1)[0]
+        target = next((p for n, p in current.items() if n.startswith(stem)), None)
+        if target is None or value.shape[0] != n_old_tokens:
+            raise ValueError(f"{parent}: its trained rows {key} ({tuple(value.shape)}) do not match the identifiers' "
+                             f"{n_old_tokens} tokens")
+        merged = target.detach().clone()
+        merged[:n_old_tokens] = value.to(merged.dtype)
+        saved[key] = merged
+    result = set_peft_model_state_dict(model, saved)
+    missing = [k for k in getattr(result, "unexpected_keys", []) or []]
+    if missing:
+        raise ValueError(f"{parent}: {len(missing)} adapter weights fit no module of the model (e.g. {missing[0]!r})")
+
+
+def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
+               config: GraceAddConfig | None = None, *, new_items: Sequence[str] | None = None,
+               prefilter: "str | os.PathLike | DualEncoder | None" = None,
+               queries: "Mapping[str, Sequence[str]] | None" = None, progress: bool = True) -> dict:
+    """Teach a trained GRACE adapter more images without retraining from scratch; writes a new adapter folder.
+
+    Args:
+        adapter_dir: the parent adapter (written by ``train_grace`` or ``add_images``); only read.
+        data: a data set holding the new images and the parent's images (for replay and the forgetting check).
+        out_dir: the adapter folder to write (not ``adapter_dir`` unless ``config.overwrite``).
+        config: see :class:`GraceAddConfig`.
+        new_items: the image ids to add (instead of, or on top of, ``config.new_splits``).
+        prefilter: the dual encoder (directory/id or loaded): new rows' initialisation; structured placement.
+        queries: more retrieve queries, image id -> texts, for new or old images (never evaluation captions).
+        progress: show progress bars.
+
+    Returns:
+        The new adapter's manifest (also ``out_dir/genret.json``), with ``parent``, ``added``, ``replay`` and
+        ``forgetting`` (image → id top-1 and text → id R@1 of the old items before and after, of the new after).
+    """
+    from accelerate import Accelerator
+
+    from genret._io import atomic_dir, write_json
+    from genret.encoders import load_encoder
+    from genret.mllm.adapters import FORMAT, MANIFEST, VERSION, read_adapter_manifest
+    from genret.prompts import load_prompt
+    from genret.training.rerank import RerankTrainConfig, _load_base
+
+    config = config or GraceAddConfig()
+    parent, out_dir = Path(adapter_dir), Path(out_dir)
+    manifest = read_adapter_manifest(parent)
+    if manifest.get("task") != "grace":
+        raise ValueError(f"{parent}: a {manifest.get('task')!r} adapter, not a GRACE one; images are added to an "
+                         "adapter written by genret train grace")
+    if out_dir.resolve() == parent.resolve() and not config.overwrite:
+        raise ValueError(f"out_dir is the parent adapter {parent}: write the grown adapter elsewhere, or allow "
+                         "replacing it (overwrite)")
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    old = Identifiers.load(parent)
+    records = data.by_id()
+    wanted = list(new_items or [])
+    if config.new_splits:
+        wanted += [r.id for r in data.split(*config.new_splits.split(",")).records if r.id not in set(wanted)]
+    if not wanted:
+        raise ValueError("no images to add: pass new_splits (--new-splits) or new_items")
+    known = set(old.item_ids)
+    dup = [i for i in wanted if i in known]
+    if dup:
+        raise ValueError(f"{len(dup)} of the images to add already have identifiers in {parent} (e.g. {dup[0]!r} is "
+                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+    absent = [i for i in list(old.item_ids) + wanted if i not in records]
+    if absent:
+        raise ValueError(f"{len(absent)} images are not in the data set {data.source} (e.g. {absent[0]!r}): it must "
+                         "hold the parent's images (replay, forgetting check) and the new ones")
+    scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
+    prompt = load_prompt(manifest["prompt"]["name"], required=PROMPT_NEEDS)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    mllm = _load_base(manifest["base_model"], RerankTrainConfig(dtype=config.dtype), accelerator.device)
+    if mllm.revision != manifest["base_revision"]:
+        raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
+                         f"{manifest['base_revision']}, now {mllm.revision}: the base changed since")
+
+    old_items, new = list(old.item_ids), list(wanted)
+    paths = {i: str(records[i].path) for i in old_items + new}
+    encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
+    emb = (encoder.encode_images([paths[i] for i in old_items + new], progress=progress)
+           if encoder is not None else None)
+
+    # Retrieve queries: training captions, given ones, pseudo-queries (the parent's, and the base's for new images).
+    extra = {i: list(t) for i, t in (queries or {}).items()}
+    stray = [i for i in extra if i not in paths]
+    if stray:
+        raise ValueError(f"queries name {len(stray)} images that are neither old nor new (e.g. {stray[0]!r})")
+    parent_pseudo = {}
+    if (parent / PSEUDO_FILE).is_file():
+        from genret._io import read_json
+
+        saved = read_json(parent / PSEUDO_FILE, what="pseudo-queries")
+        parent_pseudo = dict(zip(saved.get("items", []), saved.get("queries", [])))
+    new_pseudo: dict[str, str] = {}
+    if config.pseudo_queries:
+        new_pseudo = dict(zip(new, pseudo_queries(mllm, prompt, [paths[i] for i in new], config.caption_tokens,
+                                                  progress=progress)))
+    pseudo = {**parent_pseudo, **new_pseudo}
+
+    def texts_of(i: str) -> list[str]:
+        rec = records[i]
+        return ((list(rec.captions) if rec.split in TRAIN_SPLITS else []) + extra.get(i, [])
+                + ([pseudo[i]] if pseudo.get(i) else []))
+
+    kw: dict = {}
+    if scheme == "structured":
+        kw = {"embeddings": emb[len(old_items):] if emb is not None else None,
+              "old_embeddings": emb[:len(old_items)] if emb is not None else None}
+    elif scheme == "semantic":
+        kw = {"texts": {i: [new_pseudo[i]] if new_pseudo.get(i) else list(records[i].captions)
+                        if records[i].split in TRAIN_SPLITS else [] for i in new}}
+    merged = extend_identifiers(old, new, **kw)
+    items = list(merged.item_ids)
+    pos = {i: g for g, i in enumerate(items)}
+    query_rows = {i: [(t, pos[i]) for t in texts_of(i)] for i in items}
+    old_q = [q for i in old_items for q in query_rows[i]]
+    new_q = [q for i in new for q in query_rows[i]]
+    if config.retrieve_ratio > 0 and not new_q:
+        raise ValueError("no retrieve queries for the new images: none is a training image, no queries were given "
+                         "and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
+
+    add_tokens(merged, mllm.tokenizer, mllm.model)
+    targets = tokenize(merged, mllm.tokenizer)
+    token_ids = mllm.tokenizer.convert_tokens_to_ids(list(merged.new_tokens))
+    want = manifest.get("tokens", {}).get("new_token_ids", [])
+    if old.new_tokens and want and token_ids[0] != want[0]:
+        raise ValueError(f"{parent}: the scheme's first token is id {token_ids[0]} now, {want[0]} when the parent was "
+                         "trained: the base tokenizer changed since")
+    init = init_token_rows(merged, mllm.tokenizer, mllm.model,
+                           emb if train_cfg.init == "prefilter" and emb is not None else None, train_cfg.seed)
+    trie = Trie(targets, items)
+    old_trie = trie.subset(old_items)
+    feats = dict(zip(items, _features(mllm, [paths[i] for i in items], progress, "image features")))
+
+    torch.manual_seed(config.seed)
+    model = _add_lora(mllm, train_cfg, token_ids)
+    _load_parent_weights(model, parent, len(old.new_tokens))
+
+    rng_eval = random.Random(config.seed + 1)
+    check = {"old": (rng_eval.sample(old_items, min(config.eval_queries, len(old_items))),
+                     rng_eval.sample(old_q, min(config.eval_queries, len(old_q)))),
+             "new": (rng_eval.sample(new, min(config.eval_queries, len(new))),
+                     rng_eval.sample(new_q, min(config.eval_queries, len(new_q))))}
+
+    def measure(group: str, over: Trie) -> dict:
+        imgs, qs = check[group]
+        return evaluate_grace(mllm, prompt, over, imgs, [paths[i] for i in imgs], [(t, items[g]) for t, g in qs],
+                              config.num_beams)
+
+    tick = time.perf_counter()
+    before = {"old": measure("old", old_trie), "new": measure("new", trie)}
+    eval_seconds = time.perf_counter() - tick
+
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
+    rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    lr, token_lr = config.lr or train_cfg.lr, config.token_lr or train_cfg.token_lr
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr},
+                                   {"params": rows, "lr": token_lr, "base": token_lr, "weight_decay": 0.0}],
+                                  weight_decay=0.0)
+    n_ret = round(config.batch_size * config.retrieve_ratio) if (old_q or new_q) else 0
+    n_mem = config.batch_size - n_ret
+    new_mem = max(1, round(n_mem * (1 - config.replay))) if n_mem else 0
+    new_ret = max(1, round(n_ret * (1 - config.replay))) if n_ret else 0
+    if not old_q:
+        new_ret = n_ret
+    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem))
+    rng = random.Random(config.seed)
+    pools = {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
+             "old_ret": list(range(len(old_q))), "new_ret": list(range(len(new_q)))}
+    streams: dict[str, list[int]] = {k: [] for k in pools}
+
+    def draw(kind: str, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n and pools[kind]:
+            if not streams[kind]:
+                streams[kind] = rng.sample(pools[kind], len(pools[kind]))
+            out.append(streams[kind].pop())
+        return out
+
+    history, window = [], []
+    bar = tqdm(total=total, desc=f"add to grace ({scheme})", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, total + 1):
+        factor = _lr_factor(step - 1, total, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base"] * factor
+        mem = draw("new_mem", new_mem) + draw("old_mem", n_mem - new_mem)
+        ret = ([new_q[j] for j in draw("new_ret", new_ret)] + [old_q[j] for j in draw("old_ret", n_ret - new_ret)])
+        texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
+        loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[items[g]]] for g in mem] + [[] for _ in ret],
+                               [targets[g] for g in mem + [g for _, g in ret]])
+        loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(lora + rows, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        bar.update(1)
+        if step % config.log_every == 0 or step == total:
+            history.append({"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr * factor})
+            window = []
+    bar.close()
+    seconds = time.perf_counter() - t0
+    tick = time.perf_counter()
+    after = {"old": measure("old", trie), "old_within_old": measure("old", old_trie), "new": measure("new", trie)}
+    eval_seconds += time.perf_counter() - tick
+
+    keys = ("image_to_id_top1", "text_to_id_R@1")
+    forgetting = {
+        "protocol": "fixed samples of images (image -> id top-1) and retrieve queries (text -> id R@1), trie beam "
+                    f"search with {config.num_beams} beams; old before: the parent over the old ids; after: over all ids",
+        "old": {"before": before["old"], "after": after["old"], "after_within_old_ids": after["old_within_old"],
+                "drop": {k: round(before["old"][k] - after["old"][k], 2) for k in keys}},
+        "new": {"before": before["new"], "after": after["new"]},
+    }
+    losses = [h["loss"] for h in history]
+    out = {
+        **{k: v for k, v in manifest.items() if k not in ("format", "version", "history", "metrics", "speed")},
+        "genret": __version__,
+        "gallery": {**manifest.get("gallery", {}), "images": len(items),
+                    "splits": ",".join(s for s in (manifest.get("gallery", {}).get("splits", ""), config.new_splits) if s)},
+        "tokens": {"vocab_size": len(mllm.tokenizer), "new_token_ids": [int(t) for t in token_ids[:1] + token_ids[-1:]],
+                   "new_tokens": len(token_ids), "init": init},
+        "parent": {"path": str(parent), "images": len(old_items), "scheme": scheme,
+                   "gallery": manifest.get("gallery"), "steps": manifest.get("steps"),
+                   "parent": manifest.get("parent")},
+        "added": {"images": len(new), "splits": config.new_splits, "item_ids": new,
+                  "identifiers": list(merged.identifiers[len(old_items):]),
+                  "retrieve_queries": len(new_q), "pseudo_queries": sum(map(bool, new_pseudo.values()))},
+        "replay": {"fraction": config.replay, "old_images": len(old_items), "old_retrieve_queries": len(old_q),
+                   "rows_per_step": {"new_memorise": new_mem, "old_memorise": n_mem - new_mem,
+                                     "new_retrieve": new_ret, "old_retrieve": n_ret - new_ret}},
+        "add_config": {**asdict(config), "lr": lr, "token_lr": token_lr}, "forgetting": forgetting,
+        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                    "val": after["new"]},
+        "history": history, "steps": total,
+        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "device": str(accelerator.device),
+                  "eval_seconds": round(eval_seconds, 1)},
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)
+        write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, **out})
+        merged.save(tmp)
+        mllm.tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / PSEUDO_FILE, {"key": {"grown_from": str(parent)}, "items": items,
+                                       "queries": [pseudo.get(i, "") for i in items]})
+    logger.info("added %d images to %s -> %s: %s", len(new), parent, out_dir, forgetting)
+    return out
