@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from genret.training.clip import CLIPTrainConfig
     from genret.training.pretrain_mllm import PretrainConfig
     from genret.training.grace import GraceTrainConfig
+    from genret.training.grace_add import GraceAddConfig
     from genret.training.rerank import RerankTrainConfig
 
     parser = argparse.ArgumentParser(prog="genret", description="Image-text retrieval with multimodal LLMs.")
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     grace.add_argument("--config", default=None, help="TOML/YAML file of GraceTrainConfig settings")
     grace.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(grace, GraceTrainConfig)
+    grace_add = train.add_parser("grace-add", help="add images to a trained GRACE adapter (short pass with replay; "
+                                 "reports what the old images lose)")
+    _add_data_args(grace_add)
+    grace_add.add_argument("--adapter", required=True, help="the GRACE adapter to grow (only read)")
+    grace_add.add_argument("--clip", default=None, help="the prefilter's dual encoder: new rows, structured placement")
+    grace_add.add_argument("--out", required=True, help="adapter folder to write (the grown adapter)")
+    grace_add.add_argument("--config", default=None, help="TOML/YAML file of GraceAddConfig settings")
+    grace_add.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+    add_arguments(grace_add, GraceAddConfig)
 
     index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
     build = index.add_parser("build", help="embed a dataset split and save a searchable pipeline")
@@ -211,6 +221,25 @@ def cmd_train_grace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_grace_add(args: argparse.Namespace) -> int:
+    from genret.training.grace_add import GraceAddConfig, add_images
+
+    config = merge_arguments(GraceAddConfig, args, args.config)
+    summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    f = summary["forgetting"]
+    print(f"saved {args.out}: {summary['added']['images']} images added to {args.adapter} "
+          f"({summary['parent']['images']} -> {summary['gallery']['images']}), {summary['steps']} steps with replay "
+          f"{summary['replay']['fraction']:.2f}")
+    rows = [("old, before", f["old"]["before"]), ("old, after", f["old"]["after"]), ("new, after", f["new"]["after"])]
+    for name, m in rows:
+        print(f"  {name:12s} image -> id top-1 {m['image_to_id_top1']:5.1f}  text -> id R@1 {m['text_to_id_R@1']:5.1f} "
+              f"({m['images']} images, {m['texts']} texts)")
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     pipe = _open_pipeline(args.pipeline)
     if args.factory:
@@ -296,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("index", "build"): cmd_index_build,
+    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("train", "grace-add"): cmd_train_grace_add, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
 }
 

@@ -12,8 +12,8 @@ from genret.training.grace import GraceTrainConfig, train_grace
 from genret.training.grace_add import GraceAddConfig, add_images, extend_identifiers
 from genret.types import Query
 
-# Old items must keep at least this image -> id top-1 (percent) after adding with replay; the parent is near 100.
-OLD_BOUND = 75.0
+# With replay, old items lose at most this many points of image -> id top-1 (percent); the parent is near 100.
+MAX_DROP = 15.0
 
 
 def _given(world, *splits):
@@ -29,7 +29,7 @@ def _digest(folder):
 def parent(tmp_path_factory, world, mllm_dir, clip_dir):
     """An atomic adapter over the 24 test images."""
     out = tmp_path_factory.mktemp("grace") / "atomic"
-    config = GraceTrainConfig(scheme="atomic", max_steps=400, batch_size=16, lr=1e-2, token_lr=1e-2, warmup=0.0,
+    config = GraceTrainConfig(scheme="atomic", max_steps=400, batch_size=16, lr=3e-3, token_lr=1e-2, warmup=0.0,
                               caption_tokens=2, eval_queries=4, num_beams=3, log_every=40, threads=1)
     train_grace(mllm_dir, world, out, config, prefilter=clip_dir, queries=_given(world, "test"), progress=False)
     return out
@@ -63,7 +63,8 @@ def test_old_items_stay_memorised_and_forgetting_is_reported(grown):
     f = manifest["forgetting"]
     old, new = f["old"], f["new"]
     assert old["before"]["images"] == 24 and old["before"]["texts"] == 24
-    assert old["after"]["image_to_id_top1"] >= OLD_BOUND, f
+    assert old["before"]["image_to_id_top1"] >= 60.0, f  # the parent memorised: the check means something
+    assert old["after"]["image_to_id_top1"] >= old["before"]["image_to_id_top1"] - MAX_DROP, f
     assert new["after"]["image_to_id_top1"] >= 50.0, f
     assert new["after"]["image_to_id_top1"] > new["before"]["image_to_id_top1"], f
     assert old["drop"]["image_to_id_top1"] == pytest.approx(
@@ -79,8 +80,7 @@ def test_without_replay_the_old_items_are_forgotten(parent, world, clip_dir, tmp
     f = add_images(parent, world, tmp_path / "noreplay", config, prefilter=clip_dir,
                    queries=_given(world, "test", "val"), progress=False)["forgetting"]
     print("forgetting without replay:", json.dumps({k: f[k] for k in ("old", "new")}))
-    assert f["old"]["after"]["image_to_id_top1"] < OLD_BOUND - 25, f
-    assert f["old"]["drop"]["image_to_id_top1"] > 25, f
+    assert f["old"]["drop"]["image_to_id_top1"] > 2 * MAX_DROP, f
 
 
 def test_new_folder_reloads_and_the_parent_is_unchanged(grown, parent, world):
@@ -147,3 +147,40 @@ def test_bad_input_is_refused(parent, world, mllm_dir, tmp_path):
         add_images(rerank, world, tmp_path / "y", GraceAddConfig(new_splits="val"), progress=False)
     with pytest.raises(ValueError, match="replay must be in"):
         GraceAddConfig(new_splits="val", replay=1.0)
+
+
+@pytest.mark.parametrize("scheme", ["structured", "numeric"])
+def test_other_schemes_grow_and_reload(scheme, world, mllm_dir, clip_dir, tmp_path):
+    """Mechanics: structured (new images in existing leaves, new position tokens) and numeric (no new token)."""
+    from genret.mllm import MLLM, MLLMConfig
+    from genret.stages.generate import attach_grace
+
+    given = _given(world, "test", "val")
+    train_grace(mllm_dir, world, tmp_path / "p", GraceTrainConfig(scheme=scheme, max_steps=2, batch_size=8, k=4,
+                leaf_size=4, caption_tokens=2, eval_queries=2, num_beams=2), prefilter=clip_dir,
+                queries={i: t for i, t in given.items() if i in {r.id for r in world.split("test").records}},
+                progress=False)
+    manifest = add_images(tmp_path / "p", world, tmp_path / "g", GraceAddConfig(new_splits="val", max_steps=2,
+                          batch_size=8, caption_tokens=2, eval_queries=4, num_beams=2), prefilter=clip_dir,
+                          queries=given, progress=False)
+    ids = attach_grace(MLLM.load(MLLMConfig(model=str(mllm_dir))), tmp_path / "g")
+    assert len(ids) == 32 and ids.identifiers[:24] == Identifiers.load(tmp_path / "p").identifiers
+    assert manifest["tokens"]["new_tokens"] == len(ids.new_tokens) and bool(ids.new_tokens) == (scheme == "structured")
+    if scheme == "structured":
+        leaves = {s.rsplit("<p_", 1)[0] for s in ids.identifiers[:24]}
+        assert all(s.rsplit("<p_", 1)[0] in leaves for s in ids.identifiers[24:])
+
+
+def test_cli_adds_and_prints_the_forgetting_figures(parent, world_dir, clip_dir, tmp_path, capsys):
+    from genret.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["--quiet", "train", "grace-add", "--data", str(world_dir), "--adapter", str(parent), "--clip", str(clip_dir),
+                 "--out", str(out), "--new-splits", "val", "--max-steps", "2", "--retrieve-ratio", "0", "--caption-tokens", "2",
+                 "--eval-queries", "4", "--num-beams", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "8 images added" in text and "old, before" in text and "new, after" in text, text
+    assert json.loads((out / "genret.json").read_text())["added"]["splits"] == "val"
+    assert main(["--quiet", "train", "grace-add", "--data", str(world_dir), "--adapter", str(parent), "--out", str(tmp_path / "e"),
+                 "--new-splits", "test"]) == 2
+    assert "already have identifiers" in capsys.readouterr().err
