@@ -122,9 +122,13 @@ def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings
     params, tokens = dict(old.parameters), list(old.new_tokens)
     if old.scheme in ("string", "numeric"):
         # The scheme's own function numbers the whole gallery in order: the old items keep their indices.
-        ids = make_identifiers(old.scheme, items, **({"width": params.get("width"),
-                                                        "separator": params.get("separator", " ")}
-                                                       if old.scheme == "numeric" else {}))
+        try:
+            ids = make_identifiers(old.scheme, items, **({"width": params.get("width"),
+                                                            "separator": params.get("separator", " ")}
+                                                           if old.scheme == "numeric" else {}))
+        except ValueError as err:
+            raise ValueError(f"cannot add {len(new_items)} images to {n_old}: {err} (the parent's width is fixed: "
+                             "train a new adapter with a larger width)") from None
         if ids.identifiers[:n_old] != old.identifiers:
             raise ValueError(f"the parent's {old.scheme} identifiers are not the indices 0..{n_old - 1} in order; "
                              "they cannot be extended")

@@ -130,7 +130,7 @@ def test_structured_joins_the_nearest_leaf_and_grows_a_full_one():
 def test_bad_input_is_refused(parent, world, mllm_dir, tmp_path):
     with pytest.raises(ValueError, match=r"already have identifiers .*e\.g\. '"):
         add_images(parent, world, tmp_path / "x", GraceAddConfig(new_splits="test"), progress=False)
-    with pytest.raises(ValueError, match="numeric ids of width 1 hold at most 10"):
+    with pytest.raises(ValueError, match="cannot add 3 images to 8: numeric ids of width 1 hold at most 10 .*width is fixed"):
         extend_identifiers(make_identifiers("numeric", [str(i) for i in range(8)], width=1), ["x", "y", "z"])
     with pytest.raises(ValueError, match="already have identifiers"):
         extend_identifiers(make_identifiers("atomic", ["a", "b"]), ["c", "a"])
