@@ -17,7 +17,7 @@ def grace_dir(tmp_path_factory, world, mllm_dir, clip_dir):
     """An atomic adapter over the test images; each image's first caption is its (given) retrieve query."""
     out = tmp_path_factory.mktemp("grace") / "atomic"
     given = {r.id: r.captions[:1] for r in world.split("test").records}
-    config = GraceTrainConfig(scheme="atomic", max_steps=240, batch_size=16, lr=1e-2, token_lr=1e-2, warmup=0.0,
+    config = GraceTrainConfig(scheme="atomic", max_steps=400, batch_size=16, lr=3e-3, token_lr=1e-2, warmup=0.0,
                               caption_tokens=4, eval_queries=4, log_every=40, threads=1)
     train_grace(mllm_dir, world, out, config, prefilter=clip_dir, queries=given, progress=False)
     return out

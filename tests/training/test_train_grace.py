@@ -8,13 +8,13 @@ import torch
 from genret.identifiers import Identifiers
 from genret.training.grace import GraceTrainConfig, init_token_rows, train_grace
 
-STEPS = 240
+STEPS = 400
 
 
 @pytest.fixture(scope="module")
 def grace_dir(tmp_path_factory, world, mllm_dir, clip_dir):
     out = tmp_path_factory.mktemp("grace") / "atomic"
-    config = GraceTrainConfig(scheme="atomic", max_steps=STEPS, batch_size=16, lr=1e-2, token_lr=1e-2, warmup=0.0,
+    config = GraceTrainConfig(scheme="atomic", max_steps=STEPS, batch_size=16, lr=3e-3, token_lr=1e-2, warmup=0.0,
                               caption_tokens=4, eval_queries=24, log_every=40, threads=1)
     # The tiny base is no captioner (its pseudo-queries are empty): each image's first caption stands in for one.
     given = {r.id: r.captions[:1] for r in world.split("test").records}
