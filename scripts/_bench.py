@@ -14,3 +14,12 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def first_images(dataset, split: str, n: int):
+    """The dataset with only the first ``n`` images of ``split`` (and their captions); all of it when ``n`` is 0."""
+    if not n:
+        return dataset
+    keep = {r.id for r in dataset.split(split).records[:n]}
+    return type(dataset)(dataset.name, dataset.source,
+                         tuple(r for r in dataset.records if r.split != split or r.id in keep))

@@ -16,6 +16,7 @@ import json
 import time
 
 import torch
+from _bench import first_images
 
 from genret.data import load_dataset
 from genret.eval.evaluator import evaluate
@@ -41,11 +42,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.data)
-    if args.queries:
-        keep = {r.id for r in dataset.split(args.split).records[: args.queries]}
-        dataset = type(dataset)(dataset.name, dataset.source,
-                                tuple(r for r in dataset.records if r.split != args.split or r.id in keep))
+    dataset = first_images(load_dataset(args.data), args.split, args.queries)
     rows = []
     variants = [{"name": "prefilter", "mode": "", "k": 0, "adapter": ""}] + args.variant
     for v in variants:

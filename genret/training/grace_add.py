@@ -93,6 +93,15 @@ class GraceAddConfig:
             raise ValueError("lr and token_lr must not be negative (0: the parent's)")
 
 
+def _refuse_known(old: Identifiers, new_items: Sequence[str], where: str = "") -> None:
+    """Refuse images that already have an identifier, naming one."""
+    known = set(old.item_ids)
+    dup = [i for i in new_items if i in known]
+    if dup:
+        raise ValueError(f"{len(dup)} of the images to add already have identifiers{where} (e.g. {dup[0]!r} is "
+                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+
+
 def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings: np.ndarray | None = None,
                        old_embeddings: np.ndarray | None = None,
                        texts: Mapping[str, Sequence[str]] | None = None) -> Identifiers:
@@ -111,11 +120,7 @@ def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings
     new_items = tuple(new_items)
     if not new_items:
         raise ValueError("no images to add")
-    known = set(old.item_ids)
-    dup = [i for i in new_items if i in known]
-    if dup:
-        raise ValueError(f"{len(dup)} of the images to add already have identifiers (e.g. {dup[0]!r} is "
-                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+    _refuse_known(old, new_items)
     if len(set(new_items)) != len(new_items):
         raise ValueError("the images to add hold duplicate ids")
     n_old, items = len(old), old.item_ids + new_items
@@ -252,11 +257,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         wanted += [r.id for r in data.split(*config.new_splits.split(",")).records if r.id not in set(wanted)]
     if not wanted:
         raise ValueError("no images to add: pass new_splits (--new-splits) or new_items")
-    known = set(old.item_ids)
-    dup = [i for i in wanted if i in known]
-    if dup:
-        raise ValueError(f"{len(dup)} of the images to add already have identifiers in {parent} (e.g. {dup[0]!r} is "
-                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+    _refuse_known(old, wanted, f" in {parent}")  # before any model work
     absent = [i for i in list(old.item_ids) + wanted if i not in records]
     if absent:
         raise ValueError(f"{len(absent)} images are not in the data set {data.source} (e.g. {absent[0]!r}): it must "
