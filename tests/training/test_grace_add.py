@@ -29,7 +29,7 @@ def _digest(folder):
 def parent(tmp_path_factory, world, mllm_dir, clip_dir):
     """An atomic adapter over the 24 test images."""
     out = tmp_path_factory.mktemp("grace") / "atomic"
-    config = GraceTrainConfig(scheme="atomic", max_steps=400, batch_size=16, lr=3e-3, token_lr=1e-2, warmup=0.0,
+    config = GraceTrainConfig(scheme="atomic", max_steps=800, batch_size=16, lr=3e-3, token_lr=1e-2, warmup=0.0,
                               caption_tokens=2, eval_queries=4, num_beams=3, log_every=40, threads=1)
     train_grace(mllm_dir, world, out, config, prefilter=clip_dir, queries=_given(world, "test"), progress=False)
     return out
