@@ -189,6 +189,8 @@ def cmd_train_rerank(args: argparse.Namespace) -> int:
                                resume=args.resume, progress=not args.quiet)
     except ImportError as err:  # an optional package the settings need (bitsandbytes for --load-in-4bit)
         raise ValueError(str(err)) from None
+    if _other_process():
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -202,12 +204,19 @@ def cmd_train_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _other_process() -> bool:
+    """Under torchrun / accelerate launch: a process other than the main one (it trains, prints nothing)."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def cmd_train_grace(args: argparse.Namespace) -> int:
     from genret.training.grace import GraceTrainConfig, train_grace
 
     config = merge_arguments(GraceTrainConfig, args, args.config)
     summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
                           progress=not args.quiet)
+    if _other_process():
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -226,6 +235,8 @@ def cmd_train_grace_add(args: argparse.Namespace) -> int:
 
     config = merge_arguments(GraceAddConfig, args, args.config)
     summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
+    if _other_process():
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -351,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"genret: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        from genret.training.distributed import close_process_group
+
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ The adapter folder: peft's files, ``genret.json`` (task ``grace``, mode = scheme
 the tokenizer with the added tokens, and ``pseudo_queries.json``. Checkpoints every ``save_every`` steps under
 ``out_dir/checkpoints`` (LoRA + new rows + optimizer + data order) make a run resumable.
 
+Several processes (``accelerate launch`` on GPUs, ``torchrun`` on CPUs) train like the rerank trainer:
+each takes its ``batch_size`` rows of the step, DDP averages the gradients, the main process alone
+captions the pseudo-queries (sent to the others), evaluates and saves::
+
+    accelerate launch --multi_gpu --num_processes 4 $(which genret) train grace --scheme atomic ...
+
 Example::
 
     manifest = train_grace("adapters/mini-world/mllm", data, "runs/grace-atomic",
@@ -47,6 +53,7 @@ from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
 from genret.mllm import scoring
+from genret.training.distributed import my_slice, on_main, step_loss
 from genret.training.rerank import _features, _lr_factor
 
 if TYPE_CHECKING:
@@ -79,7 +86,7 @@ class GraceTrainConfig:
     lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
     epochs: int = field(default=3, metadata={"help": "passes over the gallery's memorise rows (unless max_steps)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the LoRA weights"})
     token_lr: float = field(default=1e-2, metadata={"help": "learning rate of the new tokens' rows"})
     warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
@@ -213,11 +220,13 @@ def _add_lora(mllm: "MLLM", config: GraceTrainConfig, token_ids: list[int]):
 
 
 def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Tensor]],
-                    targets: list[list[int]]) -> torch.Tensor:
+                    targets: list[list[int]], model=None) -> torch.Tensor:
     """Mean next-token cross-entropy of each row's ``targets`` (identifier tokens + eos) after its prompt.
 
     The prompt's embeddings (cached image features included) carry no gradient; the target tokens are
     embedded by the (peft-wrapped) input embedding, so the new tokens' rows learn as inputs too.
+    ``model``: what the forward pass goes through (accelerate's DDP wrapper of ``mllm.model`` when
+    several processes train); default ``mllm.model``.
     """
     with torch.no_grad():
         inputs = scoring._inputs(mllm, prompts, images)
@@ -239,7 +248,7 @@ def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Te
                                                                     device=device)[:, None]).long()
     image_inputs = {k: v for k, v in inputs.items() if k not in scoring._TEXT_KEYS}
     extra = mllm.family.forward_kwargs(mllm.model, input_ids, image_inputs or None, mask)
-    logits = mllm.model(inputs_embeds=torch.stack(rows), attention_mask=mask, use_cache=False, **extra).logits
+    logits = (model or mllm.model)(inputs_embeds=torch.stack(rows), attention_mask=mask, use_cache=False, **extra).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1),
                            ignore_index=-100)
 
@@ -343,8 +352,8 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     if config.threads:
         torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > 1:
-        raise ValueError("train grace runs in one process for now; launch it without accelerate's multi-process")
+    main = accelerator.is_main_process
+    show = progress and main
     prompt = load_prompt(config.prompt, required=PROMPT_NEEDS)
     gallery = data.split(*config.gallery_splits.split(","))
     items = [r.id for r in gallery.records]
@@ -352,7 +361,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     if config.scheme == "structured" and prefilter is None:
         raise ValueError("the structured scheme clusters the prefilter's image embeddings: pass prefilter (--clip)")
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
-    embeddings = encoder.encode_images(paths, progress=progress) if encoder is not None else None
+    embeddings = encoder.encode_images(paths, progress=show) if encoder is not None else None
     mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
 
     extra = dict(queries or {})
@@ -369,8 +378,8 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     if config.pseudo_queries:
         key = {"base_revision": mllm.revision, "prompt": prompt.key, "items": len(items), "first": items[0],
                "last": items[-1], "caption_tokens": config.caption_tokens}
-        pseudo = _load_pseudo(out_dir / PSEUDO_FILE, key) or pseudo_queries(mllm, prompt, paths, config.caption_tokens,
-                                                                             progress=progress)
+        pseudo = _load_pseudo(out_dir / PSEUDO_FILE, key) or on_main(
+            accelerator, lambda: pseudo_queries(mllm, prompt, paths, config.caption_tokens, progress=show))
         queries += [(t, g) for g, t in enumerate(pseudo) if t]
         if not any(pseudo):
             logger.warning("the captioner gave no pseudo-query for any of the %d gallery images (an untrained base?)",
@@ -396,7 +405,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     init = init_token_rows(identifiers, mllm.tokenizer, mllm.model,
                            embeddings if config.init == "prefilter" else None, config.seed)
     trie = Trie(targets, items)
-    feats = _features(mllm, paths, progress, "gallery image features")
+    feats = _features(mllm, paths, show, "gallery image features")
 
     torch.manual_seed(config.seed)
     model = _add_lora(mllm, config, token_ids)
@@ -405,9 +414,11 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     optimizer = torch.optim.AdamW([{"params": lora, "lr": config.lr, "base": config.lr},
                                    {"params": rows, "lr": config.token_lr, "base": config.token_lr, "weight_decay": 0.0}],
                                   weight_decay=0.0)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    procs = accelerator.num_processes
     n_ret = round(config.batch_size * config.retrieve_ratio) if queries else 0
     n_mem = config.batch_size - n_ret
-    total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem))
+    total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem * procs))
     rng = random.Random(config.seed)
     streams = {"mem": [], "ret": []}
 
@@ -423,7 +434,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     check_img = rng_eval.sample(range(len(items)), min(config.eval_queries, len(items)))
     check_txt = rng_eval.sample(queries, min(config.eval_queries, len(queries)))
 
-    def val() -> dict:
+    def val() -> dict:  # on the main process; the others wait for it at their next gradient exchange
         out = evaluate_grace(mllm, prompt, trie, [items[i] for i in check_img], [paths[i] for i in check_img],
                              [(t, items[g]) for t, g in check_txt], config.num_beams)
         model.train()
@@ -431,39 +442,41 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
 
     history, window, first = [], [], 0
     identity = {"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key, "items": len(items),
-                "retrieve_queries": len(queries)}
+                "retrieve_queries": len(queries), "processes": procs}
     if resume:
         state = load_checkpoint(last, model, optimizer)
         _check_resume(state, identity, last)
         first, history, window = state["step"], state["history"], state["window"]
         rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
         streams.update(state["streams"])
-    bar = tqdm(total=total, initial=first, desc=f"train grace ({config.scheme})", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=first, desc=f"train grace ({config.scheme})", unit="step", disable=not show)
     t0, eval_seconds = time.perf_counter(), 0.0
     model.train()
     for step in range(first + 1, total + 1):
         factor = _lr_factor(step - 1, total, config.warmup)
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * factor
-        mem = draw("mem", n_mem, len(items))
-        ret = [queries[i] for i in draw("ret", n_ret, len(queries))] if n_ret else []
+        # Every process draws the whole step's rows (the streams stay equal) and trains on its slice.
+        mem = my_slice(accelerator, draw("mem", n_mem * procs, len(items)), n_mem)
+        ret = [queries[i] for i in my_slice(accelerator, draw("ret", n_ret * procs, len(queries)), n_ret)] if n_ret else []
         texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
         positions = mem + [g for _, g in ret]
         loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[g]] for g in mem] + [[] for _ in ret],
-                               [targets[g] for g in positions])
-        loss.backward()
+                               [targets[g] for g in positions], model=wrapped)
+        accelerator.backward(loss)
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(lora + rows, config.max_grad_norm)
+            accelerator.clip_grad_norm_(lora + rows, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
+        value = step_loss(accelerator, loss)
+        window.append(value)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{value:.3f}")
         entry: dict = {}
         if step % config.log_every == 0 or step == total:
             entry = {"step": step, "loss": round(float(np.mean(window)), 4), "lr": config.lr * factor}
             window = []
-        if (config.eval_every and step % config.eval_every == 0) or step == total:
+        if main and ((config.eval_every and step % config.eval_every == 0) or step == total):
             tick = time.perf_counter()
             entry = {"step": step, **entry, "eval": val()}
             eval_seconds += time.perf_counter() - tick
@@ -471,10 +484,12 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
             history.append(entry)
             logger.info("step %d: %s", step, entry)
         if config.save_every and step % config.save_every == 0 and step < total:
-            save_checkpoint(out_dir, step, model, optimizer, {**identity, "history": history, "window": window,
-                                                              "rng": rng.getstate(), "streams": streams})
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out_dir, step, model, optimizer, {**identity, "history": history, "window": window,
+                                                                  "rng": rng.getstate(), "streams": streams})
         if on_step is not None:
-            on_step({"step": step, "total": total, "loss": loss.item()})
+            on_step({"step": step, "total": total, "loss": value})
     bar.close()
     seconds = time.perf_counter() - t0 - eval_seconds
     done = total - first
@@ -492,13 +507,15 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                     **({"val": evals[-1]} if evals else {})},
         "history": history, "steps": total,
-        "speed": {"steps_per_s": round(done / max(seconds, 1e-9), 3), "device": str(accelerator.device),
-                  "eval_seconds": round(eval_seconds, 1)},
+        "speed": {"steps_per_s": round(done / max(seconds, 1e-9), 3), "rows_per_step": config.batch_size * procs,
+                  "processes": procs, "device": str(accelerator.device), "eval_seconds": round(eval_seconds, 1)},
         "train_seconds": round(time.perf_counter() - start, 1),
     }
-    save_adapter(out_dir, model, manifest)
-    identifiers.save(out_dir)
-    mllm.tokenizer.save_pretrained(str(out_dir))
-    if pseudo:
-        write_json(out_dir / PSEUDO_FILE, {"key": key, "items": items, "queries": pseudo})
+    accelerator.wait_for_everyone()
+    if main:
+        save_adapter(out_dir, model, manifest)
+        identifiers.save(out_dir)
+        mllm.tokenizer.save_pretrained(str(out_dir))
+        if pseudo:
+            write_json(out_dir / PSEUDO_FILE, {"key": key, "items": items, "queries": pseudo})
     return manifest

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.identifiers import Identifiers, Trie, add_tokens, make_identifiers, tokenize
+from genret.training.distributed import my_slice, on_main, step_loss
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
 from genret.training.rerank import _features, _lr_factor
@@ -64,7 +65,7 @@ class GraceAddConfig:
     caption_tokens: int = field(default=32, metadata={"help": "most tokens of a pseudo-query caption"})
     epochs: int = field(default=3, metadata={"help": "passes over the new images' memorise rows (unless max_steps)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
     lr: float = field(default=0.0, metadata={"help": "peak AdamW learning rate of the LoRA weights (0: the parent's)"})
     token_lr: float = field(default=0.0, metadata={"help": "learning rate of the identifier tokens' rows (0: the parent's)"})
     warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
@@ -265,6 +266,8 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
     prompt = load_prompt(manifest["prompt"]["name"], required=PROMPT_NEEDS)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main, procs = accelerator.is_main_process, accelerator.num_processes
+    show = progress and main
     mllm = _load_base(manifest["base_model"], RerankTrainConfig(dtype=config.dtype), accelerator.device)
     if mllm.revision != manifest["base_revision"]:
         raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
@@ -273,7 +276,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     old_items, new = list(old.item_ids), list(wanted)
     paths = {i: str(records[i].path) for i in old_items + new}
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
-    emb = (encoder.encode_images([paths[i] for i in old_items + new], progress=progress)
+    emb = (encoder.encode_images([paths[i] for i in old_items + new], progress=show)
            if encoder is not None else None)
 
     # Retrieve queries: training captions, given ones, pseudo-queries (the parent's, and the base's for new images).
@@ -289,8 +292,8 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         parent_pseudo = dict(zip(saved.get("items", []), saved.get("queries", [])))
     new_pseudo: dict[str, str] = {}
     if config.pseudo_queries:
-        new_pseudo = dict(zip(new, pseudo_queries(mllm, prompt, [paths[i] for i in new], config.caption_tokens,
-                                                  progress=progress)))
+        new_pseudo = dict(zip(new, on_main(accelerator, lambda: pseudo_queries(
+            mllm, prompt, [paths[i] for i in new], config.caption_tokens, progress=show))))
     pseudo = {**parent_pseudo, **new_pseudo}
 
     def texts_of(i: str) -> list[str]:
@@ -326,7 +329,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                            emb if train_cfg.init == "prefilter" and emb is not None else None, train_cfg.seed)
     trie = Trie(targets, items)
     old_trie = trie.subset(old_items)
-    feats = dict(zip(items, _features(mllm, [paths[i] for i in items], progress, "image features")))
+    feats = dict(zip(items, _features(mllm, [paths[i] for i in items], show, "image features")))
 
     torch.manual_seed(config.seed)
     model = _add_lora(mllm, train_cfg, token_ids)
@@ -338,10 +341,10 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
              "new": (rng_eval.sample(new, min(config.eval_queries, len(new))),
                      rng_eval.sample(new_q, min(config.eval_queries, len(new_q))))}
 
-    def measure(group: str, over: Trie) -> dict:
+    def measure(group: str, over: Trie) -> dict:  # on the main process, sent to the others
         imgs, qs = check[group]
-        return evaluate_grace(mllm, prompt, over, imgs, [paths[i] for i in imgs], [(t, items[g]) for t, g in qs],
-                              config.num_beams)
+        return on_main(accelerator, lambda: evaluate_grace(mllm, prompt, over, imgs, [paths[i] for i in imgs],
+                                                           [(t, items[g]) for t, g in qs], config.num_beams))
 
     tick = time.perf_counter()
     before = {"old": measure("old", old_trie), "new": measure("new", trie)}
@@ -353,13 +356,14 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     optimizer = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr},
                                    {"params": rows, "lr": token_lr, "base": token_lr, "weight_decay": 0.0}],
                                   weight_decay=0.0)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     n_ret = round(config.batch_size * config.retrieve_ratio) if (old_q or new_q) else 0
     n_mem = config.batch_size - n_ret
     new_mem = max(1, round(n_mem * (1 - config.replay))) if n_mem else 0
     new_ret = max(1, round(n_ret * (1 - config.replay))) if n_ret else 0
     if not old_q:
         new_ret = n_ret
-    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem))
+    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem * procs))
     rng = random.Random(config.seed)
     pools = {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
              "old_ret": list(range(len(old_q))), "new_ret": list(range(len(new_q)))}
@@ -374,24 +378,27 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         return out
 
     history, window = [], []
-    bar = tqdm(total=total, desc=f"add to grace ({scheme})", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc=f"add to grace ({scheme})", unit="step", disable=not show)
     t0 = time.perf_counter()
     model.train()
     for step in range(1, total + 1):
         factor = _lr_factor(step - 1, total, config.warmup)
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * factor
-        mem = draw("new_mem", new_mem) + draw("old_mem", n_mem - new_mem)
-        ret = ([new_q[j] for j in draw("new_ret", new_ret)] + [old_q[j] for j in draw("old_ret", n_ret - new_ret)])
+        # Every process draws the whole step's rows (the streams stay equal) and trains on its slice.
+        mem = (my_slice(accelerator, draw("new_mem", new_mem * procs), new_mem)
+               + my_slice(accelerator, draw("old_mem", (n_mem - new_mem) * procs), n_mem - new_mem))
+        ret = ([new_q[j] for j in my_slice(accelerator, draw("new_ret", new_ret * procs), new_ret)]
+               + [old_q[j] for j in my_slice(accelerator, draw("old_ret", (n_ret - new_ret) * procs), n_ret - new_ret)])
         texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
         loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[items[g]]] for g in mem] + [[] for _ in ret],
-                               [targets[g] for g in mem + [g for _, g in ret]])
-        loss.backward()
+                               [targets[g] for g in mem + [g for _, g in ret]], model=wrapped)
+        accelerator.backward(loss)
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(lora + rows, config.max_grad_norm)
+            accelerator.clip_grad_norm_(lora + rows, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
+        window.append(step_loss(accelerator, loss))
         bar.update(1)
         if step % config.log_every == 0 or step == total:
             history.append({"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr * factor})
@@ -431,10 +438,13 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                     "val": after["new"]},
         "history": history, "steps": total,
-        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "device": str(accelerator.device),
-                  "eval_seconds": round(eval_seconds, 1)},
+        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "rows_per_step": config.batch_size * procs,
+                  "processes": procs, "device": str(accelerator.device), "eval_seconds": round(eval_seconds, 1)},
         "train_seconds": round(time.perf_counter() - start, 1),
     }
+    accelerator.wait_for_everyone()
+    if not main:
+        return out
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)

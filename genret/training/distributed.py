@@ -1,0 +1,55 @@
+"""What the trainers share to run as several processes under ``accelerate`` / ``torchrun``.
+
+Every process holds the whole model and draws the same global batch from the same seeded stream;
+each trains on its own slice (:func:`my_slice`), gradients are averaged by DDP. Work that must be
+done once (captioning, evaluation) runs on the main process and its JSON-able result is sent to the
+others (:func:`on_main`: JSON bytes broadcast as a tensor, no pickle).
+
+One process on a CPU machine is the same code path: every helper returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def on_main(accelerator, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the main process only and give every process its (JSON-able) result."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast
+
+    data = json.dumps(fn()).encode("utf-8") if accelerator.is_main_process else b""
+    size = broadcast(torch.tensor([len(data)], dtype=torch.int64, device=accelerator.device))
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=accelerator.device)
+    if accelerator.is_main_process:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    buf = broadcast(buf)
+    return json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
+
+
+def my_slice(accelerator, rows: Sequence[T], per_process: int) -> list[T]:
+    """This process's ``per_process`` rows of a global batch drawn identically by every process."""
+    first = accelerator.process_index * per_process
+    return list(rows[first:first + per_process])
+
+
+def step_loss(accelerator, loss: torch.Tensor) -> float:
+    """The loss of the whole step (the mean over processes), for logging."""
+    if accelerator.num_processes > 1:
+        loss = accelerator.reduce(loss.detach(), reduction="mean")
+    return float(loss.item())
+
+
+def close_process_group() -> None:
+    """Leave the process group, if any (torchrun / accelerate launch): a process that exits with it open
+    can abort (gloo: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
