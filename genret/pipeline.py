@@ -158,25 +158,40 @@ class RetrievalPipeline:
             on_error: ``raise`` on an unreadable image; ``skip`` leaves it out with a warning and a count.
             progress: show progress bars.
         """
-        gallery = Gallery(source={"dataset": str(dataset.source.resolve()), "name": dataset.name,
-                                  "splits": sorted({r.split for r in dataset.records}), "images": len(dataset)})
         for modality in modalities:
+            if modality not in ("image", "text"):
+                raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        items = {m: dataset.image_items() if m == "image" else dataset.text_items() for m in modalities}
+        self.index_items(items, {"dataset": str(dataset.source.resolve()), "name": dataset.name,
+                                 "splits": sorted({r.split for r in dataset.records}), "images": len(dataset)},
+                         on_error=on_error, progress=progress)
+
+    def index_items(self, items: dict[str, list[Item]], source: dict, on_error: str = "raise",
+                    progress: bool = True) -> None:
+        """Embed and index gallery items by modality (``{"image": [...], "text": [...]}``) as the gallery.
+
+        Args:
+            items: the items of each gallery to build.
+            source: what they are (dataset path, name, splits, count), kept in the gallery's manifest.
+            on_error: ``raise`` on an unreadable image; ``skip`` leaves it out with a warning and a count.
+            progress: show progress bars.
+        """
+        gallery = Gallery(source=source)
+        for modality, items_m in items.items():
             if modality == "image":
-                items = dataset.image_items()
-                if on_error == "skip":
-                    items = _readable(items)
-                vectors = self.encoder.encode_images([it.image for it in items], self.config.encoder.batch_size, progress)
+                items_m = _readable(items_m) if on_error == "skip" else items_m
+                vectors = self.encoder.encode_images([it.image for it in items_m], self.config.encoder.batch_size,
+                                                     progress)
             elif modality == "text":
-                items = dataset.text_items()
-                vectors = self.encoder.encode_texts([it.text for it in items], progress=progress)
+                vectors = self.encoder.encode_texts([it.text for it in items_m], progress=progress)
             else:
                 raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
             idx = VectorIndex(self.encoder.dim, self.config.index.factory, self.config.index.metric,
                               encoder=self.encoder.describe(), search_params=self.config.index.search_params,
                               modality=modality)
-            idx.add([it.id for it in items], vectors)
+            idx.add([it.id for it in items_m], vectors)
             gallery.indexes[modality] = idx
-            gallery.items[modality] = {it.id: it for it in items}
+            gallery.items[modality] = {it.id: it for it in items_m}
         self.gallery = gallery
         for stage in self.stages:  # e.g. the rerank stage's MLLM image features, computed once here
             if hasattr(stage, "index_gallery"):

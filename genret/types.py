@@ -51,8 +51,12 @@ class Query:
     image: str | None = None
     dialog: tuple[str, ...] = ()
     target: Modality | None = None
+    meta: Mapping[str, object] = field(default_factory=dict, hash=False, compare=False)
+    """What a rewrite stage did to make this query (the original text, a caption, the model's raw answer,
+    a fallback and why): kept for reports, never used to retrieve."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta or {})))
         if self.text is None and self.image is None and not self.dialog:
             raise ValueError(f"query {self.id!r} has no text, image or dialog")
         if self.text is not None and not isinstance(self.text, str):

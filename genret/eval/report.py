@@ -8,11 +8,13 @@ from pathlib import Path
 from genret._io import atomic_path, write_json, write_text
 from genret.eval.evaluator import DIRECTIONS
 
+LABELS = {**DIRECTIONS, "cir": "composed (reference + modification → target)"}
+
 
 def metrics_table(report: dict) -> str:
     """A Markdown table of every stage's metrics in each direction (percentages)."""
     stages = report["stages"]
-    directions = [d for d in DIRECTIONS if any(d in m for m in stages.values())]
+    directions = [d for d in LABELS if any(d in m for m in stages.values())]
     keys = [k for k in next(iter(stages.values()))[directions[0]]] if stages else []
     head = ["stage"] + [f"{d} {k}" for d in directions for k in keys]
     has_rsum = any("RSUM" in m for m in stages.values())
@@ -38,6 +40,17 @@ def twins_table(report: dict) -> str:
     return _markdown([head] + rows)
 
 
+REWRITES_SHOWN = 12
+
+
+def rewrites_table(report: dict, n: int = REWRITES_SHOWN) -> str:
+    """A Markdown table of the first ``n`` rewritten queries: input, caption, what retrieval used, hit or not."""
+    head = ["id", "modification", "caption of the reference", "query used", "fallback", "target in top 5"]
+    rows = [[str(w["id"]), w["modification"], w.get("caption", ""), w["query"] or "", w.get("fallback") or "",
+             "yes" if set(w["targets"]) & set(w["top5"]) else "no"] for w in report["rewrites"][:n]]
+    return _markdown([head] + [[c.replace("|", "/") for c in r] for r in rows])
+
+
 def _markdown(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
@@ -47,7 +60,7 @@ def _markdown(rows: list[list[str]]) -> str:
 def render_markdown(report: dict) -> str:
     """The whole report as Markdown."""
     ds = report["dataset"]
-    queries = ", ".join(f"{DIRECTIONS[d]} {n}" for d, n in ds["queries"].items())
+    queries = ", ".join(f"{LABELS[d]} {n}" for d, n in ds["queries"].items())
     parts = [
         f"# genret evaluation: {report['pipeline']}",
         f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; queries: {queries}. "
@@ -56,9 +69,15 @@ def render_markdown(report: dict) -> str:
     ]
     if report.get("twins"):
         parts += ["## Twins (choose the image over its swapped twin, and back)", twins_table(report)]
+    if report.get("rewrites"):
+        parts += [f"## Rewritten queries (first {min(REWRITES_SHOWN, len(report['rewrites']))} of "
+                  f"{len(report['rewrites'])}; all in report.json; {report.get('fallbacks', 0)} fell back to the "
+                  "modification text)", rewrites_table(report)]
     timing = report["timings"]
     lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
     lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)" for name, t in timing["stages"].items()]
+    lines += [f"  - {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)"
+              for name, t in timing.get("parts", {}).items()]
     parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
     return "\n\n".join(parts) + "\n"
 

@@ -1,8 +1,10 @@
 """Pipeline stages: prefilter, rerank, rewrite, generative."""
 
 from genret.stages.base import STAGES, RankStage, RewriteStage, Stage, StageContext
+from genret.stages.cirevl import CIReVLConfig, CIReVLStage
 from genret.stages.generate import GenerateConfig, GenerateStage
 from genret.stages.prefilter import PrefilterConfig, PrefilterStage
 from genret.stages.rerank import RerankConfig, RerankStage
 
-__all__ = ["STAGES", "GenerateConfig", "GenerateStage", "PrefilterConfig", "PrefilterStage", "RankStage", "RerankConfig", "RerankStage", "RewriteStage", "Stage", "StageContext"]
+__all__ = ["STAGES", "CIReVLConfig", "CIReVLStage", "GenerateConfig", "GenerateStage", "PrefilterConfig",
+           "PrefilterStage", "RankStage", "RerankConfig", "RerankStage", "RewriteStage", "Stage", "StageContext"]

@@ -1,0 +1,174 @@
+"""CIReVL: training-free composed image retrieval by rewriting the query.
+
+A composed query is a reference image plus a modification text ("make the circle green"). The stage
+captions the reference with an MLLM (:class:`~genret.mllm.captioner.Captioner`), has a rewriter (an
+LLM, or the MLLM on text only; optionally with a LoRA from ``genret train rewriter``) recompose
+caption and modification into a description of the target image (prompt ``cirevl``), and hands the
+next stage (the prefilter) that description as a plain text query for images.
+
+``mode`` also gives the single-modality baselines through the same stage, so one command compares
+them: ``text`` (the modification text alone), ``image`` (the reference image alone, image → image),
+``caption`` (the reference's caption alone). Queries that are not composed (a text or an image) pass
+through unchanged.
+
+Every rewritten query keeps in ``meta`` the original modification, the reference, the caption, the
+rewriter's raw answer and, when the answer was empty or ran past ``max_new_tokens``, that it fell back
+to the original modification text — evaluation reports show them. Captions and rewrites are cached on
+disk under ``cache_dir`` (keyed by model, adapter, prompt version, settings and input).
+
+Example pipeline file::
+
+    [encoder]
+    model = "adapters/mini-world/clip"
+
+    [[stages]]
+    type = "cirevl"
+    model = "adapters/mini-world/mllm"
+    rewriter_adapter = "runs/rewriter"     # optional: genret train rewriter
+    cache_dir = "cache/cirevl"
+
+    [[stages]]
+    type = "prefilter"
+    k = 50
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from genret.stages.base import STAGES, RewriteStage, StageContext
+from genret.types import Query
+
+if TYPE_CHECKING:
+    from genret.mllm.backend import MLLM
+
+logger = logging.getLogger(__name__)
+MODES = ("compose", "text", "image", "caption")
+
+
+@dataclass
+class CIReVLConfig:
+    """Settings of the CIReVL rewrite stage."""
+
+    model: str = field(default="", metadata={"help": "the MLLM that captions the reference (and rewrites, by default)"})
+    mode: str = field(default="compose", metadata={"help": "compose, or a baseline: text, image, caption"})
+    rewriter_model: str = field(default="", metadata={"help": "the rewriter (default: model, used on text only)"})
+    rewriter_adapter: str = field(default="", metadata={"help": "a LoRA from genret train rewriter (optional)"})
+    caption_prompt: str = field(default="caption", metadata={"help": "prompt of the captioner"})
+    rewrite_prompt: str = field(default="cirevl", metadata={"help": "prompt of the rewriter ([rewrite] table)"})
+    caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens"})
+    max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite; longer is a runaway (fallback)"})
+    num_beams: int = field(default=1, metadata={"help": "beam width of both (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
+    cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
+    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
+    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode in ("compose", "caption") and not self.model:
+            raise ValueError(f"mode {self.mode!r} needs model (the captioning MLLM)")
+        for name in ("caption_tokens", "max_new_tokens", "num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def check_composed(query: Query) -> None:
+    """Refuse a composed query that cannot be used: no reference file, or an empty modification."""
+    if query.image is None:
+        raise ValueError(f"query {query.id!r}: a composed query needs its reference image; it has only the text "
+                         f"{query.text!r}")
+    if not Path(query.image).is_file():
+        raise FileNotFoundError(f"query {query.id!r}: reference image not found: {query.image}")
+    if not (query.text or "").strip():
+        raise ValueError(f"query {query.id!r}: the modification text is empty; give what should change in the "
+                         f"reference image {query.image}")
+
+
+@STAGES.register("cirevl")
+class CIReVLStage(RewriteStage):
+    """Caption the reference, recompose with the modification, retrieve with the description."""
+
+    config_class = CIReVLConfig
+
+    def __init__(self, config: CIReVLConfig, name: str) -> None:
+        super().__init__(config, name)
+        self._mllm: "MLLM | None" = None
+        self._rewriter_mllm: "MLLM | None" = None
+        self._captioner = None
+        self._rewriter = None
+        self.seconds = {"caption": 0.0, "rewrite": 0.0}
+
+    def _load(self) -> None:
+        from genret.mllm import MLLM, MLLMConfig
+        from genret.mllm.captioner import Captioner
+        from genret.mllm.rewriter import Rewriter
+
+        c = self.config
+        cache = c.cache_dir or None
+        if self._captioner is None and c.mode in ("compose", "caption"):
+            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+            self._captioner = Captioner(self._mllm, c.caption_prompt, max_new_tokens=c.caption_tokens,
+                                        batch_size=c.batch_size, cache_dir=cache, num_beams=c.num_beams)
+        if self._rewriter is None and c.mode == "compose":
+            if c.rewriter_model and c.rewriter_model != c.model or c.rewriter_adapter:
+                # A LoRA rewriter gets its own copy of the base: the captioner keeps the plain model.
+                self._rewriter_mllm = MLLM.load(MLLMConfig(model=c.rewriter_model or c.model, dtype=c.dtype,
+                                                           device_map=c.device_map))
+                if c.rewriter_adapter:
+                    self._rewriter_mllm.attach_adapter(c.rewriter_adapter, task="rewriter")
+            else:
+                self._rewriter_mllm = self._mllm
+            self._rewriter = Rewriter(self._rewriter_mllm, c.rewrite_prompt, max_new_tokens=c.max_new_tokens,
+                                      num_beams=c.num_beams, batch_size=c.batch_size, cache_dir=cache)
+
+    def rewrite(self, queries: Sequence[Query], ctx: StageContext) -> list[Query]:
+        import time
+
+        composed = [i for i, q in enumerate(queries) if q.modality == "image+text"]
+        for i in composed:
+            check_composed(queries[i])
+        out = list(queries)
+        if not composed:
+            return out
+        mode = self.config.mode
+        if mode == "text":
+            for i in composed:
+                q = queries[i]
+                out[i] = Query(id=q.id, text=q.text, target="image", meta=self._meta(q))
+            return out
+        if mode == "image":
+            for i in composed:
+                q = queries[i]
+                out[i] = Query(id=q.id, image=q.image, target="image", meta=self._meta(q))
+            return out
+        self._load()
+        tick = time.perf_counter()
+        captions = self._captioner.caption([queries[i].image for i in composed])
+        self.seconds["caption"] += time.perf_counter() - tick
+        if mode == "caption":
+            for i, cap in zip(composed, captions):
+                q = queries[i]
+                out[i] = Query(id=q.id, text=cap or q.text, target="image", meta=self._meta(q, caption=cap))
+            return out
+        tick = time.perf_counter()
+        rows = [{"caption": cap, "modification": queries[i].text} for i, cap in zip(composed, captions)]
+        done = self._rewriter.rewrite(rows, [queries[i].text for i in composed])
+        self.seconds["rewrite"] += time.perf_counter() - tick
+        for i, cap, r in zip(composed, captions, done):
+            q = queries[i]
+            out[i] = Query(id=q.id, text=r.text, target="image",
+                           meta=self._meta(q, caption=cap, rewrite=r.raw, fallback=r.fallback))
+        fell = sum(r.fallback is not None for r in done)
+        if fell:
+            logger.warning("%s: %d of %d rewrites were empty or runaway; those queries use the modification text",
+                           self.name, fell, len(done))
+        return out
+
+    def _meta(self, q: Query, **more) -> dict:
+        return {"stage": self.name, "mode": self.config.mode, "original_text": q.text, "reference": q.image,
+                **{k: v for k, v in more.items()}}

@@ -1,0 +1,224 @@
+"""``genret train rewriter``: a LoRA that turns (caption of the reference, modification) into the target's description.
+
+CIReVL is training-free: any instruction-following LLM recomposes the caption. Where the base does
+that badly (a small model, a new domain), a LoRA on the composed-retrieval training triplets teaches
+it. Each training row is the ``cirevl`` prompt filled with the captioner's caption of the reference
+image (the same captioner, prompt and settings the stage uses, so training sees what inference
+sees) and the modification; the target is the triplet's ``target_caption`` when the data gives one
+(the miniature world does) or else the captioner's caption of the target image. Loss: next-token
+cross-entropy on the target's tokens (eos included), LoRA on the language model only.
+
+Runs in several processes like the other trainers (``torchrun`` / ``accelerate launch``; captioning
+on the main process). The adapter folder holds peft's files and ``genret.json`` (task ``rewriter``,
+mode = the prompt table, the caption settings) — the stage checks them on attach.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genret import __version__
+from genret.training.distributed import my_slice, on_main, step_loss
+
+if TYPE_CHECKING:
+    from genret.data.cir import CIRSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewriterTrainConfig:
+    """What the rewriter LoRA learns from, and how."""
+
+    prompt: str = field(default="cirevl", metadata={"help": "rewrite prompt ([rewrite] table with {caption}, {modification})"})
+    caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt (as the stage uses it)"})
+    caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
+    max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
+    cache_dir: str = field(default="", metadata={"help": "caption cache ('' : inside the output folder)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training triplets (unless max_steps)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    eval_triplets: int = field(default=64, metadata={"help": "val triplets rewritten at the end (exact-match check)"})
+    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+
+    def __post_init__(self) -> None:
+        for name in ("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "threads", "eval_triplets", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError("lr must be positive and warmup in [0, 1)")
+
+
+def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, str]]:
+    """``({"caption", "modification"}, target text)`` per triplet with a usable target.
+
+    Args:
+        cir: the triplets.
+        captions: image id -> the captioner's caption (references, and targets without ``target_caption``).
+    """
+    out = []
+    for t in cir.triplets:
+        target = t.meta.get("target_caption") or (captions.get(_first_target(t)) if t.targets else None)
+        if target:
+            out.append(({"caption": captions[t.reference], "modification": t.modification}, target))
+    return out
+
+
+def _first_target(t) -> str:
+    return t.meta.get("target_hard") or t.targets[0]
+
+
+def _images_to_caption(cir: "CIRSet") -> list[str]:
+    ids = {t.reference for t in cir.triplets}
+    ids |= {_first_target(t) for t in cir.triplets if t.targets and not t.meta.get("target_caption")}
+    return sorted(ids)
+
+
+def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.PathLike,
+                   config: RewriterTrainConfig | None = None, *, val: "CIRSet | None" = None, progress: bool = True,
+                   on_step: "Callable[[dict], None] | None" = None) -> dict:
+    """Train the rewriter LoRA on ``train``'s triplets; saves the adapter in ``out_dir``.
+
+    Returns:
+        The manifest (also ``out_dir/genret.json``): config, history, val exact match before/after, speed.
+    """
+    from accelerate import Accelerator
+
+    from genret.mllm.adapters import FORMAT, VERSION, save_adapter
+    from genret.mllm.captioner import Captioner
+    from genret.mllm.rewriter import Rewriter
+    from genret.prompts import load_prompt
+    from genret.training.grace import _add_lora, identifier_loss
+    from genret.training.rerank import RerankTrainConfig, _load_base, _lr_factor
+
+    config = config or RewriterTrainConfig()
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main, procs = accelerator.is_main_process, accelerator.num_processes
+    show = progress and main
+    prompt = load_prompt(config.prompt, required={"rewrite": {"user": ("{caption}", "{modification}")}})
+    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
+    cache = config.cache_dir or str(out_dir / "cache")
+    captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
+
+    def caption(cir: "CIRSet") -> dict[str, str]:
+        ids = _images_to_caption(cir)
+        return dict(zip(ids, captioner.caption([str(cir.images[i]) for i in ids], progress=show)))
+
+    captions = on_main(accelerator, lambda: caption(train))
+    pairs = rewrite_pairs(train, captions)
+    if len(pairs) < config.batch_size * procs:
+        raise ValueError(f"{train.source}: {len(pairs)} training triplets with a target text, fewer than one step's "
+                         f"{config.batch_size * procs} (batch_size x processes); lower batch_size")
+    val_pairs = []
+    if val is not None and config.eval_triplets:
+        val_caps = on_main(accelerator, lambda: caption(val))
+        val_pairs = rewrite_pairs(val, val_caps)[: config.eval_triplets]
+    rewriter = Rewriter(mllm, prompt, max_new_tokens=config.max_new_tokens)
+
+    def exact_match() -> dict:
+        if not val_pairs:
+            return {}
+        done = rewriter.rewrite([r for r, _ in val_pairs], [r["modification"] for r, _ in val_pairs])
+        hits = sum(_norm(d.text) == _norm(t) for d, (_, t) in zip(done, val_pairs))
+        return {"exact_match": round(100.0 * hits / len(val_pairs), 2), "fallbacks": sum(d.fallback is not None for d in done),
+                "triplets": len(val_pairs), "examples": [{"input": r, "target": t, "rewrite": d.text}
+                                                          for d, (r, t) in list(zip(done, val_pairs))[:3]]}
+
+    before = on_main(accelerator, exact_match)
+    torch.manual_seed(config.seed)
+    model = _add_lora(mllm, config, [])
+    rewriter = Rewriter(mllm, prompt, max_new_tokens=config.max_new_tokens)  # the key now holds no adapter digest
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    rendered = [rewriter.render(r) for r, _ in pairs]
+    eos = mllm.tokenizer.eos_token_id
+    targets = [mllm.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for _, t in pairs]
+    per_step = config.batch_size * procs
+    total = config.max_steps or config.epochs * math.ceil(len(pairs) / per_step)
+    rng = random.Random(config.seed)
+    stream: list[int] = []
+    history, window = [], []
+    bar = tqdm(total=total, desc="train rewriter", unit="step", disable=not show)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, total + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step - 1, total, config.warmup)
+        rows = []
+        while len(rows) < per_step:
+            if not stream:
+                stream = rng.sample(range(len(pairs)), len(pairs))
+            rows.append(stream.pop())
+        mine = my_slice(accelerator, rows, config.batch_size)
+        loss = identifier_loss(mllm, [rendered[i] for i in mine], [[] for _ in mine], [targets[i] for i in mine],
+                               model=wrapped)
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(step_loss(accelerator, loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{window[-1]:.3f}")
+        if step % config.log_every == 0 or step == total:
+            history.append({"step": step, "loss": round(float(np.mean(window)), 4)})
+            window = []
+        if on_step is not None:
+            on_step({"step": step, "total": total, "loss": history[-1]["loss"] if history else None})
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    rewriter.cache.entries.clear()
+    after = on_main(accelerator, exact_match)
+    losses = [h["loss"] for h in history]
+    manifest = {
+        "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rewriter", "mode": "rewrite",
+        "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
+        "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
+        "captioner": captioner.key,
+        "data": {"source": str(train.source), "split": train.split, "triplets": len(train.triplets), "pairs": len(pairs),
+                 "target_text": "target_caption" if any(t.meta.get("target_caption") for t in train.triplets)
+                 else "captioner"},
+        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                    "val_before": before, "val": after},
+        "history": history, "steps": total,
+        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "rows_per_step": per_step, "processes": procs,
+                  "device": str(accelerator.device)},
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    accelerator.wait_for_everyone()
+    if main:
+        save_adapter(out_dir, model, manifest)
+    return manifest
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace(",", " ").replace(".", " ").split())
