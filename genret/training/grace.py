@@ -136,22 +136,10 @@ def pseudo_queries(mllm: "MLLM", prompt: "Prompt", paths: Sequence[str], max_new
     Returns:
         One caption per image, stripped (empty where the model said nothing).
     """
-    text = scoring._render(mllm, scoring.user_message(prompt.section("caption")["user"]))
-    tok = mllm.tokenizer
-    out: list[str] = []
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        for s in tqdm(range(0, len(paths), batch_size), desc="pseudo-queries", unit="batch", disable=not progress):
-            chunk = [load_image(p) for p in paths[s:s + batch_size]]
-            inputs = mllm.processor(text=[text] * len(chunk), images=chunk, padding=True, return_tensors="pt")
-            inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
-            with torch.inference_mode():
-                gen = mllm.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                          pad_token_id=tok.pad_token_id)
-            out += [t.strip() for t in tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
-    return out
+    from genret.mllm.captioner import Captioner
+
+    captioner = Captioner(mllm, prompt, section="caption", max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return captioner.caption(paths, progress=progress)
 
 
 def init_token_rows(identifiers: Identifiers, tokenizer, model, embeddings: np.ndarray | None, seed: int = 0) -> str:
