@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="generate the miniature world (Karpathy format)")
+    synth = data.add_parser("synth", help="generate the miniature world (Karpathy format, and CIR triplets in cirr/)")
     synth.add_argument("out", help="output folder")
     add_arguments(synth, SynthConfig)
 
@@ -149,6 +149,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     config = merge_arguments(SynthConfig, args)
     path = generate_world(args.out, config, progress=not args.quiet)
     print(f"wrote {path}")
+    if (path.parent / "cirr").is_dir():
+        print(f"wrote {path.parent / 'cirr'} (composed-retrieval triplets, CIRR layout)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Scenes of the miniature world: two coloured shapes in a spatial relation, and the captions they imply.
 
-The scene is the single source of truth: captions, twins, facts for a simulated user and (later)
-composed-retrieval edits are all derived from it, never stored beside it.
+The scene is the single source of truth: captions, twins, facts for a simulated user and
+composed-retrieval edits (:func:`edits`) are all derived from it, never stored beside it.
 
 >>> a = SceneObject("circle", "red", "small", 20.0, 32.0)
 >>> b = SceneObject("square", "blue", "large", 44.0, 30.0)
@@ -205,3 +205,153 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     size = rng.choice(SIZES)
     out.append((f"Is the {present.noun()} {size}?", "yes" if size == present.size else "no"))
     return out
+
+
+# --- Composed-retrieval edits -------------------------------------------------------------------------------------
+
+EDIT_KINDS = ("colour", "shape", "size", "relation", "open_colour")
+"""What an :class:`Edit` changes: one object's colour, shape or size, the relation, or (open) a colour to any other."""
+
+# {ref}/{other}: an unambiguous name of the edited / the other object ("circle" or "red circle").
+_EDIT_TEMPLATES = MappingProxyType({
+    "colour": ("make the {ref} {colour}", "change the colour of the {ref} to {colour}", "paint the {ref} {colour}",
+               "turn the {ref} {colour}"),
+    "shape": ("change the {ref} into a {shape}", "turn the {ref} into a {shape}", "make the {ref} a {shape}",
+              "replace the {ref} with a {colour} {shape}"),
+    "size": ("make the {ref} {size}", "make the {ref} {comparative}", "change the {ref} to a {size} one"),
+    "relation": ("put the {ref} {near} the {other}", "move the {ref} {near} the {other}",
+                 "place the {ref} {near} the {other}"),
+    "swap": ("swap the two objects", "swap the places of the {ref} and the {other}",
+             "let the {ref} and the {other} trade places"),
+    "open_colour": ("give the {ref} another colour", "change the colour of the {ref}",
+                    "make the {ref} a different colour", "recolour the {ref}"),
+})
+# Mirroring the layout in the diagonal turns a horizontal relation into a vertical one and back.
+_TRANSPOSED = MappingProxyType({"left of": "above", "right of": "below", "above": "left of", "below": "right of"})
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A modification text for a reference scene and every scene that satisfies it.
+
+    Args:
+        kind: one of :data:`EDIT_KINDS`.
+        text: the modification, e.g. ``"make the circle green"``; it names objects unambiguously.
+        targets: the edited scenes that satisfy the text (one for a closed edit; several for an open
+            one, e.g. every other colour). Each keeps the reference's other object and, but for a
+            relation edit, the positions; each keeps its two objects distinct.
+    """
+
+    kind: str
+    text: str
+    targets: tuple[Scene, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in EDIT_KINDS:
+            raise ValueError(f"unknown edit kind {self.kind!r}; known: {', '.join(EDIT_KINDS)}")
+        if not self.targets:
+            raise ValueError(f"edit {self.text!r} has no target scene")
+
+    @property
+    def target_captions(self) -> tuple[str, ...]:
+        """For each target, its first caption from :meth:`Scene.all_captions` (what a rewriter should say)."""
+        return tuple(t.all_captions()[0] for t in self.targets)
+
+    def accepts(self, scene: Scene) -> bool:
+        """Whether ``scene`` shows what the edit asks for (its signature is a target's)."""
+        return scene.signature() in {t.signature() for t in self.targets}
+
+
+def edits(scene: Scene, rng: random.Random) -> list[Edit]:
+    """Every composed-retrieval edit of a scene, each worded by one of a few templates.
+
+    Colour and shape edits go to every other value that keeps the two objects distinct; size edits flip
+    the size; relation edits go to each other relation (the inverse as a swap of places); open colour
+    edits ("give the circle another colour") accept every such colour at once.
+
+    Args:
+        scene: the reference scene.
+        rng: picks each edit's wording and how its objects are named.
+
+    Returns:
+        The edits in a fixed order (kind, then object, then value); every one changes the scene.
+
+    Example:
+        >>> a = SceneObject("circle", "red", "small", 20.0, 32.0)
+        >>> b = SceneObject("square", "blue", "large", 44.0, 30.0)
+        >>> e = [e for e in edits(Scene((a, b), "left of"), random.Random(0)) if e.kind == "size"][0]
+        >>> e.targets[0].objects[0].size, e.target_captions[0]
+        ('large', 'a large red circle to the left of a large blue square')
+    """
+    out: list[Edit] = []
+    for kind in ("colour", "shape"):
+        for i, obj in enumerate(scene.objects):
+            for value in (tuple(COLOURS) if kind == "colour" else SHAPES):
+                target = _changed(scene, i, **{kind: value})
+                if target is not None:
+                    words = {"ref": _name(scene, i, rng), "colour": obj.colour, "shape": obj.shape, kind: value}
+                    out.append(Edit(kind, rng.choice(_EDIT_TEMPLATES[kind]).format(**words), (target,)))
+    for i, obj in enumerate(scene.objects):
+        size = SIZES[1 - SIZES.index(obj.size)]
+        text = rng.choice(_EDIT_TEMPLATES["size"]).format(
+            ref=_name(scene, i, rng), size=size, comparative="bigger" if size == "large" else "smaller")
+        out.append(Edit("size", text, (_changed(scene, i, size=size),)))
+    for relation in RELATIONS:
+        if relation != scene.relation:
+            out.append(_relation_edit(scene, relation, rng))
+    for i, obj in enumerate(scene.objects):
+        targets = tuple(t for c in COLOURS if (t := _changed(scene, i, colour=c)) is not None)
+        out.append(Edit("open_colour", rng.choice(_EDIT_TEMPLATES["open_colour"]).format(ref=_name(scene, i, rng)),
+                        targets))
+    return out
+
+
+def sample_edit(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = EDIT_KINDS) -> Edit:
+    """One edit of ``scene``: a kind drawn uniformly from ``kinds``, then one of its edits.
+
+    Drawing the kind first keeps the rarer kinds (size, relation) as common as the others.
+    """
+    unknown = set(kinds) - set(EDIT_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be some of {', '.join(EDIT_KINDS)}, got {kinds!r}")
+    by_kind: dict[str, list[Edit]] = {}
+    for e in edits(scene, rng):
+        by_kind.setdefault(e.kind, []).append(e)
+    return rng.choice(by_kind[rng.choice([k for k in kinds if k in by_kind])])
+
+
+def _changed(scene: Scene, i: int, **change: str) -> Scene | None:
+    """``scene`` with object ``i`` changed; None when nothing changes or the two objects would look alike."""
+    objects = list(scene.objects)
+    new = replace(objects[i], **change)
+    if new == objects[i]:
+        return None
+    objects[i] = new
+    a, b = objects
+    if (a.shape, a.colour) == (b.shape, b.colour):
+        return None
+    return Scene((a, b), scene.relation)
+
+
+def _name(scene: Scene, i: int, rng: random.Random) -> str:
+    """A name that tells object ``i`` from the other: its shape where the shapes differ (or, by chance, the
+    colour and shape), else colour and shape."""
+    obj, other = scene.objects[i], scene.objects[1 - i]
+    return obj.noun() if obj.shape == other.shape or rng.random() < 0.5 else obj.shape
+
+
+def _relation_edit(scene: Scene, relation: str, rng: random.Random) -> Edit:
+    """Move the objects so that ``objects[0]`` stands in ``relation`` to ``objects[1]``."""
+    a, b = scene.objects
+    if relation == INVERSE[scene.relation]:
+        words = {"ref": _name(scene, 0, rng), "other": _name(scene, 1, rng)}
+        return Edit("relation", rng.choice(_EDIT_TEMPLATES["swap"]).format(**words), (scene.relation_twin(),))
+    # A square canvas mirrored in its diagonal keeps every margin and gap; swapping places then inverts.
+    a, b = (replace(o, x=o.y, y=o.x) for o in (a, b))
+    target = Scene((a, b), _TRANSPOSED[scene.relation])
+    if target.relation != relation:
+        target = target.relation_twin()
+    i = rng.randrange(2)  # say it from either object's side: "the circle above the square" or "the square below ..."
+    words = {"ref": _name(scene, i, rng), "other": _name(scene, 1 - i, rng),
+             "near": _PHRASES[relation if i == 0 else INVERSE[relation]][0]}
+    return Edit("relation", rng.choice(_EDIT_TEMPLATES["relation"]).format(**words), (target,))

@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from math import cos, pi, radians, sin
 from pathlib import Path
 
@@ -37,13 +38,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from genret._io import write_json
-from genret.data.scene import COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Scene, SceneObject
+from genret._io import atomic_dir, write_json
+from genret.data.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
+                                sample_edit)
 
 logger = logging.getLogger(__name__)
 
-VERSION = 2
-"""Bumped whenever the same config would give a different world (layout, drawing, captions)."""
+VERSION = 3
+"""Bumped whenever the same config would give a different world (layout, drawing, captions, triplets).
+
+Version 3 added the composed-retrieval triplets (``cirr/``); its Karpathy part (images and captions) is
+byte-identical to version 2's for the same sizes and seed."""
 
 TWIN_KINDS = ("binding", "relation")
 
@@ -65,6 +70,7 @@ class _Style:
 
 _STYLES = {"train": _Style((0.0, 12.0), outline=False), "test": _Style((12.0, 24.0), outline=True)}
 _SPLIT_STYLE = {"train": "train", "val": "test", "test": "test"}
+_CIR_FIELDS = ("cir_train", "cir_val", "cir_test")
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,17 @@ class SynthConfig:
     captions_per_image: int = field(default=5, metadata={"help": f"distinct captions per image (1 to {MAX_CAPTIONS})"})
     twin_fraction: float = field(default=0.5, metadata={"help": "fraction of test images that come in twin pairs"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same files"})
+    cir_train: int = field(default=2000, metadata={"help": "composed-retrieval triplets on train images (cirr/; "
+                                                           "at most one per image, 0: none)"})
+    cir_val: int = field(default=100, metadata={"help": "composed-retrieval triplets on val images"})
+    cir_test: int = field(default=400, metadata={"help": "composed-retrieval triplets on test images"})
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_val", "n_test", "image_size", "captions_per_image", "seed"):
+        for name in ("n_train", "n_val", "n_test", "image_size", "captions_per_image", "seed", *_CIR_FIELDS):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("n_train", "n_val", "n_test"):
+        for name in ("n_train", "n_val", "n_test", *_CIR_FIELDS):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.n_train + self.n_val + self.n_test == 0:
@@ -117,7 +127,14 @@ def sample_scene(rng: random.Random, image_size: int = 64, distinct: bool = Fals
         if (sa, ca) != (sb, cb) and not (distinct and (sa == sb or ca == cb)):
             break
     size_a, size_b, relation = rng.choice(SIZES), rng.choice(SIZES), rng.choice(RELATIONS)
-    ea, eb = (_EXTENT * _RADIUS[size][1] * k for size in (size_a, size_b))
+    a, b = (SceneObject(shape, colour, size, 0.0, 0.0) for shape, colour, size in ((sa, ca, size_a), (sb, cb, size_b)))
+    return _laid_out(Scene((a, b), relation), rng, image_size)
+
+
+def _laid_out(scene: Scene, rng: random.Random, image_size: int) -> Scene:
+    """``scene`` with new positions at which its relation holds clearly and either object fits at either place."""
+    (a, b), relation, s, k = scene.objects, scene.relation, float(image_size), image_size / 64
+    ea, eb = (_EXTENT * _RADIUS[o.size][1] * k for o in (a, b))
     edge = max(ea, eb) + _MARGIN * k
     gap = ea + eb + _GAP * k
     # Along the relation's axis: objects[0] first (left or top), a clear gap, then objects[1].
@@ -130,9 +147,29 @@ def sample_scene(rng: random.Random, image_size: int = 64, distinct: bool = Fals
     pos = [(first, across + rng.uniform(-jitter, jitter)), (second, across + rng.uniform(-jitter, jitter))]
     if relation in ("above", "below"):
         pos = [(x, y) for y, x in pos]
-    a, b = (SceneObject(shape, colour, size, round(x, 2), round(y, 2))
-            for (shape, colour, size), (x, y) in zip(((sa, ca, size_a), (sb, cb, size_b)), pos))
+    a, b = (replace(o, x=round(x, 2), y=round(y, 2)) for o, (x, y) in zip((a, b), pos))
     return Scene((a, b), relation)
+
+
+def fits(scene: Scene, image_size: int) -> bool:
+    """Whether ``scene`` draws whole on an ``image_size`` canvas with its relation clear (a clear gap between the
+    objects along the relation's axis), as every sampled scene does."""
+    (a, b), k, tol = scene.objects, image_size / 64, 0.02  # positions are rounded to 0.01 px
+    reach = [_EXTENT * _RADIUS[o.size][1] * k for o in (a, b)]
+    for o, e in zip((a, b), reach):
+        if not all(e + _MARGIN * k - tol <= c <= image_size - e - _MARGIN * k + tol for c in (o.x, o.y)):
+            return False
+    along = (b.x - a.x) if scene.horizontal else (b.y - a.y)
+    sign = 1 if scene.relation in ("left of", "above") else -1
+    return sign * along >= sum(reach) + _GAP * k - tol
+
+
+def fit(scene: Scene, rng: random.Random, image_size: int) -> Scene:
+    """``scene`` itself when it :func:`fits`, else the same objects and relation laid out anew.
+
+    A size edit can make an object too large for the place it had; every other edit keeps a fitting layout.
+    """
+    return scene if fits(scene, image_size) else _laid_out(scene, rng, image_size)
 
 
 def _ring(n: int, radius: float, start: float = -pi / 2) -> list[tuple[float, float]]:
@@ -258,11 +295,12 @@ def _entry(imgid: int, name: str, planned: _Planned, first_sentid: int) -> dict:
 
 
 def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
-    """Write the miniature world: ``images/NNNNNN.png`` and, last, ``dataset_synth.json`` (Karpathy format).
+    """Write the miniature world: ``images/NNNNNN.png``, ``cirr/`` and, last, ``dataset_synth.json`` (Karpathy format).
 
-    Every file is written to a temporary name and renamed into place, and any previous
-    ``dataset_synth.json`` is removed first, so an interrupted run never leaves a JSON that points to
-    missing or half-written images.
+    ``cirr/`` holds the composed-retrieval triplets in the CIRR layout (see :func:`_write_cirr`); it is
+    left out when every ``cir_*`` count is 0. Every file is written to a temporary name and renamed into
+    place (``cirr/`` as a whole), and any previous ``dataset_synth.json`` and ``cirr/`` are removed first,
+    so an interrupted run never leaves a JSON that points to missing or half-written images.
 
     Args:
         out_dir: the folder to write (created if needed).
@@ -279,21 +317,158 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
     if path.exists():
         logger.info("replacing the world in %s", out)
         path.unlink()
+    if (out / "cirr" / _SCENES).is_file():  # its references would point at the images about to be redrawn
+        shutil.rmtree(out / "cirr")
     plan = _plan(config, random.Random(config.seed))
     entries, sentid = [], 0
     for imgid, planned in enumerate(tqdm(plan, desc="render world", unit="img", disable=not progress)):
         name = f"{imgid:06d}.png"
-        img = render(planned.scene, config.image_size, planned.seed, _SPLIT_STYLE[planned.split])
-        tmp = images_dir / f".{name}.tmp"  # not mkstemp: that would make the image unreadable to others (0600)
-        try:
-            img.save(tmp, format="PNG")
-            os.replace(tmp, images_dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _save_png(render(planned.scene, config.image_size, planned.seed, _SPLIT_STYLE[planned.split]),
+                  images_dir / name)
         entries.append(_entry(imgid, name, planned, sentid))
         sentid += len(planned.captions)
+    _write_cirr(out / "cirr", config, plan, progress)
     provenance = {"generator": "genret.data.synth", "version": VERSION, "config": asdict(config)}
     write_json(path, {"dataset": "synth", "genret": provenance, "images": entries})
     logger.info("wrote %d images (%d train, %d val, %d test, %d twin pairs) to %s", len(entries), config.n_train,
                 config.n_val, config.n_test, sum(p.twin_of is not None for p in plan) // 2, out)
     return path
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # not mkstemp: that would make the image unreadable to others (0600)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- Composed-retrieval triplets in the CIRR layout ----------------------------------------------------------------
+
+_SCENES = "scenes.json"
+_CIRR_VERSION = "rc2"  # CIRR's own release tag, so that CIRR readers find cap.rc2.<split>.json
+_NEAR_MISSES = 2
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """A rendered image of a CIR split: its name, scene and drawing seed."""
+
+    name: str
+    scene: Scene
+    seed: int
+
+
+def _write_cirr(folder: Path, config: SynthConfig, plan: list[_Planned], progress: bool) -> None:
+    """Write the composed-retrieval triplets of every split to ``folder`` in the CIRR layout (none: no folder).
+
+    Layout (paths in ``image_splits`` are relative to ``img_raw/``, as in CIRR)::
+
+        captions/cap.rc2.<split>.json     [{pairid, reference, target_hard, target_soft, caption, img_set,
+                                            edit_kind, target_caption}, ...]
+        image_splits/split.rc2.<split>.json  {name: "./<split>/<name>.png" or "../../images/NNNNNN.png"}
+        img_raw/<split>/<name>.png        the rendered targets and near misses
+        scenes.json                       {name: scene} for every image of every split (genret's extension)
+
+    Each triplet's reference is a distinct image of the world's split, named by its Karpathy ``imgid``
+    and not copied: ``image_splits`` points at ``images/`` two folders up. Its targets (1 for a closed
+    edit, 2-3 of the valid scenes for an open one) and two near misses (a target with one more thing
+    changed) are drawn anew in the split's style. ``target_soft`` scores 1.0 for every image of the split,
+    rendered or not, that shows a valid target scene. ``edit_kind`` and ``target_caption`` (the first
+    caption of ``target_hard``'s scene) are genret's additions to CIRR's keys.
+    """
+    counts = {}
+    for split in ("train", "val", "test"):
+        wanted, have = getattr(config, f"cir_{split}"), sum(p.split == split for p in plan)
+        counts[split] = min(wanted, have)
+        if have < wanted:
+            logger.info("cir_%s: %d triplets, not %d: one per %s image", split, have, wanted, split)
+    if not any(counts.values()):
+        return
+    with atomic_dir(folder) as tmp:
+        scenes: dict[str, dict] = {}
+        pairid = 0
+        for split, n in counts.items():
+            if n == 0:
+                continue
+            world = [(str(imgid), p) for imgid, p in enumerate(plan) if p.split == split]
+            rng = random.Random(f"genret.cirr:{config.seed}:{split}")
+            triplets = [_cir_triplet(pairid + j, split, name, planned.scene, rng, config.image_size)
+                        for j, (name, planned) in enumerate(sorted(rng.sample(world, n), key=lambda w: int(w[0])))]
+            pairid += n
+            (tmp / "img_raw" / split).mkdir(parents=True)
+            paths = {name: f"../../images/{int(name):06d}.png" for name, _ in world}
+            shown = {name: planned.scene for name, planned in world}
+            style = _SPLIT_STYLE[split]
+            for t in tqdm(triplets, desc=f"render cirr {split}", unit="triplet", disable=not progress):
+                for image in t["targets"] + t["near"]:
+                    _save_png(render(image.scene, config.image_size, image.seed, style),
+                              tmp / "img_raw" / split / f"{image.name}.png")
+                    paths[image.name], shown[image.name] = f"./{split}/{image.name}.png", image.scene
+            by_signature: dict[tuple, list[str]] = {}
+            for name, scene in shown.items():
+                by_signature.setdefault(scene.signature(), []).append(name)
+            entries = [_cirr_entry(t, by_signature, rng) for t in triplets]
+            write_json(tmp / "image_splits" / f"split.{_CIRR_VERSION}.{split}.json", paths)
+            write_json(tmp / "captions" / f"cap.{_CIRR_VERSION}.{split}.json", entries)
+            scenes.update((name, scene.to_dict()) for name, scene in shown.items())
+            logger.info("cirr %s: %d triplets, %d gallery images", split, n, len(paths))
+        write_json(tmp / _SCENES, scenes)
+
+
+def _cir_triplet(pairid: int, split: str, reference: str, scene: Scene, rng: random.Random, image_size: int) -> dict:
+    """Plan one triplet: the edit of the reference scene, the targets to draw and the near misses."""
+    edit = sample_edit(scene, rng)
+    valid = edit.targets if len(edit.targets) == 1 else rng.sample(edit.targets, min(len(edit.targets),
+                                                                                    rng.randint(2, 3)))
+    targets = [_Shown(f"{split}-{pairid:06d}-t{j}", fit(t, rng, image_size), rng.getrandbits(32))
+               for j, t in enumerate(valid)]
+    near = [_Shown(f"{split}-{pairid:06d}-n{j}", fit(m, rng, image_size), rng.getrandbits(32))
+            for j, m in enumerate(_near_misses(scene, edit, valid[0], rng))]
+    return {"pairid": pairid, "reference": reference, "edit": edit, "targets": targets, "near": near}
+
+
+def _near_misses(reference: Scene, edit: Edit, target: Scene, rng: random.Random) -> list[Scene]:
+    """Scenes one change away from ``target`` that satisfy neither the edit nor equal the reference.
+
+    One changes the edited attribute again (so the text is needed: it looks like the reference with
+    another change), one changes something else (so the reference is needed: the text alone fits it),
+    where the edit allows both.
+    """
+    taken = {t.signature() for t in edit.targets} | {reference.signature()}
+    edited = _differences(reference, target)
+    again: dict[tuple, Scene] = {}
+    other: dict[tuple, Scene] = {}
+    for e in edits(target, rng):
+        if e.kind == "open_colour":
+            continue
+        miss = e.targets[0]
+        if miss.signature() not in taken:
+            (again if _differences(target, miss) <= edited else other).setdefault(miss.signature(), miss)
+    pools = [list(again.values()), list(other.values())]
+    out = [rng.choice(pool) for pool in pools if pool]
+    rest = [m for pool in pools for m in pool if m not in out]
+    out += rng.sample(rest, max(0, _NEAR_MISSES - len(out)))
+    return out[:_NEAR_MISSES]
+
+
+def _differences(a: Scene, b: Scene) -> set[tuple]:
+    """What differs between two scenes whose objects correspond by index: (index, attribute) and ("relation",)."""
+    out = {(i, attr) for i, (p, q) in enumerate(zip(a.objects, b.objects))
+           for attr in ("shape", "colour", "size") if getattr(p, attr) != getattr(q, attr)}
+    return out | ({("relation",)} if a.relation != b.relation else set())
+
+
+def _cirr_entry(triplet: dict, by_signature: dict[tuple, list[str]], rng: random.Random) -> dict:
+    """One CIRR caption entry (with genret's ``edit_kind`` and ``target_caption``)."""
+    edit, hard = triplet["edit"], triplet["targets"][0]
+    soft = {name: 1.0 for t in edit.targets for name in by_signature.get(t.signature(), ())}
+    members = [triplet["reference"]] + [i.name for i in triplet["targets"] + triplet["near"]]
+    rng.shuffle(members)  # as in CIRR, a member's place says nothing
+    return {"pairid": triplet["pairid"], "reference": triplet["reference"], "target_hard": hard.name,
+            "target_soft": dict(sorted(soft.items())), "caption": edit.text,
+            "img_set": {"id": triplet["pairid"], "members": members,
+                        "reference_rank": members.index(triplet["reference"]),
+                        "target_rank": members.index(hard.name)},
+            "edit_kind": edit.kind, "target_caption": hard.scene.all_captions()[0]}

@@ -66,6 +66,17 @@ def test_same_seed_gives_byte_identical_files(small, tmp_path):
         assert (tmp_path / "images" / name).read_bytes() == (out / "images" / name).read_bytes(), name
 
 
+def test_triplets_leave_the_karpathy_world_as_it_was(small, tmp_path):
+    # The shipped models were trained on the Karpathy part: composed-retrieval triplets must not change it.
+    out, data = small
+    config = replace(SMALL, cir_train=0, cir_val=0, cir_test=0)
+    other = json.loads(generate_world(tmp_path, config, progress=False).read_text())
+    assert not (tmp_path / "cirr").exists() and (out / "cirr").is_dir()
+    assert other["images"] == data["images"]
+    assert all((tmp_path / "images" / i["filename"]).read_bytes() == (out / "images" / i["filename"]).read_bytes()
+               for i in data["images"])
+
+
 def test_other_seed_gives_other_world(small, tmp_path):
     out, data = small
     other = json.loads(generate_world(tmp_path, replace(SMALL, seed=4), progress=False).read_text())
@@ -90,7 +101,7 @@ def test_split_counts_and_twin_pairs(tmp_path, config, splits, twins):
 def test_karpathy_layout_that_genret_and_others_can_read(small):
     out, data = small
     assert data["dataset"] == "synth"
-    assert data["genret"] == {"generator": "genret.data.synth", "version": 2, "config": asdict(SMALL)}
+    assert data["genret"] == {"generator": "genret.data.synth", "version": 3, "config": asdict(SMALL)}
     sentids = [s["sentid"] for i in data["images"] for s in i["sentences"]]
     assert sentids == list(range(len(sentids)))
     for k, entry in enumerate(data["images"]):
