@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from genret.training.clip import CLIPTrainConfig
     from genret.training.pretrain_mllm import PretrainConfig
     from genret.training.grace import GraceTrainConfig
+    from genret.training.rewriter import RewriterTrainConfig
     from genret.training.grace_add import GraceAddConfig
     from genret.training.rerank import RerankTrainConfig
 
@@ -74,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
     rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(rerank, RerankTrainConfig)
+    rewriter = train.add_parser("rewriter", help="LoRA rewriter for CIReVL: (caption of the reference, modification) "
+                                "-> description of the target, on a CIR training split")
+    rewriter.add_argument("--data", required=True, help="CIRR/CIRCO folder (or the miniature world's folder)")
+    rewriter.add_argument("--split", default="train", help="training split (default: train)")
+    rewriter.add_argument("--val-split", default="val", help="split for the exact-match check ('' : none)")
+    rewriter.add_argument("--image-root", default=None, help="image folder, when not where the layout puts it")
+    rewriter.add_argument("--base", required=True, help="the MLLM to adapt (it also captions the references)")
+    rewriter.add_argument("--out", required=True, help="adapter folder to write")
+    rewriter.add_argument("--config", default=None, help="TOML/YAML file of RewriterTrainConfig settings")
+    rewriter.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+    add_arguments(rewriter, RewriterTrainConfig)
     grace = train.add_parser("grace", help="GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)")
     _add_data_args(grace)
     grace.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
@@ -111,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("pipeline", help="saved pipeline folder, pipeline file, or encoder model directory/id")
     _add_data_args(ev, split="test")
     ev.add_argument("--directions", default="t2i,i2t", help="t2i, i2t or both (default: t2i,i2t)")
+    ev.add_argument("--task", choices=("retrieval", "cir"), default="retrieval",
+                    help="retrieval (Karpathy/JSONL data), or cir: composed retrieval on a CIRR/CIRCO folder (or the "
+                         "miniature world's cirr/)")
+    ev.add_argument("--limit", type=int, default=None, help="cir: evaluate only the first N triplets")
     ev.add_argument("--out", default=None, help="folder for report.json and report.md")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -307,9 +323,37 @@ def _print_report(report: dict, as_json: bool) -> None:
     ds = report["dataset"]
     print(f"{report['pipeline']} on {ds['name']}/{ds['split']} ({ds['images']} images), metrics in %:")
     print(metrics_table(report))
+    if report.get("rewrites"):
+        from genret.eval.report import rewrites_table
+
+        print(f"\nrewritten queries (first {min(5, len(report['rewrites']))}; all in report.json with --out; "
+              f"{report.get('fallbacks', 0)} fell back to the modification text):")
+        print(rewrites_table(report, 5))
     if report.get("twins"):
         print("\ntwins: how often the right image beats its swapped twin (t2i), and back (i2t):")
         print(twins_table(report))
+
+
+def cmd_train_rewriter(args: argparse.Namespace) -> int:
+    from genret.data.cir import load_cir
+    from genret.training.rewriter import RewriterTrainConfig, train_rewriter
+
+    config = merge_arguments(RewriterTrainConfig, args, args.config)
+    train = load_cir(args.data, args.split, image_root=args.image_root)
+    val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
+    summary = train_rewriter(args.base, train, args.out, config, val=val, progress=not args.quiet)
+    if _other_process():
+        return 0
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    m = summary["metrics"]
+    print(f"saved {args.out}: rewriter adapter, {summary['steps']} steps on {summary['data']['pairs']} triplets in "
+          f"{summary['train_seconds']:.0f} s, loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
+    if m.get("val"):
+        print(f"  val exact match: {m['val_before'].get('exact_match', 0):.1f} -> {m['val']['exact_match']:.1f} % "
+              f"({m['val']['triplets']} triplets, {m['val']['fallbacks']} fallbacks)")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -317,8 +361,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from genret.eval.report import write_report
 
     pipe = _open_pipeline(args.pipeline)
-    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
-    report = evaluate(pipe, _load_data(args), split=args.split, directions=directions, progress=not args.quiet)
+    if args.task == "cir":
+        from genret.data.cir import load_cir
+        from genret.eval.composed import evaluate_composed
+
+        cir = load_cir(args.data, args.split, image_root=args.image_root, on_error=args.on_error)
+        report = evaluate_composed(pipe, cir, progress=not args.quiet, limit=args.limit)
+    else:
+        directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+        report = evaluate(pipe, _load_data(args), split=args.split, directions=directions, progress=not args.quiet)
     if args.out:
         write_report(report, args.out)
         logger.info("wrote %s/report.json and report.md", args.out)
@@ -338,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("train", "grace-add"): cmd_train_grace_add, ("index", "build"): cmd_index_build,
+    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("train", "rewriter"): cmd_train_rewriter, ("train", "grace-add"): cmd_train_grace_add, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
 }
 

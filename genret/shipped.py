@@ -49,6 +49,16 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Pa
     return dest
 
 
+# World versions whose images and captions (all the shipped models learn from) are those of an earlier one:
+# v3 only added the composed-retrieval triplets (cirr/), drawn from their own random stream.
+_SAME_IMAGES = {3: 2}
+
+
+def _images_part(version: int, config: dict) -> tuple[int, dict]:
+    """What of a world the models depend on: the version of its image-caption part, its config without cir_*."""
+    return _SAME_IMAGES.get(version, version), {k: v for k, v in config.items() if not k.startswith("cir_")}
+
+
 def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike | None = None) -> dict[str, Path]:
     """The shipped ``{"clip": dir, "mllm": dir}`` if they were trained on this world, else ManifestError.
 
@@ -62,7 +72,7 @@ def shipped_models(world_version: int, world_config: dict, folder: str | os.Path
         raise ManifestError(f"{folder}: no shipped mini-world models here (no manifest.json); "
                             "make them with scripts/make_mini_world_models.sh") from None
     made = manifest["world"]
-    if made["generator_version"] != world_version or made["config"] != world_config:
+    if _images_part(made["generator_version"], made["config"]) != _images_part(world_version, world_config):
         raise ManifestError(f"{folder}: the shipped models were trained on world v{made['generator_version']} "
                             f"{made['config']}, not v{world_version} {world_config}; remake them with "
                             "scripts/make_mini_world_models.sh")

@@ -68,6 +68,26 @@ def mllm_dir(tmp_path_factory, clip_dir, world):
     return out
 
 
+@pytest.fixture(scope="session")
+def talker_dir(tmp_path_factory, mllm_dir):
+    """The tiny LLaVA with an untied random output layer: the tied one only repeats its last input token
+    (a special one, so every caption decodes empty); this one says something that depends on the image."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path_factory.mktemp("talker") / "mllm"
+    shutil.copytree(mllm_dir, out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(out)
+    return out
+
+
 def scaled_copy(mllm_dir, out, factor: float):
     """A copy of the MLLM at ``mllm_dir`` with its token embeddings scaled by ``factor`` (other weights)."""
     import shutil

@@ -422,9 +422,11 @@ def _cir_triplet(pairid: int, split: str, reference: str, scene: Scene, rng: ran
     edit = sample_edit(scene, rng)
     valid = edit.targets if len(edit.targets) == 1 else rng.sample(edit.targets, min(len(edit.targets),
                                                                                     rng.randint(2, 3)))
-    targets = [_Shown(f"{split}-{pairid:06d}-t{j}", fit(t, rng, image_size), rng.getrandbits(32))
+    # Targets and near misses are new pictures, as in CIRR: the same objects and relation, laid out anew, so that
+    # the reference's layout alone does not find them.
+    targets = [_Shown(f"{split}-{pairid:06d}-t{j}", _laid_out(t, rng, image_size), rng.getrandbits(32))
                for j, t in enumerate(valid)]
-    near = [_Shown(f"{split}-{pairid:06d}-n{j}", fit(m, rng, image_size), rng.getrandbits(32))
+    near = [_Shown(f"{split}-{pairid:06d}-n{j}", _laid_out(m, rng, image_size), rng.getrandbits(32))
             for j, m in enumerate(_near_misses(scene, edit, valid[0], rng))]
     return {"pairid": pairid, "reference": reference, "edit": edit, "targets": targets, "near": near}
 

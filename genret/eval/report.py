@@ -117,6 +117,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
-    write_text(out / "report.md", render_markdown(report) + "\n![recall@K](recall.png)\n")
-    plot_recall_curves(report, out / "recall.png")
+    curves = bool(report.get("recall_curves"))
+    write_text(out / "report.md", render_markdown(report) + ("\n![recall@K](recall.png)\n" if curves else ""))
+    if curves:
+        plot_recall_curves(report, out / "recall.png")
     return out

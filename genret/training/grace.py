@@ -218,6 +218,8 @@ def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Te
     """
     with torch.no_grad():
         inputs = scoring._inputs(mllm, prompts, images)
+        if "inputs_embeds" not in inputs:  # text-only rows (no image in the batch): embed the prompt here
+            inputs["inputs_embeds"] = mllm.model.get_input_embeddings()(inputs["input_ids"])
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
     table = mllm.model.get_input_embeddings()
     device = inputs["input_ids"].device

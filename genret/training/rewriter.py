@@ -152,6 +152,7 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
                                                           for d, (r, t) in list(zip(done, val_pairs))[:3]]}
 
     before = on_main(accelerator, exact_match)
+    caption_key = captioner.key  # of the plain base, before the LoRA is added
     torch.manual_seed(config.seed)
     model = _add_lora(mllm, config, [])
     rewriter = Rewriter(mllm, prompt, max_new_tokens=config.max_new_tokens)  # the key now holds no adapter digest
@@ -203,7 +204,7 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rewriter", "mode": "rewrite",
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
         "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
-        "captioner": captioner.key,
+        "captioner": caption_key,
         "data": {"source": str(train.source), "split": train.split, "triplets": len(train.triplets), "pairs": len(pairs),
                  "target_text": "target_caption" if any(t.meta.get("target_caption") for t in train.triplets)
                  else "captioner"},
