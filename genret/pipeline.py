@@ -197,14 +197,15 @@ class RetrievalPipeline:
             if hasattr(stage, "index_gallery"):
                 stage.index_gallery(gallery, progress=progress)
 
-    def run(self, queries: Sequence[Query], k: int | None = None,
-            upstream: Sequence[Ranking] | None = None) -> list[tuple[str, list[Ranking]]]:
+    def run(self, queries: Sequence[Query], k: int | None = None, upstream: Sequence[Ranking] | None = None,
+            rewrite: bool = True) -> list[tuple[str, list[Ranking]]]:
         """Run every stage; returns each rank stage's rankings in order (for evaluation).
 
         Args:
             queries: the queries.
             k: candidates each rank stage returns (default: each stage's own ``k``).
             upstream: rank only these candidates (one ranking per query), e.g. a twin pair.
+            rewrite: run the rewrite stages; ``False`` for queries they have rewritten already.
         """
         ctx = self.context
         outputs: list[tuple[str, list[Ranking]]] = []
@@ -212,6 +213,8 @@ class RetrievalPipeline:
         for stage in self.stages:
             start = time.perf_counter()
             if isinstance(stage, RewriteStage):
+                if not rewrite:
+                    continue
                 queries = stage.rewrite(queries, ctx)
             else:
                 upstream = stage.rank(queries, upstream, ctx, k=k)

@@ -5,8 +5,8 @@ items are its valid targets; the reference image is removed from each ranking be
 is never a valid answer, and a pipeline that returns it wastes a rank). Metrics, in percent:
 
 - R@K (K = 1, 5, 10, 50): a valid target in the top K;
-- R_subset@K (K = 1, 2, 3, CIRR): the same within the triplet's small set of similar images, where the
-  data gives one;
+- R_subset@K (K = 1, 2, 3, CIRR): each stage ranks only the triplet's small set of similar images
+  (reference left out), where the data gives one;
 - mAP@K (K = 5, 10, 25, 50, CIRCO): for several valid targets per query;
 - MRR.
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 from genret import __version__
 from genret.config import to_dict
 from genret.eval.metrics import map_at_k, mrr, recall_at_ks, recall_subset_at_k
-from genret.types import Ranking
+from genret.types import Candidate, Ranking
 
 if TYPE_CHECKING:
     from genret.data.cir import CIRSet
@@ -40,14 +40,15 @@ def _without_reference(rankings: Sequence[Ranking], references: Sequence[str]) -
     return [[i for i in r.ids if i != ref] for r, ref in zip(rankings, references)]
 
 
-def composed_metrics(ids: list[list[str]], relevant: list[set[str]], subsets: list[set[str]] | None,
+def composed_metrics(ids: list[list[str]], relevant: list[set[str]], subset_ids: list[list[str]] | None,
                      ks: Sequence[int] = KS) -> dict[str, float]:
-    """R@K, R_subset@K (when ``subsets``), mAP@K and MRR in percent over reference-free rankings."""
+    """R@K, R_subset@K (when ``subset_ids``: each query's subset members as the stage ranked them), mAP@K and
+    MRR in percent over reference-free rankings."""
     depth = max((len(x) for x in ids), default=0)
     out = {k: v for k, v in recall_at_ks(ids, relevant, [k for k in ks if k <= max(depth, 1)]).items()}
-    if subsets is not None:
+    if subset_ids is not None:
         for k in SUBSET_KS:
-            out[f"R_subset@{k}"] = recall_subset_at_k(ids, relevant, subsets, k)
+            out[f"R_subset@{k}"] = recall_subset_at_k(subset_ids, relevant, [set(x) for x in subset_ids], k)
     for k in MAP_KS:
         if k <= max(depth, 1):
             out[f"mAP@{k}"] = map_at_k(ids, relevant, k)
@@ -93,12 +94,23 @@ def evaluate_composed(pipe: "RetrievalPipeline", cir: "CIRSet", ks: Sequence[int
             stage.seconds = {k: 0.0 for k in stage.seconds}
     outputs = pipe.run(queries)
     refs = [t.reference for t in triplets]
-    subsets = [set(t.subset) - {t.reference} for t in triplets] if all(t.subset for t in triplets) else None
+    by_subset: dict[str, list[list[str]]] = {}
+    if all(t.subset for t in triplets):
+        # R_subset@K: every stage ranks just the triplet's subset (reference left out), whatever its own depth;
+        # the rewrite stages' queries are reused as they are.
+        members = [[m for m in t.subset if m != t.reference] for t in triplets]
+        rewritten = [r.query for r in outputs[0][1]] if outputs else queries
+        given = [Ranking(query=q, candidates=tuple(Candidate(m, 0.0) for m in ms)) for q, ms in zip(rewritten, members)]
+        timings = dict(pipe.timings)
+        for name, rankings in pipe.run(rewritten, k=max(map(len, members)), upstream=given, rewrite=False):
+            by_subset[name] = [r.ids for r in rankings]
+        pipe.timings.clear()
+        pipe.timings.update(timings)
     stages = {}
     final: list[Ranking] = []
     for name, rankings in outputs:
         ids = _without_reference(rankings, refs)
-        stages[name] = {"cir": composed_metrics(ids, relevant, subsets, ks)}
+        stages[name] = {"cir": composed_metrics(ids, relevant, by_subset.get(name), ks)}
         final = rankings
     rewrites = []
     for t, r in zip(triplets, final):

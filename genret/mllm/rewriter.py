@@ -119,9 +119,14 @@ class Rewriter:
             said, ended = raw[t]
             reason = "empty" if not said.strip() else None if ended else "runaway"
             if reason:
-                logger.warning("rewrite %s (%r...): falling back to the original query %r", reason, said[:40], fallback)
+                logger.debug("rewrite %s (%r...): falling back to the original query %r", reason, said[:40], fallback)
             out.append(Rewrite(fallback if reason else said.strip(), said, reason, cached=t not in todo))
         logger.debug("rewrites: %d cached, %d generated", hits, len(todo))
+        fell = [r.fallback for r in out if r.fallback]
+        if fell:
+            logger.warning("%d of %d rewrites were not used (%d empty, %d runaway past %d tokens): the original queries "
+                           "stand in for them", len(fell), len(out), fell.count("empty"), fell.count("runaway"),
+                           self.max_new_tokens)
         return out
 
     @torch.inference_mode()

@@ -163,10 +163,6 @@ class CIReVLStage(RewriteStage):
             q = queries[i]
             out[i] = Query(id=q.id, text=r.text, target="image",
                            meta=self._meta(q, caption=cap, rewrite=r.raw, fallback=r.fallback))
-        fell = sum(r.fallback is not None for r in done)
-        if fell:
-            logger.warning("%s: %d of %d rewrites were empty or runaway; those queries use the modification text",
-                           self.name, fell, len(done))
         return out
 
     def _meta(self, q: Query, **more) -> dict:
