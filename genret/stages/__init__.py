@@ -1,10 +1,12 @@
 """Pipeline stages: prefilter, rerank, rewrite, generative."""
 
 from genret.stages.base import STAGES, RankStage, RewriteStage, Stage, StageContext
+from genret.stages.chat import ChatConfig, ChatStage
 from genret.stages.cirevl import CIReVLConfig, CIReVLStage
 from genret.stages.generate import GenerateConfig, GenerateStage
 from genret.stages.prefilter import PrefilterConfig, PrefilterStage
 from genret.stages.rerank import RerankConfig, RerankStage
 
-__all__ = ["STAGES", "CIReVLConfig", "CIReVLStage", "GenerateConfig", "GenerateStage", "PrefilterConfig",
-           "PrefilterStage", "RankStage", "RerankConfig", "RerankStage", "RewriteStage", "Stage", "StageContext"]
+__all__ = ["STAGES", "ChatConfig", "ChatStage", "CIReVLConfig", "CIReVLStage", "GenerateConfig", "GenerateStage",
+           "PrefilterConfig", "PrefilterStage", "RankStage", "RerankConfig", "RerankStage", "RewriteStage", "Stage",
+           "StageContext"]

@@ -1,0 +1,602 @@
+"""ChatIR: retrieval by dialog. A questioner asks about the target image, an answerer who sees it replies.
+
+The dialog starts from the user's text query (ChatIR starts from a caption). Each round the questioner
+(the MLLM on text only, prompt ``chat`` table ``[question]`` with ``{dialog}``; or the fixed ``scripted``
+questions) asks one question, the answerer replies, and the turn is appended to :attr:`Query.dialog` and to
+the query the next stage retrieves with: the dialog so far joined as text (``query_format = "dialog"``, as
+ChatIR), the initial text and the answers alone (``"answers"``: for text encoders with a short context, such
+as CLIP's 77 tokens, where the questions, which carry nothing once answered, would push the answers out), or
+the questioner's one-sentence summary of it (``"rewrite"``, table ``[summary]``).
+
+Answerers (the :class:`Answerer` protocol, so a person can take the user's place):
+
+- ``facts``: a simulated user who reads the target's scene in the miniature world (``meta["target"]``)
+  and answers the world's questions (:func:`genret.data.scene.questions`) and the scripted ones truly,
+  anything else with "I don't know";
+- ``mllm``: the MLLM looks at the target image and answers (table ``[answer]``: ``{image}`` + ``{question}``);
+- ``human``: a person types the answer (:class:`HumanAnswerer`); no ground truth needed.
+
+The ``scripted`` questioner asks :data:`SCRIPT` in order: the questions the facts answerer knows, the
+same for every image (it never looks at the target). With the facts answerer it is the *oracle*
+questioner: the dialog then holds the whole description, the mechanism an MLLM questioner should reach.
+
+Guards, each recorded in ``meta["turns"]``: an empty or runaway question is replaced by the next of
+:data:`FALLBACK_QUESTIONS` (``question_fallback``); an empty or runaway answer by "I don't know"
+(``answer_fallback``). A dialog whose next prompt no longer fits the model's context stops there: the
+query keeps its last text, and ``meta["stopped"]`` says why (a warning is logged).
+
+Per-round evaluation (:func:`genret.eval.interactive.evaluate_dialog`) drives :meth:`ChatStage.start` and
+:meth:`ChatStage.next_round` with retrieval between rounds; in a plain pipeline :meth:`ChatStage.rewrite`
+runs all ``rounds`` at once, reading each query's target from ``meta["target"]``.
+
+Example pipeline file::
+
+    [[stages]]
+    type = "chat"
+    model = "adapters/mini-world/mllm"
+    rounds = 5
+    answerer = "facts"
+    cache_dir = "cache/chat"
+
+    [[stages]]
+    type = "prefilter"
+    k = 50
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+from genret.data.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene, SceneObject
+from genret.mllm.rewriter import Rewrite
+from genret.stages.base import STAGES, RewriteStage, StageContext
+from genret.types import Query
+
+if TYPE_CHECKING:
+    from genret.mllm.backend import MLLM
+    from genret.mllm.rewriter import Rewriter
+
+logger = logging.getLogger(__name__)
+
+QUESTIONERS = ("mllm", "scripted")
+ANSWERERS = ("facts", "mllm", "human")
+QUERY_FORMATS = ("dialog", "answers", "rewrite")
+UNKNOWN = "I don't know"
+SCRIPT = (
+    "What colours are the objects?",
+    "What else is in the image?",
+    "Where are the two objects?",
+    "What shapes are the objects?",
+    "Are the objects large or small?",
+)
+"""The scripted questioner's questions, asked in order (then again from the first)."""
+FALLBACK_QUESTIONS = (
+    "What is in the image?",
+    "What colours are the objects?",
+    "What shapes are the objects?",
+    "Where are the two objects?",
+    "Are the objects large or small?",
+)
+"""Asked instead of an empty or runaway question: round r (from 1) takes entry ``(r - 1) % 5``."""
+
+
+@dataclass
+class ChatConfig:
+    """Settings of the chat (ChatIR) rewrite stage."""
+
+    model: str = field(default="", metadata={"help": "the MLLM: questioner (on text only) and mllm answerer"})
+    adapter: str = field(default="", metadata={"help": "a LoRA for the questioner (genret train rewriter; optional)"})
+    questioner: str = field(default="mllm", metadata={"help": "mllm, or scripted (fixed questions; see SCRIPT)"})
+    prompt: str = field(default="chat", metadata={"help": "prompt with [question], [answer], [summary] tables"})
+    rounds: int = field(default=5, metadata={"help": "questions asked per query"})
+    answerer: str = field(default="facts", metadata={"help": "facts (the target's scene), mllm (sees it), human"})
+    query_format: str = field(default="dialog", metadata={
+        "help": "dialog (joined as text), answers (the initial text and the answers), rewrite (a summary)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest question or summary; longer is a runaway"})
+    answer_tokens: int = field(default=16, metadata={"help": "longest mllm answer; longer is a runaway"})
+    num_beams: int = field(default=1, metadata={"help": "beam width (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    max_prompt_tokens: int = field(default=0, metadata={"help": "longest questioner prompt (0: the model's context)"})
+    cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
+    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
+    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
+
+    def __post_init__(self) -> None:
+        for name, known in (("questioner", QUESTIONERS), ("answerer", ANSWERERS), ("query_format", QUERY_FORMATS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
+        for name in ("rounds", "max_new_tokens", "answer_tokens", "num_beams", "batch_size"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens must be 0 (the model's context) or more, got {self.max_prompt_tokens}")
+        needs = [what for what, used in (("questioner = 'mllm'", self.questioner == "mllm"),
+                                         ("answerer = 'mllm'", self.answerer == "mllm"),
+                                         ("query_format = 'rewrite'", self.query_format == "rewrite")) if used]
+        if needs and not self.model:
+            raise ValueError(f"{' and '.join(needs)} needs model (the MLLM)")
+        if self.adapter and self.questioner != "mllm":
+            raise ValueError("adapter is the questioner's LoRA; it needs questioner = 'mllm'")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a simulated user knows of the image sought: its id, file and (miniature world) scene."""
+
+    id: str
+    image: str | None = None
+    scene: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_meta(cls, value: "Target | Mapping | None") -> "Target | None":
+        """A target from ``Query.meta["target"]`` (a :class:`Target` or its :meth:`to_dict`)."""
+        if value is None or isinstance(value, Target):
+            return value
+        return cls(id=str(value["id"]), image=value.get("image"), scene=value.get("scene"))
+
+    def to_dict(self) -> dict:
+        """JSON-able: ``{"id", "image", "scene"}``."""
+        return {"id": self.id, "image": self.image, "scene": dict(self.scene) if self.scene else None}
+
+
+@runtime_checkable
+class Answerer(Protocol):
+    """Answers one question per query about the image that query looks for.
+
+    ``queries[i].meta["target"]`` holds the target (a :class:`Target` as a dict) where ground truth is known;
+    a person answering needs none. Each answer is a :class:`~genret.mllm.rewriter.Rewrite`: the text used,
+    what was said, and why it was not used (``fallback``), if so.
+    """
+
+    name: str
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]: ...
+
+
+def _target(query: Query, answerer: str, need: str) -> Target:
+    target = Target.from_meta(query.meta.get("target"))
+    if target is None or getattr(target, need) is None:
+        raise ValueError(f"query {query.id!r}: the {answerer} answerer needs the target's {need} "
+                         f"(meta['target'] = {{'id': ..., '{need}': ...}}); a person can answer instead "
+                         "(answerer = 'human')")
+    return target
+
+
+class FactsAnswerer:
+    """A simulated user who reads the target's scene; see :func:`answer_from_scene`."""
+
+    name = "facts"
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Answer each question from its query's target scene; "I don't know" where it cannot tell."""
+        out = []
+        for q, question in zip(queries, questions, strict=True):
+            scene = Scene.from_dict(dict(_target(q, self.name, "scene").scene))
+            said = answer_from_scene(scene, question, heard=dialog_text(q))
+            out.append(Rewrite(UNKNOWN, "", "unanswerable") if said is None else Rewrite(said, said))
+        return out
+
+
+class HumanAnswerer:
+    """A person answers: each question is shown with the dialog so far, the answer is read back.
+
+    Args:
+        ask: shows a prompt and returns what the person typed (default :func:`input`).
+    """
+
+    name = "human"
+
+    def __init__(self, ask: Callable[[str], str] = input) -> None:
+        self.ask = ask
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Ask the person each question in turn; an empty reply counts as "I don't know"."""
+        out = []
+        for q, question in zip(queries, questions, strict=True):
+            said = self.ask(f"[{q.id}] {dialog_text(q)}\nQ: {question}\nA: ")
+            out.append(Rewrite(said.strip(), said) if said.strip() else Rewrite(UNKNOWN, said, "empty"))
+        return out
+
+
+# --- the facts answerer's reading of the miniature world's questions ---------------------------------------------
+
+_C, _S = "|".join(COLOURS), "|".join(SHAPES)
+_GRAMMAR = (
+    ("present", re.compile(rf"is there an? ({_C}) ({_S})")),
+    ("colour", re.compile(rf"what colou?r is the ({_S})")),
+    ("shape", re.compile(rf"what shape is the ({_C}) one")),
+    ("relation", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(RELATIONS)}) the ({_C}) ({_S})")),
+    ("where", re.compile(rf"where is the ({_C}) ({_S})")),
+    ("size", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(SIZES)})")),
+)
+
+
+def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | None:
+    """What a person looking at ``scene`` says to ``question``; ``None`` where they cannot tell.
+
+    Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape, relation, place,
+    size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
+    colours, the shapes, the sizes, where the objects are, and what else there is (the objects ``heard``,
+    the dialog so far, does not name yet).
+
+    >>> from genret.data.scene import SceneObject
+    >>> s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)),
+    ...           "left of")
+    >>> answer_from_scene(s, "Is there a blue circle?"), answer_from_scene(s, "Where are the two objects?")
+    ('no', 'the red circle is left of the blue square')
+    """
+    text = " ".join(question.lower().replace("?", " ").split())
+    find = lambda c, s: next((o for o in scene.objects if (o.colour, o.shape) == (c, s)), None)  # noqa: E731
+    for kind, pattern in _GRAMMAR:
+        m = pattern.fullmatch(text)
+        if not m:
+            continue
+        g = m.groups()
+        if kind == "present":
+            return "yes" if find(*g) else "no"
+        if kind in ("colour", "shape"):
+            attr, other = ("shape", "colour") if kind == "colour" else ("colour", "shape")
+            hits = [o for o in scene.objects if getattr(o, attr) == g[0]]
+            if not hits:
+                return f"there is no {g[0]}" + (" one" if kind == "shape" else "")
+            return " and ".join(getattr(o, other) for o in hits)
+        a = find(g[0], g[1])
+        if a is None:
+            return f"there is no {g[0]} {g[1]}"
+        if kind == "size":
+            return "yes" if a.size == g[2] else "no"
+        other = next(o for o in scene.objects if o is not a)
+        rel = scene.relation if a is scene.objects[0] else INVERSE[scene.relation]
+        if kind == "where":
+            return f"{rel} the {other.noun()}"
+        b = find(g[3], g[4])
+        return "yes" if b is other and g[2] == rel else "no"
+    return _answer_by_keyword(scene, text, heard.lower())
+
+
+def _answer_by_keyword(scene: Scene, text: str, heard: str) -> str | None:
+    facts = scene.facts()
+    first, second = ("left object", "right object") if scene.horizontal else ("top object", "bottom object")
+    facts["objects"] = f"a {facts[first]} and a {facts[second]}"
+    facts["sizes"] = "; ".join(f"the {o.noun()} is {o.size}" for o in scene.objects)
+    words = set(re.findall(r"[a-z]+", text))
+    if words & {"else", "other"}:
+        unheard = [f"a {o.noun(True)}" for o in scene.objects if o.noun() not in heard]
+        return " and ".join(unheard) if unheard else "nothing else"
+    for keys, fact in (({"where", "relation", "position", "placed"}, "relation"), ({"first", "left", "top"}, first),
+                       ({"second", "right", "bottom"}, second), ({"colour", "colours", "color", "colors"}, "colours"),
+                       ({"shape", "shapes"}, "shapes"), ({"size", "sizes", "large", "small", "big"}, "sizes"),
+                       ({"image", "picture", "see", "objects"}, "objects")):
+        if words & keys:
+            return facts[fact]
+    return None
+
+
+# --- the MLLM answerer --------------------------------------------------------------------------------------------
+
+
+class MLLMAnswerer:
+    """The MLLM sees the target image and answers (prompt table ``[answer]``: one ``{image}``, ``{question}``).
+
+    Answers are cached (:class:`~genret.mllm.textcache.TextCache`, kind ``answers``) by model, adapters,
+    prompt version and decoding settings, per image content and rendered question.
+
+    Args:
+        mllm: the model (its active adapters count in the cache key).
+        prompt: a prompt name/path or a loaded :class:`~genret.prompts.Prompt`.
+        max_new_tokens: the longest answer; one that does not end within it is a runaway ("I don't know").
+        num_beams: 1 for greedy decoding.
+        batch_size: images per ``generate`` call.
+        cache_dir: where answers persist (``None``: memory only).
+    """
+
+    name = "mllm"
+
+    def __init__(self, mllm: "MLLM", prompt="chat", *, max_new_tokens: int = 16, num_beams: int = 1,
+                 batch_size: int = 16, cache_dir=None) -> None:
+        from genret.mllm.textcache import TextCache, model_key
+        from genret.prompts import Prompt, PromptError, load_prompt
+
+        self.mllm = mllm
+        needs = {"answer": {"user": ("{question}",)}}
+        self.prompt = prompt if isinstance(prompt, Prompt) else load_prompt(prompt, needs)
+        self.template = self.prompt.section("answer")["user"]
+        if self.template.count("{image}") != 1:
+            raise PromptError(f"{self.prompt.path}: [answer].user must hold exactly one {{image}} (the target)")
+        self.max_new_tokens, self.num_beams, self.batch_size = max_new_tokens, num_beams, batch_size
+        self.cache = TextCache(cache_dir, "answers", {**model_key(mllm), "prompt": self.prompt.key, "section": "answer",
+                                                      "max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        self.generated = 0
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Answer each question looking at its query's target image (generated once per image and question)."""
+        from genret.mllm import scoring
+        from genret.mllm.textcache import file_digest
+
+        images = [_target(q, self.name, "image").image for q in queries]
+        texts = [scoring._render(self.mllm, scoring.user_message(self.template, question=x)) for x in questions]
+        keys = [f"{file_digest(im)}\n{t}" for im, t in zip(images, texts, strict=True)]
+        todo = {k: (im, t) for k, im, t in zip(keys, images, texts) if self.cache.get(k) is None}
+        pending = list(todo.items())
+        for s in range(0, len(pending), self.batch_size):
+            chunk = pending[s:s + self.batch_size]
+            said = self._generate([t for _, (_, t) in chunk], [im for _, (im, _) in chunk])
+            self.cache.put({k: {"text": a, "ended": e} for (k, _), (a, e) in zip(chunk, said)})
+        self.generated += len(todo)
+        out = []
+        for k in keys:
+            hit = self.cache.get(k)
+            reason = "empty" if not hit["text"].strip() else None if hit["ended"] else "runaway"
+            out.append(Rewrite(UNKNOWN if reason else hit["text"].strip(), hit["text"], reason, k not in todo))
+        return out
+
+    def _generate(self, texts: list[str], images: list[str]) -> list[tuple[str, bool]]:
+        import torch
+
+        from genret.data.images import load_image
+        from genret.mllm.rewriter import _stop_ids
+
+        tok = self.mllm.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            inputs = self.mllm.processor(text=texts, images=[load_image(p) for p in images], padding=True,
+                                         return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        inputs = {k: v.to(self.mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.inference_mode():
+            gen = self.mllm.model.generate(**inputs, do_sample=False, num_beams=self.num_beams,
+                                           max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        stops = _stop_ids(self.mllm)
+        rows = gen[:, inputs["input_ids"].shape[1]:].tolist()
+        return [(tok.decode(r, skip_special_tokens=True), any(t in stops for t in r) or len(r) < self.max_new_tokens)
+                for r in rows]
+
+
+# --- the dialog as text -------------------------------------------------------------------------------------------
+
+
+def dialog_text(query: Query) -> str:
+    """The dialog so far, one line per turn, for prompts: ``Description: ...``, ``Q: ...``, ``A: ...``."""
+    lines = [f"Description: {query.meta.get('initial', query.text)}"]
+    for t in query.meta.get("turns", ()):
+        lines += [f"Q: {t['question']}", f"A: {t['answer']}"]
+    return "\n".join(lines)
+
+
+def joined_dialog(initial: str, turns: Sequence[Mapping[str, str]], answers_only: bool = False) -> str:
+    """The dialog so far as one retrieval text (ChatIR): ``initial, question answer, question answer``.
+
+    With ``answers_only``: ``initial, answer, answer`` ("I don't know" left out: it says nothing of the image).
+    """
+    if answers_only:
+        return ", ".join([initial] + [t["answer"] for t in turns if t["answer"] != UNKNOWN])
+    return ", ".join([initial] + [f"{t['question']} {t['answer']}" for t in turns])
+
+
+def initial_query(scene: Scene | Mapping | None, captions: Sequence[str], key: str, seed: int = 0) -> str:
+    """The partial description a dialog starts from: one object of the scene ("a small red circle"), else the
+    first caption (ChatIR). Which object is fixed by ``seed`` and ``key`` (e.g. the image id)."""
+    import random
+
+    if scene is None:
+        if not captions:
+            raise ValueError(f"image {key!r} has neither a scene nor a caption to start a dialog from")
+        return captions[0]
+    scene = scene if isinstance(scene, Scene) else Scene.from_dict(dict(scene))
+    obj: SceneObject = random.Random(f"{seed}:{key}").choice(scene.objects)
+    return f"a {obj.noun(with_size=True)}"
+
+
+@STAGES.register("chat")
+class ChatStage(RewriteStage):
+    """Ask, answer, and retrieve with the dialog so far (ChatIR); a round stage for per-round evaluation.
+
+    Args:
+        config: the settings.
+        name: the stage's name.
+        answerer: who answers; default the one ``config.answerer`` names (set it to plug in a person).
+    """
+
+    config_class = ChatConfig
+
+    def __init__(self, config: ChatConfig, name: str, answerer: Answerer | None = None) -> None:
+        super().__init__(config, name)
+        self.answerer = answerer
+        self._questioner: "Rewriter | None" = None
+        self._summariser: "Rewriter | None" = None
+        self._mllm: "MLLM | None" = None
+        self.seconds = {"question": 0.0, "answer": 0.0, "summary": 0.0}
+        self.generated = {"question": 0, "answer": 0, "summary": 0}
+
+    @property
+    def rounds(self) -> int:
+        """Questions asked per query."""
+        return self.config.rounds
+
+    def describe(self) -> dict:
+        """What makes the dialogs: for reports."""
+        from genret.prompts import load_prompt
+
+        c = self.config
+        return {"stage": self.name, "type": "chat", "questioner": c.questioner, "answerer": self._answerer().name,
+                "query_format": c.query_format, "prompt": load_prompt(c.prompt).key, "model": c.model,
+                "adapter": c.adapter, "rounds": c.rounds}
+
+    def _load_mllm(self) -> "MLLM":
+        from genret.mllm import MLLM, MLLMConfig
+
+        if self._mllm is None:
+            c = self.config
+            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+        return self._mllm
+
+    def _answerer(self) -> Answerer:
+        if self.answerer is None:
+            c = self.config
+            if c.answerer == "facts":
+                self.answerer = FactsAnswerer()
+            elif c.answerer == "human":
+                self.answerer = HumanAnswerer()
+            else:  # the answerer sees the image with the plain model: the questioner's LoRA stays out of it
+                from genret.mllm import MLLM, MLLMConfig
+
+                mllm = (MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map)) if c.adapter
+                        else self._load_mllm())
+                self.answerer = MLLMAnswerer(mllm, c.prompt, max_new_tokens=c.answer_tokens, num_beams=c.num_beams,
+                                             batch_size=c.batch_size, cache_dir=c.cache_dir or None)
+        return self.answerer
+
+    def _rewriter(self, section: str) -> "Rewriter":
+        from genret.mllm.rewriter import Rewriter
+
+        c = self.config
+        if self._questioner is None:
+            mllm = self._load_mllm()
+            if c.adapter and not mllm.adapters:
+                mllm.attach_adapter(c.adapter, name="questioner", task="rewriter")
+            kwargs = dict(max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, batch_size=c.batch_size,
+                          cache_dir=c.cache_dir or None, max_prompt_tokens=c.max_prompt_tokens or None)
+            self._questioner = Rewriter(mllm, c.prompt, "question", **kwargs)
+            if c.query_format == "rewrite":
+                self._summariser = Rewriter(mllm, c.prompt, "summary", **kwargs)
+        return self._questioner if section == "question" else self._summariser
+
+    def rewrite(self, queries: Sequence[Query], ctx: StageContext) -> list[Query]:
+        """Run the whole dialog (``rounds`` questions) for each query; targets come from ``meta["target"]``."""
+        queries = self.start(queries)
+        for _ in range(self.rounds):
+            queries = self.next_round(queries)
+        return queries
+
+    def start(self, queries: Sequence[Query], truth: Sequence[Target | None] | None = None) -> list[Query]:
+        """Round 0: each query's dialog is its text alone (what the next stage retrieves with).
+
+        Args:
+            queries: text queries (a caption or a partial description of the image sought).
+            truth: per query, the target a simulated user answers about (default: ``meta["target"]``).
+
+        Raises:
+            ValueError: a query without text, an image query, or ``truth`` of another length.
+        """
+        if truth is not None and len(truth) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(truth)} targets")
+        out = []
+        for i, q in enumerate(queries):
+            if q.image is not None:
+                raise ValueError(f"query {q.id!r}: a dialog starts from a text; this query is an {q.modality} query")
+            initial = (q.text or "").strip()
+            if not initial:
+                raise ValueError(f"query {q.id!r}: the initial query is empty; a dialog starts from a caption or a "
+                                 "partial description of the image sought")
+            target = Target.from_meta(truth[i] if truth is not None else q.meta.get("target"))
+            meta = {"stage": self.name, "initial": initial, "target": target.to_dict() if target else None,
+                    "turns": [], "stopped": None, "query_format": self.config.query_format}
+            out.append(Query(id=q.id, text=initial, dialog=(initial,), target="image", meta=meta))
+        return out
+
+    def next_round(self, queries: Sequence[Query], rankings: Sequence | None = None) -> list[Query]:
+        """One more round: ask, answer, and make each query the dialog so far.
+
+        Args:
+            queries: the queries :meth:`start` or the previous round returned.
+            rankings: what the last retrieval returned (unused: ChatIR's questioner sees only the dialog).
+
+        Returns:
+            The queries with one more turn; a stopped dialog (context full) comes back unchanged.
+        """
+        for q in queries:
+            if "turns" not in q.meta:
+                raise ValueError(f"query {q.id!r} has no dialog state; pass it through ChatStage.start first")
+        active = [i for i, q in enumerate(queries) if not q.meta["stopped"]]
+        out = list(queries)
+        tick = time.perf_counter()
+        asked = self._ask([queries[i] for i in active])
+        self.seconds["question"] += time.perf_counter() - tick
+        for i, (_, why) in zip(list(active), asked):
+            if why is not None:
+                out[i] = self._stop(queries[i], why)
+                active.remove(i)
+        asked = [a for a in asked if a[1] is None]
+        if not active:
+            return out
+        tick = time.perf_counter()
+        answers = self._answerer().answer([queries[i] for i in active], [a.text for a, _ in asked])
+        self.seconds["answer"] += time.perf_counter() - tick
+        self.generated["answer"] = getattr(self.answerer, "generated", 0)
+        turned = {}
+        for i, (question, _), answer in zip(active, asked, answers, strict=True):
+            q = queries[i]
+            turn = {"question": question.text, "answer": answer.text, "raw_question": question.raw,
+                    "question_fallback": question.fallback, "raw_answer": answer.raw,
+                    "answer_fallback": answer.fallback}
+            turned[i] = (q, [*q.meta["turns"], turn])
+        texts = self._query_texts(turned)
+        for i, (q, turns) in turned.items():
+            text, summary = texts[i]
+            out[i] = Query(id=q.id, text=text, dialog=(*q.dialog, turns[-1]["question"], turns[-1]["answer"]),
+                           target="image", meta={**q.meta, "turns": turns, **summary})
+        return out
+
+    def _ask(self, queries: list[Query]) -> list[tuple[Rewrite | None, str | None]]:
+        """(question, None) per query, or (None, why) where the questioner's prompt no longer fits."""
+        if not queries:
+            return []
+        if self.config.questioner == "scripted":
+            return [(Rewrite(SCRIPT[len(q.meta["turns"]) % len(SCRIPT)], ""), None) for q in queries]
+        rewriter = self._rewriter("question")
+        rows = [{"dialog": dialog_text(q)} for q in queries]
+        fits = [_overflow(rewriter, r) for r in rows]
+        ok = [j for j, why in enumerate(fits) if why is None]
+        fallbacks = [FALLBACK_QUESTIONS[len(queries[j].meta["turns"]) % len(FALLBACK_QUESTIONS)] for j in ok]
+        done = rewriter.rewrite([rows[j] for j in ok], fallbacks)
+        self.generated["question"] += sum(not r.cached for r in done)
+        fell = sum(r.fallback is not None for r in done)
+        if fell:
+            logger.warning("%s: %d of %d questions were empty or runaway; fallback questions asked instead",
+                           self.name, fell, len(done))
+        got = dict(zip(ok, done))
+        return [(got[j], None) if j in got else (None, fits[j]) for j in range(len(queries))]
+
+    def _query_texts(self, turned: dict[int, tuple[Query, list]]) -> dict[int, tuple[str, dict]]:
+        """What each query retrieves with now: the joined dialog, or its summary (with what the summary did)."""
+        joined = {i: joined_dialog(q.meta["initial"], turns, self.config.query_format == "answers")
+                  for i, (q, turns) in turned.items()}
+        if self.config.query_format in ("dialog", "answers"):
+            return {i: (text, {}) for i, text in joined.items()}
+        rewriter = self._rewriter("summary")
+        rows = {i: {"dialog": dialog_text(Query(id=q.id, text=q.text, meta={**q.meta, "turns": turns}))}
+                for i, (q, turns) in turned.items()}
+        out = {}
+        for i, row in rows.items():  # a summary prompt past the context: the joined dialog is used, said so
+            why = _overflow(rewriter, row)
+            if why is not None:
+                out[i] = (joined[i], {"summary": None, "summary_fallback": "context"})
+        todo = [i for i in rows if i not in out]
+        tick = time.perf_counter()
+        done = rewriter.rewrite([rows[i] for i in todo], [joined[i] for i in todo])
+        self.seconds["summary"] += time.perf_counter() - tick
+        self.generated["summary"] += sum(not r.cached for r in done)
+        for i, r in zip(todo, done):
+            out[i] = (r.text, {"summary": r.raw, "summary_fallback": r.fallback})
+        return out
+
+    def _stop(self, query: Query, why: str) -> Query:
+        logger.warning("%s: query %r: dialog stopped after %d round(s): %s", self.name, query.id,
+                       len(query.meta["turns"]), why)
+        return Query(id=query.id, text=query.text, dialog=query.dialog, target="image",
+                     meta={**query.meta, "stopped": why})
+
+
+def _overflow(rewriter: "Rewriter", row: Mapping[str, str]) -> str | None:
+    """Why ``row``'s prompt does not fit the rewriter's context (the Rewriter would refuse it), or ``None``."""
+    n = len(rewriter.mllm.tokenizer(rewriter.render(row))["input_ids"])
+    if n + rewriter.max_new_tokens <= rewriter.max_prompt_tokens:
+        return None
+    return (f"context: the {rewriter.section} prompt is {n} tokens, with {rewriter.max_new_tokens} new ones past "
+            f"the {rewriter.max_prompt_tokens} the model takes")
