@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
-DIALOG_KEYS = ("initial", "turns", "stopped", "summary", "summary_fallback")
+DIALOG_KEYS = ("initial", "turns", "rounds", "stopped", "summary", "summary_fallback")
 """What of a query's ``meta`` goes into the report's dialogs."""
 
 
@@ -128,6 +128,8 @@ def evaluate_dialog(pipe: "RetrievalPipeline", dataset: "Dataset", split: str = 
         pipe.index_items({"image": data.image_items()}, source, progress=progress)
     index_seconds = time.perf_counter() - start
     stage.seconds = {part: 0.0 for part in stage.seconds}
+    if hasattr(stage, "set_scenes"):  # a simulated user that judges relevance by scene facts (EIIRwQR)
+        stage.set_scenes({r.id: r.meta.get("scene") for r in data.records})
     queries, truth = dialog_queries(records, seed)
     relevant = [{t.id} for t in truth]
     queries = stage.start(queries, truth)
@@ -178,4 +180,5 @@ def _fallbacks(dialogs: list[dict]) -> dict[str, int]:
     turns = [t for d in dialogs for t in d.get("turns") or ()]
     return {"question": sum(1 for t in turns if t.get("question_fallback")),
             "answer": sum(1 for t in turns if t.get("answer_fallback")),
-            "summary": sum(1 for d in dialogs if d.get("summary_fallback"))}
+            "summary": sum(1 for d in dialogs if d.get("summary_fallback")),
+            "rewrite": sum(1 for d in dialogs for r in d.get("rounds") or () if r.get("fallback"))}

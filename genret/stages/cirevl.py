@@ -6,10 +6,12 @@ LLM, or the MLLM on text only; optionally with a LoRA from ``genret train rewrit
 caption and modification into a description of the target image (prompt ``cirevl``), and hands the
 next stage (the prefilter) that description as a plain text query for images.
 
-``mode`` also gives the single-modality baselines through the same stage, so one command compares
-them: ``text`` (the modification text alone), ``image`` (the reference image alone, image → image),
-``caption`` (the reference's caption alone). Queries that are not composed (a text or an image) pass
-through unchanged.
+``mode`` also gives the baselines through the same stage, so one command compares them: ``text`` (the
+modification text alone), ``image`` (the reference image alone, image → image), ``caption`` (the
+reference's caption alone), ``sum`` (image and text embeddings added: the prefilter's late fusion of an
+image + text query). ``keep_reference`` keeps the reference in the rewritten query, so the prefilter
+fuses the description with the image (``image_weight`` of the prefilter). Queries that are not composed
+(a text or an image) pass through unchanged.
 
 Every rewritten query keeps in ``meta`` the original modification, the reference, the caption, the
 rewriter's raw answer and, when the answer was empty or ran past ``max_new_tokens``, that it fell back
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from genret.mllm.backend import MLLM
 
 logger = logging.getLogger(__name__)
-MODES = ("compose", "text", "image", "caption")
+MODES = ("compose", "text", "image", "caption", "sum")
 
 
 @dataclass
@@ -54,7 +56,9 @@ class CIReVLConfig:
     """Settings of the CIReVL rewrite stage."""
 
     model: str = field(default="", metadata={"help": "the MLLM that captions the reference (and rewrites, by default)"})
-    mode: str = field(default="compose", metadata={"help": "compose, or a baseline: text, image, caption"})
+    mode: str = field(default="compose", metadata={"help": "compose, or a baseline: text, image, caption, sum"})
+    keep_reference: bool = field(default=False, metadata={"help": "compose: keep the reference image in the query "
+                                                                  "(the prefilter fuses it with the description)"})
     rewriter_model: str = field(default="", metadata={"help": "the rewriter (default: model, used on text only)"})
     rewriter_adapter: str = field(default="", metadata={"help": "a LoRA from genret train rewriter (optional)"})
     caption_prompt: str = field(default="caption", metadata={"help": "prompt of the captioner"})
@@ -141,6 +145,11 @@ class CIReVLStage(RewriteStage):
                 q = queries[i]
                 out[i] = Query(id=q.id, text=q.text, target="image", meta=self._meta(q))
             return out
+        if mode == "sum":  # the composed query as it is: the prefilter fuses image and text embeddings
+            for i in composed:
+                q = queries[i]
+                out[i] = Query(id=q.id, text=q.text, image=q.image, target="image", meta=self._meta(q))
+            return out
         if mode == "image":
             for i in composed:
                 q = queries[i]
@@ -161,7 +170,7 @@ class CIReVLStage(RewriteStage):
         self.seconds["rewrite"] += time.perf_counter() - tick
         for i, cap, r in zip(composed, captions, done):
             q = queries[i]
-            out[i] = Query(id=q.id, text=r.text, target="image",
+            out[i] = Query(id=q.id, text=r.text, image=q.image if self.config.keep_reference else None, target="image",
                            meta=self._meta(q, caption=cap, rewrite=r.raw, fallback=r.fallback))
         return out
 

@@ -17,17 +17,26 @@ class PrefilterConfig:
 
     k: int = field(default=100, metadata={"help": "candidates passed on to the next stage"})
     batch_size: int = field(default=256, metadata={"help": "queries encoded per batch"})
+    image_weight: float = field(default=1.0, metadata={"help": "image + text queries: unit(text) + w * unit(image)"})
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.image_weight < 0:
+            raise ValueError(f"image_weight must not be negative, got {self.image_weight}")
 
 
-def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int = 256) -> np.ndarray:
-    """Embed text queries with the text tower and image queries with the image tower, in order."""
+def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int = 256,
+                   image_weight: float = 1.0) -> np.ndarray:
+    """Embed text queries with the text tower and image queries with the image tower, in order.
+
+    An image + text query (a composed query, or a rewrite that keeps its reference) is the late fusion
+    of both, the usual "image + text" baseline of composed retrieval: unit(unit(text) + w · unit(image)).
+    """
     out = np.zeros((len(queries), ctx.encoder.dim), dtype=np.float32)
     text_rows = [i for i, q in enumerate(queries) if q.image is None]
     image_rows = [i for i, q in enumerate(queries) if q.image is not None]
+    both = [i for i in image_rows if (queries[i].text or "").strip()]
     bad = [queries[i].id for i in text_rows if not queries[i].text and not queries[i].dialog]
     if bad:
         raise ValueError(f"queries without text or image: {bad[:5]}")
@@ -35,9 +44,16 @@ def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int 
         texts = [queries[i].text or " ".join(queries[i].dialog) for i in text_rows]
         out[text_rows] = ctx.encoder.encode_texts(texts, batch_size=batch_size)
     if image_rows:
-        # A composed (image + text) query needs a rewrite stage first; the prefilter embeds the image.
         out[image_rows] = ctx.encoder.encode_images([queries[i].image for i in image_rows], batch_size=64)
+    if both:
+        text = ctx.encoder.encode_texts([queries[i].text for i in both], batch_size=batch_size)
+        fused = _unit(text) + image_weight * _unit(out[both])
+        out[both] = _unit(fused)
     return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @STAGES.register("prefilter")
@@ -49,7 +65,7 @@ class PrefilterStage(RankStage):
     def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
              k: int | None = None) -> list[Ranking]:
         k = k or self.config.k
-        vectors = encode_queries(queries, ctx, self.config.batch_size)
+        vectors = encode_queries(queries, ctx, self.config.batch_size, self.config.image_weight)
         rankings: list[Ranking] = []
         for target in ("image", "text"):
             rows = [i for i, q in enumerate(queries) if q.target == target]

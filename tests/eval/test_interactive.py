@@ -63,7 +63,7 @@ def test_the_report_holds_every_dialog_and_the_seconds_per_part(oracle):
     assert len(d["turns"]) == 3 and len(d["ranks"]) == 4 and d["target"] == d["id"]
     assert d["query"] == ", ".join([d["initial"]] + [t["answer"] for t in d["turns"]])
     assert {"chat.question", "chat.answer", "retrieve"} <= set(report["timings"]["parts"])
-    assert report["fallbacks"] == {"question": 0, "answer": 0, "summary": 0} and report["stopped"] == 0
+    assert report["fallbacks"] == {"question": 0, "answer": 0, "summary": 0, "rewrite": 0} and report["stopped"] == 0
 
 
 def test_a_learned_questioner_is_evaluated_the_same_way_and_deterministically(world, clip_dir, talker_dir, tmp_path):

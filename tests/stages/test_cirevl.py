@@ -119,3 +119,19 @@ def test_a_rewriter_adapter_is_checked_on_attach(rewriter_dir, clip_dir, tmp_pat
     with pytest.raises(AdapterMismatchError, match="rerank"):
         evaluate_composed(_pipe(clip_dir, model=manifest["base_model"], rewriter_adapter=str(bad)), cir,
                           progress=False, limit=2)
+
+
+def test_sum_fuses_the_unit_embeddings_of_image_and_text(cir, clip_dir):
+    import numpy as np
+
+    pipe = _pipe(clip_dir, mode="sum")
+    report = evaluate_composed(pipe, cir, progress=False, limit=4)
+    queries, _ = cir.queries()
+    enc = pipe.encoder
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    fused = unit(unit(enc.encode_texts([q.text for q in queries[:4]])) + unit(enc.encode_images([q.image for q in queries[:4]])))
+    scores, ids = pipe.gallery.index("image").search(fused, 6)
+    assert [w["top5"] for w in report["rewrites"]] == [[i for i in row if i != t.reference][:5]
+                                                      for row, t in zip(ids, cir.triplets[:4])]
+    text_only = evaluate_composed(_pipe(clip_dir, mode="text"), cir, progress=False, limit=4)
+    assert [w["top5"] for w in text_only["rewrites"]] != [w["top5"] for w in report["rewrites"]]

@@ -1,0 +1,243 @@
+"""EIIRwQR: interactive retrieval by query rewriting, round after round.
+
+Each round: the results of the last retrieval that the user has not seen yet (the first ``shown`` of
+them) are shown; a simulated user marks the relevant ones (``feedback = "relevant"``) or gives no
+feedback at all (``"none"``); the MLLM captions the shown images (:class:`~genret.mllm.captioner.Captioner`);
+the rewriter (the MLLM on text only, prompt ``eiirwqr``: ``[feedback]`` with ``{query}``, ``{relevant}``,
+``{irrelevant}``, or ``[blind]`` with ``{query}``, ``{shown}``) rewrites the *original* query from those
+captions; the next stage retrieves with the rewrite.
+
+The simulated user judges from ground truth: ``relevance = "target"`` marks the image sought alone;
+``"facts"`` (the miniature world) also marks every image whose scene shares at least ``min_facts`` of the
+target's five facts (:meth:`genret.data.scene.Scene.facts`: the two objects, the relation, the colours, the
+shapes) — images "like the one sought". Stopping rule: a query stops the round its target is shown
+(the user found it; its query is kept), and after ``rounds`` rounds.
+
+Every round is recorded in ``Query.meta["rounds"]`` (shown ids, marked ids, captions, the rewrite, any
+fallback: an empty or runaway rewrite keeps the original query and says so). A round stage for
+:func:`genret.eval.interactive.evaluate_dialog` (:meth:`start`, :meth:`next_round`).
+
+Example pipeline file::
+
+    [[stages]]
+    type = "eiirwqr"
+    model = "adapters/mini-world/mllm"
+    rounds = 3
+    shown = 5
+    relevance = "facts"
+
+    [[stages]]
+    type = "prefilter"
+    k = 50
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from genret.data.scene import Scene
+from genret.stages.base import STAGES, RewriteStage, StageContext
+from genret.stages.chat import Target
+from genret.types import Query, Ranking
+
+if TYPE_CHECKING:
+    from genret.index.gallery import Gallery
+    from genret.mllm.backend import MLLM
+
+logger = logging.getLogger(__name__)
+FEEDBACK = ("relevant", "none")
+RELEVANCE = ("target", "facts")
+NONE = "none"
+
+
+@dataclass
+class EIIRwQRConfig:
+    """Settings of the EIIRwQR round stage."""
+
+    model: str = field(default="", metadata={"help": "the MLLM that captions the shown images and rewrites"})
+    adapter: str = field(default="", metadata={"help": "a rewriter LoRA (task rewriter) for the rewrites (optional)"})
+    prompt: str = field(default="eiirwqr", metadata={"help": "rewrite prompt: [feedback] and [blind] tables"})
+    caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt"})
+    rounds: int = field(default=3, metadata={"help": "feedback rounds after the first retrieval"})
+    shown: int = field(default=5, metadata={"help": "results not shown before that the user sees per round"})
+    feedback: str = field(default="relevant", metadata={"help": "relevant (the user marks results) or none"})
+    relevance: str = field(default="facts", metadata={"help": "target (the image sought only) or facts (shared facts)"})
+    min_facts: int = field(default=3, metadata={"help": "relevance=facts: shared scene facts (of 5) to be relevant"})
+    caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens"})
+    max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite; longer is a runaway (fallback)"})
+    num_beams: int = field(default=1, metadata={"help": "beam width (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
+    cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
+    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
+    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required (the MLLM that captions and rewrites)")
+        if self.feedback not in FEEDBACK:
+            raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}, got {self.feedback!r}")
+        if self.relevance not in RELEVANCE:
+            raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {self.relevance!r}")
+        for name in ("rounds", "shown", "caption_tokens", "max_new_tokens", "num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.min_facts <= 5:
+            raise ValueError(f"min_facts must be in 1..5 (a scene has five facts), got {self.min_facts}")
+
+
+def shared_facts(a: Mapping, b: Mapping) -> int:
+    """How many of the five :meth:`Scene.facts` two scenes (dicts) share."""
+    fa, fb = Scene.from_dict(dict(a)).facts(), Scene.from_dict(dict(b)).facts()
+    return sum(fa[k] == fb.get(k) for k in fa)
+
+
+@STAGES.register("eiirwqr")
+class EIIRwQRStage(RewriteStage):
+    """Show unseen results, take the user's marks, caption, rewrite the original query, retrieve again."""
+
+    config_class = EIIRwQRConfig
+
+    def __init__(self, config: EIIRwQRConfig, name: str) -> None:
+        super().__init__(config, name)
+        self.images: dict[str, str] = {}
+        self.scenes: dict[str, Mapping] = {}
+        self._mllm: "MLLM | None" = None
+        self._captioner = None
+        self._rewriters: dict[str, object] = {}
+        self.seconds = {"caption": 0.0, "rewrite": 0.0}
+
+    @property
+    def rounds(self) -> int:
+        """Feedback rounds per query."""
+        return self.config.rounds
+
+    def describe(self) -> dict:
+        """What makes the rewrites: for reports."""
+        from genret.prompts import load_prompt
+
+        c = self.config
+        return {"stage": self.name, "type": "eiirwqr", "model": c.model, "adapter": c.adapter,
+                "prompt": load_prompt(c.prompt).key, "rounds": c.rounds, "shown": c.shown, "feedback": c.feedback,
+                "relevance": c.relevance, "min_facts": c.min_facts}
+
+    def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
+        """Keep the gallery images' files: the shown results are captioned from them."""
+        self.images = {i: it.image for i, it in gallery.items.get("image", {}).items()}
+
+    def set_scenes(self, scenes: Mapping[str, Mapping]) -> None:
+        """The gallery images' scenes (miniature world), for ``relevance = "facts"``."""
+        self.scenes = {str(k): v for k, v in scenes.items() if v}
+
+    def _models(self):
+        from genret.mllm import MLLM, MLLMConfig
+        from genret.mllm.captioner import Captioner
+        from genret.mllm.rewriter import Rewriter
+
+        c = self.config
+        if self._captioner is None:
+            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+            self._captioner = Captioner(self._mllm, c.caption_prompt, max_new_tokens=c.caption_tokens,
+                                        batch_size=c.batch_size, cache_dir=c.cache_dir or None, num_beams=c.num_beams)
+            writer = self._mllm
+            if c.adapter:  # the captioner keeps the plain base: the LoRA rewriter gets its own copy
+                writer = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+                writer.attach_adapter(c.adapter, task="rewriter")
+            section = "feedback" if c.feedback == "relevant" else "blind"
+            self._rewriters[section] = Rewriter(writer, c.prompt, section, max_new_tokens=c.max_new_tokens,
+                                                num_beams=c.num_beams, batch_size=c.batch_size,
+                                                cache_dir=c.cache_dir or None)
+        return self._captioner, next(iter(self._rewriters.values()))
+
+    def rewrite(self, queries: Sequence[Query], ctx: StageContext) -> list[Query]:
+        """In a plain pipeline there is no user to show results to: queries pass unchanged."""
+        return list(queries)
+
+    def start(self, queries: Sequence[Query], truth: Sequence[Target | None] | None = None) -> list[Query]:
+        """Round 0: every query as given, with its target (what the simulated user knows) and nothing shown."""
+        if truth is not None and len(truth) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(truth)} targets")
+        out = []
+        for i, q in enumerate(queries):
+            if not (q.text or "").strip():
+                raise ValueError(f"query {q.id!r}: EIIRwQR rewrites a text query; this one has no text")
+            target = Target.from_meta(truth[i] if truth is not None else q.meta.get("target"))
+            if target is None:
+                raise ValueError(f"query {q.id!r}: the simulated user needs the target (meta['target'])")
+            if self.config.relevance == "facts" and target.scene is None:
+                raise ValueError(f"query {q.id!r}: relevance = 'facts' needs the target's scene (the miniature "
+                                 "world's); use relevance = 'target' elsewhere")
+            meta = {"stage": self.name, "initial": q.text, "target": target.to_dict(), "rounds": [], "seen": [],
+                    "stopped": None}
+            out.append(Query(id=q.id, text=q.text, target="image", meta=meta))
+        return out
+
+    def _relevant(self, target: Mapping, ids: Sequence[str]) -> list[str]:
+        if self.config.relevance == "target":
+            return [i for i in ids if i == target["id"]]
+        return [i for i in ids if i == target["id"] or (i in self.scenes and
+                                                        shared_facts(target["scene"], self.scenes[i]) >= self.config.min_facts)]
+
+    def next_round(self, queries: Sequence[Query], rankings: Sequence[Ranking] | None = None) -> list[Query]:
+        """Show each active query's unseen results, take the marks, caption, rewrite the original query.
+
+        Raises:
+            ValueError: no rankings (the round needs what retrieval returned), or gallery images without a file.
+        """
+        if rankings is None or len(rankings) != len(queries):
+            raise ValueError("EIIRwQR needs the last round's rankings, one per query")
+        c = self.config
+        out, rows, todo = list(queries), [], []
+        for i, (q, r) in enumerate(zip(queries, rankings)):
+            if "rounds" not in q.meta:
+                raise ValueError(f"query {q.id!r} has no EIIRwQR state; pass it through EIIRwQRStage.start first")
+            if q.meta["stopped"]:
+                continue
+            seen = set(q.meta["seen"])
+            shown = [x for x in r.ids if x not in seen][: c.shown]
+            target = q.meta["target"]
+            if target["id"] in shown:  # the user found it: stop asking
+                out[i] = Query(id=q.id, text=q.text, target="image",
+                               meta={**q.meta, "seen": [*q.meta["seen"], *shown], "stopped": "found"})
+                continue
+            if not shown:
+                out[i] = Query(id=q.id, text=q.text, target="image", meta={**q.meta, "stopped": "nothing new to show"})
+                continue
+            rows.append((i, shown, self._relevant(target, shown) if c.feedback == "relevant" else []))
+        if not rows:
+            return out
+        missing = sorted({x for _, shown, _ in rows for x in shown if x not in self.images})
+        if missing:
+            raise ValueError(f"stage {self.name!r}: {len(missing)} shown results have no image file (e.g. "
+                             f"{missing[0]!r}); index the gallery through the pipeline first")
+        captioner, rewriter = self._models()
+        tick = time.perf_counter()
+        ids = sorted({x for _, shown, _ in rows for x in shown})
+        caption = dict(zip(ids, captioner.caption([self.images[x] for x in ids])))
+        self.seconds["caption"] += time.perf_counter() - tick
+        prompts, fallbacks = [], []
+        for i, shown, marked in rows:
+            initial = queries[i].meta["initial"]
+            if c.feedback == "relevant":
+                prompts.append({"query": initial, "relevant": _join(caption[x] for x in marked),
+                                "irrelevant": _join(caption[x] for x in shown if x not in marked)})
+            else:
+                prompts.append({"query": initial, "shown": _join(caption[x] for x in shown)})
+            fallbacks.append(initial)
+        tick = time.perf_counter()
+        done = rewriter.rewrite(prompts, fallbacks)
+        self.seconds["rewrite"] += time.perf_counter() - tick
+        for (i, shown, marked), r in zip(rows, done):
+            q = queries[i]
+            record = {"shown": shown, "marked": marked, "captions": [caption[x] for x in shown], "rewrite": r.raw,
+                      "fallback": r.fallback}
+            out[i] = Query(id=q.id, text=r.text, target="image",
+                           meta={**q.meta, "rounds": [*q.meta["rounds"], record], "seen": [*q.meta["seen"], *shown]})
+        return out
+
+
+def _join(texts) -> str:
+    texts = [t for t in texts if t]
+    return "; ".join(texts) if texts else NONE
