@@ -123,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("pipeline", help="saved pipeline folder, pipeline file, or encoder model directory/id")
     _add_data_args(ev, split="test")
     ev.add_argument("--directions", default="t2i,i2t", help="t2i, i2t or both (default: t2i,i2t)")
-    ev.add_argument("--task", choices=("retrieval", "cir"), default="retrieval",
-                    help="retrieval (Karpathy/JSONL data), or cir: composed retrieval on a CIRR/CIRCO folder (or the "
-                         "miniature world's cirr/)")
-    ev.add_argument("--limit", type=int, default=None, help="cir: evaluate only the first N triplets")
+    ev.add_argument("--task", choices=("retrieval", "cir", "dialog"), default="retrieval",
+                    help="retrieval (Karpathy/JSONL data); cir: composed retrieval on a CIRR/CIRCO folder (or the "
+                         "miniature world's cirr/); dialog: rounds of a chat or eiirwqr stage, each image a target")
+    ev.add_argument("--limit", type=int, default=None, help="cir/dialog: evaluate only the first N queries")
+    ev.add_argument("--rounds", type=int, default=None, help="dialog: rounds after round 0 (default: the stage's)")
+    ev.add_argument("--hits-k", type=int, default=10, help="dialog: K of the cumulative Hits@K (default: 10)")
     ev.add_argument("--out", default=None, help="folder for report.json and report.md")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -322,6 +324,13 @@ def _print_report(report: dict, as_json: bool) -> None:
         return
     ds = report["dataset"]
     print(f"{report['pipeline']} on {ds['name']}/{ds['split']} ({ds['images']} images), metrics in %:")
+    if report.get("task") == "dialog":
+        from genret.eval.report import dialogs_table, rounds_table
+
+        print(rounds_table(report))
+        print(f"\nqueries (first 5; all in report.json with --out; fallbacks {report.get('fallbacks')}):")
+        print(dialogs_table(report, 5))
+        return
     print(metrics_table(report))
     if report.get("rewrites"):
         from genret.eval.report import rewrites_table
@@ -367,6 +376,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         cir = load_cir(args.data, args.split, image_root=args.image_root, on_error=args.on_error)
         report = evaluate_composed(pipe, cir, progress=not args.quiet, limit=args.limit)
+    elif args.task == "dialog":
+        from genret.eval.interactive import evaluate_dialog
+
+        report = evaluate_dialog(pipe, _load_data(args), split=args.split, rounds=args.rounds, k=args.hits_k,
+                                 limit=args.limit, progress=not args.quiet)
     else:
         directions = [d.strip() for d in args.directions.split(",") if d.strip()]
         report = evaluate(pipe, _load_data(args), split=args.split, directions=directions, progress=not args.quiet)

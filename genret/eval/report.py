@@ -8,7 +8,7 @@ from pathlib import Path
 from genret._io import atomic_path, write_json, write_text
 from genret.eval.evaluator import DIRECTIONS
 
-LABELS = {**DIRECTIONS, "cir": "composed (reference + modification → target)"}
+LABELS = {**DIRECTIONS, "cir": "composed (reference + modification → target)", "dialog": "interactive (rounds)"}
 
 
 def metrics_table(report: dict) -> str:
@@ -57,8 +57,30 @@ def _markdown(rows: list[list[str]]) -> str:
     return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows[1:]])
 
 
+def rounds_table(report: dict) -> str:
+    """A Markdown table of an interactive report: per rank stage and round, R@K and cumulative Hits@K."""
+    k = report.get("k", 10)
+    head = ["stage", "round", "R@1", "R@5", "R@10", f"Hits@{k} (cumulative)"]
+    rows = []
+    for name, m in report["stages"].items():
+        for r, hits in zip(m["rounds"], m[f"hits@{k}"]):
+            rows.append([name, str(r["round"]), f"{r['R@1']:.1f}", f"{r['R@5']:.1f}", f"{r['R@10']:.1f}", f"{hits:.1f}"])
+    return _markdown([head] + rows)
+
+
+def dialogs_table(report: dict, n: int = REWRITES_SHOWN) -> str:
+    """The first ``n`` interactive queries: where they started, what they ended as, the target's rank per round."""
+    head = ["id", "initial query", "last query", "target rank per round", "stopped"]
+    rows = [[str(d["id"]), d.get("initial") or "", d.get("query") or "",
+             " ".join("-" if r is None else str(r) for r in d["ranks"]), str(d.get("stopped") or "")]
+            for d in report["dialogs"][:n]]
+    return _markdown([head] + [[c.replace("|", "/") for c in r] for r in rows])
+
+
 def render_markdown(report: dict) -> str:
     """The whole report as Markdown."""
+    if report.get("task") == "dialog":
+        return _render_dialog(report)
     ds = report["dataset"]
     queries = ", ".join(f"{LABELS[d]} {n}" for d, n in ds["queries"].items())
     parts = [
@@ -78,6 +100,23 @@ def render_markdown(report: dict) -> str:
     lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)" for name, t in timing["stages"].items()]
     lines += [f"  - {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)"
               for name, t in timing.get("parts", {}).items()]
+    parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
+    return "\n\n".join(parts) + "\n"
+
+
+def _render_dialog(report: dict) -> str:
+    ds, stage = report["dataset"], report["round_stage"]
+    settings = ", ".join(f"{k} {v}" for k, v in stage.items() if k not in ("stage",) and v not in ("", None))
+    parts = [f"# genret evaluation: {report['pipeline']}",
+             f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; {ds['queries']['dialog']} queries, "
+             f"{report['rounds']} rounds after round 0. Round stage: {settings}. Metrics in percent.",
+             "## Per round", rounds_table(report),
+             f"## Queries (first {min(REWRITES_SHOWN, len(report['dialogs']))} of {len(report['dialogs'])}; all in "
+             f"report.json; fallbacks {report.get('fallbacks')}, stopped {report.get('stopped', 0)})", dialogs_table(report)]
+    timing = report["timings"]
+    lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
+    lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query_round']:.2f} ms per query and round)"
+              for name, t in timing["parts"].items()]
     parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
     return "\n\n".join(parts) + "\n"
 

@@ -218,8 +218,9 @@ _GRAMMAR = (
 def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | None:
     """What a person looking at ``scene`` says to ``question``; ``None`` where they cannot tell.
 
-    Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape, relation, place,
-    size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
+    Answers questions only (a text that ends with "?" or starts with an interrogative word; a statement
+    gets ``None``). Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape,
+    relation, place, size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
     colours, the shapes, the sizes, where the objects are, and what else there is (the objects ``heard``,
     the dialog so far, does not name yet).
 
@@ -229,6 +230,8 @@ def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | Non
     >>> answer_from_scene(s, "Is there a blue circle?"), answer_from_scene(s, "Where are the two objects?")
     ('no', 'the red circle is left of the blue square')
     """
+    if not _is_question(question):  # a statement, or a caption the questioner said instead of asking: nothing to answer
+        return None
     text = " ".join(question.lower().replace("?", " ").split())
     find = lambda c, s: next((o for o in scene.objects if (o.colour, o.shape) == (c, s)), None)  # noqa: E731
     for kind, pattern in _GRAMMAR:
@@ -256,6 +259,15 @@ def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | Non
         b = find(g[3], g[4])
         return "yes" if b is other and g[2] == rel else "no"
     return _answer_by_keyword(scene, text, heard.lower())
+
+
+_ASKING = ("what", "which", "where", "how", "is", "are", "does", "do", "can", "who", "tell", "describe")
+
+
+def _is_question(text: str) -> bool:
+    """A question: ends with "?" or starts with an interrogative word (the simulated user answers nothing else)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return text.strip().endswith("?") or bool(words and words[0] in _ASKING)
 
 
 def _answer_by_keyword(scene: Scene, text: str, heard: str) -> str | None:

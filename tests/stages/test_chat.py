@@ -86,7 +86,7 @@ def test_the_mllm_questioner_falls_back_and_says_so(world, talker_dir):
 
 
 def test_the_mllm_answerer_sees_the_target_and_caches_answers(world, talker_dir, tmp_path):
-    records, truth = _targets(world, 3)
+    records, truth = _targets(world, 8)
     config = dict(questioner="scripted", answerer="mllm", model=str(talker_dir), answer_tokens=8,
                   cache_dir=str(tmp_path / "cache"))
     stage, history = _chat(world, records, truth, rounds=2, **config)
@@ -94,7 +94,7 @@ def test_the_mllm_answerer_sees_the_target_and_caches_answers(world, talker_dir,
     assert all(t["raw_answer"] for ts in turns for t in ts)
     # Different images, one question: the talker's raw answers depend on the image.
     assert len({ts[0]["raw_answer"] for ts in turns}) > 1
-    assert stage.generated["answer"] == 6
+    assert stage.generated["answer"] == 16
     again, history2 = _chat(world, records, truth, rounds=2, **config)
     assert again.generated == {"question": 0, "answer": 0, "summary": 0}
     assert [q.meta["turns"] for q in history2[-1]] == turns
@@ -186,3 +186,14 @@ def test_unusable_initial_queries_are_refused(query, match):
 def test_next_round_needs_a_started_dialog():
     with pytest.raises(ValueError, match="query 'q5' has no dialog state"):
         ChatStage(ChatConfig(questioner="scripted"), "chat").next_round([Query(id="q5", text="a red circle")])
+
+
+def test_the_facts_answerer_answers_questions_only():
+    from genret.data.scene import Scene, SceneObject
+    from genret.stages.chat import answer_from_scene
+
+    s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)), "left of")
+    # A caption said instead of a question (what an untrained questioner does) tells the user nothing to answer.
+    assert answer_from_scene(s, "a large yellow one to the right of a small purple circle") is None
+    assert answer_from_scene(s, "what is on the right") == "large blue square"
+    assert answer_from_scene(s, "Where are the two objects?") == "the red circle is left of the blue square"
