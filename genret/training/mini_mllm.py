@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from genret.training.tokenizer import byte_alphabet, count_words, learn_bpe
 
 CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "mllm" / "templates" / "mini_chat.jinja"
 SPECIAL = ("<|pad|>", "<|bos|>", "<|eos|>", "<image>", "<|system|>", "<|user|>", "<|assistant|>")
@@ -35,13 +37,19 @@ class MiniMLLMConfig:
 
 
 def byte_level_bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...).
+
+    The same texts and settings give the same tokenizer in every process
+    (see :func:`genret.training.tokenizer.learn_bpe`).
+    """
+    special = list(special)
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = learn_bpe(count_words(texts, pre_tokenizer), vocab_size, special=special,
+                              alphabet=byte_alphabet())
+    bpe = Tokenizer(models.BPE(vocab, merges))
+    bpe.pre_tokenizer = pre_tokenizer
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
+    bpe.add_special_tokens(special)
     return bpe
 
 
