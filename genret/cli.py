@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
     rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(rerank, RerankTrainConfig)
-    rewriter = train.add_parser("rewriter", help="LoRA rewriter for CIReVL: (caption of the reference, modification) "
-                                "-> description of the target, on a CIR training split")
-    rewriter.add_argument("--data", required=True, help="CIRR/CIRCO folder (or the miniature world's folder)")
+    rewriter = train.add_parser("rewriter", help="text LoRAs of the rewrite stages: cirevl (caption + modification -> "
+                                "target), chat (dialog -> next question), eiirwqr (query + marked captions -> target)")
+    rewriter.add_argument("--data", required=True, help="cirevl: CIRR/CIRCO folder (or the miniature world's); chat, "
+                          "eiirwqr: the miniature world (images with scenes)")
+    rewriter.add_argument("--clip", default=None, help="eiirwqr: the prefilter that retrieves the shown results")
     rewriter.add_argument("--split", default="train", help="training split (default: train)")
     rewriter.add_argument("--val-split", default="val", help="split for the exact-match check ('' : none)")
     rewriter.add_argument("--image-root", default=None, help="image folder, when not where the layout puts it")
@@ -348,20 +350,26 @@ def cmd_train_rewriter(args: argparse.Namespace) -> int:
     from genret.training.rewriter import RewriterTrainConfig, train_rewriter
 
     config = merge_arguments(RewriterTrainConfig, args, args.config)
-    train = load_cir(args.data, args.split, image_root=args.image_root)
-    val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
-    summary = train_rewriter(args.base, train, args.out, config, val=val, progress=not args.quiet)
+    if config.task == "cirevl":
+        train = load_cir(args.data, args.split, image_root=args.image_root)
+        val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
+    else:
+        from genret.data import load_dataset
+
+        train = load_dataset(args.data, image_root=args.image_root)
+        val = train if args.val_split else None
+    summary = train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, progress=not args.quiet)
     if _other_process():
         return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     m = summary["metrics"]
-    print(f"saved {args.out}: rewriter adapter, {summary['steps']} steps on {summary['data']['pairs']} triplets in "
+    print(f"saved {args.out}: {config.task} rewriter adapter, {summary['steps']} steps on {summary['data']['pairs']} rows in "
           f"{summary['train_seconds']:.0f} s, loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
     if m.get("val"):
         print(f"  val exact match: {m['val_before'].get('exact_match', 0):.1f} -> {m['val']['exact_match']:.1f} % "
-              f"({m['val']['triplets']} triplets, {m['val']['fallbacks']} fallbacks)")
+              f"({m['val']['triplets']} rows, {m['val']['fallbacks']} fallbacks)")
     return 0
 
 

@@ -186,10 +186,34 @@ class EIIRwQRStage(RewriteStage):
         Raises:
             ValueError: no rankings (the round needs what retrieval returned), or gallery images without a file.
         """
+        out, rows = self.show(queries, rankings)
+        if not rows:
+            return out
+        captioner, rewriter = self._models()
+        tick = time.perf_counter()
+        ids = sorted({x for _, shown, _ in rows for x in shown})
+        caption = dict(zip(ids, captioner.caption([self.images[x] for x in ids])))
+        self.seconds["caption"] += time.perf_counter() - tick
+        prompts = self.prompt_rows(queries, rows, caption)
+        tick = time.perf_counter()
+        done = rewriter.rewrite(prompts, [queries[i].meta["initial"] for i, _, _ in rows])
+        self.seconds["rewrite"] += time.perf_counter() - tick
+        for (i, shown, marked), r in zip(rows, done):
+            q = queries[i]
+            record = {"shown": shown, "marked": marked, "captions": [caption[x] for x in shown], "rewrite": r.raw,
+                      "fallback": r.fallback}
+            out[i] = Query(id=q.id, text=r.text, target="image",
+                           meta={**q.meta, "rounds": [*q.meta["rounds"], record], "seen": [*q.meta["seen"], *shown]})
+        return out
+
+    def show(self, queries: Sequence[Query], rankings: Sequence[Ranking] | None
+             ) -> tuple[list[Query], list[tuple[int, list[str], list[str]]]]:
+        """The user's side of a round: stop the queries whose target is shown (or that have nothing new), and for
+        the others the ``(query index, shown ids, marked ids)`` to caption and rewrite from."""
         if rankings is None or len(rankings) != len(queries):
             raise ValueError("EIIRwQR needs the last round's rankings, one per query")
         c = self.config
-        out, rows, todo = list(queries), [], []
+        out, rows = list(queries), []
         for i, (q, r) in enumerate(zip(queries, rankings)):
             if "rounds" not in q.meta:
                 raise ValueError(f"query {q.id!r} has no EIIRwQR state; pass it through EIIRwQRStage.start first")
@@ -206,35 +230,23 @@ class EIIRwQRStage(RewriteStage):
                 out[i] = Query(id=q.id, text=q.text, target="image", meta={**q.meta, "stopped": "nothing new to show"})
                 continue
             rows.append((i, shown, self._relevant(target, shown) if c.feedback == "relevant" else []))
-        if not rows:
-            return out
         missing = sorted({x for _, shown, _ in rows for x in shown if x not in self.images})
         if missing:
             raise ValueError(f"stage {self.name!r}: {len(missing)} shown results have no image file (e.g. "
                              f"{missing[0]!r}); index the gallery through the pipeline first")
-        captioner, rewriter = self._models()
-        tick = time.perf_counter()
-        ids = sorted({x for _, shown, _ in rows for x in shown})
-        caption = dict(zip(ids, captioner.caption([self.images[x] for x in ids])))
-        self.seconds["caption"] += time.perf_counter() - tick
-        prompts, fallbacks = [], []
+        return out, rows
+
+    def prompt_rows(self, queries: Sequence[Query], rows: Sequence[tuple[int, list[str], list[str]]],
+                    caption: Mapping[str, str]) -> list[dict[str, str]]:
+        """The rewrite prompt's values for each row of :meth:`show`, from the captions of the shown images."""
+        out = []
         for i, shown, marked in rows:
             initial = queries[i].meta["initial"]
-            if c.feedback == "relevant":
-                prompts.append({"query": initial, "relevant": _join(caption[x] for x in marked),
-                                "irrelevant": _join(caption[x] for x in shown if x not in marked)})
+            if self.config.feedback == "relevant":
+                out.append({"query": initial, "relevant": _join(caption[x] for x in marked),
+                            "irrelevant": _join(caption[x] for x in shown if x not in marked)})
             else:
-                prompts.append({"query": initial, "shown": _join(caption[x] for x in shown)})
-            fallbacks.append(initial)
-        tick = time.perf_counter()
-        done = rewriter.rewrite(prompts, fallbacks)
-        self.seconds["rewrite"] += time.perf_counter() - tick
-        for (i, shown, marked), r in zip(rows, done):
-            q = queries[i]
-            record = {"shown": shown, "marked": marked, "captions": [caption[x] for x in shown], "rewrite": r.raw,
-                      "fallback": r.fallback}
-            out[i] = Query(id=q.id, text=r.text, target="image",
-                           meta={**q.meta, "rounds": [*q.meta["rounds"], record], "seen": [*q.meta["seen"], *shown]})
+                out.append({"query": initial, "shown": _join(caption[x] for x in shown)})
         return out
 
 

@@ -1,4 +1,17 @@
-"""``genret train rewriter``: a LoRA that turns (caption of the reference, modification) into the target's description.
+"""``genret train rewriter``: text-generation LoRAs for the rewrite stages, one recipe per ``task``.
+
+- ``cirevl``: (caption of the reference, modification) → the target's description (below);
+- ``chat``: the dialog so far → the next question, imitating the oracle questioner (the scripted questions
+  asked of the facts answerer on the training images): behaviour cloning of a questioner that asks;
+- ``eiirwqr``: (original query, captions of the shown results the simulated user marked, and of the rest)
+  → the target's caption, from one feedback round simulated on the training images with the prefilter
+  (``--clip``) and the stage's own user, captioner and prompt.
+
+All three train the same way (next-token loss on the target, LoRA on the language model) and save an
+adapter of task ``rewriter`` whose mode names the prompt table it serves (``rewrite``, ``question``,
+``feedback``).
+
+CIReVL in detail:
 
 CIReVL is training-free: any instruction-following LLM recomposes the caption. Where the base does
 that badly (a small model, a new domain), a LoRA on the composed-retrieval training triplets teaches
@@ -37,11 +50,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+TASKS = {"cirevl": ("cirevl", "rewrite"), "chat": ("chat", "question"), "eiirwqr": ("eiirwqr", "feedback")}
+"""task -> (default prompt, the prompt table the adapter learns to answer)."""
+
+
 @dataclass
 class RewriterTrainConfig:
     """What the rewriter LoRA learns from, and how."""
 
-    prompt: str = field(default="cirevl", metadata={"help": "rewrite prompt ([rewrite] table with {caption}, {modification})"})
+    task: str = field(default="cirevl", metadata={"help": "cirevl (CIR triplets), chat (questions), eiirwqr (feedback)"})
+    prompt: str = field(default="", metadata={"help": "prompt name or file (default: the task's)"})
+    rounds: int = field(default=5, metadata={"help": "chat: dialog turns simulated per training image"})
+    shown: int = field(default=5, metadata={"help": "eiirwqr: results shown per round"})
+    min_facts: int = field(default=3, metadata={"help": "eiirwqr: shared scene facts to be marked relevant"})
     caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt (as the stage uses it)"})
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
@@ -62,7 +83,11 @@ class RewriterTrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
-        for name in ("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens", "log_every"):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self.prompt = self.prompt or TASKS[self.task][0]
+        for name in ("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens", "log_every", "rounds",
+                     "shown", "min_facts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "threads", "eval_triplets", "max_grad_norm"):
@@ -97,10 +122,61 @@ def _images_to_caption(cir: "CIRSet") -> list[str]:
     return sorted(ids)
 
 
-def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.PathLike,
-                   config: RewriterTrainConfig | None = None, *, val: "CIRSet | None" = None, progress: bool = True,
-                   on_step: "Callable[[dict], None] | None" = None) -> dict:
-    """Train the rewriter LoRA on ``train``'s triplets; saves the adapter in ``out_dir``.
+def chat_pairs(records, rounds: int, seed: int = 0) -> list[tuple[dict, str]]:
+    """``({"dialog"}, next question)`` per image and turn: the oracle dialogs (scripted questions, facts answers)."""
+    from genret.eval.interactive import dialog_queries
+    from genret.stages.chat import SCRIPT, ChatConfig, ChatStage, dialog_text
+
+    stage = ChatStage(ChatConfig(questioner="scripted", answerer="facts", rounds=rounds), "chat")
+    queries = stage.start(*dialog_queries(records, seed))
+    pairs = []
+    for r in range(rounds):
+        pairs += [({"dialog": dialog_text(q)}, SCRIPT[r % len(SCRIPT)]) for q in queries if not q.meta["stopped"]]
+        queries = stage.next_round(queries)
+    return pairs
+
+
+def feedback_pairs(records, prefilter: "str | os.PathLike", caption: "Callable[[list[str]], list[str]]",
+                   config: RewriterTrainConfig, seed: int = 0) -> list[tuple[dict, str]]:
+    """``({"query", "relevant", "irrelevant"}, target caption)`` from one simulated EIIRwQR round per image.
+
+    The images are both gallery and queries: each starts from its partial description, the prefilter
+    retrieves, the stage's simulated user marks the shown results, ``caption`` describes them.
+    """
+    from genret.eval.interactive import dialog_queries
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+    from genret.stages.eiirwqr import EIIRwQRConfig, EIIRwQRStage
+    from genret.types import Item
+
+    stage = EIIRwQRStage(EIIRwQRConfig(model="-", shown=config.shown, min_facts=config.min_facts, relevance="facts"),
+                         "eiirwqr")
+    pipe = RetrievalPipeline(PipelineConfig(name="feedback", encoder=EncoderConfig(model=str(prefilter)),
+                                            stages=({"type": "prefilter", "k": 100},)))
+    pipe.index_items({"image": [Item(id=r.id, modality="image", image=str(r.path)) for r in records]},
+                     {"task": "feedback"}, progress=False)
+    stage.index_gallery(pipe.gallery)
+    stage.set_scenes({r.id: r.meta.get("scene") for r in records})
+    queries = stage.start(*dialog_queries(records, seed))
+    _, rows = stage.show(queries, pipe.run(queries)[-1][1])
+    ids = sorted({x for _, shown, _ in rows for x in shown})
+    captions = dict(zip(ids, caption([stage.images[x] for x in ids])))
+    prompts = stage.prompt_rows(queries, rows, captions)
+    by_id = {r.id: r for r in records}
+    return [(p, by_id[queries[i].meta["target"]["id"]].captions[0]) for p, (i, _, _) in zip(prompts, rows)]
+
+
+def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
+                   config: RewriterTrainConfig | None = None, *, val=None, prefilter: "str | os.PathLike | None" = None,
+                   progress: bool = True, on_step: "Callable[[dict], None] | None" = None) -> dict:
+    """Train a rewriter LoRA for ``config.task``; saves the adapter in ``out_dir``.
+
+    Args:
+        base: the MLLM (it also captions, as the stage does).
+        train: the training data: a CIR set (``cirevl``) or a data set whose training split is used (``chat``,
+            ``eiirwqr``: images with scenes, the miniature world).
+        val: held-out data of the same kind for the exact-match check (cirevl: a CIR set; else a data set,
+            its val split).
+        prefilter: the dual encoder that retrieves the shown results (``eiirwqr``).
 
     Returns:
         The manifest (also ``out_dir/genret.json``): config, history, val exact match before/after, speed.
@@ -122,30 +198,39 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main, procs = accelerator.is_main_process, accelerator.num_processes
     show = progress and main
-    prompt = load_prompt(config.prompt, required={"rewrite": {"user": ("{caption}", "{modification}")}})
+    section = TASKS[config.task][1]
+    prompt = load_prompt(config.prompt, required={section: {"user": ()}})
+    if config.task == "eiirwqr" and prefilter is None:
+        raise ValueError("task eiirwqr simulates a feedback round with the prefilter: pass prefilter (--clip)")
     mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
     cache = config.cache_dir or str(out_dir / "cache")
     captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
 
-    def caption(cir: "CIRSet") -> dict[str, str]:
-        ids = _images_to_caption(cir)
-        return dict(zip(ids, captioner.caption([str(cir.images[i]) for i in ids], progress=show)))
+    def build(data, split: str) -> list:
+        if config.task == "cirevl":
+            ids = _images_to_caption(data)
+            caps = dict(zip(ids, captioner.caption([str(data.images[i]) for i in ids], progress=show)))
+            return rewrite_pairs(data, caps)
+        records = data.split(split).records
+        if config.task == "chat":
+            return chat_pairs(records, config.rounds, config.seed)
+        return feedback_pairs(records, prefilter, lambda paths: captioner.caption(paths, progress=show), config,
+                              config.seed)
 
-    captions = on_main(accelerator, lambda: caption(train))
-    pairs = rewrite_pairs(train, captions)
+    pairs = [tuple(p) for p in on_main(accelerator, lambda: build(train, "train"))]
+    source = getattr(train, "source", "?")
     if len(pairs) < config.batch_size * procs:
-        raise ValueError(f"{train.source}: {len(pairs)} training triplets with a target text, fewer than one step's "
+        raise ValueError(f"{source}: {len(pairs)} training rows with a target text, fewer than one step's "
                          f"{config.batch_size * procs} (batch_size x processes); lower batch_size")
     val_pairs = []
     if val is not None and config.eval_triplets:
-        val_caps = on_main(accelerator, lambda: caption(val))
-        val_pairs = rewrite_pairs(val, val_caps)[: config.eval_triplets]
-    rewriter = Rewriter(mllm, prompt, max_new_tokens=config.max_new_tokens)
+        val_pairs = [tuple(p) for p in on_main(accelerator, lambda: build(val, "val"))][: config.eval_triplets]
+    rewriter = Rewriter(mllm, prompt, section, max_new_tokens=config.max_new_tokens)
 
     def exact_match() -> dict:
         if not val_pairs:
             return {}
-        done = rewriter.rewrite([r for r, _ in val_pairs], [r["modification"] for r, _ in val_pairs])
+        done = rewriter.rewrite([r for r, _ in val_pairs], ["" for _ in val_pairs])
         hits = sum(_norm(d.text) == _norm(t) for d, (_, t) in zip(done, val_pairs))
         return {"exact_match": round(100.0 * hits / len(val_pairs), 2), "fallbacks": sum(d.fallback is not None for d in done),
                 "triplets": len(val_pairs), "examples": [{"input": r, "target": t, "rewrite": d.text}
@@ -155,7 +240,7 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
     caption_key = captioner.key  # of the plain base, before the LoRA is added
     torch.manual_seed(config.seed)
     model = _add_lora(mllm, config, [])
-    rewriter = Rewriter(mllm, prompt, max_new_tokens=config.max_new_tokens)  # the key now holds no adapter digest
+    rewriter = Rewriter(mllm, prompt, section, max_new_tokens=config.max_new_tokens)  # no adapter digest in its key
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -201,13 +286,12 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
     after = on_main(accelerator, exact_match)
     losses = [h["loss"] for h in history]
     manifest = {
-        "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rewriter", "mode": "rewrite",
+        "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rewriter", "mode": section,
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
         "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
         "captioner": caption_key,
-        "data": {"source": str(train.source), "split": train.split, "triplets": len(train.triplets), "pairs": len(pairs),
-                 "target_text": "target_caption" if any(t.meta.get("target_caption") for t in train.triplets)
-                 else "captioner"},
+        "data": {"source": str(source), "task": config.task, "pairs": len(pairs), "example": pairs[0],
+                 "target_text": _target_text(config.task, train)},
         "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                     "val_before": before, "val": after},
         "history": history, "steps": total,
@@ -219,6 +303,14 @@ def train_rewriter(base: str | os.PathLike, train: "CIRSet", out_dir: str | os.P
     if main:
         save_adapter(out_dir, model, manifest)
     return manifest
+
+
+def _target_text(task: str, train) -> str:
+    if task == "chat":
+        return "the oracle questioner's next question"
+    if task == "eiirwqr":
+        return "the target's first caption"
+    return "target_caption" if any(t.meta.get("target_caption") for t in train.triplets) else "captioner"
 
 
 def _norm(text: str) -> str:
