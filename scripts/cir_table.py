@@ -7,9 +7,11 @@ Every variant is the pipeline ``cirevl (mode) → prefilter`` evaluated with
 ``genret.eval.composed.evaluate_composed``, exactly as ``genret eval --task cir`` does:
 
 - ``text``: the modification text alone; ``image``: the reference image alone (image → image);
-  ``caption``: the MLLM's caption of the reference alone;
+  ``caption``: the MLLM's caption of the reference alone; ``image + text``: both embeddings added
+  (the prefilter's late fusion, the usual "image + text" baseline);
 - ``compose``: CIReVL zero-shot (the MLLM rewrites caption + modification, prompt ``cirevl``);
-- ``compose + LoRA``: the same with ``--rewriter`` (a ``genret train rewriter`` adapter).
+- ``compose + LoRA``: the same with ``--rewriter`` (a ``genret train rewriter`` adapter);
+- ``compose + LoRA + reference``: its description fused with the reference image (``keep_reference``).
 
 Timings: each compose variant runs twice over one fresh cache folder — cold (every caption and rewrite
 generated) then warm (served from the cache) — and reports seconds per query of caption, rewrite and
@@ -58,12 +60,12 @@ def main() -> None:
     cir = load_cir(args.data, args.split)
     tmp = tempfile.TemporaryDirectory()
     cache = args.cache_dir or tmp.name
-    variants = [("text", {"mode": "text"}), ("image", {"mode": "image"}),
+    variants = [("text", {"mode": "text"}), ("image", {"mode": "image"}), ("image + text", {"mode": "sum"}),
                 ("caption", {"mode": "caption", "model": args.mllm, "cache_dir": f"{cache}/caption"}),
                 ("compose", {"mode": "compose", "model": args.mllm, "cache_dir": f"{cache}/zero-shot"})]
     if args.rewriter:
-        variants.append(("compose + LoRA", {"mode": "compose", "model": args.mllm, "rewriter_adapter": args.rewriter,
-                                            "cache_dir": f"{cache}/lora"}))
+        lora = {"mode": "compose", "model": args.mllm, "rewriter_adapter": args.rewriter, "cache_dir": f"{cache}/lora"}
+        variants += [("compose + LoRA", lora), ("compose + LoRA + reference", {**lora, "keep_reference": True})]
     rows = []
     for name, stage in variants:
         report = evaluate_composed(_pipe(args.clip, stage), cir, progress=False, limit=args.limit)
