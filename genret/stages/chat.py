@@ -471,7 +471,7 @@ class ChatStage(RewriteStage):
         if self._questioner is None:
             mllm = self._load_mllm()
             if c.adapter and not mllm.adapters:
-                mllm.attach_adapter(c.adapter, name="questioner", task="rewriter")
+                mllm.attach_adapter(c.adapter, name="questioner", task="rewriter", mode="question")
             kwargs = dict(max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, batch_size=c.batch_size,
                           cache_dir=c.cache_dir or None, max_prompt_tokens=c.max_prompt_tokens or None)
             self._questioner = Rewriter(mllm, c.prompt, "question", **kwargs)

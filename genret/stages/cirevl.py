@@ -124,7 +124,7 @@ class CIReVLStage(RewriteStage):
                 self._rewriter_mllm = MLLM.load(MLLMConfig(model=c.rewriter_model or c.model, dtype=c.dtype,
                                                            device_map=c.device_map))
                 if c.rewriter_adapter:
-                    self._rewriter_mllm.attach_adapter(c.rewriter_adapter, task="rewriter")
+                    self._rewriter_mllm.attach_adapter(c.rewriter_adapter, task="rewriter", mode="rewrite")
             else:
                 self._rewriter_mllm = self._mllm
             self._rewriter = Rewriter(self._rewriter_mllm, c.rewrite_prompt, max_new_tokens=c.max_new_tokens,

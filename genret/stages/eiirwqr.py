@@ -142,10 +142,10 @@ class EIIRwQRStage(RewriteStage):
             self._captioner = Captioner(self._mllm, c.caption_prompt, max_new_tokens=c.caption_tokens,
                                         batch_size=c.batch_size, cache_dir=c.cache_dir or None, num_beams=c.num_beams)
             writer = self._mllm
+            section = "feedback" if c.feedback == "relevant" else "blind"
             if c.adapter:  # the captioner keeps the plain base: the LoRA rewriter gets its own copy
                 writer = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
-                writer.attach_adapter(c.adapter, task="rewriter")
-            section = "feedback" if c.feedback == "relevant" else "blind"
+                writer.attach_adapter(c.adapter, task="rewriter", mode=section)
             self._rewriters[section] = Rewriter(writer, c.prompt, section, max_new_tokens=c.max_new_tokens,
                                                 num_beams=c.num_beams, batch_size=c.batch_size,
                                                 cache_dir=c.cache_dir or None)

@@ -104,19 +104,21 @@ def test_the_rewriter_lora_learns_its_triplets_and_the_stage_uses_it(rewriter_di
     assert sum(u == w for u, w in zip(used, wanted)) >= 4, list(zip(used, wanted))
 
 
-def test_a_rewriter_adapter_is_checked_on_attach(rewriter_dir, clip_dir, tmp_path, world_dir):
+@pytest.mark.parametrize("key,value", [("task", "rerank"), ("mode", "question")])
+def test_a_rewriter_adapter_is_checked_on_attach(rewriter_dir, clip_dir, tmp_path, world_dir, key, value):
+    """Another task's adapter, or the chat questioner's (mode question), is refused by the CIReVL stage."""
+    import shutil
+
     from genret.mllm.adapters import AdapterMismatchError
 
     out, manifest = rewriter_dir
     bad = tmp_path / "lora"
-    import shutil
-
     shutil.copytree(out, bad)
     data = json.loads((bad / "genret.json").read_text())
-    data["task"] = "rerank"
+    data[key] = value
     (bad / "genret.json").write_text(json.dumps(data))
     cir = load_cir(world_dir, "test")
-    with pytest.raises(AdapterMismatchError, match="rerank"):
+    with pytest.raises(AdapterMismatchError, match=value):
         evaluate_composed(_pipe(clip_dir, model=manifest["base_model"], rewriter_adapter=str(bad)), cir,
                           progress=False, limit=2)
 
