@@ -211,10 +211,7 @@ def cmd_train_rerank(args: argparse.Namespace) -> int:
                                resume=args.resume, progress=not args.quiet)
     except ImportError as err:  # an optional package the settings need (bitsandbytes for --load-in-4bit)
         raise ValueError(str(err)) from None
-    if _other_process():
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if _handled(args, summary):
         return 0
     metrics, speed = summary["metrics"], summary["speed"]
     print(f"saved {args.out}: {summary['mode']} rerank adapter, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
@@ -224,6 +221,16 @@ def cmd_train_rerank(args: argparse.Namespace) -> int:
         print(f"  val {direction} R@1: prefilter {m['prefilter_R@1']:.1f} -> rerank {m['rerank_R@1']:.1f} "
               f"({m['queries']} queries, top {summary['config']['eval_k']})")
     return 0
+
+
+def _handled(args: argparse.Namespace, summary: dict) -> bool:
+    """Nothing more to print: another training process (only the main one reports), or ``--json`` (printed here)."""
+    if _other_process():
+        return True
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return True
+    return False
 
 
 def _other_process() -> bool:
@@ -237,10 +244,7 @@ def cmd_train_grace(args: argparse.Namespace) -> int:
     config = merge_arguments(GraceTrainConfig, args, args.config)
     summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
                           progress=not args.quiet)
-    if _other_process():
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if _handled(args, summary):
         return 0
     m = summary["metrics"]
     print(f"saved {args.out}: {summary['scheme']} GRACE adapter over {summary['gallery']['images']} images "
@@ -257,10 +261,7 @@ def cmd_train_grace_add(args: argparse.Namespace) -> int:
 
     config = merge_arguments(GraceAddConfig, args, args.config)
     summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
-    if _other_process():
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if _handled(args, summary):
         return 0
     f = summary["forgetting"]
     print(f"saved {args.out}: {summary['added']['images']} images added to {args.adapter} "
@@ -359,10 +360,7 @@ def cmd_train_rewriter(args: argparse.Namespace) -> int:
         train = load_dataset(args.data, image_root=args.image_root)
         val = train if args.val_split else None
     summary = train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, progress=not args.quiet)
-    if _other_process():
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if _handled(args, summary):
         return 0
     m = summary["metrics"]
     print(f"saved {args.out}: {config.task} rewriter adapter, {summary['steps']} steps on {summary['data']['pairs']} rows in "
