@@ -10,6 +10,9 @@ of ``--train`` training images and scored on the test split, next to the majorit
 - ``mllm layer L``: the MLLM's vision tower, mean of the patch states of layer L (what its projector reads).
 
 A probe at the majority rate means the features hold no linearly readable trace of that attribute.
+
+With ``--mllm``, the MLLM's greedy captions of the test images (prompt ``caption``) are also scored against
+their scenes: how often a caption names both colours, both shapes, both "colour shape" pairs.
 """
 
 from __future__ import annotations
@@ -67,6 +70,22 @@ def _mllm_features(path: str, records, batch: int = 100) -> dict[str, torch.Tens
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def caption_accuracy(mllm_path: str, records) -> dict:
+    """Percent of captions naming both colours, both shapes, and both colour-shape pairs of the scene."""
+    from genret.mllm import MLLM
+    from genret.mllm.captioner import Captioner
+
+    captions = Captioner(MLLM.load(mllm_path), "caption", max_new_tokens=48).caption([str(r.path) for r in records])
+    hits = {"colours": 0, "shapes": 0, "pairs": 0}
+    for r, text in zip(records, captions):
+        a, b = Scene.from_dict(r.meta["scene"]).objects
+        text = f" {text.lower()} "
+        hits["colours"] += a.colour in text and b.colour in text
+        hits["shapes"] += a.shape in text and b.shape in text
+        hits["pairs"] += f" {a.colour} {a.shape}" in text and f" {b.colour} {b.shape}" in text
+    return {k: round(100.0 * v / len(records), 1) for k, v in hits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", required=True)
@@ -94,13 +113,17 @@ def main() -> None:
         rows.append({"features": name, "dim": int(xtr.shape[1]),
                      "shape_acc": round(100 * acc[:n].mean().item(), 1), "shape_majority": round(100 * base[:n].mean().item(), 1),
                      "colour_acc": round(100 * acc[n:].mean().item(), 1), "colour_majority": round(100 * base[n:].mean().item(), 1)})
+    captions = caption_accuracy(args.mllm, test) if args.mllm else None
     if args.json:
-        print(json.dumps({"train": len(train), "test": len(test), "rows": rows}, indent=2))
+        print(json.dumps({"train": len(train), "test": len(test), "rows": rows, "captions": captions}, indent=2))
         return
     print(f"presence probes, {len(train)} training images -> {len(test)} test images, accuracy % (majority rate):")
     for r in rows:
         print(f"  {r['features']:14s} shape {r['shape_acc']:5.1f} ({r['shape_majority']:.1f})   "
               f"colour {r['colour_acc']:5.1f} ({r['colour_majority']:.1f})")
+    if captions:
+        print(f"MLLM captions of the test images naming both colours {captions['colours']}%, both shapes "
+              f"{captions['shapes']}%, both colour-shape pairs {captions['pairs']}%")
 
 
 if __name__ == "__main__":
