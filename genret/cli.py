@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
     demo.add_argument("--train-clip", action="store_true", help="train the mini CLIP here (5 min) instead of using the shipped one")
     demo.add_argument("--no-rerank", action="store_true", help="the prefilter alone (trains the mini CLIP; no MLLM)")
+    demo.add_argument("--no-rewrite", action="store_true", help="skip the query-rewriting part (composed and "
+                      "interactive retrieval, a few minutes)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -344,6 +346,10 @@ def _print_report(report: dict, as_json: bool) -> None:
     if report.get("twins"):
         print("\ntwins: how often the right image beats its swapped twin (t2i), and back (i2t):")
         print(twins_table(report))
+    if report.get("rewriting"):
+        from genret.eval.report import rewriting_tables
+
+        print("\n" + rewriting_tables(report["rewriting"]))
 
 
 def cmd_train_rewriter(args: argparse.Namespace) -> int:
@@ -401,7 +407,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from genret.demo import run_demo
 
     report = run_demo(Path(args.out), fresh=args.fresh, progress=not args.quiet, train_clip_here=args.train_clip,
-                      rerank=not args.no_rerank)
+                      rerank=not args.no_rerank, rewrite=not args.no_rewrite)
     _print_report(report, args.json)
     if not args.json:
         print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")

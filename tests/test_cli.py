@@ -97,17 +97,29 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     tiny = dataclasses.replace(demo.demo_rerank_config(), max_steps=2, batch_size=2, negatives=2, mine_k=4,
                                eval_queries=4)
     monkeypatch.setattr(demo, "demo_rerank_config", lambda: tiny)
+    import genret.demo_rewrite as rewrite
+
+    small = dataclasses.replace(rewrite.demo_rewriter_config(), max_steps=2, batch_size=4)
+    monkeypatch.setattr(rewrite, "demo_rewriter_config", lambda: small)
+    for name, value in (("TRIPLETS", 6), ("DIALOG_QUERIES", 4), ("DIALOG_ROUNDS", 1)):
+        monkeypatch.setattr(rewrite, name, value)
     assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "zero-shot" in out and "lora" in out
+    assert "zero-shot" in out and "lora" in out and "CIReVL + LoRA" in out and "chat, oracle questioner" in out
     report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
     assert set(report["stages"]) == {"prefilter", "zero-shot", "lora"}
     assert set(report["twins"]) >= {"prefilter", "zero-shot", "lora"}
-    adapter = tmp_path / "d" / "rerank-lora"
-    assert json.loads((adapter / "genret.json").read_text())["base_model"] == str((tmp_path / "mini-world" / "mllm").resolve())
-    mtime = (adapter / "genret.json").stat().st_mtime
-    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses the adapter
-    assert (adapter / "genret.json").stat().st_mtime == mtime
+    rows = report["rewriting"]
+    assert [r["variant"] for r in rows["composed"]["rows"]] == ["text alone", "image alone", "CIReVL zero-shot",
+                                                                "CIReVL + LoRA"]
+    assert all(len(r["hits@10"]) == 2 for r in rows["interactive"]["rows"])
+    assert "Query rewriting" in (tmp_path / "d" / "report" / "report.md").read_text()
+    assert (tmp_path / "d" / "report-cir" / "report.json").is_file()
+    adapters = [tmp_path / "d" / "rerank-lora", tmp_path / "d" / "rewriter-lora"]
+    assert json.loads((adapters[0] / "genret.json").read_text())["base_model"] == str((tmp_path / "mini-world" / "mllm").resolve())
+    mtimes = [(a / "genret.json").stat().st_mtime for a in adapters]
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses both adapters
+    assert [(a / "genret.json").stat().st_mtime for a in adapters] == mtimes
 
 
 def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):

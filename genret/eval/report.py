@@ -95,6 +95,8 @@ def render_markdown(report: dict) -> str:
         parts += [f"## Rewritten queries (first {min(REWRITES_SHOWN, len(report['rewrites']))} of "
                   f"{len(report['rewrites'])}; all in report.json; {report.get('fallbacks', 0)} fell back to the "
                   "modification text)", rewrites_table(report)]
+    if report.get("rewriting"):
+        parts += ["## Query rewriting (genret demo)", rewriting_tables(report["rewriting"])]
     timing = report["timings"]
     lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
     lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)" for name, t in timing["stages"].items()]
@@ -102,6 +104,22 @@ def render_markdown(report: dict) -> str:
               for name, t in timing.get("parts", {}).items()]
     parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
     return "\n\n".join(parts) + "\n"
+
+
+CIR_DEMO_KEYS = ("R@1", "R@5", "R@10", "R_subset@1", "mAP@5")
+
+
+def rewriting_tables(summary: dict) -> str:
+    """The demo's query-rewriting tables (composed, interactive) as Markdown."""
+    c, d = summary["composed"], summary["interactive"]
+    lines = [f"composed retrieval ({c['triplets']} test triplets, {c['gallery']}-image gallery), %:",
+             "| variant | " + " | ".join(CIR_DEMO_KEYS) + " |", "|---|" + "---|" * len(CIR_DEMO_KEYS)]
+    lines += [f"| {r['variant']} | " + " | ".join(f"{r[k]:.1f}" for k in CIR_DEMO_KEYS) + " |" for r in c["rows"]]
+    lines += ["", f"interactive retrieval ({d['queries']} test images, round 0 → {d['rounds']}), %:",
+              "| variant | R@10 per round | Hits@10 (cumulative) |", "|---|---|---|"]
+    fmt = lambda xs: " → ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    lines += [f"| {r['variant']} | {fmt(r['R@10'])} | {fmt(r['hits@10'])} |" for r in d["rows"]]
+    return "\n".join(lines)
 
 
 def _render_dialog(report: dict) -> str:
