@@ -35,7 +35,7 @@ from genret.types import Query, Ranking
 if TYPE_CHECKING:
     from genret.data.dataset import Dataset, ImageRecord
     from genret.pipeline import RetrievalPipeline
-    from genret.stages.chat import Target
+    from genret.stages.dialog import Target
 
 logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -63,7 +63,7 @@ class RoundStage(Protocol):
 
 def dialog_queries(records: Sequence["ImageRecord"], seed: int = 0) -> tuple[list[Query], list["Target"]]:
     """One query per image: its partial description (see the module docstring) and its target."""
-    from genret.stages.chat import Target, initial_query
+    from genret.stages.dialog import Target, initial_query
 
     queries, truth = [], []
     for r in records:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from genret.data.scene import Scene
 from genret.stages.base import STAGES, RewriteStage, StageContext
-from genret.stages.chat import Target
+from genret.stages.dialog import Target
 from genret.types import Query, Ranking
 
 if TYPE_CHECKING:

@@ -1,0 +1,248 @@
+"""Who answers the questions of a chat: the simulated user (``facts``), the MLLM looking at the target, a person.
+
+Every answerer follows :class:`Answerer`: one answer per query and question, as a
+:class:`~genret.mllm.rewriter.Rewrite` (the text used, what was said, and why it was not used, if so).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+
+from genret.data.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene
+from genret.mllm.rewriter import Rewrite
+from genret.stages.dialog import UNKNOWN, Target, dialog_text
+from genret.types import Query
+
+if TYPE_CHECKING:
+    from genret.mllm.backend import MLLM
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Answerer(Protocol):
+    """Answers one question per query about the image that query looks for.
+
+    ``queries[i].meta["target"]`` holds the target (a :class:`Target` as a dict) where ground truth is known;
+    a person answering needs none. Each answer is a :class:`~genret.mllm.rewriter.Rewrite`: the text used,
+    what was said, and why it was not used (``fallback``), if so.
+    """
+
+    name: str
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]: ...
+
+
+def _target(query: Query, answerer: str, need: str) -> Target:
+    target = Target.from_meta(query.meta.get("target"))
+    if target is None or getattr(target, need) is None:
+        raise ValueError(f"query {query.id!r}: the {answerer} answerer needs the target's {need} "
+                         f"(meta['target'] = {{'id': ..., '{need}': ...}}); a person can answer instead "
+                         "(answerer = 'human')")
+    return target
+
+
+class FactsAnswerer:
+    """A simulated user who reads the target's scene; see :func:`answer_from_scene`."""
+
+    name = "facts"
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Answer each question from its query's target scene; "I don't know" where it cannot tell."""
+        out = []
+        for q, question in zip(queries, questions, strict=True):
+            scene = Scene.from_dict(dict(_target(q, self.name, "scene").scene))
+            said = answer_from_scene(scene, question, heard=dialog_text(q))
+            out.append(Rewrite(UNKNOWN, "", "unanswerable") if said is None else Rewrite(said, said))
+        return out
+
+
+class HumanAnswerer:
+    """A person answers: each question is shown with the dialog so far, the answer is read back.
+
+    Args:
+        ask: shows a prompt and returns what the person typed (default :func:`input`).
+    """
+
+    name = "human"
+
+    def __init__(self, ask: Callable[[str], str] = input) -> None:
+        self.ask = ask
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Ask the person each question in turn; an empty reply counts as "I don't know"."""
+        out = []
+        for q, question in zip(queries, questions, strict=True):
+            said = self.ask(f"[{q.id}] {dialog_text(q)}\nQ: {question}\nA: ")
+            out.append(Rewrite(said.strip(), said) if said.strip() else Rewrite(UNKNOWN, said, "empty"))
+        return out
+
+
+# --- the facts answerer's reading of the miniature world's questions ---------------------------------------------
+
+_C, _S = "|".join(COLOURS), "|".join(SHAPES)
+_GRAMMAR = (
+    ("present", re.compile(rf"is there an? ({_C}) ({_S})")),
+    ("colour", re.compile(rf"what colou?r is the ({_S})")),
+    ("shape", re.compile(rf"what shape is the ({_C}) one")),
+    ("relation", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(RELATIONS)}) the ({_C}) ({_S})")),
+    ("where", re.compile(rf"where is the ({_C}) ({_S})")),
+    ("size", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(SIZES)})")),
+)
+
+
+def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | None:
+    """What a person looking at ``scene`` says to ``question``; ``None`` where they cannot tell.
+
+    Answers questions only (a text that ends with "?" or starts with an interrogative word; a statement
+    gets ``None``). Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape,
+    relation, place, size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
+    colours, the shapes, the sizes, where the objects are, and what else there is (the objects ``heard``,
+    the dialog so far, does not name yet).
+
+    >>> from genret.data.scene import SceneObject
+    >>> s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)),
+    ...           "left of")
+    >>> answer_from_scene(s, "Is there a blue circle?"), answer_from_scene(s, "Where are the two objects?")
+    ('no', 'the red circle is left of the blue square')
+    """
+    if not _is_question(question):  # a statement, or a caption the questioner said instead of asking: nothing to answer
+        return None
+    text = " ".join(question.lower().replace("?", " ").split())
+    find = lambda c, s: next((o for o in scene.objects if (o.colour, o.shape) == (c, s)), None)  # noqa: E731
+    for kind, pattern in _GRAMMAR:
+        m = pattern.fullmatch(text)
+        if not m:
+            continue
+        g = m.groups()
+        if kind == "present":
+            return "yes" if find(*g) else "no"
+        if kind in ("colour", "shape"):
+            attr, other = ("shape", "colour") if kind == "colour" else ("colour", "shape")
+            hits = [o for o in scene.objects if getattr(o, attr) == g[0]]
+            if not hits:
+                return f"there is no {g[0]}" + (" one" if kind == "shape" else "")
+            return " and ".join(getattr(o, other) for o in hits)
+        a = find(g[0], g[1])
+        if a is None:
+            return f"there is no {g[0]} {g[1]}"
+        if kind == "size":
+            return "yes" if a.size == g[2] else "no"
+        other = next(o for o in scene.objects if o is not a)
+        rel = scene.relation if a is scene.objects[0] else INVERSE[scene.relation]
+        if kind == "where":
+            return f"{rel} the {other.noun()}"
+        b = find(g[3], g[4])
+        return "yes" if b is other and g[2] == rel else "no"
+    return _answer_by_keyword(scene, text, heard.lower())
+
+
+_ASKING = ("what", "which", "where", "how", "is", "are", "does", "do", "can", "who", "tell", "describe")
+
+
+def _is_question(text: str) -> bool:
+    """A question: ends with "?" or starts with an interrogative word (the simulated user answers nothing else)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return text.strip().endswith("?") or bool(words and words[0] in _ASKING)
+
+
+def _answer_by_keyword(scene: Scene, text: str, heard: str) -> str | None:
+    facts = scene.facts()
+    first, second = ("left object", "right object") if scene.horizontal else ("top object", "bottom object")
+    facts["objects"] = f"a {facts[first]} and a {facts[second]}"
+    facts["sizes"] = "; ".join(f"the {o.noun()} is {o.size}" for o in scene.objects)
+    words = set(re.findall(r"[a-z]+", text))
+    if words & {"else", "other"}:
+        unheard = [f"a {o.noun(True)}" for o in scene.objects if o.noun() not in heard]
+        return " and ".join(unheard) if unheard else "nothing else"
+    for keys, fact in (({"where", "relation", "position", "placed"}, "relation"), ({"first", "left", "top"}, first),
+                       ({"second", "right", "bottom"}, second), ({"colour", "colours", "color", "colors"}, "colours"),
+                       ({"shape", "shapes"}, "shapes"), ({"size", "sizes", "large", "small", "big"}, "sizes"),
+                       ({"image", "picture", "see", "objects"}, "objects")):
+        if words & keys:
+            return facts[fact]
+    return None
+
+
+# --- the MLLM answerer --------------------------------------------------------------------------------------------
+
+
+class MLLMAnswerer:
+    """The MLLM sees the target image and answers (prompt table ``[answer]``: one ``{image}``, ``{question}``).
+
+    Answers are cached (:class:`~genret.mllm.textcache.TextCache`, kind ``answers``) by model, adapters,
+    prompt version and decoding settings, per image content and rendered question.
+
+    Args:
+        mllm: the model (its active adapters count in the cache key).
+        prompt: a prompt name/path or a loaded :class:`~genret.prompts.Prompt`.
+        max_new_tokens: the longest answer; one that does not end within it is a runaway ("I don't know").
+        num_beams: 1 for greedy decoding.
+        batch_size: images per ``generate`` call.
+        cache_dir: where answers persist (``None``: memory only).
+    """
+
+    name = "mllm"
+
+    def __init__(self, mllm: "MLLM", prompt="chat", *, max_new_tokens: int = 16, num_beams: int = 1,
+                 batch_size: int = 16, cache_dir=None) -> None:
+        from genret.mllm.textcache import TextCache, model_key
+        from genret.prompts import Prompt, PromptError, load_prompt
+
+        self.mllm = mllm
+        needs = {"answer": {"user": ("{question}",)}}
+        self.prompt = prompt if isinstance(prompt, Prompt) else load_prompt(prompt, needs)
+        self.template = self.prompt.section("answer")["user"]
+        if self.template.count("{image}") != 1:
+            raise PromptError(f"{self.prompt.path}: [answer].user must hold exactly one {{image}} (the target)")
+        self.max_new_tokens, self.num_beams, self.batch_size = max_new_tokens, num_beams, batch_size
+        self.cache = TextCache(cache_dir, "answers", {**model_key(mllm), "prompt": self.prompt.key, "section": "answer",
+                                                      "max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        self.generated = 0
+
+    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
+        """Answer each question looking at its query's target image (generated once per image and question)."""
+        from genret.mllm import scoring
+        from genret.mllm.textcache import file_digest
+
+        images = [_target(q, self.name, "image").image for q in queries]
+        texts = [scoring._render(self.mllm, scoring.user_message(self.template, question=x)) for x in questions]
+        keys = [f"{file_digest(im)}\n{t}" for im, t in zip(images, texts, strict=True)]
+        todo = {k: (im, t) for k, im, t in zip(keys, images, texts) if self.cache.get(k) is None}
+        pending = list(todo.items())
+        for s in range(0, len(pending), self.batch_size):
+            chunk = pending[s:s + self.batch_size]
+            said = self._generate([t for _, (_, t) in chunk], [im for _, (im, _) in chunk])
+            self.cache.put({k: {"text": a, "ended": e} for (k, _), (a, e) in zip(chunk, said)})
+        self.generated += len(todo)
+        out = []
+        for k in keys:
+            hit = self.cache.get(k)
+            reason = "empty" if not hit["text"].strip() else None if hit["ended"] else "runaway"
+            out.append(Rewrite(UNKNOWN if reason else hit["text"].strip(), hit["text"], reason, k not in todo))
+        return out
+
+    def _generate(self, texts: list[str], images: list[str]) -> list[tuple[str, bool]]:
+        import torch
+
+        from genret.data.images import load_image
+        from genret.mllm.rewriter import _stop_ids
+
+        tok = self.mllm.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            inputs = self.mllm.processor(text=texts, images=[load_image(p) for p in images], padding=True,
+                                         return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        inputs = {k: v.to(self.mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.inference_mode():
+            gen = self.mllm.model.generate(**inputs, do_sample=False, num_beams=self.num_beams,
+                                           max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        stops = _stop_ids(self.mllm)
+        rows = gen[:, inputs["input_ids"].shape[1]:].tolist()
+        return [(tok.decode(r, skip_special_tokens=True), any(t in stops for t in r) or len(r) < self.max_new_tokens)
+                for r in rows]
