@@ -73,6 +73,12 @@ class HFDualEncoder(DualEncoder):
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         kwargs = TEXT_KWARGS.get(self.model_type, {"padding": True})
-        inputs = self.processor.tokenizer(texts, truncation=True, return_tensors="pt", **kwargs)
+        tok = self.processor.tokenizer
+        limit = kwargs.get("max_length") or tok.model_max_length
+        cut = sum(len(ids) > limit for ids in tok(texts, truncation=False)["input_ids"]) if limit < 10_000 else 0
+        if cut:  # e.g. a long dialog or rewrite: only its first tokens reach the embedding
+            logger.warning("%d of %d texts are longer than the text encoder's %d tokens and were cut to fit",
+                           cut, len(texts), limit)
+        inputs = tok(texts, truncation=True, return_tensors="pt", **kwargs)
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         return _features(self.model.get_text_features(**inputs)).float().cpu().numpy()

@@ -103,3 +103,14 @@ def test_siglip_checkpoint_pads_to_max_length(tmp_path):
         ref = enc.model.get_text_features(input_ids=ids["input_ids"]).pooler_output[0].numpy()
     assert np.allclose(got, ref / np.linalg.norm(ref), atol=1e-5)
     assert enc.encode_images([Image.new("RGB", (50, 40), (255, 0, 0))]).shape == (1, 32)
+
+
+def test_texts_past_the_context_are_cut_and_said_so(encoder, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="genret.encoders.hf"):
+        encoder.encode_texts(["a red circle"])
+    assert "were cut" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="genret.encoders.hf"):
+        encoder.encode_texts(["a red circle", "a red circle left of a blue square, " * 10])
+    assert "1 of 2 texts are longer than the text encoder's" in caplog.text
