@@ -50,6 +50,8 @@ class CLIPTrainConfig:
     warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    shape_negatives: bool = field(default=False, metadata={"help": "miniature world: add to every batch each image "
+                                                                   "redrawn with one shape changed, and its captions"})
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_layers", "vision_width", "text_layers", "text_width",
@@ -79,6 +81,33 @@ def build_clip(config: CLIPTrainConfig, tokenizer):
     size = config.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def shape_swaps(records, image_size: int, captions_per_image: int, seed: int = 0) -> tuple[list, list[list[str]]]:
+    """For each record with a scene, the scene with one object's shape changed, drawn anew, and its captions.
+
+    The hard negatives of ``shape_negatives``: same colours, sizes and places, another shape, so only
+    shape tells an image from its swap (as only binding tells a test image from its twin).
+    """
+    import random
+
+    from genret.data.scene import SHAPES, Scene
+    from genret.data.synth import render
+
+    rng = random.Random(seed)
+    images, texts = [], []
+    for r in records:
+        scene = Scene.from_dict(r.meta["scene"])
+        k = rng.randrange(2)
+        obj = scene.objects[k]
+        other = scene.objects[1 - k]
+        shape = rng.choice([s for s in SHAPES if s != obj.shape and (s, obj.colour) != (other.shape, other.colour)])
+        objects = list(scene.objects)
+        objects[k] = type(obj)(shape, obj.colour, obj.size, obj.x, obj.y)
+        swapped = Scene(tuple(objects), scene.relation)
+        images.append(render(swapped, image_size, rng.getrandbits(32)))
+        texts.append(swapped.captions(rng, captions_per_image))
+    return images, texts
 
 
 def _pixels(processor, records, batch: int = 256) -> torch.Tensor:
@@ -130,6 +159,14 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     tok = lambda texts: tokenizer(texts, padding="max_length", truncation=True,  # noqa: E731
                                   max_length=config.context_length, return_tensors="pt")
     cap_tokens = [tok(list(r.captions)) for r in train.records]
+    if config.shape_negatives:
+        if not all("scene" in r.meta for r in train.records):
+            raise ValueError(f"{train.source}: shape_negatives needs every training record's scene (the miniature "
+                             "world's); this data set has none")
+        swap_images, swap_texts = shape_swaps(train.records, config.image_size, len(train.records[0].captions),
+                                              config.seed)
+        swap_pixels = processor.image_processor(images=swap_images, return_tensors="pt")["pixel_values"]
+        swap_tokens = [tok(t) for t in swap_texts]
     if val is not None:
         val_pixels = _pixels(processor, val.records)
         val_tokens = tok([r.captions[0] for r in val.records])
@@ -160,6 +197,13 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
             batch = {"pixel_values": pixels[idx],
                      "input_ids": torch.stack([cap_tokens[i]["input_ids"][j] for i, j in picks]),
                      "attention_mask": torch.stack([cap_tokens[i]["attention_mask"][j] for i, j in picks])}
+            if config.shape_negatives:  # each image's shape swap and a caption of it join the batch
+                picks2 = [(i, rng.integers(len(swap_tokens[i]["input_ids"]))) for i in idx]
+                batch = {"pixel_values": torch.cat([batch["pixel_values"], swap_pixels[idx]]),
+                         "input_ids": torch.cat([batch["input_ids"],
+                                                 torch.stack([swap_tokens[i]["input_ids"][j] for i, j in picks2])]),
+                         "attention_mask": torch.cat([batch["attention_mask"], torch.stack(
+                             [swap_tokens[i]["attention_mask"][j] for i, j in picks2])])}
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             out = model(**batch, return_loss=True)  # CLIP's own symmetric InfoNCE
             accelerator.backward(out.loss)

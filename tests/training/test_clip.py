@@ -50,3 +50,33 @@ def test_training_lowers_the_contrastive_loss(clip_dir):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CLIPTrainConfig(**kwargs)
+
+
+def test_shape_swaps_change_one_shape_only(world):
+    from genret.data.scene import Scene
+    from genret.training.clip import shape_swaps
+
+    records = world.split("train").records[:12]
+    images, texts = shape_swaps(records, 64, 3)
+    assert len(images) == len(texts) == 12 and images[0].size == (64, 64)
+    for r, captions in zip(records, texts):
+        a, b = Scene.from_dict(r.meta["scene"]).objects
+        # The captions name both colours of the original, and not its two shapes both.
+        assert all(a.colour in c and b.colour in c for c in captions)
+        assert not all(f"{a.colour} {a.shape}" in c and f"{b.colour} {b.shape}" in c for c in captions)
+
+
+def test_shape_negatives_train_and_need_scenes(tmp_path, world):
+    import dataclasses
+
+    from conftest import TINY_CLIP
+    from genret.data.dataset import Dataset
+    from genret.training.clip import train_clip
+
+    config = dataclasses.replace(TINY_CLIP, epochs=1, shape_negatives=True)
+    summary = train_clip(world.split("train"), tmp_path / "c", config, progress=False)
+    assert summary["config"]["shape_negatives"] and summary["history"][0]["loss"] > 0
+    plain = Dataset(name="x", source=world.source, records=tuple(dataclasses.replace(r, meta={})
+                                                                  for r in world.split("train").records))
+    with pytest.raises(ValueError, match="needs every training record's scene"):
+        train_clip(plain, tmp_path / "d", config, progress=False)
