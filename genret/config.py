@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message names the file and key."""
 
 
+def check_bounds(config: Any, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Refuse settings below their bound, naming the first one: ``at_least_one`` must be >= 1, ``non_negative`` >= 0."""
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(config, name)}")
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """Read a TOML or YAML file into a dict, with errors that name the file."""
     path = Path(path)

@@ -42,7 +42,7 @@ def demo_rewriter_config():
 
 
 def _pipelines(clip_dir: Path, variants: list[tuple[str, dict]]) -> list[tuple[str, RetrievalPipeline]]:
-    """One pipeline per variant, ``stage → prefilter``, sharing the first one's encoder and gallery."""
+    """One pipeline per variant, ``stage → prefilter``, sharing the first one's encoder (each indexes the gallery)."""
     out, first = [], None
     for name, stage in variants:
         config = PipelineConfig(name=name, encoder=EncoderConfig(model=str(clip_dir)),

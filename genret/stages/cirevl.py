@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret.stages.base import STAGES, RewriteStage, StageContext
+from genret.config import check_bounds
 from genret.types import Query
 
 if TYPE_CHECKING:
@@ -76,9 +77,7 @@ class CIReVLConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode in ("compose", "caption") and not self.model:
             raise ValueError(f"mode {self.mode!r} needs model (the captioning MLLM)")
-        for name in ("caption_tokens", "max_new_tokens", "num_beams", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("caption_tokens", "max_new_tokens", "num_beams", "batch_size"))
 
 
 def check_composed(query: Query) -> None:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from genret.data.scene import Scene
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import Target
+from genret.config import check_bounds
 from genret.types import Query, Ranking
 
 if TYPE_CHECKING:
@@ -81,9 +82,8 @@ class EIIRwQRConfig:
             raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}, got {self.feedback!r}")
         if self.relevance not in RELEVANCE:
             raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {self.relevance!r}")
-        for name in ("rounds", "shown", "caption_tokens", "max_new_tokens", "num_beams", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("rounds", "shown", "caption_tokens", "max_new_tokens", "num_beams",
+                     "batch_size"))
         if not 1 <= self.min_facts <= 5:
             raise ValueError(f"min_facts must be in 1..5 (a scene has five facts), got {self.min_facts}")
 
@@ -106,7 +106,7 @@ class EIIRwQRStage(RewriteStage):
         self.scenes: dict[str, Mapping] = {}
         self._mllm: "MLLM | None" = None
         self._captioner = None
-        self._rewriters: dict[str, object] = {}
+        self._rewriter = None
         self.seconds = {"caption": 0.0, "rewrite": 0.0}
 
     @property
@@ -146,10 +146,9 @@ class EIIRwQRStage(RewriteStage):
             if c.adapter:  # the captioner keeps the plain base: the LoRA rewriter gets its own copy
                 writer = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
                 writer.attach_adapter(c.adapter, task="rewriter", mode=section)
-            self._rewriters[section] = Rewriter(writer, c.prompt, section, max_new_tokens=c.max_new_tokens,
-                                                num_beams=c.num_beams, batch_size=c.batch_size,
-                                                cache_dir=c.cache_dir or None)
-        return self._captioner, next(iter(self._rewriters.values()))
+            self._rewriter = Rewriter(writer, c.prompt, section, max_new_tokens=c.max_new_tokens, num_beams=c.num_beams,
+                                      batch_size=c.batch_size, cache_dir=c.cache_dir or None)
+        return self._captioner, self._rewriter
 
     def rewrite(self, queries: Sequence[Query], ctx: StageContext) -> list[Query]:
         """In a plain pipeline there is no user to show results to: queries pass unchanged."""

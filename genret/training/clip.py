@@ -24,6 +24,7 @@ from genret._io import atomic_dir, write_json
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
+from genret.config import check_bounds
 from genret.training.tokenizer import train_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,8 @@ class CLIPTrainConfig:
                                                                    "redrawn with one shape changed, and its captions"})
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "vision_layers", "vision_width", "text_layers", "text_width",
-                     "heads", "projection_dim", "context_length", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("image_size", "patch_size", "vision_layers", "vision_width", "text_layers",
+                     "text_width", "heads", "projection_dim", "context_length", "epochs", "batch_size"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.vision_width % self.heads or self.text_width % self.heads:

@@ -39,6 +39,17 @@ def my_slice(accelerator, rows: Sequence[T], per_process: int) -> list[T]:
     return list(rows[first:first + per_process])
 
 
+def train_step(accelerator, optimizer, loss: torch.Tensor, params, max_grad_norm: float) -> float:
+    """Backward (gradients averaged across processes), clip to ``max_grad_norm`` (0: no clipping), step, zero the
+    gradients; returns the loss of the whole step for logging (:func:`step_loss`)."""
+    accelerator.backward(loss)
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss(accelerator, loss)
+
+
 def step_loss(accelerator, loss: torch.Tensor) -> float:
     """The loss of the whole step (the mean over processes), for logging."""
     if accelerator.num_processes > 1:

@@ -53,7 +53,8 @@ from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
 from genret.mllm import scoring
-from genret.training.distributed import my_slice, on_main, step_loss
+from genret.training.distributed import my_slice, on_main, train_step
+from genret.config import check_bounds
 from genret.training.rerank import _features, _lr_factor
 
 if TYPE_CHECKING:
@@ -107,13 +108,9 @@ class GraceTrainConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
             raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
-        for name in ("lora_r", "epochs", "batch_size", "eval_queries", "num_beams", "log_every", "caption_tokens", "k",
-                     "leaf_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "threads", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "eval_queries", "num_beams", "log_every",
+                     "caption_tokens", "k", "leaf_size"), non_negative=("max_steps", "eval_every", "save_every",
+                     "threads", "max_grad_norm"))
         if self.lr <= 0 or self.token_lr <= 0:
             raise ValueError("lr and token_lr must be positive")
         self.gallery_splits = ",".join(s.strip() for s in self.gallery_splits.split(",") if s.strip())
@@ -453,12 +450,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         positions = mem + [g for _, g in ret]
         loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[g]] for g in mem] + [[] for _ in ret],
                                [targets[g] for g in positions], model=wrapped)
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(lora + rows, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = step_loss(accelerator, loss)
+        value = train_step(accelerator, optimizer, loss, lora + rows, config.max_grad_norm)
         window.append(value)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}")

@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.identifiers import Identifiers, Trie, add_tokens, make_identifiers, tokenize
-from genret.training.distributed import my_slice, on_main, step_loss
+from genret.training.distributed import my_slice, on_main, train_step
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
+from genret.config import check_bounds
 from genret.training.rerank import _features, _lr_factor
 
 if TYPE_CHECKING:
@@ -84,12 +85,8 @@ class GraceAddConfig:
             raise ValueError(f"replay must be in [0, 1) (some rows must be new images), got {self.replay}")
         if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
             raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
-        for name in ("epochs", "batch_size", "eval_queries", "num_beams", "log_every", "caption_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "threads", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("epochs", "batch_size", "eval_queries", "num_beams", "log_every",
+                     "caption_tokens"), non_negative=("max_steps", "threads", "max_grad_norm"))
         if self.lr < 0 or self.token_lr < 0:
             raise ValueError("lr and token_lr must not be negative (0: the parent's)")
 
@@ -393,12 +390,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
         loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[items[g]]] for g in mem] + [[] for _ in ret],
                                [targets[g] for g in mem + [g for _, g in ret]], model=wrapped)
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(lora + rows, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(step_loss(accelerator, loss))
+        window.append(train_step(accelerator, optimizer, loss, lora + rows, config.max_grad_norm))
         bar.update(1)
         if step % config.log_every == 0 or step == total:
             history.append({"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr * factor})

@@ -55,6 +55,8 @@ from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.mllm import scoring
 from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from genret.training.distributed import train_step
+from genret.config import check_bounds
 from genret.training.negatives import QueryGroup, caption_table, mine_negatives, top_k
 
 if TYPE_CHECKING:
@@ -112,13 +114,9 @@ class RerankTrainConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
-        for name in ("negatives", "mine_k", "lora_r", "epochs", "batch_size", "eval_queries", "eval_k", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "threads", "eval_every", "save_every", "group_weight", "weight_decay", "max_grad_norm",
-                     "lm_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("negatives", "mine_k", "lora_r", "epochs", "batch_size", "eval_queries",
+                     "eval_k", "log_every"), non_negative=("max_steps", "threads", "eval_every", "save_every",
+                     "group_weight", "weight_decay", "max_grad_norm", "lm_weight"))
         if self.mine_k < self.negatives:
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup < 1:
@@ -580,18 +578,12 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
             loss = generative_loss(generative_scores(batch, chunk), target, config.temperature, config.lm_weight)
         else:
             loss = listwise_loss(*listwise_logprobs(batch, chunk, answers), target)
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        value = train_step(accelerator, optimizer, loss, trainable, config.max_grad_norm)  # the whole step's loss
         step += 1
-        if accelerator.num_processes > 1:  # log the loss of the whole step, not this process's share
-            loss = accelerator.reduce(loss.detach(), reduction="mean")
-        window.append(loss.item())
+        window.append(value)
         rate = (step - first_step) / max(time.perf_counter() - t0 - eval_seconds, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", queries_s=f"{rate * per_step:.1f}")
+        bar.set_postfix(loss=f"{value:.3f}", queries_s=f"{rate * per_step:.1f}")
         entry = {}
         if step % config.log_every == 0 or step == total:
             entry = {"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr}
@@ -600,7 +592,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
             tick = time.perf_counter()
             entry = {"step": step, **entry, "eval": _eval(evaluator, mllm, wrapped, prompt, config.mode)}
             eval_seconds += time.perf_counter() - tick
-            bar.set_postfix(loss=f"{loss.item():.3f}", **{f"{d}_R1": v["rerank_R@1"] for d, v in entry["eval"].items()})
+            bar.set_postfix(loss=f"{value:.3f}", **{f"{d}_R1": v["rerank_R@1"] for d, v in entry["eval"].items()})
         if entry:
             history.append(entry)
             logger.info("step %d: %s", step, entry)
@@ -610,7 +602,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
                 save_checkpoint(out_dir, step, accelerator.unwrap_model(wrapped), optimizer,
                                 {**identity, "history": history, "window": window})
         if on_step is not None:
-            on_step({"step": step, "total": total, "loss": loss.item()})
+            on_step({"step": step, "total": total, "loss": value})
     bar.close()
     seconds = time.perf_counter() - t0 - eval_seconds  # training only: evaluations are timed apart
     done = step - first_step

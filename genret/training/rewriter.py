@@ -42,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from genret import __version__
-from genret.training.distributed import my_slice, on_main, step_loss
+from genret.config import check_bounds
+from genret.training.distributed import my_slice, on_main, train_step
 
 if TYPE_CHECKING:
     from genret.data.cir import CIRSet
@@ -86,13 +87,9 @@ class RewriterTrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         self.prompt = self.prompt or TASKS[self.task][0]
-        for name in ("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens", "log_every", "rounds",
-                     "shown", "min_facts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "threads", "eval_triplets", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens",
+                     "log_every", "rounds", "shown", "min_facts"), non_negative=("max_steps", "threads",
+                     "eval_triplets", "max_grad_norm"))
         if self.lr <= 0 or not 0 <= self.warmup < 1:
             raise ValueError("lr must be positive and warmup in [0, 1)")
 
@@ -136,20 +133,22 @@ def chat_pairs(records, rounds: int, seed: int = 0) -> list[tuple[dict, str]]:
     return pairs
 
 
-def feedback_pairs(records, prefilter: "str | os.PathLike", caption: "Callable[[list[str]], list[str]]",
-                   config: RewriterTrainConfig, seed: int = 0) -> list[tuple[dict, str]]:
+def feedback_pairs(records, base: str | os.PathLike, prefilter: "str | os.PathLike",
+                   caption: "Callable[[list[str]], list[str]]", config: RewriterTrainConfig,
+                   seed: int = 0) -> list[tuple[dict, str]]:
     """``({"query", "relevant", "irrelevant"}, target caption)`` from one simulated EIIRwQR round per image.
 
     The images are both gallery and queries: each starts from its partial description, the prefilter
-    retrieves, the stage's simulated user marks the shown results, ``caption`` describes them.
+    retrieves, the stage's simulated user marks the shown results, ``caption`` describes them (with
+    ``base``, the MLLM the stage names; only the user's side of the stage runs here).
     """
     from genret.eval.interactive import dialog_queries
     from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
     from genret.stages.eiirwqr import EIIRwQRConfig, EIIRwQRStage
     from genret.types import Item
 
-    stage = EIIRwQRStage(EIIRwQRConfig(model="-", shown=config.shown, min_facts=config.min_facts, relevance="facts"),
-                         "eiirwqr")
+    user = EIIRwQRConfig(model=str(base), shown=config.shown, min_facts=config.min_facts, relevance="facts")
+    stage = EIIRwQRStage(user, "eiirwqr")
     pipe = RetrievalPipeline(PipelineConfig(name="feedback", encoder=EncoderConfig(model=str(prefilter)),
                                             stages=({"type": "prefilter", "k": 100},)))
     pipe.index_items({"image": [Item(id=r.id, modality="image", image=str(r.path)) for r in records]},
@@ -214,7 +213,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         records = data.split(split).records
         if config.task == "chat":
             return chat_pairs(records, config.rounds, config.seed)
-        return feedback_pairs(records, prefilter, lambda paths: captioner.caption(paths, progress=show), config,
+        return feedback_pairs(records, base, prefilter, lambda paths: captioner.caption(paths, progress=show), config,
                               config.seed)
 
     pairs = [tuple(p) for p in on_main(accelerator, lambda: build(train, "train"))]
@@ -266,12 +265,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         mine = my_slice(accelerator, rows, config.batch_size)
         loss = identifier_loss(mllm, [rendered[i] for i in mine], [[] for _ in mine], [targets[i] for i in mine],
                                model=wrapped)
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(step_loss(accelerator, loss))
+        window.append(train_step(accelerator, optimizer, loss, trainable, config.max_grad_norm))
         bar.update(1)
         bar.set_postfix(loss=f"{window[-1]:.3f}")
         if step % config.log_every == 0 or step == total:

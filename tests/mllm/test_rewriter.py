@@ -45,15 +45,19 @@ def test_an_empty_answer_falls_back(mllm):
     assert [r.fallback for r in out] == ["empty", "empty"] and [r.text for r in out] == FALLBACKS
 
 
-def test_rewrites_are_deterministic_batched_and_cached_on_disk(mllm, tmp_path):
-    first = Rewriter(mllm, "cirevl", max_new_tokens=6, batch_size=2, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
-    one_by_one = [Rewriter(mllm, "cirevl", max_new_tokens=6, batch_size=1).rewrite([r], [f])[0]
+def test_rewrites_are_deterministic_batched_and_cached_on_disk(talker_dir, tmp_path):
+    # The talker (untied random output layer) says something (the tied tiny model decodes empty), and the rows'
+    # prompts differ in length, so the batch pads one: if padding leaked into its answer, the two runs would differ.
+    talker = MLLM.load(str(talker_dir))
+    first = Rewriter(talker, "cirevl", max_new_tokens=6, batch_size=2, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
+    assert all(r.raw for r in first)
+    one_by_one = [Rewriter(talker, "cirevl", max_new_tokens=6, batch_size=1).rewrite([r], [f])[0]
                   for r, f in zip(ROWS, FALLBACKS)]
     assert [r.raw for r in first] == [r.raw for r in one_by_one]
-    again = Rewriter(mllm, "cirevl", max_new_tokens=6, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
+    again = Rewriter(talker, "cirevl", max_new_tokens=6, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
     assert all(r.cached for r in again) and [r.raw for r in again] == [r.raw for r in first]
     # Other decoding settings are another key: nothing is served from the first run's entries.
-    other = Rewriter(mllm, "cirevl", max_new_tokens=5, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
+    other = Rewriter(talker, "cirevl", max_new_tokens=5, cache_dir=tmp_path).rewrite(ROWS, FALLBACKS)
     assert not any(r.cached for r in other)
 
 

@@ -18,7 +18,7 @@ def test_chat_pairs_are_the_oracle_dialogs_next_questions(world):
         assert all(row["dialog"].count("\n") == 2 * r for row, _ in rows), rows[0]
 
 
-def test_feedback_pairs_mark_by_shared_facts_and_target_the_caption(world, clip_dir):
+def test_feedback_pairs_mark_by_shared_facts_and_target_the_caption(world, clip_dir, mllm_dir):
     records = world.split("train").records[:40]
     seen = []
 
@@ -27,7 +27,7 @@ def test_feedback_pairs_mark_by_shared_facts_and_target_the_caption(world, clip_
         return [f"c{len(seen) - len(paths) + i}" for i in range(len(paths))]
 
     config = RewriterTrainConfig(task="eiirwqr", shown=4, min_facts=2)
-    pairs = feedback_pairs(records, clip_dir, caption, config)
+    pairs = feedback_pairs(records, mllm_dir, clip_dir, caption, config)
     assert 0 < len(pairs) <= 40 and len(set(seen)) == len(seen)  # every shown image captioned once
     for row, target in pairs:
         assert set(row) == {"query", "relevant", "irrelevant"}
