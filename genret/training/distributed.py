@@ -11,11 +11,13 @@ One process on a CPU machine is the same code path: every helper returns at once
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable, Sequence, TypeVar
 
 import torch
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def on_main(accelerator, fn: Callable[[], T]) -> T:
@@ -57,10 +59,24 @@ def step_loss(accelerator, loss: torch.Tensor) -> float:
     return float(loss.item())
 
 
-def close_process_group() -> None:
-    """Leave the process group, if any (torchrun / accelerate launch): a process that exits with it open
-    can abort (gloo: "terminate called without an active exception")."""
+def close_process_group(timeout_s: float = 300.0) -> None:
+    """Leave the process group, if any (torchrun / accelerate launch), once every process has got here.
+
+    A process that exits while another still holds the group open can abort (gloo: "terminate called without
+    an active exception"), so all meet at a barrier first; one that does not come within ``timeout_s`` (it
+    failed) is not waited for longer.
+    """
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError as err:  # another process failed or left: leave anyway
+        logger.warning("leaving the process group without the others: %s", str(err).splitlines()[0])
+    dist.destroy_process_group()
