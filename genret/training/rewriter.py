@@ -17,8 +17,13 @@ CIReVL is training-free: any instruction-following LLM recomposes the caption. W
 that badly (a small model, a new domain), a LoRA on the composed-retrieval training triplets teaches
 it. Each training row is the ``cirevl`` prompt filled with the captioner's caption of the reference
 image (the same captioner, prompt and settings the stage uses, so training sees what inference
-sees) and the modification; the target is the triplet's ``target_caption`` when the data gives one
-(the miniature world does) or else the captioner's caption of the target image. Loss: next-token
+sees) and the modification. Where the data set describes its own images (the miniature world's
+scenes; ``reference_text`` ``auto`` or ``both``), every triplet gives a second row with that clean
+description of the reference instead, so the rewriter learns the edit itself and not only the
+captioner's mistakes (``dataset``: those rows only; ``captioner``: the captioner's only, as for CIRR).
+The target is the triplet's ``target_caption`` when the data gives one (the miniature world does) or
+else the captioner's caption of the target image; where the data set describes the target in several
+equivalent ways, the one closest to the row's reference description (a minimal edit). Loss: next-token
 cross-entropy on the target's tokens (eos included), LoRA on the language model only.
 
 Runs in several processes like the other trainers (``torchrun`` / ``accelerate launch``; captioning
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = {"cirevl": ("cirevl", "rewrite"), "chat": ("chat", "question"), "eiirwqr": ("eiirwqr", "feedback")}
 """task -> (default prompt, the prompt table the adapter learns to answer)."""
+REFERENCE_TEXTS = ("auto", "captioner", "dataset", "both")
 
 
 @dataclass
@@ -64,6 +70,10 @@ class RewriterTrainConfig:
     rounds: int = field(default=5, metadata={"help": "chat: dialog turns simulated per training image"})
     shown: int = field(default=5, metadata={"help": "eiirwqr: results shown per round"})
     min_facts: int = field(default=3, metadata={"help": "eiirwqr: shared scene facts to be marked relevant"})
+    reference_text: str = field(default="auto", metadata={"help": "cirevl: what describes the reference in training "
+                                                                "rows: captioner (as the stage sees it), dataset (the "
+                                                                "data set's own captions), both, or auto (both where "
+                                                                "the data set describes its images, else captioner)"})
     caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt (as the stage uses it)"})
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
@@ -87,6 +97,8 @@ class RewriterTrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         self.prompt = self.prompt or TASKS[self.task][0]
+        if self.reference_text not in REFERENCE_TEXTS:
+            raise ValueError(f"reference_text must be one of {', '.join(REFERENCE_TEXTS)}, got {self.reference_text!r}")
         check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens",
                      "log_every", "rounds", "shown", "min_facts"), non_negative=("max_steps", "threads",
                      "eval_triplets", "max_grad_norm"))
@@ -97,16 +109,57 @@ class RewriterTrainConfig:
 def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, str]]:
     """``({"caption", "modification"}, target text)`` per triplet with a usable target.
 
+    The target text is the triplet's ``target_caption``, or the captioner's caption of its target. Where the
+    data set describes the target in several ways (the miniature world's scenes), it is the description
+    naming every object with its size that is closest word by word to the reference's, so the rewriter learns to edit the caption it is given, not to
+    guess which of many equivalent phrasings the annotation happened to use.
+
     Args:
         cir: the triplets.
-        captions: image id -> the captioner's caption (references, and targets without ``target_caption``).
+        captions: image id -> a description of it (the captioner's caption, or the data set's own; references,
+            and targets without ``target_caption``).
     """
+    from genret.data.scene import Scene
+
     out = []
     for t in cir.triplets:
         target = t.meta.get("target_caption") or (captions.get(_first_target(t)) if t.targets else None)
-        if target:
-            out.append(({"caption": captions[t.reference], "modification": t.modification}, target))
+        if not target or t.reference not in captions:
+            continue
+        caption = captions[t.reference]
+        scene = cir.scenes.get(_first_target(t)) if t.targets else None
+        if scene is not None:
+            target = closest_text(caption, full_captions(Scene.from_dict(scene)) or [target])
+        out.append(({"caption": caption, "modification": t.modification}, target))
     return out
+
+
+def closest_text(text: str, options: list[str]) -> str:
+    """The option most like ``text`` word by word (difflib's ratio; the first of equals)."""
+    from difflib import SequenceMatcher
+
+    words = _norm(text).split()
+    return max(options, key=lambda o: SequenceMatcher(None, words, _norm(o).split(), autojunk=False).ratio())
+
+
+def dataset_captions(cir: "CIRSet", seed: int = 0) -> dict[str, str]:
+    """Image id -> one of the data set's own full captions of it (seeded pick), for every image with a scene.
+
+    Only the miniature world describes its CIR images (``scenes.json``); CIRR and CIRCO do not, so this
+    refuses them rather than train on nothing.
+    """
+    from genret.data.scene import Scene
+
+    if not cir.scenes:
+        raise ValueError(f"{cir.source}: reference_text 'dataset' or 'both' needs the data set's own descriptions of "
+                         "its images (the miniature world's scenes.json); this set has none: use 'captioner'")
+    rng = random.Random(seed)
+    return {i: rng.choice(full_captions(Scene.from_dict(s))) for i, s in sorted(cir.scenes.items())}
+
+
+def full_captions(scene) -> list[str]:
+    """The scene's captions that name both objects with their sizes (what a complete description says)."""
+    return [c for c in scene.all_captions() if all(o.noun(True) in c for o in scene.objects)]
 
 
 def _first_target(t) -> str:
@@ -205,25 +258,33 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     cache = config.cache_dir or str(out_dir / "cache")
     captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
 
-    def build(data, split: str) -> list:
+    def build(data, split: str, reference_text: str) -> list:
         if config.task == "cirevl":
-            ids = _images_to_caption(data)
-            caps = dict(zip(ids, captioner.caption([str(data.images[i]) for i in ids], progress=show)))
-            return rewrite_pairs(data, caps)
+            pairs = []
+            if reference_text in ("dataset", "both"):
+                pairs += rewrite_pairs(data, dataset_captions(data, config.seed))
+            if reference_text in ("captioner", "both"):
+                ids = _images_to_caption(data)
+                caps = dict(zip(ids, captioner.caption([str(data.images[i]) for i in ids], progress=show)))
+                pairs += rewrite_pairs(data, caps)
+            return pairs
         records = data.split(split).records
         if config.task == "chat":
             return chat_pairs(records, config.rounds, config.seed)
         return feedback_pairs(records, base, prefilter, lambda paths: captioner.caption(paths, progress=show), config,
                               config.seed)
 
-    pairs = [tuple(p) for p in on_main(accelerator, lambda: build(train, "train"))]
+    reference_text = config.reference_text
+    if config.task == "cirevl" and reference_text == "auto":
+        reference_text = "both" if train.scenes else "captioner"
+    pairs = [tuple(p) for p in on_main(accelerator, lambda: build(train, "train", reference_text))]
     source = getattr(train, "source", "?")
     if len(pairs) < config.batch_size * procs:
         raise ValueError(f"{source}: {len(pairs)} training rows with a target text, fewer than one step's "
                          f"{config.batch_size * procs} (batch_size x processes); lower batch_size")
     val_pairs = []
     if val is not None and config.eval_triplets:
-        val_pairs = [tuple(p) for p in on_main(accelerator, lambda: build(val, "val"))][: config.eval_triplets]
+        val_pairs = [tuple(p) for p in on_main(accelerator, lambda: build(val, "val", "captioner"))][: config.eval_triplets]
     rewriter = Rewriter(mllm, prompt, section, max_new_tokens=config.max_new_tokens)
 
     def exact_match() -> dict:
@@ -285,7 +346,8 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
         "captioner": caption_key,
         "data": {"source": str(source), "task": config.task, "pairs": len(pairs), "example": pairs[0],
-                 "target_text": _target_text(config.task, train)},
+                 "target_text": _target_text(config.task, train),
+                 **({"reference_text": reference_text} if config.task == "cirevl" else {})},
         "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                     "val_before": before, "val": after},
         "history": history, "steps": total,

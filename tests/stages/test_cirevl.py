@@ -5,9 +5,11 @@ import json
 import pytest
 
 from genret.data.cir import load_cir
+from genret.data.scene import Scene
 from genret.eval.composed import evaluate_composed
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.stages.cirevl import CIReVLConfig, check_composed
+from genret.training.rewriter import closest_text, full_captions
 from genret.types import Query
 
 
@@ -82,7 +84,7 @@ def rewriter_dir(tmp_path_factory, world_dir, mllm_dir):
     out = tmp_path_factory.mktemp("rewriter") / "lora"
     config = RewriterTrainConfig(max_steps=300, batch_size=8, lr=1e-2, warmup=0.0, caption_tokens=4, log_every=60,
                                  lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", lora_r=32,
-                                 eval_triplets=8, max_new_tokens=24, threads=1)
+                                 eval_triplets=8, max_new_tokens=24, threads=1, reference_text="captioner")
     manifest = train_rewriter(mllm_dir, train, out, config, val=train, progress=False)
     return out, manifest
 
@@ -100,7 +102,9 @@ def test_the_rewriter_lora_learns_its_triplets_and_the_stage_uses_it(rewriter_di
     report = evaluate_composed(_pipe(clip_dir, model=str(mllm_dir), rewriter_adapter=str(out), caption_tokens=4,
                                      max_new_tokens=24), train, progress=False)
     used = [w["query"] for w in report["rewrites"]]
-    wanted = [t.meta["target_caption"] for t in train.triplets]
+    # What it was taught: the target's full description closest to the caption it was given.
+    wanted = [closest_text(w["caption"], full_captions(Scene.from_dict(train.scenes[t.meta["target_hard"]])))
+              for w, t in zip(report["rewrites"], train.triplets)]
     assert sum(u == w for u, w in zip(used, wanted)) >= 4, list(zip(used, wanted))
 
 

@@ -1,10 +1,44 @@
-"""The rewriter recipes for chat (questions) and EIIRwQR (feedback rewrites): their data and a short run."""
+"""The rewriter recipes: CIReVL's training rows, chat (questions) and EIIRwQR (feedback rewrites), a short run."""
+
+import dataclasses
 
 import pytest
 
+from genret.data.cir import load_cir
+from genret.data.scene import Scene
 from genret.stages.chat import SCRIPT
 from genret.stages.eiirwqr import shared_facts
-from genret.training.rewriter import RewriterTrainConfig, chat_pairs, feedback_pairs, train_rewriter
+from genret.training.rewriter import (RewriterTrainConfig, chat_pairs, closest_text, dataset_captions, feedback_pairs,
+                                      full_captions, rewrite_pairs, train_rewriter)
+
+
+def test_closest_text_picks_the_smallest_word_edit():
+    options = ["a red circle left of a blue star", "a blue star right of a red circle", "a red circle and a blue star"]
+    assert closest_text("the blue star is right of the green circle", options) == options[1]
+    assert closest_text("a green circle left of a blue star", options) == options[0]
+
+
+def test_cirevl_rows_from_the_worlds_descriptions_are_minimal_edits(world_dir):
+    cir = load_cir(world_dir, "train")
+    captions = dataset_captions(cir, seed=0)
+    assert captions == dataset_captions(cir, seed=0) and captions != dataset_captions(cir, seed=1)
+    pairs = rewrite_pairs(cir, captions)
+    assert len(pairs) == len(cir.triplets)
+    for t, (row, target) in zip(cir.triplets, pairs):
+        reference, wanted = (Scene.from_dict(cir.scenes[i]) for i in (t.reference, t.meta["target_hard"]))
+        assert row == {"caption": captions[t.reference], "modification": t.modification}
+        assert row["caption"] in full_captions(reference) and target in full_captions(wanted)
+        if t.meta["edit_kind"] in ("colour", "shape", "size"):
+            # One attribute of one object changed, phrased as the reference was: one word differs.
+            a, b = row["caption"].split(), target.split()
+            assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1, (row, target)
+    # Without the world's scenes the target stays the annotation's, and the reference text must come from elsewhere.
+    bare = dataclasses.replace(cir, scenes={})
+    assert [t for _, t in rewrite_pairs(bare, captions)] == [t.meta["target_caption"] for t in cir.triplets]
+    with pytest.raises(ValueError, match="scenes.json.*captioner"):
+        dataset_captions(bare)
+    with pytest.raises(ValueError, match="reference_text"):
+        RewriterTrainConfig(reference_text="gold")
 
 
 def test_chat_pairs_are_the_oracle_dialogs_next_questions(world):
@@ -45,3 +79,13 @@ def test_a_chat_questioner_trains_and_saves_its_mode(world, mllm_dir, tmp_path):
     assert manifest["mode"] == "question" and manifest["prompt"]["name"] == "chat"
     assert manifest["data"]["pairs"] == 2 * len(world.split("train")) and manifest["steps"] == 4
     assert (tmp_path / "q" / "adapter_model.safetensors").is_file()
+
+
+def test_cirevl_auto_adds_the_worlds_descriptions_and_says_so(world_dir, mllm_dir, tmp_path):
+    train = load_cir(world_dir, "train")
+    config = RewriterTrainConfig(max_steps=2, batch_size=8, caption_tokens=4, eval_triplets=0, threads=1)
+    manifest = train_rewriter(mllm_dir, train, tmp_path / "auto", config, progress=False)
+    assert manifest["data"]["reference_text"] == "both" and manifest["data"]["pairs"] == 2 * len(train.triplets)
+    bare = dataclasses.replace(train, scenes={})  # as CIRR: no descriptions of its own, the captioner's only
+    manifest = train_rewriter(mllm_dir, bare, tmp_path / "bare", config, progress=False)
+    assert manifest["data"]["reference_text"] == "captioner" and manifest["data"]["pairs"] == len(train.triplets)
