@@ -111,7 +111,7 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     assert set(report["twins"]) >= {"prefilter", "zero-shot", "lora"}
     rows = report["rewriting"]
     assert [r["variant"] for r in rows["composed"]["rows"]] == ["text alone", "image alone", "CIReVL zero-shot",
-                                                                "CIReVL + LoRA"]
+                                                                "CIReVL + LoRA", "CIReVL + LoRA → MLLM rerank"]
     assert all(len(r["hits@10"]) == 2 for r in rows["interactive"]["rows"])
     assert "Query rewriting" in (tmp_path / "d" / "report" / "report.md").read_text()
     assert (tmp_path / "d" / "report-cir" / "report.json").is_file()

@@ -74,6 +74,9 @@ class RewriterTrainConfig:
                                                                 "rows: captioner (as the stage sees it), dataset (the "
                                                                 "data set's own captions), both, or auto (both where "
                                                                 "the data set describes its images, else captioner)"})
+    scene_edits: int = field(default=0, metadata={"help": "cirevl, miniature world: text-only rows per training "
+                                                            "image, each a fresh edit of its scene (full caption, "
+                                                            "edit, the edited scene's closest full caption)"})
     caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt (as the stage uses it)"})
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
@@ -100,7 +103,7 @@ class RewriterTrainConfig:
         if self.reference_text not in REFERENCE_TEXTS:
             raise ValueError(f"reference_text must be one of {', '.join(REFERENCE_TEXTS)}, got {self.reference_text!r}")
         check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens",
-                     "log_every", "rounds", "shown", "min_facts"), non_negative=("max_steps", "threads",
+                     "log_every", "rounds", "shown", "min_facts"), non_negative=("max_steps", "threads", "scene_edits",
                      "eval_triplets", "max_grad_norm"))
         if self.lr <= 0 or not 0 <= self.warmup < 1:
             raise ValueError("lr must be positive and warmup in [0, 1)")
@@ -155,6 +158,33 @@ def dataset_captions(cir: "CIRSet", seed: int = 0) -> dict[str, str]:
                          "its images (the miniature world's scenes.json); this set has none: use 'captioner'")
     rng = random.Random(seed)
     return {i: rng.choice(full_captions(Scene.from_dict(s))) for i, s in sorted(cir.scenes.items())}
+
+
+def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0) -> list[tuple[dict, str]]:
+    """Text-only rows drawn from the world's facts: ``per_image`` fresh edits of each gallery image's scene.
+
+    Each row is the scene's full caption (seeded pick), an edit drawn as the world draws its triplets'
+    (:func:`genret.data.scene.sample_edit`), and the full caption of one valid edited scene closest to
+    that caption. No image is drawn or captioned: the rewriter works on text, so its lesson (edit a
+    description) can come in far more variety than the split's triplets give.
+    """
+    from genret.data.scene import Scene, sample_edit
+
+    if not cir.scenes:
+        raise ValueError(f"{cir.source}: scene_edits draws edits from the world's scenes (scenes.json); this set "
+                         "has none: set scene_edits to 0")
+    rng = random.Random(f"genret.scene_edits:{seed}")
+    out = []
+    for i in sorted(cir.images):
+        if i not in cir.scenes:
+            continue
+        scene = Scene.from_dict(cir.scenes[i])
+        for _ in range(per_image):
+            edit = sample_edit(scene, rng)
+            caption = rng.choice(full_captions(scene))
+            target = closest_text(caption, full_captions(rng.choice(edit.targets)))
+            out.append(({"caption": caption, "modification": edit.text}, target))
+    return out
 
 
 def full_captions(scene) -> list[str]:
@@ -263,6 +293,8 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
             pairs = []
             if reference_text in ("dataset", "both"):
                 pairs += rewrite_pairs(data, dataset_captions(data, config.seed))
+            if config.scene_edits and split == "train":
+                pairs += scene_edit_pairs(data, config.scene_edits, config.seed)
             if reference_text in ("captioner", "both"):
                 ids = _images_to_caption(data)
                 caps = dict(zip(ids, captioner.caption([str(data.images[i]) for i in ids], progress=show)))

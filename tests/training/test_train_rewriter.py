@@ -9,7 +9,7 @@ from genret.data.scene import Scene
 from genret.stages.chat import SCRIPT
 from genret.stages.eiirwqr import shared_facts
 from genret.training.rewriter import (RewriterTrainConfig, chat_pairs, closest_text, dataset_captions, feedback_pairs,
-                                      full_captions, rewrite_pairs, train_rewriter)
+                                      full_captions, rewrite_pairs, scene_edit_pairs, train_rewriter)
 
 
 def test_closest_text_picks_the_smallest_word_edit():
@@ -39,6 +39,30 @@ def test_cirevl_rows_from_the_worlds_descriptions_are_minimal_edits(world_dir):
         dataset_captions(bare)
     with pytest.raises(ValueError, match="reference_text"):
         RewriterTrainConfig(reference_text="gold")
+
+
+def test_scene_edits_are_text_rows_whose_target_satisfies_the_edit(world_dir):
+    import random
+
+    from genret.data.scene import edits
+
+    cir = load_cir(world_dir, "train")
+    pairs = scene_edit_pairs(cir, per_image=2, seed=3)
+    assert len(pairs) == 2 * len(cir.images) and pairs == scene_edit_pairs(cir, per_image=2, seed=3)
+    assert pairs != scene_edit_pairs(cir, per_image=2, seed=4)
+    scenes = {c: Scene.from_dict(cir.scenes[i]) for i in cir.images for c in full_captions(Scene.from_dict(cir.scenes[i]))}
+    one_word = 0
+    for row, target in pairs:
+        scene = scenes[row["caption"]]  # the caption is a full caption of a gallery image's scene
+        # The target describes a scene one of the world's edits of that scene leads to (targets do not depend on
+        # the wording's random draw), never the scene itself.
+        reachable = {c for e in edits(scene, random.Random(0)) for t in e.targets for c in full_captions(t)}
+        assert target in reachable and target not in full_captions(scene), (row, target)
+        a, b = row["caption"].split(), target.split()
+        one_word += len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    assert one_word > len(pairs) / 2  # colour, shape and size edits, phrased as the caption was
+    with pytest.raises(ValueError, match="scene_edits"):
+        scene_edit_pairs(dataclasses.replace(cir, scenes={}), 1)
 
 
 def test_chat_pairs_are_the_oracle_dialogs_next_questions(world):
