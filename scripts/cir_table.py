@@ -86,7 +86,8 @@ def main() -> None:
         report = evaluate_composed(_pipe(args.clip, stage, later), cir, progress=False, limit=args.limit)
         last = list(report["stages"])[-1]
         row = {"variant": name, **{k: report["stages"][last]["cir"].get(k) for k in KEYS},
-               "fallbacks": report["fallbacks"], "cold_s_per_query": _costs(report)}
+               "fallbacks": report["fallbacks"], "cold_s_per_query": _costs(report),
+               "R@5_by_kind": {k: v["R@5"] for k, v in report["stages"][last].get("by_kind", {}).items()}}
         if stage.get("cache_dir"):
             warm = evaluate_composed(_pipe(args.clip, stage, later), cir, progress=False, limit=args.limit)
             assert warm["stages"] == report["stages"], "a warm run must reproduce the cold one"
@@ -102,7 +103,16 @@ def main() -> None:
     print("| variant | " + " | ".join(KEYS) + " | fallbacks |")
     print("|---|" + "---|" * (len(KEYS) + 1))
     for r in rows:
-        print(f"| {r['variant']} | " + " | ".join(f"{r[k]:.1f}" for k in KEYS) + f" | {r['fallbacks']} |")
+        print(f"| {r['variant']} | " + " | ".join("-" if r[k] is None else f"{r[k]:.1f}" for k in KEYS)
+              + f" | {r['fallbacks']} |")
+    kinds = sorted({k for r in rows for k in r["R@5_by_kind"]})
+    if kinds:
+        print("\nR@5 by edit kind (triplets per kind: " + ", ".join(
+            f"{k} {sum(t.meta.get('edit_kind') == k for t in cir.triplets[: args.limit or None])}" for k in kinds) + "):\n")
+        print("| variant | " + " | ".join(kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for r in rows:
+            print(f"| {r['variant']} | " + " | ".join(f"{r['R@5_by_kind'].get(k, 0):.1f}" for k in kinds) + " |")
     print("\nseconds per query, cold cache -> warm cache:\n")
     print("| variant | caption | rewrite | retrieve | rerank |")
     print("|---|---|---|---|---|")

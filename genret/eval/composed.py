@@ -10,6 +10,10 @@ is never a valid answer, and a pipeline that returns it wastes a rank). Metrics,
 - mAP@K (K = 5, 10, 25, 50, CIRCO): for several valid targets per query;
 - MRR.
 
+Where the triplets say what kind of edit each is (``edit_kind``: the miniature world's colour, shape,
+size, relation and open-colour edits), R@K is also given per kind (``by_kind``), to show where a
+method wins or loses.
+
 The rewritten queries (what each rewrite stage made of every triplet, with the caption, the model's
 raw answer and any fallback) go into the report, so a person can read what the model did.
 """
@@ -53,6 +57,14 @@ def composed_metrics(ids: list[list[str]], relevant: list[set[str]], subset_ids:
         if k <= max(depth, 1):
             out[f"mAP@{k}"] = map_at_k(ids, relevant, k)
     out["MRR"] = mrr(ids, relevant)
+    return {k: round(100.0 * v, 2) for k, v in out.items()}
+
+
+def recall_by_rows(ids: list[list[str]], relevant: list[set[str]], rows: list[int],
+                   ks: Sequence[int] = KS) -> dict[str, float]:
+    """R@K in percent over the queries ``rows`` only."""
+    depth = max((len(ids[i]) for i in rows), default=0)
+    out = recall_at_ks([ids[i] for i in rows], [relevant[i] for i in rows], [k for k in ks if k <= max(depth, 1)])
     return {k: round(100.0 * v, 2) for k, v in out.items()}
 
 
@@ -107,10 +119,17 @@ def evaluate_composed(pipe: "RetrievalPipeline", cir: "CIRSet", ks: Sequence[int
         pipe.timings.clear()
         pipe.timings.update(timings)
     stages = {}
+    kinds: dict[str, list[int]] = {}
+    if all(t.meta.get("edit_kind") for t in triplets):
+        for i, t in enumerate(triplets):
+            kinds.setdefault(str(t.meta["edit_kind"]), []).append(i)
     final: list[Ranking] = []
     for name, rankings in outputs:
         ids = _without_reference(rankings, refs)
         stages[name] = {"cir": composed_metrics(ids, relevant, by_subset.get(name), ks)}
+        if kinds:
+            stages[name]["by_kind"] = {kind: {"queries": len(rows), **recall_by_rows(ids, relevant, rows, ks)}
+                                       for kind, rows in kinds.items()}
         final = rankings
     rewrites = []
     for t, r in zip(triplets, final):

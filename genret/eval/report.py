@@ -40,6 +40,19 @@ def twins_table(report: dict) -> str:
     return _markdown([head] + rows)
 
 
+def kinds_table(report: dict) -> str:
+    """A Markdown table of composed R@K per edit kind and stage, or ``""`` when the triplets carry no kinds."""
+    stages = {name: m["by_kind"] for name, m in report["stages"].items() if m.get("by_kind")}
+    if not stages:
+        return ""
+    first = next(iter(stages.values()))
+    keys = [k for k in next(iter(first.values())) if k != "queries"]
+    head = ["stage", "edit kind", "queries"] + keys
+    rows = [[name, kind, str(m["queries"])] + [f"{m[k]:.1f}" for k in keys]
+            for name, kinds in stages.items() for kind, m in kinds.items()]
+    return _markdown([head] + rows)
+
+
 REWRITES_SHOWN = 12
 
 
@@ -89,6 +102,8 @@ def render_markdown(report: dict) -> str:
         f"Metrics in percent.",
         "## Retrieval", metrics_table(report),
     ]
+    if kinds_table(report):
+        parts += ["## Composed retrieval by edit kind", kinds_table(report)]
     if report.get("twins"):
         parts += ["## Twins (choose the image over its swapped twin, and back)", twins_table(report)]
     if report.get("rewrites"):

@@ -7,6 +7,7 @@ import pytest
 from genret.data.cir import load_cir
 from genret.data.scene import Scene
 from genret.eval.composed import evaluate_composed
+from genret.eval.report import render_markdown
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.stages.cirevl import CIReVLConfig, check_composed
 from genret.training.rewriter import closest_text, full_captions
@@ -36,6 +37,17 @@ def test_the_baselines_search_with_one_modality_and_the_reference_is_left_out(ci
         m = report["stages"]["prefilter"]["cir"]
         assert {"R@1", "R@5", "R@10", "R_subset@1", "mAP@5", "MRR"} <= set(m)
         assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
+        # Per edit kind: every triplet counted once, and the kinds' recalls average back to the whole.
+        kinds = report["stages"]["prefilter"]["by_kind"]
+        assert set(kinds) == {t.meta["edit_kind"] for t in cir.triplets}
+        assert sum(k["queries"] for k in kinds.values()) == len(cir.triplets)
+        for key in ("R@1", "R@5", "R@10"):
+            whole = sum(k[key] * k["queries"] for k in kinds.values()) / len(cir.triplets)
+            assert abs(whole - m[key]) < 0.05, (key, whole, m[key])
+    # The two baselines find targets for different kinds of edit, and the report shows it.
+    assert text["stages"]["prefilter"]["by_kind"] != image["stages"]["prefilter"]["by_kind"]
+    md = render_markdown(image)
+    assert "## Composed retrieval by edit kind" in md and "| relation" in md
 
 
 def test_compose_captions_rewrites_and_records_what_it_did(cir, clip_dir, talker_dir, tmp_path):
