@@ -15,14 +15,15 @@ def metrics_table(report: dict) -> str:
     """A Markdown table of every stage's metrics in each direction (percentages)."""
     stages = report["stages"]
     directions = [d for d in LABELS if any(d in m for m in stages.values())]
-    keys = [k for k in next(iter(stages.values()))[directions[0]]] if stages else []
+    # Every metric any stage has, in first-seen order: a shallower stage (a rerank of the top 20) lacks R@50.
+    keys = list(dict.fromkeys(k for m in stages.values() if directions[0] in m for k in m[directions[0]]))
     head = ["stage"] + [f"{d} {k}" for d in directions for k in keys]
     has_rsum = any("RSUM" in m for m in stages.values())
     if has_rsum:
         head.append("RSUM")
     rows = []
     for name, m in stages.items():
-        row = [name] + [f"{m[d][k]:.1f}" if d in m else "-" for d in directions for k in keys]
+        row = [name] + [f"{m[d][k]:.1f}" if k in m.get(d, {}) else "-" for d in directions for k in keys]
         if has_rsum:
             row.append(f"{m['RSUM']:.1f}" if "RSUM" in m else "-")
         rows.append(row)
@@ -45,10 +46,9 @@ def kinds_table(report: dict) -> str:
     stages = {name: m["by_kind"] for name, m in report["stages"].items() if m.get("by_kind")}
     if not stages:
         return ""
-    first = next(iter(stages.values()))
-    keys = [k for k in next(iter(first.values())) if k != "queries"]
+    keys = list(dict.fromkeys(k for kinds in stages.values() for m in kinds.values() for k in m if k != "queries"))
     head = ["stage", "edit kind", "queries"] + keys
-    rows = [[name, kind, str(m["queries"])] + [f"{m[k]:.1f}" for k in keys]
+    rows = [[name, kind, str(m["queries"])] + [f"{m[k]:.1f}" if k in m else "-" for k in keys]
             for name, kinds in stages.items() for kind, m in kinds.items()]
     return _markdown([head] + rows)
 

@@ -141,8 +141,8 @@ def closest_text(text: str, options: list[str]) -> str:
     """The option most like ``text`` word by word (difflib's ratio; the first of equals)."""
     from difflib import SequenceMatcher
 
-    words = _norm(text).split()
-    return max(options, key=lambda o: SequenceMatcher(None, words, _norm(o).split(), autojunk=False).ratio())
+    words = normalise_text(text).split()
+    return max(options, key=lambda o: SequenceMatcher(None, words, normalise_text(o).split(), autojunk=False).ratio())
 
 
 def dataset_captions(cir: "CIRSet", seed: int = 0) -> dict[str, str]:
@@ -323,7 +323,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         if not val_pairs:
             return {}
         done = rewriter.rewrite([r for r, _ in val_pairs], ["" for _ in val_pairs])
-        hits = sum(_norm(d.text) == _norm(t) for d, (_, t) in zip(done, val_pairs))
+        hits = sum(normalise_text(d.text) == normalise_text(t) for d, (_, t) in zip(done, val_pairs))
         return {"exact_match": round(100.0 * hits / len(val_pairs), 2), "fallbacks": sum(d.fallback is not None for d in done),
                 "triplets": len(val_pairs), "examples": [{"input": r, "target": t, "rewrite": d.text}
                                                           for d, (r, t) in list(zip(done, val_pairs))[:3]]}
@@ -401,5 +401,6 @@ def _target_text(task: str, train) -> str:
     return "target_caption" if any(t.meta.get("target_caption") for t in train.triplets) else "captioner"
 
 
-def _norm(text: str) -> str:
+def normalise_text(text: str) -> str:
+    """Lower case, commas and full stops dropped, spaces collapsed: how rewrites are compared for exact match."""
     return " ".join(text.lower().replace(",", " ").replace(".", " ").split())

@@ -153,3 +153,16 @@ def test_sum_fuses_the_unit_embeddings_of_image_and_text(cir, clip_dir):
                                                       for row, t in zip(ids, cir.triplets[:4])]
     text_only = evaluate_composed(_pipe(clip_dir, mode="text"), cir, progress=False, limit=4)
     assert [w["top5"] for w in text_only["rewrites"]] != [w["top5"] for w in report["rewrites"]]
+
+
+def test_a_rerank_after_the_rewrite_is_measured_and_reported(cir, clip_dir, mllm_dir):
+    pipe = RetrievalPipeline(PipelineConfig(name="cir+rerank", encoder=EncoderConfig(model=str(clip_dir)), stages=(
+        {"type": "cirevl", "mode": "text"}, {"type": "prefilter", "k": 40},
+        {"type": "rerank", "model": str(mllm_dir), "mode": "generative", "k": 5})))
+    report = evaluate_composed(pipe, cir, progress=False, limit=4)
+    pre, rerank = report["stages"]["prefilter"], report["stages"]["rerank"]
+    assert "R@10" in pre["cir"] and "R@10" not in rerank["cir"] and rerank["cir"]["R@5"] >= 0
+    assert set(rerank["by_kind"]) == set(pre["by_kind"])
+    table = render_markdown(report).split("## Retrieval")[1].split("##")[0]
+    rerank_row = next(line for line in table.splitlines() if line.startswith("| rerank"))
+    assert " - " in rerank_row  # R@10 and R@50 of a 5-deep ranking are not measured, and the table says so
