@@ -114,8 +114,9 @@ def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, s
 
     The target text is the triplet's ``target_caption``, or the captioner's caption of its target. Where the
     data set describes the target in several ways (the miniature world's scenes), it is the description
-    naming every object with its size that is closest word by word to the reference's, so the rewriter learns to edit the caption it is given, not to
-    guess which of many equivalent phrasings the annotation happened to use.
+    naming every object with its size that is closest word by word to the reference's, so the rewriter
+    learns to edit the caption it is given, not to guess which of many equivalent phrasings the
+    annotation happened to use.
 
     Args:
         cir: the triplets.
@@ -316,7 +317,9 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
                          f"{config.batch_size * procs} (batch_size x processes); lower batch_size")
     val_pairs = []
     if val is not None and config.eval_triplets:
-        val_pairs = [tuple(p) for p in on_main(accelerator, lambda: build(val, "val", "captioner"))][: config.eval_triplets]
+        # Measured as inference works: from the captioner's captions.
+        val_pairs = [tuple(p) for p in on_main(accelerator, lambda: build(val, "val", "captioner"))]
+        val_pairs = val_pairs[: config.eval_triplets]
     rewriter = Rewriter(mllm, prompt, section, max_new_tokens=config.max_new_tokens)
 
     def exact_match() -> dict:
