@@ -7,8 +7,8 @@
 4. index the test split and evaluate prefilter → zero-shot rerank (generative: log P(caption | image))
    → LoRA rerank (pointwise), each over the CLIP's top 10, both directions, with the twin check, and
    write the report;
-5. query rewriting (:mod:`genret.demo_rewrite`): composed retrieval (CIReVL against its baselines, with a
-   rewriter LoRA trained here) and interactive retrieval (chat, EIIRwQR), round by round.
+5. query rewriting (:mod:`genret.demo_rewrite`): composed retrieval (CIReVL against its baselines, with the
+   shipped rewriter LoRA, or one trained here when none is shipped) and interactive retrieval (chat, EIIRwQR), round by round.
 Steps whose output already exists are reused unless ``fresh``.
 """
 
@@ -56,8 +56,9 @@ def _stale(folder: Path, marker: str, expected: dict, fresh: bool) -> bool:
         return True
 
 
-def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path]:
-    """The CLIP and the MLLM the demo runs on (shipped, or the CLIP trained here on request)."""
+def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path, Path | None]:
+    """The CLIP, the MLLM and the shipped rewriter LoRA (None if not shipped) the demo runs on (the CLIP shipped,
+    or trained here on request)."""
     from genret.shipped import shipped_models
 
     try:
@@ -65,14 +66,15 @@ def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bo
     except ManifestError as err:
         raise ManifestError(f"{err}\n(the demo needs the shipped mini MLLM; pretraining it takes 20-25 minutes: "
                            "scripts/make_mini_world_models.sh)") from None
+    rewriter = shipped["rewriter"].resolve() if "rewriter" in shipped else None
     if not train_clip_here:
         logger.info("2/5 using the shipped mini CLIP and mini MLLM in %s", shipped["clip"].parent)
-        return shipped["clip"].resolve(), shipped["mllm"].resolve()
+        return shipped["clip"].resolve(), shipped["mllm"].resolve(), rewriter
     clip_dir = out / "clip"
     if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
         logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
         train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
-    return clip_dir.resolve(), shipped["mllm"].resolve()
+    return clip_dir.resolve(), shipped["mllm"].resolve(), rewriter
 
 
 def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_here: bool = False,
@@ -99,9 +101,9 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
 
     t0 = time.perf_counter()
     if rerank:
-        clip_dir, mllm_dir = _models(out, dataset, fresh, train_clip_here, progress)
+        clip_dir, mllm_dir, rewriter_dir = _models(out, dataset, fresh, train_clip_here, progress)
     else:
-        clip_dir, mllm_dir = (out / "clip").resolve(), None
+        clip_dir, mllm_dir, rewriter_dir = (out / "clip").resolve(), None, None
         if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
             logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
             train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
@@ -140,7 +142,8 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
     if rerank and rewrite:
         from genret.demo_rewrite import run_rewrite_demo
 
-        report["rewriting"] = run_rewrite_demo(out, world, clip_dir, mllm_dir, fresh=fresh, progress=progress)
+        report["rewriting"] = run_rewrite_demo(out, world, clip_dir, mllm_dir, fresh=fresh, progress=progress,
+                                               rewriter=rewriter_dir)
         report["demo_seconds"].update(report["rewriting"]["seconds"])
     write_report(report, out / "report")
     return report

@@ -4,7 +4,8 @@ On the world the demo made, with its CLIP and MLLM, each through the same librar
 ``genret eval --task cir`` / ``--task dialog``:
 
 - composed retrieval over the ``cirr/`` test triplets: the modification text alone, the reference image
-  alone, CIReVL zero-shot, CIReVL with a LoRA rewriter trained here (``genret train rewriter``), and
+  alone, CIReVL zero-shot, CIReVL with a LoRA rewriter (the shipped one, made by the recipe of
+  docs/benchmarks.md; where none is shipped, a short one trained here with ``genret train rewriter``), and
   that with the MLLM reranking the prefilter's top 20 (generative scoring, zero-shot);
 - interactive retrieval over the test images: chat with the oracle (scripted) questioner and with the MLLM
   asking, both answered by the simulated user; EIIRwQR with the MLLM rewriting from the user's marks.
@@ -36,7 +37,7 @@ DIALOG_ROUNDS = 3
 
 
 def demo_rewriter_config():
-    """The CIReVL rewriter LoRA the demo trains (about a minute here, captions included).
+    """The CIReVL rewriter LoRA the demo trains where none is shipped (about a minute here, captions included).
 
     The recipe of docs/benchmarks.md (rank 64 on every projection of the language model; the world's own
     descriptions of the references join the captioner's, ``reference_text`` auto), for fewer steps.
@@ -61,19 +62,26 @@ def _pipelines(clip_dir: Path, variants: list[tuple]) -> list[tuple[str, Retriev
 
 
 def run_rewrite_demo(out: Path, world: Path, clip_dir: Path, mllm_dir: Path, fresh: bool = False,
-                     progress: bool = True) -> dict:
-    """Train the rewriter LoRA (unless reusable), evaluate every variant, write the reports; returns the tables."""
+                     progress: bool = True, rewriter: Path | None = None) -> dict:
+    """Evaluate every variant and write the reports; returns the tables.
+
+    ``rewriter``: the CIReVL rewriter LoRA to use (the shipped one); None: train a short one under ``out``
+    (unless one made with the same settings is there).
+    """
     from genret.data import load_dataset
     from genret.training.rewriter import train_rewriter
 
     timings = {}
     t0 = time.perf_counter()
-    adapter = out / "rewriter-lora"
-    config = demo_rewriter_config()
-    made = read_json(adapter / "genret.json") if (adapter / "genret.json").is_file() else {}
-    if fresh or made.get("config") != asdict(config) or made.get("base_model") != str(mllm_dir):
-        logger.info("rewriting 1/3: training the CIReVL rewriter LoRA (%d steps)", config.max_steps)
-        train_rewriter(str(mllm_dir), load_cir(world, "train"), adapter, config, progress=progress)
+    adapter = rewriter or out / "rewriter-lora"
+    if rewriter is not None:
+        logger.info("rewriting 1/3: using the shipped CIReVL rewriter LoRA in %s", rewriter)
+    else:
+        config = demo_rewriter_config()
+        made = read_json(adapter / "genret.json") if (adapter / "genret.json").is_file() else {}
+        if fresh or made.get("config") != asdict(config) or made.get("base_model") != str(mllm_dir):
+            logger.info("rewriting 1/3: training the CIReVL rewriter LoRA (%d steps)", config.max_steps)
+            train_rewriter(str(mllm_dir), load_cir(world, "train"), adapter, config, progress=progress)
     timings["train_rewriter"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -110,6 +118,8 @@ def run_rewrite_demo(out: Path, world: Path, clip_dir: Path, mllm_dir: Path, fre
                             "fallbacks": report["fallbacks"]})
         write_report(report, out / f"report-dialog-{report['round_stage']['type']}-{len(dialog_rows)}")
     timings["interactive"] = time.perf_counter() - t0
-    return {"composed": {"triplets": min(TRIPLETS, len(cir.triplets)), "gallery": len(cir.images), "rows": cir_rows},
+    return {"composed": {"triplets": min(TRIPLETS, len(cir.triplets)), "gallery": len(cir.images), "rows": cir_rows,
+                         "rewriter": {"adapter": str(adapter), "shipped": rewriter is not None,
+                                      "steps": read_json(Path(adapter) / "genret.json").get("steps")}},
             "interactive": {"queries": DIALOG_QUERIES, "rounds": DIALOG_ROUNDS, "rows": dialog_rows},
             "seconds": {k: round(v, 1) for k, v in timings.items()}}

@@ -1,8 +1,10 @@
-"""The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP and the mini MLLM.
+"""The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP, the mini MLLM, and the
+CIReVL rewriter LoRA on that MLLM.
 
-Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, longer than the demo may take, so the
-trained checkpoints live in the repository with ``scripts/make_mini_world_models.sh`` that remakes
-them. ``manifest.json`` beside them is their manifest: the world generator version and config they
+Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, and the rewriter's recipe 10 more, longer
+than the demo may take, so the trained checkpoints live in the repository with
+``scripts/make_mini_world_models.sh`` that remakes them. The rewriter is optional: a folder without it
+still ships, and the demo then trains a short one. ``manifest.json`` beside them is their manifest: the world generator version and config they
 were trained on, and a SHA-256 of every weight file, checked before use.
 """
 
@@ -18,6 +20,7 @@ from genret._io import ManifestError, atomic_dir, read_json, read_manifest, writ
 MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parent.parent / "adapters" / "mini-world")
 FORMAT = "genret.mini_world_models"
 PARTS = ("clip", "mllm")
+OPTIONAL_PARTS = ("rewriter",)
 
 
 def _sha256(path: Path) -> str:
@@ -33,12 +36,12 @@ def _weights(folder: Path) -> dict[str, str]:
 
 
 def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Path:
-    """Copy ``run_dir/{clip,mllm}`` (made from ``run_dir/world``) to ``dest`` with a manifest, atomically."""
+    """Copy ``run_dir/{clip,mllm[,rewriter]}`` (made from ``run_dir/world``) to ``dest`` with a manifest, atomically."""
     run_dir, dest = Path(run_dir), Path(dest)
     world = read_json(run_dir / "world" / "dataset_synth.json")["genret"]
     with atomic_dir(dest) as tmp:
         parts = {}
-        for part in PARTS:
+        for part in PARTS + tuple(p for p in OPTIONAL_PARTS if (run_dir / p).is_dir()):
             shutil.copytree(run_dir / part, Path(tmp) / part)
             made = Path(tmp) / part / "genret.json"
             summary = read_json(made) if made.is_file() else {}
@@ -60,7 +63,7 @@ def _images_part(version: int, config: dict) -> tuple[int, dict]:
 
 
 def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The shipped ``{"clip": dir, "mllm": dir}`` if they were trained on this world, else ManifestError.
+    """The shipped ``{"clip": dir, "mllm": dir[, "rewriter": dir]}`` if trained on this world, else ManifestError.
 
     Raises:
         ManifestError: no manifest, another world, or a weight file that does not match its hash.
@@ -77,7 +80,7 @@ def shipped_models(world_version: int, world_config: dict, folder: str | os.Path
                             f"{made['config']}, not v{world_version} {world_config}; remake them with "
                             "scripts/make_mini_world_models.sh")
     out = {}
-    for part in PARTS:
+    for part in PARTS + tuple(p for p in OPTIONAL_PARTS if p in manifest["parts"]):
         for name, digest in manifest["parts"][part]["weights"].items():
             path = folder / part / name
             if not path.is_file() or _sha256(path) != digest:

@@ -87,6 +87,7 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     import genret.demo as demo
     import genret.shipped as shipped
     from conftest import TINY_WORLD
+    from genret.eval.report import rewriting_tables
 
     run = tmp_path / "run"
     run.mkdir()
@@ -120,6 +121,14 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     mtimes = [(a / "genret.json").stat().st_mtime for a in adapters]
     assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses both adapters
     assert [(a / "genret.json").stat().st_mtime for a in adapters] == mtimes
+    assert rows["composed"]["rewriter"] == {"adapter": str(adapters[1]), "shipped": False, "steps": 2}
+    # A shipped rewriter is used as it is: nothing is trained, and the tables say which one served.
+    world = tmp_path / "d" / "world"
+    summary = rewrite.run_rewrite_demo(tmp_path / "d2", world, tmp_path / "mini-world" / "clip",
+                                       tmp_path / "mini-world" / "mllm", progress=False, rewriter=adapters[1])
+    assert summary["composed"]["rewriter"]["shipped"] and not (tmp_path / "d2" / "rewriter-lora").exists()
+    assert [(a / "genret.json").stat().st_mtime for a in adapters] == mtimes
+    assert "rewriter LoRA: shipped, 2 steps" in rewriting_tables(summary)
 
 
 def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):

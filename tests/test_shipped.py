@@ -59,3 +59,29 @@ def test_models_of_a_world_v2_serve_v3_which_only_added_triplets(shipped, world_
     assert shipped_models(3, {**config, "cir_test": 7}, shipped)
     with pytest.raises(ManifestError, match="trained on world"):
         shipped_models(3, {**config, "n_test": config["n_test"] + 1}, shipped)
+
+
+@pytest.fixture
+def rewriter(tmp_path, world_dir, mllm_dir):
+    from genret.data.cir import load_cir
+    from genret.training.rewriter import RewriterTrainConfig, train_rewriter
+
+    config = RewriterTrainConfig(max_steps=2, batch_size=8, caption_tokens=4, eval_triplets=0, threads=1)
+    train_rewriter(mllm_dir, load_cir(world_dir, "train"), tmp_path / "rw", config, progress=False)
+    return tmp_path / "rw"
+
+
+def test_a_shipped_rewriter_is_found_and_checked(tmp_path, world_dir, clip_dir, mllm_dir, rewriter, shipped):
+    assert "rewriter" not in shipped_models(*_world_config(world_dir), shipped)  # optional: shipped without it
+    run = tmp_path / "run2"
+    run.mkdir()
+    for name, src in (("world", world_dir), ("clip", clip_dir), ("mllm", mllm_dir), ("rewriter", rewriter)):
+        (run / name).symlink_to(src, target_is_directory=True)
+    dest = ship(run, tmp_path / "with-rewriter")
+    parts = shipped_models(*_world_config(world_dir), dest)
+    assert (parts["rewriter"] / "adapter_model.safetensors").is_file()
+    assert read_json(dest / "manifest.json")["parts"]["rewriter"]["weights"]
+    weights = dest / "rewriter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ManifestError, match="rewriter.*SHA-256 differs"):
+        shipped_models(*_world_config(world_dir), dest)

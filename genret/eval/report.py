@@ -130,6 +130,9 @@ def rewriting_tables(summary: dict) -> str:
     lines = [f"composed retrieval ({c['triplets']} test triplets, {c['gallery']}-image gallery), %:",
              "| variant | " + " | ".join(CIR_DEMO_KEYS) + " |", "|---|" + "---|" * len(CIR_DEMO_KEYS)]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r[k]:.1f}" for k in CIR_DEMO_KEYS) + " |" for r in c["rows"]]
+    if c.get("rewriter"):
+        w = c["rewriter"]
+        lines.append(f"(rewriter LoRA: {'shipped' if w['shipped'] else 'trained here'}, {w['steps']} steps, {w['adapter']})")
     lines += ["", f"interactive retrieval ({d['queries']} test images, round 0 → {d['rounds']}), %:",
               "| variant | R@10 per round | Hits@10 (cumulative) |", "|---|---|---|"]
     fmt = lambda xs: " → ".join(f"{x:.1f}" for x in xs)  # noqa: E731
