@@ -26,7 +26,7 @@ Example pipeline file::
     [[stages]]
     type = "cirevl"
     model = "adapters/mini-world/mllm"
-    rewriter_adapter = "runs/rewriter"     # optional: genret train rewriter
+    rewriter_adapter = "adapters/mini-world/rewriter"   # optional: a genret train rewriter LoRA
     cache_dir = "cache/cirevl"
 
     [[stages]]
