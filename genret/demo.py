@@ -56,9 +56,10 @@ def _stale(folder: Path, marker: str, expected: dict, fresh: bool) -> bool:
         return True
 
 
-def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path, Path | None]:
-    """The CLIP, the MLLM and the shipped rewriter LoRA (None if not shipped) the demo runs on (the CLIP shipped,
-    or trained here on request)."""
+def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path, dict]:
+    """The CLIP, the MLLM and the shipped LoRAs of the rewrite stages (by part) the demo runs on (the CLIP
+    shipped, or trained here on request)."""
+    from genret.shipped import OPTIONAL_PARTS
     from genret.shipped import shipped_models
 
     try:
@@ -66,15 +67,15 @@ def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bo
     except ManifestError as err:
         raise ManifestError(f"{err}\n(the demo needs the shipped mini MLLM; pretraining it takes 20-25 minutes: "
                            "scripts/make_mini_world_models.sh)") from None
-    rewriter = shipped["rewriter"].resolve() if "rewriter" in shipped else None
+    adapters = {part: shipped[part].resolve() for part in OPTIONAL_PARTS if part in shipped}
     if not train_clip_here:
         logger.info("2/5 using the shipped mini CLIP and mini MLLM in %s", shipped["clip"].parent)
-        return shipped["clip"].resolve(), shipped["mllm"].resolve(), rewriter
+        return shipped["clip"].resolve(), shipped["mllm"].resolve(), adapters
     clip_dir = out / "clip"
     if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
         logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
         train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
-    return clip_dir.resolve(), shipped["mllm"].resolve(), rewriter
+    return clip_dir.resolve(), shipped["mllm"].resolve(), adapters
 
 
 def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_here: bool = False,
@@ -101,9 +102,9 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
 
     t0 = time.perf_counter()
     if rerank:
-        clip_dir, mllm_dir, rewriter_dir = _models(out, dataset, fresh, train_clip_here, progress)
+        clip_dir, mllm_dir, adapters = _models(out, dataset, fresh, train_clip_here, progress)
     else:
-        clip_dir, mllm_dir, rewriter_dir = (out / "clip").resolve(), None, None
+        clip_dir, mllm_dir, adapters = (out / "clip").resolve(), None, {}
         if _stale(clip_dir, "genret.json", asdict(DEMO_CLIP), fresh):
             logger.info("2/5 training the mini CLIP (%d epochs)", DEMO_CLIP.epochs)
             train_clip(dataset.split("train"), clip_dir, DEMO_CLIP, val=dataset.split("val"), progress=progress)
@@ -143,7 +144,7 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
         from genret.demo_rewrite import run_rewrite_demo
 
         report["rewriting"] = run_rewrite_demo(out, world, clip_dir, mllm_dir, fresh=fresh, progress=progress,
-                                               rewriter=rewriter_dir)
+                                               adapters=adapters)
         report["demo_seconds"].update(report["rewriting"]["seconds"])
     write_report(report, out / "report")
     return report

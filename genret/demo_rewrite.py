@@ -62,17 +62,20 @@ def _pipelines(clip_dir: Path, variants: list[tuple]) -> list[tuple[str, Retriev
 
 
 def run_rewrite_demo(out: Path, world: Path, clip_dir: Path, mllm_dir: Path, fresh: bool = False,
-                     progress: bool = True, rewriter: Path | None = None) -> dict:
+                     progress: bool = True, adapters: dict[str, Path] | None = None) -> dict:
     """Evaluate every variant and write the reports; returns the tables.
 
-    ``rewriter``: the CIReVL rewriter LoRA to use (the shipped one); None: train a short one under ``out``
-    (unless one made with the same settings is there).
+    ``adapters``: the shipped LoRAs of the rewrite stages, by part (``rewriter``: CIReVL's; ``questioner``:
+    chat's; ``feedback``: EIIRwQR's). Without a ``rewriter`` a short one is trained under ``out`` (unless one
+    made with the same settings is there); without the others, those stages run zero-shot.
     """
     from genret.data import load_dataset
     from genret.training.rewriter import train_rewriter
 
     timings = {}
     t0 = time.perf_counter()
+    adapters = adapters or {}
+    rewriter = adapters.get("rewriter")
     adapter = rewriter or out / "rewriter-lora"
     if rewriter is not None:
         logger.info("rewriting 1/3: using the shipped CIReVL rewriter LoRA in %s", rewriter)
@@ -106,10 +109,15 @@ def run_rewrite_demo(out: Path, world: Path, clip_dir: Path, mllm_dir: Path, fre
     logger.info("rewriting 3/3: interactive retrieval, %d test images, %d rounds", DIALOG_QUERIES, DIALOG_ROUNDS)
     dataset = load_dataset(world)
     chat = {"type": "chat", "answerer": "facts", "query_format": "answers", "rounds": DIALOG_ROUNDS}
+    asker = {**chat, "questioner": "mllm", "model": str(mllm_dir), "cache_dir": cache}
+    feedback = {"type": "eiirwqr", "model": str(mllm_dir), "rounds": DIALOG_ROUNDS, "relevance": "facts",
+                "cache_dir": cache}
+    lora = lambda part: " + shipped LoRA" if part in adapters else " (zero-shot)"  # noqa: E731
     variants = [("chat, oracle questioner", {**chat, "questioner": "scripted"}),
-                ("chat, MLLM questioner", {**chat, "questioner": "mllm", "model": str(mllm_dir), "cache_dir": cache}),
-                ("EIIRwQR, MLLM rewriter", {"type": "eiirwqr", "model": str(mllm_dir), "rounds": DIALOG_ROUNDS,
-                                            "relevance": "facts", "cache_dir": cache})]
+                ("chat, MLLM questioner" + lora("questioner"),
+                 {**asker, "adapter": str(adapters["questioner"])} if "questioner" in adapters else asker),
+                ("EIIRwQR, MLLM rewriter" + lora("feedback"),
+                 {**feedback, "adapter": str(adapters["feedback"])} if "feedback" in adapters else feedback)]
     dialog_rows = []
     for name, pipe in _pipelines(clip_dir, variants):
         report = evaluate_dialog(pipe, dataset, split="test", limit=DIALOG_QUERIES, progress=progress)

@@ -1,10 +1,10 @@
 """The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP, the mini MLLM, and the
-CIReVL rewriter LoRA on that MLLM.
+LoRAs of the rewrite stages on that MLLM (CIReVL's rewriter, chat's questioner, EIIRwQR's rewriter).
 
 Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, and the rewriter's recipe 10 more, longer
 than the demo may take, so the trained checkpoints live in the repository with
-``scripts/make_mini_world_models.sh`` that remakes them. The rewriter is optional: a folder without it
-still ships, and the demo then trains a short one. ``manifest.json`` beside them is their manifest: the world generator version and config they
+``scripts/make_mini_world_models.sh`` that remakes them. The LoRAs are optional: a folder without them
+still ships, and the demo then trains a short CIReVL rewriter and runs the other stages zero-shot. ``manifest.json`` beside them is their manifest: the world generator version and config they
 were trained on, and a SHA-256 of every weight file, checked before use.
 """
 
@@ -20,7 +20,8 @@ from genret._io import ManifestError, atomic_dir, read_json, read_manifest, writ
 MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parent.parent / "adapters" / "mini-world")
 FORMAT = "genret.mini_world_models"
 PARTS = ("clip", "mllm")
-OPTIONAL_PARTS = ("rewriter",)
+OPTIONAL_PARTS = ("rewriter", "questioner", "feedback")
+"""LoRAs of the rewrite stages on the mini MLLM: CIReVL's rewriter, chat's questioner, EIIRwQR's rewriter."""
 
 
 def _sha256(path: Path) -> str:
@@ -36,7 +37,8 @@ def _weights(folder: Path) -> dict[str, str]:
 
 
 def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Path:
-    """Copy ``run_dir/{clip,mllm[,rewriter]}`` (made from ``run_dir/world``) to ``dest`` with a manifest, atomically."""
+    """Copy ``run_dir/{clip,mllm}`` and any of :data:`OPTIONAL_PARTS` there (all made from ``run_dir/world``) to
+    ``dest`` with a manifest, atomically."""
     run_dir, dest = Path(run_dir), Path(dest)
     world = read_json(run_dir / "world" / "dataset_synth.json")["genret"]
     with atomic_dir(dest) as tmp:
@@ -63,7 +65,7 @@ def _images_part(version: int, config: dict) -> tuple[int, dict]:
 
 
 def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The shipped ``{"clip": dir, "mllm": dir[, "rewriter": dir]}`` if trained on this world, else ManifestError.
+    """The shipped ``{"clip": dir, "mllm": dir}`` and optional parts if trained on this world, else ManifestError.
 
     Raises:
         ManifestError: no manifest, another world, or a weight file that does not match its hash.

@@ -122,13 +122,23 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0  # reuses both adapters
     assert [(a / "genret.json").stat().st_mtime for a in adapters] == mtimes
     assert rows["composed"]["rewriter"] == {"adapter": str(adapters[1]), "shipped": False, "steps": 2}
-    # A shipped rewriter is used as it is: nothing is trained, and the tables say which one served.
-    world = tmp_path / "d" / "world"
-    summary = rewrite.run_rewrite_demo(tmp_path / "d2", world, tmp_path / "mini-world" / "clip",
-                                       tmp_path / "mini-world" / "mllm", progress=False, rewriter=adapters[1])
+    assert [r["variant"] for r in rows["interactive"]["rows"]] == [
+        "chat, oracle questioner", "chat, MLLM questioner (zero-shot)", "EIIRwQR, MLLM rewriter (zero-shot)"]
+    # Shipped LoRAs are used as they are: nothing is trained, and the tables say which served.
+    from genret.data import load_dataset
+    from genret.training.rewriter import RewriterTrainConfig, train_rewriter
+
+    questioner = tmp_path / "questioner"
+    config = RewriterTrainConfig(task="chat", rounds=1, max_steps=2, batch_size=4, eval_triplets=0, threads=1)
+    train_rewriter(tmp_path / "mini-world" / "mllm", load_dataset(world_dir), questioner, config, progress=False)
+    summary = rewrite.run_rewrite_demo(tmp_path / "d2", tmp_path / "d" / "world", tmp_path / "mini-world" / "clip",
+                                       tmp_path / "mini-world" / "mllm", progress=False,
+                                       adapters={"rewriter": adapters[1], "questioner": questioner})
     assert summary["composed"]["rewriter"]["shipped"] and not (tmp_path / "d2" / "rewriter-lora").exists()
     assert [(a / "genret.json").stat().st_mtime for a in adapters] == mtimes
     assert "rewriter LoRA: shipped, 2 steps" in rewriting_tables(summary)
+    assert [r["variant"] for r in summary["interactive"]["rows"]][1:] == [
+        "chat, MLLM questioner + shipped LoRA", "EIIRwQR, MLLM rewriter (zero-shot)"]
 
 
 def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):
