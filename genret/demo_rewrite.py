@@ -8,7 +8,8 @@ On the world the demo made, with its CLIP and MLLM, each through the same librar
   docs/benchmarks.md; where none is shipped, a short one trained here with ``genret train rewriter``), and
   that with the MLLM reranking the prefilter's top 20 (generative scoring, zero-shot);
 - interactive retrieval over the test images: chat with the oracle (scripted) questioner and with the MLLM
-  asking, both answered by the simulated user; EIIRwQR with the MLLM rewriting from the user's marks.
+  asking, both answered by the simulated user; EIIRwQR with the MLLM rewriting from the user's marks. The
+  MLLM uses the shipped questioner and feedback LoRAs where they are shipped, and runs zero-shot otherwise.
 
 Sized to add a few minutes to the demo: the first :data:`TRIPLETS` triplets and :data:`DIALOG_QUERIES`
 targets (the galleries stay whole). Reports go to ``out/report-cir`` and ``out/report-dialog-<variant>``.
