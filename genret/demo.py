@@ -8,7 +8,8 @@
    → LoRA rerank (pointwise), each over the CLIP's top 10, both directions, with the twin check, and
    write the report;
 5. query rewriting (:mod:`genret.demo_rewrite`): composed retrieval (CIReVL against its baselines, with the
-   shipped rewriter LoRA, or one trained here when none is shipped) and interactive retrieval (chat, EIIRwQR), round by round.
+   shipped rewriter LoRA, or one trained here when none is shipped) and interactive retrieval (chat,
+   EIIRwQR), round by round.
 Steps whose output already exists are reused unless ``fresh``.
 """
 

@@ -4,7 +4,8 @@ LoRAs of the rewrite stages on that MLLM (CIReVL's rewriter, chat's questioner, 
 Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, and the rewriter's recipe 10 more, longer
 than the demo may take, so the trained checkpoints live in the repository with
 ``scripts/make_mini_world_models.sh`` that remakes them. The LoRAs are optional: a folder without them
-still ships, and the demo then trains a short CIReVL rewriter and runs the other stages zero-shot. ``manifest.json`` beside them is their manifest: the world generator version and config they
+still ships, and the demo then trains a short CIReVL rewriter and runs the other stages zero-shot.
+``manifest.json`` beside them is their manifest: the world generator version and config they
 were trained on, and a SHA-256 of every weight file, checked before use.
 """
 

@@ -70,16 +70,15 @@ def main() -> None:
     cir = load_cir(args.data, args.split)
     tmp = tempfile.TemporaryDirectory()
     cache = args.cache_dir or tmp.name
+    caption = {"mode": "caption", "model": args.mllm, "cache_dir": f"{cache}/caption"}
+    lora = {"mode": "compose", "model": args.mllm, "rewriter_adapter": args.rewriter, "cache_dir": f"{cache}/lora"}
     variants = [("text", {"mode": "text"}), ("image", {"mode": "image"}), ("image + text", {"mode": "sum"}),
-                ("caption", {"mode": "caption", "model": args.mllm, "cache_dir": f"{cache}/caption"}),
-                ("compose", {"mode": "compose", "model": args.mllm, "cache_dir": f"{cache}/zero-shot"})]
+                ("caption", caption), ("compose", {"mode": "compose", "model": args.mllm, "cache_dir": f"{cache}/zero-shot"})]
     if args.rewriter:
-        lora = {"mode": "compose", "model": args.mllm, "rewriter_adapter": args.rewriter, "cache_dir": f"{cache}/lora"}
         variants += [("compose + LoRA", lora), ("compose + LoRA + reference", {**lora, "keep_reference": True})]
     rerank = {"type": "rerank", "model": args.mllm, "mode": "generative", "k": args.rerank} if args.rerank else None
     if rerank:
-        variants += [("caption → rerank", variants[3][1])] + (
-            [("compose + LoRA → rerank", variants[5][1])] if args.rewriter else [])
+        variants += [("caption → rerank", caption)] + ([("compose + LoRA → rerank", lora)] if args.rewriter else [])
     rows = []
     for name, stage in variants:
         later = rerank if name.endswith("→ rerank") else None

@@ -60,12 +60,10 @@ def composed_metrics(ids: list[list[str]], relevant: list[set[str]], subset_ids:
     return {k: round(100.0 * v, 2) for k, v in out.items()}
 
 
-def recall_by_rows(ids: list[list[str]], relevant: list[set[str]], rows: list[int],
-                   ks: Sequence[int] = KS) -> dict[str, float]:
-    """R@K in percent over the queries ``rows`` only."""
-    depth = max((len(ids[i]) for i in rows), default=0)
-    out = recall_at_ks([ids[i] for i in rows], [relevant[i] for i in rows], [k for k in ks if k <= max(depth, 1)])
-    return {k: round(100.0 * v, 2) for k, v in out.items()}
+def _recalls(ids: list[list[str]], relevant: list[set[str]], rows: list[int], ks: Sequence[int]) -> dict[str, float]:
+    """The R@K of :func:`composed_metrics` over the queries ``rows`` only."""
+    m = composed_metrics([ids[i] for i in rows], [relevant[i] for i in rows], None, ks)
+    return {k: v for k, v in m.items() if k.startswith("R@")}
 
 
 def evaluate_composed(pipe: "RetrievalPipeline", cir: "CIRSet", ks: Sequence[int] = KS, progress: bool = True,
@@ -128,7 +126,7 @@ def evaluate_composed(pipe: "RetrievalPipeline", cir: "CIRSet", ks: Sequence[int
         ids = _without_reference(rankings, refs)
         stages[name] = {"cir": composed_metrics(ids, relevant, by_subset.get(name), ks)}
         if kinds:
-            stages[name]["by_kind"] = {kind: {"queries": len(rows), **recall_by_rows(ids, relevant, rows, ks)}
+            stages[name]["by_kind"] = {kind: {"queries": len(rows), **_recalls(ids, relevant, rows, ks)}
                                        for kind, rows in kinds.items()}
         final = rankings
     rewrites = []

@@ -102,8 +102,9 @@ def render_markdown(report: dict) -> str:
         f"Metrics in percent.",
         "## Retrieval", metrics_table(report),
     ]
-    if kinds_table(report):
-        parts += ["## Composed retrieval by edit kind", kinds_table(report)]
+    kinds = kinds_table(report)
+    if kinds:
+        parts += ["## Composed retrieval by edit kind", kinds]
     if report.get("twins"):
         parts += ["## Twins (choose the image over its swapped twin, and back)", twins_table(report)]
     if report.get("rewrites"):
