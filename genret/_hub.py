@@ -33,18 +33,48 @@ def check_model_ref(ref: str | os.PathLike, what: str = "model") -> str:
     return ref
 
 
+def hub_snapshot(ref: str) -> Path | None:
+    """The local snapshot folder of hub model ``ref`` in the Hugging Face cache, if it has been downloaded.
+
+    Its name is the commit of the files it holds (``.../models--org--name/snapshots/<commit>/``).
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return None
+    found = try_to_load_from_cache(repo_id=ref, filename="config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def model_fingerprint(ref: str, commit_hash: str | None = None) -> str:
-    """A short id of a model's weights: the hub commit, or a hash of a local directory's files.
+    """A short id of a model's weights: a hash of a local directory's files, or a hub model's commit.
 
     For a local directory it hashes config.json and, for each weights file, its name, size and
     the first and last MiB: cheap for multi-GB checkpoints, and it changes when the weights do.
+    For a hub id it is ``"<id>@<commit>"``, the commit of the snapshot in the Hugging Face cache
+    (transformers 5 no longer sets ``config._commit_hash``), else of ``commit_hash``: the id is part
+    of it, so two hub models never share a fingerprint, and every cache keyed by it tells them apart.
+
+    Raises:
+        ValueError: a hub id whose files are not in the local cache and no ``commit_hash`` is given:
+            nothing could tell two revisions apart, so caches keyed by it would mix them.
     """
     path = Path(ref)
-    if not path.is_dir():
-        return commit_hash or "unknown"
+    if path.is_dir():
+        return _hash_dir(path)
+    snapshot = hub_snapshot(ref)
+    if snapshot is not None:
+        return f"{ref}@{snapshot.name}"
+    if commit_hash:
+        return f"{ref}@{commit_hash}"
+    raise ValueError(f"cannot fingerprint {ref!r}: it is neither a local directory nor in the Hugging Face cache; "
+                     "load it once (from_pretrained) or pass a local directory")
+
+
+def _hash_dir(path: Path) -> str:
     h = hashlib.sha1()
     for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+        if f.name in ("config.json", "model.safetensors.index.json") or f.suffix in (".safetensors", ".bin"):
             size = f.stat().st_size
             h.update(f"{f.name}:{size}".encode())
             with f.open("rb") as fh:

@@ -101,3 +101,19 @@ def scaled_copy(mllm_dir, out, factor: float):
         model.get_input_embeddings().weight.mul_(factor)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_dirs(tmp_path_factory):
+    """A shrunk checkpoint of each real fixture (real tokenizer, template, processor and config values)."""
+    from real_checkpoints import CHECKPOINTS, build
+
+    root = tmp_path_factory.mktemp("real")
+    return {name: build(name, root / name) for name in CHECKPOINTS}
+
+
+@pytest.fixture(scope="session")
+def real_mllms(real_dirs):
+    from genret.mllm import MLLM
+
+    return {name: MLLM.load(str(path)) for name, path in real_dirs.items()}

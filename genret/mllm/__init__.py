@@ -1,5 +1,5 @@
 """Multimodal LLM backend: loading, model families, LoRA adapters, batched scoring."""
 
-from genret.mllm.backend import MLLM, MLLMConfig
+from genret.mllm.backend import MLLM, MLLMConfig, MLLMLoadConfig
 
-__all__ = ["MLLM", "MLLMConfig"]
+__all__ = ["MLLM", "MLLMConfig", "MLLMLoadConfig"]

@@ -2,8 +2,13 @@
 
 Example::
 
-    mllm = MLLM.load("Qwen/Qwen2-VL-2B-Instruct", dtype="bfloat16", device_map="auto", load_in_4bit=True)
+    mllm = MLLM.load("Qwen/Qwen2-VL-2B-Instruct")   # on a GPU: bf16 there; on a CPU: float32
+    mllm = MLLM.load("Qwen/Qwen2-VL-2B-Instruct", load_in_4bit=True, processor_options={"max_pixels": 512 * 28 * 28})
     mllm = MLLM.load("adapters/mini-world/mllm")  # the miniature world's LLaVA, same code path
+
+Defaults suit the machine they run on: ``dtype="auto"`` is the checkpoint's ``torch_dtype`` (bf16/fp16) where a
+CUDA device is present and float32 on the CPU; ``device_map="auto"`` places the model on the GPU(s) where
+CUDA is present (accelerate's ``"auto"``) and on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from genret._hub import check_model_ref, model_fingerprint
-from genret.mllm.families import Family, family_of
+from genret.mllm.families import Family, family_for_type, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +33,78 @@ def bitsandbytes_available() -> bool:
     return True
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype=None) -> "torch.dtype":
+    """The torch dtype ``dtype`` means here: ``"auto"`` is the checkpoint's half precision on CUDA, float32 on the CPU.
+
+    On CUDA, ``"auto"`` keeps a bf16 or fp16 checkpoint's ``torch_dtype`` (bf16 where the GPU lacks it is
+    fp16) and runs a float32 checkpoint in bf16 (fp16 on GPUs without bf16).
+    """
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if not torch.cuda.is_available():
+        return torch.float32
+    bf16 = torch.cuda.is_bf16_supported()
+    name = str(checkpoint_dtype or "").replace("torch.", "")
+    if name == "float16" or not bf16:
+        return torch.float16
+    return torch.bfloat16
+
+
+def resolve_device_map(device_map: str) -> str | None:
+    """What ``device_map`` passes to ``from_pretrained``: ``"auto"`` (or legacy ``""``) is the GPUs where CUDA is
+    present and nothing (the CPU) otherwise."""
+    if device_map in ("", "auto"):
+        return "auto" if torch.cuda.is_available() else None
+    return device_map
+
+
 @dataclass
 class MLLMConfig:
     """How to load the multimodal LLM."""
 
     model: str = field(default="", metadata={"help": "Hugging Face model id or local directory"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map: '', 'auto', 'cpu', 'cuda:0'"})
+    dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's bf16/fp16 on a GPU, float32 on the "
+                                                         "CPU), float32, bfloat16 or float16"})
+    device_map: str = field(default="auto", metadata={"help": "auto (the GPUs where CUDA is present, else the CPU), "
+                                                              "'cpu', 'cuda:0', or an accelerate strategy ('balanced')"})
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 weights through bitsandbytes"})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit weights through bitsandbytes"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
+    processor_options: dict = field(default_factory=dict, metadata={
+        "help": "image processor settings passed to from_pretrained, per family: Qwen2-VL min_pixels/max_pixels, "
+                "Idefics3/SmolVLM do_image_splitting/size/max_image_size, LLaVA size/crop_size"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.processor_options, dict):
+            raise ValueError(f"processor_options must be a table of settings, got {self.processor_options!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of load_in_4bit and load_in_8bit")
+
+
+@dataclass
+class MLLMLoadConfig:
+    """How a stage loads its MLLM: the settings of :class:`MLLMConfig` beside the model reference.
+
+    Every MLLM stage's config extends it, so each one takes the same dtype, placement, quantisation
+    and processor settings from a pipeline file.
+    """
+
+    dtype: str = field(default="auto", metadata={"help": MLLMConfig.__dataclass_fields__["dtype"].metadata["help"]})
+    device_map: str = field(default="auto", metadata={"help": MLLMConfig.__dataclass_fields__["device_map"].metadata["help"]})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the MLLM in 4 bits (bitsandbytes)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the MLLM in 8 bits (bitsandbytes)"})
+    processor_options: dict = field(default_factory=dict, metadata={
+        "help": MLLMConfig.__dataclass_fields__["processor_options"].metadata["help"]})
+
+    def mllm_config(self, model: str) -> MLLMConfig:
+        """The :class:`MLLMConfig` of ``model`` with these settings (checked there)."""
+        return MLLMConfig(model=model, dtype=self.dtype, device_map=self.device_map, load_in_4bit=self.load_in_4bit,
+                          load_in_8bit=self.load_in_8bit, processor_options=dict(self.processor_options))
 
 
 class MLLM:
@@ -104,19 +165,35 @@ class MLLM:
 
     @classmethod
     def load(cls, config: MLLMConfig | str, **overrides) -> "MLLM":
-        """Load a checkpoint by id or directory (see :class:`MLLMConfig` for the options)."""
-        from transformers import AutoModelForImageTextToText
+        """Load a checkpoint by id or directory (see :class:`MLLMConfig` for the options).
+
+        The checkpoint's ``config.json`` is read first: a model type genret has no family for, or a
+        processor option that family does not take, is refused before any weights are loaded.
+        """
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         if isinstance(config, str):
             config = MLLMConfig(model=config, **overrides)
         ref = check_model_ref(config.model, "MLLM")
-        kwargs: dict = {"dtype": getattr(torch, config.dtype), "trust_remote_code": config.trust_remote_code}
-        if config.device_map:
-            kwargs["device_map"] = config.device_map
-        if config.load_in_4bit or config.load_in_8bit:
-            kwargs["quantization_config"] = quantization_config(config)
         try:
-            processor = load_processor(ref, trust_remote_code=config.trust_remote_code)
+            hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=config.trust_remote_code)
+        except OSError as err:
+            raise FileNotFoundError(f"could not load MLLM {config.model!r}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{config.model!r}: {str(err).splitlines()[0]}") from None
+        family = family_for_type(hf_config.model_type, config.model)
+        family.check_processor_options(config.processor_options, config.model)
+        text = getattr(hf_config, "text_config", None) or hf_config
+        checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(text, "torch_dtype", None)
+        kwargs: dict = {"dtype": resolve_dtype(config.dtype, checkpoint_dtype),
+                        "trust_remote_code": config.trust_remote_code}
+        device_map = resolve_device_map(config.device_map)
+        if device_map:
+            kwargs["device_map"] = device_map
+        if config.load_in_4bit or config.load_in_8bit:
+            kwargs["quantization_config"] = quantization_config(config, kwargs["dtype"])
+        try:
+            processor = load_processor(ref, trust_remote_code=config.trust_remote_code, **config.processor_options)
             model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
         except OSError as err:
             raise FileNotFoundError(f"could not load MLLM {config.model!r}: {err}") from None
@@ -128,7 +205,7 @@ class MLLM:
             raise ValueError(f"{config.model!r}: AutoProcessor returned {type(processor).__name__} without an image "
                              "processor; the checkpoint's processor files are missing or need torchvision")
         model.eval()
-        return cls(model, processor, str(config.model), model_fingerprint(ref, getattr(model.config, "_commit_hash", None)))
+        return cls(model, processor, str(config.model), model_fingerprint(ref))
 
 
 def processor_without_video(cls: type) -> type:
@@ -150,8 +227,8 @@ def processor_without_video(cls: type) -> type:
 _NO_VIDEO: dict[type, type] = {}
 
 
-def load_processor(ref: str, trust_remote_code: bool = False):
-    """``AutoProcessor.from_pretrained(ref)``, falling back to the processor without its video part.
+def load_processor(ref: str, trust_remote_code: bool = False, **options):
+    """``AutoProcessor.from_pretrained(ref, **options)``, falling back to the processor without its video part.
 
     Qwen2-VL's, Qwen2.5-VL's and SmolVLM's processors build a video processor that needs
     torchvision; without it ``AutoProcessor`` raises or silently returns the bare tokenizer. Then
@@ -161,7 +238,7 @@ def load_processor(ref: str, trust_remote_code: bool = False):
 
     error: Exception | None = None
     try:
-        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code, **options)
     except (OSError, ImportError, ValueError) as err:
         processor, error = None, err
     if processor is not None and hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
@@ -169,7 +246,7 @@ def load_processor(ref: str, trust_remote_code: bool = False):
     cls = _processor_class(ref, trust_remote_code)
     if cls is not None and "video_processor" in cls.get_attributes():
         logger.info("%s: loading %s without its video processor", ref, cls.__name__)
-        return processor_without_video(cls).from_pretrained(ref)
+        return processor_without_video(cls).from_pretrained(ref, **options)
     if error is not None:
         raise error
     return processor
@@ -189,7 +266,7 @@ def _processor_class(ref: str, trust_remote_code: bool):
     return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
-def quantization_config(config: MLLMConfig):
+def quantization_config(config: MLLMConfig, compute: "torch.dtype | None" = None):
     """A ``BitsAndBytesConfig`` for 4-bit (NF4, double quantisation) or 8-bit loading."""
     if not bitsandbytes_available():
         raise RuntimeError("4-bit and 8-bit loading need bitsandbytes: pip install 'genret[quant]' "
@@ -198,6 +275,6 @@ def quantization_config(config: MLLMConfig):
 
     if config.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if config.dtype == "bfloat16" else torch.float16 if config.dtype == "float16" else torch.float32
+    compute = compute or resolve_dtype(config.dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)

@@ -165,3 +165,90 @@ def build_tiny(family: str, out_dir: str | Path, texts: Iterable[str], seed: int
     write_json(out / "genret.json", {"format": "genret.tiny_mllm", "genret": __version__, "family": family,
                                      "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
     return out
+
+
+# Config fields that hold a token id, with the token they must name; a fixture's tokenizer decides their values.
+TOKEN_FIELDS = {"image_token_id": "image", "image_token_index": "image", "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                "vision_token_id": "<|vision_pad|>"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s values written in, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_from_fixture(fixture: str | Path | dict, out_dir: str | Path, tokenizer_file: str | Path, seed: int = 0) -> Path:
+    """A checkpoint directory laid out as a real one on the hub, from a fixture of its real files, shrunk.
+
+    A fixture (JSON) holds a real checkpoint's ``config.json``, ``preprocessor_config.json``,
+    ``processor_config.json``, ``generation_config.json``, chat template and tokenizer settings,
+    with the sources they were taken from, and a ``shrink`` table of layer sizes. The directory
+    written here holds those files as they are (only the sizes in ``shrink`` changed), the real
+    tokenizer (``tokenizer_file``, plus the fixture's ``added_tokens``) and random weights, and loads
+    through :meth:`genret.mllm.MLLM.load` exactly as the checkpoint would: ``AutoProcessor``
+    reads the real processor and template, the tokenizer is the real vocabulary.
+
+    Token-id fields (``image_token_id``, the Qwen vision ids, the generation config's bos/eos/pad)
+    are taken from the tokenizer; with the real vocabulary they equal the checkpoint's values, which
+    the tests check.
+
+    Args:
+        fixture: a fixture file or its parsed content.
+        out_dir: the checkpoint directory to write.
+        tokenizer_file: the real ``tokenizer.json`` the fixture's ``tokenizer.source`` names.
+        seed: the weights' random seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from genret import __version__
+    from genret._io import write_json, write_text
+
+    fx = json.loads(Path(fixture).read_text()) if not isinstance(fixture, dict) else fixture
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = fx["tokenizer"]
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.get("added_tokens", ())])
+    tok.save(str(out / "tokenizer.json"))
+    ids = tok.token_to_id
+
+    config = _merge(fx["config"], fx.get("shrink", {}))
+    text = config.get("text_config", config)
+    text["vocab_size"] = max(text.get("vocab_size", 0), tok.get_vocab_size(with_added_tokens=True))
+    image_token = fx["processor_config"].get("image_token") or ("<|image_pad|>" if "qwen" in config["model_type"] else "<image>")
+    for key, token in TOKEN_FIELDS.items():
+        if key in config:
+            config[key] = ids(image_token if token == "image" else token)
+    write_json(out / "config.json", config)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out))
+    model.save_pretrained(out)
+
+    def token_id(name: str):
+        value = spec["config"].get(name)
+        return ids(value) if isinstance(value, str) else None
+
+    generation = dict(fx.get("generation_config", {}))
+    for key, name in (("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
+        if key in generation and token_id(name) is not None:
+            generation[key] = token_id(name)
+    if "eos_token_id" in generation:  # the end-of-turn token first, then the tokenizer's other end tokens
+        eos = generation["eos_token_id"]
+        generation["eos_token_id"] = [token_id("eos_token"), *eos[1:]] if isinstance(eos, list) else token_id("eos_token")
+    write_json(out / "generation_config.json", generation)
+    write_json(out / "tokenizer_config.json", spec["config"])
+    write_json(out / "preprocessor_config.json", fx["preprocessor_config"])
+    write_json(out / "processor_config.json", fx["processor_config"])
+    write_text(out / "chat_template.jinja", fx["chat_template"])
+    write_json(out / "genret.json", {"format": "genret.tiny_mllm", "genret": __version__, "fixture": fx["model_id"],
+                                     "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
+    return out

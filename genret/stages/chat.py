@@ -56,6 +56,7 @@ from genret.stages.answerers import Answerer, FactsAnswerer, HumanAnswerer, MLLM
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import UNKNOWN, Target, dialog_text, initial_query, joined_dialog
 from genret.types import Query
+from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
     from genret.mllm.backend import MLLM
@@ -88,7 +89,7 @@ FALLBACK_QUESTIONS = (
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(MLLMLoadConfig):
     """Settings of the chat (ChatIR) rewrite stage."""
 
     model: str = field(default="", metadata={"help": "the MLLM: questioner (on text only) and mllm answerer"})
@@ -105,8 +106,6 @@ class ChatConfig:
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
     max_prompt_tokens: int = field(default=0, metadata={"help": "longest questioner prompt (0: the model's context)"})
     cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
-    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
 
     def __post_init__(self) -> None:
         for name, known in (("questioner", QUESTIONERS), ("answerer", ANSWERERS), ("query_format", QUERY_FORMATS)):
@@ -162,11 +161,11 @@ class ChatStage(RewriteStage):
                 "adapter": c.adapter, "rounds": c.rounds}
 
     def _load_mllm(self) -> "MLLM":
-        from genret.mllm import MLLM, MLLMConfig
+        from genret.mllm import MLLM
 
         if self._mllm is None:
             c = self.config
-            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+            self._mllm = MLLM.load(c.mllm_config(c.model))
         return self._mllm
 
     def _answerer(self) -> Answerer:
@@ -177,9 +176,9 @@ class ChatStage(RewriteStage):
             elif c.answerer == "human":
                 self.answerer = HumanAnswerer()
             else:  # the answerer sees the image with the plain model: the questioner's LoRA stays out of it
-                from genret.mllm import MLLM, MLLMConfig
+                from genret.mllm import MLLM
 
-                mllm = (MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map)) if c.adapter
+                mllm = (MLLM.load(c.mllm_config(c.model)) if c.adapter
                         else self._load_mllm())
                 self.answerer = MLLMAnswerer(mllm, c.prompt, max_new_tokens=c.answer_tokens, num_beams=c.num_beams,
                                              batch_size=c.batch_size, cache_dir=c.cache_dir or None)

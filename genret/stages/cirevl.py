@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Sequence
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.config import check_bounds
 from genret.types import Query
+from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
     from genret.mllm.backend import MLLM
@@ -53,7 +54,7 @@ MODES = ("compose", "text", "image", "caption", "sum")
 
 
 @dataclass
-class CIReVLConfig:
+class CIReVLConfig(MLLMLoadConfig):
     """Settings of the CIReVL rewrite stage."""
 
     model: str = field(default="", metadata={"help": "the MLLM that captions the reference (and rewrites, by default)"})
@@ -69,8 +70,6 @@ class CIReVLConfig:
     num_beams: int = field(default=1, metadata={"help": "beam width of both (1: greedy)"})
     batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
     cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
-    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,21 +106,20 @@ class CIReVLStage(RewriteStage):
         self.seconds = {"caption": 0.0, "rewrite": 0.0}
 
     def _load(self) -> None:
-        from genret.mllm import MLLM, MLLMConfig
+        from genret.mllm import MLLM
         from genret.mllm.captioner import Captioner
         from genret.mllm.rewriter import Rewriter
 
         c = self.config
         cache = c.cache_dir or None
         if self._captioner is None and c.mode in ("compose", "caption"):
-            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+            self._mllm = MLLM.load(c.mllm_config(c.model))
             self._captioner = Captioner(self._mllm, c.caption_prompt, max_new_tokens=c.caption_tokens,
                                         batch_size=c.batch_size, cache_dir=cache, num_beams=c.num_beams)
         if self._rewriter is None and c.mode == "compose":
             if c.rewriter_model and c.rewriter_model != c.model or c.rewriter_adapter:
                 # A LoRA rewriter gets its own copy of the base: the captioner keeps the plain model.
-                self._rewriter_mllm = MLLM.load(MLLMConfig(model=c.rewriter_model or c.model, dtype=c.dtype,
-                                                           device_map=c.device_map))
+                self._rewriter_mllm = MLLM.load(c.mllm_config(c.rewriter_model or c.model))
                 if c.rewriter_adapter:
                     self._rewriter_mllm.attach_adapter(c.rewriter_adapter, task="rewriter", mode="rewrite")
             else:

@@ -43,6 +43,7 @@ from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import Target
 from genret.config import check_bounds
 from genret.types import Query, Ranking
+from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
     from genret.index.gallery import Gallery
@@ -55,7 +56,7 @@ NONE = "none"
 
 
 @dataclass
-class EIIRwQRConfig:
+class EIIRwQRConfig(MLLMLoadConfig):
     """Settings of the EIIRwQR round stage."""
 
     model: str = field(default="", metadata={"help": "the MLLM that captions the shown images and rewrites"})
@@ -72,8 +73,6 @@ class EIIRwQRConfig:
     num_beams: int = field(default=1, metadata={"help": "beam width (1: greedy)"})
     batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
     cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
-    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -132,19 +131,19 @@ class EIIRwQRStage(RewriteStage):
         self.scenes = {str(k): v for k, v in scenes.items() if v}
 
     def _models(self):
-        from genret.mllm import MLLM, MLLMConfig
+        from genret.mllm import MLLM
         from genret.mllm.captioner import Captioner
         from genret.mllm.rewriter import Rewriter
 
         c = self.config
         if self._captioner is None:
-            self._mllm = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+            self._mllm = MLLM.load(c.mllm_config(c.model))
             self._captioner = Captioner(self._mllm, c.caption_prompt, max_new_tokens=c.caption_tokens,
                                         batch_size=c.batch_size, cache_dir=c.cache_dir or None, num_beams=c.num_beams)
             writer = self._mllm
             section = "feedback" if c.feedback == "relevant" else "blind"
             if c.adapter:  # the captioner keeps the plain base: the LoRA rewriter gets its own copy
-                writer = MLLM.load(MLLMConfig(model=c.model, dtype=c.dtype, device_map=c.device_map))
+                writer = MLLM.load(c.mllm_config(c.model))
                 writer.attach_adapter(c.adapter, task="rewriter", mode=section)
             self._rewriter = Rewriter(writer, c.prompt, section, max_new_tokens=c.max_new_tokens, num_beams=c.num_beams,
                                       batch_size=c.batch_size, cache_dir=c.cache_dir or None)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Candidate, Query, Ranking
+from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
     from genret.identifiers import Identifiers, Trie
@@ -37,7 +38,7 @@ RESTRICT = ("none", "upstream")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(MLLMLoadConfig):
     """Settings of the generative (GRACE) stage."""
 
     adapter: str = field(default="", metadata={"help": "GRACE adapter folder (genret train grace)"})
@@ -49,8 +50,6 @@ class GenerateConfig:
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * log P(id); unset: generate only"})
     image_queries: str = field(default="error", metadata={"help": "image queries: error, or pass (upstream unchanged)"})
     batch_size: int = field(default=16, metadata={"help": "queries per generate call"})
-    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
 
     def __post_init__(self) -> None:
         if not self.adapter:
@@ -150,10 +149,9 @@ class GenerateStage(RankStage):
         """The base MLLM with the adapter, loaded on first use."""
         if self._mllm is None:
             from genret.identifiers import Trie
-            from genret.mllm import MLLM, MLLMConfig
+            from genret.mllm import MLLM
 
-            mllm = MLLM.load(MLLMConfig(model=self.config.model or self.manifest["base_model"], dtype=self.config.dtype,
-                                        device_map=self.config.device_map))
+            mllm = MLLM.load(self.config.mllm_config(self.config.model or self.manifest["base_model"]))
             self.identifiers = attach_grace(mllm, self.config.adapter, self.prompt)
             self._full = Trie.from_identifiers(self.identifiers, mllm.tokenizer)
             self._mllm = mllm

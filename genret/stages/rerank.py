@@ -17,6 +17,7 @@ from genret.data.images import load_image
 from genret.prompts import load_prompt
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Query, Ranking
+from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,7 @@ MODES = {
 
 
 @dataclass
-class RerankConfig:
+class RerankConfig(MLLMLoadConfig):
     """Settings of the MLLM rerank stage."""
 
     model: str = field(default="", metadata={"help": "MLLM id or local directory"})
@@ -45,10 +46,6 @@ class RerankConfig:
     k: int = field(default=20, metadata={"help": "upstream candidates reranked per query"})
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * rerank; unset: rerank only"})
     batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
-    dtype: str = field(default="float32", metadata={"help": "MLLM weights dtype"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map ('' for the default device)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load the MLLM in 4 bits (bitsandbytes, CUDA)"})
-    load_in_8bit: bool = field(default=False, metadata={"help": "load the MLLM in 8 bits (bitsandbytes, CUDA)"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
     adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
@@ -80,11 +77,16 @@ class RerankStage(RankStage):
     def mllm(self):
         """The MLLM, loaded on first use."""
         if self._mllm is None:
-            from genret.mllm import MLLM, MLLMConfig
+            from genret.mllm import MLLM
 
-            mllm = MLLM.load(MLLMConfig(model=self.config.model, dtype=self.config.dtype,
-                                        device_map=self.config.device_map, load_in_4bit=self.config.load_in_4bit,
-                                        load_in_8bit=self.config.load_in_8bit))
+            if self.config.cache_features and self.config.processor_options.get("do_image_splitting"):
+                raise ValueError(f"stage {self.name!r}: do_image_splitting = true cannot be scored from cached "
+                                 "features (a tile layout is lost); set cache_features = false to keep the tiles")
+            mllm = MLLM.load(self.config.mllm_config(self.config.model))
+            if self.config.cache_features:
+                note = mllm.family.prepare_feature_cache(mllm.processor)
+                if note:
+                    logger.warning("%s (%s): %s", self.name, self.config.model, note)
             if self.config.adapter:
                 mllm.attach_adapter(self.config.adapter, task="rerank", mode=self.config.mode, prompt=self.prompt)
             self._mllm = mllm

@@ -25,6 +25,20 @@ class Family:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Image processor settings a user may pass (``processor_options``), each with what it does.
+    processor_options: ClassVar[dict[str, str]] = {}
+
+    def check_processor_options(self, options: dict, model: str = "") -> None:
+        """Refuse processor options this family does not take, naming those it does."""
+        unknown = [k for k in options if k not in self.processor_options]
+        if unknown:
+            known = "; ".join(f"{k}: {v}" for k, v in self.processor_options.items()) or "none"
+            raise ValueError(f"{model or self.name}: processor option(s) {', '.join(map(repr, unknown))} are not "
+                             f"{self.name} settings; this family takes {known}")
+
+    def prepare_feature_cache(self, processor) -> str | None:
+        """Set ``processor`` up so that images can be scored from cached features; say what changed, if anything."""
+        return None
 
     def image_token(self, processor) -> str:
         """The placeholder a prompt carries for one image (before the processor expands it)."""
@@ -95,11 +109,16 @@ def register(family: Family) -> Family:
     return family
 
 
-def family_of(model) -> Family:
-    """The family of a loaded model, by its ``config.model_type``."""
-    model_type = model.config.model_type
+def family_for_type(model_type: str, model: str = "") -> Family:
+    """The family registered for a transformers ``model_type``; the error names the ones that exist."""
     try:
         return FAMILIES.get(model_type)
     except KeyError:
-        raise ValueError(f"no genret model family for model_type {model_type!r}; supported: "
+        where = f"{model}: " if model else ""
+        raise ValueError(f"{where}no genret model family for model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES.names())}") from None
+
+
+def family_of(model) -> Family:
+    """The family of a loaded model, by its ``config.model_type``."""
+    return family_for_type(model.config.model_type)

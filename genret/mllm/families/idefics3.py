@@ -10,9 +10,11 @@
 - Cached features: ``(image_seq_len, hidden)`` per image after the connector, for images that are
   not split. Scoring PIL images works with splitting too (the processor lays the tiles out); caching
   features of a split image is refused with an error, because rows × cols cannot be recovered from a
-  feature's token count (a 4×1 and a 2×2 split have as many tokens). To cache features of large
-  images, set ``do_image_splitting`` false in the checkpoint's processor config (every image is then
-  resized to one ``max_image_size`` tile) or score without the feature cache.
+  feature's token count (a 4×1 and a 2×2 split have as many tokens). SmolVLM checkpoints ship with
+  ``do_image_splitting`` on (SmolVLM-256M: a 64 px image becomes 4×4 tiles of 512 px plus the global
+  view, 17 × 64 = 1,088 tokens), so :meth:`~Idefics3Family.prepare_feature_cache` turns it off for a
+  stage that caches features (every image is then one ``max_image_size`` tile, 64 tokens) and says so;
+  a stage with ``cache_features = false`` keeps the checkpoint's splitting.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ class Idefics3Family(Family):
     model_types = ("idefics3",)
     # The Llama LM's attention; the SigLIP tower's q/k/v share these names (its output is out_proj).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    processor_options = {
+        "do_image_splitting": "split images larger than max_image_size into tiles plus a global view (the "
+                              "checkpoint's default: on; off for cached features)",
+        "size": "{'longest_edge': N}: resize so the longest edge is N before splitting (SmolVLM-256M: 2048)",
+        "max_image_size": "{'longest_edge': N}: the tile size the vision tower sees (SmolVLM-256M: 512)",
+    }
+
+    def prepare_feature_cache(self, processor) -> str | None:
+        """Turn image splitting off: cached features must be unsplit (one tile, ``image_seq_len`` tokens)."""
+        if not getattr(processor.image_processor, "do_image_splitting", False):
+            return None
+        processor.image_processor.do_image_splitting = False
+        return ("do_image_splitting turned off for cached image features: every image is one "
+                f"{processor.image_processor.max_image_size.get('longest_edge')} px tile of {processor.image_seq_len} "
+                "tokens (set cache_features = false to keep the checkpoint's tiles)")
 
     def image_inputs(self, processor, images: list) -> dict[str, torch.Tensor]:
         """Pixel tensors ``(images, tiles, 3, H, W)`` and their pixel masks; refuses split images."""

