@@ -24,6 +24,18 @@ import torch
 from genret.identifiers.trie import Trie
 
 
+# Every generation setting that could reshape a beam's log-probabilities, set to what leaves them alone.
+# ``generate`` fills any setting it is not given from the checkpoint's generation_config.json, and real
+# checkpoints ship such settings (Qwen2.5-VL: repetition_penalty 1.05 moves beam scores by over a nat).
+NEUTRAL_GENERATION = {
+    "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0, "min_p": None,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "renormalize_logits": False,
+    "diversity_penalty": 0.0, "min_length": 0, "min_new_tokens": 0, "suppress_tokens": [],
+    "begin_suppress_tokens": [], "exponential_decay_length_penalty": None, "guidance_scale": None,
+}
+
+
 @dataclass(frozen=True)
 class Decoded:
     """One returned beam.
@@ -70,7 +82,9 @@ def constrained_beam_search(model, inputs: Mapping[str, Any], trie: Trie | Seque
         length_penalty: the beam score's length normalisation; 0 ranks by the identifier's total log-probability.
         max_new_tokens: defaults to the longest identifier's length; required when ``trie`` is None.
         eos_token_id: the token that ends an identifier; defaults to the trie's, else the model's.
-        **generate_kwargs: passed on to ``model.generate``.
+        **generate_kwargs: passed on to ``model.generate``. Settings the checkpoint's generation config
+            would add (repetition penalty, sampling, minimum lengths) are neutralised
+            (:data:`NEUTRAL_GENERATION`), so a beam's score is its identifier's log-probability.
 
     Returns:
         Per query, the decoded items, best first, each item once; beams the constraint left no valid
@@ -116,10 +130,11 @@ def constrained_beam_search(model, inputs: Mapping[str, Any], trie: Trie | Seque
     constrained = constrain and known
     if constrained and any(t is None for t in tries):
         raise ValueError("constrained decoding needs a trie for every prompt")
+    settings = {**NEUTRAL_GENERATION, **generate_kwargs}
     out = model.generate(**inputs, num_beams=num_beams, num_return_sequences=num_return_sequences,
-                         prefix_allowed_tokens_fn=allowed if constrained else None, do_sample=False,
+                         prefix_allowed_tokens_fn=allowed if constrained else None,
                          max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, length_penalty=length_penalty,
-                         output_scores=True, return_dict_in_generate=True, **generate_kwargs)
+                         output_scores=True, return_dict_in_generate=True, **settings)
     generated = out.sequences[:, prompt_len:].tolist()
     scores = out.sequences_scores.tolist()
     results: list[list[Decoded]] = []

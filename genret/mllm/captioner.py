@@ -110,9 +110,9 @@ class Captioner:
     @property
     def text(self) -> str:
         """The rendered prompt (chat template applied) that every image is captioned with."""
-        from genret.mllm.scoring import _render, user_message
+        from genret.mllm.scoring import render, user_message
 
-        return _render(self.mllm, user_message(self.template))
+        return render(self.mllm, user_message(self.template))
 
     @property
     def key(self) -> dict:

@@ -81,7 +81,7 @@ class Rewriter:
         missing = [k for k in _placeholders(self.template) if k not in values]
         if missing:
             raise ValueError(f"{self.prompt.path}: [{self.section}].user needs {', '.join(missing)}; not given")
-        return scoring._render(self.mllm, scoring.user_message(self.template, **{k: str(v) for k, v in values.items()}))
+        return scoring.render(self.mllm, scoring.user_message(self.template, **{k: str(v) for k, v in values.items()}))
 
     def rewrite(self, rows: Sequence[Mapping[str, str]], fallbacks: Sequence[str], progress: bool = False) -> list[Rewrite]:
         """Rewrite every row; where the answer is empty or runaway, use the row's fallback and say so.

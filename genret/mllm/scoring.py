@@ -10,10 +10,11 @@ Prompts are :class:`genret.prompts.Prompt` tables; ``{image}`` marks where an im
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from genret.mllm.answers import answer_format, answer_token_ids, continuation_ids
 from genret.mllm.backend import MLLM
 
 
@@ -31,8 +32,40 @@ def user_message(template: str, **values: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _render(mllm: MLLM, messages: list[dict]) -> str:
+def render(mllm: MLLM, messages: list[dict]) -> str:
+    """The chat prompt of ``messages`` through the model's own template, with the generation prompt.
+
+    Text and images stay in the order the prompt file gives them. A template that moves every image
+    before the text (llava-1.5's renders all ``<image>`` first) would cut each listwise number off from
+    its image and move the query out of the shared prefix; for such a template the image placeholders
+    are written into the text where they belong, which the processor expands the same way.
+    """
+    if not keeps_image_order(mllm):
+        messages = [_inline_images(mllm, m) for m in messages]
     return mllm.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+
+def keeps_image_order(mllm: MLLM) -> bool:
+    """Whether the chat template writes text and images in the order of the message's parts."""
+    cached = getattr(mllm, "_keeps_image_order", None)
+    if cached is None:
+        probe = [{"role": "user", "content": [{"type": "text", "text": "GENRETA"}, {"type": "image"},
+                                              {"type": "text", "text": "GENRETB"}]}]
+        text = mllm.processor.apply_chat_template(probe, add_generation_prompt=True)
+        token = mllm.family.image_token(mllm.processor)
+        cached = text.find("GENRETA") < text.find(token) < text.find("GENRETB")
+        mllm._keeps_image_order = cached
+    return cached
+
+
+def _inline_images(mllm: MLLM, message: dict) -> dict:
+    """``message`` with its parts joined into one text part, each image as the placeholder the processor expands."""
+    if isinstance(message["content"], str) or not any(c["type"] == "image" for c in message["content"]):
+        return message
+    token = mllm.family.inline_image(mllm.processor)
+    text = "".join(token if c["type"] == "image" else c.get("text", "") for c in message["content"])
+    return {**message, "content": [{"type": "text", "text": text}]}
 
 
 def _inputs(mllm: MLLM, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
@@ -100,11 +133,24 @@ def image_features(mllm: MLLM, images: Sequence, batch_size: int = 32) -> list[t
     return out
 
 
-def _first_token(mllm: MLLM, word: str) -> int:
-    ids = mllm.tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"the answer word {word!r} encodes to no token")
-    return ids[0]
+def yes_no_ids(mllm: MLLM, prompt: str, yes: str, no: str) -> tuple[list[int], list[int]]:
+    """The first tokens of the yes and of the no answer after ``prompt``, each casing the tokenizer writes as one
+    token in context (see :func:`genret.mllm.answers.answer_token_ids`).
+
+    Raises:
+        ValueError: when yes and no share a token, so the two answers cannot be told apart.
+    """
+    yes_ids, no_ids = answer_token_ids(mllm, prompt, yes), answer_token_ids(mllm, prompt, no)
+    if set(yes_ids) & set(no_ids):
+        raise ValueError(f"the answers {yes!r} and {no!r} start with the same token after the prompt; "
+                         "choose answer words that start differently")
+    return yes_ids, no_ids
+
+
+def yes_no_score(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+    """log P(yes) − log P(no) from answer-position ``logits`` (..., vocab), each summed over its tokens."""
+    lp = logits.float().log_softmax(-1)
+    return lp[..., list(yes_ids)].logsumexp(-1) - lp[..., list(no_ids)].logsumexp(-1)
 
 
 def _same_images(images: Sequence[Sequence]) -> bool:
@@ -146,12 +192,21 @@ def _positions(mllm: MLLM, inputs: dict[str, torch.Tensor]) -> torch.Tensor | No
 
 
 def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, positions: torch.Tensor,
-                    batch_size: int):
-    """Logits of positions ``prefix - 1`` onwards for every row, running the shared prefix once.
+                    batch_size: int, keep: Callable[[slice, int], torch.Tensor]):
+    """Logits of the positions ``keep`` asks for, per batch of rows, running the shared prefix once.
 
     The prefix's KV cache is computed on the first row and repeated for each batch of suffixes,
     which carry their explicit position ids; the result equals a full forward of each row (the tests
-    check 1e-4). Yields ``(rows, logits)`` per batch; ``logits[:, 0]`` is the last prefix position.
+    check 1e-4). Only the logits asked for are computed (``logits_to_keep``): memory grows with the
+    tokens scored, not with the prompt times the vocabulary (152k for Qwen).
+
+    Args:
+        keep: ``keep(rows, width)`` gives the suffix positions (0 is the first token after the prefix)
+            whose logits the caller reads, for rows of suffixes up to ``width``.
+
+    Yields:
+        ``(rows, last, logits)``: the last prefix position's logits ``(1, 1, vocab)`` and those of the kept
+        positions, ``(rows, len(kept), vocab)``.
     """
     import copy
 
@@ -160,8 +215,7 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
         embeds = mllm.model.get_input_embeddings()(inputs["input_ids"])
     mask = inputs["attention_mask"]
     head = mllm.model(inputs_embeds=embeds[:1, :prefix], attention_mask=mask[:1, :prefix],
-                      position_ids=positions[..., :1, :prefix], use_cache=True)
-    last = head.logits[:, -1:]
+                      position_ids=positions[..., :1, :prefix], use_cache=True, logits_to_keep=1)
     for s in range(0, len(embeds), batch_size):
         rows = slice(s, s + batch_size)
         n = len(embeds[rows])
@@ -169,8 +223,9 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
         cache = copy.deepcopy(head.past_key_values)
         cache.batch_repeat_interleave(n)
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
-                         past_key_values=cache, position_ids=positions[..., rows, prefix:width], use_cache=True)
-        yield rows, torch.cat([last.expand(n, -1, -1), out.logits], dim=1)
+                         past_key_values=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
+                         logits_to_keep=keep(rows, width - prefix).to(embeds.device))
+        yield rows, head.logits, out.logits
 
 
 def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence[Sequence], min_prefix: int,
@@ -187,29 +242,33 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
                      no: str = "no", batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
     """log P(yes) − log P(no) for each (text, image) pair, at the first answer position.
 
+    The answer tokens are read from the tokenizer in context (:func:`yes_no_ids`): ``Yes`` and ``yes`` with
+    whatever space the template puts before the answer, each casing's probability summed.
+
     With ``shared_prefix`` and cached image features, the tokens every prompt shares (the query
     part: the prompt files put it first) run once and their KV cache serves all candidates.
     """
-    yes_id, no_id = _first_token(mllm, yes), _first_token(mllm, no)
     rows = [[im] for im in images]
-    prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+    prompts = [render(mllm, user_message(template, text=t)) for t in texts]
+    yes_ids, no_ids = yes_no_ids(mllm, prompts[0], yes, no)
     if shared_prefix and _all_cached(rows) and len(prompts) > 1:
         inputs = _inputs(mllm, prompts, rows)
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix)
         if prefix:
             out = torch.empty(len(prompts))
-            for sel, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size):
-                last = inputs["attention_mask"][sel].sum(dim=1) - 1 - (prefix - 1)
-                lp = logits[torch.arange(len(last)), last].float().log_softmax(-1)
-                out[sel] = (lp[:, yes_id] - lp[:, no_id]).cpu()
+            answer = inputs["attention_mask"].sum(dim=1) - 1 - prefix  # each row's answer position in its suffix
+            for sel, _, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size,
+                                                  keep=lambda rows, _: answer[rows].unique()):
+                where = torch.searchsorted(answer[sel].unique(), answer[sel])
+                out[sel] = yes_no_score(logits[torch.arange(len(where)), where], yes_ids, no_ids).cpu()
             return out.tolist()
     out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
         inputs = _inputs(mllm, prompts[s:s + batch_size], rows[s:s + batch_size])
-        logits = _forward(mllm, inputs).logits
         last = inputs["attention_mask"].sum(dim=1) - 1
-        lp = logits[torch.arange(len(last)), last].float().log_softmax(-1)
-        out_list += (lp[:, yes_id] - lp[:, no_id]).tolist()
+        keep, where = last.unique(return_inverse=True)  # only the answer positions reach the vocabulary head
+        logits = _forward(mllm, inputs, logits_to_keep=keep).logits
+        out_list += yes_no_score(logits[torch.arange(len(last)), where], yes_ids, no_ids).tolist()
     return out_list
 
 
@@ -232,51 +291,55 @@ def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], imag
                       batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
     """Mean log P(text | image) over the text's tokens (and the end-of-turn token).
 
+    The text is written as the model writes an answer (:func:`genret.mllm.answers.answer_format`: llava-1.5's
+    ``ASSISTANT: a red circle</s>``, Qwen's ``assistant\na red circle<|im_end|>``), so its tokens are the
+    ones the model would produce.
+
     With ``shared_prefix`` and cached features, a prompt every candidate shares (one image and
     its instruction, when ranking captions for an image) runs once for all candidates.
     """
-    eos = mllm.tokenizer.eos_token or ""
+    fmt = answer_format(mllm)
     rows = [[im] for im in images]
-    prompt = _render(mllm, user_message(user_template))
-    full = [prompt + t + eos for t in texts]
+    prompt = render(mllm, user_message(user_template))
+    full = [prompt + fmt.text(t) for t in texts]
     if shared_prefix and _all_cached(rows) and len(full) > 1:
         inputs = _inputs(mllm, full, rows)
         start = int(_inputs(mllm, [prompt], rows[:1])["attention_mask"].sum())
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
         if prefix:
             out = torch.empty(len(full))
-            for sel, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size):
-                # logits[:, j] sits at position prefix - 1 + j and predicts the token after it.
-                width = logits.shape[1] - 1
-                target = inputs["input_ids"][sel, prefix:prefix + width]
-                ends = inputs["attention_mask"][sel].sum(dim=1) - prefix
-                first = torch.full_like(ends, start - prefix)
-                out[sel] = _mean_token_logprob(logits[:, :width], target, first, ends).cpu()
+            lo = start - 1  # the first position whose logits are read: it predicts the text's first token
+            for sel, last, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size,
+                                                     keep=lambda rows, width: torch.arange(max(lo - prefix, 0), width - 1)):
+                if lo == prefix - 1:  # the text starts right after the prefix: its first token is predicted there
+                    logits = torch.cat([last.expand(len(logits), -1, -1), logits], dim=1)
+                # logits[:, j] sits at position lo + j and predicts the token after it.
+                target = inputs["input_ids"][sel, lo + 1:lo + 1 + logits.shape[1]]
+                ends = inputs["attention_mask"][sel].sum(dim=1) - 1 - lo
+                out[sel] = _mean_token_logprob(logits, target, torch.zeros_like(ends), ends).cpu()
             return out.tolist()
     out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
         chunk_rows = rows[s:s + batch_size]
         starts = _inputs(mllm, [prompt] * len(chunk_rows), chunk_rows)["attention_mask"].sum(dim=1)
         inputs = _inputs(mllm, full[s:s + batch_size], chunk_rows)
-        logits = _forward(mllm, inputs).logits[:, :-1]
+        lo, length = int(starts.min()) - 1, inputs["input_ids"].shape[1]
+        # Only the text's positions reach the vocabulary head, not the prompt's and images'.
+        logits = _forward(mllm, inputs, logits_to_keep=torch.arange(lo, length - 1, device=mllm.device)).logits
         ends = inputs["attention_mask"].sum(dim=1)
-        out_list += _mean_token_logprob(logits, inputs["input_ids"][:, 1:], starts - 1, ends - 1).tolist()
+        out_list += _mean_token_logprob(logits, inputs["input_ids"][:, lo + 1:], starts - 1 - lo, ends - 1 - lo).tolist()
     return out_list
 
 
-@torch.inference_mode()
-def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: dict[str, object],
-                    candidates: Sequence[object], candidate_key: str) -> list[float]:
-    """The log-probability of each candidate's number as the answer to one numbered prompt.
+def number_answers(mllm: MLLM, prompt: str, k: int) -> list[list[int]]:
+    """Token ids of the answers ``1``..``k`` after ``prompt``, as the model writes them (prefix, end of turn)."""
+    fmt = answer_format(mllm)
+    return continuation_ids(mllm, prompt, [fmt.text(str(n)) for n in range(1, k + 1)])
 
-    The prompt is run once; its KV cache is repeated for the k answers, which are scored together.
 
-    Args:
-        user_template: with ``{candidates}`` and the query's placeholder.
-        item_template: one line per candidate, with ``{number}`` and ``{image}`` or ``{text}``.
-        query: ``{"text": ...}`` or ``{"image": PIL image}``.
-        candidates: PIL images (``candidate_key="image"``) or texts (``"text"``).
-    """
+def listwise_prompt(user_template: str, item_template: str, query: dict[str, object], candidates: Sequence[object],
+                    candidate_key: str) -> tuple[list[dict], list]:
+    """The numbered prompt's messages and its images (the query's, then the candidates')."""
     lines, images = [], []
     if "image" in query:
         images.append(query["image"])
@@ -289,17 +352,65 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
     values = {"candidates": "".join(lines)}
     if "text" in query:
         values["text"] = str(query["text"])
-    prompt = _render(mllm, user_message(user_template, **values))
+    return user_message(user_template, **values), images
+
+
+def context_size(mllm: MLLM) -> int | None:
+    """The language model's context (``max_position_embeddings``), if its config says."""
+    config = mllm.model.config
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_listwise_length(mllm: MLLM, length: int, k: int, one: int) -> None:
+    """Refuse a listwise prompt longer than the context, saying how many candidates fit.
+
+    Args:
+        length: the prompt's tokens with ``k`` candidates; ``one``: with a single candidate.
+    """
+    limit = context_size(mllm)
+    if limit is None or length + 8 <= limit:
+        return
+    per = (length - one) / max(k - 1, 1)
+    fits = max(int((limit - 8 - (one - per)) // per), 0) if per > 0 else 0
+    raise ValueError(f"a listwise prompt of {k} candidates is {length:,} tokens, more than {mllm.model_id}'s context "
+                     f"of {limit:,} (max_position_embeddings; ~{per:,.0f} tokens per candidate): at most k = {fits} "
+                     "fit; lower the stage's k, or bound the image size (processor_options)")
+
+
+@torch.inference_mode()
+def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: dict[str, object],
+                    candidates: Sequence[object], candidate_key: str) -> list[float]:
+    """The log-probability of each candidate's number as the answer to one numbered prompt.
+
+    The prompt is run once; its KV cache is repeated for the k answers, which are scored together.
+    Every number is written as the model writes an answer (``ASSISTANT: 12</s>`` is ``▁``, ``1``, ``2``,
+    ``</s>`` for llava-1.5) and scored on all its tokens. A prompt longer than the model's context is
+    refused, naming the k that fits.
+
+    Args:
+        user_template: with ``{candidates}`` and the query's placeholder.
+        item_template: one line per candidate, with ``{number}`` and ``{image}`` or ``{text}``.
+        query: ``{"text": ...}`` or ``{"image": PIL image}``.
+        candidates: PIL images (``candidate_key="image"``) or texts (``"text"``).
+    """
+    messages, images = listwise_prompt(user_template, item_template, query, candidates, candidate_key)
+    prompt = render(mllm, messages)
     inputs = _inputs(mllm, [prompt], [images])
-    out = _forward(mllm, inputs, use_cache=True)
-    tok = mllm.tokenizer
-    answers = [tok(str(n) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
-               for n in range(1, len(candidates) + 1)]
+    if len(candidates) > 1:
+        length = inputs["input_ids"].shape[1]
+        if length + 8 > (context_size(mllm) or length + 8):
+            one_messages, one_images = listwise_prompt(user_template, item_template, query, candidates[:1], candidate_key)
+            one = _inputs(mllm, [render(mllm, one_messages)], [one_images])["input_ids"].shape[1]
+            check_listwise_length(mllm, length, len(candidates), one)
+    out = _forward(mllm, inputs, use_cache=True, logits_to_keep=1)
+    answers = number_answers(mllm, prompt, len(candidates))
     k, width = len(answers), max(len(a) for a in answers)
     first = out.logits[0, -1].float().log_softmax(-1)
     scores = torch.tensor([first[a[0]].item() for a in answers])
     if width > 1:
-        ids = torch.full((k, width - 1), tok.pad_token_id or 0, dtype=torch.long, device=mllm.device)
+        pad = mllm.tokenizer.pad_token_id or 0
+        ids = torch.full((k, width - 1), pad, dtype=torch.long, device=mllm.device)
         for i, a in enumerate(answers):
             ids[i, :len(a) - 1] = torch.tensor(a[:-1])
         cache = out.past_key_values

@@ -208,7 +208,7 @@ class MLLMAnswerer:
         from genret.mllm.textcache import file_digest
 
         images = [_target(q, self.name, "image").image for q in queries]
-        texts = [scoring._render(self.mllm, scoring.user_message(self.template, question=x)) for x in questions]
+        texts = [scoring.render(self.mllm, scoring.user_message(self.template, question=x)) for x in questions]
         keys = [f"{file_digest(im)}\n{t}" for im, t in zip(images, texts, strict=True)]
         todo = {k: (im, t) for k, im, t in zip(keys, images, texts) if self.cache.get(k) is None}
         pending = list(todo.items())

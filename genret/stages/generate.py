@@ -214,7 +214,7 @@ class GenerateStage(RankStage):
 
         mllm = self.mllm
         template = self.prompt.section("retrieve")["user"]
-        texts = [scoring._render(mllm, scoring.user_message(template, text=q.text or " ".join(q.dialog)))
+        texts = [scoring.render(mllm, scoring.user_message(template, text=q.text or " ".join(q.dialog)))
                  for q in queries]
         tries = self.trie
         if upstream is not None:

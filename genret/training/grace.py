@@ -243,7 +243,7 @@ def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Te
 def _prompts(mllm: "MLLM", prompt: "Prompt", texts: Sequence[str | None]) -> list[str]:
     """Rendered prompts: ``None`` is a memorise row (an image), a string a retrieve row (a text)."""
     mem, ret = prompt.section("memorise")["user"], prompt.section("retrieve")["user"]
-    return [scoring._render(mllm, scoring.user_message(mem) if t is None else scoring.user_message(ret, text=t))
+    return [scoring.render(mllm, scoring.user_message(mem) if t is None else scoring.user_message(ret, text=t))
             for t in texts]
 
 

@@ -54,6 +54,7 @@ from genret import __version__
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.mllm import scoring
+from genret.mllm.answers import answer_format
 from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from genret.training.distributed import train_step
 from genret.config import check_bounds
@@ -171,10 +172,10 @@ class _Batch:
 
         The same sequences and tokens as :func:`genret.mllm.scoring.generative_scores`.
         """
-        eos = self.mllm.tokenizer.eos_token or ""
+        fmt = answer_format(self.mllm)
         with torch.no_grad():
             starts = scoring._inputs(self.mllm, prompts, images)["attention_mask"].sum(dim=1)
-            inputs = scoring._inputs(self.mllm, [p + t + eos for p, t in zip(prompts, texts)], images)
+            inputs = scoring._inputs(self.mllm, [p + fmt.text(t) for p, t in zip(prompts, texts)], images)
         image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
         extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
                                                 inputs["attention_mask"])
@@ -183,49 +184,25 @@ class _Batch:
         ends = inputs["attention_mask"].sum(dim=1)
         return scoring._mean_token_logprob(logits, inputs["input_ids"][:, 1:], starts - 1, ends - 1)
 
-    def forward(self, prompts: list[str], images: list[list[torch.Tensor]], positions: Callable | None = None,
-                append: list[list[int]] | None = None) -> torch.Tensor:
-        """Logits at the rows' last prompt positions (and, with ``append``, at the appended tokens')."""
+    def forward(self, prompts: list[str], images: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Logits at the rows' last prompt positions, ``(rows, 1, vocab)``."""
         with torch.no_grad():  # embeddings and image features are frozen: no graph before the LoRA layers
             inputs = scoring._inputs(self.mllm, prompts, images)
-            if append:
-                inputs = _append_tokens(self.mllm, inputs, append)
-        embeds = inputs["inputs_embeds"].detach()
-        lengths = inputs["attention_mask"].sum(dim=1)
-        last = lengths - 1 - torch.tensor([len(a) for a in append], device=lengths.device) if append else lengths - 1
-        wanted = positions(last) if positions else last.unsqueeze(1)
-        keep, where = torch.unique(wanted, return_inverse=True)
+        last = inputs["attention_mask"].sum(dim=1) - 1
+        keep, where = torch.unique(last.unsqueeze(1), return_inverse=True)
         image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
         extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
                                                 inputs["attention_mask"])
-        logits = self.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
-                            logits_to_keep=keep, **extra).logits
+        logits = self.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
+                            use_cache=False, logits_to_keep=keep, **extra).logits
         rows = torch.arange(len(prompts), device=logits.device).unsqueeze(1)
         return logits[rows, where].float()
 
 
-def _append_tokens(mllm: "MLLM", inputs: dict, extra: list[list[int]]) -> dict:
-    """Right-padded inputs with ``extra[i]`` token ids placed after row ``i``'s last real token."""
-    ids, mask, embeds = inputs["input_ids"], inputs["attention_mask"], inputs["inputs_embeds"]
-    grow = max(len(e) for e in extra)
-    pad = mllm.tokenizer.pad_token_id or 0
-    ids = F.pad(ids, (0, grow), value=pad)
-    mask = F.pad(mask, (0, grow), value=0)
-    embeds = F.pad(embeds, (0, 0, 0, grow))
-    table = mllm.model.get_input_embeddings()
-    for row, (n, more) in enumerate(zip(inputs["attention_mask"].sum(dim=1).tolist(), extra)):
-        if more:
-            new = torch.tensor(more, device=ids.device)
-            ids[row, n:n + len(more)] = new
-            mask[row, n:n + len(more)] = 1
-            embeds[row, n:n + len(more)] = table(new).to(embeds.dtype)
-    return {**inputs, "input_ids": ids, "attention_mask": mask, "inputs_embeds": embeds}
+def pointwise_scores(batch: _Batch, examples: Sequence[Example], yes: str, no: str) -> torch.Tensor:
+    """``log P(yes) − log P(no)`` of every (query, candidate) prompt: ``(queries, candidates)``, with gradients.
 
-
-def pointwise_scores(batch: _Batch, examples: Sequence[Example], yes_id: int, no_id: int) -> torch.Tensor:
-    """``logit(yes) − logit(no)`` of every (query, candidate) prompt: ``(queries, candidates)``, with gradients.
-
-    The same prompts and answer position as :func:`genret.mllm.scoring.pointwise_scores`.
+    The same prompts, answer position and answer tokens as :func:`genret.mllm.scoring.pointwise_scores`.
     """
     section = {d: batch.prompt.section(d)["user"] for d in {e.direction for e in examples}}
     feats = batch.features([c if e.direction == "t2i" else e.query for e in examples
@@ -233,15 +210,16 @@ def pointwise_scores(batch: _Batch, examples: Sequence[Example], yes_id: int, no
     prompts, images = [], []
     for e in examples:
         if e.direction == "t2i":
-            text = scoring._render(batch.mllm, scoring.user_message(section["t2i"], text=batch.texts[e.query]))
+            text = scoring.render(batch.mllm, scoring.user_message(section["t2i"], text=batch.texts[e.query]))
             prompts += [text] * len(e.candidates)
             images += [[feats[c]] for c in e.candidates]
         else:
-            prompts += [scoring._render(batch.mllm, scoring.user_message(section["i2t"], text=batch.texts[c]))
+            prompts += [scoring.render(batch.mllm, scoring.user_message(section["i2t"], text=batch.texts[c]))
                         for c in e.candidates]
             images += [[feats[e.query]]] * len(e.candidates)
     logits = batch.forward(prompts, images)
-    return (logits[:, 0, yes_id] - logits[:, 0, no_id]).view(len(examples), -1)
+    yes_ids, no_ids = scoring.yes_no_ids(batch.mllm, prompts[0], yes, no)
+    return scoring.yes_no_score(logits[:, 0], yes_ids, no_ids).view(len(examples), -1)
 
 
 def pointwise_loss(scores: torch.Tensor, target: torch.Tensor, group_weight: float) -> torch.Tensor:
@@ -260,7 +238,7 @@ def generative_scores(batch: _Batch, examples: Sequence[Example]) -> torch.Tenso
     """
     feats = batch.features([c if e.direction == "t2i" else e.query for e in examples
                             for c in (e.candidates if e.direction == "t2i" else e.candidates[:1])])
-    prompt = {d: scoring._render(batch.mllm, scoring.user_message(batch.prompt.section(d)["user"]))
+    prompt = {d: scoring.render(batch.mllm, scoring.user_message(batch.prompt.section(d)["user"]))
               for d in {e.direction for e in examples}}
     prompts, texts, images = [], [], []
     for e in examples:
@@ -280,62 +258,60 @@ def generative_loss(scores: torch.Tensor, target: torch.Tensor, temperature: flo
     return F.cross_entropy(scores / temperature, target) - lm_weight * positive.mean()
 
 
-def listwise_logprobs(batch: _Batch, examples: Sequence[Example],
-                      answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of one numbered prompt per query, with gradients.
+def listwise_logprobs(batch: _Batch, examples: Sequence[Example]) -> torch.Tensor:
+    """Log-probability of every candidate's number as the answer to its query's numbered prompt, with gradients.
 
-    Returns:
-        ``(first, rest)``: log P(first token of number ``n``) at the answer position for every
-        candidate, ``(queries, candidates)``; and, per query, the log-probability of the rest of the
-        right answer (its end-of-turn token) after its first token. ``first[target] + rest`` is the
-        score :func:`genret.mllm.scoring.listwise_scores` gives the right candidate.
+    ``(queries, candidates)``: exactly :func:`genret.mllm.scoring.listwise_scores` — each number written as
+    the model writes an answer and scored on all its tokens (sentencepiece writes every number as ``▁`` and
+    digits, Qwen's ``12`` is ``1`` ``2``): the prompt runs once, its KV cache is repeated for the k answers.
     """
     feats = batch.features([i for e in examples for i in (e.candidates if e.direction == "t2i" else (e.query,))])
-    prompts, images, append = [], [], []
+    rows = []
     for e in examples:
         section = batch.prompt.section(e.direction)
         if e.direction == "t2i":
-            lines = [section["item"].replace("{number}", str(n)) for n in range(1, len(e.candidates) + 1)]
-            values = {"candidates": "".join(lines), "text": batch.texts[e.query]}
-            images.append([feats[c] for c in e.candidates])
+            query, cands, key = {"text": batch.texts[e.query]}, [feats[c] for c in e.candidates], "image"
         else:
-            lines = [section["item"].replace("{number}", str(n)).replace("{text}", batch.texts[c])
-                     for n, c in enumerate(e.candidates, start=1)]
-            values = {"candidates": "".join(lines)}
-            images.append([feats[e.query]])
-        prompts.append(scoring._render(batch.mllm, scoring.user_message(section["user"], **values)))
-        append.append(answers[e.target][:-1])
-    width = max(len(a) for a in append) + 1
-    logp = batch.forward(prompts, images, append=append,
-                         positions=lambda last: last.unsqueeze(1) + torch.arange(width, device=last.device))
-    logp = logp.log_softmax(-1)
-    n = len(examples[0].candidates)
-    first = logp[:, 0, torch.tensor([a[0] for a in answers[:n]], device=logp.device)]
-    rest = torch.stack([sum((logp[row, j, answers[e.target][j]] for j in range(1, len(answers[e.target]))),
-                            logp.new_zeros(())) for row, e in enumerate(examples)])
-    return first, rest
+            query, cands, key = {"image": feats[e.query]}, [batch.texts[c] for c in e.candidates], "text"
+        messages, images = scoring.listwise_prompt(section["user"], section["item"], query, cands, key)
+        rows.append(_answer_logprobs(batch, scoring.render(batch.mllm, messages), images, len(cands)))
+    return torch.stack(rows)
 
 
-def listwise_loss(first: torch.Tensor, rest: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Softmax CE over the candidates' numbers (first tokens) + NLL of the right answer's remaining tokens."""
-    return F.cross_entropy(first, target) - rest.mean()
+def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.Tensor:
+    """log P(answer ``n`` | prompt) for ``n`` = 1..k, with gradients (one prompt forward, one over the answers)."""
+    mllm = batch.mllm
+    answers = scoring.number_answers(mllm, prompt, k)
+    with torch.no_grad():
+        inputs = scoring._inputs(mllm, [prompt], [images])
+    image_inputs = {n: v for n, v in inputs.items() if n not in ("input_ids", "attention_mask", "inputs_embeds")}
+    extra = mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], image_inputs or None, inputs["attention_mask"])
+    out = batch.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
+                      use_cache=True, logits_to_keep=1, **extra)
+    first = out.logits[0, -1].float().log_softmax(-1)
+    scores = first[torch.tensor([a[0] for a in answers], device=first.device)]
+    width = max(len(a) for a in answers)
+    if width == 1:
+        return scores
+    device = inputs["input_ids"].device
+    ids = torch.full((k, width - 1), mllm.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+    for i, a in enumerate(answers):
+        ids[i, :len(a) - 1] = torch.tensor(a[:-1])
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    length = inputs["input_ids"].shape[1]
+    mask = torch.ones((k, length + width - 1), dtype=torch.long, device=device)
+    positions = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
+    logp = batch.model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+                       use_cache=False).logits.float().log_softmax(-1)
+    rest = torch.stack([sum((logp[i, j - 1, a[j]] for j in range(1, len(a))), logp.new_zeros(()))
+                        for i, a in enumerate(answers)])
+    return scores + rest
 
 
-def number_answers(mllm: "MLLM", n: int) -> list[list[int]]:
-    """Token ids of the answers ``1``..``n`` as the listwise scorer reads them (number + end of turn).
-
-    Raises:
-        ValueError: when two numbers start with the same token, so one logit cannot tell them apart.
-    """
-    tok = mllm.tokenizer
-    answers = [tok(str(k) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"] for k in range(1, n + 1)]
-    firsts = [a[0] for a in answers]
-    if len(set(firsts)) != n:
-        clash = next(k for k in range(1, n + 1) if firsts.count(firsts[k - 1]) > 1)
-        raise ValueError(f"listwise training tells candidates apart by the first token of their number, and this "
-                         f"tokenizer starts {clash} and another number of 1..{n} with the same token; "
-                         f"use at most {len(set(firsts[:9]))} candidates (negatives <= 8)")
-    return answers
+def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over the candidates' answer log-probabilities (the whole number, every token)."""
+    return F.cross_entropy(scores, target)
 
 
 def _features(mllm: "MLLM", paths: Sequence[str], progress: bool = False, desc: str = "") -> list[torch.Tensor]:
@@ -511,11 +487,10 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     show = progress and main
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode])
     mllm = _load_base(base, config, accelerator.device)
-    answers = number_answers(mllm, config.negatives + 1) if config.mode == "listwise" else []
-    yes_id = scoring._first_token(mllm, prompt.settings.get("yes", "yes"))
-    no_id = scoring._first_token(mllm, prompt.settings.get("no", "no"))
-    if config.mode == "pointwise" and yes_id == no_id:
-        raise ValueError(f"{prompt.path}: the yes and no answer words start with the same token")
+    yes, no = prompt.settings.get("yes", "yes"), prompt.settings.get("no", "no")
+    if config.mode == "pointwise":  # the answer tokens are read in context; words that clash are refused here
+        section = prompt.section("t2i" if config.directions != "i2t" else "i2t")["user"]
+        scoring.yes_no_ids(mllm, scoring.render(mllm, scoring.user_message(section, text="a")), yes, no)
 
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
     groups, mining = mine_negatives(encoder, train, config.mine_k, DIRECTIONS[config.directions], progress=show)
@@ -573,11 +548,11 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         wrapped.train()
         target = torch.tensor([e.target for e in chunk], device=accelerator.device)
         if config.mode == "pointwise":
-            loss = pointwise_loss(pointwise_scores(batch, chunk, yes_id, no_id), target, config.group_weight)
+            loss = pointwise_loss(pointwise_scores(batch, chunk, yes, no), target, config.group_weight)
         elif config.mode == "generative":
             loss = generative_loss(generative_scores(batch, chunk), target, config.temperature, config.lm_weight)
         else:
-            loss = listwise_loss(*listwise_logprobs(batch, chunk, answers), target)
+            loss = listwise_loss(listwise_logprobs(batch, chunk), target)
         value = train_step(accelerator, optimizer, loss, trainable, config.max_grad_norm)  # the whole step's loss
         step += 1
         window.append(value)

@@ -36,9 +36,9 @@ def reference(talker, paths):
 def _old_pseudo_queries(mllm, prompt, paths, max_new_tokens, batch_size):
     """``grace.pseudo_queries`` as it was before the captioner: a direct left-padded ``generate`` per batch."""
     from genret.data.images import load_image
-    from genret.mllm.scoring import _render, user_message
+    from genret.mllm.scoring import render, user_message
 
-    text = _render(mllm, user_message(prompt.section("caption")["user"]))
+    text = render(mllm, user_message(prompt.section("caption")["user"]))
     tok, out = mllm.tokenizer, []
     side, tok.padding_side = tok.padding_side, "left"
     try:

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from genret.mllm import MLLM
+from genret.mllm.answers import answer_format
 from genret.mllm.families import family_of
-from genret.mllm.scoring import (_inputs, _render, generative_scores, image_features, listwise_scores, pointwise_scores,
+from genret.mllm.scoring import (_inputs, generative_scores, image_features, listwise_scores, pointwise_scores, render,
                                  user_message)
 from genret.mllm.tiny import build_tiny
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
@@ -105,10 +106,10 @@ def test_listwise_continuation_equals_full_forwards(tiny_mllms, images, family):
     texts = [f"caption number {i}" for i in range(12)]
     got = listwise_scores(mllm, section["user"], section["item"], {"image": images[-1]}, texts, "text")
     lines = "".join(section["item"].replace("{number}", str(n)).replace("{text}", t) for n, t in enumerate(texts, 1))
-    prompt = _render(mllm, user_message(section["user"], candidates=lines))
-    eos = mllm.tokenizer.eos_token
+    prompt = render(mllm, user_message(section["user"], candidates=lines))
+    fmt = answer_format(mllm)  # the answer as the template writes it (Idefics3: "Assistant: 12<end_of_utterance>")
     for n in (1, 12):
-        full = mllm.processor(text=[prompt + f"{n}{eos}"], images=[images[-1]], return_tensors="pt")
+        full = mllm.processor(text=[prompt + fmt.text(str(n))], images=[images[-1]], return_tensors="pt")
         start = mllm.processor(text=[prompt], images=[images[-1]], return_tensors="pt")["input_ids"].shape[1]
         with torch.no_grad():  # no genret code: the model places the image tokens itself
             logp = mllm.model(**full).logits[0, :-1].log_softmax(-1)
@@ -120,7 +121,7 @@ def test_listwise_continuation_equals_full_forwards(tiny_mllms, images, family):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_positions_from_cached_features_equal_the_models_rope_index(tiny_mllms, images, family):
     mllm = tiny_mllms[family]
-    prompts = [_render(mllm, user_message("{image}{text}", text=t)) for t in ("a red circle", "two crosses on top")]
+    prompts = [render(mllm, user_message("{image}{text}", text=t)) for t in ("a red circle", "two crosses on top")]
     pil = _inputs(mllm, prompts, [[images[0]], [images[-1]]])
     keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
     want, _ = mllm.model.model.get_rope_index(**{k: pil[k] for k in keys})

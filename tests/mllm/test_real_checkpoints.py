@@ -110,3 +110,113 @@ def test_smolvlm_splitting_with_cached_features_is_refused_before_loading(real_d
                                      processor_options={"do_image_splitting": True}), "rerank")
     with pytest.raises(ValueError, match="set cache_features = false to keep the tiles"):
         stage.mllm
+
+
+# What each real template and tokenizer write right after the generation prompt.
+ANSWER = {"qwen2-vl-2b-instruct": ("", "Yes", "<|im_end|>"), "qwen2.5-vl-3b-instruct": ("", "Yes", "<|im_end|>"),
+          "llava-1.5-7b-hf": (" ", "▁Yes", "</s>"), "smolvlm-256m-instruct": (" ", "ĠYes", "<end_of_utterance>")}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_answer_format_is_read_from_the_template(real_mllms, name):
+    from genret.mllm.answers import AnswerFormat, answer_format
+
+    prefix, _, suffix = ANSWER[name]
+    assert answer_format(real_mllms[name]) == AnswerFormat(prefix, suffix)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pointwise_yes_is_the_token_the_model_writes_after_its_prompt(real_mllms, name):
+    """"Yes" as the assistant writes it: Qwen's bare ``Yes``, llava's ``▁Yes`` after ``ASSISTANT:``, SmolVLM's
+    ``ĠYes`` after ``Assistant:``; ``yes`` alone (the old choice) is ``▁yes`` or a token never written there."""
+    from genret.mllm.scoring import render, user_message, yes_no_ids
+
+    mllm = real_mllms[name]
+    prompt = render(mllm, user_message(load_prompt("rerank_pointwise").section("t2i")["user"], text="a red circle"))
+    yes_ids, no_ids = yes_no_ids(mllm, prompt, "yes", "no")
+    token = mllm.tokenizer.convert_tokens_to_ids(ANSWER[name][1])
+    assert token in yes_ids and not set(yes_ids) & set(no_ids)
+    assert set(mllm.tokenizer.convert_ids_to_tokens(yes_ids)) <= {ANSWER[name][1], ANSWER[name][1].replace("Yes", "yes")}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generative_scores_the_tokens_of_the_templates_own_assistant_turn(real_mllms, images, name):
+    """log P(text | image) over the tokens the template writes for the assistant turn, by the model's own forward."""
+    from genret.mllm.scoring import _inline_images, keeps_image_order, render, user_message
+
+    mllm = real_mllms[name]
+    user = "{image}\nDescribe the image."
+    text = "a red circle left of a blue square"
+    prompt = render(mllm, user_message(user))
+    messages = [m if keeps_image_order(mllm) else _inline_images(mllm, m) for m in user_message(user)]
+    turn = mllm.processor.apply_chat_template(
+        [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}])
+    assert turn.startswith(prompt)
+    written = turn[len(prompt):].rstrip()  # the template's answer: llava adds no end token, the model emits eos
+    if not written.endswith(mllm.tokenizer.eos_token):
+        written += mllm.tokenizer.eos_token
+    full = mllm.processor(text=[prompt + written], images=[images[0]], return_tensors="pt")
+    start = mllm.processor(text=[prompt], images=[images[0]], return_tensors="pt")["input_ids"].shape[1]
+    inputs = {k: v for k, v in full.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        logp = mllm.model(**inputs).logits[0, :-1].log_softmax(-1)
+    ids = full["input_ids"][0, 1:]
+    want = sum(logp[p, ids[p]].item() for p in range(start - 1, len(ids))) / (len(ids) - start + 1)
+    got = generative_scores(mllm, user, [text], [images[0]])[0]
+    assert got == pytest.approx(want, abs=1e-4)
+    if name == "llava-1.5-7b-hf":  # the old join, prompt + text + eos, gave tokens the model never writes there
+        old = mllm.tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+        assert mllm.tokenizer.convert_ids_to_tokens(old)[-8:][:2] != mllm.tokenizer.convert_ids_to_tokens(
+            mllm.tokenizer(prompt + " " + text, add_special_tokens=False)["input_ids"])[-8:][:2]
+
+
+def test_llava_listwise_numbers_sit_next_to_their_images(real_mllms):
+    """llava-1.5's template renders every image before the text; the numbered list must keep each image by its number."""
+    from genret.mllm.scoring import listwise_prompt, render
+
+    mllm = real_mllms["llava-1.5-7b-hf"]
+    section = load_prompt("rerank_listwise").section("t2i")
+    messages, _ = listwise_prompt(section["user"], section["item"], {"text": "a red circle"}, ["a", "b", "c"], "image")
+    text = render(mllm, messages)
+    assert "Text: a red circle\nImage 1: <image>\nImage 2: <image>\nImage 3: <image>\n" in text
+    pointwise = render(mllm, [{"role": "user", "content": [{"type": "text", "text": "Text: q\n"}, {"type": "image"},
+                                                           {"type": "text", "text": "\nDoes it match?"}]}])
+    assert pointwise.index("Text: q") < pointwise.index("<image>")  # the query first: the shared prefix
+
+
+@pytest.mark.parametrize("name, k, fits", [("llava-1.5-7b-hf", 20, 6)])
+def test_a_listwise_prompt_past_the_context_says_which_k_fits(real_mllms, images, name, k, fits):
+    """llava-1.5: 576 tokens an image, 4,096 of context: 20 images (~11.6k tokens) cannot be one prompt."""
+    section = load_prompt("rerank_listwise").section("t2i")
+    with pytest.raises(ValueError, match=rf"a listwise prompt of {k} candidates is 11,\d{{3}} tokens, more than .*"
+                                         rf"context of 4,096 .* at most k = {fits} fit"):
+        listwise_scores(real_mllms[name], section["user"], section["item"], {"text": "a red circle"},
+                        [images[0]] * k, "image")
+    scores = listwise_scores(real_mllms[name], section["user"], section["item"], {"text": "a red circle"},
+                             [images[0]] * fits, "image")
+    assert len(scores) == fits
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b-instruct"])
+def test_constrained_beam_scores_are_log_p_despite_the_checkpoints_generation_config(real_mllms, name):
+    """Qwen2.5-VL ships repetition_penalty 1.05 (and sampling settings) in generation_config.json; GRACE's beam
+    score must still be the identifier's log P under the model, to 1e-4."""
+    from genret.identifiers import Trie, constrained_beam_search, make_identifiers
+    from genret.mllm.scoring import render, user_message
+
+    mllm = real_mllms[name]
+    assert mllm.model.generation_config.repetition_penalty == 1.05
+    ids = make_identifiers("numeric", [f"img{i:03d}" for i in range(40)], width=2)
+    trie = Trie.from_identifiers(ids, mllm.tokenizer)
+    prompt = render(mllm, user_message("{text}", text="a red circle a red circle 1 1 2 2"))
+    inputs = mllm.processor(text=[prompt], return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    [hits] = constrained_beam_search(mllm.model, inputs, trie, num_beams=5)
+    assert hits
+    for hit in hits[:3]:
+        full = torch.cat([inputs["input_ids"][0], torch.tensor(hit.tokens)]).unsqueeze(0)
+        with torch.no_grad():
+            logp = mllm.model(input_ids=full).logits[0, :-1].float().log_softmax(-1)
+        n = inputs["input_ids"].shape[1]
+        want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(hit.tokens))
+        assert hit.score == pytest.approx(want, abs=1e-4)

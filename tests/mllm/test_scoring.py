@@ -120,7 +120,7 @@ def test_shared_prefix_length_stops_at_the_first_difference_and_at_differing_ima
 @pytest.mark.parametrize("which", ["pointwise_t2i", "pointwise_i2t", "generative_i2t"])
 @pytest.mark.parametrize("batch_size", [2, 5])
 def test_shared_prefix_path_gives_the_plain_scores(mllm, images, which, batch_size):
-    from genret.mllm.scoring import _inputs, _render, image_features, shared_prefix_length
+    from genret.mllm.scoring import _inputs, image_features, render, shared_prefix_length
 
     feats = image_features(mllm, images[:4])
     captions = ["a red circle", "a blue star above a green cross", "a square", "a big green triangle below it",
@@ -129,17 +129,17 @@ def test_shared_prefix_path_gives_the_plain_scores(mllm, images, which, batch_si
         template = load_prompt("rerank_pointwise").section("t2i")["user"]
         texts, ims = ["a small red circle left of a blue square"] * 4, feats
         run = lambda **kw: pointwise_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
-        prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+        prompts = [render(mllm, user_message(template, text=t)) for t in texts]
     elif which == "pointwise_i2t":  # one query image, the candidate captions differ: the image is the prefix
         template = load_prompt("rerank_pointwise").section("i2t")["user"]
         texts, ims = captions, [feats[0]] * 5
         run = lambda **kw: pointwise_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
-        prompts = [_render(mllm, user_message(template, text=t)) for t in texts]
+        prompts = [render(mllm, user_message(template, text=t)) for t in texts]
     else:
         template = "{image}\nDescribe the image."
         texts, ims = captions, [feats[0]] * 5
         run = lambda **kw: generative_scores(mllm, template, texts, ims, batch_size=batch_size, min_prefix=1, **kw)  # noqa: E731
-        prompts = [_render(mllm, user_message(template)) + t + mllm.tokenizer.eos_token for t in texts]
+        prompts = [render(mllm, user_message(template)) + t + mllm.tokenizer.eos_token for t in texts]
     prefix = shared_prefix_length(_inputs(mllm, prompts, [[im] for im in ims]), [[im] for im in ims],
                                   mllm.family.image_token_id(mllm.model))
     assert prefix >= (5 if which == "pointwise_t2i" else mllm.model.config.image_seq_length)  # the fast path runs

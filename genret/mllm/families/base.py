@@ -44,6 +44,10 @@ class Family:
         """The placeholder a prompt carries for one image (before the processor expands it)."""
         return processor.image_token
 
+    def inline_image(self, processor) -> str:
+        """What stands for one image inside a text part (for templates that would move image parts)."""
+        return self.image_token(processor)
+
     def image_token_id(self, model) -> int:
         """The id of the expanded image-feature token in ``input_ids``."""
         return int(model.config.image_token_id)

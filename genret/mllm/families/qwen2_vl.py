@@ -41,6 +41,10 @@ class Qwen2VLFamily(Family):
                       "phone photo ~15,500 tokens; 512*28*28 bounds it at 512)",
     }
 
+    def inline_image(self, processor) -> str:
+        """The block the chat template writes for an image."""
+        return "<|vision_start|><|image_pad|><|vision_end|>"
+
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per image, ``(rows, cols, hidden)``: the merged patch grid after the merger."""
         grid = image_inputs["image_grid_thw"]
