@@ -67,3 +67,31 @@ def build(name: str, out_dir, seed: int = 0) -> Path:
 
     fx = fixture(name)
     return build_from_fixture(fx, out_dir, npm_file(fx["tokenizer"]["source"]), seed=seed)
+
+
+def build_siglip(out_dir, texts, seed: int = 0) -> Path:
+    """A shrunk SigLIP dual encoder with SigLIP's tokenizer class (a sentencepiece model trained on ``texts``)."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from genret.mllm.tiny import _merge
+
+    fx = fixture("siglip-base-patch16-224")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=200,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False)
+    (out / "spiece.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps(fx["tokenizer"]["config"]))
+    (out / "preprocessor_config.json").write_text(json.dumps(fx["preprocessor_config"]))
+    config = _merge(fx["config"], fx["shrink"])
+    config["text_config"]["vocab_size"] = 200
+    (out / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
+    return out

@@ -220,10 +220,10 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
         rows = slice(s, s + batch_size)
         n = len(embeds[rows])
         width = int(mask[rows].sum(dim=1).max())
-        cache = copy.deepcopy(head.past_key_values)
+        cache = copy.deepcopy(head.cache)
         cache.batch_repeat_interleave(n)
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
-                         past_key_values=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
+                         cache=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
                          logits_to_keep=keep(rows, width - prefix).to(embeds.device))
         yield rows, head.logits, out.logits
 
@@ -413,12 +413,12 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
         ids = torch.full((k, width - 1), pad, dtype=torch.long, device=mllm.device)
         for i, a in enumerate(answers):
             ids[i, :len(a) - 1] = torch.tensor(a[:-1])
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_repeat_interleave(k)
         length = inputs["input_ids"].shape[1]
         mask = torch.ones((k, length + width - 1), dtype=torch.long, device=mllm.device)
         position_ids = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
-        logits = mllm.model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=position_ids).logits
+        logits = mllm.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=position_ids).logits
         logp = logits.float().log_softmax(-1)
         for i, a in enumerate(answers):
             for j in range(1, len(a)):

@@ -297,12 +297,12 @@ def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.
     ids = torch.full((k, width - 1), mllm.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
     for i, a in enumerate(answers):
         ids[i, :len(a) - 1] = torch.tensor(a[:-1])
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(k)
     length = inputs["input_ids"].shape[1]
     mask = torch.ones((k, length + width - 1), dtype=torch.long, device=device)
     positions = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
-    logp = batch.model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+    logp = batch.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions,
                        use_cache=False).logits.float().log_softmax(-1)
     rest = torch.stack([sum((logp[i, j - 1, a[j]] for j in range(1, len(a))), logp.new_zeros(()))
                         for i, a in enumerate(answers)])

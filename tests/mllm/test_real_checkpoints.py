@@ -220,3 +220,13 @@ def test_constrained_beam_scores_are_log_p_despite_the_checkpoints_generation_co
         n = inputs["input_ids"].shape[1]
         want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(hit.tokens))
         assert hit.score == pytest.approx(want, abs=1e-4)
+
+
+def test_scoring_uses_the_current_cache_api(real_mllms, images, caplog, recwarn):
+    """``past_key_values=`` is deprecated in transformers 5.24 (removed in 5.40): the KV-cache paths pass ``cache=``."""
+    mllm = real_mllms["llava-1.5-7b-hf"]
+    with caplog.at_level("WARNING"):
+        for mode in ("pointwise", "generative", "listwise"):
+            _score(mllm, mode, "i2t", image_features(mllm, images[:1]) * 4)
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "past_key_values" not in said and "deprecated" not in said
