@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret.data.images import load_image
+from genret.mllm.features import FeatureStore
 from genret.prompts import load_prompt
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Query, Ranking
@@ -70,7 +71,7 @@ class RerankStage(RankStage):
         super().__init__(config, name)
         self.prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=MODES[config.mode])
         self._mllm = None
-        self.features: dict[str, "torch.Tensor"] = {}
+        self.features = FeatureStore()
         self._warned = False
 
     @property
@@ -101,7 +102,7 @@ class RerankStage(RankStage):
         if not self.config.cache_features or "image" not in gallery.items:
             return
         items = list(gallery.items["image"].values())
-        self.features = {}
+        self.features = FeatureStore()
         for s in tqdm(range(0, len(items), 64), desc=f"{self.name}: image features", disable=not progress):
             chunk = items[s:s + 64]
             feats = image_features(self.mllm, [load_image(it.image) for it in chunk])
@@ -115,25 +116,16 @@ class RerankStage(RankStage):
         """Save the cached features (safetensors) with a manifest naming the MLLM that made them."""
         if not self.features:
             return
-        import torch
-        from safetensors.torch import save_file
-
-        from genret._io import atomic_path, write_json
+        from genret._io import write_json
 
         folder.mkdir(parents=True, exist_ok=True)
-        ids = list(self.features)
-        # One tensor per image: images of other sizes (Qwen2-VL's native resolution) have other shapes.
-        with atomic_path(folder / "features.safetensors") as tmp:
-            save_file({str(n): self.features[i].contiguous() for n, i in enumerate(ids)}, str(tmp),
-                      metadata={"ids": json.dumps(ids)})
+        self.features.save(folder / "features.safetensors")
         write_json(folder / "manifest.json", self._describe())
 
     def load_state(self, folder: Path) -> None:
         """Load cached features; features of another MLLM are ignored with a warning (scored on the fly)."""
         if not (folder / "manifest.json").is_file():
             return
-        from safetensors import safe_open
-
         from genret._io import read_manifest
 
         manifest = read_manifest(folder, FEATURES_FORMAT, 2, "MLLM feature cache")
@@ -141,9 +133,11 @@ class RerankStage(RankStage):
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
             return
-        with safe_open(str(folder / "features.safetensors"), framework="pt") as fh:
-            ids = json.loads(fh.metadata()["ids"])
-            self.features = {i: fh.get_tensor(str(n)) for n, i in enumerate(ids)}
+        store = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
+        if len(store) != manifest["count"]:
+            raise ValueError(f"{folder}: features.safetensors holds {len(store)} images, its manifest says "
+                             f"{manifest['count']}: the folder was modified; index the gallery again")
+        self.features = store
 
     def _image_features(self, ids: list[str], items) -> list:
         missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]

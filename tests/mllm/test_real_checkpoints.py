@@ -230,3 +230,43 @@ def test_scoring_uses_the_current_cache_api(real_mllms, images, caplog, recwarn)
             _score(mllm, mode, "i2t", image_features(mllm, images[:1]) * 4)
     said = caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "past_key_values" not in said and "deprecated" not in said
+
+
+def test_gallery_features_are_saved_in_the_models_dtype_and_read_per_candidate(encoder, world, real_dirs, tmp_path):
+    """llava-1.5's features are 576 × hidden per image: saved in bf16 when the model runs in bf16, memory-mapped on
+    load, read for the candidates a query reranks, never all held in memory."""
+    from safetensors import safe_open
+
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+    from genret.types import Query
+
+    stages = ({"type": "prefilter", "k": 3}, {"type": "rerank", "mode": "pointwise", "k": 3, "dtype": "bfloat16",
+                                              "model": str(real_dirs["llava-1.5-7b-hf"])})
+    pipe = RetrievalPipeline(PipelineConfig(name="f", encoder=EncoderConfig(model="x"), stages=stages), encoder=encoder)
+    pipe.index(world.split("test"), progress=False)
+    pipe.save(tmp_path / "p")
+    (path,) = (tmp_path / "p").rglob("features.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        first = fh.get_tensor("0")
+    assert first.dtype == torch.bfloat16 and tuple(first.shape) == (576, 32)
+    loaded = RetrievalPipeline.load(tmp_path / "p", encoder=encoder)
+    store = loaded.stages[1].features
+    assert len(store) == len(world.split("test").records) and store.in_memory == 0
+    query = Query(id="q", text=world.split("test").records[0].captions[0])
+    want = [c.score for c in pipe.search(query, k=3)[0].candidates]
+    got = [c.score for c in loaded.search(query, k=3)[0].candidates]
+    assert got == pytest.approx(want, abs=1e-3) and store.in_memory == 0
+
+
+def test_a_truncated_feature_file_is_refused_by_name(encoder, world, real_dirs, tmp_path):
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+
+    stages = ({"type": "prefilter", "k": 3}, {"type": "rerank", "mode": "pointwise", "k": 3,
+                                              "model": str(real_dirs["llava-1.5-7b-hf"])})
+    pipe = RetrievalPipeline(PipelineConfig(name="f", encoder=EncoderConfig(model="x"), stages=stages), encoder=encoder)
+    pipe.index(world.split("test"), progress=False)
+    pipe.save(tmp_path / "p")
+    (path,) = (tmp_path / "p").rglob("features.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"features.safetensors: not a readable genret feature file"):
+        RetrievalPipeline.load(tmp_path / "p", encoder=encoder)

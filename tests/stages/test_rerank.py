@@ -79,7 +79,7 @@ def test_features_of_different_shapes_survive_save(encoder, mllm_dir, tmp_path):
     import torch
 
     stage = _pipe(encoder, mllm_dir).stages[1]
-    stage.features = {"a": torch.randn(4, 8), "b": torch.randn(6, 8), "c": torch.randn(2, 3, 8)}
+    stage.features.update({"a": torch.randn(4, 8), "b": torch.randn(6, 8), "c": torch.randn(2, 3, 8)})
     stage.save_state(tmp_path / "s")
     again = _pipe(encoder, mllm_dir).stages[1]
     again.load_state(tmp_path / "s")
