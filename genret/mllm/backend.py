@@ -212,15 +212,17 @@ def processor_without_video(cls: type) -> type:
     """``cls`` (e.g. ``Qwen2VLProcessor``) built without its video processor, which needs torchvision.
 
     The subclass keeps ``cls``'s name, so that ``save_pretrained`` writes the real processor class
-    and the directory loads anywhere as the real processor would.
+    and the directory loads anywhere as the real processor would. It keeps ``cls``'s ``__init__``
+    (``from_pretrained`` passes on only the settings of ``processor_config.json`` that ``__init__``
+    names, LLaVA-OneVision's ``num_image_tokens`` among them) and only stops listing the video
+    processor among the parts to load.
     """
     if cls not in _NO_VIDEO:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            kwargs.pop("video_processor", None)
-            cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        def get_attributes(klass):
+            return [a for a in cls.get_attributes() if a != "video_processor"]
 
-        _NO_VIDEO[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
-                                                     "__doc__": cls.__doc__})
+        _NO_VIDEO[cls] = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes),
+                                                     "__module__": cls.__module__, "__doc__": cls.__doc__})
     return _NO_VIDEO[cls]
 
 

@@ -170,7 +170,7 @@ def build_tiny(family: str, out_dir: str | Path, texts: Iterable[str], seed: int
 # Config fields that hold a token id, with the token they must name; a fixture's tokenizer decides their values.
 TOKEN_FIELDS = {"image_token_id": "image", "image_token_index": "image", "video_token_id": "<|video_pad|>",
                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
-                "vision_token_id": "<|vision_pad|>"}
+                "vision_token_id": "<|vision_pad|>", "video_token_index": "<video>"}
 
 
 def _merge(base: dict, over: dict) -> dict:

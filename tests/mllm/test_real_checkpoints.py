@@ -114,7 +114,8 @@ def test_smolvlm_splitting_with_cached_features_is_refused_before_loading(real_d
 
 # What each real template and tokenizer write right after the generation prompt.
 ANSWER = {"qwen2-vl-2b-instruct": ("", "Yes", "<|im_end|>"), "qwen2.5-vl-3b-instruct": ("", "Yes", "<|im_end|>"),
-          "llava-1.5-7b-hf": (" ", "▁Yes", "</s>"), "smolvlm-256m-instruct": (" ", "ĠYes", "<end_of_utterance>")}
+          "llava-1.5-7b-hf": (" ", "▁Yes", "</s>"), "smolvlm-256m-instruct": (" ", "ĠYes", "<end_of_utterance>"),
+          "llava-onevision-qwen2-0.5b-ov-hf": ("", "Yes", "<|im_end|>")}
 
 
 @pytest.mark.parametrize("name", NAMES)
