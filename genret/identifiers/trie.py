@@ -48,11 +48,16 @@ def add_tokens(identifiers: Identifiers, tokenizer, model=None) -> int:
     return added
 
 
-def tokenize(identifiers: Identifiers, tokenizer) -> list[list[int]]:
+def tokenize(identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "") -> list[list[int]]:
     """Token ids of each identifier, each ending with the tokenizer's eos id, aligned with ``item_ids``.
 
     These exact sequences are what training targets and what the trie holds; do not re-tokenize the
     identifier text elsewhere.
+
+    With ``context`` (a rendered generation prompt) and ``prefix`` (what the template writes before an
+    answer, see :func:`genret.mllm.answers.answer_context`) each identifier is tokenized as the model
+    writes it after its prompt, ``prefix`` included: sentencepiece's ``417`` alone is ``▁4 1 7``, after
+    ``ASSISTANT:`` + ``" 417"`` it is ``▁ 4 1 7``; byte-level BPE's starts with ``Ġ`` after ``Assistant:``.
 
     Raises:
         ValueError: the tokenizer lacks the scheme's new tokens (call :func:`add_tokens` first), has no eos
@@ -67,7 +72,16 @@ def tokenize(identifiers: Identifiers, tokenizer) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token: identifiers need one to end each sequence")
-    encoded = tokenizer(list(identifiers.identifiers), add_special_tokens=False)["input_ids"]
+    if context or prefix:
+        head = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+        rows = tokenizer([context + prefix + t for t in identifiers.identifiers], add_special_tokens=False)["input_ids"]
+        bad = next((t for t, r in zip(identifiers.identifiers, rows) if r[:len(head)] != head), None)
+        if bad is not None:
+            raise ValueError(f"the tokenizer merges the end of the prompt with the identifier {bad!r}: no token "
+                             "boundary separates them")
+        encoded = [r[len(head):] for r in rows]
+    else:
+        encoded = tokenizer(list(identifiers.identifiers), add_special_tokens=False)["input_ids"]
     sequences = [list(ids) + [eos] for ids in encoded]
     seen: dict[tuple[int, ...], int] = {}
     for i, seq in enumerate(sequences):
@@ -124,9 +138,9 @@ class Trie:
         self.eos: int | None = int(last[0]) if (last == last[0]).all() else None
 
     @classmethod
-    def from_identifiers(cls, identifiers: Identifiers, tokenizer) -> "Trie":
-        """The trie of :func:`tokenize` ``(identifiers, tokenizer)``."""
-        return cls(tokenize(identifiers, tokenizer), identifiers.item_ids)
+    def from_identifiers(cls, identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "") -> "Trie":
+        """The trie of :func:`tokenize` ``(identifiers, tokenizer, context, prefix)``."""
+        return cls(tokenize(identifiers, tokenizer, context, prefix), identifiers.item_ids)
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -106,3 +106,15 @@ def answer_token_ids(mllm: "MLLM", prompt: str, word: str) -> list[int]:
     if not rows[0]:
         raise ValueError(f"the answer word {word!r} encodes to no token")
     return [rows[0][0]]
+
+
+def answer_context(mllm: "MLLM") -> tuple[str, str]:
+    """``(prompt, prefix)``: a rendered generation prompt and what the template writes before an answer.
+
+    The prompt's ending is what every prompt of the model ends with, so an answer tokenized after it with
+    the prefix (an image identifier, :func:`genret.identifiers.tokenize`) gets the tokens the model writes
+    after any prompt. The prefix is kept apart: a prompt ending in a space tokenizes differently.
+    """
+    from genret.mllm.scoring import render, user_message
+
+    return render(mllm, user_message("q")), answer_format(mllm).prefix

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Candidate, Query, Ranking
+from genret.mllm.answers import answer_context
 from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class GenerateStage(RankStage):
 
             mllm = MLLM.load(self.config.mllm_config(self.config.model or self.manifest["base_model"]))
             self.identifiers = attach_grace(mllm, self.config.adapter, self.prompt)
-            self._full = Trie.from_identifiers(self.identifiers, mllm.tokenizer)
+            self._full = Trie.from_identifiers(self.identifiers, mllm.tokenizer, *answer_context(mllm))
             self._mllm = mllm
         return self._mllm
 

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
+from genret.mllm.answers import answer_context
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
 from genret.mllm import scoring
 from genret.training.distributed import my_slice, on_main, train_step
@@ -387,7 +388,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
                         for i, t, r in zip(items, pseudo, gallery.records)}}
     identifiers = make_identifiers(config.scheme, items, **kw)
     add_tokens(identifiers, mllm.tokenizer, mllm.model)
-    targets = tokenize(identifiers, mllm.tokenizer)
+    targets = tokenize(identifiers, mllm.tokenizer, *answer_context(mllm))  # as the model writes them
     token_ids = mllm.tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))
     init = init_token_rows(identifiers, mllm.tokenizer, mllm.model,
                            embeddings if config.init == "prefilter" else None, config.seed)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
+from genret.mllm.answers import answer_context
 from genret.identifiers import Identifiers, Trie, add_tokens, make_identifiers, tokenize
 from genret.training.distributed import my_slice, on_main, train_step
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
@@ -316,7 +317,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                          "and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
 
     add_tokens(merged, mllm.tokenizer, mllm.model)
-    targets = tokenize(merged, mllm.tokenizer)
+    targets = tokenize(merged, mllm.tokenizer, *answer_context(mllm))  # as the model writes them
     token_ids = mllm.tokenizer.convert_tokens_to_ids(list(merged.new_tokens))
     want = manifest.get("tokens", {}).get("new_token_ids", [])
     if old.new_tokens and want and token_ids[0] != want[0]:

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from genret import __version__
 from genret.config import check_bounds
+from genret.mllm.answers import answer_format, continuation_ids
 from genret.training.distributed import my_slice, on_main, train_step
 
 if TYPE_CHECKING:
@@ -340,8 +341,8 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     rendered = [rewriter.render(r) for r, _ in pairs]
-    eos = mllm.tokenizer.eos_token_id
-    targets = [mllm.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for _, t in pairs]
+    fmt = answer_format(mllm)  # each target as the model writes its answer: the template's prefix and end of turn
+    targets = [continuation_ids(mllm, r, [fmt.text(t)])[0] for r, (_, t) in zip(rendered, pairs)]
     per_step = config.batch_size * procs
     total = config.max_steps or config.epochs * math.ceil(len(pairs) / per_step)
     rng = random.Random(config.seed)

@@ -271,3 +271,73 @@ def test_a_truncated_feature_file_is_refused_by_name(encoder, world, real_dirs, 
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"features.safetensors: not a readable genret feature file"):
         RetrievalPipeline.load(tmp_path / "p", encoder=encoder)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_goes_on_the_language_model_and_leaves_the_vision_side(real_dirs, images, name):
+    """The family's LoRA targets exist in the real architecture's language model, and only there: cached
+    image features stay valid under a rerank adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from genret.mllm.adapters import language_model_targets
+
+    mllm = MLLM.load(str(real_dirs[name]))
+    if mllm.family.prepare_feature_cache(mllm.processor) is not None:
+        pass  # SmolVLM: features of one tile
+    before = image_features(mllm, images[:2])
+    pattern = language_model_targets(mllm.model, mllm.family.lora_targets)
+    torch.manual_seed(0)
+    mllm.model = get_peft_model(mllm.model, LoraConfig(r=4, target_modules=pattern, init_lora_weights=False)).eval()
+    wrapped = [n for n, _ in mllm.model.named_modules() if n.endswith("lora_A")]
+    assert wrapped and not [n for n in wrapped if "vision" in n or "visual" in n]
+    after = image_features(mllm, images[:2])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("scheme", ["string", "atomic"])
+@pytest.mark.parametrize("name", NAMES)
+def test_grace_identifiers_are_the_tokens_the_template_writes(real_dirs, name, scheme):
+    """Each identifier's trie sequence is how the assistant turn writes it (llava and SmolVLM put a space first),
+    and constrained beam search after a real prompt returns only identifiers of the trie."""
+    from genret.identifiers import Trie, add_tokens, constrained_beam_search, make_identifiers
+    from genret.mllm.answers import answer_context
+    from genret.mllm.scoring import render, user_message
+
+    mllm = MLLM.load(str(real_dirs[name]))
+    items = [f"img{i:03d}" for i in range(30)]
+    ids = make_identifiers(scheme, items)
+    add_tokens(ids, mllm.tokenizer, mllm.model)
+    trie = Trie.from_identifiers(ids, mllm.tokenizer, *answer_context(mllm))
+    prompt = render(mllm, user_message("{text}", text="a red circle"))
+    ident = ids.identifier("img007")
+    turn = mllm.processor.apply_chat_template(
+        [*user_message("{text}", text="a red circle"), {"role": "assistant", "content": [{"type": "text", "text": ident}]}])
+    written = turn[len(prompt):].rstrip()
+    if not written.endswith(mllm.tokenizer.eos_token):
+        written += mllm.tokenizer.eos_token
+    want = mllm.tokenizer(prompt + written, add_special_tokens=False)["input_ids"][
+        len(mllm.tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+    assert trie.lookup(want) == "img007"
+    inputs = {k: v for k, v in mllm.processor(text=[prompt], return_tensors="pt").items() if k != "token_type_ids"}
+    [hits] = constrained_beam_search(mllm.model, inputs, trie, num_beams=4)
+    assert hits and all(h.item_id in items for h in hits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_captions_and_rewrites_run_batched_as_one_by_one(real_dirs, world, name):
+    """Left-padded batches (Qwen's rope positions included) give the captions and rewrites of single prompts."""
+    from genret.mllm.captioner import Captioner
+    from genret.mllm.rewriter import Rewriter
+
+    mllm = MLLM.load(str(real_dirs[name]))
+    mllm.family.prepare_feature_cache(mllm.processor)  # SmolVLM: one tile, to keep this quick
+    paths = [str(r.path) for r in world.split("test").records[:3]]
+    batched = Captioner(mllm, max_new_tokens=6, batch_size=3).caption(paths)
+    single = [Captioner(mllm, max_new_tokens=6, batch_size=1).caption([p])[0] for p in paths]
+    assert batched == single and all(isinstance(c, str) for c in batched)
+    rows = [{"caption": "a red circle", "modification": "make it blue"},
+            {"caption": "a small green star above a square", "modification": "remove the star"}]
+    rewriter = Rewriter(mllm, max_new_tokens=6, batch_size=2)
+    together = [r.text for r in rewriter.rewrite(rows, ["x", "y"])]
+    alone = [Rewriter(mllm, max_new_tokens=6, batch_size=1).rewrite([row], [f])[0].text for row, f in zip(rows, "xy")]
+    assert together == alone
