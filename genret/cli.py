@@ -31,6 +31,36 @@ def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None
         p.add_argument("--split", default=split, help=f"which split (default: {split})")
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder even if it is not a genret artefact of this kind (its files are lost)")
+
+
+# What each command writes to its output folder: the genret artefacts it may replace there.
+OUT_FORMATS = {("train", "clip"): ("genret.clip",), ("train", "mllm"): ("genret.mini_mllm",),
+               ("train", "rerank"): ("genret.rerank_adapter", "genret.train_run"),
+               ("train", "grace"): ("genret.rerank_adapter", "genret.train_run"),
+               ("train", "rewriter"): ("genret.rerank_adapter", "genret.train_run"),
+               ("train", "grace-add"): ("genret.rerank_adapter",), ("index", "build"): ("genret.pipeline",),
+               ("data", "synth"): ("genret.world",)}
+INPUT_ARGS = ("data", "image_root", "base", "clip", "adapter", "pipeline")
+
+
+def _check_out(args: argparse.Namespace, key: tuple) -> None:
+    """Before any work: refuse an output folder that writing would damage (a file, ``.``, an input, user files)."""
+    from genret._io import check_output_dir, overwrite_allowed
+
+    if key not in OUT_FORMATS or not getattr(args, "out", None):
+        return
+    inputs = [getattr(args, a) for a in INPUT_ARGS if isinstance(getattr(args, a, None), str)]
+    if args.overwrite:  # grace-add --overwrite: the grown adapter may replace its parent
+        inputs = [i for i in inputs if i != getattr(args, "adapter", None)]
+        with overwrite_allowed(args.out):
+            check_output_dir(args.out, OUT_FORMATS[key], inputs=inputs)
+    else:
+        check_output_dir(args.out, OUT_FORMATS[key], inputs=inputs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from genret.data.synth import SynthConfig
@@ -49,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the miniature world (Karpathy format, and CIR triplets in cirr/)")
     synth.add_argument("out", help="output folder")
+    _add_overwrite(synth)
     add_arguments(synth, SynthConfig)
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="train_command", required=True)
     clip = train.add_parser("clip", help="train a mini CLIP contrastively")
     _add_data_args(clip)
     clip.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_overwrite(clip)
     clip.add_argument("--config", default=None, help="TOML/YAML file of CLIPTrainConfig settings")
     add_arguments(clip, CLIPTrainConfig)
 
@@ -62,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(mllm)
     mllm.add_argument("--clip", required=True, help="the mini CLIP checkpoint whose vision tower it uses")
     mllm.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_overwrite(mllm)
     mllm.add_argument("--config", default=None, help="TOML/YAML file of PretrainConfig settings")
     add_arguments(mllm, PretrainConfig)
 
@@ -71,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--clip", required=True, help="the prefilter's dual encoder (checkpoint directory or id) that "
                         "mines hard negatives")
     rerank.add_argument("--out", required=True, help="adapter folder to write (checkpoints go under OUT/checkpoints)")
+    _add_overwrite(rerank)
     rerank.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
     rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
@@ -85,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     rewriter.add_argument("--image-root", default=None, help="image folder, when not where the layout puts it")
     rewriter.add_argument("--base", required=True, help="the MLLM to adapt (it also captions the references)")
     rewriter.add_argument("--out", required=True, help="adapter folder to write")
+    _add_overwrite(rewriter)
     rewriter.add_argument("--config", default=None, help="TOML/YAML file of RewriterTrainConfig settings")
     rewriter.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
     add_arguments(rewriter, RewriterTrainConfig)
@@ -93,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     grace.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
     grace.add_argument("--clip", default=None, help="the prefilter's dual encoder: structured ids, new-row initialisation")
     grace.add_argument("--out", required=True, help="adapter folder to write")
+    _add_overwrite(grace)
     grace.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     grace.add_argument("--config", default=None, help="TOML/YAML file of GraceTrainConfig settings")
     grace.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
@@ -112,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("pipeline", help="pipeline file (TOML/YAML) or an encoder model directory/id")
     _add_data_args(build, split="test")
     build.add_argument("--out", required=True, help="pipeline folder to write")
+    _add_overwrite(build)
     build.add_argument("--factory", default=None, help="faiss factory string (overrides the pipeline file)")
 
     search = sub.add_parser("search", help="search a saved pipeline")
@@ -435,8 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = getattr(args, f"{args.command}_command", None)
     from genret.data.images import ImageLoadError
 
+    from contextlib import nullcontext
+
+    from genret._io import overwrite_allowed
+
     try:
-        return COMMANDS[(args.command, sub)](args)
+        _check_out(args, (args.command, sub))
+        with overwrite_allowed(args.out) if getattr(args, "overwrite", False) else nullcontext():
+            return COMMANDS[(args.command, sub)](args)
     except (*USER_ERRORS, ImageLoadError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"genret: error: {msg}", file=sys.stderr)

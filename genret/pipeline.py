@@ -238,7 +238,7 @@ class RetrievalPipeline:
     def save(self, path: str | os.PathLike) -> Path:
         """Save config, gallery and manifest to a directory, atomically."""
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, (FORMAT,)) as tmp:
             write_config_file(tmp / "pipeline.toml", to_dict(self.config))
             if self.gallery.indexes:
                 self.gallery.save(tmp / "gallery")

@@ -42,7 +42,7 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Pa
     ``dest`` with a manifest, atomically."""
     run_dir, dest = Path(run_dir), Path(dest)
     world = read_json(run_dir / "world" / "dataset_synth.json")["genret"]
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, (FORMAT,)) as tmp:
         parts = {}
         for part in PARTS + tuple(p for p in OPTIONAL_PARTS if (run_dir / p).is_dir()):
             shutil.copytree(run_dir / part, Path(tmp) / part)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from genret._io import atomic_dir, write_json
+from genret._io import atomic_dir, check_output_dir, write_json
 from genret.data.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
                                 sample_edit)
 
@@ -311,6 +311,7 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
         The path of ``dataset_synth.json``.
     """
     out = Path(out_dir)
+    check_output_dir(out, ("genret.world",), what="world")  # a folder of other files: refused, not overwritten
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     path = out / "dataset_synth.json"
@@ -386,7 +387,7 @@ def _write_cirr(folder: Path, config: SynthConfig, plan: list[_Planned], progres
             logger.info("cir_%s: %d triplets, not %d: one per %s image", split, have, wanted, split)
     if not any(counts.values()):
         return
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, ("genret.cirr",)) as tmp:
         scenes: dict[str, dict] = {}
         pairid = 0
         for split, n in counts.items():

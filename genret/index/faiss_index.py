@@ -162,7 +162,7 @@ class VectorIndex:
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory, atomically: a failed save leaves any earlier index there intact."""
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, (FORMAT,)) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             write_json(tmp / "ids.json", self._ids)
             write_json(tmp / "manifest.json", self.manifest())

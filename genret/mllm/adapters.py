@@ -82,7 +82,7 @@ def save_adapter(folder: str | os.PathLike, peft_model, manifest: Mapping[str, A
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"adapter manifest is missing {', '.join(missing)}")
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, (FORMAT, "genret.train_run")) as tmp:  # a run's checkpoints give way to its adapter
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest})

@@ -56,7 +56,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
                 tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = value
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, (FORMAT,)) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
         save_file(tensors, str(tmp / OPTIMIZER))

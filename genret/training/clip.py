@@ -226,7 +226,7 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
                "parameters": n_params, "vocab_size": len(tokenizer), "history": history,
                "train_seconds": round(time.perf_counter() - start, 1)}
     model = accelerator.unwrap_model(model).cpu()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, ("genret.clip",)) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(Path(tmp) / "genret.json", summary)

@@ -438,7 +438,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     accelerator.wait_for_everyone()
     if not main:
         return out
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, (FORMAT,)) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, **out})

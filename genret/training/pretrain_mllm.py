@@ -155,7 +155,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
                "train_seconds": round(time.perf_counter() - start, 1)}
     if val is not None:
         summary["val_caption_loss"] = caption_loss(model, processor, family, val)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, ("genret.mini_mllm",)) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(Path(tmp) / "genret.json", summary)

@@ -81,7 +81,7 @@ class RewriterTrainConfig:
     caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt (as the stage uses it)"})
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
-    cache_dir: str = field(default="", metadata={"help": "caption cache ('' : inside the output folder)"})
+    cache_dir: str = field(default="", metadata={"help": "caption cache ('' : OUT.cache beside the output folder)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
@@ -287,7 +287,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     if config.task == "eiirwqr" and prefilter is None:
         raise ValueError("task eiirwqr simulates a feedback round with the prefilter: pass prefilter (--clip)")
     mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
-    cache = config.cache_dir or str(out_dir / "cache")
+    cache = config.cache_dir or str(out_dir.with_name(out_dir.name + ".cache"))  # kept when the adapter replaces OUT
     captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
 
     def build(data, split: str, reference_text: str) -> list:
