@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

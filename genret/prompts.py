@@ -14,7 +14,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-PROMPT_DIR = Path(os.environ.get("GENRET_PROMPTS") or Path(__file__).resolve().parent.parent / "prompts")
+def _prompt_dir() -> Path:
+    """``$GENRET_PROMPTS``, else the installed package's ``genret/_prompts``, else the checkout's ``prompts/``."""
+    if os.environ.get("GENRET_PROMPTS"):
+        return Path(os.environ["GENRET_PROMPTS"])
+    here = Path(__file__).resolve().parent
+    installed = here / "_prompts"
+    return installed if installed.is_dir() else here.parent / "prompts"
+
+
+PROMPT_DIR = _prompt_dir()
 
 
 class PromptError(ValueError):

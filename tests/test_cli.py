@@ -190,3 +190,27 @@ def test_any_karpathy_dataset_flickr_layout(tmp_path, world, mllm_dir, capsys):
     assert main(["-q", "eval", str(tmp_path / "pipe2"), "--data", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["stages"]) == {"prefilter", "rerank"} and report["dataset"]["name"] == "flickr30k"
+
+
+def _subcommands():
+    import argparse
+
+    from genret.cli import build_parser
+
+    def walk(parser, path):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from walk(child, [*path, name])
+
+    return list(walk(build_parser(), []))
+
+
+@pytest.mark.parametrize("path", _subcommands(), ids=" ".join)
+def test_every_subcommand_renders_its_help(path, capsys):
+    """A '%' in a help text (train rerank's "~10%") crashed argparse's help."""
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    assert done.value.code == 0 and "usage: genret" in capsys.readouterr().out
