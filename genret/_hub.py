@@ -15,22 +15,53 @@ def hub_offline() -> bool:
 def check_model_ref(ref: str | os.PathLike, what: str = "model") -> str:
     """Return ``ref`` as a string after checking that it can be loaded.
 
-    A path-like reference (absolute, ``./``, ``../``, or existing) must be a directory; a hub id is
-    refused at once when hub downloads are off, instead of failing deep inside ``from_pretrained``.
+    A path-like reference (absolute, ``./``, ``../``, an existing path, or one under an existing folder such as
+    ``runs/clip``) must be a directory. A hub id is refused at once, naming both readings, when hub downloads
+    are off or the hub cannot be reached and the model is not in the local cache, instead of failing after
+    half a minute of retries deep inside ``from_pretrained``.
     """
     ref = str(ref)
     path = Path(ref).expanduser()
-    looks_local = path.is_absolute() or ref.startswith((".", "~")) or path.exists() or ref.count("/") > 1
+    under_local = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    looks_local = (path.is_absolute() or ref.startswith((".", "~")) or path.exists() or ref.count("/") > 1
+                   or under_local or "\\" in ref)
     if looks_local:
         if not path.is_dir():
-            raise FileNotFoundError(f"{what} directory not found: {ref}")
+            where = f" ({path.parts[0]}/ exists, {ref} does not)" if under_local and not path.exists() else ""
+            raise FileNotFoundError(f"{what} directory not found: {ref}{where}")
         return str(path)
     if hub_offline():
         raise FileNotFoundError(
-            f"{what} {ref!r} is not a local directory, and Hugging Face hub downloads are off "
+            f"{what} {ref!r} is not a local directory (no such path here), and Hugging Face hub downloads are off "
             "(HF_HUB_OFFLINE=1); pass a local model directory, or allow downloads"
         )
+    if hub_snapshot(ref) is None and not hub_reachable():
+        raise FileNotFoundError(
+            f"{what} {ref!r} is not a local directory (no such path here), is not in the Hugging Face cache, and the "
+            "hub cannot be reached from this machine; pass a local model directory, or check the name and the network"
+        )
     return ref
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's endpoint accepts a connection (asked once per process, ``timeout`` seconds)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
 
 
 def hub_snapshot(ref: str) -> Path | None:

@@ -343,6 +343,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be at least 1, got {args.k}")
     ranking = pipe.search([query], k=args.k)[0]
     target = query.target
+    note = None
+    if len(ranking.candidates) < args.k:  # the last stage keeps fewer: say so rather than return fewer in silence
+        note = (f"{len(ranking.candidates)} results, not {args.k}: stage {ranking.stage!r} keeps only its top "
+                f"{len(ranking.candidates)}; raise its k in the pipeline file for more")
+        print(f"genret: note: {note}", file=sys.stderr)
     results = []
     for rank, cand in enumerate(ranking.candidates, start=1):
         item = pipe.gallery.item(target, cand.item_id)
@@ -351,7 +356,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         target: item.text if target == "text" else item.image})
     if args.json:
         print(json.dumps({"query": {"text": query.text, "image": query.image}, "target": target,
-                          "results": results}, indent=2))
+                          "results": results, **({"note": note} if note else {})}, indent=2))
     else:
         for r in results:
             print(f"{r['rank']:>3}  {r['score']:+.4f}  {r['id']:<12} {r[target]}")
@@ -484,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"genret: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; what was saved stays (every write is atomic)
+        print("genret: interrupted; nothing half-written was kept (a training run resumes with --resume)",
+              file=sys.stderr)
+        return 130
     finally:
         from genret.training.distributed import close_process_group
 

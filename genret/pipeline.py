@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -81,11 +81,46 @@ class PipelineConfig:
             raise ValueError("a pipeline needs at least one stage")
 
 
+# Config fields that may name a local file or folder: saved relative to the pipeline folder, resolved on load.
+PATH_FIELDS = ("model", "adapter", "rewriter_model", "rewriter_adapter", "cache_dir", "prompt", "caption_prompt",
+               "rewrite_prompt")
+
+
+def _is_local(key: str, value) -> bool:
+    return isinstance(value, str) and bool(value) and (Path(value).exists() or (key == "cache_dir"))
+
+
+def portable_paths(table: dict, folder: Path) -> dict:
+    """``table`` with each local path of :data:`PATH_FIELDS` written relative to ``folder`` (hub ids, names kept)."""
+    out = dict(table)
+    for key in PATH_FIELDS:
+        if _is_local(key, out.get(key)):
+            out[key] = os.path.relpath(Path(out[key]).resolve(), folder.resolve())
+    return out
+
+
+def resolved_paths(table: dict, folder: Path) -> dict:
+    """``table`` with each relative path of :data:`PATH_FIELDS` that names something beside ``folder`` made absolute.
+
+    A value found neither there (a hub id, a prompt name) nor absolute is left as it is: pipelines saved by
+    an older genret kept paths relative to the working folder they were built in.
+    """
+    out = dict(table)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = (folder / value).resolve()
+            if candidate.exists() or (key == "cache_dir" and value.startswith("..")):
+                out[key] = str(candidate)
+    return out
+
+
 def load_config(path: str | os.PathLike) -> PipelineConfig:
     """Read a pipeline file; a relative ``encoder.model`` is taken relative to the file when it exists there."""
     path = Path(path)
     data = read_config_file(path)
     config = from_dict(PipelineConfig, data, where=str(path))
+    config._source = str(path)  # stage errors name the file (not a field: it is not saved)
     model = Path(config.encoder.model)
     if not model.is_absolute() and (path.parent / model).is_dir():
         config.encoder.model = str((path.parent / model).resolve())
@@ -95,9 +130,10 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
 def build_stages(config: PipelineConfig) -> list[Stage]:
     """Instantiate each stage table of the config."""
     stages, names = [], set()
+    source = getattr(config, "_source", "")
     for i, table in enumerate(config.stages):
         table = dict(table)
-        where = f"stages[{i}]"
+        where = f"{source}: stages[{i}]" if source else f"stages[{i}]"
         if "type" not in table:
             raise ConfigError(f"{where}: missing 'type' (one of {', '.join(STAGES.names())})")
         try:
@@ -239,9 +275,12 @@ class RetrievalPipeline:
         """Save config, gallery and manifest to a directory, atomically."""
         path = Path(path)
         with atomic_dir(path, (FORMAT,)) as tmp:
-            write_config_file(tmp / "pipeline.toml", to_dict(self.config))
+            table = to_dict(self.config)  # local paths relative to the pipeline folder: it loads from anywhere
+            table["encoder"] = portable_paths(table["encoder"], path)
+            table["stages"] = [portable_paths(t, path) for t in table["stages"]]
+            write_config_file(tmp / "pipeline.toml", table)
             if self.gallery.indexes:
-                self.gallery.save(tmp / "gallery")
+                self.gallery.save(tmp / "gallery", root=path)
             for stage in self.stages:
                 if hasattr(stage, "save_state"):
                     stage.save_state(tmp / "stages" / stage.name)
@@ -254,10 +293,21 @@ class RetrievalPipeline:
     def load(cls, path: str | os.PathLike, encoder: DualEncoder | None = None) -> "RetrievalPipeline":
         """Load a saved pipeline; its gallery is checked against the encoder the config names."""
         path = Path(path)
-        read_manifest(path, FORMAT, VERSION, "pipeline")
-        pipe = cls(load_config(path / "pipeline.toml"), encoder=encoder)
+        manifest = read_manifest(path, FORMAT, VERSION, "pipeline")
+        config = load_config(path / "pipeline.toml")
+        config.encoder = replace(config.encoder, **resolved_paths(asdict(config.encoder), path))
+        config.stages = tuple(resolved_paths(t, path) for t in config.stages)
+        pipe = cls(config, encoder=encoder)
+        names = [s.name for s in pipe.stages]
+        if manifest.get("stages") is not None and manifest["stages"] != names:
+            raise ConfigError(f"{path}: pipeline.toml names the stages {names}, its manifest {manifest['stages']}: the "
+                              "folder was edited by hand; build it again with `genret index build`")
+        if manifest.get("encoder"):
+            from genret.index.faiss_index import check_encoder
+
+            check_encoder(path, manifest["encoder"], pipe.encoder.describe())
         if (path / "gallery").is_dir():
-            pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe())
+            pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe(), root=path)
         for stage in pipe.stages:
             if hasattr(stage, "load_state"):
                 stage.load_state(path / "stages" / stage.name)

@@ -8,6 +8,7 @@ The name and version go into every report and cache key (:attr:`Prompt.key`).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,15 @@ class Prompt:
         return self.sections[direction]
 
 
-def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str, ...]]] | None = None) -> Prompt:
+def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str, ...]]] | None = None,
+                exact: bool = False) -> Prompt:
     """Load ``prompts/<name>.toml`` (or a path) and check the placeholders each template needs.
 
     Args:
         name_or_path: a prompt name under :data:`PROMPT_DIR`, or a path to a ``.toml`` file.
         required: direction → template key → placeholders it must contain.
+        exact: the ``required`` placeholders are the only ones the caller fills: any other ``{name}`` in those
+            templates (a typo such as ``{txt}``) is refused, since it would reach the model as written.
     """
     path = Path(name_or_path)
     if not path.suffix:
@@ -84,6 +88,11 @@ def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str
             if missing:
                 raise PromptError(f"{path}: [{direction}].{template} is missing the placeholder(s) "
                                   f"{', '.join(missing)}")
+            unknown = sorted({"{" + m + "}" for m in re.findall(r"\{([A-Za-z_]\w*)\}", templates[template])}
+                             - set(placeholders))
+            if exact and unknown:  # it would reach the model as written, braces and all
+                raise PromptError(f"{path}: [{direction}].{template} has the placeholder(s) {', '.join(unknown)}, "
+                                  f"which nothing fills; it takes {', '.join(placeholders) or 'none'}")
     settings = {k: v for k, v in data.items() if not isinstance(v, dict)}
     return Prompt(str(data["name"]), int(data["version"]), MappingProxyType(sections),
                   MappingProxyType(settings), str(path))

@@ -214,3 +214,52 @@ def test_every_subcommand_renders_its_help(path, capsys):
     with pytest.raises(SystemExit) as done:
         main([*path, "--help"])
     assert done.value.code == 0 and "usage: genret" in capsys.readouterr().out
+
+
+def test_search_says_when_the_last_stage_keeps_fewer_than_k(tmp_path, clip_dir, world_dir, capsys):
+    from genret.config import write_config_file
+
+    config = tmp_path / "p.toml"
+    write_config_file(config, {"name": "few", "encoder": {"model": str(clip_dir)}, "stages": [{"type": "prefilter", "k": 5}]})
+    assert main(["-q", "index", "build", str(config), "--data", str(world_dir), "--out", str(tmp_path / "pipe")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "search", str(tmp_path / "pipe"), "a red circle", "-k", "8", "--json"]) == 0
+    done = capsys.readouterr()
+    assert "5 results, not 8: stage 'prefilter' keeps only its top 5" in done.err
+    assert len(json.loads(done.out)["results"]) == 5 and "note" in json.loads(done.out)
+
+
+def test_ctrl_c_prints_one_line_not_a_traceback(monkeypatch, capsys):
+    import genret.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, ("search", None), interrupted)
+    assert main(["-q", "search", "x", "y"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("genret: interrupted") and "Traceback" not in err
+
+
+def test_a_hand_edited_pipeline_folder_is_refused_by_its_manifest(built, tmp_path, capsys):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(built, edited)
+    from genret.config import read_config_file, write_config_file
+
+    table = read_config_file(edited / "pipeline.toml")
+    table["stages"][0]["name"] = "renamed"
+    write_config_file(edited / "pipeline.toml", table)
+    assert main(["-q", "search", str(edited), "a red circle"]) == 2
+    assert "pipeline.toml names the stages ['renamed'], its manifest ['prefilter']" in capsys.readouterr().err
+
+
+def test_a_stage_config_error_names_the_pipeline_file(tmp_path, clip_dir, world_dir, capsys):
+    from genret.config import write_config_file
+
+    config = tmp_path / "bad.toml"
+    write_config_file(config, {"name": "b", "encoder": {"model": str(clip_dir)},
+                               "stages": [{"type": "prefilter"}, {"type": "rerank", "mode": "sideways", "model": "m"}]})
+    assert main(["-q", "index", "build", str(config), "--data", str(world_dir), "--out", str(tmp_path / "o")]) == 2
+    assert f"{config}: stages[1]" in capsys.readouterr().err

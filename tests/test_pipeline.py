@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,33 @@ def test_index_skips_unreadable_images_when_asked(encoder, world, tmp_path, capl
     pipe.index(data, on_error="skip", progress=False)
     assert len(pipe.gallery.index("image")) == len(records) - 1
     assert "skipped 1 unreadable images" in caplog.text
+
+
+def test_a_saved_pipeline_works_from_any_working_folder(tmp_path, monkeypatch, world_dir, clip_dir, mllm_dir, caplog):
+    """Built with paths relative to one folder, loaded and searched from another: model, adapter-free rerank stage,
+    features and images are all found, and results name images by absolute paths."""
+    import shutil
+
+    from genret.data import load_dataset
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    shutil.copytree(clip_dir, project / "models" / "clip")
+    shutil.copytree(mllm_dir, project / "models" / "mllm")
+    shutil.copytree(world_dir, project / "data")
+    monkeypatch.chdir(project)
+    stages = ({"type": "prefilter", "k": 3}, {"type": "rerank", "mode": "pointwise", "model": "models/mllm", "k": 3})
+    pipe = RetrievalPipeline(PipelineConfig(name="rel", encoder=EncoderConfig(model="models/clip", cache_dir="cache"),
+                                            stages=stages))
+    pipe.index(load_dataset("data").split("test"), progress=False)
+    pipe.save("runs/pipe")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with caplog.at_level("WARNING"):
+        loaded = RetrievalPipeline.load(project / "runs" / "pipe")
+        ranking = loaded.search(Query(id="q", text="a red circle"), k=3)[0]
+    assert "computing features on the fly" not in caplog.text and len(loaded.stages[1].features) > 0
+    item = loaded.gallery.item("image", ranking.candidates[0].item_id)
+    assert Path(item.image).is_absolute() and Path(item.image).is_file()
+    assert loaded.config.encoder.model == str(project / "models" / "clip")

@@ -131,21 +131,23 @@ def load_dataset(
     root = Path(image_root) if image_root is not None else path.parent
     if not root.is_dir():
         raise FileNotFoundError(f"image root not found: {root}")
+    skipped: list[str] = []
     if path.suffix == ".jsonl":
-        name, entries = path.stem, _read_jsonl(path)
+        name, entries = path.stem, _read_jsonl(path, skipped if on_error == "skip" else None)
     else:
         name, entries = _read_karpathy(path)
-    skipped: list[str] = []
+    karpathy = path.suffix != ".jsonl"
     records: list[ImageRecord] = []
     for where, entry in entries:
         try:
-            records.append(_make_record(path, where, entry, root))
+            records.append(_make_record(path, where, entry, root, karpathy))
         except DatasetError as err:
             if on_error == "raise":
                 raise
             skipped.append(str(err))
     if skipped:
-        logger.warning("%s: skipped %d bad entries; first: %s", path, len(skipped), skipped[0])
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d bad entries (--on-error skip): %s", path, len(skipped), shown)
     if not records:
         raise DatasetError(f"{path}: no usable images" + (f" ({len(skipped)} skipped)" if skipped else ""))
     ids = [r.id for r in records]
@@ -173,7 +175,8 @@ def _read_karpathy(path: Path) -> tuple[str, list[tuple[str, dict]]]:
     return name, [(f"images[{i}]", entry) for i, entry in enumerate(data["images"])]
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+def _read_jsonl(path: Path, skipped: list[str] | None = None) -> list[tuple[str, dict]]:
+    """The entries of a JSONL file; a malformed line raises, or with a ``skipped`` list is noted there and left out."""
     entries = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -182,25 +185,38 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             try:
                 entries.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from None
+                msg = f"{path}: line {lineno}: malformed JSON ({err.msg})"
+                if skipped is None:
+                    raise DatasetError(msg) from None
+                skipped.append(msg)
     if not entries:
         raise DatasetError(f"{path}: the file is empty")
     return entries
 
 
-def _make_record(path: Path, where: str, entry: Any, root: Path) -> ImageRecord:
+def _make_record(path: Path, where: str, entry: Any, root: Path, karpathy: bool) -> ImageRecord:
     def fail(msg: str) -> DatasetError:
         return DatasetError(f"{path}: {where}: {msg}")
 
     if not isinstance(entry, dict):
         raise fail("expected an object")
-    if "sentences" in entry:  # Karpathy
+    if karpathy:
         rel = entry.get("filename")
         if not isinstance(rel, str) or not rel:
             raise fail("missing 'filename'")
         sub = entry.get("filepath") or ""
         image_id = entry.get("imgid", entry.get("cocoid", where))
-        raw = [s.get("raw") if isinstance(s, dict) else s for s in entry["sentences"]]
+        if "sentences" not in entry:
+            raise fail("missing 'sentences' (a Karpathy entry lists its captions as [{\"raw\": \"...\"}, ...])")
+        sentences = entry["sentences"]
+        if not isinstance(sentences, list):
+            raise fail(f"'sentences' is {'null' if sentences is None else type(sentences).__name__}, not a list of "
+                       "{\"raw\": \"...\"} objects")
+        raw = []
+        for j, sentence in enumerate(sentences):
+            if isinstance(sentence, dict) and "raw" not in sentence:
+                raise fail(f"sentences[{j}] has no 'raw' text (got {json.dumps(sentence)[:60]})")
+            raw.append(sentence.get("raw") if isinstance(sentence, dict) else sentence)
         meta = {k: v for k, v in entry.items() if k not in ("filename", "filepath", "sentences", "split", "sentids")}
     else:  # JSONL
         rel, sub = entry.get("image"), ""

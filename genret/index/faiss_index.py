@@ -177,19 +177,33 @@ class VectorIndex:
             check_encoder(path, manifest["encoder"], encoder)
         self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
                    manifest.get("search_params", ""), manifest.get("modality", ""))
-        self.index = faiss.read_index(str(path / "index.faiss"))
+        if not (path / "index.faiss").is_file():
+            raise FileNotFoundError(f"{path}: index.faiss is missing; rebuild the index with `genret index build`")
+        try:
+            self.index = faiss.read_index(str(path / "index.faiss"))
+        except RuntimeError as err:  # a truncated or foreign file: faiss says only where in its C++ it failed
+            raise IndexMismatchError(f"{path}/index.faiss: not a readable faiss index ({str(err).splitlines()[0][:120]}); "
+                                     "it is truncated or another file: rebuild the index with `genret index build`") from None
         self._ids = read_json(path / "ids.json", what="index ids")
         self._tombstones = set(manifest.get("tombstones", []))
         self._row = {item: row for row, item in enumerate(self._ids) if item is not None}
-        if self.index.d != self.dim or len(self._ids) != manifest["rows"] or len(self) != manifest["count"]:
-            raise IndexMismatchError(f"{path}: index.faiss, ids.json and manifest.json disagree "
-                                     f"(dim {self.index.d} vs {self.dim}, {len(self)} ids vs count {manifest['count']})")
+        stored = sum(i is not None for i in self._ids) + len(self._tombstones)  # removed rows leave the file
+        if (self.index.d != self.dim or self.index.ntotal != stored or len(self._ids) != manifest["rows"]
+                or len(self) != manifest["count"]):
+            raise IndexMismatchError(f"{path}: index.faiss, ids.json and manifest.json disagree (dim {self.index.d} vs "
+                                     f"{self.dim}; {self.index.ntotal} vectors, {stored} ids, manifest rows "
+                                     f"{manifest['rows']}): a file was replaced or cut short; rebuild the index")
         return self
 
 
 def check_encoder(path: Path, saved: dict, current: dict) -> None:
     """Raise :class:`IndexMismatchError` when an index was built by another encoder."""
-    for key in ("dim", "model", "revision", "backend"):
+    # A local model is known by its weights' fingerprint (the revision), not by the path it was given under: the
+    # same folder reached from another working directory, or moved with the pipeline, still matches.
+    # (genret._hub.model_fingerprint: a local folder's is a content hash, a hub model's is "<id>@<commit>".)
+    local = all(isinstance(d.get("revision"), str) and d["revision"] and "@" not in d["revision"] for d in (saved, current))
+    keys = ("dim", "revision", "backend") if local else ("dim", "model", "revision", "backend")
+    for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
             raise IndexMismatchError(
                 f"{path}: index was built with encoder {saved.get('model')!r} ({key} {saved[key]!r}), "

@@ -36,24 +36,41 @@ class Gallery:
         """One gallery item."""
         return self.items[modality][item_id]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save every modality's index and items under ``path``."""
+    def save(self, path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+        """Save every modality's index and items under ``path``.
+
+        Args:
+            root: the folder the saved gallery will live in (a pipeline's): image paths are written relative
+                to it, so the folder loads from any working directory and after a move with its images.
+        """
         path = Path(path)
         for modality, index in self.indexes.items():
             folder = path / FOLDERS[modality]
             index.save(folder)
-            write_json(folder / "items.json", [asdict(self.items[modality][i]) for i in index.ids])
+            write_json(folder / "items.json", [_portable(asdict(self.items[modality][i]), root) for i in index.ids])
         write_json(path / "gallery.json", {"modalities": sorted(self.indexes), "source": self.source})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder: dict | None = None) -> "Gallery":
-        """Load a saved gallery, checking each index against ``encoder``."""
+    def load(cls, path: str | os.PathLike, encoder: dict | None = None, root: str | os.PathLike | None = None) -> "Gallery":
+        """Load a saved gallery, checking each index against ``encoder`` (relative image paths: against ``root``)."""
         path = Path(path)
         meta = read_json(path / "gallery.json", what="gallery manifest")
         gallery = cls(source=meta.get("source", {}))
         for modality in meta["modalities"]:
             folder = path / FOLDERS[modality]
             gallery.indexes[modality] = VectorIndex.load(folder, encoder=encoder)
-            items = [Item(**d) for d in read_json(folder / "items.json", what="gallery items")]
+            items = [Item(**_resolved(d, root)) for d in read_json(folder / "items.json", what="gallery items")]
             gallery.items[modality] = {it.id: it for it in items}
         return gallery
+
+
+def _portable(item: dict, root) -> dict:
+    if root is None or not item.get("image"):
+        return item
+    return {**item, "image": os.path.relpath(Path(item["image"]).resolve(), Path(root).resolve())}
+
+
+def _resolved(item: dict, root) -> dict:
+    if root is None or not item.get("image") or Path(item["image"]).is_absolute():
+        return item
+    return {**item, "image": os.path.normpath(Path(root).resolve() / item["image"])}

@@ -69,7 +69,7 @@ class RerankStage(RankStage):
 
     def __init__(self, config: RerankConfig, name: str) -> None:
         super().__init__(config, name)
-        self.prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=MODES[config.mode])
+        self.prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=MODES[config.mode], exact=True)
         self._mllm = None
         self.features = FeatureStore()
         self._warned = False
@@ -129,7 +129,7 @@ class RerankStage(RankStage):
         from genret._io import read_manifest
 
         manifest = read_manifest(folder, FEATURES_FORMAT, 2, "MLLM feature cache")
-        if manifest["revision"] != self.mllm.revision or manifest["model"] != self.config.model:
+        if manifest["revision"] != self.mllm.revision:  # the weights' fingerprint: a path may differ, the model not
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
             return

@@ -485,7 +485,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     show = progress and main
-    prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode])
+    prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
     mllm = _load_base(base, config, accelerator.device)
     yes, no = prompt.settings.get("yes", "yes"), prompt.settings.get("no", "no")
     if config.mode == "pointwise":  # the answer tokens are read in context; words that clash are refused here

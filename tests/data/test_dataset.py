@@ -110,3 +110,39 @@ def test_missing_paths_and_splits(tmp_path):
     path = karpathy(tmp_path, [("1.jpg", "train", CAPS)])
     with pytest.raises(DatasetError, match="no images in split test; splits present: \\['train'\\]"):
         load_dataset(path).split("test")
+
+
+@pytest.mark.parametrize("sentences, match", [
+    ("a dog runs", r"images\[0\]: 'sentences' is str, not a list"),
+    ({"raw": "a dog"}, r"images\[0\]: 'sentences' is dict, not a list"),
+    (None, r"images\[0\]: 'sentences' is null, not a list"),
+    ([{"tokens": ["a"]}], r"images\[0\]: sentences\[0\] has no 'raw' text"),
+    ("MISSING", r"images\[0\]: missing 'sentences'"),
+])
+def test_karpathy_sentences_that_are_not_a_list_of_raw_texts_are_named(tmp_path, sentences, match):
+    """A string was read as one-letter captions, a dict as its keys, null as a TypeError; a missing list as
+    "missing 'image'"."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    entry = {"filename": "a.png", "split": "test"}
+    if sentences != "MISSING":
+        entry["sentences"] = sentences
+    (tmp_path / "dataset_x.json").write_text(json.dumps({"images": [entry]}))
+    with pytest.raises(DatasetError, match=match):
+        load_dataset(tmp_path)
+
+
+def test_a_broken_jsonl_line_can_be_skipped_and_every_skip_is_named(tmp_path, caplog):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    lines = [json.dumps({"image": "a.png", "captions": ["a dog"]}), "{not json", json.dumps({"image": "gone.png",
+                                                                                             "captions": ["x"]})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="line 2: malformed JSON"):
+        load_dataset(tmp_path / "d.jsonl")
+    with caplog.at_level("WARNING"):
+        data = load_dataset(tmp_path / "d.jsonl", on_error="skip")
+    assert len(data) == 1
+    assert "skipped 2 bad entries" in caplog.text and "line 2: malformed JSON" in caplog.text and "gone.png" in caplog.text

@@ -101,7 +101,15 @@ def test_loading_with_another_encoder_fails(tmp_path):
     index.add(["a"], unit(1, 4))
     index.save(tmp_path / "ix")
     with pytest.raises(IndexMismatchError, match="built with encoder 'clip-a'"):
-        VectorIndex.load(tmp_path / "ix", encoder={"model": "clip-b", "revision": "1", "dim": 4, "backend": "hf"})
+        VectorIndex.load(tmp_path / "ix", encoder={"model": "clip-b", "revision": "2", "dim": 4, "backend": "hf"})
+    # a local model is known by its weights' fingerprint: the same weights under another path (a copy, or the
+    # folder reached from another working directory) load; a hub model's fingerprint carries its id
+    VectorIndex.load(tmp_path / "ix", encoder={"model": "/elsewhere/clip-a", "revision": "1", "dim": 4, "backend": "hf"})
+    hub = VectorIndex(4, encoder={"model": "org/a", "revision": "org/a@c1", "dim": 4, "backend": "hf"})
+    hub.add(["a"], unit(1, 4))
+    hub.save(tmp_path / "hub")
+    with pytest.raises(IndexMismatchError, match="built with encoder 'org/a'"):
+        VectorIndex.load(tmp_path / "hub", encoder={"model": "org/b", "revision": "org/b@c1", "dim": 4, "backend": "hf"})
     with pytest.raises(IndexMismatchError, match="dim"):
         VectorIndex.load(tmp_path / "ix", encoder={"model": "clip-a", "revision": "1", "dim": 8, "backend": "hf"})
 
@@ -132,3 +140,25 @@ def test_corrupt_manifest_names_the_file(tmp_path):
     (tmp_path / "ix" / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json: line 1"):
         VectorIndex.load(tmp_path / "ix")
+
+
+def test_a_swapped_or_cut_index_file_is_refused_by_name(tmp_path):
+    """index.faiss from another build (other vector count) returned wrong ids silently; a cut one gave faiss's
+    C++ traceback."""
+    import numpy as np
+
+    from genret.index import IndexMismatchError, VectorIndex
+
+    rng = np.random.default_rng(0)
+    small, big = VectorIndex(8, "Flat"), VectorIndex(8, "Flat")
+    small.add([f"a{i}" for i in range(5)], rng.normal(size=(5, 8)).astype("float32"))
+    big.add([f"b{i}" for i in range(9)], rng.normal(size=(9, 8)).astype("float32"))
+    small.save(tmp_path / "small")
+    big.save(tmp_path / "big")
+    (tmp_path / "small" / "index.faiss").write_bytes((tmp_path / "big" / "index.faiss").read_bytes())
+    with pytest.raises(IndexMismatchError, match=r"small: index.faiss, ids.json and manifest.json disagree .*9 vectors, 5 ids"):
+        VectorIndex.load(tmp_path / "small")
+    data = (tmp_path / "big" / "index.faiss").read_bytes()
+    (tmp_path / "big" / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexMismatchError, match=r"big/index.faiss: not a readable faiss index"):
+        VectorIndex.load(tmp_path / "big")

@@ -122,3 +122,30 @@ def test_hub_models_are_fingerprinted_by_id_and_snapshot_commit(tmp_path, monkey
     assert model_fingerprint("org/other", commit_hash="c" * 40) == "org/other@" + "c" * 40
     with pytest.raises(ValueError, match="cannot fingerprint 'org/missing'"):
         model_fingerprint("org/missing")
+
+
+def test_a_missing_local_path_with_one_slash_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """``runs/clip`` under an existing ``runs/`` is a typo'd local path, not a hub id (half a minute of retries)."""
+    from genret._hub import check_model_ref
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"encoder model directory not found: runs/clip \(runs/ exists"):
+        check_model_ref("runs/clip", "encoder model")
+
+
+def test_an_unknown_hub_id_fails_at_once_when_the_hub_is_out_of_reach(monkeypatch):
+    import time
+
+    import genret._hub as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"'nope/clip' is not a local directory \(no such path here\), is not "
+                                                r"in the Hugging Face cache, and the hub cannot be reached"):
+        hub.check_model_ref("nope/clip", "encoder model")
+    assert time.perf_counter() - start < 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"no such path here\), and Hugging Face hub downloads are off"):
+        hub.check_model_ref("nope/clip", "encoder model")
