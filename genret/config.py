@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -145,15 +146,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-        if base not in (int, float, str, bool):
+        if base not in (int, float, str, bool, dict) and typing.get_origin(base) is not dict:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
-        if base is bool:
+        if base is dict or typing.get_origin(base) is dict:
+            parser.add_argument(flag, dest=f.name, type=_json_table(flag), default=None, metavar="JSON", help=help_text)
+        elif base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+
+
+def _json_table(flag: str):
+    """An argparse type reading a JSON object (``'{"max_pixels": 200704}'``), with an error naming the flag."""
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON table such as '{{\"max_pixels\": 200704}}': "
+                                             f"{err.msg}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON table (an object), got {text!r}")
+        return value
+    return parse
 
 
 def merge_arguments(cls: type[C], args: argparse.Namespace, config_file: str | None = None) -> C:

@@ -317,16 +317,17 @@ class RetrievalPipeline:
 def _readable(items: list[Item]) -> list[Item]:
     from PIL import Image
 
-    kept = []
+    kept, bad = [], []
     for it in items:
         try:
             with Image.open(it.image) as img:
                 img.verify()
             kept.append(it)
         except Exception:  # noqa: BLE001 - any decoding failure means "skip this file"
-            logger.debug("unreadable image %s", it.image)
-    if len(kept) < len(items):
-        logger.warning("skipped %d unreadable images of %d", len(items) - len(kept), len(items))
+            bad.append(str(it.image))
+    if bad:
+        logger.warning("skipped %d unreadable images of %d: %s%s", len(bad), len(items), ", ".join(bad[:5]),
+                       f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     if not kept:
         raise ImageLoadError("no readable images to index")
     return kept

@@ -145,6 +145,15 @@ def load_dataset(
             if on_error == "raise":
                 raise
             skipped.append(str(err))
+    if on_error == "skip":  # an image that exists but does not decode goes too, with its captions (no stray queries)
+        readable = []
+        for record in records:
+            problem = _unreadable(record.path)
+            if problem:
+                skipped.append(f"{path}: image {record.id}: {record.path} is not a readable image ({problem})")
+            else:
+                readable.append(record)
+        records = readable
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         logger.warning("%s: skipped %d bad entries (--on-error skip): %s", path, len(skipped), shown)
@@ -155,6 +164,18 @@ def load_dataset(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DatasetError(f"{path}: image id {dup!r} appears more than once")
     return Dataset(name=name, source=path, records=tuple(records))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why an image file does not decode, or None when it does (a header check, no full decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # noqa: BLE001 - any decoding failure makes the file unusable
+        return f"{type(err).__name__}: {str(err)[:80]}"
+    return None
 
 
 def _find_annotation_file(folder: Path) -> Path:

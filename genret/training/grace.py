@@ -100,6 +100,8 @@ class GraceTrainConfig:
     log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
+                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
@@ -350,7 +352,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         raise ValueError("the structured scheme clusters the prefilter's image embeddings: pass prefilter (--clip)")
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
     embeddings = encoder.encode_images(paths, progress=show) if encoder is not None else None
-    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
+    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
 
     extra = dict(queries or {})
     unknown = [i for i in extra if i not in set(items)]

@@ -77,6 +77,8 @@ class GraceAddConfig:
     log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
+                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "allow out_dir to be the parent adapter (replaced whole)"})
 
@@ -266,7 +268,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main, procs = accelerator.is_main_process, accelerator.num_processes
     show = progress and main
-    mllm = _load_base(manifest["base_model"], RerankTrainConfig(dtype=config.dtype), accelerator.device)
+    mllm = _load_base(manifest["base_model"], RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
     if mllm.revision != manifest["base_revision"]:
         raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
                          f"{manifest['base_revision']}, now {mllm.revision}: the base changed since")

@@ -106,6 +106,8 @@ class RerankTrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed (data order, negatives, dropout)"})
     dtype: str = field(default="float32", metadata={"help": "base weights dtype: float32, bfloat16, float16"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base through bitsandbytes (CUDA)"})
+    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base, "
+                                    "as for a stage (Qwen2-VL max_pixels...), a JSON table on the command line"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
     cache_features: bool = field(default=True, metadata={"help": "compute every training image's MLLM features once"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -332,9 +334,10 @@ def _load_base(base: str, config: RerankTrainConfig, device: torch.device) -> "M
                                "(a CUDA GPU for speed), or train plain LoRA without --load-in-4bit")
         if device.type != "cuda":
             logger.warning("QLoRA on %s: bitsandbytes runs 4-bit layers here, but slowly; it is meant for CUDA", device)
-    device_map = str(device) if config.load_in_4bit and device.type == "cuda" else ""
+    # This process's device (accelerate gives each process one): never "auto", which would shard the model
+    # across every GPU under a data-parallel run.
     return MLLM.load(MLLMConfig(model=str(base), dtype=config.dtype, load_in_4bit=config.load_in_4bit,
-                                device_map=device_map))
+                                device_map=str(device), processor_options=dict(config.processor_options)))
 
 
 def _add_lora(mllm: "MLLM", config: RerankTrainConfig):

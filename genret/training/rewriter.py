@@ -95,6 +95,8 @@ class RewriterTrainConfig:
     log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
+    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
+                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
@@ -286,7 +288,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     prompt = load_prompt(config.prompt, required={section: {"user": ()}})
     if config.task == "eiirwqr" and prefilter is None:
         raise ValueError("task eiirwqr simulates a feedback round with the prefilter: pass prefilter (--clip)")
-    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype), accelerator.device)
+    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
     cache = config.cache_dir or str(out_dir.with_name(out_dir.name + ".cache"))  # kept when the adapter replaces OUT
     captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
 

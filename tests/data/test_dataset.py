@@ -146,3 +146,18 @@ def test_a_broken_jsonl_line_can_be_skipped_and_every_skip_is_named(tmp_path, ca
         data = load_dataset(tmp_path / "d.jsonl", on_error="skip")
     assert len(data) == 1
     assert "skipped 2 bad entries" in caplog.text and "line 2: malformed JSON" in caplog.text and "gone.png" in caplog.text
+
+
+def test_skip_drops_an_unreadable_image_with_its_captions_and_names_it(tmp_path, caplog):
+    """A file that exists but does not decode: eval and train clip used to stop on it despite --on-error skip,
+    and a skip left its captions behind as queries with nothing to find."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    entries = [{"image": "good.png", "captions": ["a good image"]}, {"image": "broken.png", "captions": ["lost"]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    with caplog.at_level("WARNING"):
+        data = load_dataset(tmp_path / "d.jsonl", on_error="skip")
+    assert [r.id for r in data.records] == ["good.png"]
+    assert all("lost" not in r.captions for r in data.records)
+    assert "broken.png is not a readable image" in caplog.text
+    assert len(load_dataset(tmp_path / "d.jsonl").records) == 2  # raise mode: the index step names it instead

@@ -149,3 +149,22 @@ def test_an_unknown_hub_id_fails_at_once_when_the_hub_is_out_of_reach(monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"no such path here\), and Hugging Face hub downloads are off"):
         hub.check_model_ref("nope/clip", "encoder model")
+
+
+def test_trainers_load_their_base_with_processor_options_on_their_own_device(real_dirs):
+    """Every trainer loads its base through the rerank trainer's loader: processor options reach it, and the model
+    goes to this process's device (never device_map 'auto', which shards a model across a data-parallel run's GPUs)."""
+    from genret.training.rerank import RerankTrainConfig, _load_base
+
+    mllm = _load_base(str(real_dirs["qwen2-vl-2b-instruct"]),
+                      RerankTrainConfig(processor_options={"max_pixels": 64 * 28 * 28}), torch.device("cpu"))
+    assert mllm.processor.image_processor.size["longest_edge"] == 64 * 28 * 28 and mllm.device.type == "cpu"
+
+
+def test_processor_options_on_the_command_line_are_a_json_table(capsys):
+    from genret.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "rerank", "--data", "d", "--base", "b", "--clip", "c", "--out", "o",
+              "--processor-options", "max_pixels=5"])
+    assert "--processor-options takes a JSON table" in capsys.readouterr().err
