@@ -193,7 +193,9 @@ class MLLM:
         if config.load_in_4bit or config.load_in_8bit:
             kwargs["quantization_config"] = quantization_config(config, kwargs["dtype"])
         try:
-            processor = load_processor(ref, trust_remote_code=config.trust_remote_code, **config.processor_options)
+            processor = load_processor(ref, trust_remote_code=config.trust_remote_code,
+                                       **family.processor_load_kwargs(config.processor_options))
+            family.apply_processor_options(processor, config.processor_options)
             model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
         except OSError as err:
             raise FileNotFoundError(f"could not load MLLM {config.model!r}: {err}") from None

@@ -36,6 +36,13 @@ class Family:
             raise ValueError(f"{model or self.name}: processor option(s) {', '.join(map(repr, unknown))} are not "
                              f"{self.name} settings; this family takes {known}")
 
+    def processor_load_kwargs(self, options: dict) -> dict:
+        """What of ``options`` goes to ``AutoProcessor.from_pretrained`` (the rest is set by :meth:`apply_processor_options`)."""
+        return dict(options)
+
+    def apply_processor_options(self, processor, options: dict) -> None:
+        """Set on a loaded processor what :meth:`processor_load_kwargs` did not pass at loading."""
+
     def prepare_feature_cache(self, processor) -> str | None:
         """Set ``processor`` up so that images can be scored from cached features; say what changed, if anything."""
         return None

@@ -41,6 +41,18 @@ class Qwen2VLFamily(Family):
                       "phone photo ~15,500 tokens; 512*28*28 bounds it at 512)",
     }
 
+    def processor_load_kwargs(self, options: dict) -> dict:
+        """Pixel bounds are not passed at loading: transformers 5 deprecates min/max_pixels in a processor call."""
+        return {k: v for k, v in options.items() if k not in ("min_pixels", "max_pixels")}
+
+    def apply_processor_options(self, processor, options: dict) -> None:
+        """min/max_pixels become the image processor's ``size`` (its shortest/longest edge, in pixels)."""
+        if "min_pixels" in options or "max_pixels" in options:
+            size = dict(processor.image_processor.size)
+            size = {"shortest_edge": options.get("min_pixels", size.get("shortest_edge")),
+                    "longest_edge": options.get("max_pixels", size.get("longest_edge"))}
+            processor.image_processor.size = size
+
     def inline_image(self, processor) -> str:
         """The block the chat template writes for an image."""
         return "<|vision_start|><|image_pad|><|vision_end|>"
