@@ -230,8 +230,7 @@ class RetrievalPipeline:
             gallery.items[modality] = {it.id: it for it in items_m}
         self.gallery = gallery
         for stage in self.stages:  # e.g. the rerank stage's MLLM image features, computed once here
-            if hasattr(stage, "index_gallery"):
-                stage.index_gallery(gallery, progress=progress)
+            stage.index_gallery(gallery, progress=progress)
 
     def run(self, queries: Sequence[Query], k: int | None = None, upstream: Sequence[Ranking] | None = None,
             rewrite: bool = True) -> list[tuple[str, list[Ranking]]]:
@@ -282,8 +281,7 @@ class RetrievalPipeline:
             if self.gallery.indexes:
                 self.gallery.save(tmp / "gallery", root=path)
             for stage in self.stages:
-                if hasattr(stage, "save_state"):
-                    stage.save_state(tmp / "stages" / stage.name)
+                stage.save_state(tmp / "stages" / stage.name)
             write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, "genret": __version__,
                                                "encoder": self.encoder.describe(),
                                                "stages": [s.name for s in self.stages]})
@@ -309,8 +307,7 @@ class RetrievalPipeline:
         if (path / "gallery").is_dir():
             pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe(), root=path)
         for stage in pipe.stages:
-            if hasattr(stage, "load_state"):
-                stage.load_state(path / "stages" / stage.name)
+            stage.load_state(path / "stages" / stage.name)
         return pipe
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from _bench import best_of
 
 from genret.identifiers import Trie, add_tokens, make_identifiers, tokenize
-from genret.training.mini_mllm import train_chat_tokenizer
+from genret.bpe import train_chat_tokenizer
 
 TEXTS = ["a red circle left of a blue square", "which image shows this? 0123456789"]
 

@@ -100,8 +100,7 @@ def evaluate_composed(pipe: "RetrievalPipeline", cir: "CIRSet", ks: Sequence[int
     index_seconds = time.perf_counter() - start
     pipe.timings.clear()
     for stage in pipe.stages:
-        if hasattr(stage, "seconds"):
-            stage.seconds = {k: 0.0 for k in stage.seconds}
+        stage.reset_seconds()
     outputs = pipe.run(queries)
     refs = [t.reference for t in triplets]
     by_subset: dict[str, list[list[str]]] = {}

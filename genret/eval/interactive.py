@@ -22,14 +22,14 @@ import logging
 import platform
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
 from genret import __version__
 from genret.config import to_dict
 from genret.eval.metrics import first_relevant_rank, hits_at_k_per_round, recall_at_ks
-from genret.stages.base import RankStage
+from genret.stages.base import RankStage, RoundStage
 from genret.types import Query, Ranking
 
 if TYPE_CHECKING:
@@ -41,24 +41,6 @@ logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
 DIALOG_KEYS = ("initial", "turns", "rounds", "stopped", "summary", "summary_fallback")
 """What of a query's ``meta`` goes into the report's dialogs."""
-
-
-@runtime_checkable
-class RoundStage(Protocol):
-    """A stage that changes the queries between retrieval rounds (chat; later EIIRwQR's feedback loop)."""
-
-    name: str
-    rounds: int
-    seconds: dict[str, float]
-
-    def start(self, queries: Sequence[Query], truth: Sequence["Target | None"] | None = None) -> list[Query]:
-        """Round 0's queries, told each query's target (what a simulated user knows)."""
-
-    def next_round(self, queries: Sequence[Query], rankings: Sequence[Ranking] | None = None) -> list[Query]:
-        """The next round's queries, given this round's and what retrieval returned for them."""
-
-    def describe(self) -> dict:
-        """Model, prompt and settings, for the report."""
 
 
 def dialog_queries(records: Sequence["ImageRecord"], seed: int = 0) -> tuple[list[Query], list["Target"]]:
@@ -127,9 +109,8 @@ def evaluate_dialog(pipe: "RetrievalPipeline", dataset: "Dataset", split: str = 
     if pipe.gallery.source != source or "image" not in pipe.gallery.indexes:
         pipe.index_items({"image": data.image_items()}, source, progress=progress)
     index_seconds = time.perf_counter() - start
-    stage.seconds = {part: 0.0 for part in stage.seconds}
-    if hasattr(stage, "set_scenes"):  # a simulated user that judges relevance by scene facts (EIIRwQR)
-        stage.set_scenes({r.id: r.meta.get("scene") for r in data.records})
+    stage.reset_seconds()
+    stage.set_scenes({r.id: r.meta.get("scene") for r in data.records})  # EIIRwQR's simulated user reads them
     queries, truth = dialog_queries(records, seed)
     relevant = [{t.id} for t in truth]
     queries = stage.start(queries, truth)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-from genret.training.mini_mllm import byte_level_bpe
+from genret.bpe import byte_level_bpe
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The language model of every tiny family: one layer, hidden 32, grouped-query attention.
@@ -51,7 +51,7 @@ def _llava(texts: list[str]):
     """LLaVA: a CLIP vision tower (32 px, 8 px patches: 16 image tokens), a projector, a Llama."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from genret.training.mini_mllm import CHAT_TEMPLATE, train_chat_tokenizer
+    from genret.bpe import CHAT_TEMPLATE, train_chat_tokenizer
 
     tokenizer = train_chat_tokenizer(texts, VOCAB_SIZE)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

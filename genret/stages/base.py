@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 from genret.registry import Registry
 from genret.types import Query, Ranking
@@ -16,6 +17,7 @@ from genret.types import Query, Ranking
 if TYPE_CHECKING:
     from genret.encoders.base import DualEncoder
     from genret.index.gallery import Gallery
+    from genret.stages.dialog import Target
 
 
 @dataclass
@@ -27,7 +29,17 @@ class StageContext:
 
 
 class Stage(ABC):
-    """A named step of a pipeline, built from its config dataclass."""
+    """A named step of a pipeline, built from its config dataclass.
+
+    Beside what it does to queries, every stage answers the same calls, with defaults that do nothing,
+    so the pipeline and the evaluators never probe for them:
+
+    - :meth:`index_gallery`: prepare per-gallery state when the pipeline indexes (cached features, a trie);
+    - :meth:`save_state` / :meth:`load_state`: persist that state in the pipeline folder;
+    - :meth:`describe`: what a report says about the stage;
+    - :attr:`seconds`: time spent per part (``{"caption": 1.2}``), reset with :meth:`reset_seconds`;
+    - :meth:`set_scenes`: the ground truth a simulated user reads (ignored by stages without one).
+    """
 
     kind: ClassVar[str]
     config_class: ClassVar[type]
@@ -35,6 +47,30 @@ class Stage(ABC):
     def __init__(self, config: Any, name: str) -> None:
         self.config = config
         self.name = name
+        self.seconds: dict[str, float] = {}
+
+    def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
+        """Compute what the stage keeps per gallery (default: nothing)."""
+
+    def save_state(self, folder: Path) -> None:
+        """Save per-gallery state under ``folder`` (default: nothing to save)."""
+
+    def load_state(self, folder: Path) -> None:
+        """Load what :meth:`save_state` wrote (a missing folder means nothing was saved)."""
+
+    def describe(self) -> dict:
+        """What a report records about the stage: its type, name and settings."""
+        from dataclasses import asdict, is_dataclass
+
+        settings = asdict(self.config) if is_dataclass(self.config) else {}
+        return {"type": type(self).__name__, "name": self.name, "config": settings}
+
+    def reset_seconds(self) -> None:
+        """Zero the per-part timings."""
+        self.seconds = {part: 0.0 for part in self.seconds}
+
+    def set_scenes(self, scenes: "Mapping[str, Mapping]") -> None:
+        """Hand over per-image ground truth for a simulated user (default: the stage has none)."""
 
 
 class RankStage(Stage):
@@ -74,6 +110,24 @@ class RewriteStage(Stage):
     @abstractmethod
     def rewrite(self, queries: Sequence[Query], ctx: StageContext) -> list[Query]:
         """Rewrite each query."""
+
+
+@runtime_checkable
+class RoundStage(Protocol):
+    """A stage that changes the queries between retrieval rounds (chat; later EIIRwQR's feedback loop)."""
+
+    name: str
+    rounds: int
+    seconds: dict[str, float]
+
+    def start(self, queries: Sequence[Query], truth: Sequence["Target | None"] | None = None) -> list[Query]:
+        """Round 0's queries, told each query's target (what a simulated user knows)."""
+
+    def next_round(self, queries: Sequence[Query], rankings: Sequence[Ranking] | None = None) -> list[Query]:
+        """The next round's queries, given this round's and what retrieval returned for them."""
+
+    def describe(self) -> dict:
+        """Model, prompt and settings, for the report."""
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

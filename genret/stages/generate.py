@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 RESTRICT = ("none", "upstream")
+# What a GRACE prompt must hold: memorise (image -> id), retrieve (text -> id), caption (pseudo-queries).
+PROMPT_NEEDS = {"memorise": {"user": ("{image}",)}, "retrieve": {"user": ("{text}",)}, "caption": {"user": ("{image}",)}}
 
 
 @dataclass
@@ -128,7 +130,6 @@ class GenerateStage(RankStage):
     def __init__(self, config: GenerateConfig, name: str) -> None:
         from genret.mllm.adapters import read_adapter_manifest
         from genret.prompts import load_prompt
-        from genret.training.grace import PROMPT_NEEDS
 
         super().__init__(config, name)
         self.manifest = read_adapter_manifest(config.adapter)

@@ -25,7 +25,7 @@ from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
 from genret.config import check_bounds
-from genret.training.tokenizer import train_clip_tokenizer
+from genret.bpe import train_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 

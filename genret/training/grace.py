@@ -52,6 +52,7 @@ from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
 from genret.mllm.answers import answer_context
+from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
 from genret.mllm import scoring
 from genret.training.distributed import my_slice, on_main, train_step
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPT_NEEDS = {"memorise": {"user": ("{image}",)}, "retrieve": {"user": ("{text}",)}, "caption": {"user": ("{image}",)}}
 PSEUDO_FILE = "pseudo_queries.json"
 INITS = ("prefilter", "mean")
 

@@ -12,12 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-from genret.training.tokenizer import byte_alphabet, count_words, learn_bpe
-
-CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "mllm" / "templates" / "mini_chat.jinja"
-SPECIAL = ("<|pad|>", "<|bos|>", "<|eos|>", "<image>", "<|system|>", "<|user|>", "<|assistant|>")
+from genret.bpe import CHAT_TEMPLATE, train_chat_tokenizer
 
 
 @dataclass
@@ -34,34 +29,6 @@ class MiniMLLMConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide hidden_size ({self.hidden_size})")
-
-
-def byte_level_bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...).
-
-    The same texts and settings give the same tokenizer in every process
-    (see :func:`genret.training.tokenizer.learn_bpe`).
-    """
-    special = list(special)
-    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    vocab, merges = learn_bpe(count_words(texts, pre_tokenizer), vocab_size, special=special,
-                              alphabet=byte_alphabet())
-    bpe = Tokenizer(models.BPE(vocab, merges))
-    bpe.pre_tokenizer = pre_tokenizer
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(special)
-    return bpe
-
-
-def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer with genret's chat special tokens and template."""
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = byte_level_bpe(texts, SPECIAL, vocab_size)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
-        extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATE.read_text(),
-        padding_side="right", model_max_length=4096)
 
 
 def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLMConfig = MiniMLLMConfig()):

@@ -86,7 +86,7 @@ def test_siglip_checkpoint_pads_to_max_length(tmp_path):
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
-    from genret.training.tokenizer import train_clip_tokenizer
+    from genret.bpe import train_clip_tokenizer
 
     tok = train_clip_tokenizer(["a red circle left of a blue square"] * 4, 300, model_max_length=64)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from genret.eval.interactive import RoundStage, dialog_queries, evaluate_dialog
+from genret.eval.interactive import dialog_queries, evaluate_dialog
+from genret.stages.base import RoundStage
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.types import Query
 

@@ -116,7 +116,7 @@ def test_large_trie_is_compact():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from genret.training.mini_mllm import train_chat_tokenizer
+    from genret.bpe import train_chat_tokenizer
 
     return train_chat_tokenizer(["a red circle left of a blue square", "0123456789 img"], 300)
 

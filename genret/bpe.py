@@ -1,4 +1,5 @@
-"""Deterministic BPE training: a merge learner, and the CLIP-style byte-level tokenizer trained with it.
+"""Deterministic BPE training: a merge learner, and the tokenizers of the tiny and mini models trained with it
+(CLIP-style for the mini CLIP; byte-level with genret's chat tokens and template for the mini MLLM and the tiny LLaVA).
 
 ``tokenizers``' own ``BpeTrainer`` is not reproducible across processes: it breaks ties between
 equally frequent pairs by token ids handed out in hash-map order, which Rust seeds per process
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from tokenizers import Regex, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"
@@ -197,3 +199,35 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000, model_max
     for char in alphabet:
         vocab.setdefault(char + EOW, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+CHAT_TEMPLATE = Path(__file__).resolve().parent / "mllm" / "templates" / "mini_chat.jinja"
+SPECIAL = ("<|pad|>", "<|bos|>", "<|eos|>", "<image>", "<|system|>", "<|user|>", "<|assistant|>")
+
+
+def byte_level_bpe(texts: Iterable[str], special: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on ``texts``, ``special`` tokens first (ids 0, 1, ...).
+
+    The same texts and settings give the same tokenizer in every process
+    (see :func:`learn_bpe`).
+    """
+    special = list(special)
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = learn_bpe(count_words(texts, pre_tokenizer), vocab_size, special=special,
+                              alphabet=byte_alphabet())
+    bpe = Tokenizer(models.BPE(vocab, merges))
+    bpe.pre_tokenizer = pre_tokenizer
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(special)
+    return bpe
+
+
+def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer with genret's chat special tokens and template."""
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_level_bpe(texts, SPECIAL, vocab_size)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATE.read_text(),
+        padding_side="right", model_max_length=4096)

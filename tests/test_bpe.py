@@ -11,8 +11,8 @@ import sys
 import pytest
 from tokenizers import Regex, pre_tokenizers
 
-from genret.training.mini_mllm import SPECIAL, byte_level_bpe, train_chat_tokenizer
-from genret.training.tokenizer import (_SPLIT, BOS, EOS, EOW, byte_alphabet, clip_normalizer, clip_pre_tokenizer,
+from genret.bpe import SPECIAL, byte_level_bpe, train_chat_tokenizer
+from genret.bpe import (_SPLIT, BOS, EOS, EOW, byte_alphabet, clip_normalizer, clip_pre_tokenizer,
                                        count_words, learn_bpe, train_clip_tokenizer)
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -29,8 +29,8 @@ TRAINERS = {
 
 _SAVE_BOTH = """
 import json, sys
-from genret.training.mini_mllm import train_chat_tokenizer
-from genret.training.tokenizer import train_clip_tokenizer
+from genret.bpe import train_chat_tokenizer
+from genret.bpe import train_clip_tokenizer
 CAPTIONS = json.load(sys.stdin)
 train_clip_tokenizer(CAPTIONS, 320, 24).save_pretrained(sys.argv[1] + "/clip")
 train_chat_tokenizer(CAPTIONS, 320).save_pretrained(sys.argv[1] + "/chat")
