@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -115,7 +116,28 @@ class Identifiers:
             raise ManifestError(f"{path}: {err}") from None
 
 
-SCHEMES: Registry[Callable[..., Identifiers]] = Registry("identifier scheme")
+@dataclass(frozen=True)
+class Scheme:
+    """An identifier scheme: how it names a gallery, and how it names images added later.
+
+    Attributes:
+        name: the scheme's name (``Identifiers.scheme``).
+        make: ``make(item_ids, **inputs)`` -> :class:`Identifiers`.
+        extend: ``extend(old, new_items, embeddings=, old_embeddings=, texts=)`` -> :class:`Identifiers`, the old
+            identifiers unchanged.
+        needs: what ``make`` and ``extend`` read beyond item ids: ``"embeddings"`` (the prefilter's image
+            embeddings, aligned with the items) or ``"texts"`` (item id -> candidate texts, best first).
+        options: the training config's settings ``make`` takes (structured: ``k``, ``leaf_size``).
+    """
+
+    name: str
+    make: Callable[..., "Identifiers"]
+    extend: Callable[..., "Identifiers"]
+    needs: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+
+SCHEMES: Registry[Scheme] = Registry("identifier scheme")
 
 
 def _check_items(item_ids: Sequence[str]) -> tuple[str, ...]:
@@ -143,17 +165,15 @@ def make_identifiers(scheme: str, item_ids: Sequence[str], **kwargs) -> Identifi
     Returns:
         The :class:`Identifiers`.
     """
-    return SCHEMES.get(scheme)(item_ids, **kwargs)
+    return SCHEMES.get(scheme).make(item_ids, **kwargs)
 
 
-@SCHEMES.register("string")
 def string_identifiers(item_ids: Sequence[str]) -> Identifiers:
     """Each item's index as text (``"417"``), split into tokens by the model's own tokenizer."""
     items = _check_items(item_ids)
     return Identifiers("string", {}, items, tuple(str(i) for i in range(len(items))), ())
 
 
-@SCHEMES.register("numeric")
 def numeric_identifiers(item_ids: Sequence[str], width: int | None = None, separator: str = " ") -> Identifiers:
     """Each item's index as separated digits (``"4 1 7"``), so that every digit is a position of its own.
 
@@ -179,7 +199,6 @@ def numeric_identifiers(item_ids: Sequence[str], width: int | None = None, separ
                        tuple(separator.join(d) for d in digits), ())
 
 
-@SCHEMES.register("semantic")
 def semantic_identifiers(item_ids: Sequence[str], texts: Mapping[str, Sequence[str]]) -> Identifiers:
     """Each item's first candidate text (a caption or pseudo-query) that no earlier item took.
 
@@ -215,7 +234,6 @@ def semantic_identifiers(item_ids: Sequence[str], texts: Mapping[str, Sequence[s
     return Identifiers("semantic", {}, items, tuple(out), ())
 
 
-@SCHEMES.register("atomic")
 def atomic_identifiers(item_ids: Sequence[str], prefix: str = "id") -> Identifiers:
     """One new token per item, ``<id_000417>``: the identifier is a single vocabulary entry."""
     items = _check_items(item_ids)
@@ -224,7 +242,6 @@ def atomic_identifiers(item_ids: Sequence[str], prefix: str = "id") -> Identifie
     return Identifiers("atomic", {"prefix": prefix}, items, tokens, tokens)
 
 
-@SCHEMES.register("structured")
 def structured_identifiers(item_ids: Sequence[str], embeddings: np.ndarray, k: int = 16, leaf_size: int = 16,
                            max_depth: int | None = None, seed: int = 0, niter: int = 20) -> Identifiers:
     """Recursive k-means over image embeddings: similar images share identifier prefixes.
@@ -296,3 +313,116 @@ def _split(x: np.ndarray, k: int, leaf_size: int, seed: int, niter: int) -> np.n
     if np.bincount(labels).max() == len(x):  # identical rows: k-means cannot split, so the order does
         labels = np.arange(len(x)) * min(n_clusters, -(-len(x) // leaf_size)) // len(x)
     return labels
+
+
+def _refuse_known(old: Identifiers, new_items: Sequence[str], where: str = "") -> None:
+    """Refuse images that already have an identifier, naming one."""
+    known = set(old.item_ids)
+    dup = [i for i in new_items if i in known]
+    if dup:
+        raise ValueError(f"{len(dup)} of the images to add already have identifiers{where} (e.g. {dup[0]!r} is "
+                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
+
+
+def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings: np.ndarray | None = None,
+                       old_embeddings: np.ndarray | None = None,
+                       texts: Mapping[str, Sequence[str]] | None = None) -> Identifiers:
+    """``old`` with ``new_items`` appended under the same scheme; no old identifier changes.
+
+    Args:
+        old: the parent adapter's identifiers.
+        new_items: the images to add, none of which may have an identifier yet.
+        embeddings: structured: the new items' prefilter image embeddings.
+        old_embeddings: structured: the old items' embeddings, aligned with ``old.item_ids``.
+        texts: semantic: new item id -> candidate texts, best first.
+
+    Raises:
+        ValueError: an item that already has an identifier (named), or a gallery the scheme cannot hold.
+    """
+    new_items = tuple(new_items)
+    if not new_items:
+        raise ValueError("no images to add")
+    _refuse_known(old, new_items)
+    if len(set(new_items)) != len(new_items):
+        raise ValueError("the images to add hold duplicate ids")
+    n_old, items = len(old), old.item_ids + new_items
+    params, tokens = dict(old.parameters), list(old.new_tokens)
+    return SCHEMES.get(old.scheme).extend(old, new_items, embeddings=embeddings, old_embeddings=old_embeddings,
+                                          texts=texts)
+
+
+def extend_indexed(old: Identifiers, new_items: tuple[str, ...], **_) -> Identifiers:
+    """string and numeric: the scheme numbers the whole gallery in order; the old items keep their indices."""
+    n_old, items, params = len(old), old.item_ids + new_items, dict(old.parameters)
+    try:
+        ids = make_identifiers(old.scheme, items, **({"width": params.get("width"), "separator": params.get("separator", " ")}
+                                                      if "width" in params or "separator" in params else {}))
+    except ValueError as err:
+        raise ValueError(f"cannot add {len(new_items)} images to {n_old}: {err} (the parent's width is fixed: "
+                         "train a new adapter with a larger width)") from None
+    if ids.identifiers[:n_old] != old.identifiers:
+        raise ValueError(f"the parent's {old.scheme} identifiers are not the indices 0..{n_old - 1} in order; "
+                         "they cannot be extended")
+    return Identifiers(old.scheme, params, items, ids.identifiers, ())
+
+
+def extend_semantic(old: Identifiers, new_items: tuple[str, ...], texts: Mapping[str, Sequence[str]] | None = None,
+                    **_) -> Identifiers:
+    """semantic: the new items' texts, made unique against the old identifiers."""
+    texts = texts or {}
+    both = {**{i: [t] for i, t in zip(old.item_ids, old.identifiers)}, **{i: texts.get(i, ()) for i in new_items}}
+    ids = make_identifiers("semantic", old.item_ids + new_items, texts=both)
+    return Identifiers("semantic", dict(old.parameters), old.item_ids + new_items, ids.identifiers, ())
+
+
+def extend_atomic(old: Identifiers, new_items: tuple[str, ...], **_) -> Identifiers:
+    """atomic: the next numbers, one new token each."""
+    n_old, params = len(old), dict(old.parameters)
+    prefix = params.get("prefix", "id")
+    width = len(re.fullmatch(r"<.+_(\d+)>", old.identifiers[0]).group(1))
+    new = tuple(f"<{prefix}_{n_old + j:0{width}d}>" for j in range(len(new_items)))
+    return Identifiers("atomic", params, old.item_ids + new_items, old.identifiers + new, tuple(old.new_tokens) + new)
+
+
+def extend_structured(old: Identifiers, new_items: tuple[str, ...], embeddings=None, old_embeddings=None,
+                      **_) -> Identifiers:
+    """structured: each new image under the leaf of its nearest old image (by the prefilter's embeddings)."""
+    if embeddings is None or old_embeddings is None:
+        raise ValueError("structured ids place new images by the prefilter's image embeddings: pass prefilter (--clip)")
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = np.asarray(old_embeddings, dtype=np.float32)
+    if len(x) != len(new_items) or len(y) != len(old):
+        raise ValueError("structured: one embedding per new item and per old item is needed")
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True).clip(1e-12)
+    nearest = (x @ y.T).argmax(1)
+    pos = re.compile(r"<p_(\d+)>$")
+    leaves: dict[str, set[int]] = {}
+    for ident in old.identifiers:
+        m = pos.search(ident)
+        leaves.setdefault(ident[:m.start()], set()).add(int(m.group(1)))
+    pdigits = max(2, len(str(int(old.parameters.get("leaf_size", 16)) - 1)))
+    tokens, have = list(old.new_tokens), set(old.new_tokens)
+    out = []
+    for j in nearest:
+        ident = old.identifiers[int(j)]
+        leaf = ident[:pos.search(ident).start()]
+        used = leaves[leaf]
+        p = next(q for q in range(len(used) + 1) if q not in used)
+        used.add(p)
+        token = f"<p_{p:0{pdigits}d}>"
+        if token not in have:  # a full leaf grows a position
+            tokens.append(token)
+            have.add(token)
+        out.append(leaf + token)
+    params = {**old.parameters, "added_by": "nearest existing image's leaf"}
+    return Identifiers("structured", params, old.item_ids + new_items, old.identifiers + tuple(out), tuple(tokens))
+
+
+for _scheme in (Scheme("string", string_identifiers, extend_indexed),
+                Scheme("numeric", numeric_identifiers, extend_indexed),
+                Scheme("semantic", semantic_identifiers, extend_semantic, needs=("texts",)),
+                Scheme("atomic", atomic_identifiers, extend_atomic),
+                Scheme("structured", structured_identifiers, extend_structured, needs=("embeddings",),
+                       options=("k", "leaf_size"))):
+    SCHEMES.register(_scheme.name)(_scheme)

@@ -348,8 +348,9 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     gallery = data.split(*config.gallery_splits.split(","))
     items = [r.id for r in gallery.records]
     paths = [str(r.path) for r in gallery.records]
-    if config.scheme == "structured" and prefilter is None:
-        raise ValueError("the structured scheme clusters the prefilter's image embeddings: pass prefilter (--clip)")
+    scheme = SCHEMES.get(config.scheme)
+    if "embeddings" in scheme.needs and prefilter is None:
+        raise ValueError(f"the {scheme.name} scheme names images by the prefilter's image embeddings: pass prefilter (--clip)")
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
     embeddings = encoder.encode_images(paths, progress=show) if encoder is not None else None
     mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
@@ -378,17 +379,17 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         raise ValueError(f"no retrieve queries: the gallery ({config.gallery_splits}) holds no training images, no "
                          "queries were given and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
 
-    kw: dict = {}
-    if config.scheme == "structured":
-        kw = {"embeddings": embeddings, "k": config.k, "leaf_size": config.leaf_size}
-    elif config.scheme == "semantic":
+    kw: dict = {o: getattr(config, o) for o in scheme.options}
+    if "embeddings" in scheme.needs:
+        kw["embeddings"] = embeddings
+    if "texts" in scheme.needs:
         if not pseudo:
-            raise ValueError("the semantic scheme names images by their pseudo-queries: turn pseudo_queries on")
+            raise ValueError(f"the {scheme.name} scheme names images by their pseudo-queries: turn pseudo_queries on")
         # A pseudo-query names an image; a training image without one falls back to its captions, an evaluation
         # image never does (its captions are the test queries).
-        kw = {"texts": {i: [t] if t else list(r.captions) if r.split in TRAIN_SPLITS else []
-                        for i, t, r in zip(items, pseudo, gallery.records)}}
-    identifiers = make_identifiers(config.scheme, items, **kw)
+        kw["texts"] = {i: [t] if t else list(r.captions) if r.split in TRAIN_SPLITS else []
+                       for i, t, r in zip(items, pseudo, gallery.records)}
+    identifiers = scheme.make(items, **kw)
     add_tokens(identifiers, mllm.tokenizer, mllm.model)
     targets = tokenize(identifiers, mllm.tokenizer, *answer_context(mllm))  # as the model writes them
     token_ids = mllm.tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.mllm.answers import answer_context
-from genret.identifiers import Identifiers, Trie, add_tokens, make_identifiers, tokenize
+from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, make_identifiers, tokenize
+from genret.identifiers.schemes import _refuse_known, extend_identifiers  # noqa: F401  (extend_identifiers: public here too)
 from genret.training.distributed import my_slice, on_main, train_step
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
@@ -94,97 +95,10 @@ class GraceAddConfig:
             raise ValueError("lr and token_lr must not be negative (0: the parent's)")
 
 
-def _refuse_known(old: Identifiers, new_items: Sequence[str], where: str = "") -> None:
-    """Refuse images that already have an identifier, naming one."""
-    known = set(old.item_ids)
-    dup = [i for i in new_items if i in known]
-    if dup:
-        raise ValueError(f"{len(dup)} of the images to add already have identifiers{where} (e.g. {dup[0]!r} is "
-                         f"{old.identifier(dup[0])!r}); add only images the adapter has not memorised")
 
 
-def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings: np.ndarray | None = None,
-                       old_embeddings: np.ndarray | None = None,
-                       texts: Mapping[str, Sequence[str]] | None = None) -> Identifiers:
-    """``old`` with ``new_items`` appended under the same scheme; no old identifier changes.
-
-    Args:
-        old: the parent adapter's identifiers.
-        new_items: the images to add, none of which may have an identifier yet.
-        embeddings: structured: the new items' prefilter image embeddings.
-        old_embeddings: structured: the old items' embeddings, aligned with ``old.item_ids``.
-        texts: semantic: new item id -> candidate texts, best first.
-
-    Raises:
-        ValueError: an item that already has an identifier (named), or a gallery the scheme cannot hold.
-    """
-    new_items = tuple(new_items)
-    if not new_items:
-        raise ValueError("no images to add")
-    _refuse_known(old, new_items)
-    if len(set(new_items)) != len(new_items):
-        raise ValueError("the images to add hold duplicate ids")
-    n_old, items = len(old), old.item_ids + new_items
-    params, tokens = dict(old.parameters), list(old.new_tokens)
-    if old.scheme in ("string", "numeric"):
-        # The scheme's own function numbers the whole gallery in order: the old items keep their indices.
-        try:
-            ids = make_identifiers(old.scheme, items, **({"width": params.get("width"),
-                                                            "separator": params.get("separator", " ")}
-                                                           if old.scheme == "numeric" else {}))
-        except ValueError as err:
-            raise ValueError(f"cannot add {len(new_items)} images to {n_old}: {err} (the parent's width is fixed: "
-                             "train a new adapter with a larger width)") from None
-        if ids.identifiers[:n_old] != old.identifiers:
-            raise ValueError(f"the parent's {old.scheme} identifiers are not the indices 0..{n_old - 1} in order; "
-                             "they cannot be extended")
-        return Identifiers(old.scheme, params, items, ids.identifiers, ())
-    if old.scheme == "semantic":
-        texts = texts or {}
-        both = {**{i: [t] for i, t in zip(old.item_ids, old.identifiers)}, **{i: texts.get(i, ()) for i in new_items}}
-        ids = make_identifiers("semantic", items, texts=both)
-        return Identifiers("semantic", params, items, ids.identifiers, ())
-    if old.scheme == "atomic":
-        prefix = params.get("prefix", "id")
-        width = len(re.fullmatch(r"<.+_(\d+)>", old.identifiers[0]).group(1))
-        new = tuple(f"<{prefix}_{n_old + j:0{width}d}>" for j in range(len(new_items)))
-        return Identifiers("atomic", params, items, old.identifiers + new, tuple(tokens) + new)
-    if old.scheme == "structured":
-        return _extend_structured(old, new_items, embeddings, old_embeddings)
-    raise ValueError(f"adding images to {old.scheme!r} identifiers is not supported")
 
 
-def _extend_structured(old: Identifiers, new_items: tuple[str, ...], embeddings, old_embeddings) -> Identifiers:
-    if embeddings is None or old_embeddings is None:
-        raise ValueError("structured ids place new images by the prefilter's image embeddings: pass prefilter (--clip)")
-    x = np.asarray(embeddings, dtype=np.float32)
-    y = np.asarray(old_embeddings, dtype=np.float32)
-    if len(x) != len(new_items) or len(y) != len(old):
-        raise ValueError("structured: one embedding per new item and per old item is needed")
-    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    y = y / np.linalg.norm(y, axis=1, keepdims=True).clip(1e-12)
-    nearest = (x @ y.T).argmax(1)
-    pos = re.compile(r"<p_(\d+)>$")
-    leaves: dict[str, set[int]] = {}
-    for ident in old.identifiers:
-        m = pos.search(ident)
-        leaves.setdefault(ident[:m.start()], set()).add(int(m.group(1)))
-    pdigits = max(2, len(str(int(old.parameters.get("leaf_size", 16)) - 1)))
-    tokens, have = list(old.new_tokens), set(old.new_tokens)
-    out = []
-    for j in nearest:
-        ident = old.identifiers[int(j)]
-        leaf = ident[:pos.search(ident).start()]
-        used = leaves[leaf]
-        p = next(q for q in range(len(used) + 1) if q not in used)
-        used.add(p)
-        token = f"<p_{p:0{pdigits}d}>"
-        if token not in have:  # a full leaf grows a position
-            tokens.append(token)
-            have.add(token)
-        out.append(leaf + token)
-    params = {**old.parameters, "added_by": "nearest existing image's leaf"}
-    return Identifiers("structured", params, old.item_ids + new_items, old.identifiers + tuple(out), tuple(tokens))
 
 
 def _load_parent_weights(model, parent: Path, n_old_tokens: int) -> None:
@@ -302,12 +216,13 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                 + ([pseudo[i]] if pseudo.get(i) else []))
 
     kw: dict = {}
-    if scheme == "structured":
+    needs = SCHEMES.get(scheme).needs
+    if "embeddings" in needs:
         kw = {"embeddings": emb[len(old_items):] if emb is not None else None,
               "old_embeddings": emb[:len(old_items)] if emb is not None else None}
-    elif scheme == "semantic":
-        kw = {"texts": {i: [new_pseudo[i]] if new_pseudo.get(i) else list(records[i].captions)
-                        if records[i].split in TRAIN_SPLITS else [] for i in new}}
+    if "texts" in needs:
+        kw["texts"] = {i: [new_pseudo[i]] if new_pseudo.get(i) else list(records[i].captions)
+                       if records[i].split in TRAIN_SPLITS else [] for i in new}
     merged = extend_identifiers(old, new, **kw)
     items = list(merged.item_ids)
     pos = {i: g for g, i in enumerate(items)}

@@ -162,3 +162,25 @@ def test_load_malformed_or_missing_file(tmp_path):
     (tmp_path / "identifiers.json").write_text("{not json")
     with pytest.raises(ValueError, match="identifiers.json: line 1"):
         Identifiers.load(tmp_path)
+
+
+def test_a_scheme_is_an_object_that_makes_and_extends_and_says_what_it_needs():
+    """Trainers ask a scheme what it needs instead of branching on its name; a new scheme plugs in."""
+    from genret.identifiers.schemes import Scheme, extend_identifiers
+
+    assert SCHEMES.get("structured").needs == ("embeddings",) and SCHEMES.get("structured").options == ("k", "leaf_size")
+    assert SCHEMES.get("semantic").needs == ("texts",) and SCHEMES.get("atomic").needs == ()
+
+    def make(items):
+        return Identifiers("letters", {}, tuple(items), tuple(f"L{i}" for i in range(len(items))), ())
+
+    def extend(old, new_items, **_):
+        return make(old.item_ids + tuple(new_items))
+
+    SCHEMES.register("letters")(Scheme("letters", make, extend))
+    try:
+        ids = make_identifiers("letters", ["a", "b"])
+        grown = extend_identifiers(ids, ["c"])
+    finally:
+        SCHEMES._entries.pop("letters")  # the registry lists the five shipped schemes again
+    assert grown.identifiers == ("L0", "L1", "L2") and grown.identifiers[:2] == ids.identifiers
