@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,17 +32,60 @@ def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None
         p.add_argument("--split", default=split, help=f"which split (default: {split})")
 
 
+@dataclass(frozen=True)
+class TrainCommand:
+    """One ``genret train`` subcommand: its inputs and switches (its settings come from its config dataclass)."""
+
+    name: str
+    help: str
+    inputs: tuple[tuple[str, dict], ...]  # (flag, add_argument keywords), beside the common data arguments
+    out: str = "adapter folder to write"
+    data: bool = True  # --data / --image-root / --on-error
+    resume: bool = False
+    json: bool = True
+    overwrite: bool = True  # grace-add has its own --overwrite setting (may replace its parent)
+    formats: tuple[str, ...] = ("genret.rerank_adapter", "genret.train_run")  # what --out may already hold
+
+
+_BASE = ("--base", {"required": True, "help": "the MLLM to adapt: a local directory or Hugging Face id"})
+TRAIN_COMMANDS = (
+    TrainCommand("clip", "train a mini CLIP contrastively", (), out="checkpoint folder to write", json=False,
+                 formats=("genret.clip",)),
+    TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
+                 (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),),
+                 out="checkpoint folder to write", json=False, formats=("genret.mini_mllm",)),
+    TrainCommand("rerank", "LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives",
+                 (_BASE, ("--clip", {"required": True, "help": "the prefilter's dual encoder (checkpoint directory or "
+                                                               "id) that mines hard negatives"})),
+                 out="adapter folder to write (checkpoints go under OUT/checkpoints)", resume=True),
+    TrainCommand("rewriter", "text LoRAs of the rewrite stages: cirevl (caption + modification -> target), chat "
+                 "(dialog -> next question), eiirwqr (query + marked captions -> target)",
+                 (("--data", {"required": True, "help": "cirevl: CIRR/CIRCO folder (or the miniature world's); chat, "
+                                                        "eiirwqr: the miniature world (images with scenes)"}),
+                  ("--clip", {"default": None, "help": "eiirwqr: the prefilter that retrieves the shown results"}),
+                  ("--split", {"default": "train", "help": "training split (default: train)"}),
+                  ("--val-split", {"default": "val", "help": "split for the exact-match check ('' : none)"}),
+                  ("--image-root", {"default": None, "help": "image folder, when not where the layout puts it"}),
+                  ("--base", {"required": True, "help": "the MLLM to adapt (it also captions the references)"})),
+                 data=False),
+    TrainCommand("grace", "GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)",
+                 (_BASE, ("--clip", {"default": None, "help": "the prefilter's dual encoder: structured ids, new-row "
+                                                              "initialisation"})), resume=True),
+    TrainCommand("grace-add", "add images to a trained GRACE adapter (short pass with replay; reports what the old "
+                 "images lose)",
+                 (("--adapter", {"required": True, "help": "the GRACE adapter to grow (only read)"}),
+                  ("--clip", {"default": None, "help": "the prefilter's dual encoder: new rows, structured placement"})),
+                 out="adapter folder to write (the grown adapter)", overwrite=False, formats=("genret.rerank_adapter",)),
+)
+
+
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the output folder even if it is not a genret artefact of this kind (its files are lost)")
 
 
 # What each command writes to its output folder: the genret artefacts it may replace there.
-OUT_FORMATS = {("train", "clip"): ("genret.clip",), ("train", "mllm"): ("genret.mini_mllm",),
-               ("train", "rerank"): ("genret.rerank_adapter", "genret.train_run"),
-               ("train", "grace"): ("genret.rerank_adapter", "genret.train_run"),
-               ("train", "rewriter"): ("genret.rerank_adapter", "genret.train_run"),
-               ("train", "grace-add"): ("genret.rerank_adapter",), ("index", "build"): ("genret.pipeline",),
+OUT_FORMATS = {**{("train", c.name): c.formats for c in TRAIN_COMMANDS}, ("index", "build"): ("genret.pipeline",),
                ("data", "synth"): ("genret.world",)}
 INPUT_ARGS = ("data", "image_root", "base", "clip", "adapter", "pipeline")
 
@@ -83,65 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(synth, SynthConfig)
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="train_command", required=True)
-    clip = train.add_parser("clip", help="train a mini CLIP contrastively")
-    _add_data_args(clip)
-    clip.add_argument("--out", required=True, help="checkpoint folder to write")
-    _add_overwrite(clip)
-    clip.add_argument("--config", default=None, help="TOML/YAML file of CLIPTrainConfig settings")
-    add_arguments(clip, CLIPTrainConfig)
-
-    mllm = train.add_parser("mllm", help="build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)")
-    _add_data_args(mllm)
-    mllm.add_argument("--clip", required=True, help="the mini CLIP checkpoint whose vision tower it uses")
-    mllm.add_argument("--out", required=True, help="checkpoint folder to write")
-    _add_overwrite(mllm)
-    mllm.add_argument("--config", default=None, help="TOML/YAML file of PretrainConfig settings")
-    add_arguments(mllm, PretrainConfig)
-
-    rerank = train.add_parser("rerank", help="LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives")
-    _add_data_args(rerank)
-    rerank.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
-    rerank.add_argument("--clip", required=True, help="the prefilter's dual encoder (checkpoint directory or id) that "
-                        "mines hard negatives")
-    rerank.add_argument("--out", required=True, help="adapter folder to write (checkpoints go under OUT/checkpoints)")
-    _add_overwrite(rerank)
-    rerank.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    rerank.add_argument("--config", default=None, help="TOML/YAML file of RerankTrainConfig settings")
-    rerank.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
-    add_arguments(rerank, RerankTrainConfig)
-    rewriter = train.add_parser("rewriter", help="text LoRAs of the rewrite stages: cirevl (caption + modification -> "
-                                "target), chat (dialog -> next question), eiirwqr (query + marked captions -> target)")
-    rewriter.add_argument("--data", required=True, help="cirevl: CIRR/CIRCO folder (or the miniature world's); chat, "
-                          "eiirwqr: the miniature world (images with scenes)")
-    rewriter.add_argument("--clip", default=None, help="eiirwqr: the prefilter that retrieves the shown results")
-    rewriter.add_argument("--split", default="train", help="training split (default: train)")
-    rewriter.add_argument("--val-split", default="val", help="split for the exact-match check ('' : none)")
-    rewriter.add_argument("--image-root", default=None, help="image folder, when not where the layout puts it")
-    rewriter.add_argument("--base", required=True, help="the MLLM to adapt (it also captions the references)")
-    rewriter.add_argument("--out", required=True, help="adapter folder to write")
-    _add_overwrite(rewriter)
-    rewriter.add_argument("--config", default=None, help="TOML/YAML file of RewriterTrainConfig settings")
-    rewriter.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
-    add_arguments(rewriter, RewriterTrainConfig)
-    grace = train.add_parser("grace", help="GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)")
-    _add_data_args(grace)
-    grace.add_argument("--base", required=True, help="the MLLM to adapt: a local directory or Hugging Face id")
-    grace.add_argument("--clip", default=None, help="the prefilter's dual encoder: structured ids, new-row initialisation")
-    grace.add_argument("--out", required=True, help="adapter folder to write")
-    _add_overwrite(grace)
-    grace.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    grace.add_argument("--config", default=None, help="TOML/YAML file of GraceTrainConfig settings")
-    grace.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
-    add_arguments(grace, GraceTrainConfig)
-    grace_add = train.add_parser("grace-add", help="add images to a trained GRACE adapter (short pass with replay; "
-                                 "reports what the old images lose)")
-    _add_data_args(grace_add)
-    grace_add.add_argument("--adapter", required=True, help="the GRACE adapter to grow (only read)")
-    grace_add.add_argument("--clip", default=None, help="the prefilter's dual encoder: new rows, structured placement")
-    grace_add.add_argument("--out", required=True, help="adapter folder to write (the grown adapter)")
-    grace_add.add_argument("--config", default=None, help="TOML/YAML file of GraceAddConfig settings")
-    grace_add.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
-    add_arguments(grace_add, GraceAddConfig)
+    configs = {"clip": CLIPTrainConfig, "mllm": PretrainConfig, "rerank": RerankTrainConfig,
+               "rewriter": RewriterTrainConfig, "grace": GraceTrainConfig, "grace-add": GraceAddConfig}
+    for command in TRAIN_COMMANDS:
+        p = train.add_parser(command.name, help=command.help)
+        if command.data:
+            _add_data_args(p)
+        for flag, kwargs in command.inputs:
+            p.add_argument(flag, **kwargs)
+        p.add_argument("--out", required=True, help=command.out)
+        if command.overwrite:
+            _add_overwrite(p)
+        if command.resume:
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        config = configs[command.name]
+        p.add_argument("--config", default=None, help=f"TOML/YAML file of {config.__name__} settings")
+        if command.json:
+            p.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+        add_arguments(p, config)
 
     index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
     build = index.add_parser("build", help="embed a dataset split and save a searchable pipeline")
