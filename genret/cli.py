@@ -449,7 +449,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from genret.demo import run_demo
+    from genret.world.demo import run_demo
 
     report = run_demo(Path(args.out), fresh=args.fresh, progress=not args.quiet, train_clip_here=args.train_clip,
                       rerank=not args.no_rerank, rewrite=not args.no_rewrite)

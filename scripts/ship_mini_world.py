@@ -5,7 +5,7 @@
 
 import sys
 
-from genret.shipped import MINI_WORLD, ship
+from genret.world.shipped import MINI_WORLD, ship
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):

@@ -65,7 +65,7 @@ def test_data_synth_and_train_clip(tmp_path, capsys):
 
 
 def test_demo_prefilter_only_on_a_tiny_world(tmp_path, monkeypatch, capsys):
-    import genret.demo as demo
+    import genret.world.demo as demo
     from conftest import TINY_CLIP, TINY_WORLD
 
     monkeypatch.setattr(demo, "DEMO_WORLD", TINY_WORLD)
@@ -84,8 +84,8 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
                                                                         world_dir, clip_dir, mllm_dir):
     import dataclasses
 
-    import genret.demo as demo
-    import genret.shipped as shipped
+    import genret.world.demo as demo
+    import genret.world.shipped as shipped
     from conftest import TINY_WORLD
     from genret.eval.report import rewriting_tables
 
@@ -98,7 +98,7 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     tiny = dataclasses.replace(demo.demo_rerank_config(), max_steps=2, batch_size=2, negatives=2, mine_k=4,
                                eval_queries=4)
     monkeypatch.setattr(demo, "demo_rerank_config", lambda: tiny)
-    import genret.demo_rewrite as rewrite
+    import genret.world.demo_rewrite as rewrite
 
     small = dataclasses.replace(rewrite.demo_rewriter_config(), max_steps=2, batch_size=4)
     monkeypatch.setattr(rewrite, "demo_rewriter_config", lambda: small)
@@ -142,8 +142,8 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
 
 
 def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):
-    import genret.demo as demo
-    import genret.shipped as shipped
+    import genret.world.demo as demo
+    import genret.world.shipped as shipped
     from conftest import TINY_WORLD
 
     monkeypatch.setattr(shipped, "MINI_WORLD", tmp_path / "nothing")

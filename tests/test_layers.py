@@ -17,7 +17,7 @@ LAYERS = {
     2: ("stages",),
     3: ("pipeline", "eval"),
     4: ("training",),
-    5: ("world", "serve", "cli", "demo", "demo_rewrite", "shipped"),
+    5: ("world", "serve", "cli"),
 }
 LEVEL = {name: level for level, names in LAYERS.items() for name in names}
 

@@ -4,7 +4,7 @@ import pytest
 
 from genret._io import ManifestError, read_json
 from genret.data.synth import VERSION
-from genret.shipped import ship, shipped_models
+from genret.world.shipped import ship, shipped_models
 
 
 @pytest.fixture

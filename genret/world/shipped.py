@@ -18,7 +18,7 @@ from pathlib import Path
 
 from genret._io import ManifestError, atomic_dir, read_json, read_manifest, write_json
 
-MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parent.parent / "adapters" / "mini-world")
+MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parents[2] / "adapters" / "mini-world")
 FORMAT = "genret.mini_world_models"
 PARTS = ("clip", "mllm")
 OPTIONAL_PARTS = ("rewriter", "questioner", "feedback")

@@ -7,7 +7,7 @@
 4. index the test split and evaluate prefilter → zero-shot rerank (generative: log P(caption | image))
    → LoRA rerank (pointwise), each over the CLIP's top 10, both directions, with the twin check, and
    write the report;
-5. query rewriting (:mod:`genret.demo_rewrite`): composed retrieval (CIReVL against its baselines, with the
+5. query rewriting (:mod:`genret.world.demo_rewrite`): composed retrieval (CIReVL against its baselines, with the
    shipped rewriter LoRA, or one trained here when none is shipped) and interactive retrieval (chat,
    EIIRwQR), round by round.
 Steps whose output already exists are reused unless ``fresh``.
@@ -60,8 +60,8 @@ def _stale(folder: Path, marker: str, expected: dict, fresh: bool) -> bool:
 def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bool) -> tuple[Path, Path, dict]:
     """The CLIP, the MLLM and the shipped LoRAs of the rewrite stages (by part) the demo runs on (the CLIP
     shipped, or trained here on request)."""
-    from genret.shipped import OPTIONAL_PARTS
-    from genret.shipped import shipped_models
+    from genret.world.shipped import OPTIONAL_PARTS
+    from genret.world.shipped import shipped_models
 
     try:
         shipped = shipped_models(WORLD_VERSION, asdict(DEMO_WORLD))
@@ -142,7 +142,7 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
     report = evaluate(pipe, dataset, split="test", progress=progress)
     report["demo_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     if rerank and rewrite:
-        from genret.demo_rewrite import run_rewrite_demo
+        from genret.world.demo_rewrite import run_rewrite_demo
 
         report["rewriting"] = run_rewrite_demo(out, world, clip_dir, mllm_dir, fresh=fresh, progress=progress,
                                                adapters=adapters)
