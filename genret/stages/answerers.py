@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 from genret.data.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene
+from genret.registry import Registry
 from genret.mllm.rewriter import Rewrite
 from genret.stages.dialog import UNKNOWN, Target, dialog_text
 from genret.types import Query
@@ -33,6 +34,11 @@ class Answerer(Protocol):
     name: str
 
     def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]: ...
+
+
+# Simulated users and people, by the name a chat stage's ``answerer`` setting gives: each entry builds one for
+# a stage (``factory(stage) -> Answerer``). A data set with its own ground truth registers its own.
+ANSWERERS: Registry[Callable[..., "Answerer"]] = Registry("answerer")
 
 
 def _target(query: Query, answerer: str, need: str) -> Target:
@@ -246,3 +252,21 @@ class MLLMAnswerer:
         rows = gen[:, inputs["input_ids"].shape[1]:].tolist()
         return [(tok.decode(r, skip_special_tokens=True), any(t in stops for t in r) or len(r) < self.max_new_tokens)
                 for r in rows]
+
+
+def _mllm_answerer(stage) -> "MLLMAnswerer":
+    """The MLLM looks at the target: the plain model, so that the questioner's LoRA stays out of it."""
+    c = stage.config
+    if c.adapter:
+        from genret.mllm import MLLM
+
+        mllm = MLLM.load(c.mllm_config(c.model))
+    else:
+        mllm = stage._load_mllm()
+    return MLLMAnswerer(mllm, c.prompt, max_new_tokens=c.answer_tokens, num_beams=c.num_beams,
+                        batch_size=c.batch_size, cache_dir=c.cache_dir or None)
+
+
+ANSWERERS.register("facts")(lambda stage: FactsAnswerer())
+ANSWERERS.register("human")(lambda stage: HumanAnswerer())
+ANSWERERS.register("mllm")(_mllm_answerer)

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from genret.mllm.rewriter import Rewrite
-from genret.stages.answerers import Answerer, FactsAnswerer, HumanAnswerer, MLLMAnswerer, answer_from_scene
+from genret.stages.answerers import (ANSWERERS, Answerer, FactsAnswerer, HumanAnswerer, MLLMAnswerer,  # noqa: F401
+                                     answer_from_scene)
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import UNKNOWN, Target, dialog_text, initial_query, joined_dialog
 from genret.types import Query
@@ -68,7 +69,6 @@ __all__ = ["Answerer", "ChatConfig", "ChatStage", "FactsAnswerer", "HumanAnswere
            "FALLBACK_QUESTIONS"]
 
 QUESTIONERS = ("mllm", "scripted")
-ANSWERERS = ("facts", "mllm", "human")
 QUERY_FORMATS = ("dialog", "answers", "rewrite")
 SCRIPT = (
     "What colours are the objects?",
@@ -108,7 +108,8 @@ class ChatConfig(MLLMLoadConfig):
     cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
 
     def __post_init__(self) -> None:
-        for name, known in (("questioner", QUESTIONERS), ("answerer", ANSWERERS), ("query_format", QUERY_FORMATS)):
+        for name, known in (("questioner", QUESTIONERS), ("answerer", tuple(ANSWERERS.names())),
+                            ("query_format", QUERY_FORMATS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
         for name in ("rounds", "max_new_tokens", "answer_tokens", "num_beams", "batch_size"):
@@ -169,19 +170,8 @@ class ChatStage(RewriteStage):
         return self._mllm
 
     def _answerer(self) -> Answerer:
-        if self.answerer is None:
-            c = self.config
-            if c.answerer == "facts":
-                self.answerer = FactsAnswerer()
-            elif c.answerer == "human":
-                self.answerer = HumanAnswerer()
-            else:  # the answerer sees the image with the plain model: the questioner's LoRA stays out of it
-                from genret.mllm import MLLM
-
-                mllm = (MLLM.load(c.mllm_config(c.model)) if c.adapter
-                        else self._load_mllm())
-                self.answerer = MLLMAnswerer(mllm, c.prompt, max_new_tokens=c.answer_tokens, num_beams=c.num_beams,
-                                             batch_size=c.batch_size, cache_dir=c.cache_dir or None)
+        if self.answerer is None:  # a registered answerer (genret.stages.answerers.ANSWERERS) built for this stage
+            self.answerer = ANSWERERS.get(self.config.answerer)(self)
         return self.answerer
 
     def _rewriter(self, section: str) -> "Rewriter":

@@ -197,3 +197,26 @@ def test_the_facts_answerer_answers_questions_only():
     assert answer_from_scene(s, "a large yellow one to the right of a small purple circle") is None
     assert answer_from_scene(s, "what is on the right") == "large blue square"
     assert answer_from_scene(s, "Where are the two objects?") == "the red circle is left of the blue square"
+
+
+def test_answerers_are_registered_plug_ins(clip_dir):
+    """A chat stage builds its answerer from the registry by name; another data set's simulated user plugs in."""
+    from genret.mllm.rewriter import Rewrite
+    from genret.stages.answerers import ANSWERERS
+
+    assert {"facts", "human", "mllm"} <= set(ANSWERERS.names())
+
+    class Echo:
+        name = "echo"
+
+        def answer(self, queries, questions):
+            return [Rewrite(q, q) for q in questions]
+
+    ANSWERERS.register("echo")(lambda stage: Echo())
+    try:
+        stage = ChatStage(ChatConfig(questioner="scripted", answerer="echo"), "chat")
+        assert isinstance(stage._answerer(), Echo)
+    finally:
+        ANSWERERS._entries.pop("echo")
+    with pytest.raises(ValueError, match="answerer must be one of"):
+        ChatConfig(questioner="scripted", answerer="echo")
