@@ -312,16 +312,14 @@ class RetrievalPipeline:
 
 
 def _readable(items: list[Item]) -> list[Item]:
-    from PIL import Image
+    from genret.data.dataset import unreadable_reason
 
     kept, bad = [], []
     for it in items:
-        try:
-            with Image.open(it.image) as img:
-                img.verify()
-            kept.append(it)
-        except Exception:  # noqa: BLE001 - any decoding failure means "skip this file"
+        if unreadable_reason(Path(it.image)):
             bad.append(str(it.image))
+        else:
+            kept.append(it)
     if bad:
         logger.warning("skipped %d unreadable images of %d: %s%s", len(bad), len(items), ", ".join(bad[:5]),
                        f" and {len(bad) - 5} more" if len(bad) > 5 else "")

@@ -117,3 +117,34 @@ def real_mllms(real_dirs):
     from genret.mllm import MLLM
 
     return {name: MLLM.load(str(path)) for name, path in real_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def images(world):
+    """Three gallery images and a non-square one (Qwen's grid is then 4×2 merged tokens, not 3×3)."""
+    from PIL import Image
+
+    ims = [Image.open(r.path).convert("RGB") for r in world.split("test").records[:3]]
+    return ims + [ims[0].crop((0, 0, 64, 32))]
+
+
+def score_query(mllm, mode, direction, images, **kwargs):
+    """Scores of one query against candidates, as the rerank stage asks for them (``kwargs``: pointwise and
+    generative options such as ``shared_prefix``)."""
+    from genret.mllm.scoring import generative_scores, listwise_scores, pointwise_scores
+    from genret.prompts import load_prompt
+
+    prompt = load_prompt(f"rerank_{mode}").section(direction)
+    texts = ["a red circle left of a blue square", "a small green star", "two crosses", "a blue square"]
+    if direction == "t2i":  # one text, the images are candidates
+        texts, ims = [texts[0]] * len(images), list(images)
+    else:  # one image, the texts are candidates
+        ims = [images[-1]] * len(texts)
+    if mode == "pointwise":
+        return pointwise_scores(mllm, prompt["user"], texts, ims, batch_size=3, **kwargs)
+    if mode == "generative":
+        return generative_scores(mllm, prompt["user"], [prompt["assistant"].replace("{text}", t) for t in texts], ims,
+                                 batch_size=3, **kwargs)
+    if direction == "t2i":
+        return listwise_scores(mllm, prompt["user"], prompt["item"], {"text": texts[0]}, ims, "image")
+    return listwise_scores(mllm, prompt["user"], prompt["item"], {"image": ims[0]}, texts, "text")

@@ -7,7 +7,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

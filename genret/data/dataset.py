@@ -148,7 +148,7 @@ def load_dataset(
     if on_error == "skip":  # an image that exists but does not decode goes too, with its captions (no stray queries)
         readable = []
         for record in records:
-            problem = _unreadable(record.path)
+            problem = unreadable_reason(record.path)
             if problem:
                 skipped.append(f"{path}: image {record.id}: {record.path} is not a readable image ({problem})")
             else:
@@ -166,7 +166,7 @@ def load_dataset(
     return Dataset(name=name, source=path, records=tuple(records))
 
 
-def _unreadable(path: Path) -> str | None:
+def unreadable_reason(path: Path) -> str | None:
     """Why an image file does not decode, or None when it does (a header check, no full decode)."""
     from PIL import Image
 

@@ -345,8 +345,6 @@ def extend_identifiers(old: Identifiers, new_items: Sequence[str], *, embeddings
     _refuse_known(old, new_items)
     if len(set(new_items)) != len(new_items):
         raise ValueError("the images to add hold duplicate ids")
-    n_old, items = len(old), old.item_ids + new_items
-    params, tokens = dict(old.parameters), list(old.new_tokens)
     return SCHEMES.get(old.scheme).extend(old, new_items, embeddings=embeddings, old_embeddings=old_embeddings,
                                           texts=texts)
 

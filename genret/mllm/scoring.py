@@ -337,6 +337,33 @@ def number_answers(mllm: MLLM, prompt: str, k: int) -> list[list[int]]:
     return continuation_ids(mllm, prompt, [fmt.text(str(n)) for n in range(1, k + 1)])
 
 
+def answer_logprobs(mllm: MLLM, model, inputs: dict[str, torch.Tensor], out, answers: list[list[int]]) -> torch.Tensor:
+    """log P(answer | prompt) of each of ``answers`` (token ids), from the prompt's forward ``out``.
+
+    ``out`` holds the prompt's last-position logits and its KV cache (``use_cache=True``); the cache is
+    repeated for the answers, whose tokens after the first run together in one more forward of ``model``
+    (the peft-wrapped or the plain model). Differentiable: the rerank trainer's listwise loss is taken on it.
+    """
+    k, width = len(answers), max(len(a) for a in answers)
+    first = out.logits[0, -1].float().log_softmax(-1)
+    scores = first[torch.tensor([a[0] for a in answers], device=first.device)]
+    if width == 1:
+        return scores
+    device = inputs["input_ids"].device
+    ids = torch.full((k, width - 1), mllm.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+    for i, a in enumerate(answers):
+        ids[i, :len(a) - 1] = torch.tensor(a[:-1])
+    cache = out.cache
+    cache.batch_repeat_interleave(k)
+    mask = torch.ones((k, inputs["input_ids"].shape[1] + width - 1), dtype=torch.long, device=device)
+    positions = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
+    logp = model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions,
+                 use_cache=False).logits.float().log_softmax(-1)
+    rest = torch.stack([sum((logp[i, j - 1, a[j]] for j in range(1, len(a))), logp.new_zeros(()))
+                        for i, a in enumerate(answers)])
+    return scores + rest
+
+
 def listwise_prompt(user_template: str, item_template: str, query: dict[str, object], candidates: Sequence[object],
                     candidate_key: str) -> tuple[list[dict], list]:
     """The numbered prompt's messages and its images (the query's, then the candidates')."""
@@ -404,23 +431,4 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
             one = _inputs(mllm, [render(mllm, one_messages)], [one_images])["input_ids"].shape[1]
             check_listwise_length(mllm, length, len(candidates), one)
     out = _forward(mllm, inputs, use_cache=True, logits_to_keep=1)
-    answers = number_answers(mllm, prompt, len(candidates))
-    k, width = len(answers), max(len(a) for a in answers)
-    first = out.logits[0, -1].float().log_softmax(-1)
-    scores = torch.tensor([first[a[0]].item() for a in answers])
-    if width > 1:
-        pad = mllm.tokenizer.pad_token_id or 0
-        ids = torch.full((k, width - 1), pad, dtype=torch.long, device=mllm.device)
-        for i, a in enumerate(answers):
-            ids[i, :len(a) - 1] = torch.tensor(a[:-1])
-        cache = out.cache
-        cache.batch_repeat_interleave(k)
-        length = inputs["input_ids"].shape[1]
-        mask = torch.ones((k, length + width - 1), dtype=torch.long, device=mllm.device)
-        position_ids = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
-        logits = mllm.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=position_ids).logits
-        logp = logits.float().log_softmax(-1)
-        for i, a in enumerate(answers):
-            for j in range(1, len(a)):
-                scores[i] += logp[i, j - 1, a[j]].item()
-    return scores.tolist()
+    return answer_logprobs(mllm, mllm.model, inputs, out, number_answers(mllm, prompt, len(candidates))).tolist()

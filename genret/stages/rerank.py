@@ -7,7 +7,6 @@ is ``upstream + fusion_weight · rerank`` (LamRA's fusion), else the rerank scor
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,6 @@ from genret.types import Query, Ranking
 from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
-    import torch
-
     from genret.index.gallery import Gallery
 
 logger = logging.getLogger(__name__)

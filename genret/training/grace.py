@@ -53,7 +53,7 @@ from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
 from genret.mllm.answers import answer_context
 from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
-from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, make_identifiers, tokenize
+from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, tokenize
 from genret.mllm import scoring
 from genret.training.distributed import my_slice, on_main, train_step
 from genret.config import check_bounds

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 from genret import __version__
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.mllm.answers import answer_context
-from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, make_identifiers, tokenize
+from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, tokenize
 from genret.identifiers.schemes import _refuse_known, extend_identifiers  # noqa: F401  (extend_identifiers: public here too)
 from genret.training.distributed import my_slice, on_main, train_step
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,

@@ -290,25 +290,7 @@ def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.
     extra = mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], image_inputs or None, inputs["attention_mask"])
     out = batch.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
                       use_cache=True, logits_to_keep=1, **extra)
-    first = out.logits[0, -1].float().log_softmax(-1)
-    scores = first[torch.tensor([a[0] for a in answers], device=first.device)]
-    width = max(len(a) for a in answers)
-    if width == 1:
-        return scores
-    device = inputs["input_ids"].device
-    ids = torch.full((k, width - 1), mllm.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
-    for i, a in enumerate(answers):
-        ids[i, :len(a) - 1] = torch.tensor(a[:-1])
-    cache = out.cache
-    cache.batch_repeat_interleave(k)
-    length = inputs["input_ids"].shape[1]
-    mask = torch.ones((k, length + width - 1), dtype=torch.long, device=device)
-    positions = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
-    logp = batch.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions,
-                       use_cache=False).logits.float().log_softmax(-1)
-    rest = torch.stack([sum((logp[i, j - 1, a[j]] for j in range(1, len(a))), logp.new_zeros(()))
-                        for i, a in enumerate(answers)])
-    return scores + rest
+    return scoring.answer_logprobs(mllm, batch.model, inputs, out, answers)
 
 
 def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import score_query
+from genret.mllm.scoring import image_features
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -17,26 +20,6 @@ MODES = ("pointwise", "generative", "listwise")
 @pytest.fixture(scope="module")
 def images(world):
     return [Image.open(r.path).convert("RGB") for r in world.split("test").records[:4]]
-
-
-def _scores(mllm, mode, direction, images):
-    from genret.mllm.scoring import generative_scores, image_features, listwise_scores, pointwise_scores
-    from genret.prompts import load_prompt
-
-    feats = image_features(mllm, images)
-    section = load_prompt(f"rerank_{mode}").section(direction)
-    texts = ["a red circle left of a blue square", "a small green star", "two crosses", "a blue square"]
-    if direction == "t2i":
-        texts, ims = [texts[0]] * len(feats), feats
-    else:
-        ims = [feats[0]] * len(texts)
-    if mode == "pointwise":
-        return pointwise_scores(mllm, section["user"], texts, ims)
-    if mode == "generative":
-        return generative_scores(mllm, section["user"], [section["assistant"].replace("{text}", t) for t in texts], ims)
-    if direction == "t2i":
-        return listwise_scores(mllm, section["user"], section["item"], {"text": texts[0]}, ims, "image")
-    return listwise_scores(mllm, section["user"], section["item"], {"image": ims[0]}, texts, "text")
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
@@ -51,8 +34,8 @@ def test_bf16_on_cuda_scores_like_float32_on_the_cpu(real_dirs, images, name, mo
     assert gpu.device.type == "cuda" and gpu.model.dtype in (torch.bfloat16, torch.float16)
     for mllm in (gpu, cpu):
         mllm.family.prepare_feature_cache(mllm.processor)
-    want = _scores(cpu, mode, direction, images)
-    got = _scores(gpu, mode, direction, images)
+    want = score_query(cpu, mode, direction, image_features(cpu, images))
+    got = score_query(gpu, mode, direction, image_features(gpu, images))
     spread = max(want) - min(want)
     # bf16 keeps ~3 significant digits; the tiny random models' scores span a few nats
     assert got == pytest.approx(want, abs=0.05 * max(1.0, spread) + 0.05)

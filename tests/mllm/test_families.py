@@ -9,14 +9,14 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 from genret.mllm import MLLM
 from genret.mllm.answers import answer_format
 from genret.mllm.families import family_of
-from genret.mllm.scoring import (_inputs, generative_scores, image_features, listwise_scores, pointwise_scores, render,
+from genret.mllm.scoring import (_inputs, image_features, listwise_scores, pointwise_scores, render,
                                  user_message)
 from genret.mllm.tiny import build_tiny
+from conftest import score_query
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.prompts import load_prompt
 from genret.types import Query
@@ -50,13 +50,6 @@ def tiny_mllms(tiny_dirs):
     return {f: MLLM.load(str(d)) for f, d in tiny_dirs.items()}
 
 
-@pytest.fixture(scope="module")
-def images(world):
-    """Three gallery images and a non-square one (Qwen's grid is then 4×2 merged tokens, not 3×3)."""
-    ims = [Image.open(r.path).convert("RGB") for r in world.split("test").records[:3]]
-    return ims + [ims[0].crop((0, 0, 64, 32))]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_through_auto_classes_as_its_family(tiny_mllms, family):
     mllm = tiny_mllms[family]
@@ -68,32 +61,14 @@ def test_loads_through_auto_classes_as_its_family(tiny_mllms, family):
         assert len(mllm.tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
 
 
-def _score(mllm, mode, direction, images):
-    """Scores of one query against candidates, as the rerank stage asks for them."""
-    prompt = load_prompt(f"rerank_{mode}").section(direction)
-    texts = ["a red circle left of a blue square", "a small green star", "two crosses", "a blue square"]
-    if direction == "t2i":  # one text, the images are candidates
-        texts, ims = [texts[0]] * len(images), list(images)
-    else:  # one image, the texts are candidates
-        ims = [images[-1]] * len(texts)
-    if mode == "pointwise":
-        return pointwise_scores(mllm, prompt["user"], texts, ims, batch_size=3)
-    if mode == "generative":
-        return generative_scores(mllm, prompt["user"], [prompt["assistant"].replace("{text}", t) for t in texts], ims,
-                                 batch_size=3)
-    if direction == "t2i":
-        return listwise_scores(mllm, prompt["user"], prompt["item"], {"text": texts[0]}, ims, "image")
-    return listwise_scores(mllm, prompt["user"], prompt["item"], {"image": ims[0]}, texts, "text")
-
-
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("mode", ["pointwise", "generative", "listwise"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_features_give_the_pil_scores(tiny_mllms, images, family, mode, direction):
     mllm = tiny_mllms[family]
     feats = image_features(mllm, images)
-    plain = _score(mllm, mode, direction, images)
-    fast = _score(mllm, mode, direction, feats)
+    plain = score_query(mllm, mode, direction, images)
+    fast = score_query(mllm, mode, direction, feats)
     assert fast == pytest.approx(plain, abs=1e-4)
     assert max(plain) - min(plain) > 1e-2  # the candidates are told apart: the check above can fail
 

@@ -9,21 +9,15 @@ import copy
 
 import pytest
 import torch
-from PIL import Image
 
 from genret.mllm import MLLM
-from genret.mllm.scoring import generative_scores, image_features, listwise_scores, pointwise_scores
+from genret.mllm.scoring import generative_scores, image_features, listwise_scores
 from genret.prompts import load_prompt
+from conftest import score_query
 from real_checkpoints import CHECKPOINTS, fixture
 
 NAMES = list(CHECKPOINTS)
 EXACT_VOCAB = [n for n in NAMES if fixture(n)["tokenizer"]["config_ids_match"]]
-
-
-@pytest.fixture(scope="module")
-def images(world):
-    ims = [Image.open(r.path).convert("RGB") for r in world.split("test").records[:3]]
-    return ims + [ims[0].crop((0, 0, 64, 32))]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,23 +40,6 @@ def test_the_real_vocabulary_holds_the_configs_token_ids(real_dirs, name):
     assert keys and all(built[k] == real[k] for k in keys)
 
 
-def _score(mllm, mode, direction, images, **kwargs):
-    prompt = load_prompt(f"rerank_{mode}").section(direction)
-    texts = ["a red circle left of a blue square", "a small green star", "two crosses", "a blue square"]
-    if direction == "t2i":
-        texts, ims = [texts[0]] * len(images), list(images)
-    else:
-        ims = [images[-1]] * len(texts)
-    if mode == "pointwise":
-        return pointwise_scores(mllm, prompt["user"], texts, ims, batch_size=3, **kwargs)
-    if mode == "generative":
-        return generative_scores(mllm, prompt["user"], [prompt["assistant"].replace("{text}", t) for t in texts], ims,
-                                 batch_size=3, **kwargs)
-    if direction == "t2i":
-        return listwise_scores(mllm, prompt["user"], prompt["item"], {"text": texts[0]}, ims, "image")
-    return listwise_scores(mllm, prompt["user"], prompt["item"], {"image": ims[0]}, texts, "text")
-
-
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("mode", ["pointwise", "generative", "listwise"])
 @pytest.mark.parametrize("name", NAMES)
@@ -71,12 +48,12 @@ def test_cached_features_and_shared_prefix_give_the_pil_scores(real_mllms, real_
     if mllm.family.prepare_feature_cache(copy.deepcopy(mllm.processor)):  # SmolVLM: as the rerank stage sets it up
         mllm = MLLM.load(str(real_dirs[name]))
         mllm.family.prepare_feature_cache(mllm.processor)
-    plain = _score(mllm, mode, direction, images)
+    plain = score_query(mllm, mode, direction, images)
     feats = image_features(mllm, images)
-    fast = _score(mllm, mode, direction, feats)
+    fast = score_query(mllm, mode, direction, feats)
     assert fast == pytest.approx(plain, abs=1e-4)
     if mode != "listwise":
-        assert _score(mllm, mode, direction, feats, shared_prefix=False) == pytest.approx(plain, abs=1e-4)
+        assert score_query(mllm, mode, direction, feats, shared_prefix=False) == pytest.approx(plain, abs=1e-4)
     assert max(plain) - min(plain) > 1e-3
 
 
@@ -228,7 +205,7 @@ def test_scoring_uses_the_current_cache_api(real_mllms, images, caplog, recwarn)
     mllm = real_mllms["llava-1.5-7b-hf"]
     with caplog.at_level("WARNING"):
         for mode in ("pointwise", "generative", "listwise"):
-            _score(mllm, mode, "i2t", image_features(mllm, images[:1]) * 4)
+            score_query(mllm, mode, "i2t", image_features(mllm, images[:1]) * 4)
     said = caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "past_key_values" not in said and "deprecated" not in said
 

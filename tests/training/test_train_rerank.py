@@ -184,7 +184,6 @@ def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family
     from peft import LoraConfig, get_peft_model
 
     from genret.encoders import load_encoder
-    from genret.mllm import scoring
     from genret.mllm.adapters import language_model_targets
     from genret.training import rerank as tr
     from genret.training.negatives import caption_table, mine_negatives
