@@ -88,13 +88,15 @@ def artefact_format(folder: str | os.PathLike) -> str | None:
     """The ``format`` of the genret manifest a folder holds, or None when it holds none.
 
     Two folders have no manifest of their own: a training run in progress (``checkpoints/`` of
-    trainer states: ``"genret.train_run"``) and the miniature world (``dataset_synth.json`` that genret's
+    trainer states, or only ``checkpoints/`` and the trackers' ``logs/``: ``"genret.train_run"``) and the miniature world (``dataset_synth.json`` that genret's
     generator wrote: ``"genret.world"``).
     """
     folder = Path(folder)
-    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("*/trainer_state.json")):
-        if not any((folder / n).is_file() for n in MANIFEST_NAMES):
-            return "genret.train_run"
+    run = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("*/trainer_state.json"))
+    if not run and folder.is_dir() and (folder / "logs").is_dir():  # a run that logs to trackers, before its result
+        run = {p.name for p in folder.iterdir()} <= {"checkpoints", "logs"}
+    if run and not any((folder / n).is_file() for n in MANIFEST_NAMES):
+        return "genret.train_run"
     world = folder / "dataset_synth.json"
     if world.is_file():
         try:

@@ -41,7 +41,7 @@ class TrainCommand:
     inputs: tuple[tuple[str, dict], ...]  # (flag, add_argument keywords), beside the common data arguments
     out: str = "adapter folder to write"
     data: bool = True  # --data / --image-root / --on-error
-    resume: bool = False
+    resume: bool = True  # --resume: continue from the last checkpoint in --out (every trainer runs on the engine)
     json: bool = True
     overwrite: bool = True  # grace-add has its own --overwrite setting (may replace its parent)
     formats: tuple[str, ...] = ("genret.rerank_adapter", "genret.train_run")  # what --out may already hold
@@ -49,15 +49,15 @@ class TrainCommand:
 
 _BASE = ("--base", {"required": True, "help": "the MLLM to adapt: a local directory or Hugging Face id"})
 TRAIN_COMMANDS = (
-    TrainCommand("clip", "train a mini CLIP contrastively", (), out="checkpoint folder to write", json=False,
-                 formats=("genret.clip",)),
+    TrainCommand("clip", "train a mini CLIP contrastively", (), out="checkpoint folder to write",
+                 formats=("genret.clip", "genret.train_run")),
     TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
                  (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),),
-                 out="checkpoint folder to write", json=False, formats=("genret.mini_mllm",)),
+                 out="checkpoint folder to write", formats=("genret.mini_mllm", "genret.train_run")),
     TrainCommand("rerank", "LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives",
                  (_BASE, ("--clip", {"required": True, "help": "the prefilter's dual encoder (checkpoint directory or "
                                                                "id) that mines hard negatives"})),
-                 out="adapter folder to write (checkpoints go under OUT/checkpoints)", resume=True),
+                 out="adapter folder to write (checkpoints go under OUT/checkpoints)"),
     TrainCommand("rewriter", "text LoRAs of the rewrite stages: cirevl (caption + modification -> target), chat "
                  "(dialog -> next question), eiirwqr (query + marked captions -> target)",
                  (("--data", {"required": True, "help": "cirevl: CIRR/CIRCO folder (or the miniature world's); chat, "
@@ -70,12 +70,13 @@ TRAIN_COMMANDS = (
                  data=False),
     TrainCommand("grace", "GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)",
                  (_BASE, ("--clip", {"default": None, "help": "the prefilter's dual encoder: structured ids, new-row "
-                                                              "initialisation"})), resume=True),
+                                                              "initialisation"}))),
     TrainCommand("grace-add", "add images to a trained GRACE adapter (short pass with replay; reports what the old "
                  "images lose)",
                  (("--adapter", {"required": True, "help": "the GRACE adapter to grow (only read)"}),
                   ("--clip", {"default": None, "help": "the prefilter's dual encoder: new rows, structured placement"})),
-                 out="adapter folder to write (the grown adapter)", overwrite=False, formats=("genret.rerank_adapter",)),
+                 out="adapter folder to write (the grown adapter)", overwrite=False,
+                 formats=("genret.rerank_adapter", "genret.train_run")),
 )
 
 
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         config = configs[command.name]
         p.add_argument("--config", default=None, help=f"TOML/YAML file of {config.__name__} settings")
         if command.json:
-            p.add_argument("--json", action="store_true", help="print the adapter manifest as JSON")
+            p.add_argument("--json", action="store_true", help="print the manifest (config, history, metrics) as JSON")
         add_arguments(p, config)
 
     index = sub.add_parser("index", help="indexes").add_subparsers(dest="index_command", required=True)
@@ -222,10 +223,12 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     config = merge_arguments(CLIPTrainConfig, args, args.config)
     dataset = _load_data(args)
     val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
-    summary = train_clip(dataset.split("train"), args.out, config, val=val, progress=not args.quiet)
-    last = summary["history"][-1]
+    summary = train_clip(dataset.split("train"), args.out, config, val=val, progress=not args.quiet, resume=args.resume)
+    if _handled(args, summary):
+        return 0
+    last, val_r1 = summary["history"][-1], summary["metrics"].get("val", {}).get("val_t2i_R@1")
     print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
-          f"final loss {last['loss']:.3f}" + (f", val t2i R@1 {last['val_t2i_R@1']:.1f}" if "val_t2i_R@1" in last else ""))
+          f"final loss {last['loss']:.3f}" + (f", val t2i R@1 {val_r1:.1f}" if val_r1 is not None else ""))
     return 0
 
 
@@ -235,7 +238,10 @@ def cmd_train_mllm(args: argparse.Namespace) -> int:
     config = merge_arguments(PretrainConfig, args, args.config)
     dataset = _load_data(args)
     val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
-    summary = pretrain_mllm(args.clip, dataset.split("train"), args.out, config, val=val, progress=not args.quiet)
+    summary = pretrain_mllm(args.clip, dataset.split("train"), args.out, config, val=val, progress=not args.quiet,
+                            resume=args.resume)
+    if _handled(args, summary):
+        return 0
     print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
           f"final loss {summary['history'][-1]['loss']:.3f}"
           + (f", held-out caption loss {summary['val_caption_loss']}" if "val_caption_loss" in summary else ""))
@@ -269,7 +275,7 @@ def _handled(args: argparse.Namespace, summary: dict) -> bool:
     """Nothing more to print: another training process (only the main one reports), or ``--json`` (printed here)."""
     if _other_process():
         return True
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
         return True
     return False
@@ -302,7 +308,8 @@ def cmd_train_grace_add(args: argparse.Namespace) -> int:
     from genret.training.grace_add import GraceAddConfig, add_images
 
     config = merge_arguments(GraceAddConfig, args, args.config)
-    summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, progress=not args.quiet)
+    summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
+                         progress=not args.quiet)
     if _handled(args, summary):
         return 0
     f = summary["forgetting"]
@@ -410,7 +417,8 @@ def cmd_train_rewriter(args: argparse.Namespace) -> int:
 
         train = load_dataset(args.data, image_root=args.image_root)
         val = train if args.val_split else None
-    summary = train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, progress=not args.quiet)
+    summary = train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, resume=args.resume,
+                             progress=not args.quiet)
     if _handled(args, summary):
         return 0
     m = summary["metrics"]

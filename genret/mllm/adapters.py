@@ -79,14 +79,23 @@ def save_adapter(folder: str | os.PathLike, peft_model, manifest: Mapping[str, A
         manifest: what made it: at least task, mode, base_model, base_revision, family and prompt
             (``{"name", "version"}``); ``format`` and ``version`` are added.
     """
+    with atomic_dir(folder, ADAPTER_FORMATS) as tmp:  # a run's checkpoints give way to its adapter
+        write_adapter(tmp, peft_model, manifest)
+    return Path(folder)
+
+
+ADAPTER_FORMATS = (FORMAT, "genret.train_run")
+"""What a folder an adapter is saved to may already hold: an adapter, or the run that trains it."""
+
+
+def write_adapter(folder: Path, peft_model, manifest: Mapping[str, Any]) -> None:
+    """Fill the (new, empty) ``folder`` with ``peft_model``'s adapter files and the manifest; see :func:`save_adapter`."""
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"adapter manifest is missing {', '.join(missing)}")
-    with atomic_dir(folder, (FORMAT, "genret.train_run")) as tmp:  # a run's checkpoints give way to its adapter
-        peft_model.save_pretrained(str(tmp))
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
-        write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest})
-    return Path(folder)
+    peft_model.save_pretrained(str(folder))
+    (Path(folder) / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    write_json(Path(folder) / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest})
 
 
 def check_adapter(manifest: Mapping[str, Any], path: str | os.PathLike, mllm: "MLLM", task: str | None = None,

@@ -1,9 +1,14 @@
-"""Resumable training checkpoints without pickle: adapter and optimizer tensors in safetensors, the rest JSON.
+"""Resumable training checkpoints without pickle: trained tensors and optimizer state in safetensors, the rest JSON.
 
-A checkpoint folder ``<run>/checkpoints/step-0000200/`` holds peft's adapter files (it loads as an
-adapter on its own), ``optimizer.safetensors`` (every tensor of the optimizer state, keyed
-``<param index>.<name>``) and ``trainer_state.json`` (format, step, history, config, and the
-optimizer's non-tensor state). Each is written atomically; older checkpoints are pruned.
+A checkpoint folder ``<run>/checkpoints/step-0000200/`` holds ``trainable.safetensors`` (every parameter
+that trains, by its name in the model: a LoRA's weights and new-token rows, or a whole model that trains
+whole), ``optimizer.safetensors`` (every tensor of the optimizer state, keyed ``<param index>.<name>``) and
+``trainer_state.json`` (format, step, history, the trainer's data-stream state, config, and the optimizer's
+non-tensor state). Each is written atomically; older checkpoints are pruned.
+
+Under DeepSpeed or FSDP the weights and optimizer state are sharded across processes and only their own
+checkpointing can gather them: there the folder holds ``accelerate/`` written by ``Accelerator.save_state``
+(DeepSpeed's and torch's own formats) beside the same ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from genret._io import ManifestError, atomic_dir, read_json, write_json
 logger = logging.getLogger(__name__)
 
 FORMAT = "genret.train_state"
-VERSION = 1
+VERSION = 2
 STATE = "trainer_state.json"
+WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+SHARDED = "accelerate"
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -37,64 +44,97 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict, keep: int = 1) -> Path:
-    """Save adapter weights, optimizer state and ``state`` (JSON-able) as the checkpoint of ``step``.
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` that train, by name, as contiguous CPU tensors."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict, keep: int = 1,
+                    accelerator=None) -> Path:
+    """Save what trains, the optimizer state and ``state`` (JSON-able) as the checkpoint of ``step``.
 
     Args:
-        model: the peft model (unwrapped); its ``save_pretrained`` writes the adapter.
+        model: the model, unwrapped (its parameters that require grad are saved).
         optimizer: a torch optimizer (or accelerate's wrapper of one).
-        state: step, history, config... anything JSON-able the loop needs to continue.
+        state: step, history, data-stream state, config... anything JSON-able the loop needs to continue.
         keep: how many checkpoints to keep (oldest removed first).
+        accelerator: given under DeepSpeed / FSDP, where its ``save_state`` writes the sharded state; then
+            every process calls this (each writes its shards), elsewhere only the main one.
     """
     from safetensors.torch import save_file
 
     folder = checkpoint_root(run_dir) / f"step-{step:07d}"
-    tensors, scalars = {}, {}
-    for pid, values in optimizer.state_dict()["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    with atomic_dir(folder, (FORMAT,)) as tmp:
-        model.save_pretrained(str(tmp))
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
-        save_file(tensors, str(tmp / OPTIMIZER))
-        write_json(tmp / STATE, {"format": FORMAT, "version": VERSION, "step": step, **state,
-                                 "optimizer_scalars": scalars})
+    if accelerator is not None:  # every process writes its shards; the state file, written last, marks it complete
+        accelerator.save_state(str(folder / SHARDED), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return folder
+        write_json(folder / STATE, {"format": FORMAT, "version": VERSION, "step": step, **state})
+    else:
+        with atomic_dir(folder, (FORMAT,)) as tmp:
+            tensors, scalars = {}, {}
+            for pid, values in optimizer.state_dict()["state"].items():
+                for key, value in values.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{pid}.{key}"] = value
+            save_file(trainable_tensors(model), str(tmp / WEIGHTS))
+            save_file(tensors, str(tmp / OPTIMIZER))
+            write_json(tmp / STATE, {"format": FORMAT, "version": VERSION, "step": step, **state,
+                                     "optimizer_scalars": scalars})
     others = sorted(p for p in checkpoint_root(run_dir).glob("step-*") if p != folder)
     for old in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike, model, optimizer) -> dict:
-    """Restore adapter weights and optimizer state from ``folder``; returns its JSON state.
-
-    Raises:
-        ManifestError: naming the folder, when it is not a genret training checkpoint of this version,
-            or its optimizer state does not fit the optimizer (another model or LoRA setting).
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+def read_state(folder: str | os.PathLike) -> dict:
+    """The JSON state of a checkpoint, checked to be a genret training checkpoint of this version."""
     folder = Path(folder)
     state = read_json(folder / STATE, what="training checkpoint state")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ManifestError(f"{folder}: not a genret training checkpoint ({STATE} has format "
                             f"{state.get('format') if isinstance(state, dict) else None!r}, expected {FORMAT!r})")
     if state.get("version") != VERSION:
-        raise ManifestError(f"{folder}: checkpoint format version {state.get('version')}, this genret reads {VERSION}")
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        raise ManifestError(f"{folder}: adapter weights do not fit the model (e.g. {unexpected[0]})")
-    saved = load_file(str(folder / OPTIMIZER))
+        raise ManifestError(f"{folder}: checkpoint format version {state.get('version')}, this genret reads {VERSION}; "
+                            "start the run afresh in another folder")
+    return state
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer, accelerator=None) -> dict:
+    """Restore what trains and the optimizer state from ``folder``; returns its JSON state.
+
+    Raises:
+        ManifestError: naming the folder, when it is not a genret training checkpoint of this version,
+            or its tensors do not fit the model or optimizer (another model, LoRA or identifier setting).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if (folder / SHARDED).is_dir():
+        if accelerator is None:
+            raise ManifestError(f"{folder}: a DeepSpeed/FSDP checkpoint; resume it under the same accelerate config")
+        accelerator.load_state(str(folder / SHARDED))
+        logger.info("resumed from %s (step %d)", folder, state["step"])
+        return state
+    saved = load_file(str(folder / WEIGHTS))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != params.keys():
+        odd = sorted(saved.keys() ^ params.keys())
+        raise ManifestError(f"{folder}: its weights do not fit the model ({len(odd)} names differ, e.g. {odd[0]!r}); "
+                            "resume with the same model and settings")
+    with torch.no_grad():
+        for name, value in saved.items():
+            if value.shape != params[name].shape:
+                raise ManifestError(f"{folder}: {name} is {tuple(value.shape)} there, {tuple(params[name].shape)} here")
+            params[name].copy_(value)
+    tensors = load_file(str(folder / OPTIMIZER))
     current = optimizer.state_dict()
     n_params = sum(len(g["params"]) for g in current["param_groups"])
     restored: dict[int, dict] = {}
-    for key, value in saved.items():
+    for key, value in tensors.items():
         pid, name = key.split(".", 1)
         restored.setdefault(int(pid), {})[name] = value
     for key, value in state.get("optimizer_scalars", {}).items():

@@ -10,29 +10,30 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from genret import __version__
-from genret._io import atomic_dir, write_json
+from genret._io import write_json
+from genret.bpe import train_clip_tokenizer
+from genret.config import check_bounds
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
-from genret.config import check_bounds
-from genret.bpe import train_clip_tokenizer
+from genret.training.engine import Engine
+from genret.training.models import enable_checkpointing
+from genret.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CLIPTrainConfig:
-    """Architecture and optimisation of a mini CLIP."""
+class CLIPTrainConfig(TrainOptions):
+    """Architecture and optimisation of a mini CLIP (and the engine's shared options)."""
 
     image_size: int = field(default=64, metadata={"help": "input resolution (square)"})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size"})
@@ -45,24 +46,23 @@ class CLIPTrainConfig:
     context_length: int = field(default=32, metadata={"help": "text tokens per caption"})
     vocab_size: int = field(default=2000, metadata={"help": "upper bound of the BPE vocabulary"})
     epochs: int = field(default=20, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=128, metadata={"help": "image-caption pairs per step (in-batch negatives)"})
+    batch_size: int = field(default=128, metadata={"help": "image-caption pairs per micro-batch and process (the "
+                            "in-batch negatives: accumulation adds steps, not negatives)"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    log_every: int = field(default=0, metadata={"help": "steps per loss entry (0: one per epoch)"})
+    eval_every: int = field(default=0, metadata={"help": "steps between val R@1 checks (0: after every epoch)"})
     shape_negatives: bool = field(default=False, metadata={"help": "miniature world: add to every batch each image "
                                                                    "redrawn with one shape changed, and its captions"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_bounds(self, at_least_one=("image_size", "patch_size", "vision_layers", "vision_width", "text_layers",
-                     "text_width", "heads", "projection_dim", "context_length", "epochs", "batch_size"))
+                     "text_width", "heads", "projection_dim", "context_length"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.vision_width % self.heads or self.text_width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide vision_width and text_width")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
 
 
 def build_clip(config: CLIPTrainConfig, tokenizer):
@@ -119,16 +119,15 @@ def _pixels(processor, records, batch: int = 256) -> torch.Tensor:
 
 @torch.no_grad()
 def _val_recall(model, pixels: torch.Tensor, tokens: dict, owners: np.ndarray) -> float:
-    model.eval()
-    img = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-    txt = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
-    top = (txt @ img.T).argmax(dim=1).numpy()
-    model.train()
+    device = next(model.parameters()).device
+    img = F.normalize(model.get_image_features(pixel_values=pixels.to(device)).pooler_output, dim=-1)
+    txt = F.normalize(model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}).pooler_output, dim=-1)
+    top = (txt @ img.T).argmax(dim=1).cpu().numpy()
     return recall_at_k([[str(t)] for t in top], [{str(o)} for o in owners], 1)
 
 
 def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConfig, val: Dataset | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, resume: bool = False) -> dict:
     """Train a mini CLIP on ``train`` and save it under ``out_dir`` (atomically).
 
     Args:
@@ -137,23 +136,20 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         config: architecture and optimisation.
         val: optional held-out records; text→image R@1 on them is logged each epoch.
         progress: show a progress bar with the loss.
+        resume: continue from the last checkpoint under ``out_dir/checkpoints``.
 
     Returns:
         The training summary also saved as ``genret.json``.
     """
-    from accelerate import Accelerator
-
+    engine = Engine("clip", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     captions = [c for r in train.records for c in r.captions]
     tokenizer = train_clip_tokenizer(captions, config.vocab_size, config.context_length)
     model, processor = build_clip(config, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("mini CLIP: %.2fM parameters, vocabulary %d", n_params / 1e6, len(tokenizer))
 
-    start = time.perf_counter()
     pixels = _pixels(processor, train.records)
     tok = lambda texts: tokenizer(texts, padding="max_length", truncation=True,  # noqa: E731
                                   max_length=config.context_length, return_tensors="pt")
@@ -166,68 +162,71 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
                                               config.seed)
         swap_pixels = processor.image_processor(images=swap_images, return_tensors="pt")["pixel_values"]
         swap_tokens = [tok(t) for t in swap_texts]
+    evaluate = None
     if val is not None:
         val_pixels = _pixels(processor, val.records)
         val_tokens = tok([r.captions[0] for r in val.records])
         val_tokens = {"input_ids": val_tokens["input_ids"], "attention_mask": val_tokens["attention_mask"]}
-        val_owners = np.arange(len(val.records))
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        def evaluate() -> dict:
+            recall = _val_recall(engine.unwrapped, val_pixels, val_tokens, np.arange(len(val.records)))
+            return {"val_t2i_R@1": round(100 * recall, 2)}
+
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr)
-    steps_per_epoch = max(1, len(train.records) // config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warm = max(1, int(config.warmup * total))
-    schedule = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model.train()
+    wrapped = engine.prepare(model, [{"params": decay, "weight_decay": config.weight_decay},
+                                     {"params": rest, "weight_decay": 0.0}])
+    per_step = engine.rows_per_step
+    steps_per_epoch = max(1, len(train.records) // per_step)
+    total = config.max_steps or steps_per_epoch * config.epochs
+    stream: dict = {"order": []}
 
-    history = []
-    bar = tqdm(total=total, desc="train clip", unit="step", disable=not progress)
-    for epoch in range(config.epochs):
-        order = rng.permutation(len(train.records))
-        losses = []
-        for s in range(steps_per_epoch):
-            idx = order[s * config.batch_size:(s + 1) * config.batch_size]
-            picks = [(i, rng.integers(len(cap_tokens[i]["input_ids"]))) for i in idx]
-            batch = {"pixel_values": pixels[idx],
-                     "input_ids": torch.stack([cap_tokens[i]["input_ids"][j] for i, j in picks]),
-                     "attention_mask": torch.stack([cap_tokens[i]["attention_mask"][j] for i, j in picks])}
-            if config.shape_negatives:  # each image's shape swap and a caption of it join the batch
-                picks2 = [(i, rng.integers(len(swap_tokens[i]["input_ids"]))) for i in idx]
-                batch = {"pixel_values": torch.cat([batch["pixel_values"], swap_pixels[idx]]),
-                         "input_ids": torch.cat([batch["input_ids"],
-                                                 torch.stack([swap_tokens[i]["input_ids"][j] for i, j in picks2])]),
-                         "attention_mask": torch.cat([batch["attention_mask"], torch.stack(
-                             [swap_tokens[i]["attention_mask"][j] for i, j in picks2])])}
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            out = model(**batch, return_loss=True)  # CLIP's own symmetric InfoNCE
-            accelerator.backward(out.loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(out.loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{out.loss.item():.3f}")
-        entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4)}
-        if val is not None:
-            entry["val_t2i_R@1"] = round(100 * _val_recall(accelerator.unwrap_model(model), val_pixels, val_tokens, val_owners), 2)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{entry['loss']:.3f}", val_r1=entry["val_t2i_R@1"])
-        history.append(entry)
-        logger.info("epoch %d: %s", epoch + 1, entry)
-    bar.close()
+    def rows(idx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = [(i, rng.integers(len(tokens[i]["input_ids"]))) for i in idx]
+        return (torch.stack([tokens[i]["input_ids"][j] for i, j in picks]),
+                torch.stack([tokens[i]["attention_mask"][j] for i, j in picks]))
 
-    summary = {"format": "genret.clip", "genret": __version__, "task": "clip", "config": asdict(config),
+    def draw(step: int) -> list[dict]:
+        if step % steps_per_epoch == 0:
+            stream["order"] = rng.permutation(len(train.records)).tolist()
+        idx = stream["order"][(step % steps_per_epoch) * per_step:][:per_step]
+        ids, mask = rows(idx, cap_tokens)
+        pix = pixels[idx]
+        if config.shape_negatives:  # each image's shape swap and a caption of it join its micro-batch
+            swap_ids, swap_mask = rows(idx, swap_tokens)
+        out, bs = [], config.batch_size
+        for c in range(engine.chunks):
+            part = slice(c * bs, (c + 1) * bs)
+            batch = {"pixel_values": pix[part], "input_ids": ids[part], "attention_mask": mask[part]}
+            if config.shape_negatives:
+                batch = {"pixel_values": torch.cat([batch["pixel_values"], swap_pixels[idx[part]]]),
+                         "input_ids": torch.cat([batch["input_ids"], swap_ids[part]]),
+                         "attention_mask": torch.cat([batch["attention_mask"], swap_mask[part]])}
+            out.append(batch)
+        return out
+
+    def loss(batch: dict) -> torch.Tensor:
+        return wrapped(**{k: v.to(engine.device) for k, v in batch.items()}, return_loss=True).loss  # CLIP's own InfoNCE
+
+    def restore(saved: dict) -> None:
+        rng.bit_generator.state = saved["rng"]
+        stream["order"] = saved["order"]
+
+    ends = [steps_per_epoch * e for e in range(1, total // steps_per_epoch + 1)]
+    run = engine.fit(total, draw, loss, evaluate=evaluate, epoch_of=lambda s: math.ceil(s / steps_per_epoch),
+                     log_steps=None if config.log_every else ends, eval_steps=None if config.eval_every else ends,
+                     state=(lambda: {"rng": rng.bit_generator.state, "order": stream["order"]}, restore),
+                     identity={"config": asdict(config), "images": len(train)})
+    summary = {"format": "genret.clip", "genret": __version__, "task": "clip", **run.summary(config),
                "data": {"source": str(train.source), "images": len(train), "captions": len(captions)},
-               "parameters": n_params, "vocab_size": len(tokenizer), "history": history,
-               "train_seconds": round(time.perf_counter() - start, 1)}
-    model = accelerator.unwrap_model(model).cpu()
-    with atomic_dir(out_dir, ("genret.clip",)) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_json(Path(tmp) / "genret.json", summary)
+               "parameters": n_params, "vocab_size": len(tokenizer), "train_seconds": engine.seconds}
+
+    def write(folder: Path) -> None:
+        engine.unwrapped.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        write_json(folder / "genret.json", summary)
+
+    engine.save(write, ("genret.clip",))
     return summary

@@ -38,7 +38,6 @@ import math
 import os
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -46,18 +45,19 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from genret import __version__
+from genret.config import check_bounds
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.data.images import load_image
-from genret.mllm.answers import answer_context
-from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, tokenize
 from genret.mllm import scoring
-from genret.training.distributed import my_slice, on_main, train_step
-from genret.config import check_bounds
-from genret.training.rerank import _features, _lr_factor
+from genret.mllm.answers import answer_context
+from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
+from genret.training.distributed import on_main
+from genret.training.engine import Engine
+from genret.training.models import add_lora, image_features, load_base
+from genret.training.options import LoraOptions, TrainOptions
 
 if TYPE_CHECKING:
     from genret.encoders.base import DualEncoder
@@ -71,8 +71,8 @@ INITS = ("prefilter", "mean")
 
 
 @dataclass
-class GraceTrainConfig:
-    """What and how to train: scheme, gallery, task mix, LoRA, new-token rows, optimisation, evaluation."""
+class GraceTrainConfig(LoraOptions, TrainOptions):
+    """What and how to train: scheme, gallery, task mix, new-token rows, evaluation (and the shared options)."""
 
     scheme: str = field(default="atomic", metadata={"help": "identifier scheme: string, numeric, semantic, structured, atomic"})
     gallery_splits: str = field(default="test", metadata={"help": "comma-separated splits whose images become retrievable"})
@@ -83,39 +83,24 @@ class GraceTrainConfig:
     init: str = field(default="prefilter", metadata={"help": "new-token rows: prefilter (image embeddings) or mean"})
     k: int = field(default=16, metadata={"help": "structured: k-means branching factor"})
     leaf_size: int = field(default=16, metadata={"help": "structured: most items per leaf"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
     epochs: int = field(default=3, metadata={"help": "passes over the gallery's memorise rows (unless max_steps)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch and process"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the LoRA weights"})
     token_lr: float = field(default=1e-2, metadata={"help": "learning rate of the new tokens' rows"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    save_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints (0: none)"})
-    eval_every: int = field(default=0, metadata={"help": "steps between val evaluations (0: only at the end)"})
     eval_queries: int = field(default=32, metadata={"help": "images and texts per val evaluation"})
     num_beams: int = field(default=5, metadata={"help": "beam width of the val evaluation"})
-    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
-    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
-                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES.names())}, got {self.scheme!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
-            raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
-        check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "eval_queries", "num_beams", "log_every",
-                     "caption_tokens", "k", "leaf_size"), non_negative=("max_steps", "eval_every", "save_every",
-                     "threads", "max_grad_norm"))
-        if self.lr <= 0 or self.token_lr <= 0:
-            raise ValueError("lr and token_lr must be positive")
+        if not 0 <= self.retrieve_ratio <= 1:
+            raise ValueError(f"retrieve_ratio must be in [0, 1], got {self.retrieve_ratio}")
+        check_bounds(self, at_least_one=("eval_queries", "num_beams", "caption_tokens", "k", "leaf_size"))
+        if self.token_lr <= 0:
+            raise ValueError(f"token_lr must be positive, got {self.token_lr}")
         self.gallery_splits = ",".join(s.strip() for s in self.gallery_splits.split(",") if s.strip())
         if not self.gallery_splits:
             raise ValueError("gallery_splits names no split")
@@ -182,29 +167,6 @@ def init_token_rows(identifiers: Identifiers, tokenizer, model, embeddings: np.n
                 how = "prefilter"
             table[new_ids] = rows.to(table.dtype)
     return how
-
-
-def _token_targets(model, token_ids: list[int]) -> dict[str, list[int]]:
-    """peft ``trainable_token_indices``: the input embedding, and the output layer when it is not tied to it."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    targets = {names[id(emb)].rsplit(".", 1)[-1]: list(token_ids)}
-    if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
-        targets[names[id(out)].rsplit(".", 1)[-1]] = list(token_ids)
-    return targets
-
-
-def _add_lora(mllm: "MLLM", config: GraceTrainConfig, token_ids: list[int]):
-    from peft import LoraConfig, get_peft_model
-
-    from genret.mllm.adapters import language_model_targets
-
-    targets = tuple(config.lora_targets.split(",")) if config.lora_targets else mllm.family.lora_targets
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=language_model_targets(mllm.model, targets),
-                      trainable_token_indices=_token_targets(mllm.model, token_ids) if token_ids else None)
-    mllm.model = get_peft_model(mllm.model, lora)
-    return mllm.model
 
 
 def identifier_loss(mllm: "MLLM", prompts: list[str], images: list[list[torch.Tensor]],
@@ -321,29 +283,14 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     Returns:
         The adapter manifest (also ``out_dir/genret.json``): config, history, val metrics, speed.
     """
-    from accelerate import Accelerator
-
     from genret._io import write_json
     from genret.encoders import load_encoder
-    from genret.mllm.adapters import FORMAT, VERSION, save_adapter
+    from genret.mllm.adapters import ADAPTER_FORMATS, FORMAT, VERSION, write_adapter
     from genret.prompts import load_prompt
-    from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from genret.training.rerank import RerankTrainConfig, _check_resume, _load_base
 
     config = config or GraceTrainConfig()
-    out_dir = Path(out_dir)
-    last = latest_checkpoint(out_dir)
-    if resume and last is None:
-        raise ValueError(f"{out_dir}: nothing to resume: no checkpoint found; start the run without --resume")
-    if not resume and last is not None:
-        raise ValueError(f"{out_dir} holds checkpoints of an unfinished run ({last.name}); pass --resume to continue "
-                         "it, or remove the folder to start over")
-    start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    show = progress and main
+    engine = Engine(f"grace-{config.scheme}", config, out_dir, resume=resume, progress=progress)
+    out_dir, show = Path(out_dir), engine.show
     prompt = load_prompt(config.prompt, required=PROMPT_NEEDS)
     gallery = data.split(*config.gallery_splits.split(","))
     items = [r.id for r in gallery.records]
@@ -353,7 +300,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         raise ValueError(f"the {scheme.name} scheme names images by the prefilter's image embeddings: pass prefilter (--clip)")
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
     embeddings = encoder.encode_images(paths, progress=show) if encoder is not None else None
-    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
+    mllm = load_base(str(base), config, engine.device)
 
     extra = dict(queries or {})
     unknown = [i for i in extra if i not in set(items)]
@@ -370,7 +317,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         key = {"base_revision": mllm.revision, "prompt": prompt.key, "items": len(items), "first": items[0],
                "last": items[-1], "caption_tokens": config.caption_tokens}
         pseudo = _load_pseudo(out_dir / PSEUDO_FILE, key) or on_main(
-            accelerator, lambda: pseudo_queries(mllm, prompt, paths, config.caption_tokens, progress=show))
+            engine.accelerator, lambda: pseudo_queries(mllm, prompt, paths, config.caption_tokens, progress=show))
         queries += [(t, g) for g, t in enumerate(pseudo) if t]
         if not any(pseudo):
             logger.warning("the captioner gave no pseudo-query for any of the %d gallery images (an untrained base?)",
@@ -396,24 +343,22 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     init = init_token_rows(identifiers, mllm.tokenizer, mllm.model,
                            embeddings if config.init == "prefilter" else None, config.seed)
     trie = Trie(targets, items)
-    feats = _features(mllm, paths, show, "gallery image features")
+    feats = image_features(mllm, paths, show, "gallery image features")
 
     torch.manual_seed(config.seed)
-    model = _add_lora(mllm, config, token_ids)
+    model = add_lora(mllm, config, token_ids=token_ids, gradient_checkpointing=config.gradient_checkpointing)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
     rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": config.lr, "base": config.lr},
-                                   {"params": rows, "lr": config.token_lr, "base": config.token_lr, "weight_decay": 0.0}],
-                                  weight_decay=0.0)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    procs = accelerator.num_processes
+    wrapped = engine.prepare(model, [{"params": lora, "lr": config.lr},
+                                     {"params": rows, "lr": config.token_lr, "weight_decay": 0.0}])
     n_ret = round(config.batch_size * config.retrieve_ratio) if queries else 0
     n_mem = config.batch_size - n_ret
-    total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem * procs))
+    chunks = engine.chunks
+    total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem * chunks))
     rng = random.Random(config.seed)
-    streams = {"mem": [], "ret": []}
+    streams: dict[str, list[int]] = {"mem": [], "ret": []}
 
-    def draw(kind: str, n: int, size: int) -> list[int]:
+    def take(kind: str, n: int, size: int) -> list[int]:
         out = []
         while len(out) < n:
             if not streams[kind]:
@@ -421,87 +366,53 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
             out.append(streams[kind].pop())
         return out
 
+    def draw(step: int) -> list[list[tuple[str | None, int]]]:
+        """The step's micro-batches: each ``n_mem`` memorise rows ``(None, image)`` then ``n_ret`` retrieve rows."""
+        mem = take("mem", n_mem * chunks, len(items))
+        ret = [queries[i] for i in take("ret", n_ret * chunks, len(queries))] if n_ret else []
+        return [[(None, g) for g in mem[c * n_mem:(c + 1) * n_mem]] + ret[c * n_ret:(c + 1) * n_ret]
+                for c in range(chunks)]
+
+    def loss(chunk: list[tuple[str | None, int]]) -> torch.Tensor:
+        return identifier_loss(mllm, _prompts(mllm, prompt, [t for t, _ in chunk]),
+                               [[feats[g]] if t is None else [] for t, g in chunk], [targets[g] for _, g in chunk],
+                               model=wrapped)
+
+    def restore(saved: dict) -> None:
+        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
+        streams.update(saved["streams"])
+
     rng_eval = random.Random(config.seed + 1)
     check_img = rng_eval.sample(range(len(items)), min(config.eval_queries, len(items)))
     check_txt = rng_eval.sample(queries, min(config.eval_queries, len(queries)))
 
     def val() -> dict:  # on the main process; the others wait for it at their next gradient exchange
-        out = evaluate_grace(mllm, prompt, trie, [items[i] for i in check_img], [paths[i] for i in check_img],
-                             [(t, items[g]) for t, g in check_txt], config.num_beams)
-        model.train()
-        return out
+        return evaluate_grace(mllm, prompt, trie, [items[i] for i in check_img], [paths[i] for i in check_img],
+                              [(t, items[g]) for t, g in check_txt], config.num_beams)
 
-    history, window, first = [], [], 0
-    identity = {"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key, "items": len(items),
-                "retrieve_queries": len(queries), "processes": procs}
-    if resume:
-        state = load_checkpoint(last, model, optimizer)
-        _check_resume(state, identity, last)
-        first, history, window = state["step"], state["history"], state["window"]
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-        streams.update(state["streams"])
-    bar = tqdm(total=total, initial=first, desc=f"train grace ({config.scheme})", unit="step", disable=not show)
-    t0, eval_seconds = time.perf_counter(), 0.0
-    model.train()
-    for step in range(first + 1, total + 1):
-        factor = _lr_factor(step - 1, total, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base"] * factor
-        # Every process draws the whole step's rows (the streams stay equal) and trains on its slice.
-        mem = my_slice(accelerator, draw("mem", n_mem * procs, len(items)), n_mem)
-        ret = [queries[i] for i in my_slice(accelerator, draw("ret", n_ret * procs, len(queries)), n_ret)] if n_ret else []
-        texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
-        positions = mem + [g for _, g in ret]
-        loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[g]] for g in mem] + [[] for _ in ret],
-                               [targets[g] for g in positions], model=wrapped)
-        value = train_step(accelerator, optimizer, loss, lora + rows, config.max_grad_norm)
-        window.append(value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}")
-        entry: dict = {}
-        if step % config.log_every == 0 or step == total:
-            entry = {"step": step, "loss": round(float(np.mean(window)), 4), "lr": config.lr * factor}
-            window = []
-        if main and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            tick = time.perf_counter()
-            entry = {"step": step, **entry, "eval": val()}
-            eval_seconds += time.perf_counter() - tick
-        if entry:
-            history.append(entry)
-            logger.info("step %d: %s", step, entry)
-        if config.save_every and step % config.save_every == 0 and step < total:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out_dir, step, model, optimizer, {**identity, "history": history, "window": window,
-                                                                  "rng": rng.getstate(), "streams": streams})
-        if on_step is not None:
-            on_step({"step": step, "total": total, "loss": value})
-    bar.close()
-    seconds = time.perf_counter() - t0 - eval_seconds
-    done = total - first
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval"] for h in history if "eval" in h]
+    run = engine.fit(total, draw, loss, evaluate=val, on_step=on_step,
+                     state=(lambda: {"rng": rng.getstate(), "streams": streams}, restore),
+                     identity={"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key,
+                               "items": len(items), "retrieve_queries": len(queries)})
     manifest = {
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "grace", "mode": config.scheme,
         "scheme": config.scheme, "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
-        "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
+        "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
         "gallery": {"source": str(data.source), "splits": config.gallery_splits, "images": len(items)},
         "tokens": {"vocab_size": len(mllm.tokenizer), "new_token_ids": [int(t) for t in token_ids[:1] + token_ids[-1:]],
                    "new_tokens": len(token_ids), "init": init},
-        "data": {"captions": n_captions, "pseudo_queries": sum(map(bool, pseudo)), "given_queries": sum(map(len, extra.values())), "retrieve_queries": len(queries),
+        "data": {"captions": n_captions, "pseudo_queries": sum(map(bool, pseudo)),
+                 "given_queries": sum(map(len, extra.values())), "retrieve_queries": len(queries),
                  "prefilter": getattr(encoder, "model_id", str(prefilter)) if encoder is not None else None},
-        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                    **({"val": evals[-1]} if evals else {})},
-        "history": history, "steps": total,
-        "speed": {"steps_per_s": round(done / max(seconds, 1e-9), 3), "rows_per_step": config.batch_size * procs,
-                  "processes": procs, "device": str(accelerator.device), "eval_seconds": round(eval_seconds, 1)},
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": engine.seconds,
     }
-    accelerator.wait_for_everyone()
-    if main:
-        save_adapter(out_dir, model, manifest)
-        identifiers.save(out_dir)
-        mllm.tokenizer.save_pretrained(str(out_dir))
+
+    def write(folder: Path) -> None:
+        write_adapter(folder, engine.unwrapped, manifest)
+        identifiers.save(folder)
+        mllm.tokenizer.save_pretrained(str(folder))
         if pseudo:
-            write_json(out_dir / PSEUDO_FILE, {"key": key, "items": items, "queries": pseudo})
+            write_json(folder / PSEUDO_FILE, {"key": key, "items": items, "queries": pseudo})
+
+    engine.save(write, ADAPTER_FORMATS)
     return manifest

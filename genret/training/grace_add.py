@@ -31,24 +31,24 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genret import __version__
+from genret.config import check_bounds
 from genret.data.dataset import TRAIN_SPLITS, Dataset
-from genret.mllm.answers import answer_context
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, tokenize
 from genret.identifiers.schemes import _refuse_known, extend_identifiers  # noqa: F401  (extend_identifiers: public here too)
-from genret.training.distributed import my_slice, on_main, train_step
-from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _add_lora, _prompts, evaluate_grace,
+from genret.mllm.answers import answer_context
+from genret.training.distributed import on_main
+from genret.training.engine import Engine
+from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
-from genret.config import check_bounds
-from genret.training.rerank import _features, _lr_factor
+from genret.training.models import add_lora, image_features, load_base
+from genret.training.options import BaseModelOptions, TrainOptions
 
 if TYPE_CHECKING:
     from genret.encoders.base import DualEncoder
@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GraceAddConfig:
-    """How to add images to a GRACE adapter: which, how long, how much replay of the old ones."""
+class GraceAddConfig(BaseModelOptions, TrainOptions):
+    """How to add images to a GRACE adapter: which, how long, how much replay of the old ones (and the shared
+    options; the LoRA's shape is the parent's)."""
 
     new_splits: str = field(default="", metadata={"help": "comma-separated splits whose images are added"})
     replay: float = field(default=0.75, metadata={"help": "fraction of each batch drawn from the old items (forgetting)"})
@@ -66,38 +67,27 @@ class GraceAddConfig:
     pseudo_queries: bool = field(default=True, metadata={"help": "the base MLLM's caption of each new image as a query"})
     caption_tokens: int = field(default=32, metadata={"help": "most tokens of a pseudo-query caption"})
     epochs: int = field(default=3, metadata={"help": "passes over the new images' memorise rows (unless max_steps)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch and process"})
     lr: float = field(default=0.0, metadata={"help": "peak AdamW learning rate of the LoRA weights (0: the parent's)"})
     token_lr: float = field(default=0.0, metadata={"help": "learning rate of the identifier tokens' rows (0: the parent's)"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    eval_every: int = field(default=0, metadata={"help": "steps between checks of the new images (0: only the "
+                                                         "forgetting check before and after)"})
     eval_queries: int = field(default=32, metadata={"help": "images and texts per group in the forgetting check"})
     num_beams: int = field(default=5, metadata={"help": "beam width of the forgetting check"})
-    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
-    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
-                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "allow out_dir to be the parent adapter (replaced whole)"})
 
+    lr_zero_inherits = True
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.new_splits = ",".join(s.strip() for s in self.new_splits.split(",") if s.strip())
         if not 0 <= self.replay < 1:
             raise ValueError(f"replay must be in [0, 1) (some rows must be new images), got {self.replay}")
-        if not 0 <= self.retrieve_ratio <= 1 or not 0 <= self.warmup < 1:
-            raise ValueError("retrieve_ratio must be in [0, 1] and warmup in [0, 1)")
-        check_bounds(self, at_least_one=("epochs", "batch_size", "eval_queries", "num_beams", "log_every",
-                     "caption_tokens"), non_negative=("max_steps", "threads", "max_grad_norm"))
-        if self.lr < 0 or self.token_lr < 0:
-            raise ValueError("lr and token_lr must not be negative (0: the parent's)")
-
-
-
-
-
-
+        if not 0 <= self.retrieve_ratio <= 1:
+            raise ValueError(f"retrieve_ratio must be in [0, 1], got {self.retrieve_ratio}")
+        check_bounds(self, at_least_one=("eval_queries", "num_beams", "caption_tokens"))
+        if self.token_lr < 0:
+            raise ValueError("token_lr must not be negative (0: the parent's)")
 
 
 def _load_parent_weights(model, parent: Path, n_old_tokens: int) -> None:
@@ -127,7 +117,8 @@ def _load_parent_weights(model, parent: Path, n_old_tokens: int) -> None:
 def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
                config: GraceAddConfig | None = None, *, new_items: Sequence[str] | None = None,
                prefilter: "str | os.PathLike | DualEncoder | None" = None,
-               queries: "Mapping[str, Sequence[str]] | None" = None, progress: bool = True) -> dict:
+               queries: "Mapping[str, Sequence[str]] | None" = None, resume: bool = False, progress: bool = True,
+               on_step: "Callable[[dict], None] | None" = None) -> dict:
     """Teach a trained GRACE adapter more images without retraining from scratch; writes a new adapter folder.
 
     Args:
@@ -138,19 +129,18 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         new_items: the image ids to add (instead of, or on top of, ``config.new_splits``).
         prefilter: the dual encoder (directory/id or loaded): new rows' initialisation; structured placement.
         queries: more retrieve queries, image id -> texts, for new or old images (never evaluation captions).
+        resume: continue from the last checkpoint under ``out_dir/checkpoints`` (same settings required).
         progress: show progress bars.
+        on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
 
     Returns:
         The new adapter's manifest (also ``out_dir/genret.json``), with ``parent``, ``added``, ``replay`` and
         ``forgetting`` (image → id top-1 and text → id R@1 of the old items before and after, of the new after).
     """
-    from accelerate import Accelerator
-
-    from genret._io import atomic_dir, write_json
+    from genret._io import read_json, write_json
     from genret.encoders import load_encoder
-    from genret.mllm.adapters import FORMAT, MANIFEST, VERSION, read_adapter_manifest
+    from genret.mllm.adapters import FORMAT, VERSION, read_adapter_manifest, write_adapter
     from genret.prompts import load_prompt
-    from genret.training.rerank import RerankTrainConfig, _load_base
 
     config = config or GraceAddConfig()
     parent, out_dir = Path(adapter_dir), Path(out_dir)
@@ -161,9 +151,6 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     if out_dir.resolve() == parent.resolve() and not config.overwrite:
         raise ValueError(f"out_dir is the parent adapter {parent}: write the grown adapter elsewhere, or allow "
                          "replacing it (overwrite)")
-    start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     old = Identifiers.load(parent)
     records = data.by_id()
     wanted = list(new_items or [])
@@ -178,10 +165,9 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                          "hold the parent's images (replay, forgetting check) and the new ones")
     scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
     prompt = load_prompt(manifest["prompt"]["name"], required=PROMPT_NEEDS)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main, procs = accelerator.is_main_process, accelerator.num_processes
-    show = progress and main
-    mllm = _load_base(manifest["base_model"], RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
+    engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress)
+    accelerator, show = engine.accelerator, engine.show
+    mllm = load_base(manifest["base_model"], config, engine.device)
     if mllm.revision != manifest["base_revision"]:
         raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
                          f"{manifest['base_revision']}, now {mllm.revision}: the base changed since")
@@ -199,8 +185,6 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         raise ValueError(f"queries name {len(stray)} images that are neither old nor new (e.g. {stray[0]!r})")
     parent_pseudo = {}
     if (parent / PSEUDO_FILE).is_file():
-        from genret._io import read_json
-
         saved = read_json(parent / PSEUDO_FILE, what="pseudo-queries")
         parent_pseudo = dict(zip(saved.get("items", []), saved.get("queries", [])))
     new_pseudo: dict[str, str] = {}
@@ -243,10 +227,11 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                            emb if train_cfg.init == "prefilter" and emb is not None else None, train_cfg.seed)
     trie = Trie(targets, items)
     old_trie = trie.subset(old_items)
-    feats = dict(zip(items, _features(mllm, [paths[i] for i in items], show, "image features")))
+    feats = dict(zip(items, image_features(mllm, [paths[i] for i in items], show, "image features")))
 
     torch.manual_seed(config.seed)
-    model = _add_lora(mllm, train_cfg, token_ids)
+    model = add_lora(mllm, replace(train_cfg, load_in_4bit=config.load_in_4bit), token_ids=token_ids,
+                     gradient_checkpointing=config.gradient_checkpointing)
     _load_parent_weights(model, parent, len(old.new_tokens))
 
     rng_eval = random.Random(config.seed + 1)
@@ -255,10 +240,13 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
              "new": (rng_eval.sample(new, min(config.eval_queries, len(new))),
                      rng_eval.sample(new_q, min(config.eval_queries, len(new_q))))}
 
-    def measure(group: str, over: Trie) -> dict:  # on the main process, sent to the others
+    def check_group(group: str, over: Trie) -> dict:
         imgs, qs = check[group]
-        return on_main(accelerator, lambda: evaluate_grace(mllm, prompt, over, imgs, [paths[i] for i in imgs],
-                                                           [(t, items[g]) for t, g in qs], config.num_beams))
+        return evaluate_grace(mllm, prompt, over, imgs, [paths[i] for i in imgs], [(t, items[g]) for t, g in qs],
+                              config.num_beams)
+
+    def measure(group: str, over: Trie) -> dict:  # on the main process, sent to the others
+        return on_main(accelerator, lambda: check_group(group, over))
 
     tick = time.perf_counter()
     before = {"old": measure("old", old_trie), "new": measure("new", trie)}
@@ -267,23 +255,21 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
     rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     lr, token_lr = config.lr or train_cfg.lr, config.token_lr or train_cfg.token_lr
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr},
-                                   {"params": rows, "lr": token_lr, "base": token_lr, "weight_decay": 0.0}],
-                                  weight_decay=0.0)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped = engine.prepare(model, [{"params": lora, "lr": lr}, {"params": rows, "lr": token_lr, "weight_decay": 0.0}])
     n_ret = round(config.batch_size * config.retrieve_ratio) if (old_q or new_q) else 0
     n_mem = config.batch_size - n_ret
     new_mem = max(1, round(n_mem * (1 - config.replay))) if n_mem else 0
     new_ret = max(1, round(n_ret * (1 - config.replay))) if n_ret else 0
     if not old_q:
         new_ret = n_ret
-    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem * procs))
+    chunks = engine.chunks
+    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem * chunks))
     rng = random.Random(config.seed)
     pools = {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
              "old_ret": list(range(len(old_q))), "new_ret": list(range(len(new_q)))}
     streams: dict[str, list[int]] = {k: [] for k in pools}
 
-    def draw(kind: str, n: int) -> list[int]:
+    def take(kind: str, n: int) -> list[int]:
         out: list[int] = []
         while len(out) < n and pools[kind]:
             if not streams[kind]:
@@ -291,29 +277,33 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
             out.append(streams[kind].pop())
         return out
 
-    history, window = [], []
-    bar = tqdm(total=total, desc=f"add to grace ({scheme})", unit="step", disable=not show)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(1, total + 1):
-        factor = _lr_factor(step - 1, total, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base"] * factor
-        # Every process draws the whole step's rows (the streams stay equal) and trains on its slice.
-        mem = (my_slice(accelerator, draw("new_mem", new_mem * procs), new_mem)
-               + my_slice(accelerator, draw("old_mem", (n_mem - new_mem) * procs), n_mem - new_mem))
-        ret = ([new_q[j] for j in my_slice(accelerator, draw("new_ret", new_ret * procs), new_ret)]
-               + [old_q[j] for j in my_slice(accelerator, draw("old_ret", (n_ret - new_ret) * procs), n_ret - new_ret)])
-        texts: list[str | None] = [None] * len(mem) + [t for t, _ in ret]
-        loss = identifier_loss(mllm, _prompts(mllm, prompt, texts), [[feats[items[g]]] for g in mem] + [[] for _ in ret],
-                               [targets[g] for g in mem + [g for _, g in ret]], model=wrapped)
-        window.append(train_step(accelerator, optimizer, loss, lora + rows, config.max_grad_norm))
-        bar.update(1)
-        if step % config.log_every == 0 or step == total:
-            history.append({"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr * factor})
-            window = []
-    bar.close()
-    seconds = time.perf_counter() - t0
+    def draw(step: int) -> list[list[tuple[str | None, int]]]:
+        """The step's micro-batches, each: new then old memorise rows ``(None, image)``, new then old retrieve rows."""
+        kinds = (("new_mem", new_mem), ("old_mem", n_mem - new_mem), ("new_ret", new_ret), ("old_ret", n_ret - new_ret))
+        drawn = {kind: take(kind, n * chunks) for kind, n in kinds}
+        out = []
+        for c in range(chunks):
+            rows: list[tuple[str | None, int]] = []
+            for kind, n in kinds:
+                picked = drawn[kind][c * n:(c + 1) * n]
+                rows += ([(None, g) for g in picked] if kind.endswith("mem")
+                         else [(new_q if kind == "new_ret" else old_q)[j] for j in picked])
+            out.append(rows)
+        return out
+
+    def loss(chunk: list[tuple[str | None, int]]) -> torch.Tensor:
+        return identifier_loss(mllm, _prompts(mllm, prompt, [t for t, _ in chunk]),
+                               [[feats[items[g]]] if t is None else [] for t, g in chunk],
+                               [targets[g] for _, g in chunk], model=wrapped)
+
+    def restore(saved: dict) -> None:
+        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
+        streams.update(saved["streams"])
+
+    run = engine.fit(total, draw, loss, evaluate=(lambda: check_group("new", trie)) if config.eval_every else None,
+                     state=(lambda: {"rng": rng.getstate(), "streams": streams}, restore), on_step=on_step,
+                     identity={"config": asdict(config), "parent": str(parent), "base_revision": mllm.revision,
+                               "items": len(items)})
     tick = time.perf_counter()
     after = {"old": measure("old", trie), "old_within_old": measure("old", old_trie), "new": measure("new", trie)}
     eval_seconds += time.perf_counter() - tick
@@ -326,9 +316,9 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                 "drop": {k: round(before["old"][k] - after["old"][k], 2) for k in keys}},
         "new": {"before": before["new"], "after": after["new"]},
     }
-    losses = [h["loss"] for h in history]
+    summary = run.summary(config)
     out = {
-        **{k: v for k, v in manifest.items() if k not in ("format", "version", "history", "metrics", "speed")},
+        **{k: v for k, v in manifest.items() if k not in ("format", "version", "history", "metrics", "speed", "logs")},
         "genret": __version__,
         "gallery": {**manifest.get("gallery", {}), "images": len(items),
                     "splits": ",".join(s for s in (manifest.get("gallery", {}).get("splits", ""), config.new_splits) if s)},
@@ -344,23 +334,21 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                    "rows_per_step": {"new_memorise": new_mem, "old_memorise": n_mem - new_mem,
                                      "new_retrieve": new_ret, "old_retrieve": n_ret - new_ret}},
         "add_config": {**asdict(config), "lr": lr, "token_lr": token_lr}, "forgetting": forgetting,
-        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                    "val": after["new"]},
-        "history": history, "steps": total,
-        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "rows_per_step": config.batch_size * procs,
-                  "processes": procs, "device": str(accelerator.device), "eval_seconds": round(eval_seconds, 1)},
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "metrics": {**summary["metrics"], "val": after["new"]},
+        "history": summary["history"], "steps": summary["steps"],
+        "speed": {**summary["speed"], "eval_seconds": round(eval_seconds + run.eval_seconds, 1)},
+        **({"logs": summary["logs"]} if "logs" in summary else {}),
+        "train_seconds": engine.seconds,
     }
-    accelerator.wait_for_everyone()
-    if not main:
-        return out
-    with atomic_dir(out_dir, (FORMAT,)) as tmp:
-        model.save_pretrained(str(tmp))
-        (tmp / "README.md").unlink(missing_ok=True)
-        write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, **out})
-        merged.save(tmp)
-        mllm.tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / PSEUDO_FILE, {"key": {"grown_from": str(parent)}, "items": items,
-                                       "queries": [pseudo.get(i, "") for i in items]})
-    logger.info("added %d images to %s -> %s: %s", len(new), parent, out_dir, forgetting)
+
+    def write(folder: Path) -> None:
+        write_adapter(folder, engine.unwrapped, out)
+        merged.save(folder)
+        mllm.tokenizer.save_pretrained(str(folder))
+        write_json(folder / PSEUDO_FILE, {"key": {"grown_from": str(parent)}, "items": items,
+                                          "queries": [pseudo.get(i, "") for i in items]})
+
+    engine.save(write, (FORMAT,))
+    if engine.main:
+        logger.info("added %d images to %s -> %s: %s", len(new), parent, out_dir, forgetting)
     return out

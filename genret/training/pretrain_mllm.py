@@ -9,23 +9,23 @@ zero-shot through prompts and task LoRAs start from a model that sees.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genret import __version__
-from genret._io import atomic_dir, write_json
+from genret._io import write_json
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.data.scene import Scene, questions
+from genret.training.engine import Engine
 from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
+from genret.training.models import enable_checkpointing
+from genret.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,21 @@ CAPTION_INSTRUCTIONS = ("Describe the image.", "What does the image show?", "Wri
 
 
 @dataclass
-class PretrainConfig:
-    """Optimisation of the mini MLLM's pretraining."""
+class PretrainConfig(TrainOptions):
+    """Optimisation of the mini MLLM's pretraining (and the engine's shared options)."""
 
     epochs: int = field(default=10, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    batch_size: int = field(default=64, metadata={"help": "examples per micro-batch and process"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    log_every: int = field(default=0, metadata={"help": "steps per loss entry (0: one per epoch)"})
     vision_lr_scale: float = field(default=0.1, metadata={"help": "learning-rate factor of the CLIP vision tower"})
     questions_per_image: int = field(default=1, metadata={"help": "question-answer examples per image per epoch"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+        super().__post_init__()
+        if self.vision_lr_scale < 0 or self.questions_per_image < 0:
+            raise ValueError("vision_lr_scale and questions_per_image must not be negative")
 
 
 def examples(train: Dataset, rng: random.Random, n_questions: int) -> list[tuple[int, str, str]]:
@@ -84,18 +86,18 @@ def _batch(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.T
 
 
 def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os.PathLike,
-                  config: PretrainConfig = PretrainConfig(), arch: MiniMLLMConfig = MiniMLLMConfig(),
-                  val: Dataset | None = None, progress: bool = True) -> dict:
+                  config: PretrainConfig | None = None, arch: MiniMLLMConfig | None = None,
+                  val: Dataset | None = None, progress: bool = True, resume: bool = False) -> dict:
     """Build the mini MLLM from ``clip_dir`` and pretrain it on ``train``; saves a HF checkpoint.
 
     Returns:
         The summary saved as ``genret.json`` (config, loss per epoch, held-out caption loss with and
         without the image when ``val`` is given).
     """
-    from accelerate import Accelerator
-
     from genret.mllm.families import family_of
 
+    config, arch = config or PretrainConfig(), arch or MiniMLLMConfig()
+    engine = Engine("mllm", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     texts = [c for r in train.records for c in r.captions] + list(CAPTION_INSTRUCTIONS)
@@ -106,59 +108,60 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     model, processor = build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
     n_tokens = model.config.image_seq_length
-    start = time.perf_counter()
     pixels = torch.cat([processor.image_processor(images=[load_image(r.path) for r in train.records[i:i + 256]],
                                                   return_tensors="pt")["pixel_values"]
                         for i in range(0, len(train.records), 256)])
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": config.lr},
-                                   {"params": vision, "lr": config.lr * config.vision_lr_scale}], weight_decay=0.01)
-    epoch_examples = [examples(train, rng, config.questions_per_image) for _ in range(config.epochs)]
-    steps = sum(math.ceil(len(e) / config.batch_size) for e in epoch_examples)
-    warm = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model.train()
+    wrapped = engine.prepare(model, [{"params": rest, "lr": config.lr},
+                                     {"params": vision, "lr": config.lr * config.vision_lr_scale}])
+    epochs = [examples(train, rng, config.questions_per_image) for _ in range(config.epochs)]
+    per_step, chunks = engine.rows_per_step, engine.chunks
+    # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
+    counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]
+    starts = np.cumsum([0] + counts)
+    total = config.max_steps or int(starts[-1])
     pad = processor.tokenizer.pad_token_id
     cache: dict[tuple[str, str], tuple[list[int], int]] = {}
-    history = []
-    bar = tqdm(total=steps, desc="pretrain mllm", unit="step", disable=not progress)
-    for epoch, batch_examples in enumerate(epoch_examples):
-        losses = []
-        for s in range(0, len(batch_examples), config.batch_size):
-            chunk = batch_examples[s:s + config.batch_size]
+
+    def epoch_of(step: int) -> int:  # 1-based epoch of the (1-based) step
+        return int(np.searchsorted(starts, step, side="left"))
+
+    def draw(step: int) -> list[dict]:
+        e = int(np.searchsorted(starts, step, side="right")) - 1
+        rows = epochs[e % len(epochs)][(step - int(starts[e % len(epochs)])) * per_step:][:per_step]
+        out = []
+        for part in np.array_split(np.arange(len(rows)), chunks):
+            chunk = [rows[i] for i in part]
             items = [cache.setdefault((q, a), encode_example(processor, family, n_tokens, q, a)) for _, q, a in chunk]
-            batch = _batch(items, pad)
-            batch["pixel_values"] = pixels[[i for i, _, _ in chunk]]
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4)})
-        logger.info("epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
-    bar.close()
-    model = accelerator.unwrap_model(model).cpu().eval()
+            out.append({**_batch(items, pad), "pixel_values": pixels[[i for i, _, _ in chunk]]})
+        return out
+
+    def loss(batch: dict) -> torch.Tensor:
+        return wrapped(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+
+    run = engine.fit(total, draw, loss, epoch_of=epoch_of,
+                     log_steps=None if config.log_every else [int(s) for s in starts[1:] if s <= total],
+                     identity={"config": asdict(config), "arch": asdict(arch), "images": len(train)})
+    final = engine.unwrapped
     summary = {"format": "genret.mini_mllm", "genret": __version__, "task": "pretrain", "clip": str(clip_dir),
-               "config": asdict(config), "arch": asdict(arch), "history": history,
+               "arch": asdict(arch), **run.summary(config),
                "data": {"source": str(train.source), "images": len(train)},
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "train_seconds": round(time.perf_counter() - start, 1)}
-    if val is not None:
-        summary["val_caption_loss"] = caption_loss(model, processor, family, val)
-    with atomic_dir(out_dir, ("genret.mini_mllm",)) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_json(Path(tmp) / "genret.json", summary)
+               "parameters": sum(p.numel() for p in final.parameters())}
+    if val is not None and engine.main:
+        final.eval()
+        summary["val_caption_loss"] = caption_loss(final, processor, family, val)
+    summary["train_seconds"] = engine.seconds
+
+    def write(folder: Path) -> None:
+        final.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        write_json(folder / "genret.json", summary)
+
+    engine.save(write, ("genret.mini_mllm",))
     return summary
 
 
@@ -169,6 +172,7 @@ def caption_loss(model, processor, family, data: Dataset, limit: int = 200) -> d
     The gap between the two says how much the model looks at the image.
     """
     recs = data.records[:limit]
+    device = next(model.parameters()).device
     pix = processor.image_processor(images=[load_image(r.path) for r in recs], return_tensors="pt")["pixel_values"]
     items = [encode_example(processor, family, model.config.image_seq_length, CAPTION_INSTRUCTIONS[0], r.captions[0])
              for r in recs]
@@ -178,6 +182,6 @@ def caption_loss(model, processor, family, data: Dataset, limit: int = 200) -> d
         for s in range(0, len(recs), 50):
             batch = _batch(items[s:s + 50], processor.tokenizer.pad_token_id)
             batch["pixel_values"] = pix[order[s:s + 50]]
-            losses.append(model(**batch).loss.item())
+            losses.append(model(**{k: v.to(device) for k, v in batch.items()}).loss.item())
         out[name] = round(float(np.mean(losses)), 4)
     return out

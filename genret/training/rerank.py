@@ -35,29 +35,24 @@ On several GPUs (``batch_size`` query groups per GPU; checked here with ``torchr
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from genret import __version__
+from genret.config import check_bounds
 from genret.data.dataset import Dataset
-from genret.data.images import load_image
 from genret.mllm import scoring
 from genret.mllm.answers import answer_format
-from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from genret.training.distributed import train_step
-from genret.config import check_bounds
+from genret.training.engine import Engine
+from genret.training.models import add_lora, image_features, load_base
+from genret.training.options import LoraOptions, TrainOptions
 from genret.training.negatives import QueryGroup, caption_table, mine_negatives, top_k
 
 if TYPE_CHECKING:
@@ -72,8 +67,8 @@ DIRECTIONS = {"both": ("t2i", "i2t"), "t2i": ("t2i",), "i2t": ("i2t",)}
 
 
 @dataclass
-class RerankTrainConfig:
-    """What and how to train: the rerank mode, LoRA, negatives, optimisation, evaluation, checkpoints."""
+class RerankTrainConfig(LoraOptions, TrainOptions):
+    """What and how to train: the rerank mode, negatives, evaluation (and the engine's and LoRA's shared options)."""
 
     mode: str = field(default="pointwise", metadata={"help": "pointwise (yes/no per candidate), listwise (numbered "
                                                      "candidates) or generative (log P(text | image))"})
@@ -86,49 +81,26 @@ class RerankTrainConfig:
                                                           "log-likelihoods"})
     lm_weight: float = field(default=1.0, metadata={"help": "generative: weight of the positive's caption "
                                                         "log-likelihood in the loss"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (costs ~10% of a step on the CPU)"})
-    lora_targets: str = field(default="", metadata={"help": "comma-separated language-model modules to adapt, e.g. "
-                                                     "q_proj,v_proj (default: the family's)"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training queries (unless max_steps is set)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: epochs x queries / batch"})
-    batch_size: int = field(default=8, metadata={"help": "query groups per step and process"})
+    batch_size: int = field(default=8, metadata={"help": "query groups per micro-batch and process"})
     lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine decay)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     eval_every: int = field(default=200, metadata={"help": "steps between evaluations on the val split (0: only at the end)"})
     eval_queries: int = field(default=100, metadata={"help": "val queries per direction in each evaluation"})
     eval_k: int = field(default=10, metadata={"help": "prefilter candidates reranked per val query"})
-    save_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints (0: none)"})
-    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, negatives, dropout)"})
-    dtype: str = field(default="float32", metadata={"help": "base weights dtype: float32, bfloat16, float16"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base through bitsandbytes (CUDA)"})
-    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base, "
-                                    "as for a stage (Qwen2-VL max_pixels...), a JSON table on the command line"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (costs ~10%% of a step on the CPU)"})
     cache_features: bool = field(default=True, metadata={"help": "compute every training image's MLLM features once"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
-        check_bounds(self, at_least_one=("negatives", "mine_k", "lora_r", "epochs", "batch_size", "eval_queries",
-                     "eval_k", "log_every"), non_negative=("max_steps", "threads", "eval_every", "save_every",
-                     "group_weight", "weight_decay", "max_grad_norm", "lm_weight"))
+        check_bounds(self, at_least_one=("negatives", "mine_k", "eval_queries", "eval_k"),
+                     non_negative=("group_weight", "lm_weight"))
         if self.mine_k < self.negatives:
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
-        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup < 1:
-            raise ValueError("lora_dropout and warmup must be in [0, 1)")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"lr and temperature must be positive, got {self.lr} and {self.temperature}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
 class Example(NamedTuple):
@@ -167,7 +139,7 @@ class _Batch:
         if self.feats is not None:
             return {i: self.feats[i] for i in indices}
         unique = sorted(set(indices))
-        return dict(zip(unique, _features(self.mllm, [self.paths[i] for i in unique])))
+        return dict(zip(unique, image_features(self.mllm, [self.paths[i] for i in unique])))
 
     def text_logprobs(self, prompts: list[str], texts: list[str], images: list[list[torch.Tensor]]) -> torch.Tensor:
         """Mean log-probability of each row's ``text`` (and end-of-turn token) after its ``prompt``, with gradients.
@@ -298,53 +270,6 @@ def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores, target)
 
 
-def _features(mllm: "MLLM", paths: Sequence[str], progress: bool = False, desc: str = "") -> list[torch.Tensor]:
-    """Projected image features as ordinary (non-inference) CPU tensors in the model's dtype."""
-    out: list[torch.Tensor] = []
-    for s in tqdm(range(0, len(paths), 64), desc=desc, unit="batch", disable=not progress):
-        chunk = scoring.image_features(mllm, [load_image(p) for p in paths[s:s + 64]])
-        out += [f.clone() for f in chunk]
-    return out
-
-
-def _load_base(base: str, config: RerankTrainConfig, device: torch.device) -> "MLLM":
-    from genret.mllm.backend import MLLM, MLLMConfig, bitsandbytes_available
-
-    if config.load_in_4bit:
-        if not bitsandbytes_available():
-            raise ImportError("load_in_4bit (QLoRA) needs bitsandbytes: pip install 'genret[quant]' "
-                               "(a CUDA GPU for speed), or train plain LoRA without --load-in-4bit")
-        if device.type != "cuda":
-            logger.warning("QLoRA on %s: bitsandbytes runs 4-bit layers here, but slowly; it is meant for CUDA", device)
-    # This process's device (accelerate gives each process one): never "auto", which would shard the model
-    # across every GPU under a data-parallel run.
-    return MLLM.load(MLLMConfig(model=str(base), dtype=config.dtype, load_in_4bit=config.load_in_4bit,
-                                device_map=str(device), processor_options=dict(config.processor_options)))
-
-
-def _add_lora(mllm: "MLLM", config: RerankTrainConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from genret.mllm.adapters import language_model_targets
-
-    model = mllm.model
-    checkpointing = {"use_reentrant": False}  # no input needs to require grad; the recommended variant
-    if config.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    elif config.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2 name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=checkpointing)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    targets = tuple(config.lora_targets.split(",")) if config.lora_targets else mllm.family.lora_targets
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-                      target_modules=language_model_targets(model, targets))
-    mllm.model = get_peft_model(model, lora)
-    return mllm.model
-
-
 class _Evaluator:
     """R@1 of reranking the prefilter's top-k, on a fixed sample of val queries in both directions."""
 
@@ -360,7 +285,7 @@ class _Evaluator:
         self.t2i_cands = top_k(img, txt[self.t2i], min(k, len(img)))
         self.i2t_cands = top_k(txt, img[self.i2t], min(k, len(txt)))
         need = sorted({i for row in self.t2i_cands for i in row} | set(self.i2t))
-        self.feats = dict(zip(need, _features(mllm, [self.paths[i] for i in need], progress, "val image features")))
+        self.feats = dict(zip(need, image_features(mllm, [self.paths[i] for i in need], progress, "val image features")))
         self.k = k
 
     def __call__(self, mllm: "MLLM", prompt: "Prompt", mode: str) -> dict:
@@ -400,28 +325,6 @@ class _Evaluator:
                                        [self.texts[c] for c in row], "text")
 
 
-def _lr_factor(step: int, total: int, warmup: float) -> float:
-    warm = max(1, int(warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def _check_resume(state: dict, expected: dict, folder: Path) -> None:
-    """Refuse to continue a checkpoint under other settings, naming the first that differs."""
-    expected = json.loads(json.dumps(expected))  # as the checkpoint stores it (tuples become lists)
-    for key, want in expected.items():
-        have = state.get(key)
-        if isinstance(want, dict) and isinstance(have, dict):  # the config: name the setting itself
-            pairs = [(name, have.get(name), value) for name, value in want.items()]
-        else:
-            pairs = [(key, have, want)]
-        for name, had, value in pairs:
-            if had != value:
-                raise ValueError(f"{folder}: the checkpoint was made with {name} = {had!r}, this run has {value!r}; "
-                                 "resume with the same settings, or start a fresh run in another folder")
-
-
 def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.PathLike,
                  config: RerankTrainConfig | None = None, *, prefilter: "str | os.PathLike | DualEncoder",
                  val: Dataset | None = None, resume: bool = False, progress: bool = True,
@@ -447,31 +350,16 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         ValueError: resuming without a checkpoint or with other settings; starting over a folder that
             holds an unfinished run's checkpoints; data too small for the batch.
     """
-    from accelerate import Accelerator
-
     from genret.encoders import load_encoder
-    from genret.mllm.adapters import FORMAT, VERSION, save_adapter
+    from genret.mllm.adapters import ADAPTER_FORMATS, FORMAT, VERSION, write_adapter
     from genret.prompts import load_prompt
     from genret.stages.rerank import MODES as PROMPT_NEEDS
 
     config = config or RerankTrainConfig()
-    out_dir = Path(out_dir)
-    last = latest_checkpoint(out_dir)
-    if resume and last is None:
-        done = (out_dir / "genret.json").is_file()
-        raise ValueError(f"{out_dir}: nothing to resume: " + ("the run there has finished (its adapter is saved)" if done
-                         else "no checkpoint found; start the run without --resume"))
-    if not resume and last is not None:
-        raise ValueError(f"{out_dir} holds checkpoints of an unfinished run ({last.name}); pass --resume to continue "
-                         "it, or remove the folder to start over")
-    start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    show = progress and main
+    engine = Engine(f"rerank-{config.mode}", config, out_dir, resume=resume, progress=progress)
+    show = engine.show
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
-    mllm = _load_base(base, config, accelerator.device)
+    mllm = load_base(base, config, engine.device)
     yes, no = prompt.settings.get("yes", "yes"), prompt.settings.get("no", "no")
     if config.mode == "pointwise":  # the answer tokens are read in context; words that clash are refused here
         section = prompt.section("t2i" if config.directions != "i2t" else "i2t")["user"]
@@ -483,118 +371,54 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     if short:
         raise ValueError(f"{train.source}: {len(short)} queries have fewer than {config.negatives} non-matching "
                          f"candidates (the training split has {len(train)} images); lower negatives")
+    per_step = engine.rows_per_step
+    if len(groups) < per_step:
+        raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's {per_step} "
+                         "(batch_size x gradient_accumulation_steps x processes); lower batch_size")
     texts, _ = caption_table(train)
     paths = [str(r.path) for r in train.records]
     feats = None
     if config.cache_features:
-        feats = dict(enumerate(_features(mllm, paths, show, "train image features")))
+        feats = dict(enumerate(image_features(mllm, paths, show, "train image features")))
         logger.info("cached the MLLM features of %d training images: %.0f MB (cache_features=False computes "
                     "them per step instead)", len(paths), sum(f.numel() * f.element_size() for f in feats.values()) / 1e6)
-    evaluator = _Evaluator(mllm, encoder, val, config, show) if val is not None and main else None
+    evaluator = _Evaluator(mllm, encoder, val, config, show) if val is not None and engine.main else None
 
     torch.manual_seed(config.seed)  # the LoRA initialisation: the same run twice gives the same adapter
-    model = _add_lora(mllm, config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    batch = _Batch(mllm, wrapped, prompt, texts, paths, feats)
+    model = add_lora(mllm, config, gradient_checkpointing=config.gradient_checkpointing)
+    batch = _Batch(mllm, engine.prepare(model), prompt, texts, paths, feats)
 
-    per_step = config.batch_size * accelerator.num_processes
-    if len(groups) < per_step:
-        raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's "
-                         f"{per_step} (batch_size x processes); lower batch_size")
     steps_per_epoch = len(groups) // per_step
     total = config.max_steps or config.epochs * steps_per_epoch
-    identity = {"config": asdict(config), "base_revision": mllm.revision, "queries": len(groups),
-                "prompt": prompt.key, "processes": accelerator.num_processes}
-    step, history, window = 0, [], []
-    if resume:
-        state = load_checkpoint(last, accelerator.unwrap_model(wrapped), optimizer)
-        _check_resume(state, identity, last)
-        step, history, window = state["step"], state["history"], state["window"]
+    epoch: dict = {}
 
-    if evaluator is not None and not resume and config.eval_every:
-        history.append({"step": 0, "eval": _eval(evaluator, mllm, wrapped, prompt, config.mode)})
-        logger.info("before training: %s", history[-1]["eval"])
-    bar = tqdm(total=total, initial=step, desc=f"train rerank ({config.mode})", unit="step", disable=not show)
-    epoch, examples = -1, []
-    first_step, t0, eval_seconds = step, time.perf_counter(), 0.0
-    while step < total:
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            examples = epoch_examples(groups, config, epoch)
-        offset = (step % steps_per_epoch) * per_step + accelerator.process_index * config.batch_size
-        chunk = examples[offset:offset + config.batch_size]
-        # Dropout draws from a seed of (run, step, process): a resumed run repeats them exactly.
-        torch.manual_seed((config.seed * 1_000_003 + step * 7919 + accelerator.process_index) % 2**63)
-        lr = config.lr * _lr_factor(step, total, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        wrapped.train()
-        target = torch.tensor([e.target for e in chunk], device=accelerator.device)
+    def draw(step: int) -> list[list[Example]]:  # a pure function of (seed, step): a resumed run draws the same
+        if epoch.get("n") != step // steps_per_epoch:
+            epoch.update(n=step // steps_per_epoch, examples=epoch_examples(groups, config, step // steps_per_epoch))
+        rows = epoch["examples"][(step % steps_per_epoch) * per_step:][:per_step]
+        return [rows[c * config.batch_size:(c + 1) * config.batch_size] for c in range(engine.chunks)]
+
+    def loss(chunk: list[Example]) -> torch.Tensor:
+        target = torch.tensor([e.target for e in chunk], device=engine.device)
         if config.mode == "pointwise":
-            loss = pointwise_loss(pointwise_scores(batch, chunk, yes, no), target, config.group_weight)
-        elif config.mode == "generative":
-            loss = generative_loss(generative_scores(batch, chunk), target, config.temperature, config.lm_weight)
-        else:
-            loss = listwise_loss(listwise_logprobs(batch, chunk), target)
-        value = train_step(accelerator, optimizer, loss, trainable, config.max_grad_norm)  # the whole step's loss
-        step += 1
-        window.append(value)
-        rate = (step - first_step) / max(time.perf_counter() - t0 - eval_seconds, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}", queries_s=f"{rate * per_step:.1f}")
-        entry = {}
-        if step % config.log_every == 0 or step == total:
-            entry = {"step": step, "loss": round(float(np.mean(window)), 4), "lr": lr}
-            window = []
-        if evaluator is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            tick = time.perf_counter()
-            entry = {"step": step, **entry, "eval": _eval(evaluator, mllm, wrapped, prompt, config.mode)}
-            eval_seconds += time.perf_counter() - tick
-            bar.set_postfix(loss=f"{value:.3f}", **{f"{d}_R1": v["rerank_R@1"] for d, v in entry["eval"].items()})
-        if entry:
-            history.append(entry)
-            logger.info("step %d: %s", step, entry)
-        if config.save_every and step % config.save_every == 0 and step < total:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out_dir, step, accelerator.unwrap_model(wrapped), optimizer,
-                                {**identity, "history": history, "window": window})
-        if on_step is not None:
-            on_step({"step": step, "total": total, "loss": value})
-    bar.close()
-    seconds = time.perf_counter() - t0 - eval_seconds  # training only: evaluations are timed apart
-    done = step - first_step
+            return pointwise_loss(pointwise_scores(batch, chunk, yes, no), target, config.group_weight)
+        if config.mode == "generative":
+            return generative_loss(generative_scores(batch, chunk), target, config.temperature, config.lm_weight)
+        return listwise_loss(listwise_logprobs(batch, chunk), target)
+
+    run = engine.fit(total, draw, loss, evaluate=(lambda: evaluator(mllm, prompt, config.mode)) if evaluator else None,
+                     eval_at_start=bool(config.eval_every), on_step=on_step, progress_keys=("t2i/rerank_R@1", "i2t/rerank_R@1"),
+                     identity={"config": asdict(config), "base_revision": mllm.revision, "queries": len(groups),
+                               "prompt": prompt.key})
     cands = config.negatives + 1
-    evals = [h["eval"] for h in history if "eval" in h]
-    losses = [h["loss"] for h in history if "loss" in h]
     manifest = {
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rerank", "mode": config.mode,
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
-        "prompt": {"name": prompt.name, "version": prompt.version},
-        "config": asdict(config),
-        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                    **({"val": evals[-1]} if evals else {})},
+        "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
         "data": {"source": str(train.source), "images": len(train), "captions": len(texts), "queries": len(groups),
                  "mining": mining, "prefilter": getattr(encoder, "model_id", str(prefilter))},
-        "history": history, "steps": step,
-        "speed": {"steps_per_s": round(done / max(seconds, 1e-9), 3),
-                  "queries_per_s": round(done * per_step / max(seconds, 1e-9), 2),
-                  "candidates_per_s": round(done * per_step * cands / max(seconds, 1e-9), 1),
-                  "processes": accelerator.num_processes, "device": str(accelerator.device),
-                  "eval_seconds": round(eval_seconds, 1)},
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": engine.seconds,
     }
-    accelerator.wait_for_everyone()
-    if main:
-        save_adapter(out_dir, accelerator.unwrap_model(wrapped), manifest)
+    manifest["speed"].update(queries_per_s=run.rate(per_step), candidates_per_s=run.rate(per_step * cands))
+    engine.save(lambda folder: write_adapter(folder, engine.unwrapped, manifest), ADAPTER_FORMATS)
     return manifest
-
-
-def _eval(evaluator: _Evaluator, mllm: "MLLM", wrapped, prompt: "Prompt", mode: str) -> dict:
-    wrapped.eval()
-    try:
-        return evaluator(mllm, prompt, mode)
-    finally:
-        wrapped.train()

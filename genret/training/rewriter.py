@@ -37,19 +37,20 @@ import logging
 import math
 import os
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genret import __version__
 from genret.config import check_bounds
 from genret.mllm.answers import answer_format, continuation_ids
-from genret.training.distributed import my_slice, on_main, train_step
+from genret.training.distributed import on_main
+from genret.training.engine import Engine
+from genret.training.grace import identifier_loss
+from genret.training.models import add_lora, load_base
+from genret.training.options import LoraOptions, TrainOptions
 
 if TYPE_CHECKING:
     from genret.data.cir import CIRSet
@@ -63,8 +64,8 @@ REFERENCE_TEXTS = ("auto", "captioner", "dataset", "both")
 
 
 @dataclass
-class RewriterTrainConfig:
-    """What the rewriter LoRA learns from, and how."""
+class RewriterTrainConfig(LoraOptions, TrainOptions):
+    """What the rewriter LoRA learns from, and how (and the shared options)."""
 
     task: str = field(default="cirevl", metadata={"help": "cirevl (CIR triplets), chat (questions), eiirwqr (feedback)"})
     prompt: str = field(default="", metadata={"help": "prompt name or file (default: the task's)"})
@@ -82,34 +83,20 @@ class RewriterTrainConfig:
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens (as the stage uses it)"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite at evaluation"})
     cache_dir: str = field(default="", metadata={"help": "caption cache ('' : OUT.cache beside the output folder)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_targets: str = field(default="", metadata={"help": "comma-separated LM modules to adapt (default: the family's)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training triplets (unless max_steps)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    batch_size: int = field(default=16, metadata={"help": "rows per step and process"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training rows (unless max_steps)"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch and process"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     eval_triplets: int = field(default=64, metadata={"help": "val triplets rewritten at the end (exact-match check)"})
-    log_every: int = field(default=20, metadata={"help": "steps per loss entry in the history"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    dtype: str = field(default="float32", metadata={"help": "base weights dtype"})
-    processor_options: dict = field(default_factory=dict, metadata={"help": "image processor settings of the base "
-                                    "(Qwen2-VL max_pixels...), a JSON table on the command line"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         self.prompt = self.prompt or TASKS[self.task][0]
         if self.reference_text not in REFERENCE_TEXTS:
             raise ValueError(f"reference_text must be one of {', '.join(REFERENCE_TEXTS)}, got {self.reference_text!r}")
-        check_bounds(self, at_least_one=("lora_r", "epochs", "batch_size", "caption_tokens", "max_new_tokens",
-                     "log_every", "rounds", "shown", "min_facts"), non_negative=("max_steps", "threads", "scene_edits",
-                     "eval_triplets", "max_grad_norm"))
-        if self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise ValueError("lr must be positive and warmup in [0, 1)")
+        check_bounds(self, at_least_one=("caption_tokens", "max_new_tokens", "rounds", "shown", "min_facts"),
+                     non_negative=("scene_edits", "eval_triplets"))
 
 
 def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, str]]:
@@ -253,7 +240,8 @@ def feedback_pairs(records, base: str | os.PathLike, prefilter: "str | os.PathLi
 
 def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
                    config: RewriterTrainConfig | None = None, *, val=None, prefilter: "str | os.PathLike | None" = None,
-                   progress: bool = True, on_step: "Callable[[dict], None] | None" = None) -> dict:
+                   resume: bool = False, progress: bool = True,
+                   on_step: "Callable[[dict], None] | None" = None) -> dict:
     """Train a rewriter LoRA for ``config.task``; saves the adapter in ``out_dir``.
 
     Args:
@@ -263,32 +251,25 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         val: held-out data of the same kind for the exact-match check (cirevl: a CIR set; else a data set,
             its val split).
         prefilter: the dual encoder that retrieves the shown results (``eiirwqr``).
+        resume: continue from the last checkpoint under ``out_dir/checkpoints`` (same settings required).
 
     Returns:
         The manifest (also ``out_dir/genret.json``): config, history, val exact match before/after, speed.
     """
-    from accelerate import Accelerator
-
-    from genret.mllm.adapters import FORMAT, VERSION, save_adapter
+    from genret.mllm.adapters import ADAPTER_FORMATS, FORMAT, VERSION, write_adapter
     from genret.mllm.captioner import Captioner
     from genret.mllm.rewriter import Rewriter
     from genret.prompts import load_prompt
-    from genret.training.grace import _add_lora, identifier_loss
-    from genret.training.rerank import RerankTrainConfig, _load_base, _lr_factor
 
     config = config or RewriterTrainConfig()
     out_dir = Path(out_dir)
-    start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main, procs = accelerator.is_main_process, accelerator.num_processes
-    show = progress and main
+    engine = Engine(f"rewriter-{config.task}", config, out_dir, resume=resume, progress=progress)
+    accelerator, show = engine.accelerator, engine.show
     section = TASKS[config.task][1]
     prompt = load_prompt(config.prompt, required={section: {"user": ()}})
     if config.task == "eiirwqr" and prefilter is None:
         raise ValueError("task eiirwqr simulates a feedback round with the prefilter: pass prefilter (--clip)")
-    mllm = _load_base(str(base), RerankTrainConfig(dtype=config.dtype, processor_options=config.processor_options), accelerator.device)
+    mllm = load_base(str(base), config, engine.device)
     cache = config.cache_dir or str(out_dir.with_name(out_dir.name + ".cache"))  # kept when the adapter replaces OUT
     captioner = Captioner(mllm, config.caption_prompt, max_new_tokens=config.caption_tokens, cache_dir=cache)
 
@@ -315,9 +296,10 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
         reference_text = "both" if train.scenes else "captioner"
     pairs = [tuple(p) for p in on_main(accelerator, lambda: build(train, "train", reference_text))]
     source = getattr(train, "source", "?")
-    if len(pairs) < config.batch_size * procs:
-        raise ValueError(f"{source}: {len(pairs)} training rows with a target text, fewer than one step's "
-                         f"{config.batch_size * procs} (batch_size x processes); lower batch_size")
+    per_step = engine.rows_per_step
+    if len(pairs) < per_step:
+        raise ValueError(f"{source}: {len(pairs)} training rows with a target text, fewer than one step's {per_step} "
+                         "(batch_size x gradient_accumulation_steps x processes); lower batch_size")
     val_pairs = []
     if val is not None and config.eval_triplets:
         # Measured as inference works: from the captioner's captions.
@@ -337,65 +319,52 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     before = on_main(accelerator, exact_match)
     caption_key = captioner.key  # of the plain base, before the LoRA is added
     torch.manual_seed(config.seed)
-    model = _add_lora(mllm, config, [])
+    model = add_lora(mllm, config, gradient_checkpointing=config.gradient_checkpointing)
     rewriter = Rewriter(mllm, prompt, section, max_new_tokens=config.max_new_tokens)  # no adapter digest in its key
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped = engine.prepare(model)
     rendered = [rewriter.render(r) for r, _ in pairs]
     fmt = answer_format(mllm)  # each target as the model writes its answer: the template's prefix and end of turn
     targets = [continuation_ids(mllm, r, [fmt.text(t)])[0] for r, (_, t) in zip(rendered, pairs)]
-    per_step = config.batch_size * procs
     total = config.max_steps or config.epochs * math.ceil(len(pairs) / per_step)
     rng = random.Random(config.seed)
     stream: list[int] = []
-    history, window = [], []
-    bar = tqdm(total=total, desc="train rewriter", unit="step", disable=not show)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(1, total + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step - 1, total, config.warmup)
+
+    def draw(step: int) -> list[list[int]]:
         rows = []
         while len(rows) < per_step:
             if not stream:
-                stream = rng.sample(range(len(pairs)), len(pairs))
+                stream.extend(rng.sample(range(len(pairs)), len(pairs)))
             rows.append(stream.pop())
-        mine = my_slice(accelerator, rows, config.batch_size)
-        loss = identifier_loss(mllm, [rendered[i] for i in mine], [[] for _ in mine], [targets[i] for i in mine],
+        return [rows[c * config.batch_size:(c + 1) * config.batch_size] for c in range(engine.chunks)]
+
+    def loss(chunk: list[int]) -> torch.Tensor:
+        return identifier_loss(mllm, [rendered[i] for i in chunk], [[] for _ in chunk], [targets[i] for i in chunk],
                                model=wrapped)
-        window.append(train_step(accelerator, optimizer, loss, trainable, config.max_grad_norm))
-        bar.update(1)
-        bar.set_postfix(loss=f"{window[-1]:.3f}")
-        if step % config.log_every == 0 or step == total:
-            history.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-            window = []
-        if on_step is not None:
-            on_step({"step": step, "total": total, "loss": history[-1]["loss"] if history else None})
-    bar.close()
-    seconds = time.perf_counter() - t0
+
+    def restore(saved: dict) -> None:
+        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
+        stream[:] = saved["stream"]
+
+    run = engine.fit(total, draw, loss, on_step=on_step,
+                     state=(lambda: {"rng": rng.getstate(), "stream": stream}, restore),
+                     identity={"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key,
+                               "pairs": len(pairs)})
     model.eval()
     rewriter.cache.entries.clear()
     after = on_main(accelerator, exact_match)
-    losses = [h["loss"] for h in history]
+    summary = run.summary(config)
     manifest = {
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rewriter", "mode": section,
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
-        "prompt": {"name": prompt.name, "version": prompt.version}, "config": asdict(config),
+        "prompt": {"name": prompt.name, "version": prompt.version}, **summary,
         "captioner": caption_key,
         "data": {"source": str(source), "task": config.task, "pairs": len(pairs), "example": pairs[0],
                  "target_text": _target_text(config.task, train),
                  **({"reference_text": reference_text} if config.task == "cirevl" else {})},
-        "metrics": {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                    "val_before": before, "val": after},
-        "history": history, "steps": total,
-        "speed": {"steps_per_s": round(total / max(seconds, 1e-9), 3), "rows_per_step": per_step, "processes": procs,
-                  "device": str(accelerator.device)},
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "metrics": {**summary["metrics"], "val_before": before, "val": after},
+        "train_seconds": engine.seconds,
     }
-    accelerator.wait_for_everyone()
-    if main:
-        save_adapter(out_dir, model, manifest)
+    engine.save(lambda folder: write_adapter(folder, engine.unwrapped, manifest), ADAPTER_FORMATS)
     return manifest
 
 

@@ -152,11 +152,12 @@ def test_an_unknown_hub_id_fails_at_once_when_the_hub_is_out_of_reach(monkeypatc
 
 
 def test_trainers_load_their_base_with_processor_options_on_their_own_device(real_dirs):
-    """Every trainer loads its base through the rerank trainer's loader: processor options reach it, and the model
+    """Every trainer loads its base through one loader (training.models.load_base): processor options reach it, and the model
     goes to this process's device (never device_map 'auto', which shards a model across a data-parallel run's GPUs)."""
-    from genret.training.rerank import RerankTrainConfig, _load_base
+    from genret.training.models import load_base
+    from genret.training.rerank import RerankTrainConfig
 
-    mllm = _load_base(str(real_dirs["qwen2-vl-2b-instruct"]),
+    mllm = load_base(str(real_dirs["qwen2-vl-2b-instruct"]),
                       RerankTrainConfig(processor_options={"max_pixels": 64 * 28 * 28}), torch.device("cpu"))
     assert mllm.processor.image_processor.size["longest_edge"] == 64 * 28 * 28 and mllm.device.type == "cpu"
 

@@ -21,7 +21,7 @@ def test_checkpoint_loads_like_any_clip(clip_dir, world):
     assert out.logits_per_image.shape == (1, len(world.records[0].captions))
     summary = json.loads((clip_dir / "genret.json").read_text())
     assert summary["task"] == "clip" and summary["config"]["epochs"] == 6
-    assert len(summary["history"]) == 6 and "val_t2i_R@1" in summary["history"][0]
+    assert len(summary["history"]) == 6 and "val_t2i_R@1" in summary["history"][0]["eval"]
 
 
 def test_tokenizer_covers_every_character(clip_dir):

@@ -14,6 +14,7 @@ from genret.mllm.scoring import (generative_scores, image_features, listwise_sco
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.prompts import load_prompt
 from genret.training.rerank import RerankTrainConfig, generative_loss, pointwise_loss, train_rerank
+from genret.training.models import image_features as training_features
 from genret.types import Query
 
 STEPS = 40
@@ -198,7 +199,7 @@ def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family
     examples = [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")]
     texts, _ = caption_table(small)
     paths = [str(r.path) for r in small.records]
-    feats = dict(enumerate(tr._features(mllm, paths)))
+    feats = dict(enumerate(training_features(mllm, paths)))
     batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
     with torch.no_grad():  # both examples in one batch: padding must change nothing
         if mode == "pointwise":
@@ -278,12 +279,18 @@ def test_cli_trains_and_the_stage_uses_the_adapter(world_dir, world, mllm_dir, c
 
 @pytest.mark.parametrize("table,match", [
     ({"mode": "sideways"}, "mode must be one of pointwise, listwise, generative"),
-    ({"mode": "generative", "temperature": 0}, "lr and temperature must be positive"),
+    ({"mode": "generative", "temperature": 0}, "temperature must be positive, got 0"),
+    ({"lr": 0}, "lr must be positive, got 0"),
     ({"lm_weight": -1}, "lm_weight must not be negative"),
     ({"negatives": 9, "mine_k": 5}, "mine_k \\(5\\) must be at least negatives \\(9\\)"),
     ({"directions": "up"}, "directions must be one of"),
-    ({"lora_dropout": 1.5}, "lora_dropout and warmup must be in"),
+    ({"lora_dropout": 1.5}, "lora_dropout must be in \\[0, 1\\), got 1.5"),
+    ({"warmup": 1}, "warmup must be in \\[0, 1\\), got 1"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, no, bf16, fp16, got 'fp8'"),
+    ({"report_to": "tensorboard,nope"}, "report_to names 'nope'; choose from tensorboard"),
+    ({"dtype": "int3"}, "dtype must be one of auto, float32"),
 ])
 def test_bad_configs_are_refused(table, match):
     with pytest.raises(ConfigError, match=match):
