@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def _val_recall(model, pixels: torch.Tensor, tokens: dict, owners: np.ndarray) -
 
 
 def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConfig, val: Dataset | None = None,
-               progress: bool = True, resume: bool = False) -> dict:
+               progress: bool = True, resume: bool = False, on_step: "Callable[[dict], None] | None" = None) -> dict:
     """Train a mini CLIP on ``train`` and save it under ``out_dir`` (atomically).
 
     Args:
@@ -137,6 +138,7 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         val: optional held-out records; text→image R@1 on them is logged each epoch.
         progress: show a progress bar with the loss.
         resume: continue from the last checkpoint under ``out_dir/checkpoints``.
+        on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
 
     Returns:
         The training summary also saved as ``genret.json``.
@@ -215,7 +217,7 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         stream["order"] = saved["order"]
 
     ends = [steps_per_epoch * e for e in range(1, total // steps_per_epoch + 1)]
-    run = engine.fit(total, draw, loss, evaluate=evaluate, epoch_of=lambda s: math.ceil(s / steps_per_epoch),
+    run = engine.fit(total, draw, loss, evaluate=evaluate, on_step=on_step, epoch_of=lambda s: math.ceil(s / steps_per_epoch),
                      log_steps=None if config.log_every else ends, eval_steps=None if config.eval_every else ends,
                      state=(lambda: {"rng": rng.bit_generator.state, "order": stream["order"]}, restore),
                      identity={"config": asdict(config), "images": len(train)})

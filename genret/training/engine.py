@@ -85,10 +85,10 @@ def trackers(report_to: str) -> list[str]:
     if report_to in ("", "none"):
         return []
     if report_to == "all":
-        return [str(t) for t in filter_trackers("all")]
+        return [str(t) for t in filter_trackers("all", ".")]
     names = report_to.split(",")
     for name in names:
-        if not filter_trackers([name]):
+        if not filter_trackers([name], "."):
             extra = " (pip install 'genret[train]')" if name == "tensorboard" else ""
             raise ImportError(f"report_to {name!r}: the {name} package is not installed{extra}; install it or "
                               f"leave it out of report_to (trackers: {', '.join(TRACKERS)})")
@@ -183,9 +183,18 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.trackers = trackers(config.report_to)
         self.mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        # Accelerate keeps its state (mixed precision, accumulation) in process-wide singletons: a second run in one
+        # process (the demo, a notebook) would inherit the first one's. Reset them; the process group stays.
+        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import ProjectConfiguration
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        logs = str(self.out_dir / LOGS)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.mixed_precision,
                                        gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                       log_with=self.trackers or None, project_dir=str(self.out_dir / LOGS))
+                                       log_with=self.trackers or None,
+                                       project_config=ProjectConfiguration(project_dir=logs, logging_dir=logs))
         self.main = self.accelerator.is_main_process
         self.processes = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -221,7 +230,8 @@ class Engine:
         """
         if groups is None:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        groups = [dict(g) for g in groups if g["params"]]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+        groups = [g for g in groups if g["params"]]
         for g in groups:
             g.setdefault("lr", self.config.lr)
             g["base_lr"] = g["lr"]

@@ -13,6 +13,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,7 +88,8 @@ def _batch(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.T
 
 def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os.PathLike,
                   config: PretrainConfig | None = None, arch: MiniMLLMConfig | None = None,
-                  val: Dataset | None = None, progress: bool = True, resume: bool = False) -> dict:
+                  val: Dataset | None = None, progress: bool = True, resume: bool = False,
+                  on_step: "Callable[[dict], None] | None" = None) -> dict:
     """Build the mini MLLM from ``clip_dir`` and pretrain it on ``train``; saves a HF checkpoint.
 
     Returns:
@@ -143,7 +145,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     def loss(batch: dict) -> torch.Tensor:
         return wrapped(**{k: v.to(engine.device) for k, v in batch.items()}).loss
 
-    run = engine.fit(total, draw, loss, epoch_of=epoch_of,
+    run = engine.fit(total, draw, loss, epoch_of=epoch_of, on_step=on_step,
                      log_steps=None if config.log_every else [int(s) for s in starts[1:] if s <= total],
                      identity={"config": asdict(config), "arch": asdict(arch), "images": len(train)})
     final = engine.unwrapped
