@@ -1,7 +1,8 @@
 """What the trainers share to run as several processes under ``accelerate`` / ``torchrun``.
 
 Every process holds the whole model and draws the same global batch from the same seeded stream;
-each trains on its own slice (:func:`my_slice`), gradients are averaged by DDP. Work that must be
+each trains on its own micro-batches of it (the engine, :mod:`genret.training.engine`), gradients are
+averaged by DDP. Work that must be
 done once (captioning, evaluation) runs on the main process and its JSON-able result is sent to the
 others (:func:`on_main`: JSON bytes broadcast as a tensor, no pickle).
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
@@ -33,23 +34,6 @@ def on_main(accelerator, fn: Callable[[], T]) -> T:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     buf = broadcast(buf)
     return json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
-
-
-def my_slice(accelerator, rows: Sequence[T], per_process: int) -> list[T]:
-    """This process's ``per_process`` rows of a global batch drawn identically by every process."""
-    first = accelerator.process_index * per_process
-    return list(rows[first:first + per_process])
-
-
-def train_step(accelerator, optimizer, loss: torch.Tensor, params, max_grad_norm: float) -> float:
-    """Backward (gradients averaged across processes), clip to ``max_grad_norm`` (0: no clipping), step, zero the
-    gradients; returns the loss of the whole step for logging (:func:`step_loss`)."""
-    accelerator.backward(loss)
-    if max_grad_norm:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss(accelerator, loss)
 
 
 def step_loss(accelerator, loss: torch.Tensor) -> float:

@@ -107,6 +107,49 @@ def flat_metrics(values: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+class Streams:
+    """Seeded streams of indices over named pools, each reshuffled when it runs out; one ``random.Random`` for all.
+
+    What a trainer's ``batch(step)`` draws from when rows are sampled without replacement per pass (GRACE's
+    memorise and retrieve rows, a rewriter's pairs); its :meth:`state` goes into checkpoints, so a resumed
+    run draws what the uninterrupted one would have.
+
+    >>> s = Streams(0, {"a": range(3)})
+    >>> first = s.take("a", 4)
+    >>> sorted(first[:3]), len(first)
+    ([0, 1, 2], 4)
+    """
+
+    def __init__(self, seed: int, pools: dict[str, Sequence[int]]) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.pools = {k: list(v) for k, v in pools.items()}
+        self.streams: dict[str, list[int]] = {k: [] for k in pools}
+
+    def take(self, kind: str, n: int) -> list[int]:
+        """The next ``n`` indices of pool ``kind`` (fewer only when the pool is empty)."""
+        out: list[int] = []
+        while len(out) < n and self.pools[kind]:
+            if not self.streams[kind]:
+                self.streams[kind] = self.rng.sample(self.pools[kind], len(self.pools[kind]))
+            out.append(self.streams[kind].pop())
+        return out
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "streams": self.streams}
+
+    def restore(self, saved: dict) -> None:
+        version, internal, gauss = saved["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.streams.update(saved["streams"])
+
+    @property
+    def hooks(self) -> tuple[Callable[[], dict], Callable[[dict], None]]:
+        """``(get, set)`` for :meth:`Engine.fit`'s ``state``."""
+        return self.state, self.restore
+
+
 @dataclass
 class Run:
     """What :meth:`Engine.fit` did: the history, the steps, the time spent training and evaluating."""

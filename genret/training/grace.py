@@ -55,7 +55,7 @@ from genret.mllm import scoring
 from genret.mllm.answers import answer_context
 from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
 from genret.training.distributed import on_main
-from genret.training.engine import Engine
+from genret.training.engine import Engine, Streams
 from genret.training.models import add_lora, image_features, load_base
 from genret.training.options import LoraOptions, TrainOptions
 
@@ -355,21 +355,12 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     n_mem = config.batch_size - n_ret
     chunks = engine.chunks
     total = config.max_steps or config.epochs * math.ceil(len(items) / max(1, n_mem * chunks))
-    rng = random.Random(config.seed)
-    streams: dict[str, list[int]] = {"mem": [], "ret": []}
-
-    def take(kind: str, n: int, size: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if not streams[kind]:
-                streams[kind] = rng.sample(range(size), size)
-            out.append(streams[kind].pop())
-        return out
+    streams = Streams(config.seed, {"mem": range(len(items)), "ret": range(len(queries))})
 
     def draw(step: int) -> list[list[tuple[str | None, int]]]:
         """The step's micro-batches: each ``n_mem`` memorise rows ``(None, image)`` then ``n_ret`` retrieve rows."""
-        mem = take("mem", n_mem * chunks, len(items))
-        ret = [queries[i] for i in take("ret", n_ret * chunks, len(queries))] if n_ret else []
+        mem = streams.take("mem", n_mem * chunks)
+        ret = [queries[i] for i in streams.take("ret", n_ret * chunks)]
         return [[(None, g) for g in mem[c * n_mem:(c + 1) * n_mem]] + ret[c * n_ret:(c + 1) * n_ret]
                 for c in range(chunks)]
 
@@ -377,10 +368,6 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
         return identifier_loss(mllm, _prompts(mllm, prompt, [t for t, _ in chunk]),
                                [[feats[g]] if t is None else [] for t, g in chunk], [targets[g] for _, g in chunk],
                                model=wrapped)
-
-    def restore(saved: dict) -> None:
-        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-        streams.update(saved["streams"])
 
     rng_eval = random.Random(config.seed + 1)
     check_img = rng_eval.sample(range(len(items)), min(config.eval_queries, len(items)))
@@ -391,7 +378,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
                               [(t, items[g]) for t, g in check_txt], config.num_beams)
 
     run = engine.fit(total, draw, loss, evaluate=val, on_step=on_step,
-                     state=(lambda: {"rng": rng.getstate(), "streams": streams}, restore),
+                     state=streams.hooks,
                      identity={"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key,
                                "items": len(items), "retrieve_queries": len(queries)})
     manifest = {

@@ -44,7 +44,7 @@ from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, tokenize
 from genret.identifiers.schemes import _refuse_known, extend_identifiers  # noqa: F401  (extend_identifiers: public here too)
 from genret.mllm.answers import answer_context
 from genret.training.distributed import on_main
-from genret.training.engine import Engine
+from genret.training.engine import Engine, Streams
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
 from genret.training.models import add_lora, image_features, load_base
@@ -264,23 +264,13 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         new_ret = n_ret
     chunks = engine.chunks
     total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem * chunks))
-    rng = random.Random(config.seed)
-    pools = {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
-             "old_ret": list(range(len(old_q))), "new_ret": list(range(len(new_q)))}
-    streams: dict[str, list[int]] = {k: [] for k in pools}
-
-    def take(kind: str, n: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n and pools[kind]:
-            if not streams[kind]:
-                streams[kind] = rng.sample(pools[kind], len(pools[kind]))
-            out.append(streams[kind].pop())
-        return out
+    streams = Streams(config.seed, {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
+                                    "old_ret": range(len(old_q)), "new_ret": range(len(new_q))})
 
     def draw(step: int) -> list[list[tuple[str | None, int]]]:
         """The step's micro-batches, each: new then old memorise rows ``(None, image)``, new then old retrieve rows."""
         kinds = (("new_mem", new_mem), ("old_mem", n_mem - new_mem), ("new_ret", new_ret), ("old_ret", n_ret - new_ret))
-        drawn = {kind: take(kind, n * chunks) for kind, n in kinds}
+        drawn = {kind: streams.take(kind, n * chunks) for kind, n in kinds}
         out = []
         for c in range(chunks):
             rows: list[tuple[str | None, int]] = []
@@ -296,12 +286,8 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                                [[feats[items[g]]] if t is None else [] for t, g in chunk],
                                [targets[g] for _, g in chunk], model=wrapped)
 
-    def restore(saved: dict) -> None:
-        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-        streams.update(saved["streams"])
-
     run = engine.fit(total, draw, loss, evaluate=(lambda: check_group("new", trie)) if config.eval_every else None,
-                     state=(lambda: {"rng": rng.getstate(), "streams": streams}, restore), on_step=on_step,
+                     state=streams.hooks, on_step=on_step,
                      identity={"config": asdict(config), "parent": str(parent), "base_revision": mllm.revision,
                                "items": len(items)})
     tick = time.perf_counter()

@@ -47,7 +47,7 @@ from genret import __version__
 from genret.config import check_bounds
 from genret.mllm.answers import answer_format, continuation_ids
 from genret.training.distributed import on_main
-from genret.training.engine import Engine
+from genret.training.engine import Engine, Streams
 from genret.training.grace import identifier_loss
 from genret.training.models import add_lora, load_base
 from genret.training.options import LoraOptions, TrainOptions
@@ -326,27 +326,18 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     fmt = answer_format(mllm)  # each target as the model writes its answer: the template's prefix and end of turn
     targets = [continuation_ids(mllm, r, [fmt.text(t)])[0] for r, (_, t) in zip(rendered, pairs)]
     total = config.max_steps or config.epochs * math.ceil(len(pairs) / per_step)
-    rng = random.Random(config.seed)
-    stream: list[int] = []
+    streams = Streams(config.seed, {"pairs": range(len(pairs))})
 
     def draw(step: int) -> list[list[int]]:
-        rows = []
-        while len(rows) < per_step:
-            if not stream:
-                stream.extend(rng.sample(range(len(pairs)), len(pairs)))
-            rows.append(stream.pop())
+        rows = streams.take("pairs", per_step)
         return [rows[c * config.batch_size:(c + 1) * config.batch_size] for c in range(engine.chunks)]
 
     def loss(chunk: list[int]) -> torch.Tensor:
         return identifier_loss(mllm, [rendered[i] for i in chunk], [[] for _ in chunk], [targets[i] for i in chunk],
                                model=wrapped)
 
-    def restore(saved: dict) -> None:
-        rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2]))
-        stream[:] = saved["stream"]
-
     run = engine.fit(total, draw, loss, on_step=on_step,
-                     state=(lambda: {"rng": rng.getstate(), "stream": stream}, restore),
+                     state=streams.hooks,
                      identity={"config": asdict(config), "base_revision": mllm.revision, "prompt": prompt.key,
                                "pairs": len(pairs)})
     model.eval()

@@ -62,15 +62,15 @@ def test_two_processes_train_the_same_adapter_as_one(runs):
         json.loads((root / "one" / "pseudo_queries.json").read_text())["queries"]
 
 
-def test_helpers_share_the_main_result_slice_the_batch_and_average_the_loss(tmp_path):
+def test_helpers_share_the_main_result_and_average_the_loss(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(
         "import json, torch\n"
         "from accelerate import Accelerator\n"
-        "from genret.training.distributed import close_process_group, my_slice, on_main, step_loss\n"
+        "from genret.training.distributed import close_process_group, on_main, step_loss\n"
         "acc = Accelerator(cpu=True)\n"
         "got = on_main(acc, lambda: {'rank': acc.process_index, 'text': 'caf\\u00e9 \\u2713'})\n"
-        "row = {'rank': acc.process_index, 'got': got, 'slice': my_slice(acc, list(range(8)), 4),\n"
+        "row = {'rank': acc.process_index, 'got': got,\n"
         "       'loss': step_loss(acc, torch.tensor(float(acc.process_index)))}\n"
         f"open({str(tmp_path)!r} + f'/rank{{acc.process_index}}.json', 'w').write(json.dumps(row))\n"
         "close_process_group()\n")
@@ -81,7 +81,6 @@ def test_helpers_share_the_main_result_slice_the_batch_and_average_the_loss(tmp_
     rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert all(r["got"] == {"rank": 0, "text": "caf\u00e9 \u2713"} for r in rows)  # main's result, on both
-    assert [r["slice"] for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [r["loss"] for r in rows] == [0.5, 0.5]
 
 
