@@ -114,6 +114,72 @@ def _load_parent_weights(model, parent: Path, n_old_tokens: int) -> None:
         raise ValueError(f"{parent}: {len(missing)} adapter weights fit no module of the model (e.g. {missing[0]!r})")
 
 
+ROW_NAMES = {"new_mem": "new_memorise", "old_mem": "old_memorise", "new_ret": "new_retrieve", "old_ret": "old_retrieve"}
+
+
+def _images_to_add(old: Identifiers, data: Dataset, records: dict, config: GraceAddConfig,
+                   new_items: Sequence[str] | None, parent: Path) -> list[str]:
+    """The ids to add (``new_items`` and the ``new_splits``' images), refused when known or not in ``data``."""
+    wanted = list(new_items or [])
+    if config.new_splits:
+        wanted += [r.id for r in data.split(*config.new_splits.split(",")).records if r.id not in set(wanted)]
+    if not wanted:
+        raise ValueError("no images to add: pass new_splits (--new-splits) or new_items")
+    _refuse_known(old, wanted, f" in {parent}")  # before any model work
+    absent = [i for i in list(old.item_ids) + wanted if i not in records]
+    if absent:
+        raise ValueError(f"{len(absent)} images are not in the data set {data.source} (e.g. {absent[0]!r}): it must "
+                         "hold the parent's images (replay, forgetting check) and the new ones")
+    return wanted
+
+
+def _parent_pseudo_queries(parent: Path) -> dict[str, str]:
+    from genret._io import read_json
+
+    if not (parent / PSEUDO_FILE).is_file():
+        return {}
+    saved = read_json(parent / PSEUDO_FILE, what="pseudo-queries")
+    return dict(zip(saved.get("items", []), saved.get("queries", [])))
+
+
+def replay_rows(config: GraceAddConfig, has_old_queries: bool, has_queries: bool) -> dict[str, int]:
+    """Rows of each kind in a micro-batch: new / old memorise, new / old retrieve (``replay`` of them old)."""
+    n_ret = round(config.batch_size * config.retrieve_ratio) if has_queries else 0
+    n_mem = config.batch_size - n_ret
+    new_mem = max(1, round(n_mem * (1 - config.replay))) if n_mem else 0
+    new_ret = max(1, round(n_ret * (1 - config.replay))) if n_ret else 0
+    if not has_old_queries:
+        new_ret = n_ret
+    return {"new_mem": new_mem, "old_mem": n_mem - new_mem, "new_ret": new_ret, "old_ret": n_ret - new_ret}
+
+
+def replay_batches(streams: Streams, kinds: dict[str, int], chunks: int, new_q: list, old_q: list
+                   ) -> list[list[tuple[str | None, int]]]:
+    """A step's micro-batches, each: new then old memorise rows ``(None, image)``, new then old retrieve rows."""
+    drawn = {kind: streams.take(kind, n * chunks) for kind, n in kinds.items()}
+    out = []
+    for c in range(chunks):
+        rows: list[tuple[str | None, int]] = []
+        for kind, n in kinds.items():
+            picked = drawn[kind][c * n:(c + 1) * n]
+            rows += ([(None, g) for g in picked] if kind.endswith("mem")
+                     else [(new_q if kind == "new_ret" else old_q)[j] for j in picked])
+        out.append(rows)
+    return out
+
+
+def forgetting_report(before: dict, after: dict, num_beams: int) -> dict:
+    """What the old images lost and the new ones gained, from the checks before and after training."""
+    keys = ("image_to_id_top1", "text_to_id_R@1")
+    return {
+        "protocol": "fixed samples of images (image -> id top-1) and retrieve queries (text -> id R@1), trie beam "
+                    f"search with {num_beams} beams; old before: the parent over the old ids; after: over all ids",
+        "old": {"before": before["old"], "after": after["old"], "after_within_old_ids": after["old_within_old"],
+                "drop": {k: round(before["old"][k] - after["old"][k], 2) for k in keys}},
+        "new": {"before": before["new"], "after": after["new"]},
+    }
+
+
 def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
                config: GraceAddConfig | None = None, *, new_items: Sequence[str] | None = None,
                prefilter: "str | os.PathLike | DualEncoder | None" = None,
@@ -137,7 +203,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         The new adapter's manifest (also ``out_dir/genret.json``), with ``parent``, ``added``, ``replay`` and
         ``forgetting`` (image → id top-1 and text → id R@1 of the old items before and after, of the new after).
     """
-    from genret._io import read_json, write_json
+    from genret._io import write_json
     from genret.encoders import load_encoder
     from genret.mllm.adapters import FORMAT, VERSION, read_adapter_manifest, write_adapter
     from genret.prompts import load_prompt
@@ -153,16 +219,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                          "replacing it (overwrite)")
     old = Identifiers.load(parent)
     records = data.by_id()
-    wanted = list(new_items or [])
-    if config.new_splits:
-        wanted += [r.id for r in data.split(*config.new_splits.split(",")).records if r.id not in set(wanted)]
-    if not wanted:
-        raise ValueError("no images to add: pass new_splits (--new-splits) or new_items")
-    _refuse_known(old, wanted, f" in {parent}")  # before any model work
-    absent = [i for i in list(old.item_ids) + wanted if i not in records]
-    if absent:
-        raise ValueError(f"{len(absent)} images are not in the data set {data.source} (e.g. {absent[0]!r}): it must "
-                         "hold the parent's images (replay, forgetting check) and the new ones")
+    wanted = _images_to_add(old, data, records, config, new_items, parent)
     scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
     prompt = load_prompt(manifest["prompt"]["name"], required=PROMPT_NEEDS)
     engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress)
@@ -183,10 +240,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     stray = [i for i in extra if i not in paths]
     if stray:
         raise ValueError(f"queries name {len(stray)} images that are neither old nor new (e.g. {stray[0]!r})")
-    parent_pseudo = {}
-    if (parent / PSEUDO_FILE).is_file():
-        saved = read_json(parent / PSEUDO_FILE, what="pseudo-queries")
-        parent_pseudo = dict(zip(saved.get("items", []), saved.get("queries", [])))
+    parent_pseudo = _parent_pseudo_queries(parent)
     new_pseudo: dict[str, str] = {}
     if config.pseudo_queries:
         new_pseudo = dict(zip(new, on_main(accelerator, lambda: pseudo_queries(
@@ -256,30 +310,14 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     lr, token_lr = config.lr or train_cfg.lr, config.token_lr or train_cfg.token_lr
     wrapped = engine.prepare(model, [{"params": lora, "lr": lr}, {"params": rows, "lr": token_lr, "weight_decay": 0.0}])
-    n_ret = round(config.batch_size * config.retrieve_ratio) if (old_q or new_q) else 0
-    n_mem = config.batch_size - n_ret
-    new_mem = max(1, round(n_mem * (1 - config.replay))) if n_mem else 0
-    new_ret = max(1, round(n_ret * (1 - config.replay))) if n_ret else 0
-    if not old_q:
-        new_ret = n_ret
+    kinds = replay_rows(config, bool(old_q), bool(old_q or new_q))
     chunks = engine.chunks
-    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, new_mem * chunks))
+    total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, kinds["new_mem"] * chunks))
     streams = Streams(config.seed, {"old_mem": [pos[i] for i in old_items], "new_mem": [pos[i] for i in new],
                                     "old_ret": range(len(old_q)), "new_ret": range(len(new_q))})
 
     def draw(step: int) -> list[list[tuple[str | None, int]]]:
-        """The step's micro-batches, each: new then old memorise rows ``(None, image)``, new then old retrieve rows."""
-        kinds = (("new_mem", new_mem), ("old_mem", n_mem - new_mem), ("new_ret", new_ret), ("old_ret", n_ret - new_ret))
-        drawn = {kind: streams.take(kind, n * chunks) for kind, n in kinds}
-        out = []
-        for c in range(chunks):
-            rows: list[tuple[str | None, int]] = []
-            for kind, n in kinds:
-                picked = drawn[kind][c * n:(c + 1) * n]
-                rows += ([(None, g) for g in picked] if kind.endswith("mem")
-                         else [(new_q if kind == "new_ret" else old_q)[j] for j in picked])
-            out.append(rows)
-        return out
+        return replay_batches(streams, kinds, chunks, new_q, old_q)
 
     def loss(chunk: list[tuple[str | None, int]]) -> torch.Tensor:
         return identifier_loss(mllm, _prompts(mllm, prompt, [t for t, _ in chunk]),
@@ -294,14 +332,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     after = {"old": measure("old", trie), "old_within_old": measure("old", old_trie), "new": measure("new", trie)}
     eval_seconds += time.perf_counter() - tick
 
-    keys = ("image_to_id_top1", "text_to_id_R@1")
-    forgetting = {
-        "protocol": "fixed samples of images (image -> id top-1) and retrieve queries (text -> id R@1), trie beam "
-                    f"search with {config.num_beams} beams; old before: the parent over the old ids; after: over all ids",
-        "old": {"before": before["old"], "after": after["old"], "after_within_old_ids": after["old_within_old"],
-                "drop": {k: round(before["old"][k] - after["old"][k], 2) for k in keys}},
-        "new": {"before": before["new"], "after": after["new"]},
-    }
+    forgetting = forgetting_report(before, after, config.num_beams)
     summary = run.summary(config)
     out = {
         **{k: v for k, v in manifest.items() if k not in ("format", "version", "history", "metrics", "speed", "logs")},
@@ -317,8 +348,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                   "identifiers": list(merged.identifiers[len(old_items):]),
                   "retrieve_queries": len(new_q), "pseudo_queries": sum(map(bool, new_pseudo.values()))},
         "replay": {"fraction": config.replay, "old_images": len(old_items), "old_retrieve_queries": len(old_q),
-                   "rows_per_step": {"new_memorise": new_mem, "old_memorise": n_mem - new_mem,
-                                     "new_retrieve": new_ret, "old_retrieve": n_ret - new_ret}},
+                   "rows_per_step": {ROW_NAMES[k]: n for k, n in kinds.items()}},
         "add_config": {**asdict(config), "lr": lr, "token_lr": token_lr}, "forgetting": forgetting,
         "metrics": {**summary["metrics"], "val": after["new"]},
         "history": summary["history"], "steps": summary["steps"],
