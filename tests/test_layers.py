@@ -59,3 +59,17 @@ def test_the_check_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from genret.training.rerank import train_rerank\n")
     assert [m for _, m in _imports(bad)] == ["genret.training.rerank"] and LEVEL[_part("genret.training.rerank")] == 4
+
+
+def test_the_readme_package_map_names_every_folder_and_only_folders_that_exist():
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Package map", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(genret/[\w/.]*)`", table))
+    folders = {f"genret/{p.name}/" for p in ROOT.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    assert folders <= named, f"add to the README's package map: {sorted(folders - named)}"
+    missing = [n for n in named if not (ROOT.parent / n).exists()]
+    assert not missing, f"the README's package map names what is not there: {missing}"
+    training = {p.stem for p in (ROOT / "training").glob("*.py")} - {"__init__", "negatives", "mini_mllm"}
+    assert all(f"`{m}" in table for m in training), "name every training module in the map"
