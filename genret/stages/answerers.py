@@ -1,4 +1,7 @@
-"""Who answers the questions of a chat: the simulated user (``facts``), the MLLM looking at the target, a person.
+"""Who answers the questions of a chat: the MLLM looking at the target, a person, or a registered simulated user.
+
+Simulated users that read a data set's own ground truth are plug-ins: the miniature world registers ``facts``
+(:mod:`genret.world.answerers`), which reads the target's scene.
 
 Every answerer follows :class:`Answerer`: one answer per query and question, as a
 :class:`~genret.mllm.rewriter.Rewrite` (the text used, what was said, and why it was not used, if so).
@@ -7,10 +10,8 @@ Every answerer follows :class:`Answerer`: one answer per query and question, as 
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
-from genret.data.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene
 from genret.registry import Registry
 from genret.mllm.rewriter import Rewrite
 from genret.stages.dialog import UNKNOWN, Target, dialog_text
@@ -50,21 +51,6 @@ def _target(query: Query, answerer: str, need: str) -> Target:
     return target
 
 
-class FactsAnswerer:
-    """A simulated user who reads the target's scene; see :func:`answer_from_scene`."""
-
-    name = "facts"
-
-    def answer(self, queries: Sequence[Query], questions: Sequence[str]) -> list[Rewrite]:
-        """Answer each question from its query's target scene; "I don't know" where it cannot tell."""
-        out = []
-        for q, question in zip(queries, questions, strict=True):
-            scene = Scene.from_dict(dict(_target(q, self.name, "scene").scene))
-            said = answer_from_scene(scene, question, heard=dialog_text(q))
-            out.append(Rewrite(UNKNOWN, "", "unanswerable") if said is None else Rewrite(said, said))
-        return out
-
-
 class HumanAnswerer:
     """A person answers: each question is shown with the dialog so far, the answer is read back.
 
@@ -84,92 +70,6 @@ class HumanAnswerer:
             said = self.ask(f"[{q.id}] {dialog_text(q)}\nQ: {question}\nA: ")
             out.append(Rewrite(said.strip(), said) if said.strip() else Rewrite(UNKNOWN, said, "empty"))
         return out
-
-
-# --- the facts answerer's reading of the miniature world's questions ---------------------------------------------
-
-_C, _S = "|".join(COLOURS), "|".join(SHAPES)
-_GRAMMAR = (
-    ("present", re.compile(rf"is there an? ({_C}) ({_S})")),
-    ("colour", re.compile(rf"what colou?r is the ({_S})")),
-    ("shape", re.compile(rf"what shape is the ({_C}) one")),
-    ("relation", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(RELATIONS)}) the ({_C}) ({_S})")),
-    ("where", re.compile(rf"where is the ({_C}) ({_S})")),
-    ("size", re.compile(rf"is the ({_C}) ({_S}) ({'|'.join(SIZES)})")),
-)
-
-
-def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | None:
-    """What a person looking at ``scene`` says to ``question``; ``None`` where they cannot tell.
-
-    Answers questions only (a text that ends with "?" or starts with an interrogative word; a statement
-    gets ``None``). Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape,
-    relation, place, size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
-    colours, the shapes, the sizes, where the objects are, and what else there is (the objects ``heard``,
-    the dialog so far, does not name yet).
-
-    >>> from genret.data.scene import SceneObject
-    >>> s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)),
-    ...           "left of")
-    >>> answer_from_scene(s, "Is there a blue circle?"), answer_from_scene(s, "Where are the two objects?")
-    ('no', 'the red circle is left of the blue square')
-    """
-    if not _is_question(question):  # a statement, or a caption the questioner said instead of asking: nothing to answer
-        return None
-    text = " ".join(question.lower().replace("?", " ").split())
-    find = lambda c, s: next((o for o in scene.objects if (o.colour, o.shape) == (c, s)), None)  # noqa: E731
-    for kind, pattern in _GRAMMAR:
-        m = pattern.fullmatch(text)
-        if not m:
-            continue
-        g = m.groups()
-        if kind == "present":
-            return "yes" if find(*g) else "no"
-        if kind in ("colour", "shape"):
-            attr, other = ("shape", "colour") if kind == "colour" else ("colour", "shape")
-            hits = [o for o in scene.objects if getattr(o, attr) == g[0]]
-            if not hits:
-                return f"there is no {g[0]}" + (" one" if kind == "shape" else "")
-            return " and ".join(getattr(o, other) for o in hits)
-        a = find(g[0], g[1])
-        if a is None:
-            return f"there is no {g[0]} {g[1]}"
-        if kind == "size":
-            return "yes" if a.size == g[2] else "no"
-        other = next(o for o in scene.objects if o is not a)
-        rel = scene.relation if a is scene.objects[0] else INVERSE[scene.relation]
-        if kind == "where":
-            return f"{rel} the {other.noun()}"
-        b = find(g[3], g[4])
-        return "yes" if b is other and g[2] == rel else "no"
-    return _answer_by_keyword(scene, text, heard.lower())
-
-
-_ASKING = ("what", "which", "where", "how", "is", "are", "does", "do", "can", "who", "tell", "describe")
-
-
-def _is_question(text: str) -> bool:
-    """A question: ends with "?" or starts with an interrogative word (the simulated user answers nothing else)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return text.strip().endswith("?") or bool(words and words[0] in _ASKING)
-
-
-def _answer_by_keyword(scene: Scene, text: str, heard: str) -> str | None:
-    facts = scene.facts()
-    first, second = ("left object", "right object") if scene.horizontal else ("top object", "bottom object")
-    facts["objects"] = f"a {facts[first]} and a {facts[second]}"
-    facts["sizes"] = "; ".join(f"the {o.noun()} is {o.size}" for o in scene.objects)
-    words = set(re.findall(r"[a-z]+", text))
-    if words & {"else", "other"}:
-        unheard = [f"a {o.noun(True)}" for o in scene.objects if o.noun() not in heard]
-        return " and ".join(unheard) if unheard else "nothing else"
-    for keys, fact in (({"where", "relation", "position", "placed"}, "relation"), ({"first", "left", "top"}, first),
-                       ({"second", "right", "bottom"}, second), ({"colour", "colours", "color", "colors"}, "colours"),
-                       ({"shape", "shapes"}, "shapes"), ({"size", "sizes", "large", "small", "big"}, "sizes"),
-                       ({"image", "picture", "see", "objects"}, "objects")):
-        if words & keys:
-            return facts[fact]
-    return None
 
 
 # --- the MLLM answerer --------------------------------------------------------------------------------------------
@@ -267,6 +167,5 @@ def _mllm_answerer(stage) -> "MLLMAnswerer":
                         batch_size=c.batch_size, cache_dir=c.cache_dir or None)
 
 
-ANSWERERS.register("facts")(lambda stage: FactsAnswerer())
 ANSWERERS.register("human")(lambda stage: HumanAnswerer())
 ANSWERERS.register("mllm")(_mllm_answerer)

@@ -12,12 +12,12 @@ Answerers (the :class:`~genret.stages.answerers.Answerer` protocol in :mod:`genr
 person can take the user's place; the dialog's text forms are in :mod:`genret.stages.dialog`):
 
 - ``facts``: a simulated user who reads the target's scene in the miniature world (``meta["target"]``)
-  and answers the world's questions (:func:`genret.data.scene.questions`) and the scripted ones truly,
+  and answers the world's questions (:func:`genret.data.scene.questions`; :mod:`genret.world.answerers`) and the scripted ones truly,
   anything else with "I don't know";
 - ``mllm``: the MLLM looks at the target image and answers (table ``[answer]``: ``{image}`` + ``{question}``);
 - ``human``: a person types the answer (:class:`HumanAnswerer`); no ground truth needed.
 
-The ``scripted`` questioner asks :data:`SCRIPT` in order: the questions the facts answerer knows, the
+The miniature world's ``scripted`` questioner (:mod:`genret.world.answerers`) asks its ``SCRIPT`` in order: the questions the facts answerer knows, the
 same for every image (it never looks at the target). With the facts answerer it is the *oracle*
 questioner: the dialog then holds the whole description, the mechanism an MLLM questioner should reach.
 
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from genret.mllm.rewriter import Rewrite
-from genret.stages.answerers import (ANSWERERS, Answerer, FactsAnswerer, HumanAnswerer, MLLMAnswerer,  # noqa: F401
-                                     answer_from_scene)
+from genret.registry import Registry
+from genret.stages.answerers import ANSWERERS, Answerer, HumanAnswerer, MLLMAnswerer  # noqa: F401
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import UNKNOWN, Target, dialog_text, initial_query, joined_dialog
 from genret.types import Query
@@ -64,20 +64,14 @@ if TYPE_CHECKING:
     from genret.mllm.rewriter import Rewriter
 
 logger = logging.getLogger(__name__)
-__all__ = ["Answerer", "ChatConfig", "ChatStage", "FactsAnswerer", "HumanAnswerer", "MLLMAnswerer", "Target",
-           "answer_from_scene", "dialog_text", "initial_query", "joined_dialog", "UNKNOWN", "SCRIPT",
-           "FALLBACK_QUESTIONS"]
+__all__ = ["Answerer", "ChatConfig", "ChatStage", "HumanAnswerer", "MLLMAnswerer", "QUESTIONERS", "Target",
+           "dialog_text", "initial_query", "joined_dialog", "UNKNOWN", "FALLBACK_QUESTIONS"]
 
-QUESTIONERS = ("mllm", "scripted")
+QUESTIONERS: Registry = Registry("questioner")
+"""Who asks, by the name a chat stage's ``questioner`` setting gives: ``factory(stage) -> ask``, where ``ask(queries)``
+gives each query's ``(question, None)``, or ``(None, why)`` where it cannot ask. ``mllm`` is the stage's MLLM; the
+miniature world registers ``scripted`` (:mod:`genret.world.answerers`)."""
 QUERY_FORMATS = ("dialog", "answers", "rewrite")
-SCRIPT = (
-    "What colours are the objects?",
-    "What else is in the image?",
-    "Where are the two objects?",
-    "What shapes are the objects?",
-    "Are the objects large or small?",
-)
-"""The scripted questioner's questions, asked in order (then again from the first)."""
 FALLBACK_QUESTIONS = (
     "What is in the image?",
     "What colours are the objects?",
@@ -94,7 +88,8 @@ class ChatConfig(MLLMLoadConfig):
 
     model: str = field(default="", metadata={"help": "the MLLM: questioner (on text only) and mllm answerer"})
     adapter: str = field(default="", metadata={"help": "a LoRA for the questioner (genret train rewriter; optional)"})
-    questioner: str = field(default="mllm", metadata={"help": "mllm, or scripted (fixed questions; see SCRIPT)"})
+    questioner: str = field(default="mllm", metadata={"help": "mllm, or a registered one (the miniature world's "
+                                                                "scripted: fixed questions)"})
     prompt: str = field(default="chat", metadata={"help": "prompt with [question], [answer], [summary] tables"})
     rounds: int = field(default=5, metadata={"help": "questions asked per query"})
     answerer: str = field(default="facts", metadata={"help": "facts (the target's scene), mllm (sees it), human"})
@@ -108,7 +103,7 @@ class ChatConfig(MLLMLoadConfig):
     cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
 
     def __post_init__(self) -> None:
-        for name, known in (("questioner", QUESTIONERS), ("answerer", tuple(ANSWERERS.names())),
+        for name, known in (("questioner", tuple(QUESTIONERS.names())), ("answerer", tuple(ANSWERERS.names())),
                             ("query_format", QUERY_FORMATS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
@@ -269,8 +264,10 @@ class ChatStage(RewriteStage):
         """(question, None) per query, or (None, why) where the questioner's prompt no longer fits."""
         if not queries:
             return []
-        if self.config.questioner == "scripted":
-            return [(Rewrite(SCRIPT[len(q.meta["turns"]) % len(SCRIPT)], ""), None) for q in queries]
+        return QUESTIONERS.get(self.config.questioner)(self)(queries)
+
+    def _ask_mllm(self, queries: list[Query]) -> list[tuple[Rewrite | None, str | None]]:
+        """The ``mllm`` questioner: the stage's MLLM on the dialog so far (prompt table ``[question]``)."""
         rewriter = self._rewriter("question")
         rows = [{"dialog": dialog_text(q)} for q in queries]
         fits = [_overflow(rewriter, r) for r in rows]
@@ -322,3 +319,6 @@ def _overflow(rewriter: "Rewriter", row: Mapping[str, str]) -> str | None:
         return None
     return (f"context: the {rewriter.section} prompt is {n} tokens, with {rewriter.max_new_tokens} new ones past "
             f"the {rewriter.max_prompt_tokens} the model takes")
+
+
+QUESTIONERS.register("mllm")(lambda stage: stage._ask_mllm)

@@ -196,14 +196,15 @@ def _images_to_caption(cir: "CIRSet") -> list[str]:
 def chat_pairs(records, rounds: int, seed: int = 0) -> list[tuple[dict, str]]:
     """``({"dialog"}, next question)`` per image and turn: the oracle dialogs (scripted questions, facts answers)."""
     from genret.eval.interactive import dialog_queries
-    from genret.stages.chat import SCRIPT, ChatConfig, ChatStage, dialog_text
+    from genret.stages.chat import ChatConfig, ChatStage, dialog_text
 
     stage = ChatStage(ChatConfig(questioner="scripted", answerer="facts", rounds=rounds), "chat")
     queries = stage.start(*dialog_queries(records, seed))
     pairs = []
-    for r in range(rounds):
-        pairs += [({"dialog": dialog_text(q)}, SCRIPT[r % len(SCRIPT)]) for q in queries if not q.meta["stopped"]]
+    for _ in range(rounds):
+        asking = {q.id: dialog_text(q) for q in queries if not q.meta["stopped"]}
         queries = stage.next_round(queries)
+        pairs += [({"dialog": asking[q.id]}, q.meta["turns"][-1]["question"]) for q in queries if q.id in asking]
     return pairs
 
 

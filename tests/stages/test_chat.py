@@ -6,8 +6,9 @@ import pytest
 
 from genret.data.scene import Scene, questions
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
-from genret.stages.chat import (FALLBACK_QUESTIONS, SCRIPT, UNKNOWN, Answerer, ChatConfig, ChatStage, FactsAnswerer,
-                                HumanAnswerer, MLLMAnswerer, Target, answer_from_scene, dialog_text,
+from genret.world.answerers import SCRIPT, FactsAnswerer, answer_from_scene
+from genret.stages.chat import (FALLBACK_QUESTIONS, UNKNOWN, Answerer, ChatConfig, ChatStage,
+                                HumanAnswerer, MLLMAnswerer, Target, dialog_text,
                                 initial_query)
 from genret.types import Query
 
@@ -190,7 +191,6 @@ def test_next_round_needs_a_started_dialog():
 
 def test_the_facts_answerer_answers_questions_only():
     from genret.data.scene import Scene, SceneObject
-    from genret.stages.chat import answer_from_scene
 
     s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)), "left of")
     # A caption said instead of a question (what an untrained questioner does) tells the user nothing to answer.
@@ -220,3 +220,17 @@ def test_answerers_are_registered_plug_ins(clip_dir):
         ANSWERERS._entries.pop("echo")
     with pytest.raises(ValueError, match="answerer must be one of"):
         ChatConfig(questioner="scripted", answerer="echo")
+
+
+def test_the_worlds_simulated_users_are_plug_ins_found_through_the_entry_point():
+    """A fresh process that never imports genret.world still finds 'facts' and 'scripted' (the genret.plugins entry
+    point loads them); the stages themselves know nothing of the world."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom genret.stages.chat import QUESTIONERS\nfrom genret.stages.answerers import ANSWERERS\n"
+            "assert 'genret.world' not in sys.modules\n"
+            "print(sorted(ANSWERERS.names()), sorted(QUESTIONERS.names()), 'genret.world.answerers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "['facts', 'human', 'mllm'] ['mllm', 'scripted'] True"

@@ -6,7 +6,7 @@ import pytest
 
 from genret.data.cir import load_cir
 from genret.data.scene import Scene
-from genret.stages.chat import SCRIPT
+from genret.world.answerers import SCRIPT
 from genret.stages.eiirwqr import shared_facts
 from genret.training.rewriter import (RewriterTrainConfig, chat_pairs, closest_text, dataset_captions, feedback_pairs,
                                       full_captions, rewrite_pairs, scene_edit_pairs, train_rewriter)
