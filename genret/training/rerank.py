@@ -19,8 +19,9 @@ the model is trained on exactly the score that stage reads:
 
 LoRA goes on the language model only; the vision tower and projector stay frozen, so every
 training image's projected features are computed once and fed through the cached-features path.
-Runs under ``accelerate`` (``accelerate launch`` for several GPUs: ``batch_size`` is per process),
-is resumable from its last checkpoint, and saves the adapter with its manifest atomically.
+Runs on the training engine (:mod:`genret.training.engine`: accumulation, mixed precision, trackers,
+several processes; ``batch_size`` query groups per micro-batch and process), is resumable from its last
+checkpoint, and saves the adapter with its manifest atomically.
 
 Example::
 
