@@ -129,12 +129,15 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     pad = processor.tokenizer.pad_token_id
     cache: dict[tuple[str, str], tuple[list[int], int]] = {}
 
+    cycle = int(starts[-1])  # max_steps past the epochs' steps: the epochs again, in order
+
     def epoch_of(step: int) -> int:  # 1-based epoch of the (1-based) step
-        return int(np.searchsorted(starts, step, side="left"))
+        return (step - 1) // cycle * len(epochs) + int(np.searchsorted(starts, (step - 1) % cycle + 1, side="left"))
 
     def draw(step: int) -> list[dict]:
+        step %= cycle
         e = int(np.searchsorted(starts, step, side="right")) - 1
-        rows = epochs[e % len(epochs)][(step - int(starts[e % len(epochs)])) * per_step:][:per_step]
+        rows = epochs[e][(step - int(starts[e])) * per_step:][:per_step]
         out = []
         for part in np.array_split(np.arange(len(rows)), chunks):
             chunk = [rows[i] for i in part]

@@ -21,3 +21,15 @@ def test_pretraining_saves_a_llava_that_loads_like_any_checkpoint(clip_dir, worl
     processor = AutoProcessor.from_pretrained(tmp_path / "m")
     assert type(model).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
     assert json.loads((tmp_path / "m" / "genret.json").read_text())["task"] == "pretrain"
+
+
+def test_max_steps_past_the_epochs_goes_round_them_again(clip_dir, world, tmp_path):
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    steps = []
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "m", PretrainConfig(epochs=1, batch_size=16, max_steps=9,
+                                                                          log_every=1), TINY,
+                            progress=False, on_step=lambda info: steps.append(info["step"]))
+    assert steps == list(range(1, 10)) and summary["steps"] == 9
+    epochs = [h["epoch"] for h in summary["history"]]
+    assert epochs == sorted(epochs) and epochs[-1] > 1  # each pass over the examples is the next epoch
