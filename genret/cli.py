@@ -34,14 +34,14 @@ def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None
 
 @dataclass(frozen=True)
 class TrainCommand:
-    """One ``genret train`` subcommand: its inputs and switches (its settings come from its config dataclass)."""
+    """One ``genret train`` subcommand: its inputs and switches (its settings come from its config dataclass; every
+    one takes ``--resume``, as every trainer runs on the engine)."""
 
     name: str
     help: str
     inputs: tuple[tuple[str, dict], ...]  # (flag, add_argument keywords), beside the common data arguments
     out: str = "adapter folder to write"
     data: bool = True  # --data / --image-root / --on-error
-    resume: bool = True  # --resume: continue from the last checkpoint in --out (every trainer runs on the engine)
     json: bool = True
     overwrite: bool = True  # grace-add has its own --overwrite setting (may replace its parent)
     formats: tuple[str, ...] = ("genret.rerank_adapter", "genret.train_run")  # what --out may already hold
@@ -139,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help=command.out)
         if command.overwrite:
             _add_overwrite(p)
-        if command.resume:
-            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
         config = configs[command.name]
         p.add_argument("--config", default=None, help=f"TOML/YAML file of {config.__name__} settings")
         if command.json:

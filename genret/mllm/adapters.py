@@ -71,6 +71,10 @@ def read_adapter_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+ADAPTER_FORMATS = (FORMAT, "genret.train_run")
+"""What a folder an adapter is saved to may already hold: an adapter, or the run that trains it."""
+
+
 def save_adapter(folder: str | os.PathLike, peft_model, manifest: Mapping[str, Any]) -> Path:
     """Write ``peft_model``'s adapter and its manifest to ``folder``, atomically (the folder is replaced whole).
 
@@ -82,10 +86,6 @@ def save_adapter(folder: str | os.PathLike, peft_model, manifest: Mapping[str, A
     with atomic_dir(folder, ADAPTER_FORMATS) as tmp:  # a run's checkpoints give way to its adapter
         write_adapter(tmp, peft_model, manifest)
     return Path(folder)
-
-
-ADAPTER_FORMATS = (FORMAT, "genret.train_run")
-"""What a folder an adapter is saved to may already hold: an adapter, or the run that trains it."""
 
 
 def write_adapter(folder: Path, peft_model, manifest: Mapping[str, Any]) -> None:

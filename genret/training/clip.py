@@ -170,9 +170,11 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         val_tokens = tok([r.captions[0] for r in val.records])
         val_tokens = {"input_ids": val_tokens["input_ids"], "attention_mask": val_tokens["attention_mask"]}
 
-        def evaluate() -> dict:
+        def val_recall() -> dict:
             recall = _val_recall(engine.unwrapped, val_pixels, val_tokens, np.arange(len(val.records)))
             return {"val_t2i_R@1": round(100 * recall, 2)}
+
+        evaluate = val_recall
 
     if config.gradient_checkpointing:
         enable_checkpointing(model)

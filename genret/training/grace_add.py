@@ -205,7 +205,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     """
     from genret._io import write_json
     from genret.encoders import load_encoder
-    from genret.mllm.adapters import FORMAT, VERSION, read_adapter_manifest, write_adapter
+    from genret.mllm.adapters import FORMAT, read_adapter_manifest, write_adapter
     from genret.prompts import load_prompt
 
     config = config or GraceAddConfig()

@@ -66,26 +66,16 @@ def test_four_accumulated_micro_batches_of_two_train_what_one_batch_of_eight_doe
     assert not all(torch.allclose(a[n], c[n], atol=1e-4) for n in a)
 
 
-def test_each_parameter_group_keeps_its_own_rate_under_the_schedule(tmp_path):
-    seen = []
-    options = _options(warmup=0.25, lr=0.02)
-    engine_holder = {}
+def test_each_parameter_group_keeps_its_own_rate_under_the_schedule(tmp_path, monkeypatch):
+    seen, made = [], []
+    prepare = Engine.prepare
+    monkeypatch.setattr(Engine, "prepare", lambda self, *a, **k: (made.append(self), prepare(self, *a, **k))[1])
 
     def record(info):
-        groups = engine_holder["engine"].optimizer.param_groups
+        groups = made[0].optimizer.param_groups
         seen.append((info["step"], groups[0]["lr"], groups[1]["lr"]))
 
-    original = Engine.prepare
-
-    def keep(self, *args, **kwargs):
-        engine_holder["engine"] = self
-        return original(self, *args, **kwargs)
-
-    Engine.prepare = keep
-    try:
-        _fit(tmp_path / "a", options, steps=8, on_step=record)
-    finally:
-        Engine.prepare = original
+    _fit(tmp_path / "a", _options(warmup=0.25, lr=0.02), steps=8, on_step=record)
     for step, lr0, lr1 in seen:
         factor = lr_factor(step - 1, 8, 0.25)
         assert lr0 == pytest.approx(0.02 * factor) and lr1 == pytest.approx(0.05 * factor)
