@@ -84,6 +84,10 @@ class OutputError(ValueError):
     """An output folder that would replace or hold something it must not (the user's files, an input)."""
 
 
+WORLD_GENERATORS = ("genret.world.synth", "genret.data.synth")
+"""The miniature world's generator, as a world's ``dataset_synth.json`` names it (worlds made before the generator moved to :mod:`genret.world`: ``genret.data.synth``)."""
+
+
 def artefact_format(folder: str | os.PathLike) -> str | None:
     """The ``format`` of the genret manifest a folder holds, or None when it holds none.
 
@@ -103,7 +107,7 @@ def artefact_format(folder: str | os.PathLike) -> str | None:
             made = json.loads(world.read_text(encoding="utf-8")).get("genret", {})
         except (ValueError, UnicodeDecodeError, AttributeError):
             made = {}
-        if isinstance(made, dict) and made.get("generator") == "genret.data.synth":
+        if isinstance(made, dict) and made.get("generator") in WORLD_GENERATORS:
             return "genret.world"
     for name in MANIFEST_NAMES:
         path = Path(folder) / name

@@ -108,7 +108,7 @@ def _check_out(args: argparse.Namespace, key: tuple) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from genret.data.synth import SynthConfig
+    from genret.world.synth import SynthConfig
     from genret.training.clip import CLIPTrainConfig
     from genret.training.pretrain_mllm import PretrainConfig
     from genret.training.grace import GraceTrainConfig
@@ -206,7 +206,7 @@ def _open_pipeline(ref: str):
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from genret.data.synth import SynthConfig, generate_world
+    from genret.world.synth import SynthConfig, generate_world
 
     config = merge_arguments(SynthConfig, args)
     path = generate_world(args.out, config, progress=not args.quiet)

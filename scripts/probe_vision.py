@@ -24,7 +24,7 @@ import torch
 
 from genret.data import load_dataset
 from genret.data.images import load_image
-from genret.data.scene import COLOURS, SHAPES, Scene
+from genret.world.scene import COLOURS, SHAPES, Scene
 
 
 def _labels(records) -> torch.Tensor:

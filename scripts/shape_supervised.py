@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from genret.data import load_dataset
 from genret.data.images import load_image
-from genret.data.scene import SHAPES, Scene
+from genret.world.scene import SHAPES, Scene
 
 
 def _shape_labels(records) -> torch.Tensor:

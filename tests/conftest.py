@@ -8,7 +8,7 @@ import os
 import pytest
 
 from genret.data import load_dataset
-from genret.data.synth import SynthConfig, generate_world
+from genret.world.synth import SynthConfig, generate_world
 from genret.training.clip import CLIPTrainConfig, train_clip
 
 # Tests never reach for a model hub: everything they load is built here.

@@ -3,7 +3,7 @@ from dataclasses import asdict
 import pytest
 
 from genret._io import ManifestError, read_json
-from genret.data.synth import VERSION
+from genret.world.synth import VERSION
 from genret.world.shipped import ship, shipped_models
 
 

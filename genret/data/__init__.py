@@ -1,4 +1,4 @@
-"""Data sets (Karpathy JSON, JSONL, CIR triplets: CIRR, CIRCO), image loading and the miniature world."""
+"""Data sets (Karpathy JSON, JSONL, CIR triplets: CIRR, CIRCO), image loading, and the annotations records carry."""
 
 from genret.data.cir import CIRSet, Triplet, load_cir
 from genret.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset

@@ -49,9 +49,8 @@ def dialog_queries(records: Sequence["ImageRecord"], seed: int = 0) -> tuple[lis
 
     queries, truth = [], []
     for r in records:
-        scene = r.meta.get("scene")
-        queries.append(Query(id=r.id, text=initial_query(scene, r.captions, r.id, seed), target="image"))
-        truth.append(Target(id=r.id, image=str(r.path), scene=scene))
+        queries.append(Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, seed), target="image"))
+        truth.append(Target(id=r.id, image=str(r.path), meta=dict(r.meta) or None))
     return queries, truth
 
 
@@ -110,7 +109,7 @@ def evaluate_dialog(pipe: "RetrievalPipeline", dataset: "Dataset", split: str = 
         pipe.index_items({"image": data.image_items()}, source, progress=progress)
     index_seconds = time.perf_counter() - start
     stage.reset_seconds()
-    stage.set_scenes({r.id: r.meta.get("scene") for r in data.records})  # EIIRwQR's simulated user reads them
+    stage.set_metadata({r.id: r.meta for r in data.records})  # EIIRwQR's simulated user reads them
     queries, truth = dialog_queries(records, seed)
     relevant = [{t.id} for t in truth]
     queries = stage.start(queries, truth)

@@ -42,11 +42,14 @@ class Answerer(Protocol):
 ANSWERERS: Registry[Callable[..., "Answerer"]] = Registry("answerer")
 
 
-def _target(query: Query, answerer: str, need: str) -> Target:
+def require_target(query: Query, user: str, need: str) -> Target:
+    """The query's target (``meta["target"]``), where it knows ``need`` (``image`` or a metadata key such as
+    ``scene``), else a ``ValueError`` that names the query and what to do."""
     target = Target.from_meta(query.meta.get("target"))
-    if target is None or getattr(target, need) is None:
-        raise ValueError(f"query {query.id!r}: the {answerer} answerer needs the target's {need} "
-                         f"(meta['target'] = {{'id': ..., '{need}': ...}}); a person can answer instead "
+    if target is None or target.known(need) is None:
+        shape = "'image': ..." if need == "image" else f"'meta': {{'{need}': ...}}"
+        raise ValueError(f"query {query.id!r}: the {user} answerer needs the target's {need} "
+                         f"(meta['target'] = {{'id': ..., {shape}}}); a person can answer instead "
                          "(answerer = 'human')")
     return target
 
@@ -113,7 +116,7 @@ class MLLMAnswerer:
         from genret.mllm import scoring
         from genret.mllm.textcache import file_digest
 
-        images = [_target(q, self.name, "image").image for q in queries]
+        images = [require_target(q, self.name, "image").image for q in queries]
         texts = [scoring.render(self.mllm, scoring.user_message(self.template, question=x)) for x in questions]
         keys = [f"{file_digest(im)}\n{t}" for im, t in zip(images, texts, strict=True)]
         todo = {k: (im, t) for k, im, t in zip(keys, images, texts) if self.cache.get(k) is None}

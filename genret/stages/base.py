@@ -38,7 +38,7 @@ class Stage(ABC):
     - :meth:`save_state` / :meth:`load_state`: persist that state in the pipeline folder;
     - :meth:`describe`: what a report says about the stage;
     - :attr:`seconds`: time spent per part (``{"caption": 1.2}``), reset with :meth:`reset_seconds`;
-    - :meth:`set_scenes`: the ground truth a simulated user reads (ignored by stages without one).
+    - :meth:`set_metadata`: the gallery's ground truth a simulated user reads (ignored by stages without one).
     """
 
     kind: ClassVar[str]
@@ -69,8 +69,8 @@ class Stage(ABC):
         """Zero the per-part timings."""
         self.seconds = {part: 0.0 for part in self.seconds}
 
-    def set_scenes(self, scenes: "Mapping[str, Mapping]") -> None:
-        """Hand over per-image ground truth for a simulated user (default: the stage has none)."""
+    def set_metadata(self, metadata: "Mapping[str, Mapping]") -> None:
+        """Hand over per-image ground truth (each record's ``meta``) for a simulated user (default: none read)."""
 
 
 class RankStage(Stage):

@@ -12,7 +12,7 @@ Answerers (the :class:`~genret.stages.answerers.Answerer` protocol in :mod:`genr
 person can take the user's place; the dialog's text forms are in :mod:`genret.stages.dialog`):
 
 - ``facts``: a simulated user who reads the target's scene in the miniature world (``meta["target"]``)
-  and answers the world's questions (:func:`genret.data.scene.questions`; :mod:`genret.world.answerers`) and the scripted ones truly,
+  and answers the world's questions (:func:`genret.world.scene.questions`; :mod:`genret.world.answerers`) and the scripted ones truly,
   anything else with "I don't know";
 - ``mllm``: the MLLM looks at the target image and answers (table ``[answer]``: ``{image}`` + ``{question}``);
 - ``human``: a person types the answer (:class:`HumanAnswerer`); no ground truth needed.

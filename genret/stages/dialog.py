@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from genret.data.scene import Scene, SceneObject
+from genret.data.annotations import annotation_of
 from genret.types import Query
 
 UNKNOWN = "I don't know"
@@ -18,22 +18,31 @@ UNKNOWN = "I don't know"
 
 @dataclass(frozen=True)
 class Target:
-    """What a simulated user knows of the image sought: its id, file and (miniature world) scene."""
+    """What a simulated user knows of the image sought: its id, file and metadata (its record's ``meta``: for the
+    miniature world, ``{"scene": ...}``, which the world's plug-ins read)."""
 
     id: str
     image: str | None = None
-    scene: Mapping[str, Any] | None = None
+    meta: Mapping[str, Any] | None = None
 
     @classmethod
     def from_meta(cls, value: "Target | Mapping | None") -> "Target | None":
-        """A target from ``Query.meta["target"]`` (a :class:`Target` or its :meth:`to_dict`)."""
+        """A target from ``Query.meta["target"]`` (a :class:`Target` or its :meth:`to_dict`; a dict with a top-level
+        ``scene``, as genret wrote them before targets carried metadata, reads as ``meta = {"scene": ...}``)."""
         if value is None or isinstance(value, Target):
             return value
-        return cls(id=str(value["id"]), image=value.get("image"), scene=value.get("scene"))
+        meta = value.get("meta")
+        if meta is None and value.get("scene") is not None:
+            meta = {"scene": value["scene"]}
+        return cls(id=str(value["id"]), image=value.get("image"), meta=meta)
 
     def to_dict(self) -> dict:
-        """JSON-able: ``{"id", "image", "scene"}``."""
-        return {"id": self.id, "image": self.image, "scene": dict(self.scene) if self.scene else None}
+        """JSON-able: ``{"id", "image", "meta"}``."""
+        return {"id": self.id, "image": self.image, "meta": dict(self.meta) if self.meta else None}
+
+    def known(self, need: str) -> Any:
+        """``image``, or the metadata entry ``need`` (``None`` where the target does not say)."""
+        return self.image if need == "image" else (self.meta or {}).get(need)
 
 
 def dialog_text(query: Query) -> str:
@@ -54,15 +63,15 @@ def joined_dialog(initial: str, turns: Sequence[Mapping[str, str]], answers_only
     return ", ".join([initial] + [f"{t['question']} {t['answer']}" for t in turns])
 
 
-def initial_query(scene: Scene | Mapping | None, captions: Sequence[str], key: str, seed: int = 0) -> str:
-    """The partial description a dialog starts from: one object of the scene ("a small red circle"), else the
-    first caption (ChatIR). Which object is fixed by ``seed`` and ``key`` (e.g. the image id)."""
+def initial_query(meta: Mapping[str, Any] | None, captions: Sequence[str], key: str, seed: int = 0) -> str:
+    """The partial description a dialog starts from: one part of the image, where its metadata carries an annotation
+    a plug-in knows (:meth:`~genret.data.annotations.Annotation.mention`: "a small red circle" in the miniature
+    world), else the first caption (ChatIR). Which part is fixed by ``seed`` and ``key`` (e.g. the image id)."""
     import random
 
-    if scene is None:
+    found = annotation_of(meta)
+    if found is None:
         if not captions:
-            raise ValueError(f"image {key!r} has neither a scene nor a caption to start a dialog from")
+            raise ValueError(f"image {key!r} has neither an annotation nor a caption to start a dialog from")
         return captions[0]
-    scene = scene if isinstance(scene, Scene) else Scene.from_dict(dict(scene))
-    obj: SceneObject = random.Random(f"{seed}:{key}").choice(scene.objects)
-    return f"a {obj.noun(with_size=True)}"
+    return found[1].mention(found[2], random.Random(f"{seed}:{key}"))

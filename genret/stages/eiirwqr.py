@@ -7,10 +7,10 @@ the rewriter (the MLLM on text only, prompt ``eiirwqr``: ``[feedback]`` with ``{
 ``{irrelevant}``, or ``[blind]`` with ``{query}``, ``{shown}``) rewrites the *original* query from those
 captions; the next stage retrieves with the rewrite.
 
-The simulated user judges from ground truth: ``relevance = "target"`` marks the image sought alone;
-``"facts"`` (the miniature world) also marks every image whose scene shares at least ``min_facts`` of the
-target's five facts (:meth:`genret.data.scene.Scene.facts`: the two objects, the relation, the colours, the
-shapes) — images "like the one sought". Stopping rule: a query stops the round its target is shown
+The simulated user judges from ground truth, by a relevance judge registered in :data:`JUDGES` (a plug-in, like the
+chat stage's answerers): ``relevance = "target"`` marks the image sought alone; the miniature world's ``"facts"``
+(:mod:`genret.world.judges`) also marks every image whose scene shares at least ``min_facts`` of the target's five
+facts (the two objects, the relation, the colours, the shapes) — images "like the one sought". Stopping rule: a query stops the round its target is shown
 (the user found it; its query is kept), and after ``rounds`` rounds.
 
 Every round is recorded in ``Query.meta["rounds"]`` (shown ids, marked ids, captions, the rewrite, any
@@ -36,14 +36,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
-from genret.data.scene import Scene
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import Target
 from genret.config import check_bounds
 from genret.types import Query, Ranking
 from genret.mllm.backend import MLLMLoadConfig
+from genret.registry import Registry
 
 if TYPE_CHECKING:
     from genret.index.gallery import Gallery
@@ -51,8 +51,35 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 FEEDBACK = ("relevant", "none")
-RELEVANCE = ("target", "facts")
 NONE = "none"
+
+class Judge(Protocol):
+    """A simulated user's relevance judgement, from ground truth."""
+
+    def check(self, config: "EIIRwQRConfig") -> None:
+        """Raise ``ValueError`` for settings this judge cannot serve (called when the config is made)."""
+
+    def __call__(self, target: Target, ids: Sequence[str], metadata: Mapping[str, Mapping],
+                 config: "EIIRwQRConfig") -> list[str]:
+        """The ``ids`` marked relevant; ``metadata`` is the gallery images' (by id). Raises ``ValueError`` where the
+        target lacks what the judge reads."""
+
+
+JUDGES: Registry[Judge] = Registry("relevance judge")
+"""Relevance judges by name (``relevance = ...``); plug-ins register theirs (the world's ``facts``)."""
+
+
+class TargetJudge:
+    """The image sought, and nothing else."""
+
+    def check(self, config) -> None:
+        """Every setting will do."""
+
+    def __call__(self, target: Target, ids: Sequence[str], metadata: Mapping[str, Mapping], config) -> list[str]:
+        return [i for i in ids if i == target.id]
+
+
+JUDGES.register("target")(TargetJudge())
 
 
 @dataclass
@@ -66,7 +93,8 @@ class EIIRwQRConfig(MLLMLoadConfig):
     rounds: int = field(default=3, metadata={"help": "feedback rounds after the first retrieval"})
     shown: int = field(default=5, metadata={"help": "results not shown before that the user sees per round"})
     feedback: str = field(default="relevant", metadata={"help": "relevant (the user marks results) or none"})
-    relevance: str = field(default="facts", metadata={"help": "target (the image sought only) or facts (shared facts)"})
+    relevance: str = field(default="facts", metadata={"help": "a relevance judge: target (the image sought only) or a "
+                                                              "plug-in's (facts: the miniature world's shared facts)"})
     min_facts: int = field(default=3, metadata={"help": "relevance=facts: shared scene facts (of 5) to be relevant"})
     caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite; longer is a runaway (fallback)"})
@@ -79,18 +107,13 @@ class EIIRwQRConfig(MLLMLoadConfig):
             raise ValueError("model is required (the MLLM that captions and rewrites)")
         if self.feedback not in FEEDBACK:
             raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}, got {self.feedback!r}")
-        if self.relevance not in RELEVANCE:
-            raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {self.relevance!r}")
+        if self.relevance not in JUDGES:
+            raise ValueError(f"relevance must be a registered judge ({', '.join(JUDGES.names())}), got {self.relevance!r}")
         check_bounds(self, at_least_one=("rounds", "shown", "caption_tokens", "max_new_tokens", "num_beams",
                      "batch_size"))
-        if not 1 <= self.min_facts <= 5:
-            raise ValueError(f"min_facts must be in 1..5 (a scene has five facts), got {self.min_facts}")
-
-
-def shared_facts(a: Mapping, b: Mapping) -> int:
-    """How many of the five :meth:`Scene.facts` two scenes (dicts) share."""
-    fa, fb = Scene.from_dict(dict(a)).facts(), Scene.from_dict(dict(b)).facts()
-    return sum(fa[k] == fb.get(k) for k in fa)
+        if self.min_facts < 1:
+            raise ValueError(f"min_facts must be at least 1, got {self.min_facts}")
+        JUDGES.get(self.relevance).check(self)
 
 
 @STAGES.register("eiirwqr")
@@ -102,7 +125,7 @@ class EIIRwQRStage(RewriteStage):
     def __init__(self, config: EIIRwQRConfig, name: str) -> None:
         super().__init__(config, name)
         self.images: dict[str, str] = {}
-        self.scenes: dict[str, Mapping] = {}
+        self.metadata: dict[str, Mapping] = {}
         self._mllm: "MLLM | None" = None
         self._captioner = None
         self._rewriter = None
@@ -126,9 +149,9 @@ class EIIRwQRStage(RewriteStage):
         """Keep the gallery images' files: the shown results are captioned from them."""
         self.images = {i: it.image for i, it in gallery.items.get("image", {}).items()}
 
-    def set_scenes(self, scenes: Mapping[str, Mapping]) -> None:
-        """The gallery images' scenes (miniature world), for ``relevance = "facts"``."""
-        self.scenes = {str(k): v for k, v in scenes.items() if v}
+    def set_metadata(self, metadata: Mapping[str, Mapping]) -> None:
+        """The gallery images' metadata (their records' ``meta``), for a judge that reads it (``facts``)."""
+        self.metadata = {str(k): v for k, v in metadata.items() if v}
 
     def _models(self):
         from genret.mllm import MLLM
@@ -164,19 +187,14 @@ class EIIRwQRStage(RewriteStage):
             target = Target.from_meta(truth[i] if truth is not None else q.meta.get("target"))
             if target is None:
                 raise ValueError(f"query {q.id!r}: the simulated user needs the target (meta['target'])")
-            if self.config.relevance == "facts" and target.scene is None:
-                raise ValueError(f"query {q.id!r}: relevance = 'facts' needs the target's scene (the miniature "
-                                 "world's); use relevance = 'target' elsewhere")
+            JUDGES.get(self.config.relevance)(target, [], {}, self.config)  # a judge says now what it lacks
             meta = {"stage": self.name, "initial": q.text, "target": target.to_dict(), "rounds": [], "seen": [],
                     "stopped": None}
             out.append(Query(id=q.id, text=q.text, target="image", meta=meta))
         return out
 
     def _relevant(self, target: Mapping, ids: Sequence[str]) -> list[str]:
-        if self.config.relevance == "target":
-            return [i for i in ids if i == target["id"]]
-        return [i for i in ids if i == target["id"] or (i in self.scenes and
-                                                        shared_facts(target["scene"], self.scenes[i]) >= self.config.min_facts)]
+        return JUDGES.get(self.config.relevance)(Target.from_meta(target), ids, self.metadata, self.config)
 
     def next_round(self, queries: Sequence[Query], rankings: Sequence[Ranking] | None = None) -> list[Query]:
         """Show each active query's unseen results, take the marks, caption, rewrite the original query.

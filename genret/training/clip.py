@@ -22,6 +22,7 @@ from genret import __version__
 from genret._io import write_json
 from genret.bpe import train_clip_tokenizer
 from genret.config import check_bounds
+from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
@@ -83,30 +84,29 @@ def build_clip(config: CLIPTrainConfig, tokenizer):
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def shape_swaps(records, image_size: int, captions_per_image: int, seed: int = 0) -> tuple[list, list[list[str]]]:
-    """For each record with a scene, the scene with one object's shape changed, drawn anew, and its captions.
+def hard_negatives(records, image_size: int, captions_per_image: int, seed: int = 0) -> tuple[list, list[list[str]]]:
+    """For each record, its annotation with one attribute changed, drawn anew, and that near miss's captions.
 
-    The hard negatives of ``shape_negatives``: same colours, sizes and places, another shape, so only
-    shape tells an image from its swap (as only binding tells a test image from its twin).
+    The hard negatives of ``shape_negatives``, made by the plug-in that knows the records' annotation
+    (:meth:`~genret.data.annotations.Annotation.hard_negative`; for the miniature world's scenes, one object's shape
+    swapped: same colours, sizes and places, so only shape tells an image from its swap).
+
+    Raises:
+        ValueError: a record without an annotation a plug-in knows.
     """
     import random
-
-    from genret.data.scene import SHAPES, Scene
-    from genret.data.synth import render
 
     rng = random.Random(seed)
     images, texts = [], []
     for r in records:
-        scene = Scene.from_dict(r.meta["scene"])
-        k = rng.randrange(2)
-        obj = scene.objects[k]
-        other = scene.objects[1 - k]
-        shape = rng.choice([s for s in SHAPES if s != obj.shape and (s, obj.colour) != (other.shape, other.colour)])
-        objects = list(scene.objects)
-        objects[k] = type(obj)(shape, obj.colour, obj.size, obj.x, obj.y)
-        swapped = Scene(tuple(objects), scene.relation)
-        images.append(render(swapped, image_size, rng.getrandbits(32)))
-        texts.append(swapped.captions(rng, captions_per_image))
+        found = annotation_of(r.meta)
+        if found is None:
+            raise ValueError(f"{r.path}: shape_negatives needs every training record's scene (or another "
+                             "annotation a plug-in can draw a near miss of); this one has none")
+        _, kind, value = found
+        swapped = kind.hard_negative(value, rng)
+        images.append(kind.render(swapped, image_size, rng.getrandbits(32)))
+        texts.append(kind.captions(swapped, rng, captions_per_image))
     return images, texts
 
 
@@ -157,10 +157,7 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
                                   max_length=config.context_length, return_tensors="pt")
     cap_tokens = [tok(list(r.captions)) for r in train.records]
     if config.shape_negatives:
-        if not all("scene" in r.meta for r in train.records):
-            raise ValueError(f"{train.source}: shape_negatives needs every training record's scene (the miniature "
-                             "world's); this data set has none")
-        swap_images, swap_texts = shape_swaps(train.records, config.image_size, len(train.records[0].captions),
+        swap_images, swap_texts = hard_negatives(train.records, config.image_size, len(train.records[0].captions),
                                               config.seed)
         swap_pixels = processor.image_processor(images=swap_images, return_tensors="pt")["pixel_values"]
         swap_tokens = [tok(t) for t in swap_texts]

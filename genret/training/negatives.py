@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 
+from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.encoders.base import DualEncoder
 from genret.index.faiss_index import VectorIndex
@@ -107,17 +108,16 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
 
 
 def content_key(record) -> object:
-    """What a record shows, where the data set says: the scene signature of the miniature world's records.
+    """What a record shows, where the data set says: its annotation's signature (the miniature world's scene).
 
-    Two training images of the same scene are not negatives of each other (a "negative" that matches
+    Two training images of the same content are not negatives of each other (a "negative" that matches
     the query would teach the reranker the opposite of the truth); elsewhere each image is its own.
     A caption shared by two images also rules them out as each other's negatives (see above).
     """
-    scene = record.meta.get("scene") if record.meta else None
-    if scene:
-        from genret.data.scene import Scene
-
-        return ("scene", Scene.from_dict(scene).signature())
+    found = annotation_of(record.meta)
+    if found:
+        key, kind, value = found
+        return (key, kind.signature(value))
     return ("id", record.id)
 
 

@@ -1,7 +1,8 @@
 """Pretraining of the mini MLLM on a dataset's captions (and, for the miniature world, questions).
 
 The language-model loss falls on the answer tokens only: describing an image (every caption is a
-target) and, where records carry a ``scene``, answering questions about it. This plays the part of
+target) and, where records carry an annotation a plug-in knows (the world's ``scene``), answering
+questions about it. This plays the part of
 a real MLLM's caption pretraining and instruction tuning, so that rerank and rewrite stages can run
 zero-shot through prompts and task LoRAs start from a model that sees.
 """
@@ -20,9 +21,9 @@ import torch
 
 from genret import __version__
 from genret._io import write_json
+from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
-from genret.data.scene import Scene, questions
 from genret.training.engine import Engine
 from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
 from genret.training.models import enable_checkpointing
@@ -52,12 +53,14 @@ class PretrainConfig(TrainOptions):
 
 
 def examples(train: Dataset, rng: random.Random, n_questions: int) -> list[tuple[int, str, str]]:
-    """One epoch of (image index, instruction, answer): every caption, plus questions where a scene is known."""
+    """One epoch of (image index, instruction, answer): every caption, plus questions where the record carries an
+    annotation a plug-in knows (:meth:`~genret.data.annotations.Annotation.questions`; the world's scenes)."""
     out = []
     for i, rec in enumerate(train.records):
         out += [(i, rng.choice(CAPTION_INSTRUCTIONS), c) for c in rec.captions]
-        if "scene" in rec.meta and n_questions:
-            qa = questions(Scene.from_dict(rec.meta["scene"]), rng)
+        found = annotation_of(rec.meta) if n_questions else None
+        if found:
+            qa = found[1].questions(found[2], rng)
             out += [(i, q, a) for q, a in rng.sample(qa, min(n_questions, len(qa)))]
     rng.shuffle(out)
     return out
@@ -103,8 +106,8 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     texts = [c for r in train.records for c in r.captions] + list(CAPTION_INSTRUCTIONS)
-    texts += [f"{q} {a}" for r in train.records[:500] if "scene" in r.meta
-              for q, a in questions(Scene.from_dict(r.meta["scene"]), rng)]
+    texts += [f"{q} {a}" for r in train.records[:500] if (found := annotation_of(r.meta))
+              for q, a in found[1].questions(found[2], rng)]
     texts += ["Does the image match the text? Answer yes or no.", "Which image matches the text best? "
               "Answer with its number.", "Text:", "Image", "0 1 2 3 4 5 6 7 8 9"]
     model, processor = build_mini_mllm(clip_dir, texts, arch)

@@ -113,8 +113,6 @@ def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, s
         captions: image id -> a description of it (the captioner's caption, or the data set's own; references,
             and targets without ``target_caption``).
     """
-    from genret.data.scene import Scene
-
     out = []
     for t in cir.triplets:
         target = t.meta.get("target_caption") or (captions.get(_first_target(t)) if t.targets else None)
@@ -123,7 +121,7 @@ def rewrite_pairs(cir: "CIRSet", captions: dict[str, str]) -> list[tuple[dict, s
         caption = captions[t.reference]
         scene = cir.scenes.get(_first_target(t)) if t.targets else None
         if scene is not None:
-            target = closest_text(caption, full_captions(Scene.from_dict(scene)) or [target])
+            target = closest_text(caption, _scenes(cir).descriptions(scene) or [target])
         out.append(({"caption": caption, "modification": t.modification}, target))
     return out
 
@@ -142,45 +140,44 @@ def dataset_captions(cir: "CIRSet", seed: int = 0) -> dict[str, str]:
     Only the miniature world describes its CIR images (``scenes.json``); CIRR and CIRCO do not, so this
     refuses them rather than train on nothing.
     """
-    from genret.data.scene import Scene
-
     if not cir.scenes:
         raise ValueError(f"{cir.source}: reference_text 'dataset' or 'both' needs the data set's own descriptions of "
                          "its images (the miniature world's scenes.json); this set has none: use 'captioner'")
     rng = random.Random(seed)
-    return {i: rng.choice(full_captions(Scene.from_dict(s))) for i, s in sorted(cir.scenes.items())}
+    kind = _scenes(cir)
+    return {i: rng.choice(kind.descriptions(s)) for i, s in sorted(cir.scenes.items())}
 
 
 def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0) -> list[tuple[dict, str]]:
     """Text-only rows drawn from the world's facts: ``per_image`` fresh edits of each gallery image's scene.
 
     Each row is the scene's full caption (seeded pick), an edit drawn as the world draws its triplets'
-    (:func:`genret.data.scene.sample_edit`), and the full caption of one valid edited scene closest to
+    (:meth:`~genret.data.annotations.Annotation.edit`), and the full caption of one valid edited scene closest to
     that caption. No image is drawn or captioned: the rewriter works on text, so its lesson (edit a
     description) can come in far more variety than the split's triplets give.
     """
-    from genret.data.scene import Scene, sample_edit
-
     if not cir.scenes:
         raise ValueError(f"{cir.source}: scene_edits draws edits from the world's scenes (scenes.json); this set "
                          "has none: set scene_edits to 0")
     rng = random.Random(f"genret.scene_edits:{seed}")
-    out = []
+    kind, out = _scenes(cir), []
     for i in sorted(cir.images):
         if i not in cir.scenes:
             continue
-        scene = Scene.from_dict(cir.scenes[i])
+        scene = cir.scenes[i]
         for _ in range(per_image):
-            edit = sample_edit(scene, rng)
-            caption = rng.choice(full_captions(scene))
-            target = closest_text(caption, full_captions(rng.choice(edit.targets)))
-            out.append(({"caption": caption, "modification": edit.text}, target))
+            text, targets = kind.edit(scene, rng)
+            caption = rng.choice(kind.descriptions(scene))
+            target = closest_text(caption, kind.descriptions(rng.choice(targets)))
+            out.append(({"caption": caption, "modification": text}, target))
     return out
 
 
-def full_captions(scene) -> list[str]:
-    """The scene's captions that name both objects with their sizes (what a complete description says)."""
-    return [c for c in scene.all_captions() if all(o.noun(True) in c for o in scene.objects)]
+def _scenes(cir: "CIRSet"):
+    """The plug-in that knows the set's ``scenes.json`` (the miniature world's scene annotation)."""
+    from genret.data.annotations import require_annotation
+
+    return require_annotation("scene", f"{cir.source}: the scenes of scenes.json")
 
 
 def _first_target(t) -> str:
@@ -229,7 +226,7 @@ def feedback_pairs(records, base: str | os.PathLike, prefilter: "str | os.PathLi
     pipe.index_items({"image": [Item(id=r.id, modality="image", image=str(r.path)) for r in records]},
                      {"task": "feedback"}, progress=False)
     stage.index_gallery(pipe.gallery)
-    stage.set_scenes({r.id: r.meta.get("scene") for r in records})
+    stage.set_metadata({r.id: r.meta for r in records})
     queries = stage.start(*dialog_queries(records, seed))
     _, rows = stage.show(queries, pipe.run(queries)[-1][1])
     ids = sorted({x for _, shown, _ in rows for x in shown})

@@ -1,7 +1,8 @@
-"""The miniature world: its simulated users (:mod:`~genret.world.answerers`, registered as plug-ins), the models shipped
-for it (:mod:`~genret.world.shipped`) and the demo that runs it end to end.
+"""The miniature world: its generator and scenes (:mod:`~genret.world.synth`, :mod:`~genret.world.scene`), what it
+plugs into genret (:mod:`~genret.world.plugins`: the ``scene`` annotation of :mod:`~genret.world.annotation`, the
+simulated users of :mod:`~genret.world.answerers`, the ``facts`` judge of :mod:`~genret.world.judges`), the models
+shipped for it (:mod:`~genret.world.shipped`) and the demo that runs it end to end.
 
-Its generator and scenes still live in :mod:`genret.data.synth` and :mod:`genret.data.scene` (the dialog start,
-EIIRwQR's relevance and the mini-world recipes of the trainers read the scenes; they move here once those become
-plug-ins too).
+The library and the trainers never import this package: they ask the registries, which load it through the
+``genret.plugins`` entry point.
 """

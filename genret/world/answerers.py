@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from genret.data.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene
+from genret.world.scene import COLOURS, INVERSE, RELATIONS, SHAPES, SIZES, Scene
 from genret.mllm.rewriter import Rewrite
-from genret.stages.answerers import ANSWERERS, _target
+from genret.stages.answerers import ANSWERERS, require_target
 from genret.stages.chat import QUESTIONERS
 from genret.stages.dialog import UNKNOWN, dialog_text
 from genret.types import Query
@@ -35,7 +35,7 @@ class FactsAnswerer:
         """Answer each question from its query's target scene; "I don't know" where it cannot tell."""
         out = []
         for q, question in zip(queries, questions, strict=True):
-            scene = Scene.from_dict(dict(_target(q, self.name, "scene").scene))
+            scene = Scene.from_dict(dict(require_target(q, self.name, "scene").known("scene")))
             said = answer_from_scene(scene, question, heard=dialog_text(q))
             out.append(Rewrite(UNKNOWN, "", "unanswerable") if said is None else Rewrite(said, said))
         return out
@@ -73,12 +73,12 @@ def answer_from_scene(scene: Scene, question: str, heard: str = "") -> str | Non
     """What a person looking at ``scene`` says to ``question``; ``None`` where they cannot tell.
 
     Answers questions only (a text that ends with "?" or starts with an interrogative word; a statement
-    gets ``None``). Knows the questions of :func:`genret.data.scene.questions` (presence, colour, shape,
+    gets ``None``). Knows the questions of :func:`genret.world.scene.questions` (presence, colour, shape,
     relation, place, size), the :data:`SCRIPT`, and, by keyword, questions about the left/top or right/bottom object, the
     colours, the shapes, the sizes, where the objects are, and what else there is (the objects ``heard``,
     the dialog so far, does not name yet).
 
-    >>> from genret.data.scene import SceneObject
+    >>> from genret.world.scene import SceneObject
     >>> s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)),
     ...           "left of")
     >>> answer_from_scene(s, "Is there a blue circle?"), answer_from_scene(s, "Where are the two objects?")

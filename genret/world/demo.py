@@ -23,8 +23,8 @@ from pathlib import Path
 from genret._io import ManifestError, read_json
 from genret.config import write_config_file
 from genret.data import load_dataset
-from genret.data.synth import VERSION as WORLD_VERSION
-from genret.data.synth import SynthConfig, generate_world
+from genret.world.synth import VERSION as WORLD_VERSION
+from genret.world.synth import SynthConfig, generate_world
 from genret.eval.evaluator import evaluate
 from genret.eval.report import write_report
 from genret.pipeline import RetrievalPipeline

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import genret.data.synth as synth
+import genret.world.synth as synth
 from genret.data import CIRSet, DatasetError, load_cir
-from genret.data.scene import COLOURS, EDIT_KINDS, INVERSE, Scene, SceneObject, edits, sample_edit
-from genret.data.synth import SynthConfig, fits, generate_world, sample_scene
+from genret.world.scene import COLOURS, EDIT_KINDS, INVERSE, Scene, SceneObject, edits, sample_edit
+from genret.world.synth import SynthConfig, fits, generate_world, sample_scene
 
 TINY_SPLITS = {"train": 96, "val": 8, "test": 24}  # tests/conftest.py's TINY_WORLD; the cir_* defaults are capped
 
@@ -247,7 +247,7 @@ def test_same_config_gives_byte_identical_cirr_files(world_dir, tmp_path):
 
 def test_counts_are_capped_with_a_log_and_zero_leaves_cirr_out(tmp_path, caplog):
     config = SynthConfig(n_train=10, n_val=0, n_test=6, cir_train=3, cir_test=50, seed=1)
-    with caplog.at_level("INFO", logger="genret.data.synth"):
+    with caplog.at_level("INFO", logger="genret.world.synth"):
         generate_world(tmp_path, config, progress=False)
     assert "cir_test: 6 triplets, not 50" in caplog.text
     assert len(load_cir(tmp_path, "train")) == 3 and len(load_cir(tmp_path, "test")) == 6

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import genret.data.synth as synth
+import genret.world.synth as synth
 from genret.data import load_dataset
-from genret.data.scene import COLOURS, INVERSE, MAX_CAPTIONS, SHAPES, Scene, SceneObject, questions
-from genret.data.synth import SynthConfig, generate_world, render, sample_scene
+from genret.world.scene import COLOURS, INVERSE, MAX_CAPTIONS, SHAPES, Scene, SceneObject, questions
+from genret.world.synth import SynthConfig, generate_world, render, sample_scene
 
 SMALL = SynthConfig(n_train=60, n_val=10, n_test=30, seed=3)
 _MENTION = re.compile(rf"\b(?:(small|large) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
@@ -101,7 +101,7 @@ def test_split_counts_and_twin_pairs(tmp_path, config, splits, twins):
 def test_karpathy_layout_that_genret_and_others_can_read(small):
     out, data = small
     assert data["dataset"] == "synth"
-    assert data["genret"] == {"generator": "genret.data.synth", "version": 3, "config": asdict(SMALL)}
+    assert data["genret"] == {"generator": "genret.world.synth", "version": 3, "config": asdict(SMALL)}
     sentids = [s["sentid"] for i in data["images"] for s in i["sentences"]]
     assert sentids == list(range(len(sentids)))
     for k, entry in enumerate(data["images"]):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from genret.data.scene import Scene, questions
+from genret.world.scene import Scene, questions
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.world.answerers import SCRIPT, FactsAnswerer, answer_from_scene
 from genret.stages.chat import (FALLBACK_QUESTIONS, UNKNOWN, Answerer, ChatConfig, ChatStage,
@@ -15,11 +15,11 @@ from genret.types import Query
 
 def _targets(world, n=4):
     records = world.split("test").records[:n]
-    return records, [Target(id=r.id, image=str(r.path), scene=r.meta["scene"]) for r in records]
+    return records, [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records]
 
 
 def _queries(records, seed=0):
-    return [Query(id=r.id, text=initial_query(r.meta["scene"], r.captions, r.id, seed)) for r in records]
+    return [Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, seed)) for r in records]
 
 
 def test_the_facts_answerer_answers_every_scene_question_truly(world):
@@ -63,7 +63,7 @@ def test_the_dialog_grows_one_turn_per_round_and_is_the_query_text(world):
     for r, queries in enumerate(history):
         for q, rec in zip(queries, records):
             assert len(q.dialog) == 1 + 2 * r and len(q.meta["turns"]) == r
-            assert q.dialog[0] == q.meta["initial"] == initial_query(rec.meta["scene"], rec.captions, rec.id)
+            assert q.dialog[0] == q.meta["initial"] == initial_query(rec.meta, rec.captions, rec.id)
             assert q.text == ", ".join([q.dialog[0]] + [f"{a} {b}" for a, b in zip(q.dialog[1::2], q.dialog[2::2])])
             assert q.meta["target"]["id"] == rec.id
     last = history[-1][0]
@@ -190,7 +190,7 @@ def test_next_round_needs_a_started_dialog():
 
 
 def test_the_facts_answerer_answers_questions_only():
-    from genret.data.scene import Scene, SceneObject
+    from genret.world.scene import Scene, SceneObject
 
     s = Scene((SceneObject("circle", "red", "small", 20, 32), SceneObject("square", "blue", "large", 44, 30)), "left of")
     # A caption said instead of a question (what an untrained questioner does) tells the user nothing to answer.

@@ -5,12 +5,13 @@ import json
 import pytest
 
 from genret.data.cir import load_cir
-from genret.data.scene import Scene
+from genret.world.scene import Scene
 from genret.eval.composed import evaluate_composed
 from genret.eval.report import render_markdown
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.stages.cirevl import CIReVLConfig, check_composed
-from genret.training.rewriter import closest_text, full_captions
+from genret.training.rewriter import closest_text
+from genret.world.annotation import full_captions
 from genret.types import Query
 
 

@@ -35,5 +35,5 @@ def test_a_stage_defining_only_rank_goes_through_index_save_load(encoder, world,
     stage.seconds = {"x": 2.0}
     stage.reset_seconds()
     assert stage.seconds == {"x": 0.0}
-    stage.set_scenes({"a": {}})  # a stage without a simulated user takes them and ignores them
+    stage.set_metadata({"a": {}})  # a stage without a simulated user takes them and ignores them
 

@@ -4,7 +4,8 @@ import pytest
 
 from genret.eval.interactive import dialog_queries, evaluate_dialog
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
-from genret.stages.eiirwqr import EIIRwQRConfig, shared_facts
+from genret.stages.eiirwqr import EIIRwQRConfig
+from genret.world.judges import shared_facts
 
 
 def _pipe(clip_dir, talker_dir, **stage) -> RetrievalPipeline:
@@ -24,7 +25,7 @@ def test_each_round_shows_unseen_results_and_marks_by_the_target(run, world):
     pipe, report = run
     scenes = {r.id: r.meta["scene"] for r in world.split("train").records}
     stage = pipe.stages[0]
-    assert stage.scenes and len(report["dialogs"]) == 24
+    assert stage.metadata and len(report["dialogs"]) == 24
     for d in report["dialogs"]:
         seen = []
         for record in d["rounds"]:

@@ -53,11 +53,11 @@ def test_config_validation(kwargs, match):
 
 
 def test_shape_swaps_change_one_shape_only(world):
-    from genret.data.scene import Scene
-    from genret.training.clip import shape_swaps
+    from genret.world.scene import Scene
+    from genret.training.clip import hard_negatives
 
     records = world.split("train").records[:12]
-    images, texts = shape_swaps(records, 64, 3)
+    images, texts = hard_negatives(records, 64, 3)
     assert len(images) == len(texts) == 12 and images[0].size == (64, 64)
     for r, captions in zip(records, texts):
         a, b = Scene.from_dict(r.meta["scene"]).objects

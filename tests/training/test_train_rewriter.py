@@ -5,11 +5,12 @@ import dataclasses
 import pytest
 
 from genret.data.cir import load_cir
-from genret.data.scene import Scene
+from genret.world.scene import Scene
 from genret.world.answerers import SCRIPT
-from genret.stages.eiirwqr import shared_facts
+from genret.world.annotation import full_captions
+from genret.world.judges import shared_facts
 from genret.training.rewriter import (RewriterTrainConfig, chat_pairs, closest_text, dataset_captions, feedback_pairs,
-                                      full_captions, rewrite_pairs, scene_edit_pairs, train_rewriter)
+                                      rewrite_pairs, scene_edit_pairs, train_rewriter)
 
 
 def test_closest_text_picks_the_smallest_word_edit():
@@ -44,7 +45,7 @@ def test_cirevl_rows_from_the_worlds_descriptions_are_minimal_edits(world_dir):
 def test_scene_edits_are_text_rows_whose_target_satisfies_the_edit(world_dir):
     import random
 
-    from genret.data.scene import edits
+    from genret.world.scene import edits
 
     cir = load_cir(world_dir, "train")
     pairs = scene_edit_pairs(cir, per_image=2, seed=3)

@@ -3,7 +3,7 @@
 Each image (64×64 by default) shows two coloured shapes (circle, square, triangle, star, cross, diamond;
 red, green, blue, yellow, purple, white; small or large) on a dark grey, slightly noisy background, one
 "left of", "right of", "above" or "below" the other, with paraphrased captions that name the colour and
-shape of both objects and the relation. :class:`~genret.data.scene.Scene` is the single source of truth;
+shape of both objects and the relation. :class:`~genret.world.scene.Scene` is the single source of truth;
 captions are derived from it and it is saved with each image.
 
 The test split is built so that a model must read structure, not a bag of words:
@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from genret._io import atomic_dir, check_output_dir, write_json
-from genret.data.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
+from genret.world.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
                                 sample_edit)
 
 logger = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
         entries.append(_entry(imgid, name, planned, sentid))
         sentid += len(planned.captions)
     _write_cirr(out / "cirr", config, plan, progress)
-    provenance = {"generator": "genret.data.synth", "version": VERSION, "config": asdict(config)}
+    provenance = {"generator": "genret.world.synth", "version": VERSION, "config": asdict(config)}
     write_json(path, {"dataset": "synth", "genret": provenance, "images": entries})
     logger.info("wrote %d images (%d train, %d val, %d test, %d twin pairs) to %s", len(entries), config.n_train,
                 config.n_val, config.n_test, sum(p.twin_of is not None for p in plan) // 2, out)

@@ -1,0 +1,84 @@
+"""Structured annotations a data set's records may carry, and the plug-ins that know them.
+
+A record's ``meta`` can hold more than its captions: the miniature world's ``scene`` (two objects, their colours,
+shapes, sizes and relation), a product's attributes, a scene graph. genret's stages and trainers never read such a
+structure themselves; they ask the :class:`Annotation` registered under its ``meta`` key in :data:`ANNOTATIONS` (a
+plug-in: the miniature world registers ``scene`` from :mod:`genret.world.annotation`). Where a record carries no
+known annotation, each caller falls back to what any data set has (its captions, its image id) or says why it cannot.
+
+What an annotation is asked:
+
+- :meth:`~Annotation.signature`: what the image shows; two images of one signature are not each other's negatives;
+- :meth:`~Annotation.mention`: a partial description (one part of the image), where a dialog starts;
+- :meth:`~Annotation.descriptions`: the complete descriptions (every part named);
+- :meth:`~Annotation.questions`: questions about the image with their true answers (instruction tuning);
+- :meth:`~Annotation.facts`: named facts, for a simulated user who judges "like the one sought";
+- :meth:`~Annotation.edit`: an edit instruction and the annotations it can lead to (composed retrieval);
+- :meth:`~Annotation.hard_negative`, :meth:`~Annotation.render`, :meth:`~Annotation.captions`: a copy with one
+  attribute changed, drawn as an image, and its captions (contrastive hard negatives).
+
+A plug-in implements what its data allows; a method it cannot serve raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Hashable, Iterator, Mapping, Protocol
+
+from genret.registry import Registry
+
+
+class Annotation(Protocol):
+    """What a plug-in knows of one kind of structured annotation (``record.meta[key]``, JSON-able)."""
+
+    def signature(self, value: Any) -> Hashable:
+        """What the image shows: equal for images of the same content."""
+
+    def mention(self, value: Any, rng: random.Random) -> str:
+        """A partial description: one part of the image (``"a small red circle"``)."""
+
+    def descriptions(self, value: Any) -> list[str]:
+        """The complete descriptions: every part named."""
+
+    def questions(self, value: Any, rng: random.Random) -> list[tuple[str, str]]:
+        """``(question, true answer)`` pairs about the image."""
+
+    def facts(self, value: Any) -> dict[str, str]:
+        """Named facts of the image (``{"relation": "left of", ...}``)."""
+
+    def edit(self, value: Any, rng: random.Random) -> tuple[str, list[Any]]:
+        """An edit instruction drawn for the image and the annotations that satisfy it."""
+
+    def hard_negative(self, value: Any, rng: random.Random) -> Any:
+        """The annotation with one attribute changed (a near miss)."""
+
+    def render(self, value: Any, size: int, seed: int) -> Any:
+        """The annotation drawn as a ``size`` × ``size`` PIL image."""
+
+    def captions(self, value: Any, rng: random.Random, n: int) -> list[str]:
+        """``n`` captions of the annotation, as the data set writes them."""
+
+
+ANNOTATIONS: Registry[Annotation] = Registry("annotation kind")
+"""Annotation kinds by their ``meta`` key; plug-ins register an instance (``ANNOTATIONS.register("scene")(obj)``)."""
+
+
+def annotations_of(meta: Mapping[str, Any] | None) -> Iterator[tuple[str, Annotation, Any]]:
+    """``(key, annotation, value)`` for each known annotation in ``meta``, in key order."""
+    for key in sorted(meta or {}):
+        if meta[key] is not None and key in ANNOTATIONS:
+            yield key, ANNOTATIONS.get(key), meta[key]
+
+
+def annotation_of(meta: Mapping[str, Any] | None) -> tuple[str, Annotation, Any] | None:
+    """The first known annotation in ``meta`` (:func:`annotations_of`), or ``None``."""
+    return next(annotations_of(meta), None)
+
+
+def require_annotation(key: str, what: str) -> Annotation:
+    """The annotation registered under ``key``, or a ``ValueError`` that says what needed it."""
+    if key not in ANNOTATIONS:
+        raise ValueError(f"{what} needs a plug-in that knows the {key!r} annotation (installed: "
+                         f"{', '.join(ANNOTATIONS.names()) or 'none'}); install genret with its miniature world, "
+                         "or register one in genret.data.annotations.ANNOTATIONS")
+    return ANNOTATIONS.get(key)
