@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from genret import __version__
 from genret.config import ConfigError, add_arguments, merge_arguments
@@ -39,6 +39,8 @@ class TrainCommand:
 
     name: str
     help: str
+    config: str  # "module:ConfigClass", its settings
+    run: Callable[[argparse.Namespace, Any], dict]  # calls the trainer with the parsed inputs and settings
     inputs: tuple[tuple[str, dict], ...]  # (flag, add_argument keywords), beside the common data arguments
     out: str = "adapter folder to write"
     data: bool = True  # --data / --image-root / --on-error
@@ -46,20 +48,86 @@ class TrainCommand:
     overwrite: bool = True  # grace-add has its own --overwrite setting (may replace its parent)
     formats: tuple[str, ...] = ("genret.rerank_adapter", "genret.train_run")  # what --out may already hold
 
+    def config_class(self) -> type:
+        """The settings dataclass (imported when asked for)."""
+        from importlib import import_module
+
+        module, name = self.config.split(":")
+        return getattr(import_module(module), name)
+
+
+def _val(dataset):
+    return dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
+
+
+def _run_clip(args, config) -> dict:
+    from genret.training.clip import train_clip
+
+    data = _load_data(args)
+    return train_clip(data.split("train"), args.out, config, val=_val(data), progress=not args.quiet, resume=args.resume)
+
+
+def _run_mllm(args, config) -> dict:
+    from genret.training.pretrain_mllm import pretrain_mllm
+
+    data = _load_data(args)
+    return pretrain_mllm(args.clip, data.split("train"), args.out, config, val=_val(data), progress=not args.quiet,
+                         resume=args.resume)
+
+
+def _run_rerank(args, config) -> dict:
+    from genret.training.rerank import train_rerank
+
+    data = _load_data(args)
+    return train_rerank(args.base, data.split("train"), args.out, config, prefilter=args.clip, val=_val(data),
+                        resume=args.resume, progress=not args.quiet)
+
+
+def _run_rewriter(args, config) -> dict:
+    from genret.data import load_dataset
+    from genret.data.cir import load_cir
+    from genret.training.rewriter import train_rewriter
+
+    if config.task == "cirevl":
+        train = load_cir(args.data, args.split, image_root=args.image_root)
+        val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
+    else:
+        train = load_dataset(args.data, image_root=args.image_root)
+        val = train if args.val_split else None
+    return train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, resume=args.resume,
+                          progress=not args.quiet)
+
+
+def _run_grace(args, config) -> dict:
+    from genret.training.grace import train_grace
+
+    return train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
+                       progress=not args.quiet)
+
+
+def _run_grace_add(args, config) -> dict:
+    from genret.training.grace_add import add_images
+
+    return add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
+                      progress=not args.quiet)
+
 
 _BASE = ("--base", {"required": True, "help": "the MLLM to adapt: a local directory or Hugging Face id"})
 TRAIN_COMMANDS = (
-    TrainCommand("clip", "train a mini CLIP contrastively", (), out="checkpoint folder to write",
+    TrainCommand("clip", "train a mini CLIP contrastively", "genret.training.clip:CLIPTrainConfig", _run_clip, (), out="checkpoint folder to write",
                  formats=("genret.clip", "genret.train_run")),
     TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
+                 "genret.training.pretrain_mllm:PretrainConfig", _run_mllm,
                  (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),),
                  out="checkpoint folder to write", formats=("genret.mini_mllm", "genret.train_run")),
     TrainCommand("rerank", "LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives",
+                 "genret.training.rerank:RerankTrainConfig", _run_rerank,
                  (_BASE, ("--clip", {"required": True, "help": "the prefilter's dual encoder (checkpoint directory or "
                                                                "id) that mines hard negatives"})),
                  out="adapter folder to write (checkpoints go under OUT/checkpoints)"),
     TrainCommand("rewriter", "text LoRAs of the rewrite stages: cirevl (caption + modification -> target), chat "
                  "(dialog -> next question), eiirwqr (query + marked captions -> target)",
+                 "genret.training.rewriter:RewriterTrainConfig", _run_rewriter,
                  (("--data", {"required": True, "help": "cirevl: CIRR/CIRCO folder (or the miniature world's); chat, "
                                                         "eiirwqr: the miniature world (images with scenes)"}),
                   ("--clip", {"default": None, "help": "eiirwqr: the prefilter that retrieves the shown results"}),
@@ -69,10 +137,11 @@ TRAIN_COMMANDS = (
                   ("--base", {"required": True, "help": "the MLLM to adapt (it also captions the references)"})),
                  data=False),
     TrainCommand("grace", "GRACE: teach an MLLM a gallery's image identifiers (memorise + retrieve)",
+                 "genret.training.grace:GraceTrainConfig", _run_grace,
                  (_BASE, ("--clip", {"default": None, "help": "the prefilter's dual encoder: structured ids, new-row "
                                                               "initialisation"}))),
     TrainCommand("grace-add", "add images to a trained GRACE adapter (short pass with replay; reports what the old "
-                 "images lose)",
+                 "images lose)", "genret.training.grace_add:GraceAddConfig", _run_grace_add,
                  (("--adapter", {"required": True, "help": "the GRACE adapter to grow (only read)"}),
                   ("--clip", {"default": None, "help": "the prefilter's dual encoder: new rows, structured placement"})),
                  out="adapter folder to write (the grown adapter)", overwrite=False,
@@ -109,12 +178,6 @@ def _check_out(args: argparse.Namespace, key: tuple) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from genret.world.synth import SynthConfig
-    from genret.training.clip import CLIPTrainConfig
-    from genret.training.pretrain_mllm import PretrainConfig
-    from genret.training.grace import GraceTrainConfig
-    from genret.training.rewriter import RewriterTrainConfig
-    from genret.training.grace_add import GraceAddConfig
-    from genret.training.rerank import RerankTrainConfig
 
     parser = argparse.ArgumentParser(prog="genret", description="Image-text retrieval with multimodal LLMs.")
     parser.add_argument("--version", action="version", version=f"genret {__version__}")
@@ -128,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(synth, SynthConfig)
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="train_command", required=True)
-    configs = {"clip": CLIPTrainConfig, "mllm": PretrainConfig, "rerank": RerankTrainConfig,
-               "rewriter": RewriterTrainConfig, "grace": GraceTrainConfig, "grace-add": GraceAddConfig}
     for command in TRAIN_COMMANDS:
         p = train.add_parser(command.name, help=command.help)
         if command.data:
@@ -140,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         if command.overwrite:
             _add_overwrite(p)
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-        config = configs[command.name]
+        config = command.config_class()
         p.add_argument("--config", default=None, help=f"TOML/YAML file of {config.__name__} settings")
         if command.json:
             p.add_argument("--json", action="store_true", help="print the manifest (config, history, metrics) as JSON")
@@ -216,57 +277,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_clip(args: argparse.Namespace) -> int:
-    from genret.training.clip import CLIPTrainConfig, train_clip
+def cmd_train(args: argparse.Namespace) -> int:
+    """Every ``genret train`` subcommand: its row of :data:`TRAIN_COMMANDS`, then the one summary renderer."""
+    from genret.training.summary import TrainSummary
 
-    config = merge_arguments(CLIPTrainConfig, args, args.config)
-    dataset = _load_data(args)
-    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
-    summary = train_clip(dataset.split("train"), args.out, config, val=val, progress=not args.quiet, resume=args.resume)
-    if _handled(args, summary):
-        return 0
-    last, val_r1 = summary["history"][-1], summary["metrics"].get("val", {}).get("val_t2i_R@1")
-    print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
-          f"final loss {last['loss']:.3f}" + (f", val t2i R@1 {val_r1:.1f}" if val_r1 is not None else ""))
-    return 0
-
-
-def cmd_train_mllm(args: argparse.Namespace) -> int:
-    from genret.training.pretrain_mllm import PretrainConfig, pretrain_mllm
-
-    config = merge_arguments(PretrainConfig, args, args.config)
-    dataset = _load_data(args)
-    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
-    summary = pretrain_mllm(args.clip, dataset.split("train"), args.out, config, val=val, progress=not args.quiet,
-                            resume=args.resume)
-    if _handled(args, summary):
-        return 0
-    print(f"saved {args.out}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s, "
-          f"final loss {summary['history'][-1]['loss']:.3f}"
-          + (f", held-out caption loss {summary['val_caption_loss']}" if "val_caption_loss" in summary else ""))
-    return 0
-
-
-def cmd_train_rerank(args: argparse.Namespace) -> int:
-    from genret.training.rerank import RerankTrainConfig, train_rerank
-
-    config = merge_arguments(RerankTrainConfig, args, args.config)
-    dataset = _load_data(args)
-    val = dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
+    command = next(c for c in TRAIN_COMMANDS if c.name == args.train_command)
+    config = merge_arguments(command.config_class(), args, args.config)
     try:
-        summary = train_rerank(args.base, dataset.split("train"), args.out, config, prefilter=args.clip, val=val,
-                               resume=args.resume, progress=not args.quiet)
+        summary = command.run(args, config)
     except ImportError as err:  # an optional package the settings need (bitsandbytes for --load-in-4bit)
         raise ValueError(str(err)) from None
-    if _handled(args, summary):
-        return 0
-    metrics, speed = summary["metrics"], summary["speed"]
-    print(f"saved {args.out}: {summary['mode']} rerank adapter, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
-          f"({speed['steps_per_s']:.2f} steps/s, {speed['queries_per_s']:.1f} queries/s), "
-          f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}")
-    for direction, m in metrics.get("val", {}).items():
-        print(f"  val {direction} R@1: prefilter {m['prefilter_R@1']:.1f} -> rerank {m['rerank_R@1']:.1f} "
-              f"({m['queries']} queries, top {summary['config']['eval_k']})")
+    if not _handled(args, summary):
+        print(TrainSummary.from_manifest(summary).render(args.out))
     return 0
 
 
@@ -283,43 +305,6 @@ def _handled(args: argparse.Namespace, summary: dict) -> bool:
 def _other_process() -> bool:
     """Under torchrun / accelerate launch: a process other than the main one (it trains, prints nothing)."""
     return int(os.environ.get("RANK", "0")) != 0
-
-
-def cmd_train_grace(args: argparse.Namespace) -> int:
-    from genret.training.grace import GraceTrainConfig, train_grace
-
-    config = merge_arguments(GraceTrainConfig, args, args.config)
-    summary = train_grace(args.base, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
-                          progress=not args.quiet)
-    if _handled(args, summary):
-        return 0
-    m = summary["metrics"]
-    print(f"saved {args.out}: {summary['scheme']} GRACE adapter over {summary['gallery']['images']} images "
-          f"({summary['gallery']['splits']}), {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
-          f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
-    if "val" in m:
-        print(f"  val: image -> id top-1 {m['val']['image_to_id_top1']:.1f}, text -> id R@1 {m['val']['text_to_id_R@1']:.1f} "
-              f"(training queries)")
-    return 0
-
-
-def cmd_train_grace_add(args: argparse.Namespace) -> int:
-    from genret.training.grace_add import GraceAddConfig, add_images
-
-    config = merge_arguments(GraceAddConfig, args, args.config)
-    summary = add_images(args.adapter, _load_data(args), args.out, config, prefilter=args.clip, resume=args.resume,
-                         progress=not args.quiet)
-    if _handled(args, summary):
-        return 0
-    f = summary["forgetting"]
-    print(f"saved {args.out}: {summary['added']['images']} images added to {args.adapter} "
-          f"({summary['parent']['images']} -> {summary['gallery']['images']}), {summary['steps']} steps with replay "
-          f"{summary['replay']['fraction']:.2f}")
-    rows = [("old, before", f["old"]["before"]), ("old, after", f["old"]["after"]), ("new, after", f["new"]["after"])]
-    for name, m in rows:
-        print(f"  {name:12s} image -> id top-1 {m['image_to_id_top1']:5.1f}  text -> id R@1 {m['text_to_id_R@1']:5.1f} "
-              f"({m['images']} images, {m['texts']} texts)")
-    return 0
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -350,83 +335,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe = _open_pipeline(args.pipeline)
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
-    ranking = pipe.search([query], k=args.k)[0]
-    target = query.target
-    note = None
-    if len(ranking.candidates) < args.k:  # the last stage keeps fewer: say so rather than return fewer in silence
-        note = (f"{len(ranking.candidates)} results, not {args.k}: stage {ranking.stage!r} keeps only its top "
-                f"{len(ranking.candidates)}; raise its k in the pipeline file for more")
-        print(f"genret: note: {note}", file=sys.stderr)
-    results = []
-    for rank, cand in enumerate(ranking.candidates, start=1):
-        item = pipe.gallery.item(target, cand.item_id)
-        results.append({"rank": rank, "id": cand.item_id, "score": round(cand.score, 4),
-                        "scores": {k: round(v, 4) for k, v in cand.scores.items()},
-                        target: item.text if target == "text" else item.image})
-    if args.json:
-        print(json.dumps({"query": {"text": query.text, "image": query.image}, "target": target,
-                          "results": results, **({"note": note} if note else {})}, indent=2))
-    else:
-        for r in results:
-            print(f"{r['rank']:>3}  {r['score']:+.4f}  {r['id']:<12} {r[target]}")
+    result = pipe.answer(query, k=args.k)
+    if result.note:
+        print(f"genret: note: {result.note}", file=sys.stderr)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
     return 0
 
 
 def _print_report(report: dict, as_json: bool) -> None:
-    from genret.eval.report import metrics_table, twins_table
+    from genret.eval.report import render_text
 
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    ds = report["dataset"]
-    print(f"{report['pipeline']} on {ds['name']}/{ds['split']} ({ds['images']} images), metrics in %:")
-    if report.get("task") == "dialog":
-        from genret.eval.report import dialogs_table, rounds_table
-
-        print(rounds_table(report))
-        print(f"\nqueries (first 5; all in report.json with --out; fallbacks {report.get('fallbacks')}):")
-        print(dialogs_table(report, 5))
-        return
-    print(metrics_table(report))
-    if report.get("rewrites"):
-        from genret.eval.report import rewrites_table
-
-        print(f"\nrewritten queries (first {min(5, len(report['rewrites']))}; all in report.json with --out; "
-              f"{report.get('fallbacks', 0)} fell back to the modification text):")
-        print(rewrites_table(report, 5))
-    if report.get("twins"):
-        print("\ntwins: how often the right image beats its swapped twin (t2i), and back (i2t):")
-        print(twins_table(report))
-    if report.get("rewriting"):
-        from genret.eval.report import rewriting_tables
-
-        print("\n" + rewriting_tables(report["rewriting"]))
-
-
-def cmd_train_rewriter(args: argparse.Namespace) -> int:
-    from genret.data.cir import load_cir
-    from genret.training.rewriter import RewriterTrainConfig, train_rewriter
-
-    config = merge_arguments(RewriterTrainConfig, args, args.config)
-    if config.task == "cirevl":
-        train = load_cir(args.data, args.split, image_root=args.image_root)
-        val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
-    else:
-        from genret.data import load_dataset
-
-        train = load_dataset(args.data, image_root=args.image_root)
-        val = train if args.val_split else None
-    summary = train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, resume=args.resume,
-                             progress=not args.quiet)
-    if _handled(args, summary):
-        return 0
-    m = summary["metrics"]
-    print(f"saved {args.out}: {config.task} rewriter adapter, {summary['steps']} steps on {summary['data']['pairs']} rows in "
-          f"{summary['train_seconds']:.0f} s, loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
-    if m.get("val"):
-        print(f"  val exact match: {m['val_before'].get('exact_match', 0):.1f} -> {m['val']['exact_match']:.1f} % "
-              f"({m['val']['triplets']} rows, {m['val']['fallbacks']} fallbacks)")
-    return 0
+    print(json.dumps(report, indent=2) if as_json else render_text(report))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -467,7 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    ("data", "synth"): cmd_data_synth, ("train", "clip"): cmd_train_clip, ("train", "mllm"): cmd_train_mllm, ("train", "rerank"): cmd_train_rerank, ("train", "grace"): cmd_train_grace, ("train", "rewriter"): cmd_train_rewriter, ("train", "grace-add"): cmd_train_grace_add, ("index", "build"): cmd_index_build,
+    ("data", "synth"): cmd_data_synth, **{("train", c.name): cmd_train for c in TRAIN_COMMANDS}, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
 }
 

@@ -31,7 +31,7 @@ from genret.encoders.base import DualEncoder
 from genret.index.faiss_index import VectorIndex
 from genret.index.gallery import Gallery
 from genret.stages import STAGES, RankStage, RewriteStage, Stage, StageContext
-from genret.types import Item, Query, Ranking
+from genret.types import Hit, Item, Query, Ranking, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class RetrievalPipeline:
             stage.index_gallery(gallery, progress=progress)
 
     def run(self, queries: Sequence[Query], k: int | None = None, upstream: Sequence[Ranking] | None = None,
-            rewrite: bool = True) -> list[tuple[str, list[Ranking]]]:
+            rewrite: bool = True, timings: dict[str, float] | None = None) -> list[tuple[str, list[Ranking]]]:
         """Run every stage; returns each rank stage's rankings in order (for evaluation).
 
         Args:
@@ -241,8 +241,9 @@ class RetrievalPipeline:
             k: candidates each rank stage returns (default: each stage's own ``k``).
             upstream: rank only these candidates (one ranking per query), e.g. a twin pair.
             rewrite: run the rewrite stages; ``False`` for queries they have rewritten already.
+            timings: where each stage's seconds are added (default: the pipeline's running :attr:`timings`).
         """
-        ctx = self.context
+        ctx, timings = self.context, self.timings if timings is None else timings
         outputs: list[tuple[str, list[Ranking]]] = []
         queries = list(queries)
         for stage in self.stages:
@@ -254,7 +255,7 @@ class RetrievalPipeline:
             else:
                 upstream = stage.rank(queries, upstream, ctx, k=k)
                 outputs.append((stage.name, upstream))
-            self.timings[stage.name] = self.timings.get(stage.name, 0.0) + time.perf_counter() - start
+            timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
         return outputs
 
     def search(self, queries: Sequence[Query] | Query, k: int = 10) -> list[Ranking]:
@@ -269,6 +270,33 @@ class RetrievalPipeline:
             if k > size:
                 raise ValueError(f"k={k} is larger than the {target} gallery ({size} items); ask for at most {size}")
         return [r.top(k) for r in self.run(queries)[-1][1]]
+
+    def answer(self, query: Query, k: int = 10) -> SearchResult:
+        """One query's search as a typed record: the hits with every stage's score and what each item is, the
+        rewritten query where a rewrite stage changed it, this search's seconds per stage, and a note where the last
+        stage keeps fewer than ``k``.
+
+        Raises:
+            ValueError: ``k`` below 1 or above the size of the gallery searched.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        size = len(self.gallery.index(query.target))
+        if k > size:
+            raise ValueError(f"k={k} is larger than the {query.target} gallery ({size} items); ask for at most {size}")
+        seconds: dict[str, float] = {}
+        ranking = self.run([query], timings=seconds)[-1][1][0].top(k)
+        hits = []
+        for rank, cand in enumerate(ranking.candidates, start=1):
+            item = self.gallery.item(query.target, cand.item_id)
+            hits.append(Hit(rank, cand.item_id, cand.score, cand.scores, text=item.text, image=item.image))
+        seen = ranking.query
+        rewritten = seen.text if (seen.text != query.text and seen.text is not None) else None
+        note = None
+        if len(hits) < k:  # the last stage keeps fewer: say so rather than return fewer in silence
+            note = (f"{len(hits)} results, not {k}: stage {ranking.stage!r} keeps only its top {len(hits)}; raise "
+                    "its k in the pipeline file for more")
+        return SearchResult(query, tuple(hits), rewritten=rewritten, seconds=seconds, note=note)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save config, gallery and manifest to a directory, atomically."""

@@ -1,10 +1,10 @@
-"""Typed records shared by every stage: queries, gallery items, candidates and rankings."""
+"""Typed records shared by every stage: queries, gallery items, candidates and rankings, and what a search returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 Modality = Literal["image", "text"]
 
@@ -114,3 +114,60 @@ class Ranking:
     def top(self, k: int) -> "Ranking":
         """The first ``k`` candidates."""
         return replace(self, candidates=self.candidates[:k])
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result of a search, as a user sees it: rank, gallery id, the score it is ranked by, every stage's score,
+    and what the item is (its text, or its image file)."""
+
+    rank: int
+    id: str
+    score: float
+    scores: Mapping[str, float] = field(default_factory=dict)
+    text: str | None = None
+    image: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _frozen_mapping(self.scores))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search returns: the query as asked, the query the rank stages saw (where a rewrite stage changed it),
+    the hits best first, each stage's seconds for this search, and a note where fewer hits came than asked for.
+
+    :meth:`to_dict` is the JSON of ``genret search --json``.
+
+    Example:
+        >>> r = SearchResult(Query(id="q", text="a red circle"), [Hit(1, "7", 0.5, {"prefilter": 0.5}, image="7.png")])
+        >>> r.to_dict()["results"][0]
+        {'rank': 1, 'id': '7', 'score': 0.5, 'scores': {'prefilter': 0.5}, 'image': '7.png'}
+    """
+
+    query: Query
+    hits: Sequence[Hit]
+    rewritten: str | None = None
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able: ``{"query", "target", "results", "seconds"}`` and ``"rewritten"`` and ``"note"`` where set."""
+        target = self.query.target
+        results = [{"rank": h.rank, "id": h.id, "score": round(h.score, 4),
+                    "scores": {k: round(v, 4) for k, v in h.scores.items()},
+                    target: h.text if target == "text" else h.image} for h in self.hits]
+        out = {"query": {"text": self.query.text, "image": self.query.image}, "target": target, "results": results,
+               "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+        if self.rewritten is not None:
+            out["rewritten"] = self.rewritten
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    def render(self) -> str:
+        """One line per hit, for a terminal: rank, score, id, what it is."""
+        lines = [f"rewritten: {self.rewritten}"] if self.rewritten is not None else []
+        lines += [f"{h.rank:>3}  {h.score:+.4f}  {h.id:<12} {h.text if self.query.target == 'text' else h.image}"
+                  for h in self.hits]
+        return "\n".join(lines)

@@ -124,3 +124,22 @@ def test_a_saved_pipeline_works_from_any_working_folder(tmp_path, monkeypatch, w
     item = loaded.gallery.item("image", ranking.candidates[0].item_id)
     assert Path(item.image).is_absolute() and Path(item.image).is_file()
     assert loaded.config.encoder.model == str(project / "models" / "clip")
+
+
+def test_answer_is_a_typed_result_with_this_search_s_own_timings(encoder, world):
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+    from genret.types import Query
+
+    pipe = RetrievalPipeline(PipelineConfig(name="p", encoder=EncoderConfig(model="unused")), encoder=encoder)
+    pipe.index(world.split("test"), progress=False)
+    before = dict(pipe.timings)
+    result = pipe.answer(Query(id="q", text="a red circle"), k=3)
+    assert [h.rank for h in result.hits] == [1, 2, 3] and result.rewritten is None and result.note is None
+    assert set(result.seconds) == {"prefilter"} and pipe.timings == before  # the shared running timings untouched
+    ranking = pipe.search(Query(id="q", text="a red circle"), k=3)[0]
+    assert [h.id for h in result.hits] == ranking.ids
+    assert all(h.image and set(h.scores) == {"prefilter"} for h in result.hits)
+    data = result.to_dict()
+    assert data["target"] == "image" and data["results"][0]["image"] == result.hits[0].image
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        pipe.answer(Query(id="q", text="x"), k=0)

@@ -90,36 +90,48 @@ def dialogs_table(report: dict, n: int = REWRITES_SHOWN) -> str:
     return _markdown([head] + [[c.replace("|", "/") for c in r] for r in rows])
 
 
-def render_markdown(report: dict) -> str:
-    """The whole report as Markdown."""
+def sections(report: dict, shown: int = REWRITES_SHOWN) -> tuple[str, str, list[tuple[str, str]]]:
+    """The report as its title, a sentence on the data, and ``(heading, table)`` sections: what both renderers show
+    (:func:`render_markdown` for ``report.md``, :func:`render_text` for the terminal)."""
     if report.get("task") == "dialog":
-        return _render_dialog(report)
+        return _dialog_sections(report, shown)
     ds = report["dataset"]
     queries = ", ".join(f"{LABELS[d]} {n}" for d, n in ds["queries"].items())
-    parts = [
-        f"# genret evaluation: {report['pipeline']}",
-        f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; queries: {queries}. "
-        f"Metrics in percent.",
-        "## Retrieval", metrics_table(report),
-    ]
+    about = (f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; queries: {queries}. "
+             "Metrics in percent.")
+    parts = [("Retrieval", metrics_table(report))]
     kinds = kinds_table(report)
     if kinds:
-        parts += ["## Composed retrieval by edit kind", kinds]
+        parts.append(("Composed retrieval by edit kind", kinds))
     if report.get("twins"):
-        parts += ["## Twins (choose the image over its swapped twin, and back)", twins_table(report)]
+        parts.append(("Twins (how often the image beats its swapped twin, and back: the binding twins)", twins_table(report)))
     if report.get("rewrites"):
-        parts += [f"## Rewritten queries (first {min(REWRITES_SHOWN, len(report['rewrites']))} of "
-                  f"{len(report['rewrites'])}; all in report.json; {report.get('fallbacks', 0)} fell back to the "
-                  "modification text)", rewrites_table(report)]
+        parts.append((f"Rewritten queries (first {min(shown, len(report['rewrites']))} of {len(report['rewrites'])}; "
+                      f"all in report.json; {report.get('fallbacks', 0)} fell back to the modification text)",
+                      rewrites_table(report, shown)))
     if report.get("rewriting"):
-        parts += ["## Query rewriting (genret demo)", rewriting_tables(report["rewriting"])]
+        parts.append(("Query rewriting (genret demo)", rewriting_tables(report["rewriting"])))
     timing = report["timings"]
     lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
     lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)" for name, t in timing["stages"].items()]
     lines += [f"  - {name}: {t['seconds']:.2f} s ({t['ms_per_query']:.2f} ms per query)"
               for name, t in timing.get("parts", {}).items()]
-    parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
-    return "\n\n".join(parts) + "\n"
+    parts.append(("Timings", "\n".join(lines)))
+    return f"genret evaluation: {report['pipeline']}", about, parts
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report as Markdown (``report.md``)."""
+    title, about, parts = sections(report)
+    body = [f"# {title}", about] + [x for heading, table in parts for x in (f"## {heading}", table)]
+    return "\n\n".join(body + [f"genret {report['genret']}, {report['created']}"]) + "\n"
+
+
+def render_text(report: dict, shown: int = 5) -> str:
+    """The report for a terminal: the same sections as :func:`render_markdown`, fewer example rows."""
+    title, about, parts = sections(report, shown)
+    body = [f"{title}\n{about.replace('`', '')}"] + [f"{heading}:\n{table}" for heading, table in parts]
+    return "\n\n".join(body)
 
 
 CIR_DEMO_KEYS = ("R@1", "R@5", "R@10", "R_subset@1", "mAP@5")
@@ -141,21 +153,20 @@ def rewriting_tables(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _render_dialog(report: dict) -> str:
+def _dialog_sections(report: dict, shown: int) -> tuple[str, str, list[tuple[str, str]]]:
     ds, stage = report["dataset"], report["round_stage"]
     settings = ", ".join(f"{k} {v}" for k, v in stage.items() if k not in ("stage",) and v not in ("", None))
-    parts = [f"# genret evaluation: {report['pipeline']}",
-             f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; {ds['queries']['dialog']} queries, "
-             f"{report['rounds']} rounds after round 0. Round stage: {settings}. Metrics in percent.",
-             "## Per round", rounds_table(report),
-             f"## Queries (first {min(REWRITES_SHOWN, len(report['dialogs']))} of {len(report['dialogs'])}; all in "
-             f"report.json; fallbacks {report.get('fallbacks')}, stopped {report.get('stopped', 0)})", dialogs_table(report)]
+    about = (f"Dataset `{ds['name']}` split `{ds['split']}`: {ds['images']} images; {ds['queries']['dialog']} queries, "
+             f"{report['rounds']} rounds after round 0. Round stage: {settings}. Metrics in percent.")
+    parts = [("Per round", rounds_table(report)),
+             (f"Queries (first {min(shown, len(report['dialogs']))} of {len(report['dialogs'])}; all in report.json; "
+              f"fallbacks {report.get('fallbacks')}, stopped {report.get('stopped', 0)})", dialogs_table(report, shown))]
     timing = report["timings"]
     lines = [f"- indexing: {timing['index_seconds']:.2f} s"]
     lines += [f"- {name}: {t['seconds']:.2f} s ({t['ms_per_query_round']:.2f} ms per query and round)"
               for name, t in timing["parts"].items()]
-    parts += ["## Timings", "\n".join(lines), f"genret {report['genret']}, {report['created']}"]
-    return "\n\n".join(parts) + "\n"
+    parts.append(("Timings", "\n".join(lines)))
+    return f"genret evaluation: {report['pipeline']}", about, parts
 
 
 def plot_recall_curves(report: dict, path: str | os.PathLike) -> None:

@@ -56,7 +56,7 @@ from genret.mllm.answers import answer_context
 from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
 from genret.training.distributed import on_main
 from genret.training.engine import Engine, Streams
-from genret.training.models import add_lora, image_features, load_base
+from genret.training.models import add_lora, image_features, load_base, lora_groups
 from genret.training.options import LoraOptions, TrainOptions
 
 if TYPE_CHECKING:
@@ -347,10 +347,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
 
     torch.manual_seed(config.seed)
     model = add_lora(mllm, config, token_ids=token_ids, gradient_checkpointing=config.gradient_checkpointing)
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
-    rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
-    wrapped = engine.prepare(model, [{"params": lora, "lr": config.lr},
-                                     {"params": rows, "lr": config.token_lr, "weight_decay": 0.0}])
+    wrapped = engine.prepare(model, lora_groups(model, config.lr, config.token_lr))
     n_ret = round(config.batch_size * config.retrieve_ratio) if queries else 0
     n_mem = config.batch_size - n_ret
     chunks = engine.chunks

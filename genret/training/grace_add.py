@@ -38,16 +38,19 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import torch
 
 from genret import __version__
+from genret._io import write_json
 from genret.config import check_bounds
 from genret.data.dataset import TRAIN_SPLITS, Dataset
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, tokenize
 from genret.identifiers.schemes import _refuse_known, extend_identifiers  # noqa: F401  (extend_identifiers: public here too)
+from genret.mllm.adapters import FORMAT, write_adapter
 from genret.mllm.answers import answer_context
+from genret.prompts import load_prompt
 from genret.training.distributed import on_main
 from genret.training.engine import Engine, Streams
 from genret.training.grace import (PROMPT_NEEDS, PSEUDO_FILE, GraceTrainConfig, _prompts, evaluate_grace,
                                    identifier_loss, init_token_rows, pseudo_queries)
-from genret.training.models import add_lora, image_features, load_base
+from genret.training.models import add_lora, image_features, load_base, lora_groups
 from genret.training.options import BaseModelOptions, TrainOptions
 
 if TYPE_CHECKING:
@@ -180,6 +183,85 @@ def forgetting_report(before: dict, after: dict, num_beams: int) -> dict:
     }
 
 
+def _open_parent(parent: Path, out_dir: Path, config: GraceAddConfig) -> tuple[dict, Identifiers]:
+    """The parent adapter's manifest and identifiers, where it is a GRACE adapter and ``out_dir`` may be written."""
+    from genret.mllm.adapters import read_adapter_manifest
+
+    manifest = read_adapter_manifest(parent)
+    if manifest.get("task") != "grace":
+        raise ValueError(f"{parent}: a {manifest.get('task')!r} adapter, not a GRACE one; images are added to an "
+                         "adapter written by genret train grace")
+    if out_dir.resolve() == parent.resolve() and not config.overwrite:
+        raise ValueError(f"out_dir is the parent adapter {parent}: write the grown adapter elsewhere, or allow "
+                         "replacing it (overwrite)")
+    return manifest, Identifiers.load(parent)
+
+
+def _check_base(parent: Path, manifest: dict, revision: str) -> None:
+    if revision != manifest["base_revision"]:
+        raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
+                         f"{manifest['base_revision']}, now {revision}: the base changed since")
+
+
+def _given_queries(queries: "Mapping[str, Sequence[str]] | None", paths: dict) -> dict[str, list[str]]:
+    extra = {i: list(t) for i, t in (queries or {}).items()}
+    stray = [i for i in extra if i not in paths]
+    if stray:
+        raise ValueError(f"queries name {len(stray)} images that are neither old nor new (e.g. {stray[0]!r})")
+    return extra
+
+
+def _scheme_inputs(scheme: str, emb, n_old: int, new: list[str], new_pseudo: dict, records: dict) -> dict:
+    """What the scheme's ``extend`` needs of the new images: prefilter embeddings, or texts (pseudo-query, else the
+    training captions)."""
+    needs, kw = SCHEMES.get(scheme).needs, {}
+    if "embeddings" in needs:
+        kw = {"embeddings": emb[n_old:] if emb is not None else None,
+              "old_embeddings": emb[:n_old] if emb is not None else None}
+    if "texts" in needs:
+        kw["texts"] = {i: [new_pseudo[i]] if new_pseudo.get(i) else list(records[i].captions)
+                       if records[i].split in TRAIN_SPLITS else [] for i in new}
+    return kw
+
+
+def _add_identifier_tokens(merged: Identifiers, mllm, manifest: dict, parent: Path, had_tokens: bool):
+    """Add the scheme's tokens to the tokenizer and model; the identifiers' token ids as the model writes them, and
+    the new tokens' ids (checked against the parent's: the base tokenizer must not have changed)."""
+    add_tokens(merged, mllm.tokenizer, mllm.model)
+    targets = tokenize(merged, mllm.tokenizer, *answer_context(mllm))
+    token_ids = mllm.tokenizer.convert_tokens_to_ids(list(merged.new_tokens))
+    want = manifest.get("tokens", {}).get("new_token_ids", [])
+    if had_tokens and want and token_ids[0] != want[0]:
+        raise ValueError(f"{parent}: the scheme's first token is id {token_ids[0]} now, {want[0]} when the parent was "
+                         "trained: the base tokenizer changed since")
+    return targets, token_ids
+
+
+def _check_sets(config: GraceAddConfig, groups: dict[str, tuple[list, list]]) -> dict[str, tuple[list, list]]:
+    """The images and retrieve queries the forgetting check measures, per group (seeded samples)."""
+    rng = random.Random(config.seed + 1)
+    return {g: (rng.sample(imgs, min(config.eval_queries, len(imgs))), rng.sample(qs, min(config.eval_queries, len(qs))))
+            for g, (imgs, qs) in groups.items()}
+
+
+def _lineage(manifest: dict, parent: Path, config: GraceAddConfig, merged: Identifiers, n_old: int,
+             n_queries: tuple[int, int], new_pseudo: dict, kinds: dict[str, int]) -> dict:
+    """The grown adapter's ``gallery``, ``parent``, ``added`` and ``replay`` manifest fields."""
+    new = list(merged.item_ids[n_old:])
+    gallery = manifest.get("gallery", {})
+    return {
+        "gallery": {**gallery, "images": len(merged.item_ids),
+                    "splits": ",".join(s for s in (gallery.get("splits", ""), config.new_splits) if s)},
+        "parent": {"path": str(parent), "images": n_old, "scheme": merged.scheme, "gallery": manifest.get("gallery"),
+                   "steps": manifest.get("steps"), "parent": manifest.get("parent")},
+        "added": {"images": len(new), "splits": config.new_splits, "item_ids": new,
+                  "identifiers": list(merged.identifiers[n_old:]), "retrieve_queries": n_queries[0],
+                  "pseudo_queries": sum(map(bool, new_pseudo.values()))},
+        "replay": {"fraction": config.replay, "old_images": n_old, "old_retrieve_queries": n_queries[1],
+                   "rows_per_step": {ROW_NAMES[k]: n for k, n in kinds.items()}},
+    }
+
+
 def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.PathLike,
                config: GraceAddConfig | None = None, *, new_items: Sequence[str] | None = None,
                prefilter: "str | os.PathLike | DualEncoder | None" = None,
@@ -203,21 +285,11 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         The new adapter's manifest (also ``out_dir/genret.json``), with ``parent``, ``added``, ``replay`` and
         ``forgetting`` (image → id top-1 and text → id R@1 of the old items before and after, of the new after).
     """
-    from genret._io import write_json
     from genret.encoders import load_encoder
-    from genret.mllm.adapters import FORMAT, read_adapter_manifest, write_adapter
-    from genret.prompts import load_prompt
 
     config = config or GraceAddConfig()
     parent, out_dir = Path(adapter_dir), Path(out_dir)
-    manifest = read_adapter_manifest(parent)
-    if manifest.get("task") != "grace":
-        raise ValueError(f"{parent}: a {manifest.get('task')!r} adapter, not a GRACE one; images are added to an "
-                         "adapter written by genret train grace")
-    if out_dir.resolve() == parent.resolve() and not config.overwrite:
-        raise ValueError(f"out_dir is the parent adapter {parent}: write the grown adapter elsewhere, or allow "
-                         "replacing it (overwrite)")
-    old = Identifiers.load(parent)
+    manifest, old = _open_parent(parent, out_dir, config)
     records = data.by_id()
     wanted = _images_to_add(old, data, records, config, new_items, parent)
     scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
@@ -225,9 +297,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress)
     accelerator, show = engine.accelerator, engine.show
     mllm = load_base(manifest["base_model"], config, engine.device)
-    if mllm.revision != manifest["base_revision"]:
-        raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
-                         f"{manifest['base_revision']}, now {mllm.revision}: the base changed since")
+    _check_base(parent, manifest, mllm.revision)
 
     old_items, new = list(old.item_ids), list(wanted)
     paths = {i: str(records[i].path) for i in old_items + new}
@@ -236,31 +306,19 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
            if encoder is not None else None)
 
     # Retrieve queries: training captions, given ones, pseudo-queries (the parent's, and the base's for new images).
-    extra = {i: list(t) for i, t in (queries or {}).items()}
-    stray = [i for i in extra if i not in paths]
-    if stray:
-        raise ValueError(f"queries name {len(stray)} images that are neither old nor new (e.g. {stray[0]!r})")
-    parent_pseudo = _parent_pseudo_queries(parent)
+    extra = _given_queries(queries, paths)
     new_pseudo: dict[str, str] = {}
     if config.pseudo_queries:
         new_pseudo = dict(zip(new, on_main(accelerator, lambda: pseudo_queries(
             mllm, prompt, [paths[i] for i in new], config.caption_tokens, progress=show))))
-    pseudo = {**parent_pseudo, **new_pseudo}
+    pseudo = {**_parent_pseudo_queries(parent), **new_pseudo}
 
     def texts_of(i: str) -> list[str]:
         rec = records[i]
         return ((list(rec.captions) if rec.split in TRAIN_SPLITS else []) + extra.get(i, [])
                 + ([pseudo[i]] if pseudo.get(i) else []))
 
-    kw: dict = {}
-    needs = SCHEMES.get(scheme).needs
-    if "embeddings" in needs:
-        kw = {"embeddings": emb[len(old_items):] if emb is not None else None,
-              "old_embeddings": emb[:len(old_items)] if emb is not None else None}
-    if "texts" in needs:
-        kw["texts"] = {i: [new_pseudo[i]] if new_pseudo.get(i) else list(records[i].captions)
-                       if records[i].split in TRAIN_SPLITS else [] for i in new}
-    merged = extend_identifiers(old, new, **kw)
+    merged = extend_identifiers(old, new, **_scheme_inputs(scheme, emb, len(old_items), new, new_pseudo, records))
     items = list(merged.item_ids)
     pos = {i: g for g, i in enumerate(items)}
     query_rows = {i: [(t, pos[i]) for t in texts_of(i)] for i in items}
@@ -270,13 +328,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
         raise ValueError("no retrieve queries for the new images: none is a training image, no queries were given "
                          "and the captioner gave no pseudo-query; pass queries or set retrieve_ratio 0")
 
-    add_tokens(merged, mllm.tokenizer, mllm.model)
-    targets = tokenize(merged, mllm.tokenizer, *answer_context(mllm))  # as the model writes them
-    token_ids = mllm.tokenizer.convert_tokens_to_ids(list(merged.new_tokens))
-    want = manifest.get("tokens", {}).get("new_token_ids", [])
-    if old.new_tokens and want and token_ids[0] != want[0]:
-        raise ValueError(f"{parent}: the scheme's first token is id {token_ids[0]} now, {want[0]} when the parent was "
-                         "trained: the base tokenizer changed since")
+    targets, token_ids = _add_identifier_tokens(merged, mllm, manifest, parent, bool(old.new_tokens))
     init = init_token_rows(merged, mllm.tokenizer, mllm.model,
                            emb if train_cfg.init == "prefilter" and emb is not None else None, train_cfg.seed)
     trie = Trie(targets, items)
@@ -288,11 +340,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
                      gradient_checkpointing=config.gradient_checkpointing)
     _load_parent_weights(model, parent, len(old.new_tokens))
 
-    rng_eval = random.Random(config.seed + 1)
-    check = {"old": (rng_eval.sample(old_items, min(config.eval_queries, len(old_items))),
-                     rng_eval.sample(old_q, min(config.eval_queries, len(old_q)))),
-             "new": (rng_eval.sample(new, min(config.eval_queries, len(new))),
-                     rng_eval.sample(new_q, min(config.eval_queries, len(new_q))))}
+    check = _check_sets(config, {"old": (old_items, old_q), "new": (new, new_q)})
 
     def check_group(group: str, over: Trie) -> dict:
         imgs, qs = check[group]
@@ -306,10 +354,8 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     before = {"old": measure("old", old_trie), "new": measure("new", trie)}
     eval_seconds = time.perf_counter() - tick
 
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
-    rows = [p for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     lr, token_lr = config.lr or train_cfg.lr, config.token_lr or train_cfg.token_lr
-    wrapped = engine.prepare(model, [{"params": lora, "lr": lr}, {"params": rows, "lr": token_lr, "weight_decay": 0.0}])
+    wrapped = engine.prepare(model, lora_groups(model, lr, token_lr))
     kinds = replay_rows(config, bool(old_q), bool(old_q or new_q))
     chunks = engine.chunks
     total = config.max_steps or config.epochs * math.ceil(len(new) / max(1, kinds["new_mem"] * chunks))
@@ -337,18 +383,9 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     out = {
         **{k: v for k, v in manifest.items() if k not in ("format", "version", "history", "metrics", "speed", "logs")},
         "genret": __version__,
-        "gallery": {**manifest.get("gallery", {}), "images": len(items),
-                    "splits": ",".join(s for s in (manifest.get("gallery", {}).get("splits", ""), config.new_splits) if s)},
         "tokens": {"vocab_size": len(mllm.tokenizer), "new_token_ids": [int(t) for t in token_ids[:1] + token_ids[-1:]],
                    "new_tokens": len(token_ids), "init": init},
-        "parent": {"path": str(parent), "images": len(old_items), "scheme": scheme,
-                   "gallery": manifest.get("gallery"), "steps": manifest.get("steps"),
-                   "parent": manifest.get("parent")},
-        "added": {"images": len(new), "splits": config.new_splits, "item_ids": new,
-                  "identifiers": list(merged.identifiers[len(old_items):]),
-                  "retrieve_queries": len(new_q), "pseudo_queries": sum(map(bool, new_pseudo.values()))},
-        "replay": {"fraction": config.replay, "old_images": len(old_items), "old_retrieve_queries": len(old_q),
-                   "rows_per_step": {ROW_NAMES[k]: n for k, n in kinds.items()}},
+        **_lineage(manifest, parent, config, merged, len(old_items), (len(new_q), len(old_q)), new_pseudo, kinds),
         "add_config": {**asdict(config), "lr": lr, "token_lr": token_lr}, "forgetting": forgetting,
         "metrics": {**summary["metrics"], "val": after["new"]},
         "history": summary["history"], "steps": summary["steps"],

@@ -82,6 +82,14 @@ def add_lora(mllm: "MLLM", options: "LoraOptions", *, token_ids: Sequence[int] =
     return mllm.model
 
 
+def lora_groups(model, lr: float, token_lr: float) -> list[dict]:
+    """The optimizer's parameter groups of a LoRA with new token rows: the LoRA at ``lr``; the rows (peft's
+    ``trainable_tokens``) at ``token_lr`` and without weight decay (new rows start from their initialisation)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if "trainable_tokens" not in n], "lr": lr},
+            {"params": [p for n, p in trainable if "trainable_tokens" in n], "lr": token_lr, "weight_decay": 0.0}]
+
+
 def token_targets(model, token_ids: Sequence[int]) -> dict[str, list[int]]:
     """peft ``trainable_token_indices``: the input embedding, and the output layer when it is not tied to it."""
     names = {id(m): n for n, m in model.named_modules()}

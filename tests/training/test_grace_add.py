@@ -184,3 +184,13 @@ def test_cli_adds_and_prints_the_forgetting_figures(parent, world_dir, clip_dir,
     assert main(["--quiet", "train", "grace-add", "--data", str(world_dir), "--adapter", str(parent), "--out", str(tmp_path / "e"),
                  "--new-splits", "test"]) == 2
     assert "already have identifiers" in capsys.readouterr().err
+
+
+def test_the_summary_record_shows_what_the_old_images_keep(grown):
+    from genret.training.summary import TrainSummary
+
+    out, manifest, _ = grown
+    s = TrainSummary.from_manifest(manifest)
+    assert s.task == "grace-add" and s.figures["forgetting, old, after"] == {
+        k: v for k, v in manifest["forgetting"]["old"]["after"].items() if isinstance(v, (int, float))}
+    assert "forgetting, new, after: " in s.render(str(out))

@@ -21,6 +21,10 @@ def test_pretraining_saves_a_llava_that_loads_like_any_checkpoint(clip_dir, worl
     processor = AutoProcessor.from_pretrained(tmp_path / "m")
     assert type(model).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
     assert json.loads((tmp_path / "m" / "genret.json").read_text())["task"] == "pretrain"
+    from genret.training.summary import TrainSummary
+
+    rendered = TrainSummary.from_manifest(summary).render("m")
+    assert rendered.startswith("saved m: pretrain, ") and "val_caption_loss: with_image" in rendered
 
 
 def test_max_steps_past_the_epochs_goes_round_them_again(clip_dir, world, tmp_path):

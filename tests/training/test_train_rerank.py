@@ -349,3 +349,16 @@ def test_qlora_trains_in_4bit_and_the_adapter_loads_on_the_full_base(tmp_path, s
     assert full.attach_adapter(tmp_path / "q", mode="pointwise") == "q"  # same base weights: same fingerprint
     quantized = MLLM.load(str(tmp_path / "base"), load_in_4bit=True)
     quantized.attach_adapter(tmp_path / "q", mode="pointwise")
+
+
+def test_the_summary_record_reads_every_mode_and_renders_its_val_figures(runs):
+    from genret.training.summary import TrainSummary
+
+    for mode, (out, manifest, _) in runs.items():
+        s = TrainSummary.from_manifest(manifest)
+        assert (s.task, s.mode, s.steps) == ("rerank", mode, manifest["steps"])
+        assert s.loss_first == manifest["metrics"]["loss_first"]
+        for direction, m in manifest["metrics"]["val"].items():
+            assert s.figures[f"val, {direction}"]["rerank_R@1"] == m["rerank_R@1"]
+        text = s.render(str(out))
+        assert text.startswith(f"saved {out}: rerank ({mode}), {s.steps} steps") and "val, t2i: " in text
