@@ -15,7 +15,11 @@ What an annotation is asked:
 - :meth:`~Annotation.facts`: named facts, for a simulated user who judges "like the one sought";
 - :meth:`~Annotation.edit`: an edit instruction and the annotations it can lead to (composed retrieval);
 - :meth:`~Annotation.hard_negative`, :meth:`~Annotation.render`, :meth:`~Annotation.captions`: a copy with one
-  attribute changed, drawn as an image, and its captions (contrastive hard negatives).
+  attribute changed, drawn as an image, and its captions (contrastive hard negatives);
+- :meth:`~Annotation.sample`: a fresh annotation drawn as the data set draws its own (a generator: unlimited
+  training images, rendered on the fly);
+- :meth:`~Annotation.attributes`: what the image shows as named classes (``{"first shape": "circle", ...}``):
+  the labels of a linear probe, or of a vision tower's auxiliary heads.
 
 A plug-in implements what its data allows; a method it cannot serve raises ``NotImplementedError``.
 """
@@ -57,6 +61,12 @@ class Annotation(Protocol):
 
     def captions(self, value: Any, rng: random.Random, n: int) -> list[str]:
         """``n`` captions of the annotation, as the data set writes them."""
+
+    def sample(self, rng: random.Random, image_size: int) -> Any:
+        """A new annotation drawn as the data set's generator draws them, laid out on an ``image_size`` canvas."""
+
+    def attributes(self, value: Any) -> dict[str, str]:
+        """The image's attributes as named classes, each read off the image alone (no hidden order or name)."""
 
 
 ANNOTATIONS: Registry[Annotation] = Registry("annotation kind")

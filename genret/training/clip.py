@@ -56,6 +56,12 @@ class CLIPTrainConfig(TrainOptions):
     eval_every: int = field(default=0, metadata={"help": "steps between val R@1 checks (0: after every epoch)"})
     shape_negatives: bool = field(default=False, metadata={"help": "miniature world: add to every batch each image "
                                                                    "redrawn with one shape changed, and its captions"})
+    fresh_images: bool = field(default=False, metadata={"help": "draw every batch anew from the records' annotation "
+                               "plug-in (the miniature world's generator: unlimited images); an epoch is then as many "
+                               "images as the training split holds, and the split's files serve the tokenizer only"})
+    attribute_weight: float = field(default=0.0, metadata={"help": "weight of auxiliary linear heads on the vision "
+                                    "tower's pooled output that name the plug-in's attributes of each image (shape, "
+                                    "colour, size per object, layout); the heads are not saved (0: none)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +71,68 @@ class CLIPTrainConfig(TrainOptions):
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.vision_width % self.heads or self.text_width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide vision_width and text_width")
+        if self.attribute_weight < 0:
+            raise ValueError(f"attribute_weight must not be negative, got {self.attribute_weight}")
+
+
+class CLIPWithHeads(torch.nn.Module):
+    """A ``CLIPModel`` and, for ``attribute_weight``, linear heads on its vision tower's pooled output: one per
+    attribute, over that attribute's classes. What trains; only :attr:`clip` is saved.
+
+    Args:
+        clip: the model.
+        classes: attribute name -> its classes, in label order (empty: no heads).
+        weight: the heads' loss weight against CLIP's InfoNCE.
+    """
+
+    def __init__(self, clip, classes: dict[str, list[str]], weight: float) -> None:
+        super().__init__()
+        self.clip, self.weight, self.names = clip, weight, list(classes)
+        width = clip.config.vision_config.hidden_size
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(width, len(c)) for c in classes.values()])
+
+    def forward(self, pixel_values, input_ids, attention_mask, labels=None) -> torch.Tensor:
+        """CLIP's own symmetric InfoNCE, plus ``weight`` × the heads' mean cross-entropy where ``labels`` are given
+        (``-100``: a class the heads do not know)."""
+        out = self.clip(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=True)
+        if labels is None or not self.names:
+            return out.loss
+        vision = self.clip.vision_model  # the tower's pooled state (the output's pooler_output is projected already)
+        pooled = vision.post_layernorm(out.vision_model_output.last_hidden_state[:, 0])
+        ce = [F.cross_entropy(head(pooled), labels[:, j].to(pooled.device), ignore_index=-100)
+              for j, head in enumerate(self.heads)]
+        return out.loss + self.weight * torch.stack(ce).mean()
+
+    @torch.no_grad()
+    def accuracy(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Percent of images whose class each head names right (a linear probe of the tower, trained as it trains)."""
+        vision = self.clip.vision_model
+        pooled = vision.post_layernorm(vision(pixel_values=pixel_values).last_hidden_state[:, 0])
+        return {name: round(100 * float((head(pooled).argmax(-1).cpu() == labels[:, j]).float().mean()), 1)
+                for j, (name, head) in enumerate(zip(self.names, self.heads))}
+
+
+def attribute_classes(records) -> tuple[object | None, dict[str, list[str]]]:
+    """The records' annotation plug-in and each attribute's classes (sorted) over the records."""
+    classes: dict[str, set] = {}
+    kind = None
+    for r in records:
+        found = annotation_of(r.meta)
+        if found is None:
+            raise ValueError(f"{r.path}: fresh_images and attribute_weight need every training record's scene (or "
+                             "another annotation a plug-in knows); this one has none")
+        kind = found[1]
+        for name, value in kind.attributes(found[2]).items():
+            classes.setdefault(name, set()).add(value)
+    return kind, {name: sorted(values) for name, values in classes.items()}
+
+
+def _labels(kind, values, classes: dict[str, list[str]]) -> torch.Tensor:
+    rows = []
+    for v in values:
+        got = kind.attributes(v)
+        rows.append([classes[n].index(got[n]) if got.get(n) in classes[n] else -100 for n in classes])
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def build_clip(config: CLIPTrainConfig, tokenizer):
@@ -94,10 +162,15 @@ def hard_negatives(records, image_size: int, captions_per_image: int, seed: int 
     Raises:
         ValueError: a record without an annotation a plug-in knows.
     """
+    _, images, texts = _swaps(records, image_size, captions_per_image, seed)
+    return images, texts
+
+
+def _swaps(records, image_size: int, captions_per_image: int, seed: int) -> tuple[list, list, list[list[str]]]:
     import random
 
     rng = random.Random(seed)
-    images, texts = [], []
+    values, images, texts = [], [], []
     for r in records:
         found = annotation_of(r.meta)
         if found is None:
@@ -105,9 +178,29 @@ def hard_negatives(records, image_size: int, captions_per_image: int, seed: int 
                              "annotation a plug-in can draw a near miss of); this one has none")
         _, kind, value = found
         swapped = kind.hard_negative(value, rng)
+        values.append(swapped)
         images.append(kind.render(swapped, image_size, rng.getrandbits(32)))
         texts.append(kind.captions(swapped, rng, captions_per_image))
-    return images, texts
+    return values, images, texts
+
+
+def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
+               classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """``n`` image-caption rows drawn anew for ``step`` from the plug-in (seeded by the config's seed and the step, so
+    every process and a resumed run draw the same), with their shape swaps after them under ``shape_negatives``."""
+    import random
+
+    rng = random.Random(f"genret.clip.fresh:{config.seed}:{step}")
+    values = [kind.sample(rng, config.image_size) for _ in range(n)]
+    if config.shape_negatives:
+        values += [kind.hard_negative(v, rng) for v in values]
+    images = [kind.render(v, config.image_size, rng.getrandbits(32)) for v in values]
+    tokens = tok([kind.captions(v, rng, 1)[0] for v in values])
+    rows = {"pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
+            "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    if classes:
+        rows["labels"] = _labels(kind, values, classes)
+    return rows
 
 
 def _pixels(processor, records, batch: int = 256) -> torch.Tensor:
@@ -125,6 +218,60 @@ def _val_recall(model, pixels: torch.Tensor, tokens: dict, owners: np.ndarray) -
     txt = F.normalize(model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}).pooler_output, dim=-1)
     top = (txt @ img.T).argmax(dim=1).cpu().numpy()
     return recall_at_k([[str(t)] for t in top], [{str(o)} for o in owners], 1)
+
+
+def _file_batches(train: Dataset, config: CLIPTrainConfig, processor, tok, rng, per_step: int, kind, classes):
+    """The split's own images in a seeded order, an epoch a pass: ``draw(step)`` -> the step's rows (each record's
+    swap after the rows under ``shape_negatives``), and the (get, set) of its resumable state."""
+    pixels = _pixels(processor, train.records)
+    cap_tokens = [tok(list(r.captions)) for r in train.records]
+    labels = _labels(kind, [annotation_of(r.meta)[2] for r in train.records], classes) if classes else None
+    if config.shape_negatives:
+        values, images, texts = _swaps(train.records, config.image_size, len(train.records[0].captions), config.seed)
+        swap_pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        swap_tokens = [tok(t) for t in texts]
+        swap_labels = _labels(kind, values, classes) if classes else None
+    steps_per_epoch = max(1, len(train.records) // per_step)
+    stream: dict = {"order": []}
+
+    def rows(idx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = [(i, rng.integers(len(tokens[i]["input_ids"]))) for i in idx]
+        return (torch.stack([tokens[i]["input_ids"][j] for i, j in picks]),
+                torch.stack([tokens[i]["attention_mask"][j] for i, j in picks]))
+
+    def draw(step: int) -> dict[str, torch.Tensor]:
+        if step % steps_per_epoch == 0:
+            stream["order"] = rng.permutation(len(train.records)).tolist()
+        idx = stream["order"][(step % steps_per_epoch) * per_step:][:per_step]
+        ids, mask = rows(idx, cap_tokens)
+        out = {"pixel_values": pixels[idx], "input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            out["labels"] = labels[idx]
+        if config.shape_negatives:
+            swap_ids, swap_mask = rows(idx, swap_tokens)
+            extra = {"pixel_values": swap_pixels[idx], "input_ids": swap_ids, "attention_mask": swap_mask,
+                     **({"labels": swap_labels[idx]} if labels is not None else {})}
+            out = {k: torch.cat([v, extra[k]]) for k, v in out.items()}
+        return out
+
+    def restore(saved: dict) -> None:
+        rng.bit_generator.state = saved["rng"]
+        stream["order"] = saved["order"]
+
+    return draw, (lambda: {"rng": rng.bit_generator.state, "order": stream["order"]}, restore)
+
+
+def _micro_batches(rows: dict[str, torch.Tensor], n: int, chunks: int, size: int, swaps: bool) -> list[dict]:
+    """Split a step's ``n`` rows (and, with ``swaps``, their ``n`` near misses after them) into ``chunks`` micro-batches
+    of ``size``, each near miss in its own row's micro-batch (the in-batch negative it is made for)."""
+    out = []
+    for c in range(chunks):
+        part = slice(c * size, (c + 1) * size)
+        batch = {k: v[part] for k, v in rows.items()}
+        if swaps:
+            batch = {k: torch.cat([batch[k], v[n:][part]]) for k, v in rows.items()}
+        out.append(batch)
+    return out
 
 
 def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConfig, val: Dataset | None = None,
@@ -152,80 +299,60 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("mini CLIP: %.2fM parameters, vocabulary %d", n_params / 1e6, len(tokenizer))
 
-    pixels = _pixels(processor, train.records)
     tok = lambda texts: tokenizer(texts, padding="max_length", truncation=True,  # noqa: E731
                                   max_length=config.context_length, return_tensors="pt")
-    cap_tokens = [tok(list(r.captions)) for r in train.records]
-    if config.shape_negatives:
-        swap_images, swap_texts = hard_negatives(train.records, config.image_size, len(train.records[0].captions),
-                                              config.seed)
-        swap_pixels = processor.image_processor(images=swap_images, return_tensors="pt")["pixel_values"]
-        swap_tokens = [tok(t) for t in swap_texts]
+    kind, classes = (attribute_classes(train.records) if config.fresh_images or config.attribute_weight
+                     else (None, {}))
+    classes = classes if config.attribute_weight else {}
     evaluate = None
     if val is not None:
         val_pixels = _pixels(processor, val.records)
         val_tokens = tok([r.captions[0] for r in val.records])
         val_tokens = {"input_ids": val_tokens["input_ids"], "attention_mask": val_tokens["attention_mask"]}
 
+        val_labels = _labels(kind, [annotation_of(r.meta)[2] for r in val.records], classes) if classes else None
+
         def val_recall() -> dict:
-            recall = _val_recall(engine.unwrapped, val_pixels, val_tokens, np.arange(len(val.records)))
-            return {"val_t2i_R@1": round(100 * recall, 2)}
+            recall = _val_recall(engine.unwrapped.clip, val_pixels, val_tokens, np.arange(len(val.records)))
+            heads = engine.unwrapped.accuracy(val_pixels.to(engine.device), val_labels) if classes else {}
+            return {"val_t2i_R@1": round(100 * recall, 2), **({"val_heads": heads} if heads else {})}
 
         evaluate = val_recall
 
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    wrapped = engine.prepare(model, [{"params": decay, "weight_decay": config.weight_decay},
-                                     {"params": rest, "weight_decay": 0.0}])
+    trained = CLIPWithHeads(model, classes, config.attribute_weight)
+    decay = [p for n, p in trained.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in trained.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    wrapped = engine.prepare(trained, [{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}])
     per_step = engine.rows_per_step
     steps_per_epoch = max(1, len(train.records) // per_step)
     total = config.max_steps or steps_per_epoch * config.epochs
-    stream: dict = {"order": []}
-
-    def rows(idx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = [(i, rng.integers(len(tokens[i]["input_ids"]))) for i in idx]
-        return (torch.stack([tokens[i]["input_ids"][j] for i, j in picks]),
-                torch.stack([tokens[i]["attention_mask"][j] for i, j in picks]))
+    state = None
+    if config.fresh_images:
+        rows = lambda step: fresh_rows(kind, step, per_step, config, tok, processor, classes)  # noqa: E731
+    else:
+        rows, state = _file_batches(train, config, processor, tok, rng, per_step, kind, classes)
 
     def draw(step: int) -> list[dict]:
-        if step % steps_per_epoch == 0:
-            stream["order"] = rng.permutation(len(train.records)).tolist()
-        idx = stream["order"][(step % steps_per_epoch) * per_step:][:per_step]
-        ids, mask = rows(idx, cap_tokens)
-        pix = pixels[idx]
-        if config.shape_negatives:  # each image's shape swap and a caption of it join its micro-batch
-            swap_ids, swap_mask = rows(idx, swap_tokens)
-        out, bs = [], config.batch_size
-        for c in range(engine.chunks):
-            part = slice(c * bs, (c + 1) * bs)
-            batch = {"pixel_values": pix[part], "input_ids": ids[part], "attention_mask": mask[part]}
-            if config.shape_negatives:
-                batch = {"pixel_values": torch.cat([batch["pixel_values"], swap_pixels[idx[part]]]),
-                         "input_ids": torch.cat([batch["input_ids"], swap_ids[part]]),
-                         "attention_mask": torch.cat([batch["attention_mask"], swap_mask[part]])}
-            out.append(batch)
-        return out
+        return _micro_batches(rows(step), per_step, engine.chunks, config.batch_size, config.shape_negatives)
 
     def loss(batch: dict) -> torch.Tensor:
-        return wrapped(**{k: v.to(engine.device) for k, v in batch.items()}, return_loss=True).loss  # CLIP's own InfoNCE
-
-    def restore(saved: dict) -> None:
-        rng.bit_generator.state = saved["rng"]
-        stream["order"] = saved["order"]
+        return wrapped(**{k: v.to(engine.device) for k, v in batch.items()})  # CLIP's InfoNCE (+ the heads')
 
     ends = [steps_per_epoch * e for e in range(1, total // steps_per_epoch + 1)]
     run = engine.fit(total, draw, loss, evaluate=evaluate, on_step=on_step, epoch_of=lambda s: math.ceil(s / steps_per_epoch),
                      log_steps=None if config.log_every else ends, eval_steps=None if config.eval_every else ends,
-                     state=(lambda: {"rng": rng.bit_generator.state, "order": stream["order"]}, restore),
-                     identity={"config": asdict(config), "images": len(train)})
+                     state=state, identity={"config": asdict(config), "images": len(train)})
     summary = {"format": "genret.clip", "genret": __version__, "task": "clip", **run.summary(config),
-               "data": {"source": str(train.source), "images": len(train), "captions": len(captions)},
+               "data": {"source": str(train.source), "images": len(train), "captions": len(captions),
+                        "images_seen": total * per_step, "fresh_images": config.fresh_images,
+                        **({"attributes": classes} if classes else {})},
                "parameters": n_params, "vocab_size": len(tokenizer), "train_seconds": engine.seconds}
 
     def write(folder: Path) -> None:
-        engine.unwrapped.save_pretrained(folder)
+        engine.unwrapped.clip.save_pretrained(folder)
         processor.save_pretrained(folder)
         write_json(folder / "genret.json", summary)
 

@@ -35,6 +35,20 @@ def shape_swap(scene: Scene, rng: random.Random) -> Scene:
     return Scene(tuple(objects), scene.relation)
 
 
+def scene_attributes(scene: Scene) -> dict[str, str]:
+    """Each object's shape, colour and size, in reading order (left then right, or top then bottom), and the layout
+    (side by side or one above the other): what the image shows, whichever object a caption names first.
+
+    The relation itself ("left of" / "right of") is not an attribute: the same image is "A left of B" and "B right
+    of A"; the layout and the reading order say all of it.
+    """
+    first, second = scene._in_reading_order()
+    out = {"layout": "side by side" if scene.horizontal else "one above the other"}
+    for place, obj in (("first", first), ("second", second)):
+        out.update({f"{place} shape": obj.shape, f"{place} colour": obj.colour, f"{place} size": obj.size})
+    return out
+
+
 class SceneAnnotation:
     """The miniature world's scenes behind :class:`~genret.data.annotations.Annotation`."""
 
@@ -76,6 +90,16 @@ class SceneAnnotation:
     def captions(self, value, rng: random.Random, n: int) -> list[str]:
         """:meth:`Scene.captions`."""
         return _scene(value).captions(rng, n)
+
+    def sample(self, rng: random.Random, image_size: int) -> Scene:
+        """:func:`genret.world.synth.sample_scene` (as the world draws its training images)."""
+        from genret.world.synth import sample_scene
+
+        return sample_scene(rng, image_size)
+
+    def attributes(self, value) -> dict[str, str]:
+        """:func:`scene_attributes`."""
+        return scene_attributes(_scene(value))
 
 
 SCENE = ANNOTATIONS.register("scene")(SceneAnnotation())

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -80,3 +81,71 @@ def test_shape_negatives_train_and_need_scenes(tmp_path, world):
                                                                   for r in world.split("train").records))
     with pytest.raises(ValueError, match="needs every training record's scene"):
         train_clip(plain, tmp_path / "d", config, progress=False)
+
+
+def test_fresh_rows_are_drawn_by_step_with_their_swaps_and_labels(world):
+    from conftest import TINY_CLIP
+    from genret.bpe import train_clip_tokenizer
+    from genret.training.clip import attribute_classes, build_clip, fresh_rows
+    from genret.world.annotation import scene_attributes
+    from genret.world.scene import Scene
+
+    train = world.split("train")
+    config = dataclasses.replace(TINY_CLIP, fresh_images=True, shape_negatives=True, attribute_weight=1.0)
+    tokenizer = train_clip_tokenizer([c for r in train.records for c in r.captions], 300, 24)
+    _, processor = build_clip(config, tokenizer)
+    tok = lambda t: tokenizer(t, padding="max_length", truncation=True, max_length=24, return_tensors="pt")  # noqa: E731
+    kind, classes = attribute_classes(train.records)
+    assert set(classes) == {"layout", "first shape", "first colour", "first size", "second shape", "second colour",
+                            "second size"} and classes["first size"] == ["large", "small"]
+    a, b, c = (fresh_rows(kind, s, 6, config, tok, processor, classes) for s in (3, 3, 4))
+    assert a["pixel_values"].shape == (12, 3, 64, 64) and a["labels"].shape == (12, 7)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["pixel_values"], c["pixel_values"])
+    shape = list(classes).index("first shape"), list(classes).index("second shape")
+    # each swap (rows 6..11) keeps its row's layout, colours and sizes and changes one shape
+    for i in range(6):
+        same = [j for j in range(7) if a["labels"][i, j] == a["labels"][i + 6, j]]
+        assert len(same) == 6 and set(range(7)) - set(same) <= set(shape)
+    assert scene_attributes(Scene.from_dict(train.records[0].meta["scene"]))["layout"] in classes["layout"]
+
+
+def test_fresh_images_with_attribute_heads_train_and_save_a_plain_clip(world, tmp_path):
+    from conftest import TINY_CLIP
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from genret.training.clip import train_clip
+
+    config = dataclasses.replace(TINY_CLIP, fresh_images=True, shape_negatives=True, attribute_weight=1.0,
+                                 max_steps=4, batch_size=8)
+    summary = train_clip(world.split("train"), tmp_path / "c", config, val=world.split("val"), progress=False)
+    assert summary["data"]["fresh_images"] and summary["data"]["images_seen"] == 32
+    assert set(summary["data"]["attributes"]) >= {"first shape", "layout"} and summary["history"][-1]["loss"] > 0
+    heads = summary["metrics"]["val"]["val_heads"]  # the heads' accuracy on the val images, each attribute
+    assert set(heads) == set(summary["data"]["attributes"]) and all(0 <= v <= 100 for v in heads.values())
+    assert not [k for k in load_file(str(tmp_path / "c" / "model.safetensors")) if "heads" in k]
+    CLIPModel.from_pretrained(tmp_path / "c")  # a plain CLIP checkpoint
+    with pytest.raises(ValueError, match="attribute_weight must not be negative"):
+        dataclasses.replace(TINY_CLIP, attribute_weight=-1.0)
+
+
+def test_a_fresh_image_run_resumes_on_the_same_curve(world, tmp_path):
+    from conftest import TINY_CLIP
+    from safetensors.torch import load_file
+
+    from genret.training.clip import train_clip
+
+    config = dataclasses.replace(TINY_CLIP, fresh_images=True, attribute_weight=0.5, max_steps=5, batch_size=8,
+                                 save_every=2, log_every=1)
+    whole = train_clip(world.split("train"), tmp_path / "whole", config, progress=False)
+
+    def crash(info):
+        if info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(world.split("train"), tmp_path / "cut", config, progress=False, on_step=crash)
+    resumed = train_clip(world.split("train"), tmp_path / "cut", config, progress=False, resume=True)
+    assert resumed["history"] == whole["history"]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
