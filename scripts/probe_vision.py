@@ -1,18 +1,18 @@
-"""What the vision side of the mini models can see: linear probes for shape and colour presence.
+"""What the vision side of the mini models can see: a linear probe per attribute of the images.
 
     python scripts/probe_vision.py --clip CLIP [--mllm MLLM] --data DATA [--train 2000] [--threads 2] [--json]
 
-For every image of the miniature world the labels are, per shape and per colour, whether the scene
-holds it (two objects: two shapes, two colours). A logistic probe per label is fitted on the features
-of ``--train`` training images and scored on the test split, next to the majority-class rate:
+The labels are the records' attributes as their annotation plug-in names them
+(:meth:`genret.data.annotations.Annotation.attributes`; for the miniature world: each object's shape, colour and
+size in reading order, and the layout, which with the reading order is the relation). A softmax probe per
+attribute is fitted on the features of ``--train`` training images and scored on the whole test split, beside the
+majority-class rate (what a probe that reads nothing gets):
 
 - ``clip``: the dual encoder's image embedding (what the prefilter searches with);
-- ``mllm layer L``: the MLLM's vision tower, mean of the patch states of layer L (what its projector reads).
+- ``mllm projected``: the mini MLLM's projected image features, the tokens its language model reads (flattened).
 
-A probe at the majority rate means the features hold no linearly readable trace of that attribute.
-
-With ``--mllm``, the MLLM's greedy captions of the test images (prompt ``caption``) are also scored against
-their scenes: how often a caption names both colours, both shapes, both "colour shape" pairs.
+With ``--mllm --captions``, the MLLM's greedy captions of the test images (prompt ``caption``) are also scored against
+the attributes: how often a caption names every object's colour, shape and both.
 """
 
 from __future__ import annotations
@@ -23,66 +23,71 @@ import json
 import torch
 
 from genret.data import load_dataset
-from genret.data.images import load_image
-from genret.world.scene import COLOURS, SHAPES, Scene
+from genret.data.annotations import annotation_of
 
 
-def _labels(records) -> torch.Tensor:
-    rows = []
+def labels(records) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """Each attribute's classes (sorted) and the records' class indices, one column per attribute."""
+    attrs = []
     for r in records:
-        a, b = Scene.from_dict(r.meta["scene"]).objects
-        rows.append([int(s in (a.shape, b.shape)) for s in SHAPES] + [int(c in (a.colour, b.colour)) for c in COLOURS])
-    return torch.tensor(rows, dtype=torch.float32)
+        found = annotation_of(r.meta)
+        if found is None:
+            raise SystemExit(f"{r.path}: no annotation a plug-in knows; the probe needs the records' attributes")
+        attrs.append(found[1].attributes(found[2]))
+    classes = {name: sorted({a[name] for a in attrs}) for name in attrs[0]}
+    return classes, torch.tensor([[classes[n].index(a[n]) for n in classes] for a in attrs])
 
 
-def _probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, steps: int = 300):
-    """Per-label test accuracy of a logistic probe, and the majority-class rate."""
+def probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, n_classes: list[int],
+          steps: int = 300, decay: float = 1e-3) -> list[float]:
+    """Test accuracy (%) of a softmax probe per attribute (column), fitted on standardised training features."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    torch.manual_seed(0)
-    w = torch.zeros(xtr.shape[1], ytr.shape[1], requires_grad=True)
-    b = torch.zeros(ytr.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xtr @ w + b, ytr) + 1e-3 * w.pow(2).sum()
-        loss.backward()
-        opt.step()
-    acc = (((xte @ w + b) > 0).float() == yte).float().mean(0)
-    base = torch.maximum(yte.mean(0), 1 - yte.mean(0))
-    return acc, base
+    out = []
+    for j, k in enumerate(n_classes):
+        torch.manual_seed(0)
+        w = torch.zeros(xtr.shape[1], k, requires_grad=True)
+        b = torch.zeros(k, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytr[:, j]) + decay * w.pow(2).sum()
+            loss.backward()
+            opt.step()
+        out.append(100 * float(((xte @ w + b).argmax(1) == yte[:, j]).float().mean()))
+    return out
+
+
+def majority(ytr: torch.Tensor, yte: torch.Tensor) -> list[float]:
+    """Test accuracy (%) of naming each attribute's most frequent training class."""
+    return [100 * float((yte[:, j] == ytr[:, j].mode().values).float().mean()) for j in range(ytr.shape[1])]
 
 
 @torch.no_grad()
-def _mllm_features(path: str, records, batch: int = 100) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def mllm_features(path: str, records) -> torch.Tensor:
+    """The MLLM's projected image features (what its language model reads), flattened per image."""
+    from genret.mllm import MLLM
+    from genret.training.models import image_features
 
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    layers = model.config.vision_config.num_hidden_layers
-    out: dict[str, list] = {}
-    for s in range(0, len(records), batch):
-        pixels = processor.image_processor([load_image(str(r.path)) for r in records[s:s + batch]],
-                                           return_tensors="pt")["pixel_values"]
-        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        for layer in range(1, layers + 1):
-            out.setdefault(f"mllm layer {layer}", []).append(states[layer][:, 1:].mean(1))
-    return {k: torch.cat(v) for k, v in out.items()}
+    mllm = MLLM.load(path)
+    return torch.stack([f.float().flatten() for f in image_features(mllm, [str(r.path) for r in records])])
 
 
 def caption_accuracy(mllm_path: str, records) -> dict:
-    """Percent of captions naming both colours, both shapes, and both colour-shape pairs of the scene."""
+    """Percent of captions naming every object's colour, every shape, and every colour-shape pair."""
     from genret.mllm import MLLM
     from genret.mllm.captioner import Captioner
 
     captions = Captioner(MLLM.load(mllm_path), "caption", max_new_tokens=48).caption([str(r.path) for r in records])
     hits = {"colours": 0, "shapes": 0, "pairs": 0}
     for r, text in zip(records, captions):
-        a, b = Scene.from_dict(r.meta["scene"]).objects
+        _, kind, value = annotation_of(r.meta)
+        a = kind.attributes(value)
+        objs = [(a[f"{p} colour"], a[f"{p} shape"]) for p in ("first", "second")]
         text = f" {text.lower()} "
-        hits["colours"] += a.colour in text and b.colour in text
-        hits["shapes"] += a.shape in text and b.shape in text
-        hits["pairs"] += f" {a.colour} {a.shape}" in text and f" {b.colour} {b.shape}" in text
+        hits["colours"] += all(c in text for c, _ in objs)
+        hits["shapes"] += all(s in text for _, s in objs)
+        hits["pairs"] += all(f" {c} {s}" in text for c, s in objs)
     return {k: round(100.0 * v / len(records), 1) for k, v in hits.items()}
 
 
@@ -92,6 +97,7 @@ def main() -> None:
     parser.add_argument("--mllm", default="")
     parser.add_argument("--data", required=True)
     parser.add_argument("--train", type=int, default=2000, help="training images the probes are fitted on")
+    parser.add_argument("--captions", action="store_true", help="with --mllm: score its captions too")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -100,30 +106,32 @@ def main() -> None:
 
     data = load_dataset(args.data)
     train, test = data.split("train").records[: args.train], data.split("test").records
-    ytr, yte = _labels(train), _labels(test)
+    classes, ytr = labels(train)
+    test_classes, yte_raw = labels(test)
+    yte = torch.tensor([[classes[n].index(test_classes[n][int(i)]) if test_classes[n][int(i)] in classes[n] else -1
+                         for n, i in zip(classes, row)] for row in yte_raw])
     clip = HFDualEncoder(args.clip, device="cpu")
     feats = {"clip": tuple(torch.as_tensor(clip.encode_images([str(r.path) for r in recs])) for recs in (train, test))}
     if args.mllm:
-        a, b = _mllm_features(args.mllm, train), _mllm_features(args.mllm, test)
-        feats.update({k: (a[k], b[k]) for k in a})
-    n = len(SHAPES)
-    rows = []
+        feats["mllm projected"] = (mllm_features(args.mllm, train), mllm_features(args.mllm, test))
+    sizes = [len(c) for c in classes.values()]
+    table = {"majority": dict(zip(classes, (round(v, 1) for v in majority(ytr, yte))))}
     for name, (xtr, xte) in feats.items():
-        acc, base = _probe(xtr, ytr, xte, yte)
-        rows.append({"features": name, "dim": int(xtr.shape[1]),
-                     "shape_acc": round(100 * acc[:n].mean().item(), 1), "shape_majority": round(100 * base[:n].mean().item(), 1),
-                     "colour_acc": round(100 * acc[n:].mean().item(), 1), "colour_majority": round(100 * base[n:].mean().item(), 1)})
-    captions = caption_accuracy(args.mllm, test) if args.mllm else None
+        table[name] = dict(zip(classes, (round(v, 1) for v in probe(xtr.float(), ytr, xte.float(), yte, sizes))))
+    captions = caption_accuracy(args.mllm, test) if args.mllm and args.captions else None
     if args.json:
-        print(json.dumps({"train": len(train), "test": len(test), "rows": rows, "captions": captions}, indent=2))
+        print(json.dumps({"train": len(train), "test": len(test), "dims": {k: int(v[0].shape[1]) for k, v in feats.items()},
+                          "accuracy": table, "captions": captions}, indent=2))
         return
-    print(f"presence probes, {len(train)} training images -> {len(test)} test images, accuracy % (majority rate):")
-    for r in rows:
-        print(f"  {r['features']:14s} shape {r['shape_acc']:5.1f} ({r['shape_majority']:.1f})   "
-              f"colour {r['colour_acc']:5.1f} ({r['colour_majority']:.1f})")
+    cols = list(table)
+    print(f"linear probes, {len(train)} training images -> {len(test)} test images, accuracy %:")
+    print("| attribute | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for attr in classes:
+        print(f"| {attr} | " + " | ".join(f"{table[c][attr]:.1f}" for c in cols) + " |")
+    print("| lowest | " + " | ".join(f"{min(table[c].values()):.1f}" for c in cols) + " |")
     if captions:
-        print(f"MLLM captions of the test images naming both colours {captions['colours']}%, both shapes "
-              f"{captions['shapes']}%, both colour-shape pairs {captions['pairs']}%")
+        print(f"MLLM captions of the test images naming every colour {captions['colours']}%, every shape "
+              f"{captions['shapes']}%, every colour-shape pair {captions['pairs']}%")
 
 
 if __name__ == "__main__":

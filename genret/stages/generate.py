@@ -6,7 +6,10 @@ error, or, with ``image_queries = "pass"``, handed on with the upstream ranking 
 ``restrict = "upstream"`` decodes only within each query's upstream candidates (the prefilter's top
 ``upstream_k``: one subset trie per query); ``fusion_weight`` w ranks by ``upstream + w · log P(id)``
 (items the upstream did not list get its lowest score). Each candidate keeps this stage's own score,
-the identifier's log-probability.
+the identifier's log-probability. With ``restrict = "upstream"`` the stage keeps what it was handed: the
+upstream candidates (of the first ``upstream_k``) that no beam reached follow the decoded ones, in the upstream's
+order, without a score of this stage (their ranking score sits below every decoded one's), so the stage returns up
+to ``k`` candidates whatever ``num_beams`` is and never loses the upstream's recall.
 
 Example pipeline table::
 
@@ -20,7 +23,7 @@ Example pipeline table::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -47,7 +50,8 @@ class GenerateConfig(MLLMLoadConfig):
     adapter: str = field(default="", metadata={"help": "GRACE adapter folder (genret train grace)"})
     model: str = field(default="", metadata={"help": "base MLLM id or directory (default: the adapter's base_model)"})
     num_beams: int = field(default=10, metadata={"help": "beam width: at most this many images per query"})
-    k: int = field(default=10, metadata={"help": "candidates returned per query (at most num_beams)"})
+    k: int = field(default=10, metadata={"help": "candidates returned per query (at most num_beams, unless "
+                                                 "restrict=upstream: the beams' misses follow)"})
     restrict: str = field(default="none", metadata={"help": "none (whole gallery) or upstream (the upstream's candidates)"})
     upstream_k: int = field(default=100, metadata={"help": "restrict=upstream: upstream candidates decoded within"})
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * log P(id); unset: generate only"})
@@ -64,9 +68,9 @@ class GenerateConfig(MLLMLoadConfig):
         for name in ("num_beams", "k", "upstream_k", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.k > self.num_beams:
+        if self.k > self.num_beams and self.restrict != "upstream":
             raise ValueError(f"k ({self.k}) must not exceed num_beams ({self.num_beams}): beam search returns at most "
-                             "num_beams identifiers")
+                             "num_beams identifiers (with restrict = 'upstream' the beams' misses fill the rest)")
 
 
 def attach_grace(mllm: "MLLM", path: str | Path, prompt=None) -> "Identifiers":
@@ -187,8 +191,8 @@ class GenerateStage(RankStage):
              k: int | None = None) -> list[Ranking]:
         if self.trie is None:
             self.index_gallery(ctx.gallery)
-        k = min(k or self.config.k, self.config.num_beams)
         restrict = self.config.restrict == "upstream"
+        k = k or self.config.k if restrict else min(k or self.config.k, self.config.num_beams)
         if (restrict or self.config.fusion_weight is not None) and upstream is None:
             raise ValueError(f"stage {self.name!r}: restrict=upstream and fusion_weight need a stage before it "
                              "(e.g. the prefilter)")
@@ -241,4 +245,15 @@ class GenerateStage(RankStage):
             before = prior.get(hit.item_id, Candidate(hit.item_id, floor))
             cands.append(before.rescored(self.name, hit.score, None if w is None else before.score + w * hit.score))
         cands.sort(key=lambda c: -c.score)
+        if self.config.restrict == "upstream" and upstream is not None:
+            cands += _misses(upstream, {c.item_id for c in cands}, self.config.upstream_k,
+                             min((c.score for c in cands), default=0.0))
         return Ranking(query=query, candidates=tuple(cands[:k]), stage=self.name)
+
+
+def _misses(upstream: Ranking, decoded: set[str], upstream_k: int, floor: float) -> list[Candidate]:
+    """The upstream's first ``upstream_k`` candidates that were not decoded, in its order, each ranked below ``floor``
+    (the last decoded score) by its place: ``floor - 1``, ``floor - 2``, ... (their upstream scores stay in
+    ``scores``)."""
+    missed = [c for c in upstream.candidates[:upstream_k] if c.item_id not in decoded]
+    return [replace(c, score=floor - i) for i, c in enumerate(missed, start=1)]

@@ -129,3 +129,20 @@ def test_a_vocabulary_mismatch_is_refused(encoder, world, grace_dir, tmp_path):
 def test_bad_generate_tables(encoder, table, match):
     with pytest.raises(ValueError, match=match):
         _pipe(encoder, table)
+
+
+def test_restrict_upstream_keeps_what_the_beams_missed_after_what_they_decoded(encoder, world, grace_dir):
+    pipe = _pipe(encoder, {"type": "prefilter", "k": 10},
+                 {"type": "generate", "adapter": str(grace_dir), "restrict": "upstream", "upstream_k": 8,
+                  "num_beams": 3, "k": 10})
+    pipe.index(world.split("test"), modalities=("image",), progress=False)
+    queries, _ = _queries(world, 6)
+    outputs = dict(pipe.run(queries))
+    for before, after in zip(outputs["prefilter"], outputs["generate"]):
+        decoded = [c for c in after.candidates if "generate" in c.scores]
+        assert 1 <= len(decoded) <= 3 and after.candidates[:len(decoded)] == tuple(decoded)  # decoded ones first
+        tail = [c.item_id for c in after.candidates[len(decoded):]]
+        assert tail == [i for i in before.ids[:8] if i not in {c.item_id for c in decoded}]  # the upstream's order
+        assert set(after.ids) == set(before.ids[:8])  # nothing of the decodable upstream lost
+        scores = [c.score for c in after.candidates]
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
