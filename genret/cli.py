@@ -67,6 +67,14 @@ def _run_clip(args, config) -> dict:
     return train_clip(data.split("train"), args.out, config, val=_val(data), progress=not args.quiet, resume=args.resume)
 
 
+def _run_clip_dialog(args, config) -> dict:
+    from genret.training.dialog_clip import train_dialog_clip
+
+    data = _load_data(args)
+    return train_dialog_clip(args.clip, data.split("train"), args.out, config, val=_val(data),
+                             progress=not args.quiet, resume=args.resume)
+
+
 def _run_mllm(args, config) -> dict:
     from genret.training.pretrain_mllm import pretrain_mllm
 
@@ -116,6 +124,11 @@ _BASE = ("--base", {"required": True, "help": "the MLLM to adapt: a local direct
 TRAIN_COMMANDS = (
     TrainCommand("clip", "train a mini CLIP contrastively", "genret.training.clip:CLIPTrainConfig", _run_clip, (), out="checkpoint folder to write",
                  formats=("genret.clip", "genret.train_run")),
+    TrainCommand("clip-dialog", "fine-tune a CLIP's text tower on the simulated users' dialogs about the training "
+                 "images (ChatIR's dialog-trained retriever; the image side and its index stay as they are)",
+                 "genret.training.dialog_clip:DialogCLIPConfig", _run_clip_dialog,
+                 (("--clip", {"required": True, "help": "the CLIP checkpoint whose text tower is fine-tuned"}),),
+                 out="checkpoint folder to write", formats=("genret.clip", "genret.train_run")),
     TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
                  "genret.training.pretrain_mllm:PretrainConfig", _run_mllm,
                  (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),),

@@ -1,7 +1,8 @@
 """Interactive retrieval round by round (ChatIR chat, EIIRwQR feedback rewriting), and what each part costs.
 
     python scripts/dialog_table.py --clip CLIP --mllm MLLM --data DATA [--questioner ADAPTER] \
-        [--feedback-rewriter ADAPTER] [--rounds 5] [--limit N] [--cache-dir DIR] [--json]
+        [--feedback-rewriter ADAPTER] [--dialog-clip CLIP] [--oracle-only] [--rounds 5] [--limit N] [--cache-dir DIR]
+        [--json]
 
 Every variant is the pipeline ``round stage → prefilter`` evaluated with
 ``genret.eval.interactive.evaluate_dialog``, exactly as ``genret eval --task dialog`` does (every image of
@@ -13,6 +14,9 @@ the split is a target; round 0 retrieves with a partial description naming one o
 - ``eiirwqr zero-shot`` / ``eiirwqr + LoRA``: each round 5 unseen results are shown, the simulated user marks
   those sharing 3 of the target's 5 scene facts, the MLLM captions and rewrites (``--feedback-rewriter``: a
   ``genret train rewriter --task eiirwqr`` adapter).
+
+``--dialog-clip`` (a ``genret train clip-dialog`` checkpoint) adds each chat variant again with that encoder as the
+prefilter (same images, same dialogs: only the text side differs); ``--oracle-only`` skips the MLLM variants.
 
 Queries use the dialog's answers (``query_format = "answers"``): the mini CLIP reads 32 tokens. Each MLLM
 variant runs twice over one fresh cache folder, cold then warm, and reports milliseconds per query and
@@ -44,10 +48,12 @@ def _costs(report: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", required=True)
-    parser.add_argument("--mllm", required=True)
+    parser.add_argument("--mllm", default="", help="the MLLM of the zero-shot and LoRA variants")
     parser.add_argument("--data", required=True)
     parser.add_argument("--questioner", default="", help="a chat questioner adapter (adds 'chat + LoRA')")
     parser.add_argument("--feedback-rewriter", default="", help="an eiirwqr rewriter adapter (adds 'eiirwqr + LoRA')")
+    parser.add_argument("--dialog-clip", default="", help="a dialog-trained CLIP: the chat variants again with it")
+    parser.add_argument("--oracle-only", action="store_true", help="only the oracle chat (no MLLM variants)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--limit", type=int, default=None)
@@ -63,22 +69,29 @@ def main() -> None:
     mllm_chat = {**chat, "questioner": "mllm", "model": args.mllm}
     eiir = {"type": "eiirwqr", "model": args.mllm, "rounds": min(args.rounds, 3), "shown": 5, "relevance": "facts",
             "min_facts": 3}
-    variants = [("chat oracle", {**chat, "questioner": "scripted"}),
-                ("chat zero-shot", {**mllm_chat, "cache_dir": f"{cache}/chat"})]
-    if args.questioner:
-        variants.append(("chat + LoRA", {**mllm_chat, "adapter": args.questioner, "cache_dir": f"{cache}/chat-lora"}))
-    variants.append(("eiirwqr zero-shot", {**eiir, "cache_dir": f"{cache}/eiirwqr"}))
-    if args.feedback_rewriter:
-        variants.append(("eiirwqr + LoRA", {**eiir, "adapter": args.feedback_rewriter,
-                                            "cache_dir": f"{cache}/eiirwqr-lora"}))
+    if not args.oracle_only and not args.mllm:
+        parser.error("--mllm is needed for the MLLM variants (or pass --oracle-only)")
+    chats = [("chat oracle", {**chat, "questioner": "scripted"})]
+    if not args.oracle_only:
+        chats.append(("chat zero-shot", {**mllm_chat, "cache_dir": f"{cache}/chat"}))
+        if args.questioner:
+            chats.append(("chat + LoRA", {**mllm_chat, "adapter": args.questioner, "cache_dir": f"{cache}/chat-lora"}))
+    variants = [(name, stage, args.clip) for name, stage in chats]
+    if args.dialog_clip:
+        variants += [(f"{name}, dialog-trained encoder", stage, args.dialog_clip) for name, stage in chats]
+    if not args.oracle_only:
+        variants.append(("eiirwqr zero-shot", {**eiir, "cache_dir": f"{cache}/eiirwqr"}, args.clip))
+        if args.feedback_rewriter:
+            variants.append(("eiirwqr + LoRA", {**eiir, "adapter": args.feedback_rewriter,
+                                                "cache_dir": f"{cache}/eiirwqr-lora"}, args.clip))
     rows = []
-    for name, stage in variants:
-        report = evaluate_dialog(_pipe(args.clip, stage), data, split=args.split, limit=args.limit, progress=False)
+    for name, stage, clip in variants:
+        report = evaluate_dialog(_pipe(clip, stage), data, split=args.split, limit=args.limit, progress=False)
         m = report["stages"]["prefilter"]
         row = {"variant": name, "R@10": [r["R@10"] for r in m["rounds"]], "R@1": [r["R@1"] for r in m["rounds"]],
                "hits@10": m["hits@10"], "fallbacks": report["fallbacks"], "cold_ms": _costs(report)}
         if stage.get("cache_dir"):
-            warm = evaluate_dialog(_pipe(args.clip, stage), data, split=args.split, limit=args.limit, progress=False)
+            warm = evaluate_dialog(_pipe(clip, stage), data, split=args.split, limit=args.limit, progress=False)
             assert warm["stages"] == report["stages"], "a warm run must reproduce the cold one"
             row["warm_ms"] = _costs(warm)
         rows.append(row)
