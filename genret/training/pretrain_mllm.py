@@ -1,10 +1,11 @@
-"""Pretraining of the mini MLLM on a dataset's captions (and, for the miniature world, questions).
+"""Pretraining of the mini MLLM on a dataset's images: captions and the instruction mixture the stages ask for.
 
-The language-model loss falls on the answer tokens only: describing an image (every caption is a
-target) and, where records carry an annotation a plug-in knows (the world's ``scene``), answering
-questions about it. This plays the part of
-a real MLLM's caption pretraining and instruction tuning, so that rerank and rewrite stages can run
-zero-shot through prompts and task LoRAs start from a model that sees.
+The language-model loss falls on the answer tokens only. The mixture (:mod:`genret.training.instructions`,
+``tasks``) covers what the stages ask of an MLLM zero-shot, in their own prompts: describe an image, answer a
+question about it, judge whether a text matches it (yes/no on the prefilter's near misses), pick the matching one of
+numbered candidates, rewrite a description under an edit instruction, ask the question that narrows a search. This
+plays the part of a real MLLM's caption pretraining and instruction tuning, so that the rerank and rewrite stages
+run zero-shot through their prompts and task LoRAs start from a model that sees.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,13 +27,13 @@ from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.training.engine import Engine
+from genret.training.instructions import DESCRIBE, TASKS, Example, Mixture, as_messages, message, prompt_texts
 from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
 from genret.training.models import enable_checkpointing
 from genret.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
-CAPTION_INSTRUCTIONS = ("Describe the image.", "What does the image show?", "Write a caption for this image.")
 
 
 @dataclass
@@ -44,37 +46,59 @@ class PretrainConfig(TrainOptions):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     log_every: int = field(default=0, metadata={"help": "steps per loss entry (0: one per epoch)"})
     vision_lr_scale: float = field(default=0.1, metadata={"help": "learning-rate factor of the CLIP vision tower"})
-    questions_per_image: int = field(default=1, metadata={"help": "question-answer examples per image per epoch"})
+    questions_per_image: int = field(default=1, metadata={"help": "answer: question-answer examples per image per epoch"})
+    tasks: str = field(default=",".join(TASKS), metadata={"help": "the instruction mixture, comma-separated: "
+                                                                  + ", ".join(TASKS)})
+    judge_per_image: int = field(default=2, metadata={"help": "judge: yes/no examples per image per epoch"})
+    pick_per_image: int = field(default=1, metadata={"help": "pick: numbered-candidate examples per image per epoch"})
+    rewrite_per_image: int = field(default=1, metadata={"help": "rewrite: text-only edit examples per image per epoch"})
+    ask_per_image: int = field(default=1, metadata={"help": "ask: text-only next-question examples per image per epoch"})
+    candidates: int = field(default=4, metadata={"help": "pick: numbered candidates (the right one among near misses)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.vision_lr_scale < 0 or self.questions_per_image < 0:
             raise ValueError("vision_lr_scale and questions_per_image must not be negative")
+        unknown = [t for t in self.task_list if t not in TASKS]
+        if unknown or not self.task_list:
+            raise ValueError(f"tasks must be a comma-separated list of {', '.join(TASKS)}, got {self.tasks!r}")
+        if self.candidates < 2:
+            raise ValueError(f"candidates must be at least 2, got {self.candidates}")
+
+    @property
+    def task_list(self) -> list[str]:
+        """The tasks named in :attr:`tasks`."""
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def counts(self) -> dict[str, int]:
+        """Examples per image and epoch of each task drawn (``describe``: every caption)."""
+        per = {"describe": 1, "answer": self.questions_per_image, "judge": self.judge_per_image,
+               "pick": self.pick_per_image, "rewrite": self.rewrite_per_image, "ask": self.ask_per_image}
+        return {t: per[t] for t in self.task_list if per[t]}
 
 
-def examples(train: Dataset, rng: random.Random, n_questions: int) -> list[tuple[int, str, str]]:
-    """One epoch of (image index, instruction, answer): every caption, plus questions where the record carries an
-    annotation a plug-in knows (:meth:`~genret.data.annotations.Annotation.questions`; the world's scenes)."""
-    out = []
-    for i, rec in enumerate(train.records):
-        out += [(i, rng.choice(CAPTION_INSTRUCTIONS), c) for c in rec.captions]
-        found = annotation_of(rec.meta) if n_questions else None
-        if found:
-            qa = found[1].questions(found[2], rng)
-            out += [(i, q, a) for q, a in rng.sample(qa, min(n_questions, len(qa)))]
-    rng.shuffle(out)
-    return out
-
-
-def encode_example(processor, family, n_image_tokens: int, instruction: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of a chat turn (image + instruction → answer) and where the answer starts."""
-    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    prompt = processor.apply_chat_template(user, add_generation_prompt=True)
-    prompt = family.expand_image_tokens(processor, prompt, [n_image_tokens])
+def encode_example(processor, family, n_image_tokens: int, example: Example) -> tuple[list[int], int]:
+    """Token ids of a chat turn (its images' tokens expanded) → answer, and where the answer starts."""
+    prompt = processor.apply_chat_template(as_messages(example.messages), add_generation_prompt=True)
+    prompt = family.expand_image_tokens(processor, prompt, [n_image_tokens] * len(example.images))
     tok = processor.tokenizer
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(example.answer + tok.eos_token, add_special_tokens=False)["input_ids"]
     return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig, progress: bool = False) -> Mixture:
+    """The instruction mixture over ``train``, its judge and pick negatives mined by the CLIP at ``clip_dir``."""
+    counts = config.counts()
+    groups, texts = [], []
+    if "judge" in counts or "pick" in counts:
+        from genret.encoders.hf import HFDualEncoder
+        from genret.training.negatives import caption_table, mine_negatives
+
+        groups, _ = mine_negatives(HFDualEncoder(str(clip_dir), device="cpu"), train, k=max(config.candidates, 4),
+                                   progress=progress)
+        texts = caption_table(train)[0]
+    return Mixture(train.records, groups, texts, counts, candidates=config.candidates, seed=config.seed)
 
 
 def _batch(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -105,11 +129,13 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     engine = Engine("mllm", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    texts = [c for r in train.records for c in r.captions] + list(CAPTION_INSTRUCTIONS)
+    texts = [c for r in train.records for c in r.captions] + prompt_texts()
     texts += [f"{q} {a}" for r in train.records[:500] if (found := annotation_of(r.meta))
               for q, a in found[1].questions(found[2], rng)]
     texts += ["Does the image match the text? Answer yes or no.", "Which image matches the text best? "
               "Answer with its number.", "Text:", "Image", "0 1 2 3 4 5 6 7 8 9"]
+    mix = mixture(train, clip_dir, config, progress=engine.show)
+    texts += [f"{e.answer}" for e in mix.epoch(random.Random(config.seed))[:2000] if e.task in ("ask", "rewrite")]
     model, processor = build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
     n_tokens = model.config.image_seq_length
@@ -123,14 +149,14 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     wrapped = engine.prepare(model, [{"params": rest, "lr": config.lr},
                                      {"params": vision, "lr": config.lr * config.vision_lr_scale}])
-    epochs = [examples(train, rng, config.questions_per_image) for _ in range(config.epochs)]
+    epochs = [mix.epoch(rng) for _ in range(config.epochs)]
     per_step, chunks = engine.rows_per_step, engine.chunks
     # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
     counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]
     starts = np.cumsum([0] + counts)
     total = config.max_steps or int(starts[-1])
     pad = processor.tokenizer.pad_token_id
-    cache: dict[tuple[str, str], tuple[list[int], int]] = {}
+    cache: dict[str, tuple[list[int], int]] = {}
 
     cycle = int(starts[-1])  # max_steps past the epochs' steps: the epochs again, in order
 
@@ -144,8 +170,10 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
         out = []
         for part in np.array_split(np.arange(len(rows)), chunks):
             chunk = [rows[i] for i in part]
-            items = [cache.setdefault((q, a), encode_example(processor, family, n_tokens, q, a)) for _, q, a in chunk]
-            out.append({**_batch(items, pad), "pixel_values": pixels[[i for i, _, _ in chunk]]})
+            items = [cache[e.key] if e.key in cache else cache.setdefault(e.key, encode_example(
+                processor, family, n_tokens, e)) for e in chunk]
+            shown = [i for e in chunk for i in e.images]
+            out.append({**_batch(items, pad), **({"pixel_values": pixels[shown]} if shown else {})})
         return out
 
     def loss(batch: dict) -> torch.Tensor:
@@ -157,7 +185,8 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     final = engine.unwrapped
     summary = {"format": "genret.mini_mllm", "genret": __version__, "task": "pretrain", "clip": str(clip_dir),
                "arch": asdict(arch), **run.summary(config),
-               "data": {"source": str(train.source), "images": len(train)},
+               "data": {"source": str(train.source), "images": len(train),
+                        "examples_per_epoch": dict(Counter(e.task for e in epochs[0]))},
                "parameters": sum(p.numel() for p in final.parameters())}
     if val is not None and engine.main:
         final.eval()
@@ -182,8 +211,8 @@ def caption_loss(model, processor, family, data: Dataset, limit: int = 200) -> d
     recs = data.records[:limit]
     device = next(model.parameters()).device
     pix = processor.image_processor(images=[load_image(r.path) for r in recs], return_tensors="pt")["pixel_values"]
-    items = [encode_example(processor, family, model.config.image_seq_length, CAPTION_INSTRUCTIONS[0], r.captions[0])
-             for r in recs]
+    items = [encode_example(processor, family, model.config.image_seq_length,
+                            Example("describe", (0,), message(DESCRIBE[0]), r.captions[0])) for r in recs]
     out = {}
     for name, order in (("with_image", list(range(len(recs)))), ("shuffled_image", list(range(1, len(recs))) + [0])):
         losses = []

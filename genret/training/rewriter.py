@@ -192,17 +192,22 @@ def _images_to_caption(cir: "CIRSet") -> list[str]:
 
 def chat_pairs(records, rounds: int, seed: int = 0) -> list[tuple[dict, str]]:
     """``({"dialog"}, next question)`` per image and turn: the oracle dialogs (scripted questions, facts answers)."""
+    return [({"dialog": dialog}, question) for _, dialog, question in oracle_turns(records, rounds, seed)]
+
+
+def oracle_turns(records, rounds: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """``(image id, dialog so far, the question asked next)`` per image and turn of the oracle dialogs."""
     from genret.eval.interactive import dialog_queries
     from genret.stages.chat import ChatConfig, ChatStage, dialog_text
 
     stage = ChatStage(ChatConfig(questioner="scripted", answerer="facts", rounds=rounds), "chat")
     queries = stage.start(*dialog_queries(records, seed))
-    pairs = []
+    out = []
     for _ in range(rounds):
         asking = {q.id: dialog_text(q) for q in queries if not q.meta["stopped"]}
         queries = stage.next_round(queries)
-        pairs += [({"dialog": asking[q.id]}, q.meta["turns"][-1]["question"]) for q in queries if q.id in asking]
-    return pairs
+        out += [(q.id, asking[q.id], q.meta["turns"][-1]["question"]) for q in queries if q.id in asking]
+    return out
 
 
 def feedback_pairs(records, base: str | os.PathLike, prefilter: "str | os.PathLike",

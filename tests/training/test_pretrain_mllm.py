@@ -32,7 +32,7 @@ def test_max_steps_past_the_epochs_goes_round_them_again(clip_dir, world, tmp_pa
     train = replace(train, records=train.records[:16])
     steps = []
     summary = pretrain_mllm(clip_dir, train, tmp_path / "m", PretrainConfig(epochs=1, batch_size=16, max_steps=9,
-                                                                          log_every=1), TINY,
+                                                                          log_every=1, tasks="describe,answer"), TINY,
                             progress=False, on_step=lambda info: steps.append(info["step"]))
     assert steps == list(range(1, 10)) and summary["steps"] == 9
     epochs = [h["epoch"] for h in summary["history"]]

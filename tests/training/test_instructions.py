@@ -1,0 +1,76 @@
+"""The instruction mixture: every stage's task, in the stage's own prompt, with true answers."""
+
+import random
+import re
+
+import pytest
+
+from genret.training.instructions import TASKS, as_messages
+from genret.training.pretrain_mllm import PretrainConfig, encode_example, mixture
+from genret.world.answerers import SCRIPT
+
+
+@pytest.fixture(scope="module")
+def epoch(world, clip_dir):
+    train = world.split("train")
+    mix = mixture(train, clip_dir, PretrainConfig())
+    return train, mix.epoch(random.Random(0))
+
+
+def _text(example):
+    return "".join(p.get("text", "<image>") for m in as_messages(example.messages) for p in m["content"])
+
+
+def test_every_task_is_drawn_with_its_images(epoch):
+    train, examples = epoch
+    assert {e.task for e in examples} == set(TASKS)
+    assert sum(e.task == "describe" for e in examples) == sum(len(r.captions) for r in train.records)
+    for e in examples:
+        assert _text(e).count("<image>") == len(e.images), e
+        assert (len(e.images) == 0) == (e.task in ("rewrite", "ask"))
+
+
+def test_judge_and_pick_answers_are_true(epoch):
+    train, examples = epoch
+    owner = {c: i for i, r in enumerate(train.records) for c in r.captions}
+    judged = [e for e in examples if e.task == "judge"]
+    assert {e.answer for e in judged} == {"yes", "no"}
+    for e in judged:
+        text = re.search(r"Text: (.*)\n", _text(e)).group(1)
+        assert (e.answer == "yes") == (train.records[e.images[0]].captions.count(text) > 0), e
+    for e in (e for e in examples if e.task == "pick"):
+        body = _text(e)
+        if body.startswith("Text: "):  # t2i: the numbered images; the answer names the caption's image
+            text = body.split("\n", 1)[0][len("Text: "):]
+            assert e.images[int(e.answer) - 1] == owner[text], e
+        else:  # i2t: the image first, then numbered captions
+            lines = dict(re.findall(r"Text (\d+): (.*)\n", body))
+            assert owner[lines[e.answer]] == e.images[0] and len(lines) == 4, e
+
+
+def test_rewrite_and_ask_are_text_only_and_true(epoch):
+    _, examples = epoch
+    asks = [e for e in examples if e.task == "ask"]
+    assert asks and all(e.answer in SCRIPT and "What we know so far" in _text(e) for e in asks)
+    rewrites = [e for e in examples if e.task == "rewrite"]
+    assert rewrites and all("Instruction: " in _text(e) and e.answer for e in rewrites)
+
+
+def test_the_prompts_render_as_the_stages_render_them(epoch, mllm_dir):
+    from genret.mllm import MLLM, scoring
+    from genret.prompts import load_prompt
+
+    _, examples = epoch
+    mllm = MLLM.load(str(mllm_dir))
+    e = next(e for e in examples if e.task == "judge" and _text(e).startswith("Text: "))
+    text = re.search(r"Text: (.*)\n", _text(e)).group(1)
+    stage = scoring.render(mllm, scoring.user_message(load_prompt("rerank_pointwise").section("t2i")["user"], text=text))
+    assert mllm.processor.apply_chat_template(as_messages(e.messages), add_generation_prompt=True) == stage
+    ids, start = encode_example(mllm.processor, mllm.family, 7, e)
+    assert ids[:start].count(mllm.processor.tokenizer.convert_tokens_to_ids("<image>")) == 7
+
+
+def test_tasks_are_checked():
+    with pytest.raises(ValueError, match="tasks must be a comma-separated list of describe"):
+        PretrainConfig(tasks="describe,dance")
+    assert PretrainConfig(tasks="describe, judge", judge_per_image=0).counts() == {"describe": 1}
