@@ -134,7 +134,7 @@ def train_dialog_clip(clip_dir: str | os.PathLike, train: Dataset, out_dir: str 
     rows += random.Random(config.seed).sample(captions, min(want, len(captions)))
     evaluate = None
     if val is not None:
-        val_rows = [(t, i) for t, i in dialog_rows(val.records, config.rounds, config.query_format, config.seed)]
+        val_rows = dialog_rows(val.records, config.rounds, config.query_format, config.seed)
         val_gallery = images(val.records)
 
         def evaluate() -> dict:
