@@ -230,6 +230,48 @@ def detach_adapter(mllm: "MLLM", name: str) -> None:
     use_adapter(mllm, still or None)
 
 
+VISION_ADAPT = {
+    "none": "LoRA on the language model only; image features stay the base model's (cached once)",
+    "projector": "also train the projector into the language model (saved whole with the adapter)",
+    "tower": "also train the projector, and LoRA on the vision tower's linear layers",
+}
+
+
+def vision_side(model, family) -> tuple[str, str]:
+    """The full module names of ``model``'s vision tower and projector (by the family's names for them)."""
+    names = [n for n, _ in model.named_modules()]
+    found = [next((n for n in names if n.rsplit(".", 1)[-1] == want), None)
+             for want in (family.vision_tower_name, family.projector_name)]
+    if None in found:
+        raise ValueError(f"{type(model).__name__}: no module named {family.vision_tower_name!r} (vision tower) or "
+                         f"{family.projector_name!r} (projector) as the {family.name} family expects; train with "
+                         "vision 'none'")
+    return found[0], found[1]
+
+
+def lora_modules(model, family, targets: Sequence[str], vision: str = "none") -> tuple[str, list[str] | None]:
+    """peft's ``target_modules`` pattern and ``modules_to_save`` for a LoRA that trains ``vision`` (see
+    :data:`VISION_ADAPT`) besides ``targets`` in the language model."""
+    if vision not in VISION_ADAPT:
+        raise ValueError(f"vision adaptation {vision!r} is unknown; choose one of {', '.join(VISION_ADAPT)}")
+    pattern = language_model_targets(model, targets)
+    if vision == "none":
+        return pattern, None
+    import torch
+
+    tower, projector = vision_side(model, family)
+    if vision == "tower":
+        linears = [n for n, m in model.named_modules() if n.startswith(tower + ".") and isinstance(m, torch.nn.Linear)
+                   and not (n == projector or n.startswith(projector + "."))]
+        pattern = f"(?:{pattern})|(?:{'|'.join(re.escape(n) for n in linears)})"
+    return pattern, [projector]
+
+
+def trains_vision(manifest: Mapping[str, Any]) -> bool:
+    """Whether an adapter changes the image features (then features cached without it do not serve it)."""
+    return manifest.get("vision", "none") != "none"
+
+
 def language_model_targets(model, targets: Sequence[str]) -> str:
     """A peft ``target_modules`` pattern that puts LoRA on ``targets`` inside the language model only.
 

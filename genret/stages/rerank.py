@@ -105,9 +105,19 @@ class RerankStage(RankStage):
             feats = image_features(self.mllm, [load_image(it.image) for it in chunk])
             self.features.update(zip((it.id for it in chunk), feats))
 
+    def _feature_adapter(self) -> str | None:
+        """The digest of this stage's adapter when it changes the image features (``vision`` trained), else None:
+        features cached by the base serve every language-only adapter, but not one that trained the vision side."""
+        from genret.mllm.adapters import trains_vision
+        from genret.mllm.textcache import model_key
+
+        key = model_key(self.mllm)["adapters"]
+        trained = [a["digest"] for a in key if trains_vision(self.mllm.adapters.get(a["name"], {}))]
+        return ",".join(trained) or None
+
     def _describe(self) -> dict:
         return {"format": FEATURES_FORMAT, "version": 2, "model": self.config.model, "revision": self.mllm.revision,
-                "family": self.mllm.family.name, "count": len(self.features)}
+                "adapter": self._feature_adapter(), "family": self.mllm.family.name, "count": len(self.features)}
 
     def save_state(self, folder: Path) -> None:
         """Save the cached features (safetensors) with a manifest naming the MLLM that made them."""
@@ -129,6 +139,11 @@ class RerankStage(RankStage):
         if manifest["revision"] != self.mllm.revision:  # the weights' fingerprint: a path may differ, the model not
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
+            return
+        if manifest.get("adapter") != self._feature_adapter():  # made with (or without) a vision-trained adapter
+            logger.warning("%s: cached features were made with adapter %s, this stage's image features come from %s; "
+                           "computing features on the fly (index the gallery again to cache them)", folder,
+                           manifest.get("adapter") or "none", self._feature_adapter() or "the base alone")
             return
         store = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
         if len(store) != manifest["count"]:

@@ -62,6 +62,9 @@ class CLIPTrainConfig(TrainOptions):
     attribute_weight: float = field(default=0.0, metadata={"help": "weight of auxiliary linear heads on the vision "
                                     "tower's pooled output that name the plug-in's attributes of each image (shape, "
                                     "colour, size per object, layout); the heads are not saved (0: none)"})
+    init: str = field(default="", metadata={"help": "a trained CLIP checkpoint folder to go on training (longer "
+                      "training as a new run, with its own schedule): its weights, tokenizer and processor are "
+                      "kept, and the architecture options must match it"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,6 +153,28 @@ def build_clip(config: CLIPTrainConfig, tokenizer):
     size = config.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_init(config: CLIPTrainConfig):
+    """The ``CLIPModel`` and processor at ``config.init``, checked against the architecture options."""
+    from transformers import AutoProcessor, CLIPModel
+
+    folder = Path(config.init)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--init {folder}: no CLIP checkpoint there (config.json missing); give the folder "
+                                "`genret train clip` wrote")
+    model = CLIPModel.from_pretrained(folder)
+    vision, text = model.config.vision_config, model.config.text_config
+    wanted = {"image_size": vision.image_size, "patch_size": vision.patch_size, "vision_layers": vision.num_hidden_layers,
+              "vision_width": vision.hidden_size, "text_layers": text.num_hidden_layers, "text_width": text.hidden_size,
+              "heads": vision.num_attention_heads, "projection_dim": model.config.projection_dim,
+              "context_length": text.max_position_embeddings}
+    wrong = [f"--{k.replace('_', '-')} {getattr(config, k)} (the checkpoint has {v})" for k, v in wanted.items()
+             if getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"--init {folder}: the architecture options differ from the checkpoint's: {', '.join(wrong)}; "
+                         "leave them at the checkpoint's values")
+    return model, AutoProcessor.from_pretrained(folder)
 
 
 def hard_negatives(records, image_size: int, captions_per_image: int, seed: int = 0) -> tuple[list, list[list[str]]]:
@@ -294,8 +319,12 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     captions = [c for r in train.records for c in r.captions]
-    tokenizer = train_clip_tokenizer(captions, config.vocab_size, config.context_length)
-    model, processor = build_clip(config, tokenizer)
+    if config.init:
+        model, processor = load_init(config)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = train_clip_tokenizer(captions, config.vocab_size, config.context_length)
+        model, processor = build_clip(config, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("mini CLIP: %.2fM parameters, vocabulary %d", n_params / 1e6, len(tokenizer))
 
@@ -348,6 +377,7 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     summary = {"format": "genret.clip", "genret": __version__, "task": "clip", **run.summary(config),
                "data": {"source": str(train.source), "images": len(train), "captions": len(captions),
                         "images_seen": total * per_step, "fresh_images": config.fresh_images,
+                        **({"init": config.init} if config.init else {}),
                         **({"attributes": classes} if classes else {})},
                "parameters": n_params, "vocab_size": len(tokenizer), "train_seconds": engine.seconds}
 

@@ -52,8 +52,9 @@ def enable_checkpointing(model) -> None:
 
 
 def add_lora(mllm: "MLLM", options: "LoraOptions", *, token_ids: Sequence[int] = (),
-             gradient_checkpointing: bool = False):
-    """Wrap ``mllm.model`` in a peft LoRA on its language model (the vision tower and projector stay frozen).
+             gradient_checkpointing: bool = False, vision: str = "none"):
+    """Wrap ``mllm.model`` in a peft LoRA on its language model (the vision tower and projector frozen, unless
+    ``vision`` says otherwise: :data:`genret.mllm.adapters.VISION_ADAPT`).
 
     Args:
         options: rank, alpha, dropout, target modules (default: the family's); ``load_in_4bit``: the base was
@@ -66,7 +67,7 @@ def add_lora(mllm: "MLLM", options: "LoraOptions", *, token_ids: Sequence[int] =
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from genret.mllm.adapters import language_model_targets
+    from genret.mllm.adapters import lora_modules
 
     model = mllm.model
     if options.load_in_4bit:
@@ -75,8 +76,9 @@ def add_lora(mllm: "MLLM", options: "LoraOptions", *, token_ids: Sequence[int] =
     elif gradient_checkpointing:
         enable_checkpointing(model)
     targets = tuple(options.lora_targets.split(",")) if options.lora_targets else mllm.family.lora_targets
+    pattern, save = lora_modules(model, mllm.family, targets, vision)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout, bias="none",
-                      target_modules=language_model_targets(model, targets),
+                      target_modules=pattern, modules_to_save=save,
                       trainable_token_indices=token_targets(model, token_ids) if token_ids else None)
     mllm.model = get_peft_model(model, lora)
     return mllm.model

@@ -17,8 +17,11 @@ the model is trained on exactly the score that stage reads:
   Loss = softmax cross-entropy over the group's ``s / temperature`` (the positive should win) −
   ``lm_weight`` × the positive's ``s`` (its caption likelihood, which keeps the captioner a captioner).
 
-LoRA goes on the language model only; the vision tower and projector stay frozen, so every
-training image's projected features are computed once and fed through the cached-features path.
+By default LoRA goes on the language model only; the vision tower and projector stay frozen, so every
+training image's projected features are computed once and fed through the cached-features path. With
+``vision = "projector"`` the projector trains too (whole), with ``"tower"`` also a LoRA on the vision tower:
+the images then run through the vision side at every step (the forward a real LLaVA fine-tune runs), and
+the validation features are recomputed at every evaluation.
 Runs on the training engine (:mod:`genret.training.engine`: accumulation, mixed precision, trackers,
 several processes; ``batch_size`` query groups per micro-batch and process), is resumable from its last
 checkpoint, and saves the adapter with its manifest atomically.
@@ -49,7 +52,9 @@ import torch.nn.functional as F
 from genret import __version__
 from genret.config import check_bounds
 from genret.data.dataset import Dataset
+from genret.data.images import load_image
 from genret.mllm import scoring
+from genret.mllm.adapters import VISION_ADAPT
 from genret.mllm.answers import answer_format
 from genret.training.engine import Engine
 from genret.training.models import add_lora, image_features, load_base
@@ -88,7 +93,12 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
     eval_queries: int = field(default=100, metadata={"help": "val queries per direction in each evaluation"})
     eval_k: int = field(default=10, metadata={"help": "prefilter candidates reranked per val query"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (costs ~10%% of a step on the CPU)"})
-    cache_features: bool = field(default=True, metadata={"help": "compute every training image's MLLM features once"})
+    cache_features: bool = field(default=True, metadata={"help": "compute every training image's MLLM features once "
+                                 "(not with --vision projector/tower: the features then change as the adapter trains)"})
+    vision: str = field(default="none", metadata={"help": "what trains beside the language model's LoRA: none; "
+                        "projector (the projector, whole, saved with the adapter); tower (the projector and a LoRA on "
+                        "the vision tower). The images then run through the vision side at every step, and a rerank "
+                        "stage computes (and keys) its gallery features with the adapter"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +112,8 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.vision not in VISION_ADAPT:
+            raise ValueError(f"vision must be one of {', '.join(VISION_ADAPT)}, got {self.vision!r}")
 
 
 class Example(NamedTuple):
@@ -132,15 +144,30 @@ class _Batch:
     """What the loss functions need: the model, the prompt, the data and their features."""
 
     def __init__(self, mllm: "MLLM", model, prompt: "Prompt", texts: list[str], paths: list[str],
-                 feats: dict[int, torch.Tensor] | None) -> None:
+                 feats: dict[int, torch.Tensor] | None, vision: str = "none") -> None:
         self.mllm, self.model, self.prompt = mllm, model, prompt
-        self.texts, self.paths, self.feats = texts, paths, feats
+        self.texts, self.paths, self.feats, self.vision = texts, paths, feats, vision
 
-    def features(self, indices: Sequence[int]) -> dict[int, torch.Tensor]:
-        if self.feats is not None:
-            return {i: self.feats[i] for i in indices}
+    def features(self, indices: Sequence[int]) -> dict:
+        """Each image's cached features; the images themselves when the vision side trains (they run through it)."""
         unique = sorted(set(indices))
+        if self.vision != "none":
+            return {i: load_image(self.paths[i]) for i in unique}
+        if self.feats is not None:
+            return {i: self.feats[i] for i in unique}
         return dict(zip(unique, image_features(self.mllm, [self.paths[i] for i in unique])))
+
+    def call(self, inputs: dict[str, torch.Tensor], **kwargs):
+        """The trained model's forward on :func:`genret.mllm.scoring._inputs`: cached features through the
+        embeddings (frozen, so detached), or the pixels through the vision side that trains."""
+        image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
+        extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
+                                                inputs["attention_mask"])
+        if "inputs_embeds" in inputs:
+            args = {"inputs_embeds": inputs["inputs_embeds"].detach(), "attention_mask": inputs["attention_mask"]}
+        else:
+            args = dict(inputs)
+        return self.model(**{**args, **extra, **kwargs})
 
     def text_logprobs(self, prompts: list[str], texts: list[str], images: list[list[torch.Tensor]]) -> torch.Tensor:
         """Mean log-probability of each row's ``text`` (and end-of-turn token) after its ``prompt``, with gradients.
@@ -151,11 +178,7 @@ class _Batch:
         with torch.no_grad():
             starts = scoring._inputs(self.mllm, prompts, images)["attention_mask"].sum(dim=1)
             inputs = scoring._inputs(self.mllm, [p + fmt.text(t) for p, t in zip(prompts, texts)], images)
-        image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
-        extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
-                                                inputs["attention_mask"])
-        logits = self.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
-                            use_cache=False, **extra).logits[:, :-1]
+        logits = self.call(inputs, use_cache=False).logits[:, :-1]
         ends = inputs["attention_mask"].sum(dim=1)
         return scoring._mean_token_logprob(logits, inputs["input_ids"][:, 1:], starts - 1, ends - 1)
 
@@ -165,11 +188,7 @@ class _Batch:
             inputs = scoring._inputs(self.mllm, prompts, images)
         last = inputs["attention_mask"].sum(dim=1) - 1
         keep, where = torch.unique(last.unsqueeze(1), return_inverse=True)
-        image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
-        extra = self.mllm.family.forward_kwargs(self.mllm.model, inputs["input_ids"], image_inputs or None,
-                                                inputs["attention_mask"])
-        logits = self.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
-                            use_cache=False, logits_to_keep=keep, **extra).logits
+        logits = self.call(inputs, use_cache=False, logits_to_keep=keep).logits
         rows = torch.arange(len(prompts), device=logits.device).unsqueeze(1)
         return logits[rows, where].float()
 
@@ -259,10 +278,7 @@ def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.
     answers = scoring.number_answers(mllm, prompt, k)
     with torch.no_grad():
         inputs = scoring._inputs(mllm, [prompt], [images])
-    image_inputs = {n: v for n, v in inputs.items() if n not in ("input_ids", "attention_mask", "inputs_embeds")}
-    extra = mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], image_inputs or None, inputs["attention_mask"])
-    out = batch.model(inputs_embeds=inputs["inputs_embeds"].detach(), attention_mask=inputs["attention_mask"],
-                      use_cache=True, logits_to_keep=1, **extra)
+    out = batch.call(inputs, use_cache=True, logits_to_keep=1)
     return scoring.answer_logprobs(mllm, batch.model, inputs, out, answers)
 
 
@@ -285,11 +301,18 @@ class _Evaluator:
         k = config.eval_k
         self.t2i_cands = top_k(img, txt[self.t2i], min(k, len(img)))
         self.i2t_cands = top_k(txt, img[self.i2t], min(k, len(txt)))
-        need = sorted({i for row in self.t2i_cands for i in row} | set(self.i2t))
-        self.feats = dict(zip(need, image_features(mllm, [self.paths[i] for i in need], progress, "val image features")))
+        self.need = sorted({i for row in self.t2i_cands for i in row} | set(self.i2t))
+        self.vision, self.progress = config.vision, progress
+        self.feats = self._features(mllm)
         self.k = k
 
+    def _features(self, mllm: "MLLM") -> dict[int, torch.Tensor]:
+        return dict(zip(self.need, image_features(mllm, [self.paths[i] for i in self.need], self.progress,
+                                                  "val image features")))
+
     def __call__(self, mllm: "MLLM", prompt: "Prompt", mode: str) -> dict:
+        if self.vision != "none":  # the adapter changes the image features: compute them with it as it is now
+            self.feats = self._features(mllm)
         out = {}
         for direction, queries, cands in (("t2i", self.t2i, self.t2i_cands), ("i2t", self.i2t, self.i2t_cands)):
             section = prompt.section(direction)
@@ -379,15 +402,15 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     texts, _ = caption_table(train)
     paths = [str(r.path) for r in train.records]
     feats = None
-    if config.cache_features:
+    if config.cache_features and config.vision == "none":
         feats = dict(enumerate(image_features(mllm, paths, show, "train image features")))
         logger.info("cached the MLLM features of %d training images: %.0f MB (cache_features=False computes "
                     "them per step instead)", len(paths), sum(f.numel() * f.element_size() for f in feats.values()) / 1e6)
     evaluator = _Evaluator(mllm, encoder, val, config, show) if val is not None and engine.main else None
 
     torch.manual_seed(config.seed)  # the LoRA initialisation: the same run twice gives the same adapter
-    model = add_lora(mllm, config, gradient_checkpointing=config.gradient_checkpointing)
-    batch = _Batch(mllm, engine.prepare(model), prompt, texts, paths, feats)
+    model = add_lora(mllm, config, gradient_checkpointing=config.gradient_checkpointing, vision=config.vision)
+    batch = _Batch(mllm, engine.prepare(model), prompt, texts, paths, feats, config.vision)
 
     steps_per_epoch = len(groups) // per_step
     total = config.max_steps or config.epochs * steps_per_epoch
@@ -414,7 +437,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     cands = config.negatives + 1
     manifest = {
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rerank", "mode": config.mode,
-        "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name,
+        "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name, "vision": config.vision,
         "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
         "data": {"source": str(train.source), "images": len(train), "captions": len(texts), "queries": len(groups),
                  "mining": mining, "prefilter": getattr(encoder, "model_id", str(prefilter))},

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from genret.cli import main
 from genret.config import ConfigError, from_dict
+from genret.data.images import load_image
 from genret.mllm import MLLM
 from genret.mllm.scoring import (generative_scores, image_features, listwise_scores, pointwise_scores, render,
                                  user_message)
@@ -362,3 +363,118 @@ def test_the_summary_record_reads_every_mode_and_renders_its_val_figures(runs):
             assert s.figures[f"val, {direction}"]["rerank_R@1"] == m["rerank_R@1"]
         text = s.render(str(out))
         assert text.startswith(f"saved {out}: rerank ({mode}), {s.steps} steps") and "val, t2i: " in text
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_vision_adaptation_finds_each_familys_tower_and_projector(tiny_dirs, family):
+    import re
+
+    from genret.mllm.adapters import lora_modules, vision_side
+
+    mllm = MLLM.load(str(tiny_dirs[family]))
+    tower, projector = vision_side(mllm.model, mllm.family)
+    names = {n: m for n, m in mllm.model.named_modules()}
+    linear = [n for n, m in names.items() if isinstance(m, torch.nn.Linear)]
+    for vision in ("none", "projector", "tower"):
+        pattern, save = lora_modules(mllm.model, mllm.family, ("q_proj", "v_proj"), vision)
+        hit = {n for n in linear if re.fullmatch(pattern, n)}
+        in_tower = {n for n in hit if n.startswith(tower + ".")}
+        assert any(n.endswith("q_proj") for n in hit - in_tower)  # the language model's targets, always
+        assert bool(in_tower) == (vision == "tower") and not any(n.startswith(projector + ".") for n in hit)
+        assert save == (None if vision == "none" else [projector])
+    with pytest.raises(ValueError, match="vision adaptation 'eyes' is unknown; choose one of none, projector, tower"):
+        lora_modules(mllm.model, mllm.family, ("q_proj",), "eyes")
+
+
+@pytest.mark.parametrize("family,mode", [("llava", "pointwise"), ("llava", "listwise"), ("llava", "generative"),
+                                         ("qwen2_vl", "pointwise"), ("idefics3", "listwise")])
+def test_training_through_the_vision_side_scores_what_the_stage_scores(tiny_dirs, small, clip_dir, family, mode):
+    """With the vision side trained, the loss runs the pixels through it; the stage scores the adapter's features."""
+    from peft import LoraConfig, get_peft_model
+
+    from genret.encoders import load_encoder
+    from genret.mllm.adapters import lora_modules
+    from genret.training import rerank as tr
+    from genret.training.negatives import caption_table, mine_negatives
+
+    mllm = MLLM.load(str(tiny_dirs[family]))
+    base_feats = image_features(mllm, [str(small.records[0].path)])[0]
+    pattern, save = lora_modules(mllm.model, mllm.family, ("q_proj",), "tower")
+    torch.manual_seed(0)
+    mllm.model = get_peft_model(mllm.model, LoraConfig(r=4, init_lora_weights=False, target_modules=pattern,
+                                                       modules_to_save=save)).eval()
+    with torch.no_grad():  # the projector's trained copy differs from the base's
+        for n, p in mllm.model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    prompt = load_prompt(f"rerank_{mode}")
+    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4)
+    examples = tr.epoch_examples(groups, _config(mode=mode), 0)
+    examples = [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")]
+    texts, _ = caption_table(small)
+    paths = [str(r.path) for r in small.records]
+    feats = dict(enumerate(training_features(mllm, paths)))  # with the adapter: what the stage caches
+    assert not torch.allclose(feats[0], base_feats.to(feats[0].dtype), atol=1e-3)
+    batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, None, vision="tower")
+    with torch.no_grad():
+        got = {"pointwise": lambda: tr.pointwise_scores(batch, examples, "yes", "no"),
+               "generative": lambda: tr.generative_scores(batch, examples),
+               "listwise": lambda: tr.listwise_logprobs(batch, examples)}[mode]()
+    cached = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
+    with torch.no_grad():
+        want = {"pointwise": lambda: tr.pointwise_scores(cached, examples, "yes", "no"),
+                "generative": lambda: tr.generative_scores(cached, examples),
+                "listwise": lambda: tr.listwise_logprobs(cached, examples)}[mode]()
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+
+@pytest.fixture(scope="module")
+def projector_run(tmp_path_factory, judge_dir, small, world, clip_dir):
+    out = tmp_path_factory.mktemp("vision") / "projector"
+    return out, *_train(judge_dir, small, out, _config(mode="pointwise", vision="projector", max_steps=12,
+                                                        eval_every=6), prefilter=str(clip_dir), val=world.split("val"))
+
+
+def test_a_projector_adapter_trains_and_the_stage_keys_its_gallery_features_by_it(
+        projector_run, runs, judge_dir, world, encoder, tmp_path, caplog):
+    out, summary, losses = projector_run
+    assert summary["vision"] == "projector" and len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    trained = [k for k in weights if "multi_modal_projector" in k]
+    assert trained and any("lora_" in k for k in weights)
+    base = load_file(str(judge_dir / "model.safetensors"))
+    name = next(k for k in trained if k.endswith("linear_1.weight"))
+    assert not torch.allclose(weights[name], base[next(k for k in base if k.endswith("multi_modal_projector.linear_1.weight"))])
+
+    def pipe(adapter):
+        stages = ({"type": "prefilter", "k": 4}, {"type": "rerank", "model": str(judge_dir), "mode": "pointwise",
+                                                   "k": 4, **({"adapter": str(adapter)} if adapter else {})})
+        return RetrievalPipeline(PipelineConfig(encoder=EncoderConfig(model="x"), stages=stages), encoder=encoder)
+
+    test = world.split("test")
+    adapted = pipe(out)
+    adapted.index(test, progress=False)
+    stage = adapted.stages[1]
+    first = next(iter(stage.features))
+    path = adapted.gallery.items["image"][first].image
+    assert torch.allclose(stage.features[first], image_features(stage.mllm, [load_image(path)])[0], atol=1e-5)
+    adapted.save(tmp_path / "adapted")
+    plain = pipe(None)
+    plain.index(test, progress=False)
+    plain.save(tmp_path / "plain")
+    assert not torch.allclose(plain.stages[1].features[first], stage.features[first], atol=1e-4)
+    lang_only = pipe(runs["pointwise"][0])  # a language-only adapter: the base's cached features serve it
+    lang_only.stages[1].load_state(tmp_path / "plain" / "stages" / "rerank")
+    assert len(lang_only.stages[1].features) == len(test)
+
+    caplog.clear()
+    crossed = pipe(out)  # the base's cache is refused for the projector adapter, and the other way round
+    crossed.stages[1].load_state(tmp_path / "plain" / "stages" / "rerank")
+    assert not crossed.stages[1].features and "cached features were made with adapter none" in caplog.text
+    base_stage = pipe(None).stages[1]
+    base_stage.load_state(tmp_path / "adapted" / "stages" / "rerank")
+    assert not base_stage.features
+    again = pipe(out).stages[1]
+    again.load_state(tmp_path / "adapted" / "stages" / "rerank")
+    assert set(again.features) == set(stage.features)
+    assert torch.equal(again.features[first], stage.features[first])

@@ -20,11 +20,16 @@ class Family:
         name: the family's name.
         model_types: transformers ``config.model_type`` values it serves.
         lora_targets: default LoRA target modules (language model projections).
+        vision_tower_name, projector_name: the vision tower's and the projector's module names (last component),
+            for adapters that train the vision side too.
     """
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # The vision side's modules, by their last name component: the tower, and the projector into the language model.
+    vision_tower_name: ClassVar[str] = "vision_tower"
+    projector_name: ClassVar[str] = "multi_modal_projector"
     # Image processor settings a user may pass (``processor_options``), each with what it does.
     processor_options: ClassVar[dict[str, str]] = {}
 

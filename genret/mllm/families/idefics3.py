@@ -31,6 +31,7 @@ class Idefics3Family(Family):
     model_types = ("idefics3",)
     # The Llama LM's attention; the SigLIP tower's q/k/v share these names (its output is out_proj).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    vision_tower_name, projector_name = "vision_model", "connector"
     processor_options = {
         "do_image_splitting": "split images larger than max_image_size into tiles plus a global view (the "
                               "checkpoint's default: on; off for cached features)",

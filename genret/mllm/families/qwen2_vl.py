@@ -35,6 +35,7 @@ class Qwen2VLFamily(Family):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     # Language-model attention only: the vision tower names its projections qkv/proj.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    vision_tower_name, projector_name = "visual", "merger"  # the merger sits inside the tower
     processor_options = {
         "min_pixels": "fewest pixels an image is resized to (Qwen2-VL: 3136 = 56×56)",
         "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 784 (Qwen2-VL's 12,845,056 makes a "
