@@ -315,12 +315,13 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     Returns:
         The training summary also saved as ``genret.json``.
     """
+    init = load_init(config) if config.init else None  # refused before anything is written
     engine = Engine("clip", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     captions = [c for r in train.records for c in r.captions]
-    if config.init:
-        model, processor = load_init(config)
+    if init is not None:
+        model, processor = init
         tokenizer = processor.tokenizer
     else:
         tokenizer = train_clip_tokenizer(captions, config.vocab_size, config.context_length)

@@ -149,3 +149,23 @@ def test_a_fresh_image_run_resumes_on_the_same_curve(world, tmp_path):
     assert resumed["history"] == whole["history"]
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_init_goes_on_training_a_trained_clip_with_its_tokenizer(clip_dir, world, tmp_path):
+    from conftest import TINY_CLIP
+    from safetensors.torch import load_file
+
+    from genret.training.clip import train_clip
+
+    config = dataclasses.replace(TINY_CLIP, init=str(clip_dir), max_steps=2, batch_size=8, lr=1e-9, warmup=0.0)
+    summary = train_clip(world.split("train"), tmp_path / "more", config, progress=False)
+    assert summary["data"]["init"] == str(clip_dir) and summary["steps"] == 2
+    before, after = (load_file(str(d / "model.safetensors")) for d in (clip_dir, tmp_path / "more"))
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    assert (tmp_path / "more" / "tokenizer.json").read_text() == (clip_dir / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match=r"--patch-size 4 \(the checkpoint has 8\)"):
+        train_clip(world.split("train"), tmp_path / "bad", dataclasses.replace(config, patch_size=4), progress=False)
+    with pytest.raises(FileNotFoundError, match="--init .*nowhere: no CLIP checkpoint there"):
+        train_clip(world.split("train"), tmp_path / "bad", dataclasses.replace(config, init=str(tmp_path / "nowhere")),
+                   progress=False)
+    assert not (tmp_path / "bad").exists()
