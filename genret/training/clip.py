@@ -62,6 +62,9 @@ class CLIPTrainConfig(TrainOptions):
     attribute_weight: float = field(default=0.0, metadata={"help": "weight of auxiliary linear heads on the vision "
                                     "tower's pooled output that name the plug-in's attributes of each image (shape, "
                                     "colour, size per object, layout); the heads are not saved (0: none)"})
+    augment_rotation: float = field(default=0.0, metadata={"help": "rotate every training image by a random angle "
+                                    "of up to this many degrees either way (edges replicated; validation images are "
+                                    "not rotated; 0: none)"})
     init: str = field(default="", metadata={"help": "a trained CLIP checkpoint folder to go on training (longer "
                       "training as a new run, with its own schedule): its weights, tokenizer and processor are "
                       "kept, and the architecture options must match it"})
@@ -76,6 +79,8 @@ class CLIPTrainConfig(TrainOptions):
             raise ValueError(f"heads ({self.heads}) must divide vision_width and text_width")
         if self.attribute_weight < 0:
             raise ValueError(f"attribute_weight must not be negative, got {self.attribute_weight}")
+        if not 0 <= self.augment_rotation <= 180:
+            raise ValueError(f"augment_rotation must be in [0, 180] degrees, got {self.augment_rotation}")
 
 
 class CLIPWithHeads(torch.nn.Module):
@@ -228,6 +233,21 @@ def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
     return rows
 
 
+def rotate(pixels: torch.Tensor, degrees: float, seed: int, step: int) -> torch.Tensor:
+    """``pixels`` (n, c, h, w), each image rotated about its centre by its own angle drawn uniformly in ±``degrees``
+    (seeded by ``seed`` and ``step``: a resumed run draws the same), edge pixels replicated into the corners."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return rotate_by(pixels, (torch.rand(len(pixels), generator=generator) * 2 - 1) * math.radians(degrees))
+
+
+def rotate_by(pixels: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """``pixels`` (n, c, h, w) rotated about their centres by ``angle`` (n,) radians, edge pixels replicated."""
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(len(pixels))
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+
 def _pixels(processor, records, batch: int = 256) -> torch.Tensor:
     chunks = []
     for i in range(0, len(records), batch):
@@ -366,7 +386,10 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         rows, state = _file_batches(train, config, processor, tok, rng, per_step, kind, classes)
 
     def draw(step: int) -> list[dict]:
-        return _micro_batches(rows(step), per_step, engine.chunks, config.batch_size, config.shape_negatives)
+        drawn = rows(step)
+        if config.augment_rotation:
+            drawn["pixel_values"] = rotate(drawn["pixel_values"], config.augment_rotation, config.seed, step)
+        return _micro_batches(drawn, per_step, engine.chunks, config.batch_size, config.shape_negatives)
 
     def loss(batch: dict) -> torch.Tensor:
         return wrapped(**{k: v.to(engine.device) for k, v in batch.items()})  # CLIP's InfoNCE (+ the heads')

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -169,3 +170,20 @@ def test_init_goes_on_training_a_trained_clip_with_its_tokenizer(clip_dir, world
         train_clip(world.split("train"), tmp_path / "bad", dataclasses.replace(config, init=str(tmp_path / "nowhere")),
                    progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_rotation_augmentation_turns_images_by_seeded_angles():
+    from genret.training.clip import rotate, rotate_by
+
+    img = torch.zeros(1, 3, 16, 16)
+    img[:, :, 7:9, 2:14] = 1.0  # a horizontal bar
+    four = img.repeat(4, 1, 1, 1)
+    turned = rotate(four, 30, seed=0, step=3)
+    assert torch.equal(turned, rotate(four, 30, seed=0, step=3))  # the same step, the same angles
+    assert not torch.equal(turned, rotate(four, 30, seed=0, step=4))
+    assert not torch.equal(turned[0], turned[1])  # each image its own angle
+    assert torch.allclose(rotate(img, 0.0, seed=0, step=0), img, atol=1e-5)
+    upright = rotate_by(img, torch.tensor([math.pi / 2]))[0, 0]  # a quarter turn stands the bar up
+    assert torch.allclose(upright, img[0, 0].T, atol=1e-4)
+    with pytest.raises(ValueError, match="augment_rotation must be in \\[0, 180\\] degrees, got 200"):
+        CLIPTrainConfig(augment_rotation=200)
