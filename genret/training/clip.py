@@ -26,6 +26,7 @@ from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
+from genret.training.augment import rotate
 from genret.training.engine import Engine
 from genret.training.models import enable_checkpointing
 from genret.training.options import TrainOptions
@@ -231,21 +232,6 @@ def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
     if classes:
         rows["labels"] = _labels(kind, values, classes)
     return rows
-
-
-def rotate(pixels: torch.Tensor, degrees: float, seed: int, step: int) -> torch.Tensor:
-    """``pixels`` (n, c, h, w), each image rotated about its centre by its own angle drawn uniformly in ±``degrees``
-    (seeded by ``seed`` and ``step``: a resumed run draws the same), edge pixels replicated into the corners."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return rotate_by(pixels, (torch.rand(len(pixels), generator=generator) * 2 - 1) * math.radians(degrees))
-
-
-def rotate_by(pixels: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """``pixels`` (n, c, h, w) rotated about their centres by ``angle`` (n,) radians, edge pixels replicated."""
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(len(pixels))
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
 
 
 def _pixels(processor, records, batch: int = 256) -> torch.Tensor:

@@ -26,6 +26,7 @@ from genret._io import write_json
 from genret.data.annotations import annotation_of
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
+from genret.training.augment import rotate
 from genret.training.engine import Engine
 from genret.training.instructions import DESCRIBE, TASKS, Example, Mixture, as_messages, message, prompt_texts
 from genret.training.mini_mllm import MiniMLLMConfig, build_mini_mllm
@@ -46,6 +47,8 @@ class PretrainConfig(TrainOptions):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     log_every: int = field(default=0, metadata={"help": "steps per loss entry (0: one per epoch)"})
     vision_lr_scale: float = field(default=0.1, metadata={"help": "learning-rate factor of the CLIP vision tower"})
+    augment_rotation: float = field(default=0.0, metadata={"help": "rotate every training image by a random angle "
+                                    "of up to this many degrees either way (0: none; as genret train clip's)"})
     questions_per_image: int = field(default=1, metadata={"help": "answer: question-answer examples per image per epoch"})
     tasks: str = field(default=",".join(TASKS), metadata={"help": "the instruction mixture, comma-separated: "
                                                                   + ", ".join(TASKS)})
@@ -57,6 +60,8 @@ class PretrainConfig(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.augment_rotation <= 180:
+            raise ValueError(f"augment_rotation must be in [0, 180] degrees, got {self.augment_rotation}")
         if self.vision_lr_scale < 0 or self.questions_per_image < 0:
             raise ValueError("vision_lr_scale and questions_per_image must not be negative")
         unknown = [t for t in self.task_list if t not in TASKS]
@@ -173,7 +178,9 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
             items = [cache[e.key] if e.key in cache else cache.setdefault(e.key, encode_example(
                 processor, family, n_tokens, e)) for e in chunk]
             shown = [i for e in chunk for i in e.images]
-            out.append({**_batch(items, pad), **({"pixel_values": pixels[shown]} if shown else {})})
+            seen = rotate(pixels[shown], config.augment_rotation, config.seed, step) if shown and \
+                config.augment_rotation else pixels[shown]
+            out.append({**_batch(items, pad), **({"pixel_values": seen} if shown else {})})
         return out
 
     def loss(batch: dict) -> torch.Tensor:

@@ -173,7 +173,7 @@ def test_init_goes_on_training_a_trained_clip_with_its_tokenizer(clip_dir, world
 
 
 def test_rotation_augmentation_turns_images_by_seeded_angles():
-    from genret.training.clip import rotate, rotate_by
+    from genret.training.augment import rotate, rotate_by
 
     img = torch.zeros(1, 3, 16, 16)
     img[:, :, 7:9, 2:14] = 1.0  # a horizontal bar

@@ -37,3 +37,17 @@ def test_max_steps_past_the_epochs_goes_round_them_again(clip_dir, world, tmp_pa
     assert steps == list(range(1, 10)) and summary["steps"] == 9
     epochs = [h["epoch"] for h in summary["history"]]
     assert epochs == sorted(epochs) and epochs[-1] > 1  # each pass over the examples is the next epoch
+
+
+def test_rotation_augmentation_reaches_the_images_the_model_sees(clip_dir, world, tmp_path):
+    import pytest
+
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    config = PretrainConfig(epochs=1, batch_size=16, max_steps=2, log_every=1, tasks="describe")
+    plain, turned = (pretrain_mllm(clip_dir, train, tmp_path / name, replace(config, augment_rotation=degrees), TINY,
+                                   progress=False) for name, degrees in (("plain", 0.0), ("turned", 30.0)))
+    assert [h["loss"] for h in plain["history"]][0] != [h["loss"] for h in turned["history"]][0]
+    assert turned["config"]["augment_rotation"] == 30.0
+    with pytest.raises(ValueError, match="augment_rotation must be in \\[0, 180\\] degrees, got -1"):
+        PretrainConfig(augment_rotation=-1)
