@@ -1,6 +1,6 @@
 """What the vision side of the mini models can see: a linear probe per attribute of the images.
 
-    python scripts/probe_vision.py --clip CLIP [--mllm MLLM] --data DATA [--train 2000] [--threads 2] [--json]
+    python scripts/probe_vision.py --clip CLIP [--mllm MLLM] --data DATA [--train 2000] [--redraw] [--threads 2] [--json]
 
 The labels are the records' attributes as their annotation plug-in names them
 (:meth:`genret.data.annotations.Annotation.attributes`; for the miniature world: each object's shape, colour and
@@ -11,6 +11,10 @@ majority-class rate (what a probe that reads nothing gets):
 - ``clip``: the dual encoder's image embedding (what the prefilter searches with);
 - ``mllm projected``: the mini MLLM's projected image features, the tokens its language model reads (flattened).
 
+With ``--redraw``, the test scenes are drawn again by the plug-in's ``render`` (the training images' look; for the
+miniature world its training style, where val and test turn their objects further and outline them) and probed as
+a third column set: what of a drop is the test style and what is the scene.
+
 With ``--mllm --captions``, the MLLM's greedy captions of the test images (prompt ``caption``) are also scored against
 the attributes: how often a caption names every object's colour, shape and both.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -91,6 +97,21 @@ def caption_accuracy(mllm_path: str, records) -> dict:
     return {k: round(100.0 * v / len(records), 1) for k, v in hits.items()}
 
 
+def redraw(records, folder: Path) -> list:
+    """``records`` with their images drawn again by their plug-in's ``render`` into ``folder`` (same size, seeded)."""
+    from dataclasses import replace
+
+    from genret.data.images import load_image
+
+    out = []
+    for i, r in enumerate(records):
+        _, kind, value = annotation_of(r.meta)
+        path = folder / f"{i}.png"
+        kind.render(value, load_image(r.path).size[0], 1_000_003 + i).save(path)
+        out.append(replace(r, path=path))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", required=True)
@@ -98,6 +119,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--train", type=int, default=2000, help="training images the probes are fitted on")
     parser.add_argument("--captions", action="store_true", help="with --mllm: score its captions too")
+    parser.add_argument("--redraw", action="store_true", help="also probe the test scenes drawn again by the "
+                        "plug-in's render (the training images' look)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -114,6 +137,12 @@ def main() -> None:
     feats = {"clip": tuple(torch.as_tensor(clip.encode_images([str(r.path) for r in recs])) for recs in (train, test))}
     if args.mllm:
         feats["mllm projected"] = (mllm_features(args.mllm, train), mllm_features(args.mllm, test))
+    if args.redraw:
+        with tempfile.TemporaryDirectory() as tmp:
+            redrawn = redraw(test, Path(tmp))
+            feats["clip, test redrawn"] = (feats["clip"][0], torch.as_tensor(clip.encode_images([str(r.path) for r in redrawn])))
+            if args.mllm:
+                feats["mllm, test redrawn"] = (feats["mllm projected"][0], mllm_features(args.mllm, redrawn))
     sizes = [len(c) for c in classes.values()]
     table = {"majority": dict(zip(classes, (round(v, 1) for v in majority(ytr, yte))))}
     for name, (xtr, xte) in feats.items():
