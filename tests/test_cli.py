@@ -139,6 +139,14 @@ def test_demo_with_shipped_models_trains_a_lora_and_reports_every_stage(tmp_path
     assert "rewriter LoRA: shipped, 2 steps" in rewriting_tables(summary)
     assert [r["variant"] for r in summary["interactive"]["rows"]][1:] == [
         "chat, MLLM questioner + shipped LoRA", "EIIRwQR, MLLM rewriter (zero-shot)"]
+    # A shipped rerank LoRA serves the demo's LoRA stage (in its mode, the zero-shot stage's too): none is trained.
+    (run / "rerank").symlink_to(adapters[0], target_is_directory=True)
+    monkeypatch.setattr(shipped, "MINI_WORLD", shipped.ship(run, tmp_path / "mini-world-2"))
+    report = demo.run_demo(tmp_path / "d3", progress=False, rewrite=False)
+    assert not (tmp_path / "d3" / "rerank-lora").exists() and set(report["stages"]) == {"prefilter", "zero-shot", "lora"}
+    shipped_lora = str((tmp_path / "mini-world-2" / "rerank").resolve())
+    assert [s.get("adapter") or None for s in report["config"]["stages"][1:]] == [None, shipped_lora]
+    assert {s["mode"] for s in report["config"]["stages"][1:]} == {"pointwise"}
 
 
 def test_demo_without_shipped_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):

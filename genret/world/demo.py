@@ -3,10 +3,10 @@
 1. generate the world (Karpathy format);
 2. the models: the shipped mini CLIP and mini MLLM (``adapters/mini-world/``, checked against the
    world by their manifest), or with ``train_clip`` a mini CLIP trained here;
-3. fine-tune a pointwise LoRA rerank adapter on the training split (hard negatives from the CLIP);
-4. index the test split and evaluate prefilter → zero-shot rerank (generative: log P(caption | image))
-   → LoRA rerank (pointwise), each over the CLIP's top 10, both directions, with the twin check, and
-   write the report;
+3. the rerank LoRA: the shipped one, or a short pointwise one trained here on the training split (hard
+   negatives from the CLIP) when none is shipped;
+4. index the test split and evaluate prefilter → zero-shot rerank → LoRA rerank (the zero-shot stage in the
+   LoRA's mode), each over the CLIP's top 10, both directions, with the twin check, and write the report;
 5. query rewriting (:mod:`genret.world.demo_rewrite`): composed retrieval (CIReVL against its baselines, with the
    shipped rewriter LoRA, or one trained here when none is shipped) and interactive retrieval (chat,
    EIIRwQR), round by round.
@@ -79,6 +79,24 @@ def _models(out: Path, dataset, fresh: bool, train_clip_here: bool, progress: bo
     return clip_dir.resolve(), shipped["mllm"].resolve(), adapters
 
 
+def _rerank_adapter(out: Path, adapters: dict, dataset, clip_dir: Path, mllm_dir: Path, fresh: bool,
+                    progress: bool) -> tuple[Path, str]:
+    """The rerank LoRA and its mode: the shipped one, else one trained here (reused while its settings hold)."""
+    if "rerank" in adapters:
+        mode = read_json(adapters["rerank"] / "genret.json")["mode"]
+        logger.info("3/5 using the shipped %s rerank LoRA", mode)
+        return adapters["rerank"], mode
+    adapter, config = out / "rerank-lora", demo_rerank_config()
+    if _stale(adapter, "genret.json", asdict(config), fresh) or \
+            read_json(adapter / "genret.json").get("base_model") != str(mllm_dir):
+        from genret.training.rerank import train_rerank
+
+        logger.info("3/5 training the %s rerank LoRA (%d steps; none is shipped)", config.mode, config.max_steps)
+        train_rerank(str(mllm_dir), dataset.split("train"), adapter, config, prefilter=str(clip_dir),
+                     val=dataset.split("val"), progress=progress)
+    return adapter, config.mode
+
+
 def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_here: bool = False,
              rerank: bool = True, rewrite: bool = True) -> dict:
     """Run the demo under ``out`` and return the evaluation report.
@@ -114,18 +132,11 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
     stages: list[dict] = [{"type": "prefilter", "k": 100}]
     if rerank:
         t0 = time.perf_counter()
-        adapter = out / "rerank-lora"
-        config = demo_rerank_config()
-        if _stale(adapter, "genret.json", asdict(config), fresh) or read_json(adapter / "genret.json").get("base_model") != str(mllm_dir):
-            from genret.training.rerank import train_rerank
-
-            logger.info("3/5 training the pointwise rerank LoRA (%d steps)", config.max_steps)
-            train_rerank(str(mllm_dir), dataset.split("train"), adapter, config, prefilter=str(clip_dir),
-                         val=dataset.split("val"), progress=progress)
+        adapter, mode = _rerank_adapter(out, adapters, dataset, clip_dir, mllm_dir, fresh, progress)
         timings["train_rerank"] = time.perf_counter() - t0
         # Each rerank stage judges the same top 10 (no fusion, so the order it receives does not matter).
-        stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": "generative", "k": RERANK_K},
-                   {"type": "rerank", "name": "lora", "model": str(mllm_dir), "mode": "pointwise", "k": RERANK_K,
+        stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": mode, "k": RERANK_K},
+                   {"type": "rerank", "name": "lora", "model": str(mllm_dir), "mode": mode, "k": RERANK_K,
                     "adapter": str(adapter)}]
 
     t0 = time.perf_counter()

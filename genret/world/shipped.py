@@ -1,10 +1,10 @@
-"""The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP, the mini MLLM, and the
-LoRAs of the rewrite stages on that MLLM (CIReVL's rewriter, chat's questioner, EIIRwQR's rewriter).
+"""The miniature world's shipped models (``adapters/mini-world/``): a mini CLIP, the mini MLLM, and LoRAs on
+that MLLM: a rerank LoRA, and the rewrite stages' (CIReVL's rewriter, chat's questioner, EIIRwQR's rewriter).
 
 Pretraining the mini MLLM takes 20-25 minutes on 2 CPU cores, and the rewriter's recipe 10 more, longer
 than the demo may take, so the trained checkpoints live in the repository with
 ``scripts/make_mini_world_models.sh`` that remakes them. The LoRAs are optional: a folder without them
-still ships, and the demo then trains a short CIReVL rewriter and runs the other stages zero-shot.
+still ships, and the demo then trains a short rerank LoRA and CIReVL rewriter and runs the other stages zero-shot.
 ``manifest.json`` beside them is their manifest: the world generator version and config they
 were trained on, and a SHA-256 of every weight file, checked before use.
 """
@@ -21,8 +21,9 @@ from genret._io import ManifestError, atomic_dir, read_json, read_manifest, writ
 MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parents[2] / "adapters" / "mini-world")
 FORMAT = "genret.mini_world_models"
 PARTS = ("clip", "mllm")
-OPTIONAL_PARTS = ("rewriter", "questioner", "feedback")
-"""LoRAs of the rewrite stages on the mini MLLM: CIReVL's rewriter, chat's questioner, EIIRwQR's rewriter."""
+OPTIONAL_PARTS = ("rerank", "rewriter", "questioner", "feedback")
+"""LoRAs on the mini MLLM: the rerank stage's, and the rewrite stages' (CIReVL's rewriter, chat's questioner,
+EIIRwQR's rewriter)."""
 
 
 def _sha256(path: Path) -> str:
