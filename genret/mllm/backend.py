@@ -184,7 +184,9 @@ class MLLM:
         family = family_for_type(hf_config.model_type, config.model)
         family.check_processor_options(config.processor_options, config.model)
         text = getattr(hf_config, "text_config", None) or hf_config
-        checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(text, "torch_dtype", None)
+        # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
+        checkpoint_dtype = next((getattr(c, name, None) for name in ("dtype", "torch_dtype") for c in (hf_config, text)
+                                 if getattr(c, name, None) is not None), None)
         kwargs: dict = {"dtype": resolve_dtype(config.dtype, checkpoint_dtype),
                         "trust_remote_code": config.trust_remote_code}
         device_map = resolve_device_map(config.device_map)
