@@ -76,10 +76,12 @@ def _run_clip_dialog(args, config) -> dict:
 
 
 def _run_mllm(args, config) -> dict:
+    from genret.training.mini_mllm import MiniMLLMConfig
     from genret.training.pretrain_mllm import pretrain_mllm
 
     data = _load_data(args)
-    return pretrain_mllm(args.clip, data.split("train"), args.out, config, val=_val(data), progress=not args.quiet,
+    return pretrain_mllm(args.clip, data.split("train"), args.out, config,
+                         MiniMLLMConfig(image_features=args.image_features), val=_val(data), progress=not args.quiet,
                          resume=args.resume)
 
 
@@ -131,7 +133,10 @@ TRAIN_COMMANDS = (
                  out="checkpoint folder to write", formats=("genret.clip", "genret.train_run")),
     TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
                  "genret.training.pretrain_mllm:PretrainConfig", _run_mllm,
-                 (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),),
+                 (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),
+                  ("--image-features", {"choices": ("default", "full"), "default": "default",
+                                        "help": "what of the vision tower the language model reads: default, the "
+                                                "patch tokens (LLaVA-1.5); full, the class token too"})),
                  out="checkpoint folder to write", formats=("genret.mini_mllm", "genret.train_run")),
     TrainCommand("rerank", "LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives",
                  "genret.training.rerank:RerankTrainConfig", _run_rerank,

@@ -25,10 +25,15 @@ class MiniMLLMConfig:
     intermediate_size: int = field(default=512, metadata={"help": "MLP width"})
     max_positions: int = field(default=4096, metadata={"help": "context length (listwise prompts hold many images)"})
     vocab_size: int = field(default=1200, metadata={"help": "upper bound of the BPE vocabulary"})
+    image_features: str = field(default="default", metadata={"help": "what of the vision tower the language model "
+                                "reads (LLaVA's vision_feature_select_strategy): default, the patch tokens (LLaVA-1.5); "
+                                "full, the class token too, whose last state carries the CLIP's pooled summary"})
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide hidden_size ({self.hidden_size})")
+        if self.image_features not in ("default", "full"):
+            raise ValueError(f"image_features must be default or full, got {self.image_features!r}")
 
 
 def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLMConfig = MiniMLLMConfig()):
@@ -49,7 +54,7 @@ def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLM
     clip_processor = AutoProcessor.from_pretrained(clip_dir)
     tokenizer = train_chat_tokenizer(texts, config.vocab_size)
     vision = clip.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
+    patches = (vision.image_size // vision.patch_size) ** 2 + (config.image_features == "full")
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.layers,
                        num_attention_heads=config.heads, num_key_value_heads=config.heads,
                        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_positions,
@@ -57,13 +62,13 @@ def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLM
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     llava_config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=patches,
-                               vision_feature_layer=-1, vision_feature_select_strategy="default")
+                               vision_feature_layer=-1, vision_feature_select_strategy=config.image_features)
     model = LlavaForConditionalGeneration(llava_config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
-    # num_additional_image_tokens=1: the CLS token the "default" strategy drops, so the processor
-    # expands <image> to exactly the patch features the model produces.
+    # num_additional_image_tokens=1: the CLS token ("default" drops it again), so the processor expands <image> to
+    # exactly the features the model produces.
     processor = LlavaProcessor(image_processor=clip_processor.image_processor, tokenizer=tokenizer,
-                               patch_size=vision.patch_size, vision_feature_select_strategy="default",
+                               patch_size=vision.patch_size, vision_feature_select_strategy=config.image_features,
                                chat_template=CHAT_TEMPLATE.read_text(), image_token="<image>",
                                num_additional_image_tokens=1)
     return model, processor

@@ -51,3 +51,27 @@ def test_rotation_augmentation_reaches_the_images_the_model_sees(clip_dir, world
     assert turned["config"]["augment_rotation"] == 30.0
     with pytest.raises(ValueError, match="augment_rotation must be in \\[0, 180\\] degrees, got -1"):
         PretrainConfig(augment_rotation=-1)
+
+
+def test_full_image_features_give_the_language_model_the_class_token_too(clip_dir, world, tmp_path):
+    import pytest
+    import torch
+
+    from genret.mllm import MLLM
+    from genret.mllm.scoring import image_features
+    from genret.data.images import load_image
+
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    config = PretrainConfig(epochs=1, batch_size=16, max_steps=1, tasks="describe")
+    pretrain_mllm(clip_dir, train, tmp_path / "m", config, replace(TINY, image_features="full"), progress=False)
+    mllm = MLLM.load(str(tmp_path / "m"))
+    feats = image_features(mllm, [load_image(train.records[0].path)])[0]
+    patches = (64 // 8) ** 2
+    assert feats.shape[0] == patches + 1 == mllm.model.config.image_seq_length
+    prompt = mllm.processor(text=["<image> a"], images=[load_image(train.records[0].path)], return_tensors="pt")
+    assert int((prompt["input_ids"] == mllm.model.config.image_token_id).sum()) == patches + 1
+    with torch.no_grad():  # the processor's expansion and the model's features agree: the forward runs
+        mllm.model(**prompt)
+    with pytest.raises(ValueError, match="image_features must be default or full"):
+        MiniMLLMConfig(image_features="cls")
