@@ -140,10 +140,11 @@ class RerankStage(RankStage):
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
             return
-        if manifest.get("adapter") != self._feature_adapter():  # made with (or without) a vision-trained adapter
+        adapter = self._feature_adapter()
+        if manifest.get("adapter") != adapter:  # made with (or without) a vision-trained adapter
             logger.warning("%s: cached features were made with adapter %s, this stage's image features come from %s; "
                            "computing features on the fly (index the gallery again to cache them)", folder,
-                           manifest.get("adapter") or "none", self._feature_adapter() or "the base alone")
+                           manifest.get("adapter") or "none", adapter or "the base alone")
             return
         store = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
         if len(store) != manifest["count"]:

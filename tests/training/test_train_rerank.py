@@ -179,27 +179,33 @@ def tiny_dirs(tmp_path_factory, world):
     return {f: build_tiny(f, root / f, texts) for f in ("llava", "qwen2_vl", "idefics3")}
 
 
+def _one_example_each_way(mode, small, clip_dir):
+    """The mode's prompt, a t2i and an i2t training example mined on ``small``, its caption table and image paths."""
+    from genret.encoders import load_encoder
+    from genret.training import rerank as tr
+    from genret.training.negatives import caption_table, mine_negatives
+
+    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4)
+    examples = tr.epoch_examples(groups, _config(mode=mode), 0)
+    texts, _ = caption_table(small)
+    return (load_prompt(f"rerank_{mode}"), [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")],
+            texts, [str(r.path) for r in small.records])
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 @pytest.mark.parametrize("mode", ["pointwise", "listwise", "generative"])
 def test_training_scores_are_the_stage_scores(tiny_dirs, small, clip_dir, family, mode):
     """The loss is taken on exactly what the rerank stage reads at inference: same prompts, positions, answer."""
     from peft import LoraConfig, get_peft_model
 
-    from genret.encoders import load_encoder
     from genret.mllm.adapters import language_model_targets
     from genret.training import rerank as tr
-    from genret.training.negatives import caption_table, mine_negatives
 
     mllm = MLLM.load(str(tiny_dirs[family]))
     torch.manual_seed(0)
     lora = LoraConfig(r=4, init_lora_weights=False, target_modules=language_model_targets(mllm.model, ("q_proj", "o_proj")))
     mllm.model = get_peft_model(mllm.model, lora).eval()
-    prompt = load_prompt(f"rerank_{mode}")
-    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4)
-    examples = tr.epoch_examples(groups, _config(mode=mode), 0)
-    examples = [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")]
-    texts, _ = caption_table(small)
-    paths = [str(r.path) for r in small.records]
+    prompt, examples, texts, paths = _one_example_each_way(mode, small, clip_dir)
     feats = dict(enumerate(training_features(mllm, paths)))
     batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
     with torch.no_grad():  # both examples in one batch: padding must change nothing
@@ -392,10 +398,8 @@ def test_training_through_the_vision_side_scores_what_the_stage_scores(tiny_dirs
     """With the vision side trained, the loss runs the pixels through it; the stage scores the adapter's features."""
     from peft import LoraConfig, get_peft_model
 
-    from genret.encoders import load_encoder
     from genret.mllm.adapters import lora_modules
     from genret.training import rerank as tr
-    from genret.training.negatives import caption_table, mine_negatives
 
     mllm = MLLM.load(str(tiny_dirs[family]))
     base_feats = image_features(mllm, [str(small.records[0].path)])[0]
@@ -407,12 +411,7 @@ def test_training_through_the_vision_side_scores_what_the_stage_scores(tiny_dirs
         for n, p in mllm.model.named_parameters():
             if "modules_to_save" in n:
                 p.add_(0.05 * torch.randn_like(p))
-    prompt = load_prompt(f"rerank_{mode}")
-    groups, _ = mine_negatives(load_encoder("hf", str(clip_dir)), small, 4)
-    examples = tr.epoch_examples(groups, _config(mode=mode), 0)
-    examples = [next(e for e in examples if e.direction == d) for d in ("t2i", "i2t")]
-    texts, _ = caption_table(small)
-    paths = [str(r.path) for r in small.records]
+    prompt, examples, texts, paths = _one_example_each_way(mode, small, clip_dir)
     feats = dict(enumerate(training_features(mllm, paths)))  # with the adapter: what the stage caches
     assert not torch.allclose(feats[0], base_feats.to(feats[0].dtype), atol=1e-3)
     batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, None, vision="tower")
