@@ -76,11 +76,14 @@ class Mixture:
         tasks: the tasks drawn, per image and epoch ``{task: count}`` (``describe`` counts captions: all of them).
         candidates: numbered candidates of a pick example.
         chat_rounds: rounds of the oracle dialogs the ``ask`` examples come from.
+        random_negatives: share of judge and pick negatives drawn at random from the other images (or their
+            captions) instead of the prefilter's near misses: easy pairs, which differ in most attributes.
     """
 
     def __init__(self, records: Sequence, groups: Sequence, texts: Sequence[str], tasks: dict[str, int],
-                 candidates: int = 4, chat_rounds: int = 5, seed: int = 0) -> None:
+                 candidates: int = 4, chat_rounds: int = 5, seed: int = 0, random_negatives: float = 0.0) -> None:
         self.records, self.texts, self.tasks, self.candidates = records, texts, tasks, candidates
+        self.random_negatives = random_negatives
         self.by_query = {(g.direction, g.query): g for g in groups}
         self.t2i = {}  # image -> its caption queries' groups
         for g in groups:
@@ -118,22 +121,47 @@ class Mixture:
         template = self.prompts["chat"].section("answer")["user"] if rng.random() < 0.5 else "{image}\n{question}"
         return Example("answer", (i,), message(template, question=question), answer)
 
+    def _other_image(self, i: int, rng: random.Random) -> int:
+        j = rng.randrange(len(self.records) - 1)
+        return j + (j >= i)
+
+    def _negative_image(self, i: int, mined: Sequence[int], rng: random.Random, text: str = "",
+                        taken: Sequence[int] = ()) -> int:
+        """A training image that is not ``i`` (nor in ``taken``): a near miss the prefilter mined, or a random one
+        that no caption ``text`` of it describes."""
+        if self.random_negatives and rng.random() < self.random_negatives:
+            for _ in range(8):
+                j = self._other_image(i, rng)
+                if j not in taken and text not in self.records[j].captions:
+                    return j
+        return rng.choice([m for m in mined if m not in taken] or list(mined))
+
+    def _negative_text(self, i: int, mined: Sequence[int], rng: random.Random) -> str:
+        """A caption of another image, none of ``i``'s: a near miss the prefilter mined, or a random image's."""
+        if self.random_negatives and rng.random() < self.random_negatives:
+            text = rng.choice(self.records[self._other_image(i, rng)].captions)
+            if text not in self.records[i].captions:
+                return text
+        return self.texts[rng.choice(mined)]
+
     def _judge(self, i: int, rng: random.Random) -> Example | None:
         prompt = self.prompts["rerank_pointwise"]
+        yes, no = prompt.settings.get("yes", "yes"), prompt.settings.get("no", "no")
         match = rng.random() < 0.5
         if rng.random() < 0.5 and ("i2t", i) in self.by_query:  # the image is the query, a caption the candidate
             g = self.by_query[("i2t", i)]
-            pool = g.positives if match or not g.negatives else g.negatives[:self.candidates]
-            text = self.texts[rng.choice(pool)]
-            return Example("judge", (i,), message(prompt.section("i2t")["user"], text=text),
-                           prompt.settings.get("yes", "yes") if match or not g.negatives else prompt.settings.get("no", "no"))
+            match = match or not g.negatives
+            text = self.texts[rng.choice(g.positives)] if match else \
+                self._negative_text(i, g.negatives[:self.candidates], rng)
+            return Example("judge", (i,), message(prompt.section("i2t")["user"], text=text), yes if match else no)
         groups = self.t2i.get(i)
         if not groups:
             return None
         g = rng.choice(groups)
-        image = i if match or not g.negatives else rng.choice(g.negatives[:self.candidates])
+        match = match or not g.negatives
+        image = i if match else self._negative_image(i, g.negatives[:self.candidates], rng, self.texts[g.query])
         return Example("judge", (image,), message(prompt.section("t2i")["user"], text=self.texts[g.query]),
-                       prompt.settings.get("yes", "yes") if image == i else prompt.settings.get("no", "no"))
+                       yes if match else no)
 
     def _pick(self, i: int, rng: random.Random) -> Example | None:
         prompt, n = self.prompts["rerank_listwise"], self.candidates
@@ -141,12 +169,15 @@ class Mixture:
             g = self.by_query[("i2t", i)]
             if len(g.negatives) < n - 1:
                 return None
-            cands = [rng.choice(g.positives)] + list(g.negatives[:n - 1])
-            rng.shuffle(cands)
-            right = next(j for j, c in enumerate(cands) if c in g.positives) + 1
+            negatives = list(g.negatives[:n - 1])
+            cands = [self.texts[rng.choice(g.positives)]] + [
+                self._negative_text(i, [c], rng) for c in negatives]
+            order = list(range(n))
+            rng.shuffle(order)
+            right = order.index(0) + 1
             section = prompt.section("i2t")
             messages, images = listwise_prompt(section["user"], section["item"], {"image": i},
-                                               [self.texts[c] for c in cands], "text")
+                                               [cands[j] for j in order], "text")
         else:
             groups = self.t2i.get(i)
             if not groups:
@@ -154,7 +185,9 @@ class Mixture:
             g = rng.choice(groups)
             if len(g.negatives) < n - 1:
                 return None
-            cands = [i] + list(g.negatives[:n - 1])
+            cands = [i]
+            for c in g.negatives[:n - 1]:  # distinct candidates, a random one standing in for a near miss
+                cands.append(self._negative_image(i, [c], rng, self.texts[g.query], taken=cands))
             rng.shuffle(cands)
             right = cands.index(i) + 1
             section = prompt.section("t2i")

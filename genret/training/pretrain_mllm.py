@@ -57,6 +57,14 @@ class PretrainConfig(TrainOptions):
     rewrite_per_image: int = field(default=1, metadata={"help": "rewrite: text-only edit examples per image per epoch"})
     ask_per_image: int = field(default=1, metadata={"help": "ask: text-only next-question examples per image per epoch"})
     candidates: int = field(default=4, metadata={"help": "pick: numbered candidates (the right one among near misses)"})
+    random_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives drawn at "
+                                    "random from the other images instead of the prefilter's near misses (easy "
+                                    "pairs to learn comparing on)"})
+    loss_average: str = field(default="token", metadata={"help": "how the answer-token loss is averaged: token "
+                              "(over a batch's answer tokens, as transformers does) or example (over each "
+                              "example's first, so a yes/no or a number weighs as much as a caption)"})
+    init: str = field(default="", metadata={"help": "a mini MLLM folder (genret train mllm's) to go on training "
+                      "with this mixture: its tokenizer and weights; the architecture options are then its"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +77,10 @@ class PretrainConfig(TrainOptions):
             raise ValueError(f"tasks must be a comma-separated list of {', '.join(TASKS)}, got {self.tasks!r}")
         if self.candidates < 2:
             raise ValueError(f"candidates must be at least 2, got {self.candidates}")
+        if not 0 <= self.random_negatives <= 1:
+            raise ValueError(f"random_negatives must be a share in [0, 1], got {self.random_negatives}")
+        if self.loss_average not in ("token", "example"):
+            raise ValueError(f"loss_average must be token or example, got {self.loss_average!r}")
 
     @property
     def task_list(self) -> list[str]:
@@ -103,7 +115,39 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
         groups, _ = mine_negatives(HFDualEncoder(str(clip_dir), device="cpu"), train, k=max(config.candidates, 4),
                                    progress=progress)
         texts = caption_table(train)[0]
-    return Mixture(train.records, groups, texts, counts, candidates=config.candidates, seed=config.seed)
+    return Mixture(train.records, groups, texts, counts, candidates=config.candidates, seed=config.seed,
+                   random_negatives=config.random_negatives)
+
+
+def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
+    """The mini MLLM and processor at ``folder`` (``--init``), checked against the architecture options."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from genret._io import read_json
+
+    folder = Path(folder)
+    if not (folder / "genret.json").is_file() or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--init {folder}: no mini MLLM there (genret.json or config.json missing); give the "
+                                "folder `genret train mllm` wrote")
+    summary = read_json(folder / "genret.json")
+    if summary.get("format") != "genret.mini_mllm":
+        raise ValueError(f"--init {folder}: genret.json says format {summary.get('format')!r}, not genret.mini_mllm")
+    saved = MiniMLLMConfig(**summary.get("arch", {}))
+    wrong = [f"{k} {getattr(arch, k)!r} (the checkpoint has {v!r})" for k, v in asdict(saved).items()
+             if getattr(arch, k) != v]
+    if wrong:
+        raise ValueError(f"--init {folder}: the architecture options differ from the checkpoint's: {', '.join(wrong)}; "
+                         "leave them at the checkpoint's values")
+    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The answer-token loss averaged over each example first, then over the batch (``loss_average="example"``)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = (labels != -100).float()
+    rows = mask.sum(1) > 0
+    return ((token * mask).sum(1)[rows] / mask.sum(1)[rows]).mean()
 
 
 def _batch(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -131,6 +175,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     from genret.mllm.families import family_of
 
     config, arch = config or PretrainConfig(), arch or MiniMLLMConfig()
+    init = load_init(config.init, arch) if config.init else None  # refused before anything is written
     engine = Engine("mllm", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -141,7 +186,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
               "Answer with its number.", "Text:", "Image", "0 1 2 3 4 5 6 7 8 9"]
     mix = mixture(train, clip_dir, config, progress=engine.show)
     texts += [f"{e.answer}" for e in mix.epoch(random.Random(config.seed))[:2000] if e.task in ("ask", "rewrite")]
-    model, processor = build_mini_mllm(clip_dir, texts, arch)
+    model, processor = init or build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
     n_tokens = model.config.image_seq_length
     pixels = torch.cat([processor.image_processor(images=[load_image(r.path) for r in train.records[i:i + 256]],
@@ -184,13 +229,18 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
         return out
 
     def loss(batch: dict) -> torch.Tensor:
-        return wrapped(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        if config.loss_average == "token":
+            return wrapped(**batch).loss
+        labels = batch.pop("labels")
+        return example_loss(wrapped(**batch).logits, labels)
 
     run = engine.fit(total, draw, loss, epoch_of=epoch_of, on_step=on_step,
                      log_steps=None if config.log_every else [int(s) for s in starts[1:] if s <= total],
                      identity={"config": asdict(config), "arch": asdict(arch), "images": len(train)})
     final = engine.unwrapped
     summary = {"format": "genret.mini_mllm", "genret": __version__, "task": "pretrain", "clip": str(clip_dir),
+               **({"init": str(config.init)} if config.init else {}),
                "arch": asdict(arch), **run.summary(config),
                "data": {"source": str(train.source), "images": len(train),
                         "examples_per_epoch": dict(Counter(e.task for e in epochs[0]))},

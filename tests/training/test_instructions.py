@@ -74,3 +74,25 @@ def test_tasks_are_checked():
     with pytest.raises(ValueError, match="tasks must be a comma-separated list of describe"):
         PretrainConfig(tasks="describe,dance")
     assert PretrainConfig(tasks="describe, judge", judge_per_image=0).counts() == {"describe": 1}
+
+
+def test_random_negatives_stand_in_for_near_misses_and_stay_false(world, clip_dir):
+    train = world.split("train")
+    runs = {share: mixture(train, clip_dir, PretrainConfig(random_negatives=share)) for share in (0.0, 1.0)}
+    owner = {c: i for i, r in enumerate(train.records) for c in r.captions}
+    near = {}
+    for share, mix in runs.items():
+        examples, hits = mix.epoch(random.Random(0)), []
+        for e in (e for e in examples if e.task == "judge"):  # every judge is true, its no mined or random
+            text = re.search(r"Text: (.*)\n", _text(e)).group(1)
+            assert (e.answer == "yes") == (text in train.records[e.images[0]].captions), e
+            if e.answer == "no" and _text(e).startswith("Text: "):  # t2i: is the image one the prefilter mined?
+                group = mix.by_query[("t2i", mix.texts.index(text))]
+                hits.append(e.images[0] in group.negatives[:mix.candidates])
+        for e in (e for e in examples if e.task == "pick" and _text(e).startswith("Text: ")):
+            assert len(set(e.images)) == len(e.images) and e.images[int(e.answer) - 1] == owner[
+                _text(e).split("\n", 1)[0][len("Text: "):]], e
+        near[share] = sum(hits) / len(hits)
+    assert near[0.0] == 1.0 and near[1.0] < 0.2, near
+    with pytest.raises(ValueError, match="random_negatives must be a share in \\[0, 1\\], got 2"):
+        PretrainConfig(random_negatives=2)

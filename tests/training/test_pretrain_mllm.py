@@ -75,3 +75,44 @@ def test_full_image_features_give_the_language_model_the_class_token_too(clip_di
         mllm.model(**prompt)
     with pytest.raises(ValueError, match="image_features must be default or full"):
         MiniMLLMConfig(image_features="cls")
+
+
+def test_example_averaged_loss_weighs_each_example_alike():
+    import torch
+
+    from genret.training.pretrain_mllm import example_loss
+
+    logits = torch.zeros(2, 5, 3)
+    logits[0, :, 0] = 5.0  # row 0 predicts token 0 everywhere, with confidence
+    labels = torch.tensor([[-100, 0, 0, 0, 0], [-100, -100, -100, -100, 1]])  # 4 right tokens, then 1 wrong-ish
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 3), labels[:, 1:].reshape(-1),
+                                              ignore_index=-100)
+    per_row = [torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:]),
+               torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 4:5])]
+    assert torch.isclose(example_loss(logits, labels), (per_row[0] + per_row[1]) / 2)
+    assert example_loss(logits, labels) > token  # the one-token example is no longer drowned by the long one
+
+
+def test_init_goes_on_training_a_saved_mllm_and_is_checked(clip_dir, world, tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    config = PretrainConfig(epochs=1, batch_size=16, max_steps=1, tasks="describe,judge")
+    pretrain_mllm(clip_dir, train, tmp_path / "a", config, TINY, progress=False)
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "b", replace(config, init=str(tmp_path / "a"), lr=1e-9,
+                                                                     loss_average="example"), TINY, progress=False)
+    assert summary["init"] == str(tmp_path / "a") and summary["config"]["loss_average"] == "example"
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in "ab")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # carried over
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="architecture options differ from the checkpoint's: hidden_size 64"):
+        pretrain_mllm(clip_dir, train, tmp_path / "c", replace(config, init=str(tmp_path / "a")),
+                      replace(TINY, hidden_size=64), progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(FileNotFoundError, match="no mini MLLM there"):
+        pretrain_mllm(clip_dir, train, tmp_path / "c", replace(config, init=str(tmp_path)), TINY, progress=False)
+    with pytest.raises(ValueError, match="loss_average must be token or example"):
+        PretrainConfig(loss_average="sum")
