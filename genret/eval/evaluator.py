@@ -57,23 +57,15 @@ def twin_pairs(dataset: Dataset) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
-def _twin_accuracy(pipe: RetrievalPipeline, dataset: Dataset, pairs: list[tuple[str, str]],
-                   directions: Sequence[str]) -> dict[str, dict]:
+def twin_queries(dataset: Dataset, pairs: list[tuple[str, str]], directions: Sequence[str]):
+    """The twin check's queries: per direction, ``(queries, upstream, correct)`` where each query's upstream ranking
+    holds its image and the twin (t2i), or both images' captions (i2t), and ``correct`` the right ids; empty
+    without pairs."""
     records = dataset.by_id()
-    out: dict[str, dict] = {}
-    # A stage that retrieves over the whole gallery whatever it is handed cannot be asked to choose between two.
-    chooses = {s.name for s in pipe.stages if getattr(s, "reranks_upstream", True)}
-
-    def run(queries: list[Query], candidates: list[list[str]], correct: list[set[str]], direction: str) -> None:
-        upstream = [Ranking(query=q, candidates=tuple(Candidate(c, 0.0) for c in cands))
-                    for q, cands in zip(queries, candidates)]
-        for stage, rankings in pipe.run(queries, k=max(len(c) for c in candidates), upstream=upstream):
-            if stage not in chooses:
-                continue
-            hits = sum(bool(r.candidates) and r.candidates[0].item_id in ok for r, ok in zip(rankings, correct))
-            out.setdefault(stage, {"pairs": len(pairs)})[direction] = round(100.0 * hits / len(queries), 2)
-
     both = [(a, b) for a, b in pairs] + [(b, a) for a, b in pairs]
+    out = {}
+    if not pairs:
+        return out
     if "t2i" in directions:
         queries, cands, correct = [], [], []
         for own, twin in both:
@@ -81,11 +73,27 @@ def _twin_accuracy(pipe: RetrievalPipeline, dataset: Dataset, pairs: list[tuple[
                 queries.append(Query(id=cid, text=text, target="image"))
                 cands.append([own, twin])
                 correct.append({own})
-        run(queries, cands, correct, "t2i")
+        out["t2i"] = (queries, cands, correct)
     if "i2t" in directions:
         queries = [Query(id=own, image=str(records[own].path), target="text") for own, _ in both]
         cands = [records[own].caption_ids() + records[twin].caption_ids() for own, twin in both]
-        run(queries, cands, [set(records[own].caption_ids()) for own, _ in both], "i2t")
+        out["i2t"] = (queries, cands, [set(records[own].caption_ids()) for own, _ in both])
+    return {d: (q, [Ranking(query=x, candidates=tuple(Candidate(c, 0.0) for c in cs)) for x, cs in zip(q, c)], ok)
+            for d, (q, c, ok) in out.items()}
+
+
+def _twin_accuracy(pipe: RetrievalPipeline, dataset: Dataset, pairs: list[tuple[str, str]],
+                   directions: Sequence[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    # A stage that retrieves over the whole gallery whatever it is handed cannot be asked to choose between two.
+    chooses = {s.name for s in pipe.stages if getattr(s, "reranks_upstream", True)}
+    for direction, (queries, upstream, correct) in twin_queries(dataset, pairs, directions).items():
+        k = max(len(r.candidates) for r in upstream)
+        for stage, rankings in pipe.run(queries, k=k, upstream=upstream):
+            if stage not in chooses:
+                continue
+            hits = sum(bool(r.candidates) and r.candidates[0].item_id in ok for r, ok in zip(rankings, correct))
+            out.setdefault(stage, {"pairs": len(pairs)})[direction] = round(100.0 * hits / len(queries), 2)
     return out
 
 
