@@ -16,7 +16,7 @@ from genret.data.images import load_image
 from genret.mllm.features import FeatureStore
 from genret.prompts import load_prompt
 from genret.stages.base import STAGES, RankStage, StageContext
-from genret.types import Query, Ranking
+from genret.types import Item, Query, Ranking
 from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
@@ -48,10 +48,20 @@ class RerankConfig(MLLMLoadConfig):
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
     adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
                                                       "its manifest must match model, mode and prompt"})
+    backend: str = field(default="local", metadata={"help": "local (load the MLLM here) or remote (POST the "
+                                                            "candidates to a /v1/rerank endpoint at url)"})
+    url: str = field(default="", metadata={"help": "remote: the /v1/rerank endpoint (vLLM, TEI, Jina, genret serve)"})
+    api_key_env: str = field(default="", metadata={"help": "remote: environment variable holding the bearer key"})
+    timeout: float = field(default=60.0, metadata={"help": "remote: seconds to wait for one request"})
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ValueError("model is required (an MLLM id or directory)")
+            raise ValueError("model is required (an MLLM id or directory; for backend = 'remote' the model name the "
+                             "endpoint serves)")
+        if self.backend not in ("local", "remote"):
+            raise ValueError(f"backend must be 'local' or 'remote', got {self.backend!r}")
+        if self.backend == "remote" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend = 'remote' needs url = 'http(s)://host:port/v1/rerank', got {self.url!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.k < 1:
@@ -96,7 +106,7 @@ class RerankStage(RankStage):
 
         from genret.mllm.scoring import image_features
 
-        if not self.config.cache_features or "image" not in gallery.items:
+        if self.config.backend == "remote" or not self.config.cache_features or "image" not in gallery.items:
             return
         items = list(gallery.items["image"].values())
         self.features = FeatureStore()
@@ -131,7 +141,7 @@ class RerankStage(RankStage):
 
     def load_state(self, folder: Path) -> None:
         """Load cached features; features of another MLLM are ignored with a warning (scored on the fly)."""
-        if not (folder / "manifest.json").is_file():
+        if self.config.backend == "remote" or not (folder / "manifest.json").is_file():
             return
         from genret._io import read_manifest
 
@@ -152,8 +162,12 @@ class RerankStage(RankStage):
                              f"{manifest['count']}: the folder was modified; index the gallery again")
         self.features = store
 
-    def _image_features(self, ids: list[str], items) -> list:
-        missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]
+    def _image_features(self, ids: list[str], items, cache: bool = True) -> list:
+        missing = [(i, it) for i, it in zip(ids, items) if not cache or i not in self.features]
+        if not cache:
+            from genret.mllm.scoring import image_features
+
+            return image_features(self.mllm, [load_image(it.image) for it in items])
         if missing:
             if self.features and not self._warned:
                 logger.warning("%s: %d candidates have no cached features; computing them now", self.name, len(missing))
@@ -167,45 +181,89 @@ class RerankStage(RankStage):
              k: int | None = None) -> list[Ranking]:
         if upstream is None:
             raise ValueError(f"stage {self.name!r} reranks candidates: put a prefilter stage before it")
+        work = [(q, r.candidates[: self.config.k]) for q, r in zip(queries, upstream)]
+        scores: dict[int, list[float]] = {}
+        # Text queries' candidates differ in their image, so their pairs share no prompt part across candidates
+        # anyway: they are scored together, many queries per forward pass. An image query's candidates share its
+        # image (the shared prefix), and a listwise prompt holds one query: those are scored query by query.
+        pooled = [i for i, (q, c) in enumerate(work) if c and q.target == "image" and self.config.mode != "listwise"
+                  and self.config.backend == "local"]
+        if len(pooled) > 1:
+            items = [[ctx.gallery.item("image", c.item_id) for c in work[i][1]] for i in pooled]
+            flat = self._pairs_t2i([work[i][0] for i in pooled], items)
+            for i, its in zip(pooled, items):
+                scores[i], flat = flat[:len(its)], flat[len(its):]
+        for i, (query, cands) in enumerate(work):
+            if cands and i not in scores:
+                scores[i] = self.score(query, [ctx.gallery.item(query.target, c.item_id) for c in cands])
         out = []
-        for query, ranking in zip(queries, upstream):
-            cands = ranking.candidates[: self.config.k]
+        w = self.config.fusion_weight
+        for i, ((query, cands), ranking) in enumerate(zip(work, upstream)):
             if not cands:
                 out.append(ranking)
                 continue
-            scores = self._score(query, [c.item_id for c in cands], ctx)
-            w = self.config.fusion_weight
-            rescored = [c.rescored(self.name, s, None if w is None else c.score + w * s) for c, s in zip(cands, scores)]
+            rescored = [c.rescored(self.name, s, None if w is None else c.score + w * s) for c, s in zip(cands, scores[i])]
             rescored.sort(key=lambda c: -c.score)
             out.append(Ranking(query=query, candidates=tuple(rescored[: k or len(rescored)]), stage=self.name))
         return out
 
-    def _score(self, query: Query, ids: list[str], ctx: StageContext) -> list[float]:
+    def score(self, query: Query, items: Sequence[Item], cache: bool = True) -> list[float]:
+        """This stage's score of each item for ``query``: images for a text query, texts for an image query.
+
+        Args:
+            query: a text query (items are images) or an image query (items are texts).
+            items: the candidates, gallery items or any others (``cache=False``: their features are not kept).
+            cache: read and keep image features by item id (gallery items); off for items from a request.
+        """
+        if not items:
+            return []
+        if self.config.backend == "remote":
+            from genret.stages.remote import remote_scores
+
+            return remote_scores(self.config, query, items)
+        if query.target == "image" and self.config.mode != "listwise":
+            return self._pairs_t2i([query], [list(items)], cache=cache)
         from genret.mllm import scoring
 
         direction = "t2i" if query.target == "image" else "i2t"
         section = self.prompt.section(direction)
-        items = [ctx.gallery.item(query.target, i) for i in ids]
-        if direction == "t2i":
-            texts = [query.text or " ".join(query.dialog)] * len(ids)
-            images = self._image_features(ids, items) if self.config.cache_features else [load_image(it.image) for it in items]
-        else:
-            texts = [it.text for it in items]
-            image = load_image(query.image)
-            if self.config.cache_features:
-                from genret.mllm.scoring import image_features
+        bs = self.config.batch_size
+        if direction == "t2i":  # listwise
+            images = self._images(items, cache)
+            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": self._text(query)},
+                                           images, "image")
+        texts = [it.text for it in items]
+        image = load_image(query.image)
+        if self.config.cache_features:
+            from genret.mllm.scoring import image_features
 
-                image = image_features(self.mllm, [image])[0]
-            images = [image] * len(ids)
-        mode, bs = self.config.mode, self.config.batch_size
-        if mode == "pointwise":
+            image = image_features(self.mllm, [image])[0]
+        if self.config.mode == "listwise":
+            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": image}, texts, "text")
+        return self._pairs(section, texts, [image] * len(texts), bs)
+
+    @staticmethod
+    def _text(query: Query) -> str:
+        return query.text or " ".join(query.dialog)
+
+    def _images(self, items: Sequence[Item], cache: bool) -> list:
+        if self.config.cache_features:
+            return self._image_features([it.id for it in items], items, cache=cache)
+        return [load_image(it.image) for it in items]
+
+    def _pairs_t2i(self, queries: Sequence[Query], items: Sequence[Sequence[Item]], cache: bool = True) -> list[float]:
+        """Pointwise or generative scores of every (text query, image item) pair, in one scoring call."""
+        texts = [self._text(q) for q, its in zip(queries, items) for _ in its]
+        images = self._images([it for its in items for it in its], cache)
+        return self._pairs(self.prompt.section("t2i"), texts, images, self.config.batch_size)
+
+    def _pairs(self, section: dict, texts: list[str], images: list, bs: int) -> list[float]:
+        from genret.mllm import scoring
+
+        if self.config.mode == "pointwise":
             return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
                                             self.prompt.settings.get("no", "no"), bs,
                                             shared_prefix=self.config.shared_prefix)
-        if mode == "generative":
-            texts = [section["assistant"].replace("{text}", t) for t in texts]
-            return scoring.generative_scores(self.mllm, section["user"], texts, images, bs,
-                                             shared_prefix=self.config.shared_prefix)
-        if direction == "t2i":
-            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": texts[0]}, images, "image")
-        return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": images[0]}, texts, "text")
+        texts = [section["assistant"].replace("{text}", t) for t in texts]
+        return scoring.generative_scores(self.mllm, section["user"], texts, images, bs,
+                                         shared_prefix=self.config.shared_prefix)
