@@ -253,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="folder for report.json and report.md")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    serve = sub.add_parser("serve", help="serve a saved pipeline over HTTP: /v1/search, /v1/rerank, /v1/embeddings, "
+                           "a results page at / (needs the serve extra: pip install 'genret[serve]')")
+    serve.add_argument("pipeline", help="a saved pipeline folder (genret index build), or a pipeline file")
+    _serve_options(serve)
+
     demo = sub.add_parser("demo", help="the miniature world end to end: data, prefilter, zero-shot and LoRA rerank, evaluation")
     demo.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
     demo.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
@@ -262,6 +267,44 @@ def build_parser() -> argparse.ArgumentParser:
                       "interactive retrieval, a few minutes)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`genret.serve.app.ServeConfig` field (its default and help)."""
+    import dataclasses
+
+    from genret.serve.settings import ServeConfig
+
+    for f in dataclasses.fields(ServeConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default!r})")
+    parser.add_argument("--api-key-env", default="", help="read --api-key from this environment variable instead")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from genret.serve.settings import ServeConfig
+
+    try:
+        import uvicorn
+
+        from genret.serve.app import create_app
+    except ImportError as err:
+        raise RuntimeError(f"genret serve needs its extra ({err.name} is missing): pip install 'genret[serve]'") from None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
+    if args.api_key_env:
+        values["api_key"] = os.environ.get(args.api_key_env, "")
+        if not values["api_key"]:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    config = ServeConfig(**values)
+    pipe = _open_pipeline(args.pipeline)
+    if not pipe.gallery.indexes:
+        raise ValueError(f"{args.pipeline}: the pipeline has no index; build one first (genret index build)")
+    print(f"genret serve: {pipe.config.name} on http://{config.host}:{config.port}/ (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(create_app(pipe, config), host=config.host, port=config.port, log_level="warning" if args.quiet else "info")
+    return 0
 
 
 def _load_data(args: argparse.Namespace):
@@ -406,6 +449,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("data", "synth"): cmd_data_synth, **{("train", c.name): cmd_train for c in TRAIN_COMMANDS}, ("index", "build"): cmd_index_build,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
+    ("serve", None): cmd_serve,
 }
 
 

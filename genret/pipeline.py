@@ -279,13 +279,28 @@ class RetrievalPipeline:
         Raises:
             ValueError: ``k`` below 1 or above the size of the gallery searched.
         """
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        size = len(self.gallery.index(query.target))
-        if k > size:
-            raise ValueError(f"k={k} is larger than the {query.target} gallery ({size} items); ask for at most {size}")
+        return self.answer_many([query], [k])[0]
+
+    def answer_many(self, queries: Sequence[Query], ks: Sequence[int]) -> list[SearchResult]:
+        """:meth:`answer` for several queries in one run of the stages (each with its own ``k``); each record's
+        seconds are those of the whole run, which its queries shared.
+
+        Raises:
+            ValueError: a ``k`` below 1 or above the size of the gallery its query searches.
+        """
+        if len(queries) != len(ks):
+            raise ValueError(f"{len(queries)} queries but {len(ks)} values of k")
+        for query, k in zip(queries, ks):
+            if k < 1:
+                raise ValueError(f"k must be at least 1, got {k}")
+            size = len(self.gallery.index(query.target))
+            if k > size:
+                raise ValueError(f"k={k} is larger than the {query.target} gallery ({size} items); ask for at most {size}")
         seconds: dict[str, float] = {}
-        ranking = self.run([query], timings=seconds)[-1][1][0].top(k)
+        rankings = self.run(list(queries), timings=seconds)[-1][1]
+        return [self._record(query, ranking.top(k), k, seconds) for query, ranking, k in zip(queries, rankings, ks)]
+
+    def _record(self, query: Query, ranking: Ranking, k: int, seconds: dict[str, float]) -> SearchResult:
         hits = []
         for rank, cand in enumerate(ranking.candidates, start=1):
             item = self.gallery.item(query.target, cand.item_id)
@@ -296,7 +311,7 @@ class RetrievalPipeline:
         if len(hits) < k:  # the last stage keeps fewer: say so rather than return fewer in silence
             note = (f"{len(hits)} results, not {k}: stage {ranking.stage!r} keeps only its top {len(hits)}; raise "
                     "its k in the pipeline file for more")
-        return SearchResult(query, tuple(hits), rewritten=rewritten, seconds=seconds, note=note)
+        return SearchResult(query, tuple(hits), rewritten=rewritten, seconds=dict(seconds), note=note)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save config, gallery and manifest to a directory, atomically."""

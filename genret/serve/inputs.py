@@ -1,0 +1,105 @@
+"""What a request may carry: images as base64 or ``data:`` URLs or uploaded bytes, checked before any model sees
+them, and kept in a server-owned spool folder under their content hash (never a path from the request)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class RequestError(Exception):
+    """A bad request: its HTTP status and a message that says what to fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+
+
+def image_bytes(value: str, where: str) -> bytes:
+    """The bytes of a base64 image or a ``data:image/...;base64,`` URL; a remote URL is refused (never fetched)."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(400, f"{where}: expected an image as base64 or a data: URL")
+    if value.startswith(("http://", "https://", "file:")):
+        raise RequestError(400, f"{where}: genret does not fetch URLs from a request; send the image itself as "
+                                "base64 or a data:image/...;base64, URL")
+    if value.startswith("data:"):
+        head, _, value = value.partition(",")
+        if ";base64" not in head:
+            raise RequestError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{where}: not valid base64") from None
+
+
+def check_image(data: bytes, where: str, max_pixels: int) -> str:
+    """Open the image (header first: its size is checked before decoding, the decompression-bomb guard), decode it
+    fully, and return its file suffix.
+
+    Raises:
+        RequestError: 413 above ``max_pixels``, 400 for bytes that are not an image PIL reads.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RequestError(413, f"{where}: the image is {width}×{height} = {width * height:,} pixels, above "
+                                        f"the server's limit of {max_pixels:,}; send a smaller one")
+            fmt = img.format
+            img.load()
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise RequestError(400, f"{where}: not a readable image ({err.__class__.__name__}); send PNG, JPEG or "
+                                "WebP bytes") from None
+    if fmt not in FORMATS:
+        raise RequestError(400, f"{where}: image format {fmt} is not accepted; send PNG, JPEG or WebP")
+    return FORMATS[fmt]
+
+
+class Spool:
+    """Checked request images as files named by their SHA-256 (so caches keyed by content see one image once);
+    the oldest are removed beyond ``keep`` files, and the folder with :meth:`close`."""
+
+    def __init__(self, keep: int = 512, max_pixels: int = 4096 * 4096) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="genret-serve-"))
+        self.keep, self.max_pixels = keep, max_pixels
+        self._files: OrderedDict[str, Path] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, where: str) -> str:
+        """Check ``data`` and return the path of its spooled copy."""
+        suffix = check_image(data, where, self.max_pixels)
+        name = hashlib.sha256(data).hexdigest() + suffix
+        with self._lock:
+            path = self._files.pop(name, None) or self.folder / name
+            if not path.is_file():
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            self._files[name] = path
+            while len(self._files) > self.keep:
+                _, old = self._files.popitem(last=False)
+                old.unlink(missing_ok=True)
+        return str(path)
+
+    def put_value(self, value: str, where: str) -> str:
+        """:meth:`put` for a base64 string or data: URL."""
+        return self.put(image_bytes(value, where), where)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
