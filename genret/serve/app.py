@@ -20,6 +20,7 @@ from genret.pipeline import RetrievalPipeline
 from genret.serve.batcher import DynamicBatcher, QueueFull
 from genret.serve.inputs import RequestError, Spool
 from genret.serve.settings import ServeConfig
+from genret.stages.rerank import RerankStage
 from genret.types import Item, Query
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
     config = config or ServeConfig()
     spool = Spool(max_pixels=config.max_image_pixels)
     metrics = Metrics()
-    rerankers = {s.name: s for s in pipe.stages if type(s).__name__ == "RerankStage"}
+    rerankers = {s.name: s for s in pipe.stages if isinstance(s, RerankStage)}
 
     def run_search(payloads):
         results = pipe.answer_many([q for q, _ in payloads], [k for _, k in payloads])
@@ -118,16 +119,14 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):
+        start = time.perf_counter()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             response = error(413, f"the request body is {int(length):,} bytes, above the server's limit of "
                                   f"{config.max_body_bytes:,} (--max-body-bytes); send smaller images")
         else:
-            start = time.perf_counter()
             response = await call_next(request)
-            metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
-            return response
-        metrics.request(request.url.path, response.status_code, 0.0)
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
         return response
 
     def authorised(request: Request) -> None:
@@ -262,10 +261,10 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         inputs = parts(body.input if isinstance(body.input, list) else [body.input], "input")
         if not inputs or len(inputs) > config.max_documents:
             raise RequestError(400, f"input: between 1 and {config.max_documents} items, got {len(inputs)}")
-        data = []
-        for i, (kind, value) in enumerate(inputs):
-            vector = await call("embed_text" if kind == "text" else "embed_image", value)
-            data.append({"object": "embedding", "index": i, "embedding": [float(x) for x in vector]})
+        # All of a request's inputs are queued at once, so they share model calls with each other and with others'.
+        vectors = await asyncio.gather(*(call("embed_text" if kind == "text" else "embed_image", value)
+                                         for kind, value in inputs))
+        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": pipe.config.encoder.model,
                 "usage": {"inputs": len(inputs)}}
 

@@ -97,7 +97,7 @@ class DynamicBatcher:
             while len(batch) < self.max_batch:
                 left = deadline - time.perf_counter()
                 try:
-                    job = self._next(max(left, 0.0)) if left > 0 else self._queue.get_nowait()
+                    job = self._next(left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:

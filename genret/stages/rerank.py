@@ -163,11 +163,11 @@ class RerankStage(RankStage):
         self.features = store
 
     def _image_features(self, ids: list[str], items, cache: bool = True) -> list:
-        missing = [(i, it) for i, it in zip(ids, items) if not cache or i not in self.features]
         if not cache:
             from genret.mllm.scoring import image_features
 
             return image_features(self.mllm, [load_image(it.image) for it in items])
+        missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]
         if missing:
             if self.features and not self._warned:
                 logger.warning("%s: %d candidates have no cached features; computing them now", self.name, len(missing))
@@ -188,7 +188,7 @@ class RerankStage(RankStage):
         # image (the shared prefix), and a listwise prompt holds one query: those are scored query by query.
         pooled = [i for i, (q, c) in enumerate(work) if c and q.target == "image" and self.config.mode != "listwise"
                   and self.config.backend == "local"]
-        if len(pooled) > 1:
+        if pooled:
             items = [[ctx.gallery.item("image", c.item_id) for c in work[i][1]] for i in pooled]
             flat = self._pairs_t2i([work[i][0] for i in pooled], items)
             for i, its in zip(pooled, items):
@@ -227,7 +227,6 @@ class RerankStage(RankStage):
 
         direction = "t2i" if query.target == "image" else "i2t"
         section = self.prompt.section(direction)
-        bs = self.config.batch_size
         if direction == "t2i":  # listwise
             images = self._images(items, cache)
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": self._text(query)},
@@ -240,7 +239,7 @@ class RerankStage(RankStage):
             image = image_features(self.mllm, [image])[0]
         if self.config.mode == "listwise":
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": image}, texts, "text")
-        return self._pairs(section, texts, [image] * len(texts), bs)
+        return self._pairs(section, texts, [image] * len(texts))
 
     @staticmethod
     def _text(query: Query) -> str:
@@ -255,11 +254,12 @@ class RerankStage(RankStage):
         """Pointwise or generative scores of every (text query, image item) pair, in one scoring call."""
         texts = [self._text(q) for q, its in zip(queries, items) for _ in its]
         images = self._images([it for its in items for it in its], cache)
-        return self._pairs(self.prompt.section("t2i"), texts, images, self.config.batch_size)
+        return self._pairs(self.prompt.section("t2i"), texts, images)
 
-    def _pairs(self, section: dict, texts: list[str], images: list, bs: int) -> list[float]:
+    def _pairs(self, section: dict, texts: list[str], images: list) -> list[float]:
         from genret.mllm import scoring
 
+        bs = self.config.batch_size
         if self.config.mode == "pointwise":
             return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
                                             self.prompt.settings.get("no", "no"), bs,
