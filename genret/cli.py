@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="pipeline folder to write")
     _add_overwrite(build)
     build.add_argument("--factory", default=None, help="faiss factory string (overrides the pipeline file)")
+    build.add_argument("--shards", type=int, default=None, help="split the index between this many faiss files")
+    build.add_argument("--chunk-size", type=int, default=None,
+                       help="items embedded and added at a time (default 65536; an IVF/PQ index trains on the first)")
 
     search = sub.add_parser("search", help="search a saved pipeline")
     search.add_argument("pipeline", help="a folder written by `genret index build`")
@@ -369,14 +373,36 @@ def _other_process() -> bool:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    """Under torchrun / accelerate launch every process embeds its share; the main one merges, builds and saves."""
+    from genret.index.build import Share, clear
+
+    share, state = Share(), None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()  # joins the process group; on a GPU machine each process takes its own device
+        work = Path(f"{Path(args.out).resolve()}.parts")
+        if state.is_main_process:
+            clear(work)  # a killed build's leftovers
+        state.wait_for_everyone()
+        share = Share(state.process_index, state.num_processes, state.wait_for_everyone, work)
     pipe = _open_pipeline(args.pipeline)
-    if args.factory:
-        pipe.config.index.factory = args.factory
+    for key in ("factory", "shards", "chunk_size"):
+        if getattr(args, key) is not None:
+            setattr(pipe.config.index, key, getattr(args, key))
+    pipe.config.index.__post_init__()
     data = _load_data(args).split(args.split)
-    pipe.index(data, on_error=args.on_error, progress=not args.quiet)
-    pipe.save(args.out)
-    sizes = ", ".join(f"{len(ix)} {m}s" for m, ix in pipe.gallery.indexes.items())
-    print(f"saved {args.out}: {sizes} ({pipe.config.index.factory})")
+    start = time.perf_counter()
+    pipe.index(data, on_error=args.on_error, progress=not args.quiet and share.main, share=share)
+    if share.main:
+        pipe.save(args.out)
+        sizes = ", ".join(f"{len(ix)} {m}s" for m, ix in pipe.gallery.indexes.items())
+        print(f"saved {args.out}: {sizes} ({pipe.config.index.factory}; {share.world} process(es), "
+              f"{time.perf_counter() - start:.1f} s)")
+        if share.work is not None:
+            clear(share.work)
+    if state is not None:
+        state.wait_for_everyone()  # the others leave once the index is saved
     return 0
 
 

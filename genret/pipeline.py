@@ -28,6 +28,7 @@ from genret.data.dataset import Dataset
 from genret.data.images import ImageLoadError
 from genret.encoders import EmbeddingCache, load_encoder
 from genret.encoders.base import DualEncoder
+from genret.index.build import Share, encode_chunks, read_parts, write_parts
 from genret.index.faiss_index import VectorIndex
 from genret.index.gallery import Gallery
 from genret.stages import STAGES, RankStage, RewriteStage, Stage, StageContext
@@ -63,6 +64,16 @@ class IndexConfig:
     factory: str = field(default="Flat", metadata={"help": "faiss factory string: Flat, HNSW32, IVF256,PQ32, ..."})
     metric: str = field(default="ip", metadata={"help": "ip (cosine on unit vectors) or l2"})
     search_params: str = field(default="", metadata={"help": "faiss search parameters, e.g. efSearch=128"})
+    shards: int = field(default=1, metadata={"help": "faiss indexes the vectors are split between (IndexShards)"})
+    chunk_size: int = field(default=65536, metadata={"help": "items embedded and added at a time; an IVF or PQ index "
+                                                              "trains on the first chunk"})
+    mmap: bool = field(default=False, metadata={"help": "load the saved index memory-mapped (read-only)"})
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"shards must be at least 1, got {self.shards}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -185,7 +196,7 @@ class RetrievalPipeline:
         return StageContext(encoder=self.encoder, gallery=self.gallery)
 
     def index(self, dataset: Dataset, modalities: Sequence[str] = ("image", "text"), on_error: str = "raise",
-              progress: bool = True) -> None:
+              progress: bool = True, share: Share | None = None) -> None:
         """Embed a dataset's images and captions and index them as the gallery.
 
         Args:
@@ -193,6 +204,7 @@ class RetrievalPipeline:
             modalities: which galleries to build: ``image`` (for text queries), ``text`` (for image queries).
             on_error: ``raise`` on an unreadable image; ``skip`` leaves it out with a warning and a count.
             progress: show progress bars.
+            share: this process's part of a build split between processes (:class:`genret.index.build.Share`).
         """
         for modality in modalities:
             if modality not in ("image", "text"):
@@ -200,37 +212,80 @@ class RetrievalPipeline:
         items = {m: dataset.image_items() if m == "image" else dataset.text_items() for m in modalities}
         self.index_items(items, {"dataset": str(dataset.source.resolve()), "name": dataset.name,
                                  "splits": sorted({r.split for r in dataset.records}), "images": len(dataset)},
-                         on_error=on_error, progress=progress)
+                         on_error=on_error, progress=progress, share=share)
 
     def index_items(self, items: dict[str, list[Item]], source: dict, on_error: str = "raise",
-                    progress: bool = True) -> None:
+                    progress: bool = True, share: Share | None = None) -> None:
         """Embed and index gallery items by modality (``{"image": [...], "text": [...]}``) as the gallery.
+
+        Items are embedded and added ``index.chunk_size`` at a time. Split between processes (``share``), each
+        embeds its share into parts under ``share.work``; the main process adds them in order and ends with the
+        whole gallery (the same index as one process builds), the others with none.
 
         Args:
             items: the items of each gallery to build.
             source: what they are (dataset path, name, splits, count), kept in the gallery's manifest.
             on_error: ``raise`` on an unreadable image; ``skip`` leaves it out with a warning and a count.
             progress: show progress bars.
+            share: this process's part of a build split between processes; default: all of it.
         """
-        gallery = Gallery(source=source)
-        for modality, items_m in items.items():
-            if modality == "image":
-                items_m = _readable(items_m) if on_error == "skip" else items_m
-                vectors = self.encoder.encode_images([it.image for it in items_m], self.config.encoder.batch_size,
-                                                     progress)
-            elif modality == "text":
-                vectors = self.encoder.encode_texts([it.text for it in items_m], progress=progress)
-            else:
+        share = share or Share()
+        for modality in items:
+            if modality not in ("image", "text"):
                 raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-            idx = VectorIndex(self.encoder.dim, self.config.index.factory, self.config.index.metric,
-                              encoder=self.encoder.describe(), search_params=self.config.index.search_params,
-                              modality=modality)
-            idx.add([it.id for it in items_m], vectors)
-            gallery.indexes[modality] = idx
-            gallery.items[modality] = {it.id: it for it in items_m}
+        cfg = self.config.index
+        gallery, mine = Gallery(source=source), {}
+        for modality, items_m in items.items():
+            part = share.of(items_m)
+            mine[modality] = _readable(part) if modality == "image" and on_error == "skip" else part
+            chunks = encode_chunks(self.encoder, modality, mine[modality], cfg.chunk_size,
+                                   self.config.encoder.batch_size, progress)
+            if share.world > 1:
+                write_parts(share.work / modality, share.rank, chunks)
+                continue
+            index = gallery.indexes[modality] = self._new_index(modality)
+            for chunk, vectors in chunks:
+                index.add([it.id for it in chunk], vectors)
+            gallery.items[modality] = {it.id: it for it in mine[modality]}
+        if share.world == 1:
+            self.gallery = gallery
+            for stage in self.stages:  # e.g. the rerank stage's MLLM image features, computed once here
+                stage.index_gallery(gallery, progress=progress)
+            return
+        self._index_split(items, mine, gallery, share, progress)
+
+    def _index_split(self, items: dict[str, list[Item]], mine: dict[str, list[Item]], gallery: Gallery, share: Share,
+                     progress: bool) -> None:
+        split = [s for s in self.stages if s.splits_gallery]
+        if split:  # the stages that compute per-image state do it for this process's share
+            own = Gallery(items={m: {it.id: it for it in part} for m, part in mine.items()})
+            for stage in split:
+                stage.index_gallery(own, progress=progress)
+                stage.save_state(share.work / "stages" / stage.name / f"rank-{share.rank:05d}")
+        share.barrier()
+        if not share.main:
+            self.gallery = Gallery(source=gallery.source)
+            return
+        for modality, items_m in items.items():
+            by_id = {it.id: it for it in items_m}
+            index = gallery.indexes[modality] = self._new_index(modality)
+            kept: list[Item] = []
+            for ids, vectors in read_parts(share.work / modality, share.world):
+                index.add(ids, vectors)
+                kept.extend(by_id[i] for i in ids)
+            gallery.items[modality] = {it.id: it for it in kept}
         self.gallery = gallery
-        for stage in self.stages:  # e.g. the rerank stage's MLLM image features, computed once here
-            stage.index_gallery(gallery, progress=progress)
+        for stage in self.stages:
+            if stage.splits_gallery:
+                folders = [share.work / "stages" / stage.name / f"rank-{r:05d}" for r in range(share.world)]
+                stage.merge_states(folders, gallery)
+            else:
+                stage.index_gallery(gallery, progress=progress)
+
+    def _new_index(self, modality: str) -> VectorIndex:
+        cfg = self.config.index
+        return VectorIndex(self.encoder.dim, cfg.factory, cfg.metric, encoder=self.encoder.describe(),
+                           search_params=cfg.search_params, modality=modality, shards=cfg.shards)
 
     def run(self, queries: Sequence[Query], k: int | None = None, upstream: Sequence[Ranking] | None = None,
             rewrite: bool = True, timings: dict[str, float] | None = None) -> list[tuple[str, list[Ranking]]]:
@@ -348,7 +403,8 @@ class RetrievalPipeline:
 
             check_encoder(path, manifest["encoder"], pipe.encoder.describe())
         if (path / "gallery").is_dir():
-            pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe(), root=path)
+            pipe.gallery = Gallery.load(path / "gallery", encoder=pipe.encoder.describe(), root=path,
+                                        mmap=config.index.mmap)
         for stage in pipe.stages:
             stage.load_state(path / "stages" / stage.name)
         return pipe

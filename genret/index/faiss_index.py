@@ -1,7 +1,12 @@
 """A faiss-backed vector index over string ids, saved with a manifest that is checked on load.
 
-On disk: ``index.faiss`` (faiss's own format), ``ids.json`` (row id → item id, ``null`` for removed
-rows) and ``manifest.json`` (encoder, dim, metric, normalisation, factory, count).
+On disk: ``index.faiss`` (faiss's own format; a sharded index has ``index-000.faiss``, ``index-001.faiss``...
+searched together through ``faiss.IndexShards``), ``ids.json`` (row id → item id, ``null`` for removed rows) and
+``manifest.json`` (encoder, dim, metric, normalisation, factory, shards, count).
+
+A saved index can be loaded memory-mapped (``VectorIndex.load(path, mmap=True)``): faiss maps the stored vectors
+(flat codes, HNSW's storage) instead of reading them into memory, so a gallery larger than RAM is searched from the
+page cache. Such an index is read-only: adding or removing raises (faiss would abort the process).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class VectorIndex:
         metric: ``ip`` (inner product: cosine on unit vectors) or ``l2``.
         encoder: what made the vectors (``DualEncoder.describe()``), recorded in the manifest.
         search_params: faiss parameter string applied at search time, e.g. ``nprobe=16`` or ``efSearch=128``.
+        shards: split the vectors between this many faiss indexes (searched in parallel, saved as one file each).
 
     Example:
         >>> import numpy as np
@@ -50,23 +56,41 @@ class VectorIndex:
     """
 
     def __init__(self, dim: int, factory: str = "Flat", metric: str = "ip", encoder: dict | None = None,
-                 search_params: str = "", modality: str = "") -> None:
+                 search_params: str = "", modality: str = "", shards: int = 1) -> None:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, got {shards}")
         try:
-            base = faiss.index_factory(int(dim), factory, METRICS[metric])
+            parts = [faiss.IndexIDMap2(faiss.index_factory(int(dim), factory, METRICS[metric])) for _ in range(shards)]
         except RuntimeError as err:
             raise ValueError(f"invalid faiss factory string {factory!r}: {str(err).splitlines()[-1]}") from None
-        self.index = faiss.IndexIDMap2(base)
         self.dim, self.factory, self.metric = int(dim), factory, metric
+        self._set_parts(parts)
+        self.read_only = False
         self.encoder = dict(encoder or {})
         self.search_params = search_params
         self.modality = modality
         self._ids: list[str | None] = []
         self._row: dict[str, int] = {}
         self._tombstones: set[int] = set()
+
+    def _set_parts(self, parts: list) -> None:
+        # IndexShards does not own its shards: self.parts keeps them alive as long as the index.
+        self.parts = parts
+        if len(parts) == 1:
+            self.index = parts[0]
+            return
+        self.index = faiss.IndexShards(self.dim, True, False)  # threaded; ids are the shards' own (global rows)
+        for part in parts:
+            self.index.add_shard(part)
+
+    @property
+    def shards(self) -> int:
+        """How many faiss indexes hold the vectors."""
+        return len(self.parts)
 
     def __len__(self) -> int:
         return len(self._row)
@@ -77,7 +101,9 @@ class VectorIndex:
         return [i for i in self._ids if i is not None]
 
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Add vectors under new ids (trains the index first if its type needs training)."""
+        """Add vectors under new ids (trains the index first if its type needs training: on these vectors, so the
+        first batch added to an IVF or PQ index should be a representative sample, tens of vectors per list)."""
+        self._check_writable("add to")
         vectors = self._check_vectors(vectors, "vectors")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
@@ -101,17 +127,31 @@ class VectorIndex:
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; returns how many were removed. Unknown ids raise ``KeyError``."""
+        self._check_writable("remove from")
         missing = [i for i in ids if i not in self._row]
         if missing:
             raise KeyError(f"ids not in the index: {missing[:5]}")
         rows = np.array([self._row.pop(i) for i in ids], dtype=np.int64)
         for row in rows.tolist():
             self._ids[row] = None
-        try:
-            self.index.remove_ids(rows)
-        except RuntimeError:  # graph indexes (HNSW) cannot delete: hide the rows at search time
+        # Graph indexes (HNSW) cannot delete, and IVF deletes without renumbering, which IndexIDMap2's own removal
+        # assumes (its ids would shift onto the wrong vectors): both hide the rows at search time instead.
+        if faiss.try_extract_index_ivf(self.parts[0].index) is not None:
             self._tombstones.update(rows.tolist())
+            return len(rows)
+        try:
+            for part in self.parts:  # each shard removes the rows it holds
+                part.remove_ids(rows)
+        except RuntimeError:
+            self._tombstones.update(rows.tolist())
+        if self.shards > 1:
+            self.index.syncWithSubIndexes()
         return len(rows)
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ValueError(f"cannot {what} an index loaded memory-mapped (read-only); load it with mmap=False to "
+                             "change it, or build it again with `genret index build`")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """The ``k`` nearest items of each query: scores ``(n, k)`` and ids, best first."""
@@ -121,7 +161,7 @@ class VectorIndex:
         if k > len(self):
             raise ValueError(f"k={k} is larger than the gallery ({len(self)} items); ask for at most {len(self)}")
         if self.search_params:
-            faiss.ParameterSpace().set_index_parameters(self.index.index, self.search_params)
+            faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)  # every shard
         fetch = min(k + len(self._tombstones), self.index.ntotal)
         scores, rows = self.index.search(queries, fetch)
         out_scores = np.full((len(queries), k), -np.inf if self.metric == "ip" else np.inf, dtype=np.float32)
@@ -136,11 +176,23 @@ class VectorIndex:
 
     def reconstruct(self, ids: Sequence[str]) -> np.ndarray:
         """The stored vectors of ``ids`` (exact for Flat/HNSW, approximate for PQ)."""
-        return np.stack([self.index.reconstruct(self._row[i]) for i in ids]) if ids else np.zeros((0, self.dim))
+        return np.stack([self._reconstruct(self._row[i]) for i in ids]) if ids else np.zeros((0, self.dim))
+
+    def _reconstruct(self, row: int) -> np.ndarray:
+        for part in self.parts:  # IndexShards cannot reconstruct: ask the shard that holds the row
+            try:
+                return part.reconstruct(row)
+            except RuntimeError:
+                if _direct_map(part):  # an IVF index reconstructs through a direct map, made when first needed
+                    try:
+                        return part.reconstruct(row)
+                    except RuntimeError:
+                        pass
+        raise KeyError(f"row {row} is in no shard")
 
     def memory_bytes(self) -> int:
         """Size of the serialised faiss index, a close proxy of its memory."""
-        return int(faiss.serialize_index(self.index).nbytes)
+        return int(sum(faiss.serialize_index(part).nbytes for part in self.parts))
 
     def _check_vectors(self, x: np.ndarray, what: str) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -155,7 +207,7 @@ class VectorIndex:
         return {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "encoder": self.encoder,
             "dim": self.dim, "metric": self.metric, "normalized": True, "factory": self.factory,
-            "search_params": self.search_params, "count": len(self), "rows": len(self._ids),
+            "search_params": self.search_params, "shards": self.shards, "count": len(self), "rows": len(self._ids),
             "tombstones": sorted(self._tombstones),
         }
 
@@ -163,27 +215,28 @@ class VectorIndex:
         """Save to a directory, atomically: a failed save leaves any earlier index there intact."""
         path = Path(path)
         with atomic_dir(path, (FORMAT,)) as tmp:
-            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            for name, part in zip(_files(self.shards), self.parts):
+                faiss.write_index(part, str(tmp / name))
             write_json(tmp / "ids.json", self._ids)
             write_json(tmp / "manifest.json", self.manifest())
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder: dict | None = None) -> "VectorIndex":
-        """Load a saved index; ``encoder`` (``DualEncoder.describe()``) must match the one that built it."""
+    def load(cls, path: str | os.PathLike, encoder: dict | None = None, mmap: bool = False) -> "VectorIndex":
+        """Load a saved index; ``encoder`` (``DualEncoder.describe()``) must match the one that built it.
+
+        Args:
+            mmap: map the stored vectors rather than read them (read-only; for galleries larger than memory).
+        """
         path = Path(path)
         manifest = read_manifest(path, FORMAT, VERSION, "index")
         if encoder is not None:
             check_encoder(path, manifest["encoder"], encoder)
         self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
-                   manifest.get("search_params", ""), manifest.get("modality", ""))
-        if not (path / "index.faiss").is_file():
-            raise FileNotFoundError(f"{path}: index.faiss is missing; rebuild the index with `genret index build`")
-        try:
-            self.index = faiss.read_index(str(path / "index.faiss"))
-        except RuntimeError as err:  # a truncated or foreign file: faiss says only where in its C++ it failed
-            raise IndexMismatchError(f"{path}/index.faiss: not a readable faiss index ({str(err).splitlines()[0][:120]}); "
-                                     "it is truncated or another file: rebuild the index with `genret index build`") from None
+                   manifest.get("search_params", ""), manifest.get("modality", ""), int(manifest.get("shards", 1)))
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP if mmap else 0
+        self._set_parts([_read(path / name, flags) for name in _files(int(manifest.get("shards", 1)))])
+        self.read_only = mmap
         self._ids = read_json(path / "ids.json", what="index ids")
         self._tombstones = set(manifest.get("tombstones", []))
         self._row = {item: row for row, item in enumerate(self._ids) if item is not None}
@@ -194,6 +247,31 @@ class VectorIndex:
                                      f"{self.dim}; {self.index.ntotal} vectors, {stored} ids, manifest rows "
                                      f"{manifest['rows']}): a file was replaced or cut short; rebuild the index")
         return self
+
+
+def _direct_map(part) -> bool:
+    """Give an IVF shard a fresh direct map (id → list position: how it reconstructs); whether it is IVF. Made when
+    needed and anew, since a direct map made earlier does not follow later adds."""
+    ivf = faiss.try_extract_index_ivf(part.index)
+    if ivf is None:
+        return False
+    ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    ivf.set_direct_map_type(faiss.DirectMap.Array)
+    return True
+
+
+def _files(shards: int) -> list[str]:
+    return ["index.faiss"] if shards == 1 else [f"index-{i:03d}.faiss" for i in range(shards)]
+
+
+def _read(file: Path, flags: int):
+    if not file.is_file():
+        raise FileNotFoundError(f"{file.parent}: {file.name} is missing; rebuild the index with `genret index build`")
+    try:
+        return faiss.read_index(str(file), flags)
+    except RuntimeError as err:  # a truncated or foreign file: faiss says only where in its C++ it failed
+        raise IndexMismatchError(f"{file}: not a readable faiss index ({str(err).splitlines()[0][:120]}); "
+                                 "it is truncated or another file: rebuild the index with `genret index build`") from None
 
 
 def check_encoder(path: Path, saved: dict, current: dict) -> None:

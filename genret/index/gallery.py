@@ -1,17 +1,21 @@
 """A gallery: the searchable items of each modality, with their vector indexes.
 
 On disk, one folder per modality (``images/``, ``texts/``) holding a :class:`VectorIndex` and an
-``items.json`` with what a later stage needs to look at each item (the caption, the image path).
+``items.sqlite`` with what a later stage needs to look at each item (the caption, the image path), read per item
+(:mod:`genret.index.items`); galleries saved before it have an ``items.json``, still read (whole).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from genret._io import read_json, write_json
 from genret.index.faiss_index import VectorIndex
+from genret.index.items import FILE, ItemStore, write_items
 from genret.types import Item
 
 FOLDERS = {"image": "images", "text": "texts"}
@@ -22,7 +26,7 @@ class Gallery:
     """Items and indexes by modality (``"image"``, ``"text"``), plus where they came from."""
 
     indexes: dict[str, VectorIndex] = field(default_factory=dict)
-    items: dict[str, dict[str, Item]] = field(default_factory=dict)
+    items: dict[str, Mapping[str, Item]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
 
     def index(self, modality: str) -> VectorIndex:
@@ -47,30 +51,43 @@ class Gallery:
         for modality, index in self.indexes.items():
             folder = path / FOLDERS[modality]
             index.save(folder)
-            write_json(folder / "items.json", [_portable(asdict(self.items[modality][i]), root) for i in index.ids])
+            items = self.items[modality]
+            write_items(folder / FILE, (items[i] for i in index.ids), partial(_portable, root=root))
         write_json(path / "gallery.json", {"modalities": sorted(self.indexes), "source": self.source})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder: dict | None = None, root: str | os.PathLike | None = None) -> "Gallery":
-        """Load a saved gallery, checking each index against ``encoder`` (relative image paths: against ``root``)."""
+    def load(cls, path: str | os.PathLike, encoder: dict | None = None, root: str | os.PathLike | None = None,
+             mmap: bool = False) -> "Gallery":
+        """Load a saved gallery, checking each index against ``encoder`` (relative image paths: against ``root``).
+
+        Args:
+            mmap: map the faiss indexes' vectors rather than read them (read-only; :meth:`VectorIndex.load`).
+        """
         path = Path(path)
         meta = read_json(path / "gallery.json", what="gallery manifest")
         gallery = cls(source=meta.get("source", {}))
         for modality in meta["modalities"]:
             folder = path / FOLDERS[modality]
-            gallery.indexes[modality] = VectorIndex.load(folder, encoder=encoder)
-            items = [Item(**_resolved(d, root)) for d in read_json(folder / "items.json", what="gallery items")]
-            gallery.items[modality] = {it.id: it for it in items}
+            index = gallery.indexes[modality] = VectorIndex.load(folder, encoder=encoder, mmap=mmap)
+            if (folder / FILE).is_file():
+                store = ItemStore(folder / FILE, partial(_resolved, root=root))
+                if len(store) != len(index):
+                    raise ValueError(f"{folder}: {FILE} lists {len(store)} items, the index holds {len(index)}: the "
+                                     "folder was modified; build the index again")
+                gallery.items[modality] = store
+            else:  # saved before items.sqlite
+                items = [Item(**_resolved(d, root)) for d in read_json(folder / "items.json", what="gallery items")]
+                gallery.items[modality] = {it.id: it for it in items}
         return gallery
 
 
-def _portable(item: dict, root) -> dict:
+def _portable(item: dict, root=None) -> dict:
     if root is None or not item.get("image"):
         return item
     return {**item, "image": os.path.relpath(Path(item["image"]).resolve(), Path(root).resolve())}
 
 
-def _resolved(item: dict, root) -> dict:
+def _resolved(item: dict, root=None) -> dict:
     if root is None or not item.get("image") or Path(item["image"]).is_absolute():
         return item
     return {**item, "image": os.path.normpath(Path(root).resolve() / item["image"])}

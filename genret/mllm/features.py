@@ -27,13 +27,14 @@ class FeatureStore(MutableMapping):
 
     def __init__(self) -> None:
         self._memory: dict[str, torch.Tensor] = {}
-        self._file = None
-        self._keys: dict[str, str] = {}  # item id -> tensor name in the file
+        self._files: list = []
+        self._keys: dict[str, tuple[int, str]] = {}  # item id -> (mapped file, tensor name in it)
         self.path: Path | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "FeatureStore":
-        """Map a file written by :meth:`save`; no tensor is read until it is asked for.
+    def open(cls, path: str | os.PathLike, *more: str | os.PathLike) -> "FeatureStore":
+        """Map a file written by :meth:`save` (or several: the shares of a gallery indexed by several processes,
+        an id found in more than one taken from the first); no tensor is read until it is asked for.
 
         Raises:
             ValueError: naming the file, when it is not a safetensors file of genret features.
@@ -41,23 +42,27 @@ class FeatureStore(MutableMapping):
         from safetensors import SafetensorError, safe_open
 
         store = cls()
-        try:
-            store._file = safe_open(str(path), framework="pt")
-            ids = json.loads((store._file.metadata() or {})["ids"])
-        except (OSError, KeyError, ValueError, SafetensorError) as err:
-            raise ValueError(f"{path}: not a readable genret feature file ({err}); delete it and index again") from None
-        missing = set(map(str, range(len(ids)))) - set(store._file.keys())
-        if missing:
-            raise ValueError(f"{path}: the file lists {len(ids)} images but holds {len(ids) - len(missing)} tensors; "
-                             "it is truncated or was written by something else: index again")
-        store._keys = {i: str(n) for n, i in enumerate(ids)}
+        for file in (path, *more):
+            try:
+                fh = safe_open(str(file), framework="pt")
+                ids = json.loads((fh.metadata() or {})["ids"])
+            except (OSError, KeyError, ValueError, SafetensorError) as err:
+                raise ValueError(f"{file}: not a readable genret feature file ({err}); delete it and index again") from None
+            missing = set(map(str, range(len(ids)))) - set(fh.keys())
+            if missing:
+                raise ValueError(f"{file}: the file lists {len(ids)} images but holds {len(ids) - len(missing)} "
+                                 "tensors; it is truncated or was written by something else: index again")
+            for n, i in enumerate(ids):
+                store._keys.setdefault(i, (len(store._files), str(n)))
+            store._files.append(fh)
         store.path = Path(path)
         return store
 
     def __getitem__(self, item_id: str) -> torch.Tensor:
         if item_id in self._memory:
             return self._memory[item_id]
-        return self._file.get_tensor(self._keys[item_id])
+        file, name = self._keys[item_id]
+        return self._files[file].get_tensor(name)
 
     def __setitem__(self, item_id: str, value: torch.Tensor) -> None:
         self._memory[item_id] = value

@@ -49,8 +49,17 @@ class Stage(ABC):
         self.name = name
         self.seconds: dict[str, float] = {}
 
+    #: whether :meth:`index_gallery` computes per-image state that processes can split between them (an index
+    #: build under torchrun: each computes its share, saves it with :meth:`save_state`, the main one merges).
+    splits_gallery: ClassVar[bool] = False
+
     def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
         """Compute what the stage keeps per gallery (default: nothing)."""
+
+    def merge_states(self, folders: "Sequence[Path]", gallery: "Gallery") -> None:
+        """Take up what :meth:`save_state` wrote in each folder, each for a share of ``gallery``'s images (a stage
+        with :attr:`splits_gallery` must implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} splits its gallery state but cannot merge it")
 
     def save_state(self, folder: Path) -> None:
         """Save per-gallery state under ``folder`` (default: nothing to save)."""

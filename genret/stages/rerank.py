@@ -73,6 +73,7 @@ class RerankStage(RankStage):
     """An MLLM judges each upstream candidate (see :mod:`genret.mllm.scoring`)."""
 
     config_class = RerankConfig
+    splits_gallery = True  # its image features: each process of an index build computes its share
 
     def __init__(self, config: RerankConfig, name: str) -> None:
         super().__init__(config, name)
@@ -102,18 +103,37 @@ class RerankStage(RankStage):
 
     def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
         """Compute every gallery image's MLLM features (after the projector) once, for fast rerank."""
-        from tqdm.auto import tqdm
-
-        from genret.mllm.scoring import image_features
-
         if self.config.backend == "remote" or not self.config.cache_features or "image" not in gallery.items:
             return
         items = list(gallery.items["image"].values())
         self.features = FeatureStore()
+        self.features.update(zip((it.id for it in items), self._image_features_of(items, progress)))
+
+    def merge_states(self, folders, gallery: "Gallery") -> None:
+        """Map the features each process saved for its share (the main one of an index build); any gallery image
+        none of them has (a share saved by another model) is computed here."""
+        if self.config.backend == "remote" or not self.config.cache_features or "image" not in gallery.items:
+            return
+        files = []
+        for folder in folders:
+            if self._readable_state(folder):
+                files.append(folder / "features.safetensors")
+        self.features = FeatureStore.open(*files) if files else FeatureStore()
+        missing = [it for i, it in gallery.items["image"].items() if i not in self.features]
+        if missing:
+            logger.warning("%s: %d gallery images have no features from the other processes; computing them now",
+                           self.name, len(missing))
+            self.features.update(zip((it.id for it in missing), self._image_features_of(missing)))
+
+    def _image_features_of(self, items: list[Item], progress: bool = False) -> list:
+        from tqdm.auto import tqdm
+
+        from genret.mllm.scoring import image_features
+
+        out = []
         for s in tqdm(range(0, len(items), 64), desc=f"{self.name}: image features", disable=not progress):
-            chunk = items[s:s + 64]
-            feats = image_features(self.mllm, [load_image(it.image) for it in chunk])
-            self.features.update(zip((it.id for it in chunk), feats))
+            out.extend(image_features(self.mllm, [load_image(it.image) for it in items[s:s + 64]]))
+        return out
 
     def _feature_adapter(self) -> str | None:
         """The digest of this stage's adapter when it changes the image features (``vision`` trained), else None:
@@ -141,26 +161,32 @@ class RerankStage(RankStage):
 
     def load_state(self, folder: Path) -> None:
         """Load cached features; features of another MLLM are ignored with a warning (scored on the fly)."""
-        if self.config.backend == "remote" or not (folder / "manifest.json").is_file():
+        if self.config.backend == "remote" or not self._readable_state(folder):
             return
+        self.features = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
+
+    def _readable_state(self, folder: Path) -> bool:
+        """Whether ``folder`` holds features this stage can use (else a warning says why not)."""
+        if not (folder / "manifest.json").is_file():
+            return False
         from genret._io import read_manifest
 
         manifest = read_manifest(folder, FEATURES_FORMAT, 2, "MLLM feature cache")
         if manifest["revision"] != self.mllm.revision:  # the weights' fingerprint: a path may differ, the model not
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
-            return
+            return False
         adapter = self._feature_adapter()
         if manifest.get("adapter") != adapter:  # made with (or without) a vision-trained adapter
             logger.warning("%s: cached features were made with adapter %s, this stage's image features come from %s; "
                            "computing features on the fly (index the gallery again to cache them)", folder,
                            manifest.get("adapter") or "none", adapter or "the base alone")
-            return
-        store = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
+            return False
+        store = FeatureStore.open(folder / "features.safetensors")
         if len(store) != manifest["count"]:
             raise ValueError(f"{folder}: features.safetensors holds {len(store)} images, its manifest says "
                              f"{manifest['count']}: the folder was modified; index the gallery again")
-        self.features = store
+        return True
 
     def _image_features(self, ids: list[str], items, cache: bool = True) -> list:
         if not cache:

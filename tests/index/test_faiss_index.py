@@ -162,3 +162,16 @@ def test_a_swapped_or_cut_index_file_is_refused_by_name(tmp_path):
     (tmp_path / "big" / "index.faiss").write_bytes(data[: len(data) // 2])
     with pytest.raises(IndexMismatchError, match=r"big/index.faiss: not a readable faiss index"):
         VectorIndex.load(tmp_path / "big")
+
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "Flat", "HNSW16"])
+def test_after_a_removal_every_item_still_finds_itself(factory):
+    """IndexIDMap2's removal renumbers its ids as a flat index does; IVF does not renumber, so its ids pointed at
+    the wrong vectors after a removal (every later search answered other items)."""
+    x = unit(300, 16)
+    index = VectorIndex(16, factory, search_params="nprobe=4" if "IVF" in factory else "")
+    index.add([str(i) for i in range(300)], x)
+    index.remove([str(i) for i in range(0, 300, 7)])
+    kept = [i for i in range(300) if i % 7]
+    assert [row[0] for row in index.search(x[kept], 1)[1]] == [str(i) for i in kept]
+    assert np.allclose(index.reconstruct([str(i) for i in kept[:20]]), x[kept[:20]], atol=1e-6)
