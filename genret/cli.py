@@ -378,9 +378,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     share, state = Share(), None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()  # joins the process group; on a GPU machine each process takes its own device
+        # Joins the process group (gloo on CPU: accelerate only goes multi-process on a CPU when told cpu=True);
+        # on a GPU machine each process takes its own device.
+        state = PartialState(cpu=not torch.cuda.is_available())
         work = Path(f"{Path(args.out).resolve()}.parts")
         if state.is_main_process:
             clear(work)  # a killed build's leftovers
