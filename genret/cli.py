@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--chunk-size", type=int, default=None,
                        help="items embedded and added at a time (default 65536; an IVF/PQ index trains on the first)")
 
+    tune = index.add_parser("tune", help="choose an approximate index's efSearch / nprobe for a recall target")
+    tune.add_argument("pipeline", help="a folder written by `genret index build` (its index manifests are updated)")
+    tune.add_argument("--recall", type=float, default=0.95, help="recall@k to reach (default: 0.95)")
+    tune.add_argument("-k", "--k", type=int, default=10, help="the k of recall@k (default: 10)")
+    tune.add_argument("--queries", type=int, default=1000, help="queries to tune on (default: 1000)")
+    tune.add_argument("--modality", choices=("image", "text", "both"), default="both", help="which index (default: both)")
+    tune.add_argument("--dry-run", action="store_true", help="measure and report, change nothing")
+    tune.add_argument("--json", action="store_true", help="print the measurements as JSON")
+
     search = sub.add_parser("search", help="search a saved pipeline")
     search.add_argument("pipeline", help="a folder written by `genret index build`")
     search.add_argument("text", nargs="?", help="the text query (searches images)")
@@ -409,6 +418,53 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_tune(args: argparse.Namespace) -> int:
+    """Queries: a sample of the other modality's gallery vectors (the queries that index answers)."""
+    import numpy as np
+
+    from genret.index.gallery import FOLDERS, Gallery
+    from genret.index.tune import record, tunable, tune
+
+    folder = Path(args.pipeline) / "gallery"
+    if not (folder / "gallery.json").is_file():
+        raise FileNotFoundError(f"{args.pipeline}: no gallery/gallery.json; build the index first (genret index build)")
+    gallery = Gallery.load(folder)
+    if args.queries < 1 or args.k < 1:
+        raise ValueError(f"--queries and -k must be at least 1, got {args.queries} and {args.k}")
+    modalities = sorted(gallery.indexes) if args.modality == "both" else [args.modality]
+    report = []
+    for modality in modalities:
+        index = gallery.index(modality)
+        if tunable(index) is None:
+            report.append({"modality": modality, "factory": index.factory, "note": "exact index: nothing to tune"})
+            continue
+        other = "text" if modality == "image" else "image"
+        source = gallery.indexes.get(other, index)
+        pick = np.random.default_rng(0).choice(len(source), min(args.queries, len(source)), replace=False)
+        queries = source.reconstruct([source.ids[i] for i in sorted(pick)])
+        what = f"{len(queries)} {source.modality or other} vectors" + ("" if source is not index else
+                                                                       " of the index itself (optimistic)")
+        bar = None if args.quiet or args.json else (lambda p, v, r, ms: print(f"  {modality}: {p}={v} recall@{args.k} "
+                                                                               f"{r:.3f} {ms:.2f} ms/query", file=sys.stderr))
+        result = tune(index, queries, k=args.k, target=args.recall, progress=bar)
+        if not args.dry_run:
+            record(folder / FOLDERS[modality], result, what)
+        report.append({"modality": modality, "factory": index.factory, "queries": what, "search_params":
+                       result.search_params, "recall": round(result.recall, 4), "target": args.recall,
+                       "reached": result.recall >= args.recall, "tried": result.rows})
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for r in report:
+        if "note" in r:
+            print(f"{r['modality']} index ({r['factory']}): {r['note']}")
+            continue
+        verdict = "reaches" if r["reached"] else "does NOT reach"
+        print(f"{r['modality']} index ({r['factory']}): {r['search_params']} {verdict} recall@{args.k} {args.recall} "
+              f"({r['recall']:.3f}, {r['queries']}){'' if args.dry_run else '; saved in its manifest'}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from genret.data.images import load_image
     from genret.types import Query
@@ -477,6 +533,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     ("data", "synth"): cmd_data_synth, **{("train", c.name): cmd_train for c in TRAIN_COMMANDS}, ("index", "build"): cmd_index_build,
+    ("index", "tune"): cmd_index_tune,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
     ("serve", None): cmd_serve,
 }

@@ -1,0 +1,150 @@
+"""Choosing an approximate index's search parameter for a recall target, on queries like the real ones.
+
+An HNSW graph's recall rises with ``efSearch`` and an IVF index's with ``nprobe``, and so does the time per query;
+the right value depends on the data. :func:`tune` measures recall@k against exact search for a ladder of values
+(doubling from a small one), then bisects between the last value below the target and the first above it, and
+returns the smallest value that reaches the target with the whole table it measured.
+
+Exact search: an HNSW index searches its own flat storage, an IVF index probes every list (its codes are what it
+holds: for IVF-PQ the reference is exhaustive search over the codes, not over the original vectors).
+
+Queries: ``genret index tune`` uses the gallery's other modality (captions for the image index, images for the
+caption index): the queries it will be asked, modality gap included. A gallery's own vectors would find
+themselves and overstate recall.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from genret.index.faiss_index import VectorIndex
+
+LADDERS = {"efSearch": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256,
+                                                                                    512, 1024, 2048, 4096]}
+
+
+@dataclass
+class Tuning:
+    """What :func:`tune` measured: the chosen value and every value tried (``rows``: value, recall, ms/query)."""
+
+    param: str
+    value: int | None
+    recall: float
+    target: float
+    k: int
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def search_params(self) -> str:
+        """The faiss parameter string of the chosen value."""
+        return f"{self.param}={self.value}" if self.value is not None else ""
+
+
+def tunable(index: VectorIndex) -> str | None:
+    """The search parameter of ``index`` that trades speed for recall (``efSearch``, ``nprobe``), or None."""
+    inner = faiss.downcast_index(index.parts[0].index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    if faiss.try_extract_index_ivf(inner) is not None:
+        return "nprobe"
+    return None
+
+
+def exact_search(index: VectorIndex, queries: np.ndarray, k: int) -> list[list[str]]:
+    """The true top ``k`` item ids of each query (see the module notes for what "true" is per index type)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    fetch = min(k + len(index._tombstones), index.index.ntotal)
+    scores, rows = [], []
+    for part in index.parts:
+        inner = faiss.downcast_index(part.index)
+        position = faiss.vector_to_array(part.id_map)  # the inner index's positions -> genret rows
+        if isinstance(inner, faiss.IndexHNSW):
+            s, p = faiss.downcast_index(inner.storage).search(queries, min(fetch, inner.ntotal))
+        elif (ivf := faiss.try_extract_index_ivf(inner)) is not None:
+            s, p = part.search(queries, min(fetch, inner.ntotal), params=faiss.SearchParametersIVF(nprobe=ivf.nlist))
+            position = None  # the id map has already translated
+        else:
+            s, p = inner.search(queries, min(fetch, inner.ntotal))
+        rows.append(np.where(p >= 0, position[np.maximum(p, 0)], -1) if position is not None else p)
+        scores.append(s)
+    s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
+    best = -s if index.metric == "ip" else s
+    order = np.argsort(best, axis=1, kind="stable")
+    out = []
+    for qi in range(len(queries)):
+        kept = [int(r[qi, j]) for j in order[qi] if r[qi, j] >= 0 and int(r[qi, j]) not in index._tombstones][:k]
+        out.append([index._ids[row] for row in kept])
+    return out
+
+
+def recall_at(index: VectorIndex, queries: np.ndarray, truth: list[list[str]], k: int) -> tuple[float, float]:
+    """Recall@k of ``index`` as its search parameters stand, and its milliseconds per query (batched)."""
+    start = time.perf_counter()
+    _, got = index.search(queries, k)
+    ms = 1000 * (time.perf_counter() - start) / len(queries)
+    return float(np.mean([len(set(g) & set(t)) / len(t) for g, t in zip(got, truth) if t])), ms
+
+
+def tune(index: VectorIndex, queries: np.ndarray, k: int = 10, target: float = 0.95, progress=None) -> Tuning:
+    """The smallest value of the index's search parameter whose recall@k reaches ``target`` on ``queries``.
+
+    The index keeps the chosen ``search_params`` (or the largest tried when none reaches the target: then
+    ``Tuning.value`` is that value and ``Tuning.recall`` says how far it got).
+
+    Raises:
+        ValueError: an exact index (nothing to tune), or a target outside (0, 1].
+    """
+    param = tunable(index)
+    if param is None:
+        raise ValueError(f"index {index.factory!r} is exact: there is no search parameter to tune")
+    if not 0 < target <= 1:
+        raise ValueError(f"the recall target must be in (0, 1], got {target}")
+    k = min(k, len(index))
+    truth = exact_search(index, queries, k)
+    measured: dict[int, tuple[float, float]] = {}
+
+    def measure(value: int) -> float:
+        if value not in measured:
+            index.search_params = f"{param}={value}"
+            measured[value] = recall_at(index, queries, truth, k)
+            if progress:
+                progress(param, value, *measured[value])
+        return measured[value][0]
+
+    ladder = [v for v in LADDERS[param] if param != "nprobe" or v <= _nlist(index)]
+    low, high = None, None
+    for value in ladder:
+        if measure(value) >= target:
+            high = value
+            break
+        low = value
+    if high is not None and low is not None:  # bisect to within an eighth of the step
+        while high - low > max(1, low // 8):
+            mid = (low + high) // 2
+            low, high = (low, mid) if measure(mid) >= target else (mid, high)
+    chosen = high if high is not None else ladder[-1]
+    index.search_params = f"{param}={chosen}"
+    rows = [{"value": v, "recall": round(r, 4), "ms_per_query": round(ms, 3)} for v, (r, ms) in sorted(measured.items())]
+    return Tuning(param, chosen, measured[chosen][0], target, k, rows)
+
+
+def _nlist(index: VectorIndex) -> int:
+    return faiss.try_extract_index_ivf(faiss.downcast_index(index.parts[0].index)).nlist
+
+
+def record(folder, tuning: Tuning, queries: str) -> None:
+    """Write the chosen parameter into a saved index's manifest (atomically), with what chose it."""
+    from pathlib import Path
+
+    from genret._io import read_json, write_json
+
+    path = Path(folder) / "manifest.json"
+    manifest = read_json(path, what="index manifest")
+    manifest["search_params"] = tuning.search_params
+    manifest["tuning"] = {"target_recall": tuning.target, "k": tuning.k, "recall": round(tuning.recall, 4),
+                          "queries": queries, "tried": tuning.rows}
+    write_json(path, manifest)
