@@ -4,7 +4,7 @@
         [--max-wait-ms 5] [--json]
 
 Starts ``genret serve PIPELINE_DIR`` as its own process on a free loopback port, takes text queries from the
-pipeline's caption gallery, and first asks each one alone (one client, one at a time): those answers are the
+pipeline's caption gallery (spread over it: different images), and first asks each one alone (one client, one at a time): those answers are the
 reference. Then for each client count, that many threads send the same queries (``--requests`` in all, each
 client its share) and every answer is compared with its reference (the same ids in the same order, scores within
 1e-4: nothing lost, nothing mixed between requests). Prints per client count: requests/s, p50/p95 latency, the mean
@@ -50,6 +50,14 @@ def _same(a: dict, b: dict) -> bool:
         abs(x["scores"][s] - y["scores"][s]) <= 1e-4 for x, y in zip(ra, rb) for s in x["scores"])
 
 
+def _difference(text: str, got: dict, want: dict) -> dict:
+    """What differs between an answer and its reference: ids, and the largest score gap between same-rank hits."""
+    gap = max((abs(x["scores"][s] - y["scores"].get(s, float("inf"))) for x, y in zip(got["results"], want["results"])
+               for s in x["scores"]), default=0.0)
+    return {"query": text, "got": [r["id"] for r in got["results"]], "want": [r["id"] for r in want["results"]],
+            "max_score_gap": gap}
+
+
 def run_level(url: str, queries: list[str], clients: int, requests: int, k: int, reference: dict) -> dict:
     jobs = [queries[i % len(queries)] for i in range(requests)]
     latencies, batches, errors, mismatches = [], [], [], []
@@ -65,7 +73,7 @@ def run_level(url: str, queries: list[str], clients: int, requests: int, k: int,
                 else:
                     batches.append(body.get("batch_size", 1))
                     if not _same(body, reference[text]):
-                        mismatches.append(text)
+                        mismatches.append(_difference(text, body, reference[text]))
 
     threads = [threading.Thread(target=client, args=(jobs[c::clients],)) for c in range(clients)]
     start = time.perf_counter()
@@ -80,7 +88,7 @@ def run_level(url: str, queries: list[str], clients: int, requests: int, k: int,
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p95_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1),
             "mean_batch": round(statistics.mean(batches), 2) if batches else None,
-            "mismatches": len(mismatches), "errors": len(errors)}
+            "mismatches": len(mismatches), "errors": len(errors), "mismatched": mismatches[:5]}
 
 
 def main() -> None:
@@ -113,7 +121,9 @@ def main() -> None:
         from genret.index.gallery import Gallery  # the gallery's captions are the queries (no model loaded)
 
         texts = [it.text for it in Gallery.load(Path(args.pipeline) / "gallery", root=Path(args.pipeline)).items["text"].values()]
-        queries = texts[: min(len(texts), args.requests)]
+        # Spread over the caption gallery (one caption in every len/requests): queries about different images, as
+        # many users' are, not the first captions of a handful of images (whose candidates would overlap).
+        queries = texts[:: max(1, len(texts) // args.requests)][: args.requests]
         url = base + "/v1/search"
         reference = {}
         for text in queries:  # each alone: the reference answers
@@ -140,6 +150,10 @@ def main() -> None:
               f"{r['mean_batch']} | {r['mismatches']} | {r['errors']} | {r['server_rss_mb']} |")
     first = rows[0]["requests_per_s"]
     print("throughput vs 1 client: " + ", ".join(f"{r['clients']}: {r['requests_per_s'] / first:.2f}x" for r in rows))
+    for r in rows:
+        for m in r["mismatched"]:
+            print(f"mismatch at {r['clients']} clients: {m['query']!r}: got {m['got']}, alone {m['want']} "
+                  f"(largest score gap {m['max_score_gap']:.2e})")
 
 
 if __name__ == "__main__":

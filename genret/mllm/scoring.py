@@ -192,21 +192,26 @@ def _positions(mllm: MLLM, inputs: dict[str, torch.Tensor]) -> torch.Tensor | No
 
 
 def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, positions: torch.Tensor,
-                    batch_size: int, keep: Callable[[slice, int], torch.Tensor]):
-    """Logits of the positions ``keep`` asks for, per batch of rows, running the shared prefix once.
+                    batch_size: int, keep: Callable[[slice, int], torch.Tensor], owners: Sequence[int] | None = None):
+    """Logits of the positions ``keep`` asks for, per batch of rows, running each shared prefix once.
 
-    The prefix's KV cache is computed on the first row and repeated for each batch of suffixes,
-    which carry their explicit position ids; the result equals a full forward of each row (the tests
-    check 1e-4). Only the logits asked for are computed (``logits_to_keep``): memory grows with the
-    tokens scored, not with the prompt times the vocabulary (152k for Qwen).
+    The prefix's KV cache is computed once and given to each batch of suffixes, which carry their explicit
+    position ids; the result equals a full forward of each row (the tests check 1e-4). With ``owners`` the
+    rows share their first ``prefix`` tokens only group by group (rows with the same owner carry the same image:
+    text queries ranking images, many queries in one call): each batch runs the prefixes of the owners it holds
+    (one row each) and selects every row's cache from them, so an image several queries share is prefixed once
+    per batch, and sorting the rows by owner makes that once in all. Only the logits asked for are computed
+    (``logits_to_keep``): memory grows with the tokens scored, not with the prompt times the vocabulary (152k
+    for Qwen).
 
     Args:
         keep: ``keep(rows, width)`` gives the suffix positions (0 is the first token after the prefix)
             whose logits the caller reads, for rows of suffixes up to ``width``.
+        owners: each row's group (default: one group, every row shares the prefix).
 
     Yields:
-        ``(rows, last, logits)``: the last prefix position's logits ``(1, 1, vocab)`` and those of the kept
-        positions, ``(rows, len(kept), vocab)``.
+        ``(rows, last, logits)``: each row's last prefix position's logits ``(rows, 1, vocab)`` and those of the
+        kept positions, ``(rows, len(kept), vocab)``.
     """
     import copy
 
@@ -214,18 +219,23 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
     if embeds is None:
         embeds = mllm.model.get_input_embeddings()(inputs["input_ids"])
     mask = inputs["attention_mask"]
-    head = mllm.model(inputs_embeds=embeds[:1, :prefix], attention_mask=mask[:1, :prefix],
-                      position_ids=positions[..., :1, :prefix], use_cache=True, logits_to_keep=1)
+    owners = torch.zeros(len(embeds), dtype=torch.long) if owners is None else torch.as_tensor(owners)
+    head, head_for = None, None
     for s in range(0, len(embeds), batch_size):
         rows = slice(s, s + batch_size)
-        n = len(embeds[rows])
+        distinct, local = torch.unique(owners[rows], return_inverse=True)
+        if head_for is None or not torch.equal(distinct, head_for):
+            first = [s + int((owners[rows] == u).nonzero()[0]) for u in distinct]
+            head = mllm.model(inputs_embeds=embeds[first, :prefix], attention_mask=mask[first, :prefix],
+                              position_ids=positions[..., first, :prefix], use_cache=True, logits_to_keep=1)
+            head_for = distinct
         width = int(mask[rows].sum(dim=1).max())
         cache = copy.deepcopy(head.cache)
-        cache.batch_repeat_interleave(n)
+        cache.batch_select_indices(local.to(embeds.device))
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
                          cache=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
                          logits_to_keep=keep(rows, width - prefix).to(embeds.device))
-        yield rows, head.logits, out.logits
+        yield rows, head.logits[local.to(head.logits.device)], out.logits
 
 
 def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence[Sequence], min_prefix: int,
@@ -296,30 +306,29 @@ def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], imag
     ones the model would produce.
 
     With ``shared_prefix`` and cached features, a prompt every candidate shares (one image and
-    its instruction, when ranking captions for an image) runs once for all candidates.
+    its instruction, when ranking captions for an image) runs once for all candidates; over several images
+    (the images of many text queries, scored together), each image's prompt runs once for all the texts scored
+    against it (the same tensor object is the same image).
     """
     fmt = answer_format(mllm)
     rows = [[im] for im in images]
     prompt = render(mllm, user_message(user_template))
     full = [prompt + fmt.text(t) for t in texts]
     if shared_prefix and _all_cached(rows) and len(full) > 1:
+        if not _same_images(rows):  # many texts over several images: share each image's prefix between its rows
+            return _grouped_generative(mllm, prompt, full, rows, batch_size, min_prefix)
         inputs = _inputs(mllm, full, rows)
         start = int(_inputs(mllm, [prompt], rows[:1])["attention_mask"].sum())
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
         if prefix:
-            out = torch.empty(len(full))
-            lo = start - 1  # the first position whose logits are read: it predicts the text's first token
-            for sel, last, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size,
-                                                     keep=lambda rows, width: torch.arange(max(lo - prefix, 0), width - 1)):
-                if lo == prefix - 1:  # the text starts right after the prefix: its first token is predicted there
-                    logits = torch.cat([last.expand(len(logits), -1, -1), logits], dim=1)
-                # logits[:, j] sits at position lo + j and predicts the token after it.
-                target = inputs["input_ids"][sel, lo + 1:lo + 1 + logits.shape[1]]
-                ends = inputs["attention_mask"][sel].sum(dim=1) - 1 - lo
-                out[sel] = _mean_token_logprob(logits, target, torch.zeros_like(ends), ends).cpu()
-            return out.tolist()
+            return _generative_after_prefix(mllm, inputs, start, prefix, positions, batch_size).tolist()
+    return _plain_generative(mllm, prompt, full, rows, batch_size)
+
+
+def _plain_generative(mllm: MLLM, prompt: str, full: list[str], rows: list[list], batch_size: int) -> list[float]:
+    """:func:`generative_scores` in plain batches: every row's whole prompt runs."""
     out_list: list[float] = []
-    for s in range(0, len(texts), batch_size):
+    for s in range(0, len(full), batch_size):
         chunk_rows = rows[s:s + batch_size]
         starts = _inputs(mllm, [prompt] * len(chunk_rows), chunk_rows)["attention_mask"].sum(dim=1)
         inputs = _inputs(mllm, full[s:s + batch_size], chunk_rows)
@@ -329,6 +338,45 @@ def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], imag
         ends = inputs["attention_mask"].sum(dim=1)
         out_list += _mean_token_logprob(logits, inputs["input_ids"][:, lo + 1:], starts - 1 - lo, ends - 1 - lo).tolist()
     return out_list
+
+
+def _generative_after_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], start: int, prefix: int,
+                             positions: torch.Tensor, batch_size: int, owners: Sequence[int] | None = None) -> torch.Tensor:
+    """Mean log P(text) of each row whose text starts at ``start``, its first ``prefix`` tokens run once (per owner)."""
+    out = torch.empty(len(inputs["input_ids"]))
+    lo = start - 1  # the first position whose logits are read: it predicts the text's first token
+    for sel, last, logits in _prefix_forward(mllm, inputs, prefix, positions, batch_size,
+                                             keep=lambda rows, width: torch.arange(max(lo - prefix, 0), width - 1),
+                                             owners=owners):
+        if lo == prefix - 1:  # the text starts right after the prefix: its first token is predicted there
+            logits = torch.cat([last, logits], dim=1)
+        # logits[:, j] sits at position lo + j and predicts the token after it.
+        target = inputs["input_ids"][sel, lo + 1:lo + 1 + logits.shape[1]]
+        ends = inputs["attention_mask"][sel].sum(dim=1) - 1 - lo
+        out[sel] = _mean_token_logprob(logits, target, torch.zeros_like(ends), ends).cpu()
+    return out
+
+
+def _grouped_generative(mllm: MLLM, prompt: str, full: list[str], rows: list[list], batch_size: int,
+                        min_prefix: int) -> list[float]:
+    """:func:`generative_scores` of rows over several images (the same image object = the same image): rows are
+    sorted by image, and each image's prompt and image tokens run once for all its rows (:func:`_prefix_forward`
+    with owners). Where the prompts' image tokens differ in number (Qwen's grids), the plain batches are used."""
+    owner_of: dict[int, int] = {}
+    owners = [owner_of.setdefault(id(r[0]), len(owner_of)) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: owners[i])
+    inputs = _inputs(mllm, [full[i] for i in order], [rows[i] for i in order])
+    starts = _inputs(mllm, [prompt] * len(order), [rows[i] for i in order])["attention_mask"].sum(dim=1)
+    start = int(starts[0])
+    positions = _positions(mllm, inputs) if bool((starts == start).all()) and start - 1 >= min_prefix else None
+    if positions is None:
+        return _plain_generative(mllm, prompt, full, rows, batch_size)
+    scores = _generative_after_prefix(mllm, inputs, start, start - 1, positions, batch_size,
+                                      owners=[owners[i] for i in order])
+    out = [0.0] * len(rows)
+    for pos, i in enumerate(order):
+        out[i] = float(scores[pos])
+    return out
 
 
 def number_answers(mllm: MLLM, prompt: str, k: int) -> list[list[int]]:

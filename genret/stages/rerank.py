@@ -279,8 +279,13 @@ class RerankStage(RankStage):
     def _pairs_t2i(self, queries: Sequence[Query], items: Sequence[Sequence[Item]], cache: bool = True) -> list[float]:
         """Pointwise or generative scores of every (text query, image item) pair, in one scoring call."""
         texts = [self._text(q) for q, its in zip(queries, items) for _ in its]
-        images = self._images([it for its in items for it in its], cache)
-        return self._pairs(self.prompt.section("t2i"), texts, images)
+        flat = [it for its in items for it in its]
+        if not cache:
+            return self._pairs(self.prompt.section("t2i"), texts, self._images(flat, cache))
+        # An image several queries share is one object: the scorer runs its prompt once for all their texts.
+        distinct = list({it.id: it for it in flat}.values())
+        by_id = dict(zip((it.id for it in distinct), self._images(distinct, cache)))
+        return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat])
 
     def _pairs(self, section: dict, texts: list[str], images: list) -> list[float]:
         from genret.mllm import scoring

@@ -318,3 +318,22 @@ def test_captions_and_rewrites_run_batched_as_one_by_one(real_dirs, world, name)
     together = [r.text for r in rewriter.rewrite(rows, ["x", "y"])]
     alone = [Rewriter(mllm, max_new_tokens=6, batch_size=1).rewrite([row], [f])[0].text for row, f in zip(rows, "xy")]
     assert together == alone
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_texts_over_shared_images_score_as_each_pair_alone(real_mllms, real_dirs, images, name):
+    """Many text queries scored in one call share candidate images: each image's prompt runs once for all its
+    texts (or, where the families' image token counts differ, the plain batches): the scores of each pair alone."""
+    mllm = real_mllms[name]
+    if mllm.family.prepare_feature_cache(copy.deepcopy(mllm.processor)):
+        mllm = MLLM.load(str(real_dirs[name]))
+        mllm.family.prepare_feature_cache(mllm.processor)
+    template = load_prompt("rerank_generative").section("t2i")
+    feats = image_features(mllm, images)
+    which = [0, 1, 0, 2, 1, 0, 3, 2]
+    texts = [template["assistant"].replace("{text}", t) for t in
+             ["a red circle", "a blue square", "two shapes", "a small green triangle", "a large red square",
+              "nothing at all", "a yellow star", "a circle left of a square"]]
+    together = generative_scores(mllm, template["user"], texts, [feats[i] for i in which], batch_size=3)
+    alone = [generative_scores(mllm, template["user"], [t], [images[i]])[0] for t, i in zip(texts, which)]
+    assert together == pytest.approx(alone, abs=1e-4)
