@@ -409,7 +409,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if share.main:
         pipe.save(args.out)
         sizes = ", ".join(f"{len(ix)} {m}s" for m, ix in pipe.gallery.indexes.items())
-        print(f"saved {args.out}: {sizes} ({pipe.config.index.factory}; {share.world} process(es), "
+        cfg = pipe.config.index
+        where = cfg.factory if cfg.backend == "faiss" else f"qdrant at {cfg.url or 'local memory'}"
+        print(f"saved {args.out}: {sizes} ({where}; {share.world} process(es), "
               f"{time.perf_counter() - start:.1f} s)")
         if share.work is not None:
             clear(share.work)
@@ -435,6 +437,10 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
     report = []
     for modality in modalities:
         index = gallery.index(modality)
+        if index.factory == "qdrant":
+            report.append({"modality": modality, "factory": index.factory, "note": "a Qdrant collection: its HNSW "
+                           "is tuned on the server; set search_params = \"hnsw_ef=N\" in the pipeline file"})
+            continue
         if tunable(index) is None:
             report.append({"modality": modality, "factory": index.factory, "note": "exact index: nothing to tune"})
             continue

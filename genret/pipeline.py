@@ -68,8 +68,21 @@ class IndexConfig:
     chunk_size: int = field(default=65536, metadata={"help": "items embedded and added at a time; an IVF or PQ index "
                                                               "trains on the first chunk"})
     mmap: bool = field(default=False, metadata={"help": "load the saved index memory-mapped (read-only)"})
+    backend: str = field(default="faiss", metadata={"help": "faiss, or qdrant (a Qdrant collection; genret[qdrant])"})
+    url: str = field(default="", metadata={"help": "qdrant: the server, http://HOST:6333; empty for local in-memory "
+                                                   "mode (vectors saved with the pipeline)"})
+    collection: str = field(default="", metadata={"help": "qdrant: the collection's base name (default: the "
+                                                          "pipeline's name and the modality)"})
 
     def __post_init__(self) -> None:
+        if self.backend not in ("faiss", "qdrant"):
+            raise ValueError(f"index backend must be 'faiss' or 'qdrant', got {self.backend!r}")
+        if self.backend == "qdrant" and (self.shards != 1 or self.mmap or self.factory != "Flat"):
+            raise ValueError("index backend 'qdrant' takes no faiss settings (factory, shards, mmap): Qdrant "
+                             "builds its own HNSW graph; set its search parameters with search_params = "
+                             "\"hnsw_ef=N\"")
+        if self.backend == "faiss" and (self.url or self.collection):
+            raise ValueError("index url and collection are Qdrant settings: add backend = \"qdrant\" or remove them")
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
         if self.chunk_size < 1:
@@ -284,6 +297,12 @@ class RetrievalPipeline:
 
     def _new_index(self, modality: str) -> VectorIndex:
         cfg = self.config.index
+        if cfg.backend == "qdrant":
+            from genret.index.qdrant_index import QdrantIndex
+
+            return QdrantIndex(self.encoder.dim, cfg.metric, encoder=self.encoder.describe(),  # type: ignore[return-value]
+                               search_params=cfg.search_params, modality=modality, url=cfg.url,
+                               collection=f"{cfg.collection or self.config.name}-{modality}")
         return VectorIndex(self.encoder.dim, cfg.factory, cfg.metric, encoder=self.encoder.describe(),
                            search_params=cfg.search_params, modality=modality, shards=cfg.shards)
 

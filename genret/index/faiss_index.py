@@ -36,7 +36,22 @@ class IndexMismatchError(ManifestError):
     """A saved index that does not fit what it is loaded with (encoder, dimension, format)."""
 
 
-class VectorIndex:
+class RowIds:
+    """Item ids by row, as both backends keep them: ``_ids[row]`` (``None`` once removed) and ``_row[id]``."""
+
+    _ids: list[str | None]
+    _row: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    @property
+    def ids(self) -> list[str]:
+        """The live item ids, in insertion order."""
+        return [i for i in self._ids if i is not None]
+
+
+class VectorIndex(RowIds):
     """Nearest-neighbour search over L2-normalised embeddings with string ids.
 
     Args:
@@ -92,24 +107,11 @@ class VectorIndex:
         """How many faiss indexes hold the vectors."""
         return len(self.parts)
 
-    def __len__(self) -> int:
-        return len(self._row)
-
-    @property
-    def ids(self) -> list[str]:
-        """The live item ids, in insertion order."""
-        return [i for i in self._ids if i is not None]
-
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Add vectors under new ids (trains the index first if its type needs training: on these vectors, so the
         first batch added to an IVF or PQ index should be a representative sample, tens of vectors per list)."""
         self._check_writable("add to")
-        vectors = self._check_vectors(vectors, "vectors")
-        if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        dup = [i for i in ids if i in self._row]
-        if dup or len(set(ids)) != len(ids):
-            raise ValueError(f"ids already in the index or repeated: {dup[:5] or 'repeated in the batch'}")
+        vectors = check_new(ids, vectors, self.dim, self._row)
         if not self.index.is_trained:
             self._train(vectors)
         rows = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
@@ -195,12 +197,7 @@ class VectorIndex:
         return int(sum(faiss.serialize_index(part).nbytes for part in self.parts))
 
     def _check_vectors(self, x: np.ndarray, what: str) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{what} must have shape (n, {self.dim}), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{what} contain NaN or infinite values")
-        return x
+        return check_vectors(x, self.dim, what)
 
     def manifest(self) -> dict:
         """What the saved index records about itself."""
@@ -230,6 +227,9 @@ class VectorIndex:
         """
         path = Path(path)
         manifest = read_manifest(path, FORMAT, VERSION, "index")
+        if manifest.get("backend", "faiss") != "faiss":
+            raise IndexMismatchError(f"{path}: a {manifest['backend']} index, not a faiss one; load it with "
+                                     "genret.index.gallery.load_index")
         if encoder is not None:
             check_encoder(path, manifest["encoder"], encoder)
         self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
@@ -247,6 +247,27 @@ class VectorIndex:
                                      f"{self.dim}; {self.index.ntotal} vectors, {stored} ids, manifest rows "
                                      f"{manifest['rows']}): a file was replaced or cut short; rebuild the index")
         return self
+
+
+def check_vectors(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """``x`` as a contiguous float32 ``(n, dim)`` array, or a ValueError that says what is wrong with it."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{what} must have shape (n, {dim}), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return x
+
+
+def check_new(ids: Sequence[str], vectors: np.ndarray, dim: int, known) -> np.ndarray:
+    """The vectors to add under new ``ids`` (checked), or a ValueError: counts differ, an id known or repeated."""
+    vectors = check_vectors(vectors, dim, "vectors")
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    dup = [i for i in ids if i in known]
+    if dup or len(set(ids)) != len(ids):
+        raise ValueError(f"ids already in the index or repeated: {dup[:5] or 'repeated in the batch'}")
+    return vectors
 
 
 def _direct_map(part) -> bool:

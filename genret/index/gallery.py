@@ -68,7 +68,7 @@ class Gallery:
         gallery = cls(source=meta.get("source", {}))
         for modality in meta["modalities"]:
             folder = path / FOLDERS[modality]
-            index = gallery.indexes[modality] = VectorIndex.load(folder, encoder=encoder, mmap=mmap)
+            index = gallery.indexes[modality] = load_index(folder, encoder=encoder, mmap=mmap)
             if (folder / FILE).is_file():
                 store = ItemStore(folder / FILE, partial(_resolved, root=root))
                 if len(store) != len(index):
@@ -91,3 +91,14 @@ def _resolved(item: dict, root=None) -> dict:
     if root is None or not item.get("image") or Path(item["image"]).is_absolute():
         return item
     return {**item, "image": os.path.normpath(Path(root).resolve() / item["image"])}
+
+
+def load_index(folder: Path, encoder: dict | None = None, mmap: bool = False):
+    """A saved index of either backend, as its manifest says (faiss's :class:`VectorIndex` or a Qdrant collection)."""
+    manifest = read_json(folder / "manifest.json", what="index manifest") if (folder / "manifest.json").is_file() else {}
+    if isinstance(manifest, dict) and manifest.get("backend", "faiss") == "qdrant":
+        from genret.index.qdrant_index import QdrantIndex
+
+        return QdrantIndex.load(folder, encoder=encoder)
+    return VectorIndex.load(folder, encoder=encoder, mmap=mmap)
+
