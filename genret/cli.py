@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="pipeline folder to write")
     _add_overwrite(build)
     build.add_argument("--factory", default=None, help="faiss factory string (overrides the pipeline file)")
+    build.add_argument("--build-params", default=None,
+                       help="faiss parameters set before adding, e.g. efConstruction=200 for HNSW (a better graph: "
+                            "a lower efSearch reaches the same recall; the build takes longer)")
     build.add_argument("--shards", type=int, default=None, help="split the index between this many faiss files")
     build.add_argument("--chunk-size", type=int, default=None,
                        help="items embedded and added at a time (default 65536; an IVF/PQ index trains on the first)")
@@ -399,7 +402,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
         share = Share(state.process_index, state.num_processes, state.wait_for_everyone, work)
     pipe = _open_pipeline(args.pipeline)
-    for key in ("factory", "shards", "chunk_size"):
+    for key in ("factory", "build_params", "shards", "chunk_size"):
         if getattr(args, key) is not None:
             setattr(pipe.config.index, key, getattr(args, key))
     pipe.config.index.__post_init__()

@@ -64,6 +64,8 @@ class IndexConfig:
     factory: str = field(default="Flat", metadata={"help": "faiss factory string: Flat, HNSW32, IVF256,PQ32, ..."})
     metric: str = field(default="ip", metadata={"help": "ip (cosine on unit vectors) or l2"})
     search_params: str = field(default="", metadata={"help": "faiss search parameters, e.g. efSearch=128"})
+    build_params: str = field(default="", metadata={"help": "faiss parameters set before adding, e.g. "
+                                                            "efConstruction=200 (HNSW: a better graph, slower build)"})
     shards: int = field(default=1, metadata={"help": "faiss indexes the vectors are split between (IndexShards)"})
     chunk_size: int = field(default=65536, metadata={"help": "items embedded and added at a time; an IVF or PQ index "
                                                               "trains on the first chunk"})
@@ -77,9 +79,10 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("faiss", "qdrant"):
             raise ValueError(f"index backend must be 'faiss' or 'qdrant', got {self.backend!r}")
-        if self.backend == "qdrant" and (self.shards != 1 or self.mmap or self.factory != "Flat"):
-            raise ValueError("index backend 'qdrant' takes no faiss settings (factory, shards, mmap): Qdrant "
-                             "builds its own HNSW graph; set its search parameters with search_params = "
+        if self.backend == "qdrant" and (self.shards != 1 or self.mmap or self.factory != "Flat"
+                                         or self.build_params):
+            raise ValueError("index backend 'qdrant' takes no faiss settings (factory, build_params, shards, mmap): "
+                             "Qdrant builds its own HNSW graph; set its search parameters with search_params = "
                              "\"hnsw_ef=N\"")
         if self.backend == "faiss" and (self.url or self.collection):
             raise ValueError("index url and collection are Qdrant settings: add backend = \"qdrant\" or remove them")
@@ -304,7 +307,8 @@ class RetrievalPipeline:
                                search_params=cfg.search_params, modality=modality, url=cfg.url,
                                collection=f"{cfg.collection or self.config.name}-{modality}")
         return VectorIndex(self.encoder.dim, cfg.factory, cfg.metric, encoder=self.encoder.describe(),
-                           search_params=cfg.search_params, modality=modality, shards=cfg.shards)
+                           search_params=cfg.search_params, modality=modality, shards=cfg.shards,
+                           build_params=cfg.build_params)
 
     def run(self, queries: Sequence[Query], k: int | None = None, upstream: Sequence[Ranking] | None = None,
             rewrite: bool = True, timings: dict[str, float] | None = None) -> list[tuple[str, list[Ranking]]]:

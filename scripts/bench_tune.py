@@ -1,6 +1,6 @@
 """HNSW at a million vectors: recall@10 against efSearch, and the value `genret index tune` chooses.
 
-    python scripts/bench_tune.py [--n 1000000] [--dim 512] [--factory HNSW32] [--queries 1000] [--target 0.95] [--json]
+    python scripts/bench_tune.py [--n 1000000] [--dim 512] [--factory HNSW32] [--build-params efConstruction=N] [--queries 1000] [--target 0.95] [--json]
 
 Data: bench_index.py's (clustered unit vectors, queries shifted by a common offset: a stand-in for the modality gap
 between text queries and image embeddings). The index is built through genret's VectorIndex in chunks of 100,000,
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--factory", default="HNSW32")
+    parser.add_argument("--build-params", default="", help="e.g. efConstruction=128 (faiss's default is 40)")
     parser.add_argument("--queries", type=int, default=1000, help="tuning queries; as many again are held out")
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--threads", type=int, default=2)
@@ -37,7 +38,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     x, q = make_data(args.n, args.dim, 2 * args.queries, seed=0)
     tune_q, test_q = q[:args.queries], q[args.queries:]
-    index = VectorIndex(args.dim, args.factory)
+    index = VectorIndex(args.dim, args.factory, build_params=args.build_params)
     start = time.perf_counter()
     for s in range(0, args.n, 100_000):
         index.add([str(i) for i in range(s, min(s + 100_000, args.n))], x[s:s + 100_000])
@@ -53,7 +54,7 @@ def main() -> None:
                   progress=lambda p, v, r, ms: print(f"{p}={v}: recall@10 {r:.3f}, {ms:.2f} ms/query", file=sys.stderr))
     tuning = time.perf_counter() - start
     held_recall, held_ms = recall_at(index, test_q, truth_test, 10)
-    report = {"n": args.n, "dim": args.dim, "factory": args.factory, "build_s": round(build, 1),
+    report = {"n": args.n, "dim": args.dim, "factory": args.factory, "build_params": args.build_params, "build_s": round(build, 1),
               "tune_s": round(tuning, 1), "target": args.target, "chosen": result.search_params,
               "tuning_recall": round(result.recall, 4), "held_out_recall": round(held_recall, 4),
               "held_out_ms_per_query": round(held_ms, 3), "efSearch_128_recall": round(before["recall"], 4),
@@ -61,7 +62,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.factory}, {args.n:,} x {args.dim} (build {build:.0f} s; tuning {tuning:.0f} s on {args.queries} queries)")
+    print(f"{args.factory} {args.build_params}, {args.n:,} x {args.dim} (build {build:.0f} s; tuning {tuning:.0f} s on {args.queries} queries)")
     print("| efSearch | recall@10 (tuning queries) | ms/query (batched) |")
     print("|---|---|---|")
     for r in result.rows:

@@ -61,6 +61,8 @@ class VectorIndex(RowIds):
         encoder: what made the vectors (``DualEncoder.describe()``), recorded in the manifest.
         search_params: faiss parameter string applied at search time, e.g. ``nprobe=16`` or ``efSearch=128``.
         shards: split the vectors between this many faiss indexes (searched in parallel, saved as one file each).
+        build_params: faiss parameter string applied before vectors are added, e.g. ``efConstruction=200`` (HNSW:
+            a better graph, so a lower ``efSearch`` reaches the same recall; the build takes longer).
 
     Example:
         >>> import numpy as np
@@ -71,7 +73,7 @@ class VectorIndex(RowIds):
     """
 
     def __init__(self, dim: int, factory: str = "Flat", metric: str = "ip", encoder: dict | None = None,
-                 search_params: str = "", modality: str = "", shards: int = 1) -> None:
+                 search_params: str = "", modality: str = "", shards: int = 1, build_params: str = "") -> None:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
         if dim < 1:
@@ -82,6 +84,14 @@ class VectorIndex(RowIds):
             parts = [faiss.IndexIDMap2(faiss.index_factory(int(dim), factory, METRICS[metric])) for _ in range(shards)]
         except RuntimeError as err:
             raise ValueError(f"invalid faiss factory string {factory!r}: {str(err).splitlines()[-1]}") from None
+        if build_params:
+            try:
+                for part in parts:
+                    faiss.ParameterSpace().set_index_parameters(part, build_params)
+            except RuntimeError as err:
+                raise ValueError(f"build_params {build_params!r} do not apply to a {factory!r} index "
+                                 f"(faiss: {str(err).rsplit(': ', 1)[-1][:120]}); e.g. efConstruction=200 for HNSW") from None
+        self.build_params = build_params
         self.dim, self.factory, self.metric = int(dim), factory, metric
         self._set_parts(parts)
         self.read_only = False
@@ -204,7 +214,7 @@ class VectorIndex(RowIds):
         return {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "encoder": self.encoder,
             "dim": self.dim, "metric": self.metric, "normalized": True, "factory": self.factory,
-            "search_params": self.search_params, "shards": self.shards, "count": len(self), "rows": len(self._ids),
+            "search_params": self.search_params, "build_params": self.build_params, "shards": self.shards, "count": len(self), "rows": len(self._ids),
             "tombstones": sorted(self._tombstones),
         }
 
@@ -233,7 +243,8 @@ class VectorIndex(RowIds):
         if encoder is not None:
             check_encoder(path, manifest["encoder"], encoder)
         self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
-                   manifest.get("search_params", ""), manifest.get("modality", ""), int(manifest.get("shards", 1)))
+                   manifest.get("search_params", ""), manifest.get("modality", ""), int(manifest.get("shards", 1)),
+                   manifest.get("build_params", ""))
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP if mmap else 0
         self._set_parts([_read(path / name, flags) for name in _files(int(manifest.get("shards", 1)))])
         self.read_only = mmap
