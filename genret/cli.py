@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("pipeline", help="a folder written by `genret index build` (its index manifests are updated)")
     tune.add_argument("--recall", type=float, default=0.95, help="recall@k to reach (default: 0.95)")
     tune.add_argument("-k", "--k", type=int, default=10, help="the k of recall@k (default: 10)")
+    tune.add_argument("--confidence", type=float, default=0.95,
+                      help="reach the target with this one-sided confidence over the sample of queries (default: "
+                           "0.95; 0.5 judges by the sample's mean alone)")
     tune.add_argument("--queries", type=int, default=1000, help="queries to tune on (default: 1000)")
     tune.add_argument("--modality", choices=("image", "text", "both"), default="both", help="which index (default: both)")
     tune.add_argument("--dry-run", action="store_true", help="measure and report, change nothing")
@@ -455,12 +458,13 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
                                                                        " of the index itself (optimistic)")
         bar = None if args.quiet or args.json else (lambda p, v, r, ms: print(f"  {modality}: {p}={v} recall@{args.k} "
                                                                                f"{r:.3f} {ms:.2f} ms/query", file=sys.stderr))
-        result = tune(index, queries, k=args.k, target=args.recall, progress=bar)
+        result = tune(index, queries, k=args.k, target=args.recall, progress=bar, confidence=args.confidence)
         if not args.dry_run:
             record(folder / FOLDERS[modality], result, what)
         report.append({"modality": modality, "factory": index.factory, "queries": what, "search_params":
                        result.search_params, "recall": round(result.recall, 4), "target": args.recall,
-                       "reached": result.recall >= args.recall, "tried": result.rows})
+                       "lower_bound": round(result.lower, 4), "confidence": args.confidence,
+                       "reached": result.lower >= args.recall, "tried": result.rows})
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -470,7 +474,8 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
             continue
         verdict = "reaches" if r["reached"] else "does NOT reach"
         print(f"{r['modality']} index ({r['factory']}): {r['search_params']} {verdict} recall@{args.k} {args.recall} "
-              f"({r['recall']:.3f}, {r['queries']}){'' if args.dry_run else '; saved in its manifest'}")
+              f"with confidence {r['confidence']} ({r['recall']:.3f}, lower bound {r['lower_bound']:.3f}, "
+              f"{r['queries']}){'' if args.dry_run else '; saved in its manifest'}")
     return 0
 
 

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--build-params", default="", help="e.g. efConstruction=128 (faiss's default is 40)")
     parser.add_argument("--queries", type=int, default=1000, help="tuning queries; as many again are held out")
     parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--confidence", type=float, default=0.95, help="genret index tune's --confidence")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -50,24 +51,25 @@ def main() -> None:
     truth_test = exact_search(index, test_q, 10)
     before["recall"], before["ms"] = recall_at(index, test_q, truth_test, 10)
     start = time.perf_counter()
-    result = tune(index, tune_q, k=10, target=args.target,
+    result = tune(index, tune_q, k=10, target=args.target, confidence=args.confidence,
                   progress=lambda p, v, r, ms: print(f"{p}={v}: recall@10 {r:.3f}, {ms:.2f} ms/query", file=sys.stderr))
     tuning = time.perf_counter() - start
     held_recall, held_ms = recall_at(index, test_q, truth_test, 10)
     report = {"n": args.n, "dim": args.dim, "factory": args.factory, "build_params": args.build_params, "build_s": round(build, 1),
               "tune_s": round(tuning, 1), "target": args.target, "chosen": result.search_params,
-              "tuning_recall": round(result.recall, 4), "held_out_recall": round(held_recall, 4),
+              "confidence": args.confidence,
+              "tuning_recall": round(result.recall, 4), "tuning_lower_bound": round(result.lower, 4), "held_out_recall": round(held_recall, 4),
               "held_out_ms_per_query": round(held_ms, 3), "efSearch_128_recall": round(before["recall"], 4),
               "efSearch_128_ms_per_query": round(before["ms"], 3), "tried": result.rows}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.factory} {args.build_params}, {args.n:,} x {args.dim} (build {build:.0f} s; tuning {tuning:.0f} s on {args.queries} queries)")
-    print("| efSearch | recall@10 (tuning queries) | ms/query (batched) |")
-    print("|---|---|---|")
+    print(f"| efSearch | recall@10 (tuning queries) | lower bound ({args.confidence}) | ms/query (batched) |")
+    print("|---|---|---|---|")
     for r in result.rows:
         mark = " **chosen**" if r["value"] == result.value else ""
-        print(f"| {r['value']}{mark} | {r['recall']:.3f} | {r['ms_per_query']:.2f} |")
+        print(f"| {r['value']}{mark} | {r['recall']:.3f} | {r['lower']:.3f} | {r['ms_per_query']:.2f} |")
     print(f"held-out queries: efSearch=128 recall@10 {before['recall']:.3f} ({before['ms']:.2f} ms/query); "
           f"{result.search_params} recall@10 {held_recall:.3f} ({held_ms:.2f} ms/query)")
 

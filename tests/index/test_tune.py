@@ -66,3 +66,19 @@ def test_genret_index_tune_saves_its_choice_in_the_manifest(tmp_path, clip_dir, 
     assert RetrievalPipeline.load(out).gallery.index("image").search_params == image["search_params"]
     assert main(["index", "tune", str(tmp_path / "nowhere")]) == 2
     assert "no gallery/gallery.json" in capsys.readouterr().err
+
+
+def test_the_target_is_reached_with_confidence_not_by_the_sample_mean_alone():
+    from genret.index.tune import lower_bound
+
+    assert lower_bound(np.array([1.0, 1.0, 0.0, 0.0]), 0.5) == 0.5
+    assert abs(lower_bound(np.array([1.0, 1.0, 0.0, 0.0]), 0.95) - (0.5 - 1.6449 * 0.57735 / 2)) < 1e-4
+    x, q = data()
+    index = VectorIndex(x.shape[1], "HNSW8")
+    index.add([str(i) for i in range(len(x))], x)
+    by_mean, confident = tune(index, q, target=0.97, confidence=0.5), tune(index, q, target=0.97, confidence=0.99)
+    assert by_mean.lower == by_mean.recall >= 0.97
+    assert confident.lower >= 0.97 and confident.recall > confident.lower and confident.value > by_mean.value
+    assert all(r["lower"] < 0.97 for r in confident.rows if r["value"] < confident.value)
+    with pytest.raises(ValueError, match=r"confidence must be in \[0.5, 1\)"):
+        tune(index, q, confidence=1.0)
