@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from genret import __version__
 from genret._io import atomic_dir, read_manifest, write_json
@@ -33,6 +33,9 @@ from genret.index.faiss_index import VectorIndex
 from genret.index.gallery import Gallery
 from genret.stages import STAGES, RankStage, RewriteStage, Stage, StageContext
 from genret.types import Hit, Item, Query, Ranking, SearchResult
+
+if TYPE_CHECKING:
+    from genret.index.qdrant_index import QdrantIndex
 
 logger = logging.getLogger(__name__)
 
@@ -298,12 +301,12 @@ class RetrievalPipeline:
             else:
                 stage.index_gallery(gallery, progress=progress)
 
-    def _new_index(self, modality: str) -> VectorIndex:
+    def _new_index(self, modality: str) -> VectorIndex | QdrantIndex:
         cfg = self.config.index
         if cfg.backend == "qdrant":
             from genret.index.qdrant_index import QdrantIndex
 
-            return QdrantIndex(self.encoder.dim, cfg.metric, encoder=self.encoder.describe(),  # type: ignore[return-value]
+            return QdrantIndex(self.encoder.dim, cfg.metric, encoder=self.encoder.describe(),
                                search_params=cfg.search_params, modality=modality, url=cfg.url,
                                collection=f"{cfg.collection or self.config.name}-{modality}")
         return VectorIndex(self.encoder.dim, cfg.factory, cfg.metric, encoder=self.encoder.describe(),

@@ -4,8 +4,8 @@
         [--max-wait-ms 5] [--json]
 
 Starts ``genret serve PIPELINE_DIR`` as its own process on a free loopback port, takes text queries from the
-pipeline's caption gallery (spread over it: different images), and first asks each one alone (one client, one at a time): those answers are the
-reference. Then for each client count, that many threads send the same queries (``--requests`` in all, each
+pipeline's caption gallery (spread over it: different images), and first asks each one alone (one client, one at
+a time): those answers are the reference. Then for each client count, that many threads send the same queries (``--requests`` in all, each
 client its share) and every answer is compared with its reference (the same ids in the same order, scores within
 1e-4: nothing lost, nothing mixed between requests). Prints per client count: requests/s, p50/p95 latency, the mean
 batch size the server reports, mismatches, errors, and the server's resident memory after the run.

@@ -50,6 +50,12 @@ class RowIds:
         """The live item ids, in insertion order."""
         return [i for i in self._ids if i is not None]
 
+    def _check_k(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if k > len(self):
+            raise ValueError(f"k={k} is larger than the gallery ({len(self)} items); ask for at most {len(self)}")
+
 
 class VectorIndex(RowIds):
     """Nearest-neighbour search over L2-normalised embeddings with string ids.
@@ -168,10 +174,7 @@ class VectorIndex(RowIds):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """The ``k`` nearest items of each query: scores ``(n, k)`` and ids, best first."""
         queries = self._check_vectors(queries, "queries")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if k > len(self):
-            raise ValueError(f"k={k} is larger than the gallery ({len(self)} items); ask for at most {len(self)}")
+        self._check_k(k)
         if self.search_params:
             faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)  # every shard
         fetch = min(k + len(self._tombstones), self.index.ntotal)
@@ -214,7 +217,8 @@ class VectorIndex(RowIds):
         return {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "encoder": self.encoder,
             "dim": self.dim, "metric": self.metric, "normalized": True, "factory": self.factory,
-            "search_params": self.search_params, "build_params": self.build_params, "shards": self.shards, "count": len(self), "rows": len(self._ids),
+            "search_params": self.search_params, "build_params": self.build_params, "shards": self.shards,
+            "count": len(self), "rows": len(self._ids),
             "tombstones": sorted(self._tombstones),
         }
 

@@ -119,13 +119,17 @@ class QdrantIndex(RowIds):
         """Add vectors under new ids."""
         vectors = check_new(ids, vectors, self.dim, self._row)
         rows = list(range(len(self._ids), len(self._ids) + len(ids)))
-        for s in range(0, len(rows), 1024):  # bounded requests to a server
-            self.client.upsert(self.collection, wait=True, points=self._models.Batch(
-                ids=rows[s:s + 1024], vectors=vectors[s:s + 1024].tolist(),
-                payloads=[{"id": str(i)} for i in ids[s:s + 1024]]))
+        self._upsert(rows, vectors, [str(i) for i in ids])
         for row, item in zip(rows, ids):
             self._ids.append(str(item))
             self._row[str(item)] = row
+
+    def _upsert(self, rows: Sequence[int], vectors: np.ndarray, ids: Sequence[str]) -> None:
+        """Write points (row number, vector, the gallery id as payload), in bounded requests to a server."""
+        for s in range(0, len(rows), 1024):
+            self.client.upsert(self.collection, wait=True, points=self._models.Batch(
+                ids=list(rows[s:s + 1024]), vectors=vectors[s:s + 1024].tolist(),
+                payloads=[{"id": i} for i in ids[s:s + 1024]]))
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; returns how many were there. Unknown ids are ignored."""
@@ -139,10 +143,7 @@ class QdrantIndex(RowIds):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """The ``k`` nearest items of each query: scores ``(n, k)`` and ids, best first."""
         queries = check_vectors(queries, self.dim, "queries")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if k > len(self):
-            raise ValueError(f"k={k} is larger than the gallery ({len(self)} items); ask for at most {len(self)}")
+        self._check_k(k)
         params = self._models.SearchParams(**self._params) if self._params else None
         answers = self.client.query_batch_points(self.collection, requests=[
             self._models.QueryRequest(query=q.tolist(), limit=k, params=params) for q in queries])
@@ -185,9 +186,9 @@ class QdrantIndex(RowIds):
         path = Path(path)
         with atomic_dir(path, (FORMAT,)) as tmp:
             if not self.url:
-                live = [row for row, item in enumerate(self._ids) if item is not None]
-                vectors = self.reconstruct([self._ids[r] for r in live])
-                save_file({"rows": np.asarray(live, dtype=np.int64), "vectors": vectors}, str(tmp / VECTORS))
+                live = self.ids
+                save_file({"rows": np.asarray([self._row[i] for i in live], dtype=np.int64),
+                           "vectors": self.reconstruct(live)}, str(tmp / VECTORS))
             write_json(tmp / "ids.json", self._ids)
             write_json(tmp / "manifest.json", self.manifest())
         return path
@@ -203,8 +204,8 @@ class QdrantIndex(RowIds):
             check_encoder(path, manifest["encoder"], encoder)
         url = manifest.get("url", "")
         self = cls(manifest["dim"], manifest["metric"], manifest["encoder"], manifest.get("search_params", ""),
-                   manifest.get("modality", ""), url, manifest["collection"], _existing=None if not url else
-                   manifest["collection"])
+                   manifest.get("modality", ""), url, manifest["collection"],
+                   _existing=manifest["collection"] if url else None)
         self._ids = read_json(path / "ids.json", what="index ids")
         self._row = {item: row for row, item in enumerate(self._ids) if item is not None}
         if len(self._ids) != manifest["rows"] or len(self) != manifest["count"]:
@@ -229,13 +230,11 @@ class QdrantIndex(RowIds):
         except (SafetensorError, KeyError, OSError) as err:
             raise IndexMismatchError(f"{file}: not readable ({_short(err)}); it is truncated or another file: rebuild "
                                      "the index") from None
-        if len(rows) != len(self) or vectors.shape != (len(self), self.dim):
+        live = [self._row[i] for i in self.ids]
+        if rows.tolist() != live or vectors.shape != (len(self), self.dim):
             raise IndexMismatchError(f"{file}: holds {tuple(vectors.shape)} vectors, the index lists {len(self)} of dim "
-                                     f"{self.dim}: a file was replaced; rebuild the index")
-        for s in range(0, len(rows), 1024):
-            self.client.upsert(self.collection, wait=True, points=self._models.Batch(
-                ids=rows[s:s + 1024].tolist(), vectors=vectors[s:s + 1024].tolist(),
-                payloads=[{"id": self._ids[r]} for r in rows[s:s + 1024].tolist()]))
+                                     f"{self.dim} in other rows: a file was replaced; rebuild the index")
+        self._upsert(live, vectors, self.ids)
 
     def _check_collection(self, path: Path, manifest: dict) -> None:
         try:

@@ -53,6 +53,8 @@ class Tuning:
 
 def tunable(index: VectorIndex) -> str | None:
     """The search parameter of ``index`` that trades speed for recall (``efSearch``, ``nprobe``), or None."""
+    if not isinstance(index, VectorIndex):  # another backend (Qdrant) tunes its own graph
+        return None
     inner = faiss.downcast_index(index.parts[0].index)
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch"
@@ -175,6 +177,6 @@ def record(folder, tuning: Tuning, queries: str) -> None:
     manifest = read_json(path, what="index manifest")
     manifest["search_params"] = tuning.search_params
     manifest["tuning"] = {"target_recall": tuning.target, "k": tuning.k, "recall": round(tuning.recall, 4),
-                          "confidence": tuning.confidence, "lower_bound": round(tuning.lower or tuning.recall, 4),
+                          "confidence": tuning.confidence, "lower_bound": round(tuning.recall if tuning.lower is None else tuning.lower, 4),
                           "queries": queries, "tried": tuning.rows}
     write_json(path, manifest)

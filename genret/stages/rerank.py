@@ -280,9 +280,8 @@ class RerankStage(RankStage):
         """Pointwise or generative scores of every (text query, image item) pair, in one scoring call."""
         texts = [self._text(q) for q, its in zip(queries, items) for _ in its]
         flat = [it for its in items for it in its]
-        if not cache:
-            return self._pairs(self.prompt.section("t2i"), texts, self._images(flat, cache))
-        # An image several queries share is one object: the scorer runs its prompt once for all their texts.
+        # An image several queries share is loaded once and is one object: the scorer runs its prompt once for all
+        # their texts (where its features are cached).
         distinct = list({it.id: it for it in flat}.values())
         by_id = dict(zip((it.id for it in distinct), self._images(distinct, cache)))
         return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat])

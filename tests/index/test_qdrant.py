@@ -44,7 +44,7 @@ def test_a_saved_local_index_loads_into_a_fresh_collection(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["ids.json", "manifest.json", "vectors.safetensors"]
     loaded = load_index(tmp_path / "ix", encoder={"model": "m", "revision": "abc", "dim": 8})
     assert isinstance(loaded, QdrantIndex) and loaded.ids == index.ids and loaded.client is not index.client
-    assert loaded.search(x[:6], 5) [1] == index.search(x[:6], 5)[1]
+    assert loaded.search(x[:6], 5)[1] == index.search(x[:6], 5)[1]
     with pytest.raises(IndexMismatchError, match="encoder"):
         load_index(tmp_path / "ix", encoder={"model": "other", "revision": "def", "dim": 8})
     with pytest.raises(IndexMismatchError, match="a qdrant index, not a faiss one"):
