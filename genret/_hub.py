@@ -29,6 +29,9 @@ def check_model_ref(ref: str | os.PathLike, what: str = "model") -> str:
         if not path.is_dir():
             where = f" ({path.parts[0]}/ exists, {ref} does not)" if under_local and not path.exists() else ""
             raise FileNotFoundError(f"{what} directory not found: {ref}{where}")
+        from genret._io import check_local_model
+
+        check_local_model(path, what)
         return str(path)
     if hub_offline():
         raise FileNotFoundError(

@@ -1,14 +1,64 @@
-"""Atomic file writes and JSON helpers shared by every artefact that genret saves."""
+"""The artefact layer: every folder genret saves, and every file it writes, goes through here.
+
+A saved folder (an *artefact*: pipeline, index, adapter, checkpoint, trained model, world, eval report) holds a
+manifest (``manifest.json``, ``genret.json`` or ``trainer_state.json``) that says what made it and, under
+``files``, every file it holds: relative name, size, a whole-content SHA-256 and a sampled hash (size plus blocks
+spread over the file) that loading checks in constant time per file; ``genret verify`` checks the full hash.
+
+Writes: :func:`atomic_dir` fills a new folder under a unique, marked temporary name beside the target, seals its
+manifest with the file list, and swaps it into place with an atomic exchange (Linux ``renameat2``), so a kill at
+any instant leaves the old or the new artefact whole. A file in the old folder that its manifest does not list is
+the user's: the write is refused unless ``--overwrite`` (:func:`overwrite_allowed`), and even then the user's files
+are kept (hard-linked into the new folder before the exchange). Nothing is ever removed or moved that the same
+call did not create, except the listed files of the artefact it replaces.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+OWNER = "genret"
+MANIFEST_NAMES = ("manifest.json", "genret.json", "trainer_state.json")
+RUN_MARKER = ".genret-run.json"
+"""Written by a training run into its output folder: the folders it owns while it runs (checkpoints, logs)."""
+RUN_FOLDERS = ("checkpoints", "logs")
+TMP_MARK = ".genret-"
+"""In the name of every temporary path genret makes (``.NAME.genret-XXXX.tmp``): never a name a user picks."""
+SMALL = 8 << 20  # files up to 8 MiB are hashed whole on load
+BLOCK = 1 << 16
+SAMPLES = 16
+FORMATS = {".json": "json", ".faiss": "faiss", ".safetensors": "safetensors", ".sqlite": "sqlite",
+           ".toml": "toml", ".yaml": "yaml", ".md": "markdown", ".png": "png", ".jinja": "jinja", ".txt": "text",
+           ".jsonl": "jsonl", ".model": "sentencepiece"}
+_OVERWRITE: set[Path] = set()
+
+
+class ManifestError(ValueError):
+    """A saved artefact whose manifest does not describe what the loader expects."""
+
+
+class ArtefactError(ManifestError):
+    """A saved artefact whose files are not those its manifest lists (missing, cut short, replaced, edited)."""
+
+
+class OutputError(ValueError):
+    """An output folder that would replace or hold something it must not (the user's files, an input)."""
+
+
+# ---------------------------------------------------------------------------------------------------- files
 
 
 @contextmanager
@@ -19,7 +69,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; saved artefacts are ordinary files
@@ -32,9 +82,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically (NaN and infinities refused: they are not JSON)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,34 +105,158 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ValueError(f"{path}: line {err.lineno}, column {err.colno}: malformed JSON ({err.msg})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text; is it the right file?") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
 
 
-class ManifestError(ValueError):
-    """A saved artefact whose manifest does not describe what the loader expects."""
+def fingerprint(path: str | os.PathLike, full: bool = False) -> str:
+    """A content hash of a file: SHA-256 of it whole (``full``, or at most :data:`SMALL` bytes), else of its size
+    and :data:`SAMPLES` blocks spread evenly over it (first and last included): constant time for any size."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if full or size <= SMALL:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        for i in range(SAMPLES):
+            fh.seek((size - BLOCK) * i // (SAMPLES - 1))
+            h.update(fh.read(BLOCK))
+    return "sample:" + h.hexdigest()
 
 
-def read_manifest(folder: str | os.PathLike, fmt: str, version: int, what: str) -> dict:
-    """Read ``folder/manifest.json`` and check its format name and version.
+def describe_file(path: Path) -> dict:
+    """A manifest's entry for one file: size, whole-content SHA-256, sampled hash, format."""
+    entry = {"size": path.stat().st_size, "sha256": fingerprint(path, full=True)}
+    entry["sample"] = entry["sha256"] if entry["size"] <= SMALL else fingerprint(path)
+    entry["format"] = FORMATS.get(path.suffix.lower(), "binary")
+    return entry
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
+    """Every non-directory entry under ``folder`` (symbolic links not followed), by relative POSIX name."""
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        base = Path(root)
+        for name in sorted(files) + [d for d in dirs if (base / d).is_symlink()]:
+            path = base / name
+            yield path.relative_to(folder).as_posix(), path
+
+
+# ------------------------------------------------------------------------------------------------ manifests
+
+
+def manifest_file(folder: str | os.PathLike) -> Path | None:
+    """The manifest a folder holds (the first of :data:`MANIFEST_NAMES` that is there), or None."""
+    for name in MANIFEST_NAMES:
+        path = Path(folder) / name
+        if path.is_file() and not path.is_symlink():
+            return path
+    return None
+
+
+def _parse(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def seal(folder: str | os.PathLike, name: str | None = None, manifest: dict | None = None) -> Path:
+    """Write ``folder``'s manifest with the list of every file it holds (their sizes and hashes) and its owner.
+
+    Args:
+        name: the manifest's file name (default: the one the folder holds, else ``manifest.json``).
+        manifest: the fields to write (default: those of the manifest already there).
+    """
+    folder = Path(folder)
+    found = manifest_file(folder)
+    path = folder / name if name else (found or folder / "manifest.json")
+    if manifest is None:
+        manifest = _parse(path) if path.is_file() else None
+        if manifest is None:
+            raise ManifestError(f"{path}: no manifest to seal")
+    files = {rel: describe_file(p) for rel, p in _walk(folder)
+             if rel != path.name and not p.is_symlink() and TMP_MARK not in p.name}
+    write_json(path, {**{k: v for k, v in manifest.items() if k not in ("files", "owner")}, "owner": OWNER,
+                      "files": files})
+    return path
+
+
+def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact", full: bool = False) -> int:
+    """Check that ``folder`` holds the files ``manifest`` lists, with their sizes and hashes.
+
+    A manifest written before genret listed files (no ``files``) is let through with a warning.
+
+    Args:
+        full: compare whole-content SHA-256s (``genret verify``) rather than sampled hashes.
+
+    Returns:
+        How many files were checked.
+
+    Raises:
+        ArtefactError: naming the first file that is missing, of another size, or of other content.
+    """
+    folder = Path(folder)
+    files = manifest.get("files")
+    if files is None:
+        logger.warning("%s: a %s saved by an earlier genret, whose manifest lists no files: its content cannot be "
+                       "checked; save it again to have it checked", folder, what)
+        return 0
+    if not isinstance(files, dict):
+        raise ArtefactError(f"{folder}: the manifest's 'files' is not a table of files; the manifest was edited: "
+                            "save the {what} again")
+    root = folder.resolve()
+    for rel, entry in files.items():
+        path = folder / rel
+        if not isinstance(entry, dict) or Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
+            raise ArtefactError(f"{folder}: the manifest lists {rel!r} oddly; the manifest was edited: save the "
+                                f"{what} again")
+        if path.is_symlink() or not path.is_file():
+            raise ArtefactError(f"{path}: missing from the {what} (its manifest lists it); the folder was modified: "
+                                "save it again")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise ArtefactError(f"{path}: {size} bytes, the {what}'s manifest says {entry.get('size')}: it was cut "
+                                "short or replaced by another file; save the artefact again")
+        key = "sha256" if full else "sample"
+        if cached_fingerprint(path, full and size > SMALL) != entry.get(key):
+            raise ArtefactError(f"{path}: its content is not what the {what}'s manifest lists (hash mismatch): it "
+                                "was edited or taken from another artefact; save the artefact again")
+    return len(files)
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def cached_fingerprint(path: Path, full: bool = False) -> str:
+    """:func:`fingerprint`, remembered for a file of the same size, time and inode (within this process)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, full)
+    if key not in _HASHES:
+        _HASHES[key] = fingerprint(path, full=full)
+    return _HASHES[key]
+
+
+def read_manifest(folder: str | os.PathLike, fmt: str, version: int, what: str, name: str = "manifest.json") -> dict:
+    """Read ``folder/name``, check its format name and version, and check the files it lists.
 
     Raises:
         ManifestError: naming the folder, when the format or version is not the expected one.
+        ArtefactError: naming the file, when a listed file is missing or not what was saved.
     """
     folder = Path(folder)
-    manifest = read_json(folder / "manifest.json", what=f"{what} manifest")
+    manifest = read_json(folder / name, what=f"{what} manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ManifestError(f"{folder}: not a saved genret {what} (manifest format {found!r}, expected {fmt!r})")
     if manifest.get("version") != version:
         raise ManifestError(f"{folder}: {what} format version {manifest.get('version')}, this genret reads {version}")
+    check_files(folder, manifest, what)
     return manifest
-
-
-MANIFEST_NAMES = ("manifest.json", "genret.json", "trainer_state.json")
-_OVERWRITE: set[Path] = set()
-
-
-class OutputError(ValueError):
-    """An output folder that would replace or hold something it must not (the user's files, an input)."""
 
 
 WORLD_GENERATORS = ("genret.world.synth", "genret.data.synth")
@@ -89,40 +264,65 @@ WORLD_GENERATORS = ("genret.world.synth", "genret.data.synth")
 
 
 def artefact_format(folder: str | os.PathLike) -> str | None:
-    """The ``format`` of the genret manifest a folder holds, or None when it holds none.
+    """The ``format`` of the genret artefact a folder holds, or None when it holds none.
 
-    Two folders have no manifest of their own: a training run in progress (``checkpoints/`` of
-    trainer states, or only ``checkpoints/`` and the trackers' ``logs/``: ``"genret.train_run"``) and the miniature world (``dataset_synth.json`` that genret's
-    generator wrote: ``"genret.world"``).
+    A training run in progress has a run marker (:data:`RUN_MARKER`) instead of a manifest
+    (``"genret.train_run"``); a world made before worlds had manifests is known by its ``dataset_synth.json``.
     """
     folder = Path(folder)
-    run = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("*/trainer_state.json"))
-    if not run and folder.is_dir() and (folder / "logs").is_dir():  # a run that logs to trackers, before its result
-        run = {p.name for p in folder.iterdir()} <= {"checkpoints", "logs"}
-    if run and not any((folder / n).is_file() for n in MANIFEST_NAMES):
+    path = manifest_file(folder)
+    if path is not None:
+        found = _parse(path)
+        return found.get("format") if found else None
+    if (folder / RUN_MARKER).is_file():
         return "genret.train_run"
-    world = folder / "dataset_synth.json"
-    if world.is_file():
-        try:
-            made = json.loads(world.read_text(encoding="utf-8")).get("genret", {})
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            made = {}
-        if isinstance(made, dict) and made.get("generator") in WORLD_GENERATORS:
-            return "genret.world"
-    for name in MANIFEST_NAMES:
-        path = Path(folder) / name
-        if path.is_file():
-            try:
-                found = json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                return None
-            return found.get("format") if isinstance(found, dict) else None
+    world = _parse(folder / "dataset_synth.json") if (folder / "dataset_synth.json").is_file() else None
+    made = world.get("genret") if world else None
+    if isinstance(made, dict) and made.get("generator") in WORLD_GENERATORS:
+        return "genret.world"
     return None
+
+
+def owned_files(folder: str | os.PathLike) -> set[str]:
+    """The relative names of the files in ``folder`` that genret wrote there: those its manifest lists, the
+    manifest itself, and what a training run's marker claims (its checkpoints and logs)."""
+    folder = Path(folder)
+    owned: set[str] = set()
+    path = manifest_file(folder)
+    manifest = _parse(path) if path is not None else None
+    if manifest is not None and manifest.get("owner") == OWNER and isinstance(manifest.get("files"), dict):
+        owned |= set(manifest["files"]) | {path.name}
+    marker = _parse(folder / RUN_MARKER) if (folder / RUN_MARKER).is_file() else None
+    if marker is not None and marker.get("owner") == OWNER:
+        owned.add(RUN_MARKER)
+        claimed = [d for d in marker.get("folders", []) if d in RUN_FOLDERS]
+        owned |= {rel for rel, _ in _walk(folder) if rel.split("/", 1)[0] in claimed}
+    return owned
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """The relative names of the entries under ``folder`` genret did not write there: the user's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    owned = owned_files(folder)
+    return [rel for rel, _ in _walk(folder) if rel not in owned]
+
+
+def mark_run(folder: str | os.PathLike) -> None:
+    """Record in ``folder`` that a training run writes its checkpoints and logs there (see :func:`owned_files`)."""
+    path = Path(folder) / RUN_MARKER
+    if not path.is_file():
+        write_json(path, {"format": "genret.train_run", "owner": OWNER, "folders": list(RUN_FOLDERS)})
+
+
+# --------------------------------------------------------------------------------------------------- writes
 
 
 @contextmanager
 def overwrite_allowed(*paths: str | os.PathLike) -> Iterator[None]:
-    """Within the block, :func:`atomic_dir` may replace these folders whatever they hold (``--overwrite``)."""
+    """Within the block, :func:`atomic_dir` may replace the genret files of these folders even where they hold
+    other files (kept) or another kind of artefact (``--overwrite``)."""
     added = {Path(p).resolve() for p in paths} - _OVERWRITE
     _OVERWRITE.update(added)
     try:
@@ -134,15 +334,19 @@ def overwrite_allowed(*paths: str | os.PathLike) -> Iterator[None]:
 def check_output_dir(path: str | os.PathLike, formats: tuple[str, ...] = (), *, inputs=(), what: str = "output") -> Path:
     """Refuse an output folder that writing would damage; nothing is created or removed here.
 
-    Refused whatever ``overwrite`` says: a path that is a file, the working folder or a folder above it,
-    and a folder that is, or holds, one of ``inputs``. Refused unless :func:`overwrite_allowed`: an
-    existing non-empty folder that is not a genret artefact of one of ``formats``.
+    Refused whatever ``--overwrite`` says: a file, a symbolic link, the working folder or a folder above it,
+    and a folder that is, or holds, one of ``inputs``. Refused unless :func:`overwrite_allowed`: a folder that
+    holds files its manifest does not list (the user's: they would be kept, but the user did not say to write
+    beside them), or an artefact of a kind not in ``formats``.
 
     Raises:
         OutputError: naming the path and what to do.
     """
     path = Path(path)
     resolved = path.resolve()
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link: name the folder itself ({os.readlink(path)}) or a new one "
+                          f"for the {what} (nothing was written)")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is a file, not a folder: name a folder for the {what} (nothing was written)")
     here = Path.cwd().resolve()
@@ -158,49 +362,230 @@ def check_output_dir(path: str | os.PathLike, formats: tuple[str, ...] = (), *, 
                               "destroy it; name another folder (nothing was written)")
     if path.is_dir() and any(path.iterdir()) and resolved not in _OVERWRITE:
         found = artefact_format(path)
-        if not formats or found not in formats:
-            entries = sorted(p.name for p in path.iterdir())
+        foreign = foreign_files(path)
+        if foreign:
             kind = f"a {found!r} artefact" if found else "not a genret artefact"
-            raise OutputError(f"{path} exists and is {kind} ({len(entries)} entries, e.g. {entries[0]!r}); it would "
-                              f"be replaced whole: name a new folder for the {what}, or pass --overwrite "
+            legacy = " (saved by an earlier genret: its manifest lists no files)" if found and not owned_files(path) else ""
+            raise OutputError(f"{path} exists and is {kind}{legacy} with {len(foreign)} files genret did not write "
+                              f"there (e.g. {foreign[0]!r}): name a new folder for the {what}, or pass --overwrite to "
+                              "replace genret's files and keep the others (nothing was written)")
+        if formats and found is not None and found not in formats:
+            raise OutputError(f"{path} exists and is a {found!r} artefact, not a {' or '.join(map(repr, formats))} "
+                              f"one: name a new folder for the {what}, or pass --overwrite to replace it "
                               "(nothing was written)")
     return path
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, formats: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
+def atomic_dir(path: str | os.PathLike, formats: tuple[str, ...] = (), manifest: str | None = None) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on success it is sealed and takes ``path``'s place.
 
-    A failure leaves any previous ``path`` untouched and removes the partial directory. ``path`` must be
-    new, empty, or a genret artefact of one of ``formats`` (see :func:`check_output_dir`). The swap
-    renames the old folder to ``.NAME.old`` and the new one into place; a process killed between the two
-    leaves ``.NAME.old`` as the only complete copy, so the next write (or :func:`recover_dir`) puts it back.
+    The block fills the folder, manifest included (``manifest`` names its file when it is not the usual one);
+    on leaving it the manifest gets the list of every file (:func:`seal`) and the folder is exchanged with
+    ``path`` atomically. Files of the old folder that its manifest does not list are kept: hard-linked into the
+    new one first (a file of the same name written by the block wins). ``path`` must pass
+    :func:`check_output_dir` for ``formats``. A failure or a kill at any instant leaves the old folder as it was.
     """
     path = Path(path)
-    recover_dir(path)
     check_output_dir(path, formats)
+    with _swapped_in(path, manifest) as tmp:
+        yield tmp
+
+
+@contextmanager
+def atomic_update(path: str | os.PathLike, formats: tuple[str, ...], manifest: str | None = None) -> Iterator[Path]:
+    """Change a saved artefact as a whole: yield a new folder holding (hard links to) its files, to be changed by
+    writing files anew (:func:`write_json`: never in place); on leaving it is sealed and swapped in as
+    :func:`atomic_dir` does. The user's files beside it are kept.
+
+    Raises:
+        ManifestError: ``path`` is not a saved artefact of one of ``formats``.
+    """
+    path = Path(path)
+    found = artefact_format(path) if path.is_dir() else None
+    if found not in formats:
+        raise ManifestError(f"{path}: not a saved genret {' or '.join(formats)} (found {found!r})")
+    with _swapped_in(path, manifest) as tmp:
+        for rel in sorted(owned_files(path)):
+            _link(path / rel, tmp / rel)
+        yield tmp
+
+
+@contextmanager
+def _swapped_in(path: Path, manifest: str | None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders
     try:
         yield tmp
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        seal(tmp, manifest)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise OutputError(f"{path} became a link or a file while it was written; nothing was replaced")
+        if path.is_dir():
+            _keep_foreign(path, tmp)
+        _swap(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() or tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)  # ours: the unfinished new folder, or the old one swapped out
 
 
-def recover_dir(path: str | os.PathLike) -> bool:
-    """Put back ``.NAME.old`` where a swap was cut off before the new folder took ``path``'s place."""
-    path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if old.is_dir() and not path.exists():
-        os.replace(old, path)
+def _keep_foreign(old: Path, new: Path) -> None:
+    """Hard-link (copy where links are refused) the user's entries of ``old`` into ``new`` at the same names."""
+    for rel in foreign_files(old):
+        src, dst = old / rel, new / rel
+        if dst.exists() or dst.is_symlink():
+            continue  # written anew by genret: --overwrite said so
+        _link(src, dst)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a copy where links are refused): the same file, untouched."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif stat.S_ISREG(src.lstat().st_mode):
+            shutil.copy2(src, dst)
+        else:
+            raise OutputError(f"{src}: cannot be kept beside the new artefact (not a regular file); move it out of "
+                              f"{src.parent} and write again (nothing was replaced)") from None
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    libc = _libc()
+    fn = getattr(libc, "renameat2", None) if libc is not None else None
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
-    return False
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _swap(new: Path, path: Path) -> None:
+    """Put the folder ``new`` at ``path``; the old folder, if any, ends at ``new``'s (temporary) name."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if _exchange(new, path):
+        return
+    # No atomic exchange here: two renames; between them the old folder is at a unique name (logged) until moved back.
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}old-", dir=path.parent))
+    aside.rmdir()
+    os.rename(path, aside)
+    logger.debug("%s moved aside to %s for the swap", path, aside)
+    try:
+        os.rename(new, path)
+    except OSError:
+        os.rename(aside, path)
+        raise
+    os.rename(aside, new)
+
+
+def remove_artefact(folder: str | os.PathLike) -> None:
+    """Remove what genret wrote in ``folder`` (the files its manifest lists, the manifest); other files stay."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if not foreign_files(folder):
+        shutil.rmtree(folder)
+        return
+    for rel in sorted(owned_files(folder), reverse=True):
+        (folder / rel).unlink(missing_ok=True)
+    for root, _dirs, _files in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+        if not os.listdir(root):
+            os.rmdir(root)
+
+
+# --------------------------------------------------------------------------------------------------- verify
+
+
+def verify(path: str | os.PathLike) -> list[dict]:
+    """Check every artefact under ``path`` fully: each manifest's files against their whole-content SHA-256.
+
+    Returns:
+        One record per artefact found: its folder, format, how many files were checked, and ``error``
+        (the message) where one does not match.
+    """
+    path = Path(path)
+    found = []
+    for root, dirs, _files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if TMP_MARK not in d)
+        folder = Path(root)
+        manifest_path = manifest_file(folder)
+        manifest = _parse(manifest_path) if manifest_path is not None else None
+        if manifest is None or "format" not in manifest:
+            continue
+        record = {"folder": str(folder), "format": manifest.get("format"), "files": 0, "error": None}
+        try:
+            if manifest.get("files") is None:
+                record["error"] = "saved by an earlier genret: its manifest lists no files, so nothing can be checked"
+            else:
+                record["files"] = check_files(folder, manifest, str(manifest.get("format")), full=True)
+        except ManifestError as err:
+            record["error"] = str(err)
+        found.append(record)
+    return found
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Check that a safetensors file is whole: its header parses and its size is what the header says.
+
+    Reads only the header, so it costs nothing for multi-GB weights.
+
+    Raises:
+        ArtefactError: naming the file, when it is cut short, padded, or not a safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError("no header")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        raise ArtefactError(f"{path}: not a readable safetensors file (its header is missing or damaged); the file is "
+                            "cut short or is another file: copy or save it again") from None
+    if 8 + n + end != size:
+        raise ArtefactError(f"{path}: {size} bytes, its header describes {8 + n + end}: the file was cut short or "
+                            "damaged; copy or save it again")
+
+
+def check_local_model(folder: str | os.PathLike, what: str = "model") -> None:
+    """Before loading a local model or adapter folder: the files its genret manifest lists (where it has one)
+    and every safetensors file whole.
+
+    Raises:
+        ArtefactError: naming the file that is missing, cut short or not what was saved.
+    """
+    folder = Path(folder)
+    path = manifest_file(folder)
+    manifest = _parse(path) if path is not None else None
+    if manifest is not None and manifest.get("owner") == OWNER:
+        check_files(folder, manifest, what)
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors(file)

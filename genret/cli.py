@@ -170,13 +170,63 @@ TRAIN_COMMANDS = (
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the output folder even if it is not a genret artefact of this kind (its files are lost)")
+                   help="write into an output folder that holds other files (they are kept) or another kind of "
+                        "genret artefact (its files are replaced)")
 
 
 # What each command writes to its output folder: the genret artefacts it may replace there.
 OUT_FORMATS = {**{("train", c.name): c.formats for c in TRAIN_COMMANDS}, ("index", "build"): ("genret.pipeline",),
-               ("data", "synth"): ("genret.world",)}
-INPUT_ARGS = ("data", "image_root", "base", "clip", "adapter", "pipeline")
+               ("data", "synth"): ("genret.world",), ("eval", None): ("genret.eval_report",)}
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+def command_inputs(args: argparse.Namespace) -> list[Path]:
+    """Every path a command reads: each argument that names an existing path, and what the pipeline files and saved
+    pipelines among them name in turn (encoder, models, adapters, prompt files, the gallery's images), resolved."""
+    found: dict[Path, None] = {}
+
+    def add(path: Path) -> None:
+        path = path.resolve()
+        if path in found:
+            return
+        found[path] = None
+        table = None
+        if path.is_file() and path.suffix in CONFIG_SUFFIXES:
+            table, base = _table(path), path.parent
+        elif path.is_dir() and (path / "pipeline.toml").is_file():
+            table, base = _table(path / "pipeline.toml"), path
+            gallery = _table(path / "gallery" / "gallery.json") if (path / "gallery" / "gallery.json").is_file() else {}
+            for key in ("image_root",):
+                if isinstance(gallery.get(key), str):
+                    add(path / gallery[key])
+        for value in _strings(table):
+            for candidate in (base / value, Path(value)):  # relative to the file, or (older files) to the working folder
+                if value and candidate.exists():
+                    add(candidate)
+
+    for key, value in vars(args).items():
+        if key != "out" and isinstance(value, str) and value and Path(value).exists():
+            add(Path(value))
+    return list(found)
+
+
+def _table(path: Path):
+    from genret.config import read_config_file
+
+    try:
+        return read_config_file(path) if path.suffix in CONFIG_SUFFIXES else json.loads(path.read_text("utf-8"))
+    except (ValueError, OSError, ConfigError, UnicodeDecodeError):
+        return None  # read (and reported) by the command itself
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
 
 
 def _check_out(args: argparse.Namespace, key: tuple) -> None:
@@ -185,12 +235,13 @@ def _check_out(args: argparse.Namespace, key: tuple) -> None:
 
     if key not in OUT_FORMATS or not getattr(args, "out", None):
         return
-    inputs = [getattr(args, a) for a in INPUT_ARGS if isinstance(getattr(args, a, None), str)]
-    if args.overwrite:  # grace-add --overwrite: the grown adapter may replace its parent
-        inputs = [i for i in inputs if i != getattr(args, "adapter", None)]
-        with overwrite_allowed(args.out):
-            check_output_dir(args.out, OUT_FORMATS[key], inputs=inputs)
-    else:
+    inputs = command_inputs(args)
+    if not args.overwrite:
+        check_output_dir(args.out, OUT_FORMATS[key], inputs=inputs)
+        return
+    if getattr(args, "adapter", None):  # grace-add --overwrite: the grown adapter may replace its parent
+        inputs = [i for i in inputs if i != Path(args.adapter).resolve()]
+    with overwrite_allowed(args.out):
         check_output_dir(args.out, OUT_FORMATS[key], inputs=inputs)
 
 
@@ -269,8 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="cir/dialog: evaluate only the first N queries")
     ev.add_argument("--rounds", type=int, default=None, help="dialog: rounds after round 0 (default: the stage's)")
     ev.add_argument("--hits-k", type=int, default=10, help="dialog: K of the cumulative Hits@K (default: 10)")
-    ev.add_argument("--out", default=None, help="folder for report.json and report.md")
+    ev.add_argument("--out", default=None, help="folder for report.json, report.md and recall.png (checked before "
+                    "the evaluation starts)")
+    _add_overwrite(ev)
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    ver = sub.add_parser("verify", help="check saved artefacts fully: every file their manifests list, by its whole "
+                         "content's SHA-256")
+    ver.add_argument("path", help="an artefact folder (pipeline, index, adapter, model, world, report) or a folder "
+                     "holding some")
+    ver.add_argument("--json", action="store_true", help="print one record per artefact as JSON")
 
     serve = sub.add_parser("serve", help="serve a saved pipeline over HTTP: /v1/search, /v1/rerank, /v1/embeddings, "
                            "a results page at / (needs the serve extra: pip install 'genret[serve]')")
@@ -433,14 +492,18 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
     from genret.index.gallery import FOLDERS, Gallery
     from genret.index.tune import record, tunable, tune
 
+    from genret._io import atomic_update, read_manifest
+    from genret.pipeline import FORMAT, VERSION
+
     folder = Path(args.pipeline) / "gallery"
     if not (folder / "gallery.json").is_file():
         raise FileNotFoundError(f"{args.pipeline}: no gallery/gallery.json; build the index first (genret index build)")
+    read_manifest(args.pipeline, FORMAT, VERSION, "pipeline")  # its files as saved
     gallery = Gallery.load(folder)
     if args.queries < 1 or args.k < 1:
         raise ValueError(f"--queries and -k must be at least 1, got {args.queries} and {args.k}")
     modalities = sorted(gallery.indexes) if args.modality == "both" else [args.modality]
-    report = []
+    report, chosen = [], {}
     for modality in modalities:
         index = gallery.index(modality)
         if index.factory == "qdrant":
@@ -459,12 +522,15 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
         bar = None if args.quiet or args.json else (lambda p, v, r, ms: print(f"  {modality}: {p}={v} recall@{args.k} "
                                                                                f"{r:.3f} {ms:.2f} ms/query", file=sys.stderr))
         result = tune(index, queries, k=args.k, target=args.recall, progress=bar, confidence=args.confidence)
-        if not args.dry_run:
-            record(folder / FOLDERS[modality], result, what)
+        chosen[modality] = (result, what)
         report.append({"modality": modality, "factory": index.factory, "queries": what, "search_params":
                        result.search_params, "recall": round(result.recall, 4), "target": args.recall,
                        "lower_bound": round(result.lower, 4), "confidence": args.confidence,
                        "reached": result.lower >= args.recall, "tried": result.rows})
+    if chosen and not args.dry_run:  # the pipeline changes as a whole: its manifest lists the new index manifests
+        with atomic_update(args.pipeline, (FORMAT,)) as tmp:
+            for modality, (result, what) in chosen.items():
+                record(tmp / "gallery" / FOLDERS[modality], result, what)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -534,6 +600,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit status 0 when every artefact found checks out, 1 when one does not, 2 when none is found."""
+    from genret._io import verify
+
+    if not Path(args.path).is_dir():
+        raise FileNotFoundError(f"{args.path}: no such folder")
+    records = verify(args.path)
+    if not records:
+        raise FileNotFoundError(f"{args.path}: no genret artefact here (no manifest.json, genret.json or "
+                                "trainer_state.json with a format)")
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        for r in records:
+            state = f"ok     {r['files']} files" if r["error"] is None else f"FAILED {r['error']}"
+            print(f"{r['folder']}  [{r['format']}]  {state}")
+    bad = sum(r["error"] is not None for r in records)
+    if not args.json:
+        print(f"{len(records)} artefacts, {bad} failed" if bad else f"{len(records)} artefacts, all as saved")
+    return 1 if bad else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genret.world.demo import run_demo
 
@@ -549,7 +637,7 @@ COMMANDS = {
     ("data", "synth"): cmd_data_synth, **{("train", c.name): cmd_train for c in TRAIN_COMMANDS}, ("index", "build"): cmd_index_build,
     ("index", "tune"): cmd_index_tune,
     ("search", None): cmd_search, ("eval", None): cmd_eval, ("demo", None): cmd_demo,
-    ("serve", None): cmd_serve,
+    ("serve", None): cmd_serve, ("verify", None): cmd_verify,
 }
 
 

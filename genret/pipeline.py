@@ -433,6 +433,7 @@ class RetrievalPipeline:
                                         mmap=config.index.mmap)
         for stage in pipe.stages:
             stage.load_state(path / "stages" / stage.name)
+            stage.check_state(pipe.gallery, path / "stages" / stage.name)
         return pipe
 
 

@@ -23,6 +23,8 @@ class Item:
         text: the caption, for text items.
         image: the image file path, for image items.
         group: the id of the image a caption belongs to (for image-to-text ground truth).
+        digest: the image file's content hash when it was indexed (:func:`genret._io.fingerprint`): a gallery
+            image changed since is refused, not used in silence.
     """
 
     id: str
@@ -30,6 +32,7 @@ class Item:
     text: str | None = None
     image: str | None = None
     group: str | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from genret._io import atomic_path, write_json, write_text
+from genret._io import atomic_dir, atomic_path, write_json, write_text
 from genret.eval.evaluator import DIRECTIONS
 
 LABELS = {**DIRECTIONS, "cir": "composed (reference + modification → target)", "dialog": "interactive (rounds)"}
@@ -199,13 +199,21 @@ def plot_recall_curves(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+FORMAT = "genret.eval_report"
+
+
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
-    """Write ``report.json``, ``report.md`` and ``recall.png`` under ``out_dir``; returns the folder."""
+    """Write ``report.json``, ``report.md`` and ``recall.png`` as the folder ``out_dir``, atomically; returns it.
+
+    The folder is an artefact like any other (:func:`genret._io.atomic_dir`): a folder of the user's files, or of
+    another artefact, is refused unless ``--overwrite`` (and the user's files are kept then).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
-    curves = bool(report.get("recall_curves"))
-    write_text(out / "report.md", render_markdown(report) + ("\n![recall@K](recall.png)\n" if curves else ""))
-    if curves:
-        plot_recall_curves(report, out / "recall.png")
+    with atomic_dir(out, (FORMAT,)) as tmp:
+        write_json(tmp / "report.json", report)
+        curves = bool(report.get("recall_curves"))
+        write_text(tmp / "report.md", render_markdown(report) + ("\n![recall@K](recall.png)\n" if curves else ""))
+        if curves:
+            plot_recall_curves(report, tmp / "recall.png")
+        write_json(tmp / "manifest.json", {"format": FORMAT, "version": 1})
     return out

@@ -246,11 +246,18 @@ class VectorIndex(RowIds):
                                      "genret.index.gallery.load_index")
         if encoder is not None:
             check_encoder(path, manifest["encoder"], encoder)
-        self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
-                   manifest.get("search_params", ""), manifest.get("modality", ""), int(manifest.get("shards", 1)),
-                   manifest.get("build_params", ""))
+        try:
+            self = cls(manifest["dim"], manifest["factory"], manifest["metric"], manifest["encoder"],
+                       manifest.get("search_params", ""), manifest.get("modality", ""), int(manifest.get("shards", 1)),
+                       manifest.get("build_params", ""))
+        except (KeyError, TypeError, ValueError) as err:
+            raise IndexMismatchError(f"{path / 'manifest.json'}: not a manifest this genret can read ({err}); it was "
+                                     "edited or is damaged: rebuild the index") from None
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP if mmap else 0
         self._set_parts([_read(path / name, flags) for name in _files(int(manifest.get("shards", 1)))])
+        if any(part.metric_type != METRICS[self.metric] for part in self.parts):
+            raise IndexMismatchError(f"{path}: manifest.json says metric {self.metric!r}, the faiss file was built with "
+                                     f"the other one: the manifest was edited; rebuild the index")
         self.read_only = mmap
         self._ids = read_json(path / "ids.json", what="index ids")
         self._tombstones = set(manifest.get("tombstones", []))

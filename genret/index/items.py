@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from genret._io import atomic_path
+from genret._io import ArtefactError, atomic_path, cached_fingerprint
 from genret.types import Item
 
 FILE = "items.sqlite"
@@ -83,8 +83,14 @@ class ItemStore(Mapping):
         return db
 
     def _item(self, text: str) -> Item:
-        record = json.loads(text)
-        return Item(**(self.transform(record) if self.transform else record))
+        try:
+            record = json.loads(text)
+            return Item(**(self.transform(record) if self.transform else record))
+        except (ValueError, TypeError) as err:
+            if isinstance(err, ArtefactError):
+                raise
+            raise ArtefactError(f"{self.path}: an item that is not a genret gallery item ({err}); the file was "
+                                "edited: build the index again") from None
 
     def __getitem__(self, item_id: str) -> Item:
         row = self._db().execute("SELECT item FROM items WHERE id = ?", (str(item_id),)).fetchone()
@@ -109,3 +115,24 @@ class ItemStore(Mapping):
     def items(self) -> Iterator[tuple[str, Item]]:  # type: ignore[override]
         for item_id, text in self._db().execute("SELECT id, item FROM items ORDER BY row"):
             yield item_id, self._item(text)
+
+
+def item_image(item: Item) -> str:
+    """The path of a gallery item's image, checked to be the file that was indexed (its content hash).
+
+    Raises:
+        ImageLoadError: naming the item and the file, when the image is gone or has changed since indexing.
+    """
+    from genret.data.images import ImageLoadError
+
+    if not item.image:
+        raise ImageLoadError(f"gallery item {item.id!r} has no image")
+    path = Path(item.image)
+    if not path.is_file():
+        raise ImageLoadError(f"gallery item {item.id!r}: its image {path} is gone since the gallery was indexed; "
+                             "put it back or build the index again")
+    if item.digest is not None and cached_fingerprint(path) != item.digest:
+        raise ImageLoadError(f"gallery item {item.id!r}: its image {path} has changed since the gallery was indexed "
+                             "(content hash differs): the index and cached features describe the old image; put it "
+                             "back or build the index again")
+    return str(path)

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from genret._io import ManifestError, atomic_dir, read_json, write_json
+from genret._io import ManifestError, atomic_dir, check_local_model, read_json, write_json
 
 if TYPE_CHECKING:
     from genret.mllm.backend import MLLM
@@ -65,6 +65,7 @@ def read_adapter_manifest(path: str | os.PathLike) -> dict:
     missing = [f for f in PEFT_FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: the adapter is incomplete, {', '.join(missing)} missing")
+    check_local_model(folder, "adapter")  # its files as saved (an edited rank, cut-short weights): named here
     for key in REQUIRED:
         if key not in manifest:
             raise ManifestError(f"{folder}/{MANIFEST}: missing '{key}'")
@@ -157,10 +158,15 @@ def attach_adapter(mllm: "MLLM", path: str | os.PathLike, name: str | None = Non
     if name in mllm.adapters:
         raise ValueError(f"an adapter named {name!r} is attached already (from {mllm.adapters[name]['path']}); "
                          "pass another name or detach it first")
-    if isinstance(mllm.model, PeftModel):
-        mllm.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
-    else:
-        mllm.model = PeftModel.from_pretrained(mllm.model, str(path), adapter_name=name, is_trainable=trainable)
+    try:
+        if isinstance(mllm.model, PeftModel):
+            mllm.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        else:
+            mllm.model = PeftModel.from_pretrained(mllm.model, str(path), adapter_name=name, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. weights of another shape than adapter_config.json says
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise AdapterMismatchError(f"{path}: peft cannot load this adapter onto {mllm.model_id!r} ({first}); its "
+                                   "adapter_config.json and weights do not fit each other or this model") from None
     if not trainable:
         mllm.model.eval()
     mllm.adapters[name] = {**manifest, "path": str(path)}

@@ -67,6 +67,10 @@ class Stage(ABC):
     def load_state(self, folder: Path) -> None:
         """Load what :meth:`save_state` wrote (a missing folder means nothing was saved)."""
 
+    def check_state(self, gallery: "Gallery", folder: Path) -> None:
+        """After :meth:`load_state`: raise when the loaded state is not of ``gallery`` (another pipeline's or split's),
+        naming the file in ``folder`` (default: no state, nothing to check)."""
+
     def describe(self) -> dict:
         """What a report records about the stage: its type, name and settings."""
         from dataclasses import asdict, is_dataclass

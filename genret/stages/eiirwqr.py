@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import Target
 from genret.config import check_bounds
-from genret.types import Query, Ranking
+from genret.index.items import item_image
+from genret.types import Item, Query, Ranking
 from genret.mllm.backend import MLLMLoadConfig
 from genret.registry import Registry
 
@@ -124,7 +125,7 @@ class EIIRwQRStage(RewriteStage):
 
     def __init__(self, config: EIIRwQRConfig, name: str) -> None:
         super().__init__(config, name)
-        self.images: dict[str, str] = {}
+        self.images: Mapping[str, Item] = {}  # the gallery's image items, their files checked when captioned
         self.metadata: dict[str, Mapping] = {}
         self._mllm: "MLLM | None" = None
         self._captioner = None
@@ -147,7 +148,7 @@ class EIIRwQRStage(RewriteStage):
 
     def index_gallery(self, gallery: "Gallery", progress: bool = False) -> None:
         """Keep the gallery images' files: the shown results are captioned from them."""
-        self.images = {i: it.image for i, it in gallery.items.get("image", {}).items()}
+        self.images = gallery.items.get("image", {})
 
     def set_metadata(self, metadata: Mapping[str, Mapping]) -> None:
         """The gallery images' metadata (their records' ``meta``), for a judge that reads it (``facts``)."""
@@ -208,7 +209,7 @@ class EIIRwQRStage(RewriteStage):
         captioner, rewriter = self._models()
         tick = time.perf_counter()
         ids = sorted({x for _, shown, _ in rows for x in shown})
-        caption = dict(zip(ids, captioner.caption([self.images[x] for x in ids])))
+        caption = dict(zip(ids, captioner.caption([item_image(self.images[x]) for x in ids])))
         self.seconds["caption"] += time.perf_counter() - tick
         prompts = self.prompt_rows(queries, rows, caption)
         tick = time.perf_counter()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret.data.images import load_image
+from genret.index.items import item_image
 from genret.mllm.features import FeatureStore
 from genret.prompts import load_prompt
 from genret.stages.base import STAGES, RankStage, StageContext
@@ -132,7 +133,7 @@ class RerankStage(RankStage):
 
         out = []
         for s in tqdm(range(0, len(items), 64), desc=f"{self.name}: image features", disable=not progress):
-            out.extend(image_features(self.mllm, [load_image(it.image) for it in items[s:s + 64]]))
+            out.extend(image_features(self.mllm, [load_image(item_image(it)) for it in items[s:s + 64]]))
         return out
 
     def _feature_adapter(self) -> str | None:
@@ -153,17 +154,30 @@ class RerankStage(RankStage):
         """Save the cached features (safetensors) with a manifest naming the MLLM that made them."""
         if not self.features:
             return
-        from genret._io import write_json
+        from genret._io import seal
 
         folder.mkdir(parents=True, exist_ok=True)
         self.features.save(folder / "features.safetensors")
-        write_json(folder / "manifest.json", self._describe())
+        seal(folder, "manifest.json", self._describe())
 
     def load_state(self, folder: Path) -> None:
         """Load cached features; features of another MLLM are ignored with a warning (scored on the fly)."""
         if self.config.backend == "remote" or not self._readable_state(folder):
             return
         self.features = FeatureStore.open(folder / "features.safetensors")  # memory-mapped: read per candidate
+
+    def check_state(self, gallery: "Gallery", folder: Path) -> None:
+        """Cached features must be of this gallery's images: features of another pipeline or split are refused."""
+        if not self.features or "image" not in gallery.items:
+            return
+        images = gallery.items["image"]
+        odd = [i for i in self.features if i not in images]
+        if odd:
+            from genret._io import ArtefactError
+
+            raise ArtefactError(f"{folder / 'features.safetensors'}: features of {len(odd)} images that are not in the "
+                                f"gallery (e.g. {odd[0]!r}): the file is another pipeline's or split's; index the "
+                                "gallery again")
 
     def _readable_state(self, folder: Path) -> bool:
         """Whether ``folder`` holds features this stage can use (else a warning says why not)."""
@@ -192,7 +206,7 @@ class RerankStage(RankStage):
         if not cache:
             from genret.mllm.scoring import image_features
 
-            return image_features(self.mllm, [load_image(it.image) for it in items])
+            return image_features(self.mllm, [load_image(item_image(it)) for it in items])
         missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]
         if missing:
             if self.features and not self._warned:
@@ -200,7 +214,7 @@ class RerankStage(RankStage):
                 self._warned = True
             from genret.mllm.scoring import image_features
 
-            self.features.update(zip((i for i, _ in missing), image_features(self.mllm, [load_image(it.image) for _, it in missing])))
+            self.features.update(zip((i for i, _ in missing), image_features(self.mllm, [load_image(item_image(it)) for _, it in missing])))
         return [self.features[i] for i in ids]
 
     def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
@@ -274,7 +288,7 @@ class RerankStage(RankStage):
     def _images(self, items: Sequence[Item], cache: bool) -> list:
         if self.config.cache_features:
             return self._image_features([it.id for it in items], items, cache=cache)
-        return [load_image(it.image) for it in items]
+        return [load_image(item_image(it)) for it in items]
 
     def _pairs_t2i(self, queries: Sequence[Query], items: Sequence[Sequence[Item]], cache: bool = True) -> list[float]:
         """Pointwise or generative scores of every (text query, image item) pair, in one scoring call."""

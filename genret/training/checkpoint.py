@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from genret._io import ManifestError, atomic_dir, read_json, write_json
+from genret._io import ManifestError, atomic_dir, check_files, read_json, remove_artefact, seal, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return folder
-        write_json(folder / STATE, {"format": FORMAT, "version": VERSION, "step": step, **state})
+        seal(folder, STATE, {"format": FORMAT, "version": VERSION, "step": step, **state})
     else:
         with atomic_dir(folder, (FORMAT,)) as tmp:
             tensors, scalars = {}, {}
@@ -85,7 +84,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
                                      "optimizer_scalars": scalars})
     others = sorted(p for p in checkpoint_root(run_dir).glob("step-*") if p != folder)
     for old in others[:max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_artefact(old)
     return folder
 
 
@@ -99,6 +98,7 @@ def read_state(folder: str | os.PathLike) -> dict:
     if state.get("version") != VERSION:
         raise ManifestError(f"{folder}: checkpoint format version {state.get('version')}, this genret reads {VERSION}; "
                             "start the run afresh in another folder")
+    check_files(folder, state, "training checkpoint")
     return state
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from genret._io import atomic_dir
+from genret._io import atomic_dir, check_output_dir, mark_run
 from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from genret.training.distributed import step_loss
 from genret.training.options import TRACKERS, TrainOptions, resolve_mixed_precision
@@ -221,6 +221,9 @@ class Engine:
         if not resume and self.last is not None:
             raise ValueError(f"{self.out_dir} holds checkpoints of an unfinished run ({self.last.name}); pass --resume "
                              "to continue it, or remove the folder to start over")
+        if int(os.environ.get("RANK", "0")) == 0:  # before any work: a folder of the user's files is refused here
+            check_output_dir(self.out_dir, what="training run")
+            mark_run(self.out_dir)  # its checkpoints and logs are genret's until the result replaces them
         self.start = time.perf_counter()
         if config.threads:
             torch.set_num_threads(config.threads)

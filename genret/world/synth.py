@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from math import cos, pi, radians, sin
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from genret._io import atomic_dir, check_output_dir, write_json
+from genret._io import atomic_dir, write_json
 from genret.world.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
                                 sample_edit)
 
@@ -298,9 +297,10 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
     """Write the miniature world: ``images/NNNNNN.png``, ``cirr/`` and, last, ``dataset_synth.json`` (Karpathy format).
 
     ``cirr/`` holds the composed-retrieval triplets in the CIRR layout (see :func:`_write_cirr`); it is
-    left out when every ``cir_*`` count is 0. Every file is written to a temporary name and renamed into
-    place (``cirr/`` as a whole), and any previous ``dataset_synth.json`` and ``cirr/`` are removed first,
-    so an interrupted run never leaves a JSON that points to missing or half-written images.
+    left out when every ``cir_*`` count is 0. The world is written as one artefact (:func:`genret._io.atomic_dir`):
+    a new folder that replaces ``out_dir`` once complete, so an interrupted run never leaves a JSON that points to
+    missing or half-written images, and files of the user's in ``out_dir`` refuse the write (``--overwrite``:
+    kept beside the world).
 
     Args:
         out_dir: the folder to write (created if needed).
@@ -311,29 +311,24 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
         The path of ``dataset_synth.json``.
     """
     out = Path(out_dir)
-    check_output_dir(out, ("genret.world",), what="world")  # a folder of other files: refused, not overwritten
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    path = out / "dataset_synth.json"
-    if path.exists():
-        logger.info("replacing the world in %s", out)
-        path.unlink()
-    if (out / "cirr" / _SCENES).is_file():  # its references would point at the images about to be redrawn
-        shutil.rmtree(out / "cirr")
-    plan = _plan(config, random.Random(config.seed))
-    entries, sentid = [], 0
-    for imgid, planned in enumerate(tqdm(plan, desc="render world", unit="img", disable=not progress)):
-        name = f"{imgid:06d}.png"
-        _save_png(render(planned.scene, config.image_size, planned.seed, _SPLIT_STYLE[planned.split]),
-                  images_dir / name)
-        entries.append(_entry(imgid, name, planned, sentid))
-        sentid += len(planned.captions)
-    _write_cirr(out / "cirr", config, plan, progress)
-    provenance = {"generator": "genret.world.synth", "version": VERSION, "config": asdict(config)}
-    write_json(path, {"dataset": "synth", "genret": provenance, "images": entries})
+    with atomic_dir(out, ("genret.world",)) as tmp:
+        images_dir = tmp / "images"
+        images_dir.mkdir()
+        plan = _plan(config, random.Random(config.seed))
+        entries, sentid = [], 0
+        for imgid, planned in enumerate(tqdm(plan, desc="render world", unit="img", disable=not progress)):
+            name = f"{imgid:06d}.png"
+            _save_png(render(planned.scene, config.image_size, planned.seed, _SPLIT_STYLE[planned.split]),
+                      images_dir / name)
+            entries.append(_entry(imgid, name, planned, sentid))
+            sentid += len(planned.captions)
+        _write_cirr(tmp / "cirr", config, plan, progress)
+        provenance = {"generator": "genret.world.synth", "version": VERSION, "config": asdict(config)}
+        write_json(tmp / "dataset_synth.json", {"dataset": "synth", "genret": provenance, "images": entries})
+        write_json(tmp / "manifest.json", {"format": "genret.world", "version": VERSION})
     logger.info("wrote %d images (%d train, %d val, %d test, %d twin pairs) to %s", len(entries), config.n_train,
                 config.n_val, config.n_test, sum(p.twin_of is not None for p in plan) // 2, out)
-    return path
+    return out / "dataset_synth.json"
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
@@ -416,6 +411,7 @@ def _write_cirr(folder: Path, config: SynthConfig, plan: list[_Planned], progres
             scenes.update((name, scene.to_dict()) for name, scene in shown.items())
             logger.info("cirr %s: %d triplets, %d gallery images", split, n, len(paths))
         write_json(tmp / _SCENES, scenes)
+        write_json(tmp / "manifest.json", {"format": "genret.cirr", "version": _CIRR_VERSION})
 
 
 def _cir_triplet(pairid: int, split: str, reference: str, scene: Scene, rng: random.Random, image_size: int) -> dict:
