@@ -27,8 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from genret._io import read_json
-from genret.data.dataset import DatasetError, OnError
+from genret.data.dataset import OnError
+from genret.data.entries import DatasetError, Entry, as_id, file_problem, read_json_file
 from genret.types import Item, Query
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _load_cirr(folder: Path, split: str, root: Path | None, on_error: OnError, n
     split_file = _one_file(folder / "image_splits", "split.*.{}.json", split)
     captions = _one_file(folder / "captions", "cap.*.{}.json", split)
     split = captions.name.split(".")[-2]  # "test" may have found "test1"
-    paths = read_json(split_file, what="CIRR image split file")
+    paths = read_json_file(split_file, what="CIRR image split file")
     if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
         raise DatasetError(f"{split_file}: expected an object mapping image names to relative paths")
     if not paths:
@@ -162,12 +162,12 @@ def _load_cirr(folder: Path, split: str, root: Path | None, on_error: OnError, n
             f"{split_file}: image {first!r} ({rel}) not found under {' or '.join(str(r) for r in roots)}; "
             "pass the folder its paths are relative to as image_root")
     images, skipped = _existing(split_file, {k: Path(os.path.normpath(base / v)) for k, v in paths.items()}, on_error)
-    entries = read_json(captions, what="CIRR captions file")
+    entries = read_json_file(captions, what="CIRR captions file")
     if not isinstance(entries, list):
         raise DatasetError(f"{captions}: expected a list of triplets")
     triplets = _parse(captions, entries, (split_file, images), on_error, skipped, _cirr_triplet)
     scenes_file = folder / "scenes.json"
-    scenes = read_json(scenes_file, what="scene file") if scenes_file.is_file() else {}
+    scenes = read_json_file(scenes_file, what="scene file") if scenes_file.is_file() or scenes_file.is_symlink() else {}
     if not isinstance(scenes, dict) or not all(isinstance(v, dict) for v in scenes.values()):
         raise DatasetError(f"{scenes_file}: expected an object mapping image names to scenes")
     return CIRSet(name=name, source=captions, split=split, format="cirr", triplets=triplets, images=images,
@@ -186,23 +186,17 @@ def _one_file(folder: Path, pattern: str, split: str) -> Path:
     return found[0]
 
 
-def _cirr_triplet(entry: dict, fail: Callable[[str], DatasetError]) -> Triplet:
-    for key in ("pairid", "reference", "caption"):
-        if key not in entry:
-            raise fail(f"missing key {key!r}")
-    soft = entry.get("target_soft") or {}
-    if not isinstance(soft, dict):
-        raise fail("'target_soft' must map image names to scores")
-    hard = entry.get("target_hard")
-    targets = ([hard] if hard is not None else []) + [n for n, s in soft.items() if _score(s, fail) >= 1.0]
-    img_set = entry.get("img_set") or {}
-    members = img_set.get("members", []) if isinstance(img_set, dict) else None
-    if not isinstance(members, list):
-        raise fail("'img_set' must be an object with a 'members' list")
-    meta = {k: v for k, v in entry.items() if k not in ("pairid", "reference", "caption", "target_soft", "img_set")}
-    return Triplet(id=str(entry["pairid"]), reference=str(entry["reference"]), modification=entry["caption"],
-                   targets=tuple(dict.fromkeys(str(t) for t in targets)), subset=tuple(str(m) for m in members),
-                   meta=meta)
+def _cirr_triplet(entry: Entry) -> Triplet:
+    soft = entry.table("target_soft", {})
+    hard = entry.optional_id("target_hard")
+    targets = ([hard] if hard is not None else []) + [as_id(n, f"target_soft key {n!r}", entry.fail)
+                                                      for n, s in soft.items() if _score(s, entry.fail) >= 1.0]
+    members = Entry(entry.table("img_set", {}), entry.fail, "img_set.").ids("members", ())
+    meta = entry.rest("pairid", "reference", "caption", "target_soft", "img_set")
+    if hard is not None:
+        meta["target_hard"] = hard
+    return Triplet(id=entry.id("pairid"), reference=entry.id("reference"), modification=entry.text("caption"),
+                   targets=tuple(dict.fromkeys(targets)), subset=members, meta=meta)
 
 
 def _score(value: Any, fail: Callable[[str], DatasetError]) -> float:
@@ -224,15 +218,17 @@ def _load_circo(folder: Path, split: str, root: Path | None, on_error: OnError) 
         raise FileNotFoundError(f"CIRCO images not found: expected the COCO 2017 unlabeled images in {image_dir}")
     info = folder / _CIRCO_INFO
     if info.is_file():
-        data = read_json(info, what="COCO image info file")
+        data = read_json_file(info, what="COCO image info file")
         listed = data.get("images") if isinstance(data, dict) else None
         if not isinstance(listed, list):
             raise DatasetError(f"{info}: expected an object with an 'images' list")
         files = {}
         for i, image in enumerate(listed):
-            if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
-                raise DatasetError(f"{info}: images[{i}]: expected an object with 'id' and 'file_name'")
-            files[str(image["id"])] = image_dir / image["file_name"]
+            def fail(msg: str, i: int = i) -> DatasetError:
+                return DatasetError(f"{info}: images[{i}]: {msg} (expected an object with 'id' and 'file_name')")
+
+            image = Entry(image, fail)
+            files[image.id("id")] = image_dir / image.name("file_name")
     else:  # the images without COCO's list: their names are the zero-padded ids
         logger.info("%s not found: the gallery is every .jpg in %s", info, image_dir)
         files = {str(int(p.stem)): p for p in sorted(image_dir.glob("*.jpg")) if p.stem.isdigit()}
@@ -240,7 +236,7 @@ def _load_circo(folder: Path, split: str, root: Path | None, on_error: OnError) 
     if not files:
         raise DatasetError(f"{info}: lists no images")
     images, skipped = _existing(info, files, on_error)
-    entries = read_json(annotations, what="CIRCO annotations file")
+    entries = read_json_file(annotations, what="CIRCO annotations file")
     if not isinstance(entries, list):
         raise DatasetError(f"{annotations}: expected a list of queries")
     triplets = _parse(annotations, entries, (info, images), on_error, skipped, _circo_triplet)
@@ -248,22 +244,14 @@ def _load_circo(folder: Path, split: str, root: Path | None, on_error: OnError) 
                   images=images)
 
 
-def _circo_triplet(entry: dict, fail: Callable[[str], DatasetError]) -> Triplet:
-    for key in ("id", "reference_img_id", "relative_caption"):
-        if key not in entry:
-            raise fail(f"missing key {key!r}")
-    gt = entry.get("gt_img_ids") or []
-    if not isinstance(gt, list):
-        raise fail("'gt_img_ids' must be a list of image ids")
-    target = entry.get("target_img_id")
-    targets = ([target] if target is not None else []) + gt
-    meta = {k: v for k, v in entry.items() if k not in ("id", "reference_img_id", "relative_caption", "gt_img_ids",
-                                                        "target_img_id")}
+def _circo_triplet(entry: Entry) -> Triplet:
+    target = entry.optional_id("target_img_id")
+    targets = ([target] if target is not None else []) + list(entry.ids("gt_img_ids", ()))
+    meta = entry.rest("id", "reference_img_id", "relative_caption", "gt_img_ids", "target_img_id")
     if target is not None:
-        meta["target_hard"] = str(target)
-    return Triplet(id=str(entry["id"]), reference=str(entry["reference_img_id"]),
-                   modification=entry["relative_caption"], targets=tuple(dict.fromkeys(str(t) for t in targets)),
-                   meta=meta)
+        meta["target_hard"] = target
+    return Triplet(id=entry.id("id"), reference=entry.id("reference_img_id"),
+                   modification=entry.text("relative_caption"), targets=tuple(dict.fromkeys(targets)), meta=meta)
 
 
 # --- shared -------------------------------------------------------------------------------------------------------
@@ -274,15 +262,16 @@ def _existing(source: Path, files: dict[str, Path], on_error: OnError) -> tuple[
     for name, file in files.items():
         if file.is_file():
             images[name] = file
-        elif on_error == "raise":
-            raise DatasetError(f"{source}: image {name!r}: file not found: {file}")
-        else:
-            skipped.append(f"{source}: image {name!r}: file not found: {file}")
+            continue
+        problem = f"file not found: {file}" if not file.is_symlink() else file_problem(file)
+        if on_error == "raise":
+            raise DatasetError(f"{source}: image {name!r}: {problem}")
+        skipped.append(f"{source}: image {name!r}: {problem}")
     return images, skipped
 
 
 def _parse(source: Path, entries: list, gallery: tuple[Path, dict[str, Path]], on_error: OnError,
-           skipped: list[str], make: Callable[[dict, Callable[[str], DatasetError]], Triplet]) -> list[Triplet]:
+           skipped: list[str], make: Callable[[Entry], Triplet]) -> list[Triplet]:
     """Triplets from the file's entries, each checked against the gallery (its list file and images)."""
     listing, images = gallery
     triplets: list[Triplet] = []
@@ -290,17 +279,13 @@ def _parse(source: Path, entries: list, gallery: tuple[Path, dict[str, Path]], o
     for i, entry in enumerate(entries):
         where = f"{source}: entry {i}"
         if isinstance(entry, dict) and ("pairid" in entry or "id" in entry):
-            where += f" (id {entry.get('pairid', entry.get('id'))})"
+            where += f" (id {str(entry.get('pairid', entry.get('id')))[:40]})"
 
         def fail(msg: str, where: str = where) -> DatasetError:
             return DatasetError(f"{where}: {msg}")
 
         try:
-            if not isinstance(entry, dict):
-                raise fail("expected an object")
-            triplet = make(entry, fail)
-            if not isinstance(triplet.modification, str) or not triplet.modification.strip():
-                raise fail("empty modification text")
+            triplet = make(Entry(entry, fail))
             if triplet.id in seen:
                 raise fail(f"query id {triplet.id!r} appears more than once")
             for role, ids in (("reference", (triplet.reference,)), ("target", triplet.targets),

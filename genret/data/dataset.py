@@ -14,7 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from genret._io import read_json
+from genret.data.entries import DatasetError, Entry, file_problem, read_json_file, read_jsonl_lines
+from genret.data.images import probe_image
 from genret.types import Item, Query
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,6 @@ TRAIN_SPLITS = ("train", "restval")
 
 # Where the usual downloads keep their images, relative to the folder of the annotation file.
 _IMAGE_DIRS = ("", "images", "flickr30k-images", "flickr30k_images", "Images", "Flicker8k_Dataset")
-
-
-class DatasetError(ValueError):
-    """A data set file or entry that cannot be used; the message names the file and entry."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +123,8 @@ def load_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if path.is_dir():
         path = _find_annotation_file(path)
+    elif path.is_symlink() and not path.exists():
+        raise DatasetError(f"dataset: {file_problem(path)}")
     elif not path.exists():
         raise FileNotFoundError(f"dataset not found: {path} (give a dataset_*.json, a .jsonl, or a folder with one)")
     root = Path(image_root) if image_root is not None else path.parent
@@ -150,7 +149,7 @@ def load_dataset(
         for record in records:
             problem = unreadable_reason(record.path)
             if problem:
-                skipped.append(f"{path}: image {record.id}: {record.path} is not a readable image ({problem})")
+                skipped.append(f"{path}: image {record.id}: {problem}")
             else:
                 readable.append(record)
         records = readable
@@ -167,69 +166,66 @@ def load_dataset(
 
 
 def unreadable_reason(path: Path) -> str | None:
-    """Why an image file does not decode, or None when it does (a header check, no full decode)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as err:  # noqa: BLE001 - any decoding failure makes the file unusable
-        return f"{type(err).__name__}: {str(err)[:80]}"
-    return None
+    """Why an image file cannot be used, naming it, or None when it can (:func:`genret.data.images.probe_image`:
+    the checks that need no full decode)."""
+    return probe_image(path)
 
 
 def _find_annotation_file(folder: Path) -> Path:
-    found = sorted(folder.glob("dataset_*.json")) or sorted(folder.glob("*.jsonl"))
+    found, problems = [], []
+    for pattern in ("dataset_*.json", "*.jsonl"):
+        for candidate in sorted(folder.glob(pattern)):
+            problem = file_problem(candidate)
+            if problem:  # e.g. a symlink loop beside the real file: named, and not taken for it
+                logger.warning("%s: skipped %s", folder, problem)
+                problems.append(problem)
+            else:
+                found.append(candidate)
+        if found:
+            break
     if len(found) != 1:
         what = "none" if not found else ", ".join(p.name for p in found)
-        raise FileNotFoundError(f"{folder}: expected one dataset_*.json or *.jsonl file, found {what}")
+        raise FileNotFoundError(f"{folder}: expected one dataset_*.json or *.jsonl file, found {what}"
+                                + (f" (skipped: {'; '.join(problems)})" if problems and not found else ""))
     return found[0]
 
 
 def _read_karpathy(path: Path) -> tuple[str, list[tuple[str, dict]]]:
-    data = read_json(path, what="dataset file")
+    data = read_json_file(path, what="dataset file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: not a Karpathy-format file (expected an object with an 'images' list)")
     if not data["images"]:
         raise DatasetError(f"{path}: the 'images' list is empty")
-    name = str(data.get("dataset") or path.stem.removeprefix("dataset_"))
+    name = data.get("dataset")
+    name = name if isinstance(name, str) and name else path.stem.removeprefix("dataset_")
     return name, [(f"images[{i}]", entry) for i, entry in enumerate(data["images"])]
 
 
 def _read_jsonl(path: Path, skipped: list[str] | None = None) -> list[tuple[str, dict]]:
-    """The entries of a JSONL file; a malformed line raises, or with a ``skipped`` list is noted there and left out."""
-    entries = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                msg = f"{path}: line {lineno}: malformed JSON ({err.msg})"
-                if skipped is None:
-                    raise DatasetError(msg) from None
-                skipped.append(msg)
-    if not entries:
+    """The entries of a JSONL file; a line that is not UTF-8 or not JSON raises, or with a ``skipped`` list is noted
+    there and left out."""
+    entries = [(f"line {lineno}", value) for lineno, value in read_jsonl_lines(path, skipped)]
+    if not entries and not skipped:
         raise DatasetError(f"{path}: the file is empty")
     return entries
+
+
+_KARPATHY_FIELDS = ("filename", "filepath", "sentences", "split", "sentids")
+_JSONL_FIELDS = ("image", "captions", "split", "id")
 
 
 def _make_record(path: Path, where: str, entry: Any, root: Path, karpathy: bool) -> ImageRecord:
     def fail(msg: str) -> DatasetError:
         return DatasetError(f"{path}: {where}: {msg}")
 
-    if not isinstance(entry, dict):
-        raise fail("expected an object")
+    e = Entry(entry, fail)
     if karpathy:
-        rel = entry.get("filename")
-        if not isinstance(rel, str) or not rel:
-            raise fail("missing 'filename'")
-        sub = entry.get("filepath") or ""
-        image_id = entry.get("imgid", entry.get("cocoid", where))
-        if "sentences" not in entry:
+        rel = e.name("filename")
+        sub = e.name("filepath") if e.data.get("filepath") else ""
+        image_id = e.id("imgid") if "imgid" in e else e.id("cocoid", where)
+        if "sentences" not in e:
             raise fail("missing 'sentences' (a Karpathy entry lists its captions as [{\"raw\": \"...\"}, ...])")
-        sentences = entry["sentences"]
+        sentences = e.data["sentences"]
         if not isinstance(sentences, list):
             raise fail(f"'sentences' is {'null' if sentences is None else type(sentences).__name__}, not a list of "
                        "{\"raw\": \"...\"} objects")
@@ -238,34 +234,19 @@ def _make_record(path: Path, where: str, entry: Any, root: Path, karpathy: bool)
             if isinstance(sentence, dict) and "raw" not in sentence:
                 raise fail(f"sentences[{j}] has no 'raw' text (got {json.dumps(sentence)[:60]})")
             raw.append(sentence.get("raw") if isinstance(sentence, dict) else sentence)
-        meta = {k: v for k, v in entry.items() if k not in ("filename", "filepath", "sentences", "split", "sentids")}
+        captions = Entry({"sentences": raw}, fail).texts("sentences")
+        meta = e.rest(*_KARPATHY_FIELDS)
     else:  # JSONL
-        rel, sub = entry.get("image"), ""
-        if not isinstance(rel, str) or not rel:
-            raise fail("missing 'image'")
-        image_id = entry.get("id", rel)
-        raw = entry.get("captions")
-        if isinstance(raw, str):
-            raw = [raw]
-        if not isinstance(raw, list):
-            raise fail("'captions' must be a list of strings")
-        meta = {k: v for k, v in entry.items() if k not in ("image", "captions", "split", "id")}
-    captions = []
-    for j, text in enumerate(raw):
-        if not isinstance(text, str):
-            raise fail(f"caption {j} is {type(text).__name__}, not text")
-        if not text.strip():
-            raise fail(f"caption {j} is empty")
-        captions.append(text.strip())
+        rel = e.name("image")
+        sub = ""
+        image_id = e.id("id", rel)
+        captions = e.texts("captions")
+        meta = e.rest(*_JSONL_FIELDS)
     if not captions:
         raise fail("has no captions")
-    split = entry.get("split", "train")
-    if not isinstance(split, str):
-        raise fail("'split' must be a string")
-    return ImageRecord(
-        id=str(image_id), path=_resolve_image(path, where, root, sub, rel), split=split,
-        captions=tuple(captions), meta=meta,
-    )
+    split = e.name("split", "train")
+    return ImageRecord(id=image_id, path=_resolve_image(path, where, root, sub, rel), split=split,
+                       captions=captions, meta=meta)
 
 
 def _resolve_image(path: Path, where: str, root: Path, sub: str, rel: str) -> Path:
@@ -276,7 +257,9 @@ def _resolve_image(path: Path, where: str, root: Path, sub: str, rel: str) -> Pa
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    for candidate in candidates:  # a link there that leads nowhere: say so, not "not found"
+        if candidate.is_symlink():
+            raise DatasetError(f"{path}: {where}: image {rel}: {file_problem(candidate)}")
     raise DatasetError(
         f"{path}: {where}: image file not found: {rel} (looked under {root}; pass the image folder as image_root)"
     )
-

@@ -383,8 +383,8 @@ def test_bad_cirr_files_are_named(tmp_path, change, match):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (_entry(5, caption=None), r"cap\.rc2\.val\.json: entry 1 \(id 5\): missing key 'caption'"),
-    (_entry(5, caption="  "), r"entry 1 \(id 5\): empty modification text"),
+    (_entry(5, caption=None), r"cap\.rc2\.val\.json: entry 1 \(id 5\): missing 'caption'"),
+    (_entry(5, caption="  "), r"entry 1 \(id 5\): 'caption' is empty"),
     (_entry(5, reference="nope"), r"entry 1 \(id 5\): reference 'nope' is not in the split's gallery \(.*split\.rc2"),
     (_entry(5, target_hard="gone"), r"entry 1 \(id 5\): target 'gone' is not in the split's gallery"),
     (_entry(5, target_soft={"t0": "yes"}), r"entry 1 \(id 5\): 'target_soft' score 'yes' is not a number"),
