@@ -31,6 +31,68 @@ class PromptError(ValueError):
     """A prompt file that is missing, malformed or lacks a placeholder its stage needs."""
 
 
+SETTINGS = {"name": "the prompt's name (text)", "version": "its version, a whole number from 1",
+            "yes": "pointwise rerank: the answer word read as a match (text)",
+            "no": "pointwise rerank: the answer word read as no match (text)"}
+"""The top-level keys a prompt file may hold (beside its tables), and what each must be."""
+TEMPLATES = ("user", "assistant", "item")
+"""The templates a table may hold: the user turn, the assistant's answer (generative rerank), one listwise line."""
+
+
+def _read(path: Path) -> dict:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PromptError(f"{path}: cannot read the prompt file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise PromptError(f"{path}: line {line}: not UTF-8 text; save the prompt file as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PromptError(f"{path}: malformed TOML: {err}") from None
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"true/false ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"text ({value[:30]!r})"
+    return {list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _check_schema(path: Path, data: dict, exact: Mapping[str, Any] | None) -> None:
+    """Every key of a prompt file known and of its type: ``name`` and ``version``, the ``yes``/``no`` words, and
+    tables of text templates (with ``exact``, only the tables the caller reads)."""
+    for key in ("name", "version"):
+        if key not in data:
+            raise PromptError(f"{path}: missing '{key}'")
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in SETTINGS:
+            if exact is not None and key not in exact:
+                raise PromptError(f"{path}: unknown table [{key}]; this stage reads {', '.join(f'[{t}]' for t in exact)}")
+            for name, template in value.items():
+                if name not in TEMPLATES:
+                    raise PromptError(f"{path}: [{key}].{name} is not a template genret reads (a table holds "
+                                      f"{', '.join(TEMPLATES)})")
+                if not isinstance(template, str):
+                    raise PromptError(f"{path}: [{key}].{name} must be text, got {_what(template)}; write the "
+                                      'template as a quoted string ("...")')
+            continue
+        if key not in SETTINGS:
+            raise PromptError(f"{path}: unknown key {key!r} (a prompt file holds {', '.join(SETTINGS)} and tables "
+                              "of templates)")
+        if key == "version":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PromptError(f"{path}: 'version' must be a whole number from 1, got {_what(value)}")
+        elif not isinstance(value, str) or not value.strip():
+            raise PromptError(f"{path}: {key!r} must be non-empty text, got {_what(value)}")
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A loaded prompt: templates per direction plus settings."""
@@ -69,13 +131,8 @@ def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPT_DIR.glob("*.toml")))
         raise PromptError(f"prompt file not found: {path} (prompts in {PROMPT_DIR}: {known})")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise PromptError(f"{path}: malformed TOML: {err}") from None
-    for key in ("name", "version"):
-        if key not in data:
-            raise PromptError(f"{path}: missing '{key}'")
+    data = _read(path)
+    _check_schema(path, data, required if exact else None)
     sections = {k: MappingProxyType(dict(v)) for k, v in data.items() if isinstance(v, dict)}
     for direction, needs in (required or {}).items():
         if direction not in sections:
