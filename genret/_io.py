@@ -220,12 +220,12 @@ def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact
                                 "save it again")
         size = path.stat().st_size
         if size != entry.get("size"):
-            raise ArtefactError(f"{path}: {size} bytes, the {what}'s manifest says {entry.get('size')}: it was cut "
-                                "short or replaced by another file; save the artefact again")
+            raise ArtefactError(f"{path}: {size} bytes, the manifest of this {what} says {entry.get('size')}: it was "
+                                "cut short or replaced by another file; save the artefact again")
         key = "sha256" if full else "sample"
         if cached_fingerprint(path, full and size > SMALL) != entry.get(key):
-            raise ArtefactError(f"{path}: its content is not what the {what}'s manifest lists (hash mismatch): it "
-                                "was edited or taken from another artefact; save the artefact again")
+            raise ArtefactError(f"{path}: its content is not what the manifest of this {what} lists (hash mismatch): "
+                                "it was edited or taken from another artefact; save the artefact again")
     return len(files)
 
 

@@ -260,6 +260,11 @@ def test_a_hand_edited_pipeline_folder_is_refused_by_its_manifest(built, tmp_pat
     table["stages"][0]["name"] = "renamed"
     write_config_file(edited / "pipeline.toml", table)
     assert main(["-q", "search", str(edited), "a red circle"]) == 2
+    assert "edited/pipeline.toml: " in capsys.readouterr().err  # its content is not what the manifest lists
+    manifest = json.loads((edited / "manifest.json").read_text())
+    del manifest["files"]  # as saved by a genret before content manifests: the stage names still disagree
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["-q", "search", str(edited), "a red circle"]) == 2
     assert "pipeline.toml names the stages ['renamed'], its manifest ['prefilter']" in capsys.readouterr().err
 
 

@@ -107,6 +107,10 @@ def test_a_build_killed_midway_leaves_the_previous_index_intact(tmp_path, world_
     build.send_signal(signal.SIGKILL)
     assert build.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "pipe").rglob("*") if p.is_file()}
-    assert after == before
+    if after != before:  # killed after its swap (the process was still closing): the new pipeline is whole
+        from genret._io import verify
+
+        assert "chunk_size = 8" in (tmp_path / "pipe/pipeline.toml").read_text()
+        assert all(r["error"] is None for r in verify(tmp_path / "pipe"))
     pipe = RetrievalPipeline.load(tmp_path / "pipe")
     assert len(pipe.gallery.index("image")) == json.loads((tmp_path / "pipe/gallery/images/manifest.json").read_text())["count"]

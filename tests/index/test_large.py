@@ -6,6 +6,8 @@ import threading
 import numpy as np
 import pytest
 
+from genret._io import ArtefactError
+
 from genret.index import IndexMismatchError, VectorIndex
 from genret.index.gallery import Gallery
 from genret.index.items import ItemStore, write_items
@@ -52,10 +54,16 @@ def test_a_missing_shard_file_is_named(tmp_path):
     index.add(["a", "b", "c"], unit(3, 4))
     index.save(tmp_path / "ix")
     (tmp_path / "ix" / "index-001.faiss").unlink()
-    with pytest.raises(FileNotFoundError, match="index-001.faiss is missing"):
+    with pytest.raises(ArtefactError, match="index-001.faiss: missing from the index"):
         VectorIndex.load(tmp_path / "ix")
     (tmp_path / "ix" / "index-001.faiss").write_bytes(b"not faiss")
+    with pytest.raises(ArtefactError, match="index-001.faiss: 9 bytes, the manifest of this index says"):
+        VectorIndex.load(tmp_path / "ix")
+    _legacy(tmp_path / "ix")  # without a file list, faiss's own reading still names it
     with pytest.raises(IndexMismatchError, match="index-001.faiss: not a readable faiss index"):
+        VectorIndex.load(tmp_path / "ix")
+    (tmp_path / "ix" / "index-001.faiss").unlink()
+    with pytest.raises(FileNotFoundError, match="index-001.faiss is missing"):
         VectorIndex.load(tmp_path / "ix")
 
 
@@ -144,7 +152,7 @@ def test_a_gallery_saves_items_as_sqlite_and_still_reads_items_json(tmp_path):
     (tmp_path / "g" / "images" / "items.json").write_text(json.dumps([vars(it) for it in its]))
     assert Gallery.load(tmp_path / "g").item("image", "img4") == its[4]
     write_items(tmp_path / "g" / "images" / "items.sqlite", iter(its[:4]))
-    with pytest.raises(ValueError, match="lists 4 items, the index holds 5"):
+    with pytest.raises(ValueError, match="items.sqlite: its items are not those of the index beside it .4 items, 5 indexed"):
         Gallery.load(tmp_path / "g")
 
 
@@ -178,3 +186,11 @@ def test_build_params_make_a_better_graph_and_are_kept(tmp_path, clip_dir, world
                  "HNSW16", "--build-params", "efConstruction=64"]) == 0
     manifest = json.loads((out / "gallery" / "images" / "manifest.json").read_text())
     assert (manifest["factory"], manifest["build_params"]) == ("HNSW16", "efConstruction=64")
+
+
+def _legacy(folder):
+    """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("files")
+    path.write_text(json.dumps(manifest))

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from genret._io import ArtefactError
+
 from genret.index import IndexMismatchError, VectorIndex
 from genret.index.gallery import load_index
 from genret.index.qdrant_index import QdrantIndex
@@ -58,6 +60,9 @@ def test_a_damaged_saved_index_is_named_and_left_as_it_was(tmp_path):
     vectors = tmp_path / "ix" / "vectors.safetensors"
     good = vectors.read_bytes()
     vectors.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtefactError, match="vectors.safetensors: 104 bytes, the manifest of this index says 208"):
+        load_index(tmp_path / "ix")
+    _legacy(tmp_path / "ix")  # without a file list (saved by an older genret), the older checks still name it
     with pytest.raises(IndexMismatchError, match="vectors.safetensors: not readable"):
         load_index(tmp_path / "ix")
     vectors.write_bytes(good)
@@ -115,3 +120,11 @@ def test_a_pipeline_on_qdrant_ranks_as_on_faiss_and_reloads(tmp_path, capsys, wo
 
     assert main(["--quiet", "index", "tune", str(tmp_path / "p"), "--json"]) == 0
     assert "Qdrant collection" in capsys.readouterr().out  # not "exact index": Qdrant's HNSW is tuned on its server
+
+
+def _legacy(folder):
+    """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("files")
+    path.write_text(json.dumps(manifest))
