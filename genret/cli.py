@@ -348,22 +348,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
-    """One option per :class:`genret.serve.app.ServeConfig` field (its default and help)."""
+    """One option per :class:`genret.serve.settings.ServeConfig` field (its default, help and bounds, checked as the
+    command line is read); the API key only from the environment or a file."""
     import dataclasses
 
-    from genret.serve.settings import ServeConfig
+    from genret.serve.settings import KEY_ENV, ServeConfig
 
     for f in dataclasses.fields(ServeConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
-    parser.add_argument("--api-key-env", default="", help="read --api-key from this environment variable instead")
+        if f.metadata.get("cli", True):
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_serve_value(f), default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help=f"read the API key from FILE (default: ${KEY_ENV} when set; without either, no key)")
+    parser.add_argument("--api-key-env", default=None, metavar="NAME",
+                        help=f"read the API key from this environment variable instead of ${KEY_ENV}")
+    parser.add_argument("--api-key", action=_RefuseKey, help=argparse.SUPPRESS)
+
+
+class _RefuseKey(argparse.Action):
+    """``--api-key VALUE`` is refused: a key on the command line is visible to every user of the machine (ps)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--api-key: a key on the command line is visible to every user of this machine (ps); set "
+                     "GENRET_API_KEY or use --api-key-file FILE")
+
+
+def _serve_value(f):
+    """An argparse type for one ServeConfig field: its type, then its bounds, as a clear argparse error."""
+    from genret.serve.settings import check_bound, check_host
+
+    kind = type(f.default)
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+            if f.name == "host":
+                check_host(value)
+            else:
+                check_bound(f.name, value, f.metadata)
+        except ValueError as err:
+            message = str(err) if f.name == "host" or "must be" in str(err) else f"expected {kind.__name__}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
-    import os
 
-    from genret.serve.settings import ServeConfig
+    from genret.serve.settings import KEY_ENV, ServeConfig, is_loopback, read_api_key
 
     try:
         import uvicorn
@@ -371,16 +406,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from genret.serve.app import create_app
     except ImportError as err:
         raise RuntimeError(f"genret serve needs its extra ({err.name} is missing): pip install 'genret[serve]'") from None
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
-    if args.api_key_env:
-        values["api_key"] = os.environ.get(args.api_key_env, "")
-        if not values["api_key"]:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.metadata.get("cli", True)}
+    values["api_key"] = read_api_key(args.api_key_file, env_name=args.api_key_env or KEY_ENV,
+                                     env_required=bool(args.api_key_env))
     config = ServeConfig(**values)
+    if not config.api_key and not is_loopback(config.host):
+        raise ValueError(f"--host {config.host} exposes the service to the network: set {KEY_ENV} or --api-key-file "
+                         "FILE, or bind 127.0.0.1")
     pipe = _open_pipeline(args.pipeline)
     if not pipe.gallery.indexes:
         raise ValueError(f"{args.pipeline}: the pipeline has no index; build one first (genret index build)")
-    print(f"genret serve: {pipe.config.name} on http://{config.host}:{config.port}/ (API docs at /docs)", file=sys.stderr)
+    print(f"genret serve: {pipe.config.name} on http://{config.host}:{config.port}/ "
+          f"({'API key required' if config.api_key else 'no API key'}; schema at /openapi.json)", file=sys.stderr)
     uvicorn.run(create_app(pipe, config), host=config.host, port=config.port, log_level="warning" if args.quiet else "info")
     return 0
 

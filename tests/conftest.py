@@ -168,6 +168,29 @@ def served_pipe(_encoder, world, mllm_dir, clip_dir):
     return pipe
 
 
+@pytest.fixture
+def make_pipe(_encoder, clip_dir, mllm_dir):
+    """A pipeline on a gallery of given items: ``make_pipe(images={id: path}, texts={id: caption})``, a prefilter then
+    (``rerank=True``) the tiny MLLM's generative rerank; ``cache_features=False`` makes the rerank read the gallery's
+    image files at each search."""
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+    from genret.types import Item
+
+    def make(images: dict, texts: dict, rerank: bool = True, cache_features: bool = True):
+        stages = [{"type": "prefilter", "k": 8}]
+        if rerank:
+            stages.append({"type": "rerank", "name": "rerank", "model": str(mllm_dir), "k": 5,
+                           "cache_features": cache_features})
+        pipe = RetrievalPipeline(PipelineConfig(name="small", encoder=EncoderConfig(model=str(clip_dir)),
+                                                stages=tuple(stages)), encoder=copy.copy(_encoder))
+        items = {"image": [Item(i, "image", image=str(p)) for i, p in images.items()],
+                 "text": [Item(i, "text", text=t) for i, t in texts.items()]}
+        pipe.index_items({m: v for m, v in items.items() if v}, {"name": "small"}, progress=False)
+        return pipe
+
+    return make
+
+
 class Server:
     """A real uvicorn server on a free loopback port, in a thread."""
 
