@@ -3,80 +3,90 @@
 Endpoints: ``POST /v1/search`` (text, image or both; the record of ``genret search --json``), ``POST
 /v1/search/upload`` (the same with a multipart image), ``POST /v1/rerank`` (the Cohere / Jina / vLLM shape),
 ``POST /v1/embeddings`` (the OpenAI shape, texts and images), ``GET /v1/indices``, ``GET /v1/images/{id}`` (a
-gallery image by id, never by path), ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the page).
-Every model call goes through one :class:`~genret.serve.batcher.DynamicBatcher`: concurrent requests of one kind
-share a call, and only its worker thread touches the pipeline.
+gallery image by id, never by path), ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``GET /health``
+and ``GET /`` (the page, with ``/page.js`` and ``/page.css``).
+
+What holds for every request: with an API key, every path but :data:`~genret.serve.auth.PUBLIC` needs it (one
+gate in front of the app, before the body is read); the body is counted as it arrives (:class:`~genret.serve.middleware.BodyLimit`); every
+string is bounded and valid Unicode (:mod:`genret.serve.schemas`) and every text fits the context of the models
+that read it (:mod:`genret.serve.limits`); each request's images live in its own folder, removed when it ends;
+every error is ``{"error": {"status", "message"}}`` with no server path in it; every response carries a strict
+Content-Security-Policy. Every model call goes through one :class:`~genret.serve.batcher.DynamicBatcher`:
+concurrent requests of one kind share a call, and only its worker thread touches the pipeline.
 """
 
 import asyncio
+import dataclasses
 import logging
-import time
+import mimetypes
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional
+from urllib.parse import quote
 
-from pydantic import BaseModel, Field
+import numpy as np
 
+from genret.data.images import ImageLoadError
 from genret.pipeline import RetrievalPipeline
+from genret.serve.auth import RequireKey
 from genret.serve.batcher import DynamicBatcher, QueueFull
-from genret.serve.inputs import RequestError, Spool
+from genret.serve.errors import Redactor, RequestError, error_body
+from genret.serve.inputs import RequestFiles, Spool
+from genret.serve.limits import TokenLimit, encoder_limit, rerank_limit
+from genret.serve.schemas import request_models
 from genret.serve.settings import ServeConfig
 from genret.stages.rerank import RerankStage
 from genret.types import Item, Query
 
 logger = logging.getLogger(__name__)
-PAGE = Path(__file__).with_name("page.html")
+ASSETS = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+          "/page.css": ("page.css", "text/css; charset=utf-8")}
+# Which gallery each kind of query searches (Query.modality → targets): no other pairing runs through the stages.
+TARGETS = {"text": ("image",), "image": ("text",), "image+text": ("image",)}
 
 
-class SearchRequest(BaseModel):
-    """A search: a text, an image, or both (a composed query)."""
-
-    text: str | None = Field(None, description="the query text; with an image, the modification (composed)")
-    image: str | None = Field(None, description="the query image, base64 or a data:image/...;base64, URL")
-    k: int = Field(10, description="results to return")
-    target: Literal["image", "text"] | None = Field(None, description="the gallery to search (default: images "
-                                                                           "for text and composed queries, texts for an image)")
+def public_name(ref: str) -> str:
+    """What an answer calls a model: a hub id as it is, a local folder by its name (never the server's path)."""
+    path = Path(ref)
+    return path.name if (path.is_absolute() or path.exists()) else ref
 
 
-class ImageURL(BaseModel):
-    url: str
-
-
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Content(BaseModel):
-    content: list[ContentPart]
-
-
-class RerankRequest(BaseModel):
-    model: str | None = Field(None, description="a rerank stage's name or model (default: the first)")
-    query: Union[str, Content]
-    documents: Union[list[Union[str, ContentPart]], Content]
-    top_n: int | None = None
-    return_documents: bool = False
-
-
-class EmbeddingRequest(BaseModel):
-    input: Union[str, list[Union[str, ContentPart]]]
-    model: str | None = None
-    encoding_format: Literal["float"] = "float"
+def _server_folders(pipe: RetrievalPipeline, spool: Spool) -> list[str]:
+    """Folders whose paths must not appear in an answer: the spool, the pipeline's, its models', its images'."""
+    folders = [str(spool.folder)]
+    source = getattr(pipe.config, "_source", None)
+    if source:
+        folders.append(str(Path(source).resolve().parent))
+    refs = [pipe.config.encoder.model] + [v for s in pipe.stages if dataclasses.is_dataclass(s.config)
+                                          for v in dataclasses.asdict(s.config).values() if isinstance(v, str)]
+    for ref in refs:
+        if ref and Path(ref).is_absolute():
+            folders += [ref, str(Path(ref).parent)]
+    first = next(iter(pipe.gallery.items.get("image", {}).values()), None)
+    if first is not None and first.image:
+        folders.append(str(Path(first.image).resolve().parent))
+    return folders
 
 
 def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
     """The FastAPI application serving ``pipe`` (loaded and indexed)."""
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     from genret.serve.metrics import Metrics
+    from genret.serve.middleware import BodyLimit, Frame
 
     config = config or ServeConfig()
     spool = Spool(max_pixels=config.max_image_pixels)
+    redactor = Redactor(_server_folders(pipe, spool))
     metrics = Metrics()
+    models = request_models(config)
     rerankers = {s.name: s for s in pipe.stages if isinstance(s, RerankStage)}
+    encoder_name = public_name(pipe.config.encoder.model)
+    encoder_tokens = encoder_limit(pipe.encoder, encoder_name)
+    sample = _sample_image(pipe)
+    stage_tokens = {name: rerank_limit(stage, sample) for name, stage in rerankers.items()}
 
     def run_search(payloads):
         results = pipe.answer_many([q for q, _ in payloads], [k for _, k in payloads])
@@ -85,56 +95,78 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
     def run_rerank(payloads):
         return [rerankers[name].score(query, items, cache=False) for name, query, items in payloads]
 
+    def run_embed(encode):
+        """Each payload is one request's inputs: all requests' inputs are encoded together, then split back."""
+        def run(payloads):
+            vectors = encode([x for inputs in payloads for x in inputs])
+            bounds = np.cumsum([0] + [len(inputs) for inputs in payloads])
+            return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return run
+
     handlers = {"search": run_search, "rerank": run_rerank,
-                "embed_text": lambda texts: list(pipe.encoder.encode_texts(list(texts))),
-                "embed_image": lambda paths: list(pipe.encoder.encode_images(list(paths)))}
+                "embed_text": run_embed(lambda texts: pipe.encoder.encode_texts(texts)),
+                "embed_image": run_embed(lambda paths: pipe.encoder.encode_images(paths))}
     batcher = DynamicBatcher(handlers, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000,
                              max_queue=config.max_queue, on_batch=metrics.batch)
 
-    app = FastAPI(title="genret", version=_version(), description="Image-text retrieval with multimodal LLMs: "
-                  f"pipeline {pipe.config.name!r}, stages {', '.join(s.name for s in pipe.stages)}")
+    # No /docs or /redoc (their pages load from a CDN); the schema is a route of its own, behind the key.
+    app = FastAPI(title="genret", version=_version(), docs_url=None, redoc_url=None, openapi_url=None,
+                  description="Image-text retrieval with multimodal LLMs: "
+                              f"pipeline {pipe.config.name!r}, stages {', '.join(s.name for s in pipe.stages)}")
     app.state.batcher, app.state.spool, app.state.metrics = batcher, spool, metrics
+    # Outermost last: Frame (headers, errors, metrics) → RequireKey (before any body is read) → BodyLimit → the app.
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(RequireKey, key=config.api_key)
+    app.add_middleware(Frame, on_request=metrics.request)
 
     @app.on_event("shutdown")
     def _close() -> None:
         batcher.close()
         spool.close()
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+    def error(status: int, message: str, headers=None) -> Response:
+        return Response(error_body(status, redactor.scrub(message)), status_code=status, headers=headers,
+                        media_type="application/json")
 
     @app.exception_handler(RequestError)
     async def _bad(request: Request, err: RequestError):
-        return error(err.status, err.message)
+        return error(err.status, err.message, err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException):
+        if err.status_code == 404 and "route" not in request.scope:
+            message = f"no route {request.method} {request.url.path}; the API is under /v1 (GET /openapi.json)"
+        elif err.status_code == 405:
+            allowed = (err.headers or {}).get("allow", (err.headers or {}).get("Allow", ""))
+            message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+        else:
+            message = str(err.detail)
+        return error(err.status_code, message, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in err.errors()]
-        return error(422, "; ".join(parts))
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+            hint = " (--max-text-chars)" if e.get("type") == "string_too_long" and \
+                (e.get("ctx") or {}).get("max_length") == config.max_text_chars else ""
+            parts.append(f"{where}: {e['msg']}{hint}")
+        return error(422, "; ".join(parts[:10]) + (f"; and {len(parts) - 10} more" if len(parts) > 10 else ""))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return error(500, f"internal error ({err.__class__.__name__}); the server log has the details")
+    async def request_files():
+        files = spool.open()
+        try:
+            yield files
+        finally:
+            files.close()
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            response = error(413, f"the request body is {int(length):,} bytes, above the server's limit of "
-                                  f"{config.max_body_bytes:,} (--max-body-bytes); send smaller images")
-        else:
-            response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
-
-    def authorised(request: Request) -> None:
-        if not config.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {config.api_key}":
-            raise RequestError(401, "this server needs an API key: send 'Authorization: Bearer KEY'")
+    def missing_gallery_image(err: ImageLoadError) -> str | None:
+        """The id of the gallery image an error names, if any (an image removed after indexing)."""
+        text = str(err)
+        for item in pipe.gallery.items.get("image", {}).values():
+            if item.image and str(item.image) in text:
+                return item.id
+        return None
 
     async def call(kind: str, payload: Any):
         try:
@@ -143,24 +175,38 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             raise RequestError(503, f"the server is busy ({err})") from None
         except (TimeoutError, asyncio.TimeoutError):
             raise RequestError(504, f"the request took longer than {config.timeout_s:g} s (--timeout-s)") from None
-        except ValueError as err:  # what the pipeline refuses (k, an unreadable query) is the caller's to fix
+        except ImageLoadError as err:
+            item = missing_gallery_image(err)
+            if item is None:
+                raise RequestError(400, str(err)) from None
+            logger.error("gallery image %r is unreadable: %s", item, err)
+            raise RequestError(500, f"gallery image {item!r} is missing or unreadable on the server (removed or "
+                                    "changed after indexing); the server's log names the file") from None
+        except ValueError as err:  # what the pipeline refuses (k, a prompt past the context) is the caller's to fix
             raise RequestError(400, str(err)) from None
 
+    def check_tokens(texts: list[tuple[str, str]], limits: list[Optional[TokenLimit]]) -> None:
+        for limit in limits:
+            if limit is not None:
+                limit.check(texts)
 
     def query_of(text: str | None, image_path: str | None, target: str | None) -> Query:
         if text is not None and not text.strip():
             text = None
         if text is None and image_path is None:
             raise RequestError(400, "give a query: text, image, or both (an image and its modification)")
-        if text is not None and len(text) > 4000:
-            raise RequestError(400, f"text is {len(text)} characters; at most 4000")
-        if target is None and image_path is not None and text is not None:
-            target = "image"
-        query = Query(id="query", text=text, image=image_path, target=target)
-        if query.target not in pipe.gallery.indexes:
-            raise RequestError(400, f"this pipeline has no {query.target} gallery (it has: "
+        modality = "image+text" if (text is not None and image_path is not None) else "text" if text else "image"
+        target = target or TARGETS[modality][0]
+        if target not in TARGETS[modality]:
+            raise RequestError(400, f"target {target!r} does not fit a {modality.replace('+', ' and ')} query: a text "
+                                    "query searches images, an image query texts, and an image with a modification "
+                                    f"text images; leave target out or send {TARGETS[modality][0]!r}")
+        if target not in pipe.gallery.indexes:
+            raise RequestError(400, f"this pipeline has no {target} gallery (it has: "
                                     f"{', '.join(pipe.gallery.indexes) or 'none'})")
-        return query
+        if text is not None:  # the encoder cuts a text to its context (as genret search does); an MLLM would not
+            check_tokens([("text", text)], list(stage_tokens.values()))
+        return Query(id="query", text=text, image=image_path, target=target)
 
     def check_k(k: int, target: str) -> None:
         size = len(pipe.gallery.index(target))
@@ -174,7 +220,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         out["query"]["image"] = "(uploaded)" if result.query.image is not None else None
         for hit, row in zip(result.hits, out["results"]):
             if result.query.target == "image":
-                row["image"] = f"/v1/images/{hit.id}"
+                row["image"] = "/v1/images/" + quote(hit.id, safe="")
         out["batch_size"] = batch
         return out
 
@@ -184,43 +230,40 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         result, batch = await call("search", (query, k))
         return record(result, batch)
 
-    @app.post("/v1/search", dependencies=[Depends(authorised)])
-    async def search_json(body: SearchRequest) -> dict:
+    @app.post("/v1/search")
+    async def search_json(body: models.Search, files: RequestFiles = Depends(request_files)) -> dict:
         """Search with a text, an image (base64), or both (composed, through the pipeline's rewrite stage)."""
-        path = spool.put_value(body.image, "image") if body.image is not None else None
+        path = files.put_value(body.image, "image") if body.image is not None else None
         return await search(body.text, path, body.k, body.target)
 
-    @app.post("/v1/search/upload", dependencies=[Depends(authorised)])
+    @app.post("/v1/search/upload")
     async def search_upload(file: UploadFile = File(..., description="the query image"),
-                            text: str | None = Form(None), k: int = Form(10),
-                            target: Literal["image", "text"] | None = Form(None)) -> dict:
+                            text: Optional[models.Text] = Form(None), k: int = Form(10),
+                            target: Optional[Literal["image", "text"]] = Form(None),
+                            files: RequestFiles = Depends(request_files)) -> dict:
         """Search with an uploaded image (multipart), optionally with a modification text."""
         data = await file.read(config.max_body_bytes + 1)
-        path = spool.put(data, f"file {file.filename!r}")
+        path = files.put(data, f"file {file.filename!r}")
         return await search(text, path, k, target)
 
-
-
-
-
-    def parts(value, where: str) -> list[tuple[str, str]]:
-        """(kind, text or spooled path) for a string, a content part, or {"content": [...]}."""
-        items = value.content if isinstance(value, Content) else value if isinstance(value, list) else [value]
+    def parts(value, where: str, files: RequestFiles) -> list[tuple[str, str, str]]:
+        """(field, kind, text or spooled path) for a string, a content part, or {"content": [...]}."""
+        items = value.content if isinstance(value, models.Content) else value if isinstance(value, list) else [value]
         out = []
         for i, part in enumerate(items):
-            at = f"{where}[{i}]" if len(items) > 1 or isinstance(value, (list, Content)) else where
+            at = f"{where}[{i}]" if len(items) > 1 or isinstance(value, (list, models.Content)) else where
             if isinstance(part, str):
-                out.append(("text", part))
+                out.append((at, "text", part))
             elif part.type == "text" and part.text is not None:
-                out.append(("text", part.text))
+                out.append((at, "text", part.text))
             elif part.type == "image_url" and part.image_url is not None:
-                out.append(("image", spool.put_value(part.image_url.url, at)))
+                out.append((at, "image", files.put_value(part.image_url.url, at)))
             else:
                 raise RequestError(400, f"{at}: a {part.type} part needs its '{part.type}' field")
         return out
 
-    @app.post("/v1/rerank", dependencies=[Depends(authorised)])
-    async def rerank(body: RerankRequest) -> dict:
+    @app.post("/v1/rerank")
+    async def rerank(body: models.Rerank, files: RequestFiles = Depends(request_files)) -> dict:
         """Score documents against a query with a rerank stage (Cohere / Jina / vLLM shape)."""
         if not rerankers:
             raise RequestError(404, "this pipeline has no rerank stage")
@@ -230,76 +273,107 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             if not by_model:
                 raise RequestError(404, f"model {name!r} is not served here; use one of: {', '.join(rerankers)}")
             name = by_model[0]
-        query = parts(body.query, "query")
+        query = parts(body.query, "query", files)
         if len(query) != 1:
             raise RequestError(400, f"query: one text or one image, got {len(query)} parts")
-        docs = parts(body.documents, "documents")
+        docs = parts(body.documents, "documents", files)
         if not docs or len(docs) > config.max_documents:
             raise RequestError(400, f"documents: between 1 and {config.max_documents}, got {len(docs)}")
-        (qkind, qvalue), want = query[0], "image" if query[0][0] == "text" else "text"
-        wrong = [i for i, (kind, _) in enumerate(docs) if kind != want]
+        (_, qkind, qvalue), want = query[0], "image" if query[0][1] == "text" else "text"
+        wrong = [i for i, (_, kind, _) in enumerate(docs) if kind != want]
         if wrong:
             raise RequestError(400, f"documents{wrong[:5]}: a {qkind} query ranks {want} documents "
                                     f"(text → image or image → text), not {qkind}s")
+        check_tokens([(at, v) for at, kind, v in query + docs if kind == "text"], [stage_tokens[name]])
         q = Query(id="query", text=qvalue) if qkind == "text" else Query(id="query", image=qvalue)
         items = [Item(str(i), want, text=v if want == "text" else None, image=v if want == "image" else None)
-                 for i, (_, v) in enumerate(docs)]
+                 for i, (_, _, v) in enumerate(docs)]
         scores = await call("rerank", (name, q, items))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n or len(scores)]
         results = []
         for i in order:
             row = {"index": i, "relevance_score": scores[i]}
             if body.return_documents and want == "text":
-                row["document"] = {"text": docs[i][1]}
+                row["document"] = {"text": docs[i][2]}
             results.append(row)
         return {"model": name, "results": results, "usage": {"documents": len(docs)}}
 
-
-    @app.post("/v1/embeddings", dependencies=[Depends(authorised)])
-    async def embeddings(body: EmbeddingRequest) -> dict:
+    @app.post("/v1/embeddings")
+    async def embeddings(body: models.Embedding, files: RequestFiles = Depends(request_files)) -> dict:
         """Embed texts and images with the pipeline's dual encoder (OpenAI shape; images as image_url parts)."""
-        inputs = parts(body.input if isinstance(body.input, list) else [body.input], "input")
+        inputs = parts(body.input if isinstance(body.input, list) else [body.input], "input", files)
         if not inputs or len(inputs) > config.max_documents:
             raise RequestError(400, f"input: between 1 and {config.max_documents} items, got {len(inputs)}")
-        # All of a request's inputs are queued at once, so they share model calls with each other and with others'.
-        vectors = await asyncio.gather(*(call("embed_text" if kind == "text" else "embed_image", value)
-                                         for kind, value in inputs))
-        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": pipe.config.encoder.model,
-                "usage": {"inputs": len(inputs)}}
+        check_tokens([(at, v) for at, kind, v in inputs if kind == "text"], [encoder_tokens])
+        # One job per kind for the whole request (the queue counts requests, not inputs); concurrent requests' jobs
+        # share model calls.
+        kinds = {kind: [i for i, (_, k, _) in enumerate(inputs) if k == kind] for kind in ("text", "image")}
+        kinds = {kind: rows for kind, rows in kinds.items() if rows}
+        found = await asyncio.gather(*(call("embed_" + kind, [inputs[i][2] for i in rows])
+                                       for kind, rows in kinds.items()))
+        vectors = {i: v for rows, vs in zip(kinds.values(), found) for i, v in zip(rows, vs)}
+        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in vectors[i]]}
+                for i in range(len(inputs))]
+        return {"object": "list", "data": data, "model": encoder_name, "usage": {"inputs": len(inputs)}}
 
-    @app.get("/v1/indices", dependencies=[Depends(authorised)])
+    @app.get("/v1/indices")
     async def indices() -> dict:
         """The galleries the pipeline searches."""
-        out = []
-        for modality, index in pipe.gallery.indexes.items():
-            out.append({"name": modality, "count": len(index), "factory": index.factory, "metric": index.metric,
-                        "encoder": pipe.encoder.describe()})
+        encoder = {**pipe.encoder.describe(), "model": encoder_name}
+        out = [{"name": modality, "count": len(index), "factory": index.factory, "metric": index.metric,
+                "encoder": encoder} for modality, index in pipe.gallery.indexes.items()]
         return {"pipeline": pipe.config.name, "stages": [s.name for s in pipe.stages], "indices": out}
 
-    @app.get("/v1/images/{item_id}")
+    @app.get("/v1/images/{item_id:path}")
     async def image(item_id: str):
         """A gallery image, by its id (never by a path from the request)."""
         items = pipe.gallery.items.get("image", {})
         if item_id not in items:
             raise RequestError(404, f"no gallery image with id {item_id!r}")
-        return FileResponse(items[item_id].image)
+        path = Path(items[item_id].image)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            logger.error("gallery image %r: cannot read %s", item_id, path)
+            raise RequestError(404, f"gallery image {item_id!r} is no longer on the server (its file was removed or "
+                                    "moved after indexing)") from None
+        return Response(data, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.waiting.set(batcher.waiting)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "pipeline": pipe.config.name,
                 "galleries": {m: len(i) for m, i in pipe.gallery.indexes.items()}, "waiting": batcher.waiting}
 
-    @app.get("/metrics", dependencies=[Depends(authorised)])
-    async def prometheus() -> Response:
-        metrics.waiting.set(batcher.waiting)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    def asset(name: str, media_type: str):
+        async def serve() -> Response:
+            return Response((Path(__file__).parent / name).read_bytes(), media_type=media_type)
+        return serve
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
-
+    for route, (name, media_type) in ASSETS.items():
+        app.get(route, include_in_schema=False)(asset(name, media_type))
     return app
+
+
+def _sample_image(pipe: RetrievalPipeline):
+    """A gallery image (what a rerank prompt's image tokens are measured on), else a blank one."""
+    from PIL import Image
+
+    from genret.data.images import load_image
+
+    first = next(iter(pipe.gallery.items.get("image", {}).values()), None)
+    try:
+        return load_image(first.image) if first is not None and first.image else Image.new("RGB", (336, 336))
+    except ImageLoadError:
+        return Image.new("RGB", (336, 336))
 
 
 def _version() -> str:

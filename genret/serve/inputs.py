@@ -1,5 +1,5 @@
 """What a request may carry: images as base64 or ``data:`` URLs or uploaded bytes, checked before any model sees
-them, and kept in a server-owned spool folder under their content hash (never a path from the request)."""
+them, and kept in a folder of the request's own under their content hash (never a path from the request)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,13 @@ import base64
 import binascii
 import hashlib
 import io
-import os
+import shutil
 import tempfile
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-
-class RequestError(Exception):
-    """A bad request: its HTTP status and a message that says what to fix."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+from genret.serve.errors import RequestError
 
 
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
@@ -70,29 +62,34 @@ def check_image(data: bytes, where: str, max_pixels: int) -> str:
 
 
 class Spool:
-    """Checked request images as files named by their SHA-256 (so caches keyed by content see one image once);
-    the oldest are removed beyond ``keep`` files, and the folder with :meth:`close`."""
+    """The server's spool folder; each request gets its own folder in it (:meth:`open`), removed when the request
+    ends, so no request ever reads, replaces or removes another's files."""
 
-    def __init__(self, keep: int = 512, max_pixels: int = 4096 * 4096) -> None:
+    def __init__(self, max_pixels: int = 4096 * 4096) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="genret-serve-"))
-        self.keep, self.max_pixels = keep, max_pixels
-        self._files: OrderedDict[str, Path] = OrderedDict()
-        self._lock = threading.Lock()
+        self.max_pixels = max_pixels
+
+    def open(self) -> "RequestFiles":
+        """A new folder for one request's images."""
+        return RequestFiles(Path(tempfile.mkdtemp(prefix="request-", dir=self.folder)), self.max_pixels)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RequestFiles:
+    """One request's checked images, as files named by their SHA-256 in the request's own folder (an image sent
+    twice in one request is one file); :meth:`close` removes them all."""
+
+    def __init__(self, folder: Path, max_pixels: int) -> None:
+        self.folder, self.max_pixels = folder, max_pixels
 
     def put(self, data: bytes, where: str) -> str:
-        """Check ``data`` and return the path of its spooled copy."""
+        """Check ``data`` and return the path of its copy."""
         suffix = check_image(data, where, self.max_pixels)
-        name = hashlib.sha256(data).hexdigest() + suffix
-        with self._lock:
-            path = self._files.pop(name, None) or self.folder / name
-            if not path.is_file():
-                tmp = path.with_suffix(".part")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            self._files[name] = path
-            while len(self._files) > self.keep:
-                _, old = self._files.popitem(last=False)
-                old.unlink(missing_ok=True)
+        path = self.folder / (hashlib.sha256(data).hexdigest() + suffix)
+        if not path.is_file():
+            path.write_bytes(data)
         return str(path)
 
     def put_value(self, value: str, where: str) -> str:
@@ -100,6 +97,4 @@ class Spool:
         return self.put(image_bytes(value, where), where)
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The service's Prometheus metrics (``GET /metrics``): requests by path and status, latency, batch sizes, errors."""
+"""The service's Prometheus metrics (``GET /metrics``): requests by route and status, latency, batch sizes, errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class Metrics:
         self.waiting = Gauge("genret_queue_waiting", "requests waiting for a model call", registry=self.registry)
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        path = "/v1/images/{id}" if path.startswith("/v1/images/") else path  # bounded label values
+        """Count one request by its route's template (``/v1/images/{item_id:path}``, never the path asked for, so
+        the label values are bounded)."""
         self.requests.labels(path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
         if status >= 400:

@@ -1,22 +1,121 @@
-"""The settings of ``genret serve`` (importable without the serve extra)."""
+"""The settings of ``genret serve`` (importable without the serve extra), and where its API key comes from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+KEY_ENV = "GENRET_API_KEY"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                       r"[A-Za-z0-9])?)*\.?$")
+_KEY = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header carries: visible ASCII, no spaces
 
 
 @dataclass
 class ServeConfig:
-    """Settings of ``genret serve``."""
+    """Settings of ``genret serve``; each numeric field's bounds are in its metadata (``min``, ``max``), checked
+    here and by the command line's parser alike.
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
-    port: int = field(default=8000, metadata={"help": "port"})
-    api_key: str = field(default="", metadata={"help": "bearer key every /v1 and /metrics request must carry"})
-    max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body (base64 images included)"})
-    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image, width × height"})
-    max_k: int = field(default=100, metadata={"help": "largest k a search may ask for"})
-    max_documents: int = field(default=256, metadata={"help": "most documents of one /v1/rerank request"})
-    max_batch: int = field(default=16, metadata={"help": "most requests in one model call"})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "how long a call waits for more requests"})
-    max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it 503"})
-    timeout_s: float = field(default=60.0, metadata={"help": "seconds a request may wait for its result; then 504"})
+    Example:
+        >>> ServeConfig(port=70000)
+        Traceback (most recent call last):
+        ...
+        ValueError: port must be between 1 and 65535, got 70000
+    """
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network; "
+                                                             "then an API key is required)"})
+    port: int = field(default=8000, metadata={"help": "port", "min": 1, "max": 65535})
+    api_key: str = field(default="", repr=False, metadata={
+        "help": "bearer key every route but /health and the page requires (command line: from $GENRET_API_KEY or "
+                "--api-key-file, never a value on the command line)", "cli": False})
+    max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body in bytes, counted as it "
+                                                                    "arrives (base64 images included)", "min": 1})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image, width × height", "min": 1})
+    max_text_chars: int = field(default=4096, metadata={"help": "longest text in a request, in characters (each is "
+                                                                "also checked in tokens against the models' context)",
+                                                        "min": 1})
+    max_k: int = field(default=100, metadata={"help": "largest k a search may ask for", "min": 1})
+    max_documents: int = field(default=256, metadata={"help": "most documents of one /v1/rerank request, and inputs "
+                                                              "of one /v1/embeddings request", "min": 1})
+    max_batch: int = field(default=16, metadata={"help": "most requests in one model call", "min": 1})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "how long a call waits for more requests", "min": 0})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it 503", "min": 1})
+    timeout_s: float = field(default=60.0, metadata={"help": "seconds a request may wait for its result; then 504",
+                                                     "min": 1e-6})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if "min" in f.metadata or "max" in f.metadata:
+                check_bound(f.name, getattr(self, f.name), f.metadata)
+        check_host(self.host)
+        if self.api_key and not _KEY.match(self.api_key):
+            raise ValueError("the API key must be visible ASCII characters without spaces (it travels in an "
+                             "'Authorization: Bearer KEY' header)")
+
+
+def check_bound(name: str, value, metadata: Mapping) -> None:
+    """Raise ValueError when ``value`` is outside ``metadata``'s ``min`` / ``max``."""
+    low, high = metadata.get("min"), metadata.get("max")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise ValueError(f"{name} must be at least {low:g}, got {value}")
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}")
+
+
+def check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IP address or a hostname."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"host must be an IP address or a hostname (127.0.0.1, 0.0.0.0, ::1, localhost), got {host!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the service on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(key_file: str | None = None, env: Mapping[str, str] | None = None, env_name: str = KEY_ENV,
+                 env_required: bool = False) -> str:
+    """The API key: the contents of ``key_file`` or the environment variable ``env_name`` (one of the two), or ""
+    when neither is given (no key).
+
+    Raises:
+        ValueError: naming the file or variable when it is unreadable, empty, or both are given.
+    """
+    env = os.environ if env is None else env
+    from_env = env.get(env_name)
+    if key_file:
+        if from_env is not None:
+            raise ValueError(f"give the API key one way: {env_name} is set and --api-key-file names {key_file}")
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err.__class__.__name__
+            raise ValueError(f"--api-key-file {key_file}: cannot read it ({reason})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {key_file}: the file is empty; write the key into it")
+        return key
+    if from_env is None:
+        if env_required:
+            raise ValueError(f"--api-key-env {env_name}: that environment variable is not set")
+        return ""
+    if not from_env.strip():
+        raise ValueError(f"{env_name} is set but empty: set it to the key, or unset it to serve without one")
+    return from_env.strip()

@@ -1,0 +1,78 @@
+"""Request texts against the context of each model that reads them, checked in the request (not in the model's
+thread): the dual encoder's text tower, and each local rerank stage's MLLM, less what the stage's own prompt and one
+image take. Each model's tokenizer is a private copy, used only here (a tokenizer is not safe to share between
+threads, and the worker thread changes its padding side)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from genret.serve.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenLimit:
+    """At most ``limit`` tokens of ``tokenizer`` for a text ``who`` reads (``what`` says where the limit comes from)."""
+
+    who: str
+    tokenizer: Any
+    limit: int
+    what: str
+
+    def check(self, texts: Sequence[tuple[str, str]]) -> None:
+        """Raise 400 naming the first (field, text) pair above the limit."""
+        if not texts:
+            return
+        counts = [len(ids) for ids in self.tokenizer([t for _, t in texts], truncation=False, verbose=False)["input_ids"]]
+        for (where, _), n in zip(texts, counts):
+            if n > self.limit:
+                raise RequestError(400, f"{where}: {n:,} tokens, more than {self.who} reads ({self.limit:,} tokens: "
+                                        f"{self.what}); send a shorter text")
+
+
+def encoder_limit(encoder, name: str) -> TokenLimit | None:
+    """The dual encoder's text limit (its tokenizer's length, or the family's fixed one), if it has a tokenizer."""
+    tokenizer = getattr(getattr(encoder, "processor", None), "tokenizer", None)
+    if tokenizer is None:
+        return None
+    from genret.encoders.hf import TEXT_KWARGS
+
+    limit = TEXT_KWARGS.get(getattr(encoder, "model_type", ""), {}).get("max_length") or tokenizer.model_max_length
+    if not limit or limit >= 1_000_000:  # no length recorded: the model says nothing to check against
+        return None
+    return TokenLimit(f"the encoder {name!r}", copy.deepcopy(tokenizer), int(limit), "its text context")
+
+
+def rerank_limit(stage, image) -> TokenLimit | None:
+    """A local rerank stage's text limit: its MLLM's context less its longest prompt (both directions; a listwise
+    prompt with one candidate) holding an empty text and ``image``, measured once through the stage's processor."""
+    from genret.mllm import scoring
+
+    if stage.config.backend != "local":
+        return None
+    mllm = stage.mllm
+    context = scoring.context_size(mllm)
+    if not context:
+        return None
+    try:
+        prompt = 0
+        for direction in ("t2i", "i2t"):
+            section = stage.prompt.section(direction)
+            item = section.get("item", "").replace("{number}", "1").replace("{text}", "")
+            user = section["user"].replace("{candidates}", item)
+            text = scoring.render(mllm, scoring.user_message(user, text=""))
+            text += section.get("assistant", "").replace("{text}", "")
+            images = [image] * user.count("{image}")
+            inputs = mllm.processor(text=[text], images=images or None, return_tensors="pt")
+            prompt = max(prompt, int(inputs["input_ids"].shape[1]))
+    except Exception as err:  # an unusual processor: the context alone bounds the text, the library the rest
+        logger.warning("stage %r: could not measure its prompt (%s); texts are checked against the whole context",
+                       stage.name, err)
+        prompt = 0
+    return TokenLimit(f"stage {stage.name!r}", copy.deepcopy(mllm.tokenizer), max(context - prompt, 1),
+                      f"the model's context of {context:,} less {prompt:,} for the stage's prompt and one image")
