@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -17,11 +18,35 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from genret import __version__
-from genret.config import ConfigError, add_arguments, merge_arguments
+from genret.config import (POSITIVE_INT, ConfigError, Range, add_arguments, merge_arguments,
+                           number_arg)
 
 logger = logging.getLogger("genret")
 
 USER_ERRORS = (ValueError, FileNotFoundError, LookupError, ConfigError, NotADirectoryError)
+
+
+def to_json(obj: Any) -> str:
+    """``obj`` as the indented JSON every ``--json`` prints: strict JSON, so a NaN or infinity (a broken score) is an
+    error that says where it is, never a bare ``NaN`` that JSON parsers refuse."""
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        where, value = _non_finite(obj, "")
+        raise ValueError(f"the result holds {value} at {where or 'the top'}, which JSON cannot carry: a score came out "
+                         "as NaN or infinity; check the pipeline's weights (fusion_weight) and the model's dtype "
+                         "(float16 can overflow: try dtype = \"float32\")") from None
+
+
+def _non_finite(obj: Any, where: str) -> tuple[str, Any]:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found[0]:
+            return found
+    return "", None
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None:
@@ -287,18 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--build-params", default=None,
                        help="faiss parameters set before adding, e.g. efConstruction=200 for HNSW (a better graph: "
                             "a lower efSearch reaches the same recall; the build takes longer)")
-    build.add_argument("--shards", type=int, default=None, help="split the index between this many faiss files")
-    build.add_argument("--chunk-size", type=int, default=None,
+    build.add_argument("--shards", type=POSITIVE_INT, default=None,
+                       help="split the index between this many faiss files")
+    build.add_argument("--chunk-size", type=POSITIVE_INT, default=None,
                        help="items embedded and added at a time (default 65536; an IVF/PQ index trains on the first)")
 
     tune = index.add_parser("tune", help="choose an approximate index's efSearch / nprobe for a recall target")
     tune.add_argument("pipeline", help="a folder written by `genret index build` (its index manifests are updated)")
-    tune.add_argument("--recall", type=float, default=0.95, help="recall@k to reach (default: 0.95)")
-    tune.add_argument("-k", "--k", type=int, default=10, help="the k of recall@k (default: 10)")
-    tune.add_argument("--confidence", type=float, default=0.95,
+    tune.add_argument("--recall", type=number_arg(float, Range(0, 1, lo_open=True)), default=0.95,
+                      help="recall@k to reach (default: 0.95)")
+    tune.add_argument("-k", "--k", type=POSITIVE_INT, default=10, help="the k of recall@k (default: 10)")
+    tune.add_argument("--confidence", type=number_arg(float, Range(0.5, 1, hi_open=True)), default=0.95,
                       help="reach the target with this one-sided confidence over the sample of queries (default: "
                            "0.95; 0.5 judges by the sample's mean alone)")
-    tune.add_argument("--queries", type=int, default=1000, help="queries to tune on (default: 1000)")
+    tune.add_argument("--queries", type=POSITIVE_INT, default=1000, help="queries to tune on (default: 1000)")
     tune.add_argument("--modality", choices=("image", "text", "both"), default="both", help="which index (default: both)")
     tune.add_argument("--dry-run", action="store_true", help="measure and report, change nothing")
     tune.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -307,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("pipeline", help="a folder written by `genret index build`")
     search.add_argument("text", nargs="?", help="the text query (searches images)")
     search.add_argument("--image", default=None, help="an image query (searches captions)")
-    search.add_argument("-k", "--k", type=int, default=10, help="results to show (default: 10)")
+    search.add_argument("-k", "--k", type=POSITIVE_INT, default=10, help="results to show (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON")
 
     ev = sub.add_parser("eval", help="evaluate a pipeline on a dataset split")
@@ -317,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", choices=("retrieval", "cir", "dialog"), default="retrieval",
                     help="retrieval (Karpathy/JSONL data); cir: composed retrieval on a CIRR/CIRCO folder (or the "
                          "miniature world's cirr/); dialog: rounds of a chat or eiirwqr stage, each image a target")
-    ev.add_argument("--limit", type=int, default=None, help="cir/dialog: evaluate only the first N queries")
-    ev.add_argument("--rounds", type=int, default=None, help="dialog: rounds after round 0 (default: the stage's)")
-    ev.add_argument("--hits-k", type=int, default=10, help="dialog: K of the cumulative Hits@K (default: 10)")
+    ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="cir/dialog: evaluate only the first N queries")
+    ev.add_argument("--rounds", type=POSITIVE_INT, default=None,
+                    help="dialog: rounds after round 0 (default: the stage's)")
+    ev.add_argument("--hits-k", type=POSITIVE_INT, default=10, help="dialog: K of the cumulative Hits@K (default: 10)")
     ev.add_argument("--out", default=None, help="folder for report.json, report.md and recall.png (checked before "
                     "the evaluation starts)")
     _add_overwrite(ev)
@@ -473,7 +501,7 @@ def _handled(args: argparse.Namespace, summary: dict) -> bool:
     if _other_process():
         return True
     if getattr(args, "json", False):
-        print(json.dumps(summary, indent=2))
+        print(to_json(summary))
         return True
     return False
 
@@ -569,7 +597,7 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
             for modality, (result, what) in chosen.items():
                 record(tmp / "gallery" / FOLDERS[modality], result, what)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(to_json(report))
         return 0
     for r in report:
         if "note" in r:
@@ -601,14 +629,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = pipe.answer(query, k=args.k)
     if result.note:
         print(f"genret: note: {result.note}", file=sys.stderr)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
+    print(to_json(result.to_dict()) if args.json else result.render())
     return 0
 
 
 def _print_report(report: dict, as_json: bool) -> None:
     from genret.eval.report import render_text
 
-    print(json.dumps(report, indent=2) if as_json else render_text(report))
+    print(to_json(report) if as_json else render_text(report))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -648,7 +676,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.path}: no genret artefact here (no manifest.json, genret.json or "
                                 "trainer_state.json with a format)")
     if args.json:
-        print(json.dumps(records, indent=2))
+        print(to_json(records))
     else:
         for r in records:
             state = f"ok     {r['files']} files" if r["error"] is None else f"FAILED {r['error']}"

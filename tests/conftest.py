@@ -91,6 +91,25 @@ def talker_dir(tmp_path_factory, mllm_dir):
     return out
 
 
+def make_adapter(base_dir, out, seed, mode="pointwise", **manifest):
+    """A LoRA adapter with random (non-zero) weights on the base, saved with its manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from genret.mllm import MLLM
+    from genret.mllm.adapters import language_model_targets, save_adapter
+
+    mllm = MLLM.load(str(base_dir))
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                      target_modules=language_model_targets(mllm.model, mllm.family.lora_targets))
+    mllm.model = get_peft_model(mllm.model, lora).eval()
+    save_adapter(out, mllm.model, {"task": "rerank", "mode": mode, "base_model": str(base_dir),
+                                   "base_revision": mllm.revision, "family": mllm.family.name,
+                                   "prompt": {"name": f"rerank_{mode}", "version": 1}, **manifest})
+    return mllm
+
+
 def scaled_copy(mllm_dir, out, factor: float):
     """A copy of the MLLM at ``mllm_dir`` with its token embeddings scaled by ``factor`` (other weights)."""
     import shutil
@@ -215,6 +234,17 @@ class Server:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def assert_error(response, status: int, match: str = "") -> dict:
+    """``response`` is genret serve's one error shape, exactly: ``{"error": {"status": N, "message": "..."}}``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"status", "message"}, body
+    assert body["error"]["status"] == status and isinstance(body["error"]["message"], str)
+    assert match in body["error"]["message"], body
+    return body
 
 
 @pytest.fixture

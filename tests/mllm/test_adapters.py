@@ -11,20 +11,7 @@ from genret.mllm.adapters import AdapterMismatchError, language_model_targets, s
 from genret.mllm.scoring import image_features, pointwise_scores
 from genret.prompts import load_prompt
 
-
-def _make_adapter(base_dir, out, seed, mode="pointwise", **manifest):
-    """A LoRA adapter with random (non-zero) weights on the base, saved with its manifest."""
-    from peft import LoraConfig, get_peft_model
-
-    mllm = MLLM.load(str(base_dir))
-    torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                      target_modules=language_model_targets(mllm.model, mllm.family.lora_targets))
-    mllm.model = get_peft_model(mllm.model, lora).eval()
-    save_adapter(out, mllm.model, {"task": "rerank", "mode": mode, "base_model": str(base_dir),
-                                   "base_revision": mllm.revision, "family": mllm.family.name,
-                                   "prompt": {"name": f"rerank_{mode}", "version": 1}, **manifest})
-    return mllm
+from conftest import make_adapter as _make_adapter
 
 
 @pytest.fixture(scope="module")
