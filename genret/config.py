@@ -3,6 +3,12 @@
 Every config is a ``@dataclass`` whose fields carry ``metadata={"help": ...}``. The same class
 builds the command-line flags (:func:`add_arguments`) and reads a ``--config`` file
 (:func:`from_dict`), so a flag and a config key never drift apart.
+
+Every value is checked against its field where it is read, in one place (:func:`check_value`): its type from the
+annotation (no ``true`` for a whole number, no ``2.5`` for one), every float finite (``nan`` and ``inf`` are
+refused), and the field's range, declared once in its metadata (``"range": at_least(1)``). A file's value is named
+by file and key, a flag's by flag; a config built in Python is checked by :func:`check_fields` in its
+``__post_init__``.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import numbers
 import os
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,14 +38,112 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message names the file and key."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo``..``hi`` (either may be open-ended; ``*_open`` excludes the bound)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        lo = None if self.lo is None else f"{'above' if self.lo_open else 'at least'} {self.lo:g}"
+        hi = None if self.hi is None else f"{'below' if self.hi_open else 'at most'} {self.hi:g}"
+        return " and ".join(p for p in (lo, hi) if p) or "any number"
+
+
+def at_least(lo: float) -> Range:
+    """``lo`` or more (``at_least(1)``: a count)."""
+    return Range(lo=lo)
+
+
+def above(lo: float) -> Range:
+    """More than ``lo`` (``above(0)``: a duration)."""
+    return Range(lo=lo, lo_open=True)
+
+
+def between(lo: float, hi: float) -> Range:
+    """From ``lo`` to ``hi``, both included (``between(0, 1)``: a fraction)."""
+    return Range(lo=lo, hi=hi)
+
+
+def _bound(metadata: Any) -> Range | None:
+    rng = (metadata or {}).get("range")
+    if rng is None or isinstance(rng, Range):
+        return rng
+    lo, hi = rng  # a (lo, hi) pair, both included, None for no bound
+    return Range(lo=lo, hi=hi)
+
+
+def check_number(value: Any, kind: type, where: str, rng: Range | None = None, strict: bool = True) -> Any:
+    """``value`` as an ``int`` or a ``float`` of ``rng``, or a :class:`ConfigError` naming ``where``.
+
+    ``true``/``false`` is never a number; a float is never a whole number; ``nan`` and infinities are refused. With
+    ``strict`` off (a config built in Python), NumPy's integers and floats count too.
+    """
+    integral = numbers.Integral if not strict else int
+    real = numbers.Real if not strict else (int, float)
+    if isinstance(value, bool) or not isinstance(value, integral if kind is int else real):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    else:
+        value = int(value)
+    if rng is not None and value not in rng:
+        raise ConfigError(f"{where}: must be {rng}, got {value!r}")
+    return value
+
+
+def check_fields(config: Any) -> None:
+    """Check a config built in Python the way :func:`from_dict` checks a file: each number's type, finiteness and
+    declared range (``metadata["range"]``); called first in each config's ``__post_init__``.
+
+    Raises:
+        ConfigError: naming the field (``from_dict`` adds the file).
+    """
+    hints = _resolve(type(config))
+    for f in dataclasses.fields(config):
+        kind = _number_kind(hints.get(f.name))
+        value = getattr(config, f.name)
+        if kind is None or value is None:
+            continue
+        setattr(config, f.name, check_number(value, kind, f.name, _bound(f.metadata), strict=False))
+
+
+def _number_kind(hint: Any) -> type | None:
+    """``int`` or ``float`` for a field of that type (or that type or None), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
+    return hint if hint in (int, float) else None
+
+
 def check_bounds(config: Any, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Refuse settings below their bound, naming the first one: ``at_least_one`` must be >= 1, ``non_negative`` >= 0."""
+    """Refuse settings below their bound, naming the first one: ``at_least_one`` must be >= 1, ``non_negative`` >= 0
+    (and every one a finite number: NaN compares false with everything, so it is named too)."""
     for name in at_least_one:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        if not value >= 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     for name in non_negative:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must not be negative, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        if not value >= 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -44,7 +151,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
@@ -79,14 +194,16 @@ def _resolve(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def check_value(value: Any, hint: Any, where: str, rng: Range | None = None) -> Any:
+    """``value`` read from a file or flag for a field annotated ``hint``: its type checked (numbers finite and in
+    ``rng``), tuples and nested configs built, or a :class:`ConfigError` naming ``where`` (file and key)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+        return check_value(value, inner[0], where, rng) if len(inner) == 1 else _finite(value, where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
@@ -95,15 +212,28 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(check_value(v, item, f"{where}[{i}]", rng) for i, v in enumerate(value))
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return dict(_finite(value, where))
+    if hint in (int, float):
+        return check_number(value, hint, where, rng)
+    if hint in (str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {'true or false' if hint is bool else 'a string'}, got {value!r}")
+    return _finite(value, where)
+
+
+def _finite(value: Any, where: str) -> Any:
+    """``value`` with every float inside it checked to be finite (a table of free-form settings, a list)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite(item, f"{where}[{i}]")
     return value
 
 
@@ -127,7 +257,8 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    sep = "." if ": " in where or where.endswith("]") else ": "  # "file.toml: stages[0].k": the file, the key's path
+    kwargs = {k: check_value(v, hints[k], f"{where}{sep}{k}", _bound(fields[k].metadata)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -155,8 +286,44 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             parser.add_argument(flag, dest=f.name, type=_json_table(flag), default=None, metavar="JSON", help=help_text)
         elif base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif base in (int, float):
+            parser.add_argument(flag, dest=f.name, type=number_arg(base, _bound(f.metadata)), default=None,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+
+
+def number_arg(kind: type, rng: Range | None = None):
+    """An argparse type for a number flag: a whole number (``kind=int``) or a finite float, within ``rng``; argparse
+    names the flag in its error (``argument -k/--k: must be at least 1, got -1``).
+
+    Example:
+        >>> number_arg(int, at_least(1))("3")
+        3
+    """
+    def parse(text: str):
+        try:
+            value = int(text, 10) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        try:
+            return check_number(value, kind, "", rng)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix(": ")) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = number_arg(int, at_least(1))
+"""An argparse type: a whole number from 1 (``-k``, ``--limit``, ``--queries``...)."""
+NON_NEGATIVE_INT = number_arg(int, at_least(0))
+"""An argparse type: a whole number from 0."""
+FINITE_FLOAT = number_arg(float)
+"""An argparse type: any finite number (``nan`` and ``inf`` refused)."""
+FRACTION = number_arg(float, between(0, 1))
+"""An argparse type: a finite number from 0 to 1 (a recall, a confidence)."""
 
 
 def _json_table(flag: str):
@@ -169,7 +336,10 @@ def _json_table(flag: str):
                                              f"{err.msg}") from None
         if not isinstance(value, dict):
             raise argparse.ArgumentTypeError(f"{flag} takes a JSON table (an object), got {text!r}")
-        return value
+        try:
+            return _finite(value, flag)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return parse
 
 

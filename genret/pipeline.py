@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from genret import __version__
 from genret._io import atomic_dir, read_manifest, write_json
-from genret.config import ConfigError, from_dict, read_config_file, to_dict, write_config_file
+from genret.config import ConfigError, at_least, check_fields, from_dict, read_config_file, to_dict, write_config_file
 from genret.data.dataset import Dataset
 from genret.data.images import ImageLoadError
 from genret.encoders import EmbeddingCache, load_encoder
@@ -32,7 +32,7 @@ from genret.index.build import Share, encode_chunks, read_parts, write_parts
 from genret.index.faiss_index import VectorIndex
 from genret.index.gallery import Gallery
 from genret.stages import STAGES, RankStage, RewriteStage, Stage, StageContext
-from genret.types import Hit, Item, Query, Ranking, SearchResult
+from genret.types import Hit, Item, Query, Ranking, SearchResult, check_k
 
 if TYPE_CHECKING:
     from genret.index.qdrant_index import QdrantIndex
@@ -51,13 +51,12 @@ class EncoderConfig:
     backend: str = field(default="hf", metadata={"help": "hf (CLIP, SigLIP) or sentence-transformers"})
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1 (default: GPU if any)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16"})
-    batch_size: int = field(default=64, metadata={"help": "images per encoding batch"})
+    batch_size: int = field(default=64, metadata={"range": at_least(1), "help": "images per encoding batch"})
     cache_dir: str = field(default="", metadata={"help": "embedding cache folder ('' for none)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_fields(self)
 
 
 @dataclass
@@ -69,8 +68,10 @@ class IndexConfig:
     search_params: str = field(default="", metadata={"help": "faiss search parameters, e.g. efSearch=128"})
     build_params: str = field(default="", metadata={"help": "faiss parameters set before adding, e.g. "
                                                             "efConstruction=200 (HNSW: a better graph, slower build)"})
-    shards: int = field(default=1, metadata={"help": "faiss indexes the vectors are split between (IndexShards)"})
-    chunk_size: int = field(default=65536, metadata={"help": "items embedded and added at a time; an IVF or PQ index "
+    shards: int = field(default=1, metadata={"range": at_least(1),
+                                             "help": "faiss indexes the vectors are split between (IndexShards)"})
+    chunk_size: int = field(default=65536, metadata={"range": at_least(1),
+                                                     "help": "items embedded and added at a time; an IVF or PQ index "
                                                               "trains on the first chunk"})
     mmap: bool = field(default=False, metadata={"help": "load the saved index memory-mapped (read-only)"})
     backend: str = field(default="faiss", metadata={"help": "faiss, or qdrant (a Qdrant collection; genret[qdrant])"})
@@ -80,6 +81,7 @@ class IndexConfig:
                                                           "pipeline's name and the modality)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.backend not in ("faiss", "qdrant"):
             raise ValueError(f"index backend must be 'faiss' or 'qdrant', got {self.backend!r}")
         if self.backend == "qdrant" and (self.shards != 1 or self.mmap or self.factory != "Flat"
@@ -89,10 +91,6 @@ class IndexConfig:
                              "\"hnsw_ef=N\"")
         if self.backend == "faiss" and (self.url or self.collection):
             raise ValueError("index url and collection are Qdrant settings: add backend = \"qdrant\" or remove them")
-        if self.shards < 1:
-            raise ValueError(f"shards must be at least 1, got {self.shards}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -345,6 +343,7 @@ class RetrievalPipeline:
         Raises:
             ValueError: when ``k`` exceeds the size of the gallery searched.
         """
+        check_k(k)
         queries = [queries] if isinstance(queries, Query) else list(queries)
         for target in {q.target for q in queries}:
             size = len(self.gallery.index(target))
@@ -372,8 +371,7 @@ class RetrievalPipeline:
         if len(queries) != len(ks):
             raise ValueError(f"{len(queries)} queries but {len(ks)} values of k")
         for query, k in zip(queries, ks):
-            if k < 1:
-                raise ValueError(f"k must be at least 1, got {k}")
+            check_k(k)
             size = len(self.gallery.index(query.target))
             if k > size:
                 raise ValueError(f"k={k} is larger than the {query.target} gallery ({size} items); ask for at most {size}")

@@ -115,8 +115,19 @@ class Ranking:
         return [c.item_id for c in self.candidates]
 
     def top(self, k: int) -> "Ranking":
-        """The first ``k`` candidates."""
+        """The first ``k`` candidates.
+
+        Raises:
+            ValueError: ``k`` not a whole number from 1 (a slice would take ``-1`` as "all but the last").
+        """
+        check_k(k)
         return replace(self, candidates=self.candidates[:k])
+
+
+def check_k(k: object, name: str = "k") -> None:
+    """Refuse a result count that is not a whole number from 1 (``True``, ``2.5``, ``0``, ``-1``)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be a whole number from 1, got {k!r}")
 
 
 @dataclass(frozen=True)

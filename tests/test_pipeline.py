@@ -69,7 +69,7 @@ def test_k_larger_than_gallery(pipe, world):
     (({"type": "teleport"},), "stages\\[0\\]: unknown stage type 'teleport'"),
     (({"k": 5},), "stages\\[0\\]: missing 'type'"),
     (({"type": "prefilter", "kk": 5},), "stages\\[0\\]: unknown key 'kk'"),
-    (({"type": "prefilter", "k": 0},), "k must be at least 1"),
+    (({"type": "prefilter", "k": 0},), r"stages\[0\]\.k: must be at least 1, got 0"),
     (({"type": "prefilter"}, {"type": "prefilter"}), "used twice"),
 ])
 def test_bad_stage_tables(encoder, stages, match):
@@ -141,5 +141,8 @@ def test_answer_is_a_typed_result_with_this_search_s_own_timings(encoder, world)
     assert all(h.image and set(h.scores) == {"prefilter"} for h in result.hits)
     data = result.to_dict()
     assert data["target"] == "image" and data["results"][0]["image"] == result.hits[0].image
-    with pytest.raises(ValueError, match="k must be at least 1"):
-        pipe.answer(Query(id="q", text="x"), k=0)
+    for k in (0, -1, True, 2.5):  # a slice once took -1 as "all but the last"
+        with pytest.raises(ValueError, match=f"k must be a whole number from 1, got {k!r}"):
+            pipe.answer(Query(id="q", text="x"), k=k)
+        with pytest.raises(ValueError, match="k must be a whole number from 1"):
+            pipe.search(Query(id="q", text="x"), k=k)

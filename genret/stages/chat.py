@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from genret.config import at_least, check_fields
 from genret.mllm.rewriter import Rewrite
 from genret.registry import Registry
 from genret.stages.answerers import ANSWERERS, Answerer, HumanAnswerer, MLLMAnswerer  # noqa: F401
@@ -91,27 +92,26 @@ class ChatConfig(MLLMLoadConfig):
     questioner: str = field(default="mllm", metadata={"help": "mllm, or a registered one (the miniature world's "
                                                                 "scripted: fixed questions)"})
     prompt: str = field(default="chat", metadata={"help": "prompt with [question], [answer], [summary] tables"})
-    rounds: int = field(default=5, metadata={"help": "questions asked per query"})
+    rounds: int = field(default=5, metadata={"range": at_least(1), "help": "questions asked per query"})
     answerer: str = field(default="facts", metadata={"help": "facts (the target's scene), mllm (sees it), human"})
     query_format: str = field(default="dialog", metadata={
         "help": "dialog (joined as text), answers (the initial text and the answers), rewrite (a summary)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "longest question or summary; longer is a runaway"})
-    answer_tokens: int = field(default=16, metadata={"help": "longest mllm answer; longer is a runaway"})
-    num_beams: int = field(default=1, metadata={"help": "beam width (1: greedy)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    max_prompt_tokens: int = field(default=0, metadata={"help": "longest questioner prompt (0: the model's context)"})
+    max_new_tokens: int = field(default=32, metadata={"range": at_least(1),
+                                                      "help": "longest question or summary; longer is a runaway"})
+    answer_tokens: int = field(default=16, metadata={"range": at_least(1),
+                                                     "help": "longest mllm answer; longer is a runaway"})
+    num_beams: int = field(default=1, metadata={"range": at_least(1), "help": "beam width (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "prompts per generate call"})
+    max_prompt_tokens: int = field(default=0, metadata={"range": at_least(0),
+                                                        "help": "longest questioner prompt (0: the model's context)"})
     cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name, known in (("questioner", tuple(QUESTIONERS.names())), ("answerer", tuple(ANSWERERS.names())),
                             ("query_format", QUERY_FORMATS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
-        for name in ("rounds", "max_new_tokens", "answer_tokens", "num_beams", "batch_size"):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.max_prompt_tokens < 0:
-            raise ValueError(f"max_prompt_tokens must be 0 (the model's context) or more, got {self.max_prompt_tokens}")
         needs = [what for what, used in (("questioner = 'mllm'", self.questioner == "mllm"),
                                          ("answerer = 'mllm'", self.answerer == "mllm"),
                                          ("query_format = 'rewrite'", self.query_format == "rewrite")) if used]

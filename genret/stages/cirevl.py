@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret.stages.base import STAGES, RewriteStage, StageContext
-from genret.config import check_bounds
+from genret.config import at_least, check_fields
 from genret.types import Query
 from genret.mllm.backend import MLLMLoadConfig
 
@@ -65,18 +65,19 @@ class CIReVLConfig(MLLMLoadConfig):
     rewriter_adapter: str = field(default="", metadata={"help": "a LoRA from genret train rewriter (optional)"})
     caption_prompt: str = field(default="caption", metadata={"help": "prompt of the captioner"})
     rewrite_prompt: str = field(default="cirevl", metadata={"help": "prompt of the rewriter ([rewrite] table)"})
-    caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens"})
-    max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite; longer is a runaway (fallback)"})
-    num_beams: int = field(default=1, metadata={"help": "beam width of both (1: greedy)"})
-    batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
+    caption_tokens: int = field(default=48, metadata={"range": at_least(1), "help": "longest caption, in tokens"})
+    max_new_tokens: int = field(default=48, metadata={"range": at_least(1),
+                                                      "help": "longest rewrite; longer is a runaway (fallback)"})
+    num_beams: int = field(default=1, metadata={"range": at_least(1), "help": "beam width of both (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "images or prompts per generate call"})
     cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode in ("compose", "caption") and not self.model:
             raise ValueError(f"mode {self.mode!r} needs model (the captioning MLLM)")
-        check_bounds(self, at_least_one=("caption_tokens", "max_new_tokens", "num_beams", "batch_size"))
 
 
 def check_composed(query: Query) -> None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 from genret.stages.base import STAGES, RewriteStage, StageContext
 from genret.stages.dialog import Target
-from genret.config import check_bounds
+from genret.config import at_least, check_fields
 from genret.index.items import item_image
 from genret.types import Item, Query, Ranking
 from genret.mllm.backend import MLLMLoadConfig
@@ -91,29 +91,29 @@ class EIIRwQRConfig(MLLMLoadConfig):
     adapter: str = field(default="", metadata={"help": "a rewriter LoRA (task rewriter) for the rewrites (optional)"})
     prompt: str = field(default="eiirwqr", metadata={"help": "rewrite prompt: [feedback] and [blind] tables"})
     caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt"})
-    rounds: int = field(default=3, metadata={"help": "feedback rounds after the first retrieval"})
-    shown: int = field(default=5, metadata={"help": "results not shown before that the user sees per round"})
+    rounds: int = field(default=3, metadata={"range": at_least(1), "help": "feedback rounds after the first retrieval"})
+    shown: int = field(default=5, metadata={"range": at_least(1),
+                                            "help": "results not shown before that the user sees per round"})
     feedback: str = field(default="relevant", metadata={"help": "relevant (the user marks results) or none"})
     relevance: str = field(default="facts", metadata={"help": "a relevance judge: target (the image sought only) or a "
                                                               "plug-in's (facts: the miniature world's shared facts)"})
-    min_facts: int = field(default=3, metadata={"help": "relevance=facts: shared scene facts (of 5) to be relevant"})
-    caption_tokens: int = field(default=48, metadata={"help": "longest caption, in tokens"})
-    max_new_tokens: int = field(default=48, metadata={"help": "longest rewrite; longer is a runaway (fallback)"})
-    num_beams: int = field(default=1, metadata={"help": "beam width (1: greedy)"})
-    batch_size: int = field(default=16, metadata={"help": "images or prompts per generate call"})
+    min_facts: int = field(default=3, metadata={"range": at_least(1),
+                                                "help": "relevance=facts: shared scene facts (of 5) to be relevant"})
+    caption_tokens: int = field(default=48, metadata={"range": at_least(1), "help": "longest caption, in tokens"})
+    max_new_tokens: int = field(default=48, metadata={"range": at_least(1),
+                                                      "help": "longest rewrite; longer is a runaway (fallback)"})
+    num_beams: int = field(default=1, metadata={"range": at_least(1), "help": "beam width (1: greedy)"})
+    batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "images or prompts per generate call"})
     cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.model:
             raise ValueError("model is required (the MLLM that captions and rewrites)")
         if self.feedback not in FEEDBACK:
             raise ValueError(f"feedback must be one of {', '.join(FEEDBACK)}, got {self.feedback!r}")
         if self.relevance not in JUDGES:
             raise ValueError(f"relevance must be a registered judge ({', '.join(JUDGES.names())}), got {self.relevance!r}")
-        check_bounds(self, at_least_one=("rounds", "shown", "caption_tokens", "max_new_tokens", "num_beams",
-                     "batch_size"))
-        if self.min_facts < 1:
-            raise ValueError(f"min_facts must be at least 1, got {self.min_facts}")
         JUDGES.get(self.relevance).check(self)
 
 

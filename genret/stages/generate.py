@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Candidate, Query, Ranking
 from genret.mllm.answers import answer_context
+from genret.config import at_least, check_fields
 from genret.mllm.backend import MLLMLoadConfig
 
 if TYPE_CHECKING:
@@ -49,25 +50,26 @@ class GenerateConfig(MLLMLoadConfig):
 
     adapter: str = field(default="", metadata={"help": "GRACE adapter folder (genret train grace)"})
     model: str = field(default="", metadata={"help": "base MLLM id or directory (default: the adapter's base_model)"})
-    num_beams: int = field(default=10, metadata={"help": "beam width: at most this many images per query"})
-    k: int = field(default=10, metadata={"help": "candidates returned per query (at most num_beams, unless "
+    num_beams: int = field(default=10, metadata={"range": at_least(1),
+                                                 "help": "beam width: at most this many images per query"})
+    k: int = field(default=10, metadata={"range": at_least(1),
+                                         "help": "candidates returned per query (at most num_beams, unless "
                                                  "restrict=upstream: the beams' misses follow)"})
     restrict: str = field(default="none", metadata={"help": "none (whole gallery) or upstream (the upstream's candidates)"})
-    upstream_k: int = field(default=100, metadata={"help": "restrict=upstream: upstream candidates decoded within"})
+    upstream_k: int = field(default=100, metadata={"range": at_least(1),
+                                                   "help": "restrict=upstream: upstream candidates decoded within"})
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * log P(id); unset: generate only"})
     image_queries: str = field(default="error", metadata={"help": "image queries: error, or pass (upstream unchanged)"})
-    batch_size: int = field(default=16, metadata={"help": "queries per generate call"})
+    batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "queries per generate call"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.adapter:
             raise ValueError("adapter is required (a folder written by genret train grace)")
         if self.restrict not in RESTRICT:
             raise ValueError(f"restrict must be one of {', '.join(RESTRICT)}, got {self.restrict!r}")
         if self.image_queries not in ("error", "pass"):
             raise ValueError(f"image_queries must be error or pass, got {self.image_queries!r}")
-        for name in ("num_beams", "k", "upstream_k", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.k > self.num_beams and self.restrict != "upstream":
             raise ValueError(f"k ({self.k}) must not exceed num_beams ({self.num_beams}): beam search returns at most "
                              "num_beams identifiers (with restrict = 'upstream' the beams' misses fill the rest)")

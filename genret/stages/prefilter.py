@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from genret.config import at_least, check_fields
 from genret.stages.base import STAGES, RankStage, StageContext
 from genret.types import Candidate, Query, Ranking
 
@@ -15,15 +16,13 @@ from genret.types import Candidate, Query, Ranking
 class PrefilterConfig:
     """Settings of the prefilter stage."""
 
-    k: int = field(default=100, metadata={"help": "candidates passed on to the next stage"})
-    batch_size: int = field(default=256, metadata={"help": "queries encoded per batch"})
-    image_weight: float = field(default=1.0, metadata={"help": "image + text queries: unit(text) + w * unit(image)"})
+    k: int = field(default=100, metadata={"range": at_least(1), "help": "candidates passed on to the next stage"})
+    batch_size: int = field(default=256, metadata={"range": at_least(1), "help": "queries encoded per batch"})
+    image_weight: float = field(default=1.0, metadata={"range": at_least(0),
+                                                       "help": "image + text queries: unit(text) + w * unit(image)"})
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
-        if self.image_weight < 0:
-            raise ValueError(f"image_weight must not be negative, got {self.image_weight}")
+        check_fields(self)
 
 
 def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int = 256,

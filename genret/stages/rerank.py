@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from genret.config import above, at_least, check_fields
 from genret.data.images import load_image
 from genret.index.items import item_image
 from genret.mllm.features import FeatureStore
@@ -42,9 +43,9 @@ class RerankConfig(MLLMLoadConfig):
     model: str = field(default="", metadata={"help": "MLLM id or local directory"})
     mode: str = field(default="generative", metadata={"help": "pointwise, generative or listwise"})
     prompt: str = field(default="", metadata={"help": "prompt name or file (default: rerank_<mode>)"})
-    k: int = field(default=20, metadata={"help": "upstream candidates reranked per query"})
+    k: int = field(default=20, metadata={"range": at_least(1), "help": "upstream candidates reranked per query"})
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * rerank; unset: rerank only"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
+    batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "pairs per forward pass"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
     adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
@@ -53,9 +54,11 @@ class RerankConfig(MLLMLoadConfig):
                                                             "candidates to a /v1/rerank endpoint at url)"})
     url: str = field(default="", metadata={"help": "remote: the /v1/rerank endpoint (vLLM, TEI, Jina, genret serve)"})
     api_key_env: str = field(default="", metadata={"help": "remote: environment variable holding the bearer key"})
-    timeout: float = field(default=60.0, metadata={"help": "remote: seconds to wait for one request"})
+    timeout: float = field(default=60.0, metadata={"range": above(0),
+                                                   "help": "remote: seconds to wait for one request"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.model:
             raise ValueError("model is required (an MLLM id or directory; for backend = 'remote' the model name the "
                              "endpoint serves)")
@@ -65,8 +68,6 @@ class RerankConfig(MLLMLoadConfig):
             raise ValueError(f"backend = 'remote' needs url = 'http(s)://host:port/v1/rerank', got {self.url!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
 
 
 @STAGES.register("rerank")

@@ -161,7 +161,7 @@ def test_the_pipeline_runs_the_whole_dialog_and_the_prefilter_retrieves_with_it(
 
 
 @pytest.mark.parametrize("config, match", [
-    (dict(rounds=0), "rounds must be at least 1"),
+    (dict(rounds=0), "rounds: must be at least 1, got 0"),
     (dict(questioner="oracle"), "questioner must be one of"),
     (dict(answerer="crowd"), "answerer must be one of"),
     (dict(query_format="json"), "query_format must be one of"),
