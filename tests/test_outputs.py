@@ -228,3 +228,11 @@ def test_a_real_build_killed_at_random_instants_leaves_a_whole_pipeline_and_the_
         build.wait(timeout=60)
         assert _sentinels_intact(pipe)
         assert [r["error"] for r in verify(pipe)] == [None] * len(verify(pipe)) and verify(pipe)
+
+
+def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    _sentinels(out)
+    assert main(["-q", "demo", "--out", str(out)]) == 2
+    assert "is not a folder genret demo made" in capsys.readouterr().err
+    assert _sentinels_intact(out) and len(list(out.rglob("*"))) == 4

@@ -97,6 +97,21 @@ def _rerank_adapter(out: Path, adapters: dict, dataset, clip_dir: Path, mllm_dir
     return adapter, config.mode
 
 
+DEMO_MARKER = ".genret-demo.json"
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's working folder, refusing a folder of other files (the demo writes loose files there)."""
+    from genret._io import OutputError, write_json
+
+    known = (out / DEMO_MARKER).is_file() or (out / "report" / "report.json").is_file()  # or made before the marker
+    if out.is_dir() and any(out.iterdir()) and not known:
+        raise OutputError(f"{out} exists and is not a folder genret demo made: name a new folder with --out "
+                          "(nothing was written)")
+    if not (out / DEMO_MARKER).is_file():
+        write_json(out / DEMO_MARKER, {"format": "genret.demo", "owner": "genret"})
+
+
 def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_here: bool = False,
              rerank: bool = True, rewrite: bool = True) -> dict:
     """Run the demo under ``out`` and return the evaluation report.
@@ -109,7 +124,7 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
         rerank: add the MLLM rerank stages (zero-shot and LoRA); off: the prefilter alone.
         rewrite: add the query-rewriting part (needs the MLLM, so only with ``rerank``).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     timings = {}
     t0 = time.perf_counter()
     world = out / "world"
