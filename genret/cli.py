@@ -513,7 +513,7 @@ def _other_process() -> bool:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     """Under torchrun / accelerate launch every process embeds its share; the main one merges, builds and saves."""
-    from genret.index.build import Share, clear
+    from genret.index.build import WORK_MARK, Share, clear
 
     share, state = Share(), None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -523,9 +523,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         # Joins the process group (gloo on CPU: accelerate only goes multi-process on a CPU when told cpu=True);
         # on a GPU machine each process takes its own device.
         state = PartialState(cpu=not torch.cuda.is_available())
-        work = Path(f"{Path(args.out).resolve()}.parts")
+        out = Path(args.out).resolve()
+        run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")  # the same in every process
+        work = out.with_name(f".{out.name}.genret-parts-{run}")  # genret's own marked name, never a user's folder
         if state.is_main_process:
-            clear(work)  # a killed build's leftovers
+            clear(work)  # a killed build's leftovers (only a folder genret marked as its work folder)
+            work.mkdir(parents=True)
+            (work / WORK_MARK).write_text("genret index build: parts of a build split between processes\n")
         state.wait_for_everyone()
         share = Share(state.process_index, state.num_processes, state.wait_for_everyone, work)
     pipe = _open_pipeline(args.pipeline)

@@ -113,10 +113,20 @@ def read_parts(folder: Path, world: int) -> Iterator[tuple[list[str], np.ndarray
             yield json.loads(fh.metadata()["ids"]), fh.get_tensor("vectors")
 
 
+WORK_MARK = ".genret-work"
+"""The file that marks a folder as an index build's work folder, made by the build: only such a folder is cleared."""
+
+
 def clear(folder: Path) -> None:
-    """Remove a work folder's parts (and the folder, once empty)."""
-    if not folder.is_dir():
+    """Remove a work folder's parts (and the folder, once empty); a folder without :data:`WORK_MARK` is not genret's
+    and is refused."""
+    if not folder.is_dir() and not folder.is_symlink():
         return
+    if folder.is_symlink() or not (folder / WORK_MARK).is_file():
+        from genret._io import OutputError
+
+        raise OutputError(f"{folder}: in the way of the build's work folder, and not one genret made; move it "
+                          "(nothing was removed)")
     for f in sorted(folder.rglob("*"), reverse=True):
         f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
     os.rmdir(folder)

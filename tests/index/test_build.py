@@ -74,10 +74,13 @@ def test_a_share_is_contiguous_and_parts_come_back_in_order(tmp_path):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun (torch's launcher) not found")
 def test_two_processes_build_the_index_one_process_builds(tmp_path, world_dir, clip_dir, mllm_dir):
     config = _pipeline_file(tmp_path, clip_dir, mllm_dir)
+    (tmp_path / "two.parts").mkdir()  # a user's folder named like the work folder of old
+    (tmp_path / "two.parts" / "mine.txt").write_text("mine")
     out1 = _build(config, world_dir, tmp_path / "one")
     out2 = _build(config, world_dir, tmp_path / "two", 2)
     assert "1 process(es)" in out1 and out2.count("saved") == 1 and "2 process(es)" in out2, out2
-    assert not (tmp_path / "two.parts").exists()  # the work folder is cleared
+    assert not list(tmp_path.glob(".two.genret-parts-*"))  # the work folder is cleared
+    assert (tmp_path / "two.parts" / "mine.txt").read_text() == "mine"
     one, two = RetrievalPipeline.load(tmp_path / "one"), RetrievalPipeline.load(tmp_path / "two")
     for modality in ("image", "text"):
         a, b = one.gallery.index(modality), two.gallery.index(modality)
