@@ -402,25 +402,21 @@ class _RefuseKey(argparse.Action):
 
 
 def _serve_value(f):
-    """An argparse type for one ServeConfig field: its type, then its bounds, as a clear argparse error."""
-    from genret.serve.settings import check_bound, check_host
+    """An argparse type for one ServeConfig field: a number of its declared range, or a host."""
+    from genret.config import number_arg
+    from genret.serve.settings import check_host
 
-    kind = type(f.default)
+    if f.name != "host":
+        return number_arg(type(f.default), f.metadata.get("range"))
 
-    def convert(text: str):
+    def host(text: str) -> str:
         try:
-            value = kind(text)
-            if f.name == "host":
-                check_host(value)
-            else:
-                check_bound(f.name, value, f.metadata)
+            check_host(text)
         except ValueError as err:
-            message = str(err) if f.name == "host" or "must be" in str(err) else f"expected {kind.__name__}, got {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
-        return value
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
 
-    convert.__name__ = kind.__name__
-    return convert
+    return host
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

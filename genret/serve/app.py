@@ -150,7 +150,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
             hint = " (--max-text-chars)" if e.get("type") == "string_too_long" and \
                 (e.get("ctx") or {}).get("max_length") == config.max_text_chars else ""
-            parts.append(f"{where}: {e['msg']}{hint}")
+            msg = "not valid Unicode (a lone surrogate)" if e.get("type") == "string_unicode" else e["msg"]
+            parts.append(f"{where}: {msg}{hint}")
         return error(422, "; ".join(parts[:10]) + (f"; and {len(parts) - 10} more" if len(parts) > 10 else ""))
 
     async def request_files():
@@ -198,7 +199,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         modality = "image+text" if (text is not None and image_path is not None) else "text" if text else "image"
         target = target or TARGETS[modality][0]
         if target not in TARGETS[modality]:
-            raise RequestError(400, f"target {target!r} does not fit a {modality.replace('+', ' and ')} query: a text "
+            kind = {"text": "a text", "image": "an image", "image+text": "an image and text"}[modality]
+            raise RequestError(400, f"target {target!r} does not fit {kind} query: a text "
                                     "query searches images, an image query texts, and an image with a modification "
                                     f"text images; leave target out or send {TARGETS[modality][0]!r}")
         if target not in pipe.gallery.indexes:

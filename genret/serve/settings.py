@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Mapping
+
+from genret.config import above, at_least, between, check_fields
 
 KEY_ENV = "GENRET_API_KEY"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -17,56 +18,46 @@ _KEY = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header carries: vi
 
 @dataclass
 class ServeConfig:
-    """Settings of ``genret serve``; each numeric field's bounds are in its metadata (``min``, ``max``), checked
-    here and by the command line's parser alike.
+    """Settings of ``genret serve``; each number's range is declared in its metadata (``"range"``), checked here and
+    by the command line's parser alike (:mod:`genret.config`).
 
     Example:
         >>> ServeConfig(port=70000)
         Traceback (most recent call last):
         ...
-        ValueError: port must be between 1 and 65535, got 70000
+        genret.config.ConfigError: port: must be at least 1 and at most 65535, got 70000
     """
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network; "
                                                              "then an API key is required)"})
-    port: int = field(default=8000, metadata={"help": "port", "min": 1, "max": 65535})
+    port: int = field(default=8000, metadata={"help": "port", "range": between(1, 65535)})
     api_key: str = field(default="", repr=False, metadata={
         "help": "bearer key every route but /health and the page requires (command line: from $GENRET_API_KEY or "
                 "--api-key-file, never a value on the command line)", "cli": False})
     max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body in bytes, counted as it "
-                                                                    "arrives (base64 images included)", "min": 1})
-    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image, width × height", "min": 1})
+                                                                    "arrives (base64 images included)",
+                                                            "range": at_least(1)})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image, width × height",
+                                                                 "range": at_least(1)})
     max_text_chars: int = field(default=4096, metadata={"help": "longest text in a request, in characters (each is "
                                                                 "also checked in tokens against the models' context)",
-                                                        "min": 1})
-    max_k: int = field(default=100, metadata={"help": "largest k a search may ask for", "min": 1})
+                                                        "range": at_least(1)})
+    max_k: int = field(default=100, metadata={"help": "largest k a search may ask for", "range": at_least(1)})
     max_documents: int = field(default=256, metadata={"help": "most documents of one /v1/rerank request, and inputs "
-                                                              "of one /v1/embeddings request", "min": 1})
-    max_batch: int = field(default=16, metadata={"help": "most requests in one model call", "min": 1})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "how long a call waits for more requests", "min": 0})
-    max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it 503", "min": 1})
+                                                              "of one /v1/embeddings request", "range": at_least(1)})
+    max_batch: int = field(default=16, metadata={"help": "most requests in one model call", "range": at_least(1)})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "how long a call waits for more requests",
+                                                      "range": at_least(0)})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting; beyond it 503", "range": at_least(1)})
     timeout_s: float = field(default=60.0, metadata={"help": "seconds a request may wait for its result; then 504",
-                                                     "min": 1e-6})
+                                                     "range": above(0)})
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if "min" in f.metadata or "max" in f.metadata:
-                check_bound(f.name, getattr(self, f.name), f.metadata)
+        check_fields(self)
         check_host(self.host)
         if self.api_key and not _KEY.match(self.api_key):
             raise ValueError("the API key must be visible ASCII characters without spaces (it travels in an "
                              "'Authorization: Bearer KEY' header)")
-
-
-def check_bound(name: str, value, metadata: Mapping) -> None:
-    """Raise ValueError when ``value`` is outside ``metadata``'s ``min`` / ``max``."""
-    low, high = metadata.get("min"), metadata.get("max")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        if high is None:
-            raise ValueError(f"{name} must be at least {low:g}, got {value}")
-        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}")
 
 
 def check_host(host: str) -> None:

@@ -20,6 +20,8 @@ import httpx  # noqa: E402
 from fastapi.routing import APIRoute  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import assert_error  # noqa: E402
+
 from genret.serve.app import ServeConfig, create_app  # noqa: E402
 from genret.serve.auth import PUBLIC  # noqa: E402
 from genret.serve.middleware import SECURITY_HEADERS  # noqa: E402
@@ -36,17 +38,6 @@ def png(colour, size=(32, 32)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, colour).save(out, "PNG")
     return out.getvalue()
-
-
-def assert_error(response, status: int, match: str = "") -> dict:
-    """The one error shape, exactly: {"error": {"status": N, "message": "..."}} and nothing else."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"status", "message"}, body
-    assert body["error"]["status"] == status and isinstance(body["error"]["message"], str)
-    assert match in body["error"]["message"], body
-    return body
 
 
 def spool_empties(app, seconds: float = 5) -> bool:
