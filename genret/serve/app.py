@@ -71,7 +71,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
     """The FastAPI application serving ``pipe`` (loaded and indexed)."""
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from starlette.exceptions import HTTPException
 
     from genret.serve.metrics import Metrics

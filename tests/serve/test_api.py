@@ -160,3 +160,20 @@ def test_remote_stage_against_genret_serve(served_pipe, world, _encoder, loopbac
         for g, w in zip(got, want):
             assert g.ids == w.ids
             assert [c.scores["rerank"] for c in g.candidates] == pytest.approx([c.scores["rerank"] for c in w.candidates], abs=1e-4)
+
+
+def test_every_file_the_page_needs_travels_in_the_wheel():
+    """The wheel's package data lists every file of genret/serve/ that is not Python (the page, its script and
+    style): a new one missing from pyproject.toml would be a page without its code once installed."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import genret.serve
+
+    root = Path(genret.serve.__file__).parent
+    pyproject = tomllib.loads((Path(genret.serve.__file__).parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["genret.serve"]
+    assets = [p.name for p in root.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert {"page.html", "page.js", "page.css"} <= set(assets)
+    assert all(any(fnmatch.fnmatch(a, pat) for pat in patterns) for a in assets), (assets, patterns)

@@ -78,6 +78,19 @@ def test_texts_past_the_character_limit_are_422_naming_the_field(small, image, r
     assert "characters" in r["error"]["message"]
 
 
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/rerank", {"query": "q", "documents": ["a"] * 4}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": {"content": [{"type": "text", "text": "a"}] * 4}}, "documents.Content.content"),
+    ("/v1/rerank", {"query": {"content": [{"type": "text", "text": "a"}] * 4}, "documents": ["a"]}, "query.Content.content"),
+    ("/v1/embeddings", {"input": ["a"] * 4}, "input"),
+])
+def test_lists_past_max_documents_are_422_naming_the_field(served_pipe, route, body, field):
+    with TestClient(create_app(served_pipe, ServeConfig(max_documents=3))) as client:
+        r = assert_error(post(client, route, body), 422, field)
+        assert "at most 3 items" in r["error"]["message"]
+        assert post(client, "/v1/embeddings", {"input": ["a"] * 3}).status_code == 200  # at the bound
+
+
 def test_the_character_limit_on_uploads_and_at_the_bound(small, world):
     rec = world.split("test").records[0]
     up = small.post("/v1/search/upload", files={"file": ("q.png", open(rec.path, "rb"), "image/png")},
