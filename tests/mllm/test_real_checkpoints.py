@@ -7,6 +7,8 @@ tokenizer hides (sentencepiece's "▁", byte-level BPE's leading space, a templa
 
 import copy
 
+import json
+
 import pytest
 import torch
 
@@ -246,6 +248,12 @@ def test_a_truncated_feature_file_is_refused_by_name(encoder, world, real_dirs, 
     pipe.save(tmp_path / "p")
     (path,) = (tmp_path / "p").rglob("features.safetensors")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"features.safetensors: \d+ bytes, the manifest of this pipeline says"):
+        RetrievalPipeline.load(tmp_path / "p", encoder=encoder)
+    for manifest in (tmp_path / "p" / "manifest.json", path.parent / "manifest.json"):  # as saved before file lists
+        table = json.loads(manifest.read_text())
+        del table["files"]
+        manifest.write_text(json.dumps(table))
     with pytest.raises(ValueError, match=r"features.safetensors: not a readable genret feature file"):
         RetrievalPipeline.load(tmp_path / "p", encoder=encoder)
 

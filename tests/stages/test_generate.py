@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from genret._io import ArtefactError, seal
+
 from genret.eval.evaluator import evaluate
 from genret.mllm.adapters import AdapterMismatchError
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
@@ -103,9 +105,9 @@ def test_an_adapter_of_another_task_is_refused(encoder, world, grace_dir, tmp_pa
     shutil.copytree(grace_dir, other)
     manifest = json.loads((other / "genret.json").read_text())
     (other / "genret.json").write_text(json.dumps({**manifest, "task": "rerank"}))
-    pipe = _pipe(encoder, {"type": "generate", "adapter": str(other)})
-    with pytest.raises(AdapterMismatchError, match="'rerank' adapter, loaded for the task 'grace'"):
-        pipe.index(world.split("test"), modalities=("image",), progress=False)
+    with pytest.raises(AdapterMismatchError, match=r"stages\[0\]\.adapter: .*'rerank' adapter, loaded for the task "
+                                                   "'grace'"):  # as the stage is built, before any encoding
+        _pipe(encoder, {"type": "generate", "adapter": str(other)})
 
 
 def test_a_vocabulary_mismatch_is_refused(encoder, world, grace_dir, tmp_path):
@@ -116,6 +118,10 @@ def test_a_vocabulary_mismatch_is_refused(encoder, world, grace_dir, tmp_path):
     data["new_tokens"] = data["new_tokens"][1:] + ["<id_extra>"]
     data["items"] = dict(zip(data["items"], data["new_tokens"]))
     (other / "identifiers.json").write_text(json.dumps(data))
+    with pytest.raises(ArtefactError, match="other/identifiers.json: "):  # not the file the adapter was saved with
+        _pipe(encoder, {"type": "generate", "adapter": str(other)}).index(world.split("test"), modalities=("image",),
+                                                                          progress=False)
+    seal(other, "genret.json")  # the manifest edited to match: the identifiers still do not fit the vocabulary
     pipe = _pipe(encoder, {"type": "generate", "adapter": str(other)})
     with pytest.raises(ValueError, match="scheme and model vocabulary do not match"):
         pipe.index(world.split("test"), modalities=("image",), progress=False)

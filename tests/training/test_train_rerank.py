@@ -87,7 +87,9 @@ def test_without_a_learning_rate_the_same_check_fails(judge_dir, small, clip_dir
 def test_adapter_manifest_history_and_speed(runs, judge_dir, clip_dir):
     out, summary, _ = runs["listwise"]
     manifest = json.loads((out / "genret.json").read_text())
-    assert manifest == json.loads(json.dumps(summary))
+    files = manifest.pop("files")
+    assert manifest.pop("owner") == "genret" and manifest == json.loads(json.dumps(summary))
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}  # every file but the manifest
     assert {"adapter_config.json", "adapter_model.safetensors", "genret.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "checkpoints").exists()  # a finished run keeps only the adapter
     assert manifest["format"] == "genret.rerank_adapter" and manifest["task"] == "rerank"
