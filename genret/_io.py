@@ -223,7 +223,8 @@ def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact
             raise ArtefactError(f"{path}: {size} bytes, the manifest of this {what} says {entry.get('size')}: it was "
                                 "cut short or replaced by another file; save the artefact again")
         key = "sha256" if full else "sample"
-        if cached_fingerprint(path, full and size > SMALL) != entry.get(key):
+        found = fingerprint(path, full=True) if full else cached_fingerprint(path)  # verify: read it now, whole
+        if found != entry.get(key):
             raise ArtefactError(f"{path}: its content is not what the manifest of this {what} lists (hash mismatch): "
                                 "it was edited or taken from another artefact; save the artefact again")
     return len(files)
