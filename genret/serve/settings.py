@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Mapping
 
 from genret.config import above, at_least, between, check_fields
 
+logger = logging.getLogger(__name__)
 KEY_ENV = "GENRET_API_KEY"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
                        r"[A-Za-z0-9])?)*\.?$")
@@ -102,6 +104,9 @@ def read_api_key(key_file: str | None = None, env: Mapping[str, str] | None = No
             raise ValueError(f"--api-key-file {key_file}: cannot read it ({reason})") from None
         if not key:
             raise ValueError(f"--api-key-file {key_file}: the file is empty; write the key into it")
+        if os.stat(key_file).st_mode & 0o077:
+            logger.warning("--api-key-file %s: other users of this machine may read it; chmod 600 %s", key_file,
+                           key_file)
         return key
     if from_env is None:
         if env_required:

@@ -27,6 +27,7 @@ def test_genret_serve_command_serves_a_saved_pipeline_behind_its_key(served_pipe
     served_pipe.save(tmp_path / "pipe")
     key_file = tmp_path / "key"
     key_file.write_text("file-key-0123456789\n")
+    key_file.chmod(0o600)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -116,6 +117,18 @@ def test_genret_serve_errors(tmp_path):
 def test_read_api_key(tmp_path, file, env, want):
     (tmp_path / "key").write_text("file-key\n")
     assert read_api_key(str(tmp_path / file) if file else None, env=env) == want
+
+
+def test_a_key_file_others_may_read_is_warned_of(tmp_path, caplog):
+    key = tmp_path / "key"
+    key.write_text("k")
+    key.chmod(0o644)
+    assert read_api_key(str(key), env={}) == "k"
+    assert "other users of this machine may read it; chmod 600" in caplog.text
+    caplog.clear()
+    key.chmod(0o600)
+    read_api_key(str(key), env={})
+    assert "chmod" not in caplog.text
 
 
 def test_the_key_is_not_in_the_settings_repr():
