@@ -25,7 +25,9 @@ from urllib.parse import quote
 
 import numpy as np
 
+from genret._io import ManifestError
 from genret.data.images import ImageLoadError
+from genret.index.items import item_image
 from genret.pipeline import RetrievalPipeline
 from genret.serve.auth import RequireKey
 from genret.serve.batcher import DynamicBatcher, QueueFull
@@ -332,13 +334,13 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         items = pipe.gallery.items.get("image", {})
         if item_id not in items:
             raise RequestError(404, f"no gallery image with id {item_id!r}")
-        path = Path(items[item_id].image)
-        try:
+        try:  # the file that was indexed, inside the gallery's images: checked by its content hash
+            path = Path(item_image(items[item_id]))
             data = path.read_bytes()
-        except OSError:
-            logger.error("gallery image %r: cannot read %s", item_id, path)
-            raise RequestError(404, f"gallery image {item_id!r} is no longer on the server (its file was removed or "
-                                    "moved after indexing)") from None
+        except (ImageLoadError, ManifestError, OSError) as err:
+            logger.error("gallery image %r: %s", item_id, err)
+            raise RequestError(404, f"gallery image {item_id!r} is no longer on the server as it was indexed (its "
+                                    "file was removed, moved or changed after indexing)") from None
         return Response(data, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
     @app.get("/metrics")

@@ -221,6 +221,28 @@ def test_a_gallery_image_gone_after_indexing(world, make_pipe, tmp_path, harm):
         assert client.get("/health").status_code == 200
 
 
+def test_a_gallery_image_changed_after_indexing_is_not_served(world, make_pipe, tmp_path, _encoder):
+    """Replaced by another (valid) picture under the same name: the saved gallery's content hash refuses it."""
+    import copy
+
+    from genret.pipeline import RetrievalPipeline
+
+    records = world.split("test").records[:3]
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    images = {rec.id: folder / f"{rec.id}.png" for rec in records}
+    for rec in records:
+        images[rec.id].write_bytes(rec.path.read_bytes())
+    make_pipe(images=images, texts={}, rerank=False).save(tmp_path / "pipe")
+    pipe = RetrievalPipeline.load(tmp_path / "pipe", encoder=copy.copy(_encoder))
+    changed = records[1].id
+    images[changed].write_bytes(records[2].path.read_bytes())
+    with TestClient(create_app(pipe), raise_server_exceptions=False) as client:
+        assert client.get(f"/v1/images/{records[0].id}").status_code == 200
+        r = assert_error(client.get(f"/v1/images/{changed}"), 404, "changed after indexing")
+        assert str(folder) not in json.dumps(r)
+
+
 # --- random and malformed bodies ---
 
 def json_values(text=st.text(max_size=12)):
