@@ -12,26 +12,37 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def check_model_ref(ref: str | os.PathLike, what: str = "model") -> str:
+def looks_local(ref: str, base: str | os.PathLike = ".") -> bool:
+    """Whether ``ref`` reads as a local path, relative to ``base``, rather than a hub id (``org/name``): absolute,
+    ``./``, ``../``, ``~``, a backslash, more than one ``/``, an existing path, or one under an existing folder
+    (``runs/clip`` where ``runs/`` exists)."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref:
+        return True
+    base = Path(base)
+    return (base / path).exists() or (len(path.parts) > 1 and (base / path.parts[0]).is_dir())
+
+
+def check_model_ref(ref: str | os.PathLike, what: str = "model", files: bool = True) -> str:
     """Return ``ref`` as a string after checking that it can be loaded.
 
     A path-like reference (absolute, ``./``, ``../``, an existing path, or one under an existing folder such as
     ``runs/clip``) must be a directory. A hub id is refused at once, naming both readings, when hub downloads
     are off or the hub cannot be reached and the model is not in the local cache, instead of failing after
-    half a minute of retries deep inside ``from_pretrained``.
+    half a minute of retries deep inside ``from_pretrained``. With ``files`` a local directory's files are checked
+    against its manifest too (every safetensors file read whole); without, only that it is there.
     """
     ref = str(ref)
     path = Path(ref).expanduser()
     under_local = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
-    looks_local = (path.is_absolute() or ref.startswith((".", "~")) or path.exists() or ref.count("/") > 1
-                   or under_local or "\\" in ref)
-    if looks_local:
+    if looks_local(ref):
         if not path.is_dir():
             where = f" ({path.parts[0]}/ exists, {ref} does not)" if under_local and not path.exists() else ""
             raise FileNotFoundError(f"{what} directory not found: {ref}{where}")
-        from genret._io import check_local_model
+        if files:
+            from genret._io import check_local_model
 
-        check_local_model(path, what)
+            check_local_model(path, what)
         return str(path)
     if hub_offline():
         raise FileNotFoundError(

@@ -169,6 +169,67 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+def path_fields(cls: type) -> dict[str, str]:
+    """The fields of ``cls`` that name a file or folder, by kind (``metadata["path"]``): ``"model"`` (a local
+    directory or a Hugging Face hub id), ``"adapter"`` (a local adapter folder), ``"dir"`` (a local folder made when
+    missing: a cache), ``"prompt"`` (a prompt name, or a ``.toml`` file)."""
+    return {f.name: f.metadata["path"] for f in dataclasses.fields(cls) if f.metadata.get("path")}
+
+
+def resolve_paths(cls: type, table: dict, folder: str | os.PathLike, where: str) -> dict:
+    """``table``, a config file's settings for ``cls``, with every path in it resolved against ``folder``, the folder
+    of the file that names it: the one rule for paths in config files (see :func:`resolve_path`)."""
+    out = dict(table)
+    for name, kind in path_fields(cls).items():
+        value = out.get(name)
+        if isinstance(value, str) and value:
+            out[name] = resolve_path(value, kind, Path(folder), _key(where, name))
+    return out
+
+
+def resolve_path(value: str, kind: str, folder: Path, where: str) -> str:
+    """A path-valued setting of a file in ``folder``, absolute; a hub id or a prompt name as it is.
+
+    A relative path is taken relative to ``folder``. A ``"model"`` that is not there and does not read as a local path
+    (``org/name``) is a hub id; a ``"prompt"`` without a suffix is a prompt name. A relative path found only in the
+    working folder, not beside the file, is refused (it meant something else before this rule): the message gives the
+    path to write.
+
+    Raises:
+        ConfigError: naming ``where`` (file and key).
+    """
+    from genret._hub import looks_local
+
+    path = Path(value).expanduser()
+    if path.is_absolute() or (kind == "prompt" and not path.suffix):
+        return str(path) if path.is_absolute() else value
+    beside = folder / path
+    if beside.exists():
+        return str(beside.resolve())
+    if path.exists() and folder.resolve() != Path.cwd().resolve():
+        raise ConfigError(f"{where}: {value!r} is not beside the file ({beside} does not exist) but is in the working "
+                          f"folder; paths in a config file are relative to the file: write "
+                          f"{os.path.relpath(path.resolve(), folder.resolve())!r} or an absolute path")
+    if kind == "model" and not looks_local(value, folder):
+        return value  # a Hugging Face hub id
+    return str(beside.resolve())
+
+
+def relative_paths(cls: type, table: dict, folder: str | os.PathLike) -> dict:
+    """``table`` with its local paths (the :func:`path_fields` of ``cls``) written relative to ``folder``, where the
+    file that holds them is saved: it then loads from any working folder (hub ids and prompt names kept)."""
+    from genret._hub import looks_local
+
+    out = dict(table)
+    for name, kind in path_fields(cls).items():
+        value = out.get(name)
+        if not isinstance(value, str) or not value or (kind == "prompt" and not Path(value).suffix):
+            continue
+        if kind != "model" or looks_local(value):
+            out[name] = os.path.relpath(Path(value).expanduser().resolve(), Path(folder).resolve())
+    return out
+
+
 def write_config_file(path: str | os.PathLike, data: dict) -> None:
     """Write a dict as TOML or YAML by the file's suffix, atomically."""
     path = Path(path)
@@ -237,6 +298,11 @@ def _finite(value: Any, where: str) -> Any:
     return value
 
 
+def _key(where: str, key: str) -> str:
+    """Where ``key`` is: ``file.toml: key`` under a file, ``file.toml: stages[0].key`` deeper."""
+    return f"{where}.{key}" if ": " in where or where.endswith("]") else f"{where}: {key}"
+
+
 def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
     """Build config ``cls`` from a dict, naming any unknown key or wrongly typed value.
 
@@ -257,8 +323,7 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
-    sep = "." if ": " in where or where.endswith("]") else ": "  # "file.toml: stages[0].k": the file, the key's path
-    kwargs = {k: check_value(v, hints[k], f"{where}{sep}{k}", _bound(fields[k].metadata)) for k, v in data.items()}
+    kwargs = {k: check_value(v, hints[k], _key(where, k), _bound(fields[k].metadata)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -346,6 +411,8 @@ def _json_table(flag: str):
 def merge_arguments(cls: type[C], args: argparse.Namespace, config_file: str | None = None) -> C:
     """Build ``cls`` from an optional config file, then the flags given on the command line."""
     data = read_config_file(config_file) if config_file else {}
+    if config_file:  # a path in the file is relative to the file; one on the command line, to the working folder
+        data = resolve_paths(cls, data, Path(config_file).parent, str(config_file))
     names = {f.name for f in dataclasses.fields(cls)}
     data.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return from_dict(cls, data, where=str(config_file or "arguments"))

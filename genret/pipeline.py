@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret import __version__
 from genret._io import atomic_dir, read_manifest, write_json
-from genret.config import ConfigError, at_least, check_fields, from_dict, read_config_file, to_dict, write_config_file
+from genret.config import (ConfigError, at_least, check_fields, from_dict, read_config_file, relative_paths,
+                           resolve_paths, to_dict, write_config_file)
 from genret.data.dataset import Dataset
 from genret.data.images import ImageLoadError
 from genret.encoders import EmbeddingCache, load_encoder
@@ -47,12 +48,12 @@ VERSION = 1
 class EncoderConfig:
     """The dual encoder that embeds the gallery and the queries."""
 
-    model: str = field(default="", metadata={"help": "Hugging Face model id or local directory"})
+    model: str = field(default="", metadata={"path": "model", "help": "Hugging Face model id or local directory"})
     backend: str = field(default="hf", metadata={"help": "hf (CLIP, SigLIP) or sentence-transformers"})
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1 (default: GPU if any)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16"})
     batch_size: int = field(default=64, metadata={"range": at_least(1), "help": "images per encoding batch"})
-    cache_dir: str = field(default="", metadata={"help": "embedding cache folder ('' for none)"})
+    cache_dir: str = field(default="", metadata={"path": "dir", "help": "embedding cache folder ('' for none)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
 
     def __post_init__(self) -> None:
@@ -109,49 +110,35 @@ class PipelineConfig:
             raise ValueError("a pipeline needs at least one stage")
 
 
-# Config fields that may name a local file or folder: saved relative to the pipeline folder, resolved on load.
-PATH_FIELDS = ("model", "adapter", "rewriter_model", "rewriter_adapter", "cache_dir", "prompt", "caption_prompt",
-               "rewrite_prompt")
-
-
-def _is_local(key: str, value) -> bool:
-    return isinstance(value, str) and bool(value) and (Path(value).exists() or (key == "cache_dir"))
+def _config_class(table: dict) -> type | None:
+    """The config class of an encoder table (no ``type``) or a stage table (``None`` for an unknown type: building the
+    stages names it)."""
+    if "type" not in table:
+        return EncoderConfig
+    kind = table["type"]
+    return STAGES.get(kind).config_class if isinstance(kind, str) and kind in STAGES else None
 
 
 def portable_paths(table: dict, folder: Path) -> dict:
-    """``table`` with each local path of :data:`PATH_FIELDS` written relative to ``folder`` (hub ids, names kept)."""
-    out = dict(table)
-    for key in PATH_FIELDS:
-        if _is_local(key, out.get(key)):
-            out[key] = os.path.relpath(Path(out[key]).resolve(), folder.resolve())
-    return out
-
-
-def resolved_paths(table: dict, folder: Path) -> dict:
-    """``table`` with each relative path of :data:`PATH_FIELDS` that names something beside ``folder`` made absolute.
-
-    A value found neither there (a hub id, a prompt name) nor absolute is left as it is: pipelines saved by
-    an older genret kept paths relative to the working folder they were built in.
-    """
-    out = dict(table)
-    for key in PATH_FIELDS:
-        value = out.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            candidate = (folder / value).resolve()
-            if candidate.exists() or (key == "cache_dir" and value.startswith("..")):
-                out[key] = str(candidate)
-    return out
+    """``table`` (the encoder's or a stage's) with its local paths written relative to ``folder``, where the pipeline
+    is saved (:func:`genret.config.relative_paths`; hub ids and prompt names kept)."""
+    cls = _config_class(table)
+    return relative_paths(cls, table, folder) if cls is not None else table
 
 
 def load_config(path: str | os.PathLike) -> PipelineConfig:
-    """Read a pipeline file; a relative ``encoder.model`` is taken relative to the file when it exists there."""
+    """Read a pipeline file. Every path in it (the encoder, each stage's models, adapters, prompt files and cache
+    folders) is relative to the file: the one rule of :func:`genret.config.resolve_paths`; hub ids stay hub ids."""
     path = Path(path)
     data = read_config_file(path)
+    if isinstance(data.get("encoder"), dict):
+        data["encoder"] = resolve_paths(EncoderConfig, data["encoder"], path.parent, f"{path}: encoder")
+    for i, table in enumerate(data.get("stages") if isinstance(data.get("stages"), list) else []):
+        cls = _config_class(table) if isinstance(table, dict) and "type" in table else None
+        if cls is not None:  # a table without a known type: building the stages names it
+            data["stages"][i] = resolve_paths(cls, table, path.parent, f"{path}: stages[{i}]")
     config = from_dict(PipelineConfig, data, where=str(path))
     config._source = str(path)  # stage errors name the file (not a field: it is not saved)
-    model = Path(config.encoder.model)
-    if not model.is_absolute() and (path.parent / model).is_dir():
-        config.encoder.model = str((path.parent / model).resolve())
     return config
 
 
@@ -172,7 +159,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         if name in names:
             raise ConfigError(f"{where}: stage name {name!r} is used twice; give one a 'name'")
         names.add(name)
-        stages.append(cls(from_dict(cls.config_class, table, where), name))
+        stage = cls(from_dict(cls.config_class, table, where), name)
+        stage.check(where)  # before any gallery is encoded: what it names is there and fits
+        stages.append(stage)
     if not any(isinstance(s, RankStage) for s in stages):
         raise ConfigError("the pipeline has no ranking stage (add a 'prefilter')")
     return stages
@@ -414,9 +403,7 @@ class RetrievalPipeline:
         """Load a saved pipeline; its gallery is checked against the encoder the config names."""
         path = Path(path)
         manifest = read_manifest(path, FORMAT, VERSION, "pipeline")
-        config = load_config(path / "pipeline.toml")
-        config.encoder = replace(config.encoder, **resolved_paths(asdict(config.encoder), path))
-        config.stages = tuple(resolved_paths(t, path) for t in config.stages)
+        config = load_config(path / "pipeline.toml")  # its paths are relative to the folder
         pipe = cls(config, encoder=encoder)
         names = [s.name for s in pipe.stages]
         if manifest.get("stages") is not None and manifest["stages"] != names:

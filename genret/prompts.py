@@ -74,7 +74,8 @@ def _check_schema(path: Path, data: dict, exact: Mapping[str, Any] | None) -> No
     for key, value in data.items():
         if isinstance(value, dict) and key not in SETTINGS:
             if exact is not None and key not in exact:
-                raise PromptError(f"{path}: unknown table [{key}]; this stage reads {', '.join(f'[{t}]' for t in exact)}")
+                tables = ", ".join(f"[{t}]" for t in exact)
+                raise PromptError(f"{path}: unknown table [{key}]; this stage reads {tables}")
             for name, template in value.items():
                 if name not in TEMPLATES:
                     raise PromptError(f"{path}: [{key}].{name} is not a template genret reads (a table holds "

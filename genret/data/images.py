@@ -127,14 +127,16 @@ def _guard(step, name: str):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(f"{name}: refused by PIL's decompression-bomb guard ({err}): shrink the image; PIL "
-                             f"decodes at most {Image.MAX_IMAGE_PIXELS:,} pixels without this (PIL.Image.MAX_IMAGE_PIXELS), "
-                             f"genret at most {max_image_pixels():,} ({MAX_PIXELS_ENV})") from None
+                             f"decodes at most {Image.MAX_IMAGE_PIXELS:,} pixels without this "
+                             f"(PIL.Image.MAX_IMAGE_PIXELS), genret at most {max_image_pixels():,} "
+                             f"({MAX_PIXELS_ENV})") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image PIL can read (is it the right file? PNG, JPEG, WebP, GIF, "
-                             "BMP and TIFF are read); replace it, or leave it out with --on-error skip") from None
+        raise ImageLoadError(f"{name}: not a readable image (PIL cannot identify it: is it the right file? PNG, "
+                             "JPEG, WebP, GIF, BMP and TIFF are read); replace it, or leave it out with --on-error "
+                             "skip") from None
     except MemoryError:
         raise ImageLoadError(f"{name}: too large to decode in memory; shrink it") from None
-    except Exception as err:  # noqa: BLE001 - a damaged file makes PIL raise anything (OSError, SyntaxError, struct.error...)
+    except Exception as err:  # noqa: BLE001 - a damaged file makes PIL raise anything (OSError, struct.error...)
         raise ImageLoadError(f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]}); replace it, "
                              "or leave it out with --on-error skip") from None
 
@@ -173,7 +175,7 @@ def _to_8bit(img: Image.Image, name: str) -> Image.Image:
     if img.mode.startswith("I;16"):
         return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
     if img.mode == "F" and not np.isfinite(a).all():
-        raise ImageLoadError(f"{name}: floating-point pixels include NaN or infinity; save the image with finite values")
+        raise ImageLoadError(f"{name}: floating-point pixels include NaN or infinity; save it with finite values")
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if img.mode == "F" and lo >= 0 and hi <= 1:
         out = a * 255.0

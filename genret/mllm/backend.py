@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -170,19 +171,11 @@ class MLLM:
         The checkpoint's ``config.json`` is read first: a model type genret has no family for, or a
         processor option that family does not take, is refused before any weights are loaded.
         """
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
 
         if isinstance(config, str):
             config = MLLMConfig(model=config, **overrides)
-        ref = check_model_ref(config.model, "MLLM")
-        try:
-            hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=config.trust_remote_code)
-        except OSError as err:
-            raise FileNotFoundError(f"could not load MLLM {config.model!r}: {err}") from None
-        except ValueError as err:
-            raise ValueError(f"{config.model!r}: {str(err).splitlines()[0]}") from None
-        family = family_for_type(hf_config.model_type, config.model)
-        family.check_processor_options(config.processor_options, config.model)
+        ref, hf_config, family = check_mllm(config)
         text = getattr(hf_config, "text_config", None) or hf_config
         # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
         checkpoint_dtype = next((getattr(c, name, None) for name in ("dtype", "torch_dtype") for c in (hf_config, text)
@@ -210,6 +203,50 @@ class MLLM:
                              "processor; the checkpoint's processor files are missing or need torchvision")
         model.eval()
         return cls(model, processor, str(config.model), model_fingerprint(ref))
+
+
+def check_mllm(config: MLLMConfig, what: str = "MLLM", files: bool = True) -> tuple[str, object, Family]:
+    """What :meth:`MLLM.load` checks before any weights are read: the model is there (a local directory, or a hub id
+    that can be fetched), genret has a family for its type, that family takes the processor options, and
+    bitsandbytes is installed for 4/8-bit loading. Reads only the checkpoint's ``config.json``.
+
+    Args:
+        what: how errors name the model (``"p.toml: stages[1].model"``).
+        files: check a local directory's files against its manifest too (:func:`genret._hub.check_model_ref`).
+
+    Returns:
+        The reference to load from, the checkpoint's config, and its family.
+    """
+    from transformers import AutoConfig
+
+    ref = check_model_ref(config.model, what, files=files)
+    try:
+        hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=config.trust_remote_code)
+    except OSError as err:
+        raise FileNotFoundError(f"{what} {config.model!r}: could not read its config.json ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{what} {config.model!r}: {str(err).splitlines()[0]}") from None
+    family = family_for_type(hf_config.model_type, config.model)
+    family.check_processor_options(config.processor_options, config.model)
+    if (config.load_in_4bit or config.load_in_8bit) and not bitsandbytes_available():
+        raise ValueError(f"{what} {config.model!r}: 4-bit and 8-bit loading need bitsandbytes: "
+                         "pip install 'genret[quant]'")
+    return ref, hf_config, family
+
+
+class BaseModel(NamedTuple):
+    """What an adapter is checked against (:func:`genret.mllm.adapters.check_adapter`), known before the weights
+    load: the model's reference, its family and its weights' fingerprint (a loaded :class:`MLLM` has the same three)."""
+
+    model_id: str
+    family: Family
+    revision: str
+
+    @classmethod
+    def of(cls, config: MLLMConfig, what: str = "MLLM") -> "BaseModel":
+        """The base model ``config`` names, checked by :func:`check_mllm` (no weights read)."""
+        ref, _, family = check_mllm(config, what, files=False)
+        return cls(str(config.model), family, model_fingerprint(ref))
 
 
 def processor_without_video(cls: type) -> type:

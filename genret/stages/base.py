@@ -71,6 +71,34 @@ class Stage(ABC):
         """After :meth:`load_state`: raise when the loaded state is not of ``gallery`` (another pipeline's or split's),
         naming the file in ``folder`` (default: no state, nothing to check)."""
 
+    def check(self, where: str = "") -> None:
+        """Refuse, before any gallery is encoded, settings that would fail when the stage first runs: each model,
+        adapter and prompt file its config names (the fields marked ``metadata["path"]``) must be there, an MLLM's
+        family known and its processor options taken, an adapter made for the base model beside it. Reads
+        manifests and ``config.json`` files, no weights. Stages with more to check extend it.
+
+        Args:
+            where: how errors name the stage's table (``"p.toml: stages[1]"``; default the stage's name).
+        """
+        from genret.config import path_fields
+
+        where = where or f"stage {self.name!r}"
+        fields = path_fields(type(self.config))
+        for name, kind in fields.items():
+            value = getattr(self.config, name)
+            if value and kind in ("model", "adapter", "prompt"):
+                check_reference(self.config, kind, value, f"{where}.{name}")
+        for name in (n for n, kind in fields.items() if kind == "adapter" and getattr(self.config, n)):
+            model = getattr(self.config, name.replace("adapter", "model"), "") or getattr(self.config, "model", "")
+            if model:  # the adapter beside its base: made for that model (family, weights) and for this use
+                check_adapter_base(getattr(self.config, name), self.config, model, f"{where}.{name}",
+                                   **self.adapter_use(name))
+
+    def adapter_use(self, field: str) -> dict:
+        """What the adapter the config's ``field`` names will be attached for (``task``, ``mode``, ``prompt``), each
+        checked against its manifest by :meth:`check` (default: nothing beyond its base)."""
+        return {}
+
     def describe(self) -> dict:
         """What a report records about the stage: its type, name and settings."""
         from dataclasses import asdict, is_dataclass
@@ -141,6 +169,59 @@ class RoundStage(Protocol):
 
     def describe(self) -> dict:
         """Model, prompt and settings, for the report."""
+
+
+def check_reference(config: Any, kind: str, value: str, where: str) -> None:
+    """That the model, adapter or prompt file ``value`` (a setting of ``config``, of path kind ``kind``) is there;
+    an MLLM stage's model is read as far as its ``config.json`` (:func:`genret.mllm.backend.check_mllm`).
+
+    Raises:
+        FileNotFoundError, ValueError: naming ``where`` (file and key) and what is wrong.
+    """
+    try:
+        if kind == "model":
+            from genret.mllm.backend import MLLMLoadConfig, check_mllm
+
+            if isinstance(config, MLLMLoadConfig):
+                check_mllm(config.mllm_config(value), where, files=False)
+            else:
+                from genret._hub import check_model_ref
+
+                check_model_ref(value, where, files=False)
+        elif kind == "adapter":
+            from genret.mllm.adapters import read_adapter_manifest
+
+            read_adapter_manifest(value)
+        elif kind == "prompt":
+            from genret.prompts import load_prompt
+
+            load_prompt(value)
+    except (OSError, ValueError) as err:
+        raise _named(err, where) from None
+
+
+def check_adapter_base(adapter: str, config: Any, model: str, where: str, **expected: Any) -> None:
+    """That the adapter folder ``adapter`` was made for the base ``model`` (its family and weights' fingerprint, and
+    each ``expected`` task / mode / prompt), before either is loaded."""
+    from genret.mllm.adapters import check_adapter, read_adapter_manifest
+    from genret.mllm.backend import BaseModel
+
+    try:
+        check_adapter(read_adapter_manifest(adapter), adapter, BaseModel.of(config.mllm_config(model), where),
+                      **expected)
+    except (OSError, ValueError) as err:
+        raise _named(err, where) from None
+
+
+def _named(err: Exception, where: str) -> Exception:
+    """``err`` with ``where`` in front of its message (same type where it takes one message)."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if message.startswith(where):
+        return err
+    try:
+        return type(err)(f"{where}: {message}")
+    except Exception:  # noqa: BLE001 - an exception type that does not take a message
+        return ValueError(f"{where}: {message}")
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

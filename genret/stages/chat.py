@@ -87,11 +87,14 @@ FALLBACK_QUESTIONS = (
 class ChatConfig(MLLMLoadConfig):
     """Settings of the chat (ChatIR) rewrite stage."""
 
-    model: str = field(default="", metadata={"help": "the MLLM: questioner (on text only) and mllm answerer"})
-    adapter: str = field(default="", metadata={"help": "a LoRA for the questioner (genret train rewriter; optional)"})
+    model: str = field(default="", metadata={"path": "model",
+                                             "help": "the MLLM: questioner (on text only) and mllm answerer"})
+    adapter: str = field(default="", metadata={"path": "adapter",
+                                               "help": "a LoRA for the questioner (genret train rewriter; optional)"})
     questioner: str = field(default="mllm", metadata={"help": "mllm, or a registered one (the miniature world's "
                                                                 "scripted: fixed questions)"})
-    prompt: str = field(default="chat", metadata={"help": "prompt with [question], [answer], [summary] tables"})
+    prompt: str = field(default="chat", metadata={"path": "prompt",
+                                                  "help": "prompt with [question], [answer], [summary] tables"})
     rounds: int = field(default=5, metadata={"range": at_least(1), "help": "questions asked per query"})
     answerer: str = field(default="facts", metadata={"help": "facts (the target's scene), mllm (sees it), human"})
     query_format: str = field(default="dialog", metadata={
@@ -104,7 +107,8 @@ class ChatConfig(MLLMLoadConfig):
     batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "prompts per generate call"})
     max_prompt_tokens: int = field(default=0, metadata={"range": at_least(0),
                                                         "help": "longest questioner prompt (0: the model's context)"})
-    cache_dir: str = field(default="", metadata={"help": "where questions, answers and summaries persist ('': memory)"})
+    cache_dir: str = field(default="", metadata={"path": "dir",
+                                                 "help": "where questions, answers and summaries persist ('': memory)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -141,6 +145,9 @@ class ChatStage(RewriteStage):
         self._mllm: "MLLM | None" = None
         self.seconds = {"question": 0.0, "answer": 0.0, "summary": 0.0}
         self.generated = {"question": 0, "answer": 0, "summary": 0}
+
+    def adapter_use(self, field: str) -> dict:
+        return {"task": "rewriter", "mode": "question"}
 
     @property
     def rounds(self) -> int:

@@ -57,20 +57,25 @@ MODES = ("compose", "text", "image", "caption", "sum")
 class CIReVLConfig(MLLMLoadConfig):
     """Settings of the CIReVL rewrite stage."""
 
-    model: str = field(default="", metadata={"help": "the MLLM that captions the reference (and rewrites, by default)"})
+    model: str = field(default="", metadata={"path": "model",
+                                             "help": "the MLLM that captions the reference (and rewrites, by default)"})
     mode: str = field(default="compose", metadata={"help": "compose, or a baseline: text, image, caption, sum"})
     keep_reference: bool = field(default=False, metadata={"help": "compose: keep the reference image in the query "
                                                                   "(the prefilter fuses it with the description)"})
-    rewriter_model: str = field(default="", metadata={"help": "the rewriter (default: model, used on text only)"})
-    rewriter_adapter: str = field(default="", metadata={"help": "a LoRA from genret train rewriter (optional)"})
-    caption_prompt: str = field(default="caption", metadata={"help": "prompt of the captioner"})
-    rewrite_prompt: str = field(default="cirevl", metadata={"help": "prompt of the rewriter ([rewrite] table)"})
+    rewriter_model: str = field(default="", metadata={"path": "model",
+                                                      "help": "the rewriter (default: model, used on text only)"})
+    rewriter_adapter: str = field(default="", metadata={"path": "adapter",
+                                                        "help": "a LoRA from genret train rewriter (optional)"})
+    caption_prompt: str = field(default="caption", metadata={"path": "prompt", "help": "prompt of the captioner"})
+    rewrite_prompt: str = field(default="cirevl", metadata={"path": "prompt",
+                                                            "help": "prompt of the rewriter ([rewrite] table)"})
     caption_tokens: int = field(default=48, metadata={"range": at_least(1), "help": "longest caption, in tokens"})
     max_new_tokens: int = field(default=48, metadata={"range": at_least(1),
                                                       "help": "longest rewrite; longer is a runaway (fallback)"})
     num_beams: int = field(default=1, metadata={"range": at_least(1), "help": "beam width of both (1: greedy)"})
     batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "images or prompts per generate call"})
-    cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
+    cache_dir: str = field(default="", metadata={"path": "dir",
+                                                 "help": "where captions and rewrites persist ('' : memory only)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -105,6 +110,9 @@ class CIReVLStage(RewriteStage):
         self._captioner = None
         self._rewriter = None
         self.seconds = {"caption": 0.0, "rewrite": 0.0}
+
+    def adapter_use(self, field: str) -> dict:
+        return {"task": "rewriter", "mode": "rewrite"}
 
     def _load(self) -> None:
         from genret.mllm import MLLM

@@ -87,10 +87,13 @@ JUDGES.register("target")(TargetJudge())
 class EIIRwQRConfig(MLLMLoadConfig):
     """Settings of the EIIRwQR round stage."""
 
-    model: str = field(default="", metadata={"help": "the MLLM that captions the shown images and rewrites"})
-    adapter: str = field(default="", metadata={"help": "a rewriter LoRA (task rewriter) for the rewrites (optional)"})
-    prompt: str = field(default="eiirwqr", metadata={"help": "rewrite prompt: [feedback] and [blind] tables"})
-    caption_prompt: str = field(default="caption", metadata={"help": "captioner prompt"})
+    model: str = field(default="", metadata={"path": "model",
+                                             "help": "the MLLM that captions the shown images and rewrites"})
+    adapter: str = field(default="", metadata={"path": "adapter",
+                                               "help": "a rewriter LoRA (task rewriter) for the rewrites (optional)"})
+    prompt: str = field(default="eiirwqr", metadata={"path": "prompt",
+                                                     "help": "rewrite prompt: [feedback] and [blind] tables"})
+    caption_prompt: str = field(default="caption", metadata={"path": "prompt", "help": "captioner prompt"})
     rounds: int = field(default=3, metadata={"range": at_least(1), "help": "feedback rounds after the first retrieval"})
     shown: int = field(default=5, metadata={"range": at_least(1),
                                             "help": "results not shown before that the user sees per round"})
@@ -104,7 +107,8 @@ class EIIRwQRConfig(MLLMLoadConfig):
                                                       "help": "longest rewrite; longer is a runaway (fallback)"})
     num_beams: int = field(default=1, metadata={"range": at_least(1), "help": "beam width (1: greedy)"})
     batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "images or prompts per generate call"})
-    cache_dir: str = field(default="", metadata={"help": "where captions and rewrites persist ('' : memory only)"})
+    cache_dir: str = field(default="", metadata={"path": "dir",
+                                                 "help": "where captions and rewrites persist ('' : memory only)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -131,6 +135,9 @@ class EIIRwQRStage(RewriteStage):
         self._captioner = None
         self._rewriter = None
         self.seconds = {"caption": 0.0, "rewrite": 0.0}
+
+    def adapter_use(self, field: str) -> dict:
+        return {"task": "rewriter", "mode": "feedback" if self.config.feedback == "relevant" else "blind"}
 
     @property
     def rounds(self) -> int:

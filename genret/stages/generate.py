@@ -48,8 +48,9 @@ PROMPT_NEEDS = {"memorise": {"user": ("{image}",)}, "retrieve": {"user": ("{text
 class GenerateConfig(MLLMLoadConfig):
     """Settings of the generative (GRACE) stage."""
 
-    adapter: str = field(default="", metadata={"help": "GRACE adapter folder (genret train grace)"})
-    model: str = field(default="", metadata={"help": "base MLLM id or directory (default: the adapter's base_model)"})
+    adapter: str = field(default="", metadata={"path": "adapter", "help": "GRACE adapter folder (genret train grace)"})
+    model: str = field(default="", metadata={"path": "model",
+                                             "help": "base MLLM id or directory (default: the adapter's base_model)"})
     num_beams: int = field(default=10, metadata={"range": at_least(1),
                                                  "help": "beam width: at most this many images per query"})
     k: int = field(default=10, metadata={"range": at_least(1),
@@ -146,6 +147,20 @@ class GenerateStage(RankStage):
         self._full: "Trie | None" = None
         self.trie: "Trie | None" = None
         self._images: set[str] = set()
+
+    def check(self, where: str = "") -> None:
+        """:meth:`Stage.check`, the base MLLM being the adapter's ``base_model`` where ``model`` is not set."""
+        from genret.stages.base import check_adapter_base, check_reference
+
+        super().check(where)
+        if not self.config.model:
+            where = f"{where or f'stage {self.name!r}'}.adapter"
+            check_reference(self.config, "model", self.manifest["base_model"], f"{where} (its base_model)")
+            check_adapter_base(self.config.adapter, self.config, self.manifest["base_model"], where,
+                               **self.adapter_use("adapter"))
+
+    def adapter_use(self, field: str) -> dict:
+        return {"task": "grace", "prompt": self.prompt}
 
     @property
     def reranks_upstream(self) -> bool:

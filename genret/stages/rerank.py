@@ -40,15 +40,16 @@ MODES = {
 class RerankConfig(MLLMLoadConfig):
     """Settings of the MLLM rerank stage."""
 
-    model: str = field(default="", metadata={"help": "MLLM id or local directory"})
+    model: str = field(default="", metadata={"path": "model", "help": "MLLM id or local directory"})
     mode: str = field(default="generative", metadata={"help": "pointwise, generative or listwise"})
-    prompt: str = field(default="", metadata={"help": "prompt name or file (default: rerank_<mode>)"})
+    prompt: str = field(default="", metadata={"path": "prompt", "help": "prompt name or file (default: rerank_<mode>)"})
     k: int = field(default=20, metadata={"range": at_least(1), "help": "upstream candidates reranked per query"})
     fusion_weight: float | None = field(default=None, metadata={"help": "final = upstream + w * rerank; unset: rerank only"})
     batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "pairs per forward pass"})
     cache_features: bool = field(default=True, metadata={"help": "compute gallery images' MLLM features once, at index time"})
     shared_prefix: bool = field(default=True, metadata={"help": "run the prompt part a query's candidates share once (KV cache)"})
-    adapter: str = field(default="", metadata={"help": "LoRA adapter directory (genret train rerank) to attach; "
+    adapter: str = field(default="", metadata={"path": "adapter",
+                                               "help": "LoRA adapter directory (genret train rerank) to attach; "
                                                       "its manifest must match model, mode and prompt"})
     backend: str = field(default="local", metadata={"help": "local (load the MLLM here) or remote (POST the "
                                                             "candidates to a /v1/rerank endpoint at url)"})
@@ -68,6 +69,9 @@ class RerankConfig(MLLMLoadConfig):
             raise ValueError(f"backend = 'remote' needs url = 'http(s)://host:port/v1/rerank', got {self.url!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.cache_features and self.processor_options.get("do_image_splitting"):
+            raise ValueError("do_image_splitting = true cannot be scored from cached features (a tile layout is "
+                             "lost); set cache_features = false to keep the tiles")
 
 
 @STAGES.register("rerank")
@@ -84,15 +88,20 @@ class RerankStage(RankStage):
         self.features = FeatureStore()
         self._warned = False
 
+    def check(self, where: str = "") -> None:
+        """:meth:`Stage.check`; with ``backend = "remote"`` the model is the endpoint's name for it: nothing local."""
+        if self.config.backend != "remote":
+            super().check(where)
+
+    def adapter_use(self, field: str) -> dict:
+        return {"task": "rerank", "mode": self.config.mode, "prompt": self.prompt}
+
     @property
     def mllm(self):
         """The MLLM, loaded on first use."""
         if self._mllm is None:
             from genret.mllm import MLLM
 
-            if self.config.cache_features and self.config.processor_options.get("do_image_splitting"):
-                raise ValueError(f"stage {self.name!r}: do_image_splitting = true cannot be scored from cached "
-                                 "features (a tile layout is lost); set cache_features = false to keep the tiles")
             mllm = MLLM.load(self.config.mllm_config(self.config.model))
             if self.config.cache_features:
                 note = mllm.family.prepare_feature_cache(mllm.processor)

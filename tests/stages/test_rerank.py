@@ -88,12 +88,12 @@ def test_features_of_different_shapes_survive_save(encoder, mllm_dir, tmp_path):
 
 
 def test_rerank_stage_passes_4bit_to_the_backend(encoder, world, mllm_dir, monkeypatch):
-    """``load_in_4bit`` in the pipeline table reaches the loader: without bitsandbytes, the loader's own error."""
+    """``load_in_4bit`` in the pipeline table reaches the loader's checks: without bitsandbytes, its error, as the
+    stage is built (before any gallery is encoded)."""
     import genret.mllm.backend as backend
 
     monkeypatch.setattr(backend, "bitsandbytes_available", lambda: False)
-    pipe = _pipe(encoder, mllm_dir, mode="generative", load_in_4bit=True)
-    with pytest.raises(RuntimeError, match="4-bit and 8-bit loading need bitsandbytes"):
-        pipe.index(world.split("test"), progress=False)
+    with pytest.raises(ValueError, match=r"stages\[1\]\.model .*4-bit and 8-bit loading need bitsandbytes"):
+        _pipe(encoder, mllm_dir, mode="generative", load_in_4bit=True)
     with pytest.raises((ConfigError, ValueError), match="choose one of"):
         _pipe(encoder, mllm_dir, load_in_4bit=True, load_in_8bit=True).index(world.split("test"), progress=False)
