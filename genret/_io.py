@@ -181,9 +181,16 @@ def seal(folder: str | os.PathLike, name: str | None = None, manifest: dict | No
             raise ManifestError(f"{path}: no manifest to seal")
     files = {rel: describe_file(p) for rel, p in _walk(folder)
              if rel != path.name and not p.is_symlink() and TMP_MARK not in p.name}
-    write_json(path, {**{k: v for k, v in manifest.items() if k not in ("files", "owner")}, "owner": OWNER,
-                      "files": files})
+    sealed = {**{k: v for k, v in manifest.items() if k not in ("files", "owner", "digest")}, "owner": OWNER,
+              "files": files}
+    write_json(path, {**sealed, "digest": _digest(sealed)})
     return path
+
+
+def _digest(manifest: dict) -> str:
+    """The SHA-256 of a manifest's fields but its digest: a manifest edited by hand no longer matches."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact", full: bool = False) -> int:
@@ -202,13 +209,16 @@ def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact
     """
     folder = Path(folder)
     files = manifest.get("files")
-    if files is None:
+    if not any(key in manifest for key in ("files", "owner", "digest")):
         logger.warning("%s: a %s saved by an earlier genret, whose manifest lists no files: its content cannot be "
                        "checked; save it again to have it checked", folder, what)
         return 0
+    if manifest.get("digest") != _digest(manifest):
+        raise ArtefactError(f"{folder}: its manifest was edited after it was saved (its digest does not match its "
+                            f"fields); save the {what} again rather than editing it")
     if not isinstance(files, dict):
         raise ArtefactError(f"{folder}: the manifest's 'files' is not a table of files; the manifest was edited: "
-                            "save the {what} again")
+                            f"save the {what} again")
     root = folder.resolve()
     for rel, entry in files.items():
         path = folder / rel

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genret._io import (ArtefactError, OutputError, atomic_dir, atomic_update, check_files, foreign_files,
+from genret._io import (ArtefactError, ManifestError, OutputError, atomic_dir, atomic_update, check_files, foreign_files,
                         overwrite_allowed, read_manifest, remove_artefact, verify)
+from genret._io import _digest
 
 FMT = "genret.test_thing"
 
@@ -61,10 +62,35 @@ def test_loading_names_the_file_that_is_not_as_saved(tmp_path, damage, message):
         _load(tmp_path / "a")
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["format", "version", "metric", "files", "owner", "count", "extra"]),
+       value=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                          max_leaves=6))
+def test_any_hand_edit_of_a_manifest_is_refused(tmp_path_factory, key, value):
+    """Property: a sealed manifest with any field changed, added or given another type is refused by name on load
+    (``ManifestError``, never another exception, never loaded as if saved so)."""
+    path = tmp_path_factory.mktemp("edit") / "a"
+    with atomic_dir(path, (FMT,)) as tmp:
+        (tmp / "x.bin").write_bytes(b"1")
+        (tmp / "manifest.json").write_text(json.dumps({"format": FMT, "version": 1, "metric": "ip", "count": 1}))
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get(key, object()) == value:
+        return
+    manifest[key] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError):
+        _load(path)
+
+
 def test_a_manifest_listing_a_path_outside_its_folder_is_refused(tmp_path):
     _write(tmp_path / "a", {"x.bin": b"1"})
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     manifest["files"]["../../etc/passwd"] = manifest["files"]["x.bin"]
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError, match="its manifest was edited after it was saved"):
+        _load(tmp_path / "a")
+    manifest["digest"] = _digest(manifest)  # an edit that fixes the digest too is still refused
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtefactError, match="lists '../../etc/passwd' oddly"):
         _load(tmp_path / "a")

@@ -52,10 +52,12 @@ def test_models_of_a_world_v2_serve_v3_which_only_added_triplets(shipped, world_
     """v3 added cirr/ and its cir_* counts; the images and captions the models learnt from are v2's."""
     import json
 
+    from genret._io import seal
+
     version, config = _world_config(world_dir)
     manifest = json.loads((shipped / "manifest.json").read_text())
     manifest["world"] = {"generator_version": 2, "config": {k: v for k, v in config.items() if not k.startswith("cir_")}}
-    (shipped / "manifest.json").write_text(json.dumps(manifest))
+    seal(shipped, "manifest.json", manifest)  # as ship() would have written it for a v2 world
     assert shipped_models(3, {**config, "cir_test": 7}, shipped)
     with pytest.raises(ManifestError, match="trained on world"):
         shipped_models(3, {**config, "n_test": config["n_test"] + 1}, shipped)

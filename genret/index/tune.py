@@ -171,7 +171,7 @@ def record(folder, tuning: Tuning, queries: str) -> None:
     """Write the chosen parameter into a saved index's manifest (atomically), with what chose it."""
     from pathlib import Path
 
-    from genret._io import read_json, write_json
+    from genret._io import read_json, seal
 
     path = Path(folder) / "manifest.json"
     manifest = read_json(path, what="index manifest")
@@ -179,4 +179,4 @@ def record(folder, tuning: Tuning, queries: str) -> None:
     manifest["tuning"] = {"target_recall": tuning.target, "k": tuning.k, "recall": round(tuning.recall, 4),
                           "confidence": tuning.confidence, "lower_bound": round(tuning.recall if tuning.lower is None else tuning.lower, 4),
                           "queries": queries, "tried": tuning.rows}
-    write_json(path, manifest)
+    seal(folder, "manifest.json", manifest)  # written anew (a file of its own), with its file list and digest

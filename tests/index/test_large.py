@@ -192,5 +192,6 @@ def _legacy(folder):
     """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest.pop("files")
+    for key in ("files", "digest", "owner"):
+        manifest.pop(key)
     path.write_text(json.dumps(manifest))

@@ -88,6 +88,7 @@ def test_adapter_manifest_history_and_speed(runs, judge_dir, clip_dir):
     out, summary, _ = runs["listwise"]
     manifest = json.loads((out / "genret.json").read_text())
     files = manifest.pop("files")
+    assert len(manifest.pop("digest")) == 64
     assert manifest.pop("owner") == "genret" and manifest == json.loads(json.dumps(summary))
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}  # every file but the manifest
     assert {"adapter_config.json", "adapter_model.safetensors", "genret.json"} <= {p.name for p in out.iterdir()}
