@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from genret._io import ManifestError, atomic_dir, check_files, read_json, remove_artefact, seal, write_json
+from genret._io import ManifestError, atomic_dir, check_files, mark_run, read_json, remove_artefact, seal, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
     from safetensors.torch import save_file
 
     folder = checkpoint_root(run_dir) / f"step-{step:07d}"
+    if accelerator is None or accelerator.is_main_process:
+        mark_run(run_dir)  # the run's checkpoints are genret's until its result replaces them
     if accelerator is not None:  # every process writes its shards; the state file, written last, marks it complete
         accelerator.save_state(str(folder / SHARDED), safe_serialization=True)
         accelerator.wait_for_everyone()

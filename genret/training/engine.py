@@ -223,7 +223,6 @@ class Engine:
                              "to continue it, or remove the folder to start over")
         if int(os.environ.get("RANK", "0")) == 0:  # before any work: a folder of the user's files is refused here
             check_output_dir(self.out_dir, what="training run")
-            mark_run(self.out_dir)  # its checkpoints and logs are genret's until the result replaces them
         self.start = time.perf_counter()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -325,6 +324,8 @@ class Engine:
             if state is not None:
                 state[1](saved.get("data", {}))
         if self.trackers:
+            if self.main:
+                mark_run(self.out_dir)  # its logs (and checkpoints) are genret's until the result replaces them
             acc.init_trackers(self.name, config={k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
                                                  for k, v in asdict(config).items()})
         eval_seconds = 0.0
