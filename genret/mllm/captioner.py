@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from genret._io import ManifestError, read_json, write_json
 from genret.data.images import ImageLoadError, load_image
+from genret.mllm.context import check_lengths
 from genret.prompts import Prompt, PromptError, load_prompt
 
 if TYPE_CHECKING:
@@ -180,6 +181,8 @@ class Captioner:
             inputs = mllm.processor(text=[self.text] * len(images), images=images, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
+        check_lengths(mllm, inputs["attention_mask"].sum(dim=1).tolist(), [f"the caption of {p}" for p in paths],
+                      new_tokens=self.max_new_tokens, advice="bound the image size (processor_options)")
         inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         gen = mllm.model.generate(**inputs, do_sample=False, num_beams=self.num_beams,

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genret.mllm import scoring
+from genret.mllm.context import check_lengths, context_size
 from genret.mllm.textcache import TextCache, model_key
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ class Rewriter:
         if "{image}" in self.template:
             raise ValueError(f"{self.prompt.path}: [{section}].user holds {{image}}; the rewriter reads text only")
         self.section, self.max_new_tokens, self.num_beams, self.batch_size = section, max_new_tokens, num_beams, batch_size
-        self.max_prompt_tokens = max_prompt_tokens or _context_size(mllm)
+        self.max_prompt_tokens = max_prompt_tokens or context_size(mllm) or 4096
+        self._limit_source = "max_prompt_tokens" if max_prompt_tokens else f"{mllm.model_id}'s context"
         self.key = {**model_key(mllm), "prompt": self.prompt.key, "section": section,
                     "max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.cache = TextCache(cache_dir, "rewrites", self.key)
@@ -83,23 +85,25 @@ class Rewriter:
             raise ValueError(f"{self.prompt.path}: [{self.section}].user needs {', '.join(missing)}; not given")
         return scoring.render(self.mllm, scoring.user_message(self.template, **{k: str(v) for k, v in values.items()}))
 
-    def rewrite(self, rows: Sequence[Mapping[str, str]], fallbacks: Sequence[str], progress: bool = False) -> list[Rewrite]:
+    def rewrite(self, rows: Sequence[Mapping[str, str]], fallbacks: Sequence[str], progress: bool = False,
+                labels: Sequence[str] | None = None) -> list[Rewrite]:
         """Rewrite every row; where the answer is empty or runaway, use the row's fallback and say so.
 
+        Args:
+            labels: what each row is, for an error (``"query 'q3'"``; default ``rewrite row N``).
+
         Raises:
-            ValueError: a prompt longer than ``max_prompt_tokens`` (e.g. a dialog grown past the model's
-                context), naming the row.
+            PromptTooLongError: a prompt that with ``max_new_tokens`` is longer than ``max_prompt_tokens`` (e.g. a
+                dialog grown past the model's context), naming the row.
         """
         if len(rows) != len(fallbacks):
             raise ValueError(f"{len(rows)} rows but {len(fallbacks)} fallbacks")
         texts = [self.render(r) for r in rows]
-        tok = self.mllm.tokenizer
-        for i, t in enumerate(texts):
-            n = len(tok(t)["input_ids"])
-            if n + self.max_new_tokens > self.max_prompt_tokens:
-                raise ValueError(f"rewrite row {i}: the prompt is {n} tokens, and with {self.max_new_tokens} new ones it "
-                                 f"exceeds the model's context of {self.max_prompt_tokens}; shorten it (fewer dialog "
-                                 "rounds or captions)")
+        lengths = [len(ids) for ids in self.mllm.tokenizer(texts)["input_ids"]] if texts else []
+        check_lengths(self.mllm, lengths,
+                      labels or [f"rewrite row {i}" for i in range(len(texts))], new_tokens=self.max_new_tokens,
+                      limit=self.max_prompt_tokens, source=self._limit_source,
+                      advice="shorten it (fewer dialog rounds or captions)")
         raw: dict[str, tuple[str, bool]] = {}
         todo = []
         for t in dict.fromkeys(texts):
@@ -162,6 +166,3 @@ def _stop_ids(mllm: "MLLM") -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def _context_size(mllm: "MLLM") -> int:
-    config = getattr(mllm.model.config, "text_config", mllm.model.config)
-    return int(getattr(config, "max_position_embeddings", 0) or 4096)

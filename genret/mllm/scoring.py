@@ -16,6 +16,7 @@ import torch
 
 from genret.mllm.answers import answer_format, answer_token_ids, continuation_ids
 from genret.mllm.backend import MLLM
+from genret.mllm.context import PromptTooLongError, check_lengths, context_size
 
 
 def user_message(template: str, **values: str) -> list[dict]:
@@ -68,12 +69,17 @@ def _inline_images(mllm: MLLM, message: dict) -> dict:
     return {**message, "content": [{"type": "text", "text": text}]}
 
 
-def _inputs(mllm: MLLM, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+def _inputs(mllm: MLLM, texts: list[str], images: list[list], labels: Sequence[str] | None = None,
+            check: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded model inputs; images are PIL images, or cached features (tensors) of each image.
 
     With cached features the vision tower does not run: the prompt's image placeholders are expanded
     to as many tokens as the features have, the features are written into the embeddings, and the
     family's :meth:`~genret.mllm.families.Family.feature_inputs` (e.g. Qwen's grids) join the inputs.
+    Each row is checked against the model's context (images expanded), named by ``labels`` when it does not fit.
+
+    Raises:
+        PromptTooLongError: a row longer than the model's context.
     """
     flat = [im for ims in images for im in ims]
     cached = bool(flat) and all(isinstance(im, torch.Tensor) for im in flat)
@@ -89,6 +95,8 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list]) -> dict[str, torch
             else mllm.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
     finally:
         tok.padding_side = side
+    if check:
+        check_lengths(mllm, inputs["attention_mask"].sum(dim=1).tolist(), labels)
     inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
     if cached:
         ids = inputs["input_ids"]
@@ -249,8 +257,12 @@ def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence
 
 @torch.inference_mode()
 def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Sequence, yes: str = "yes",
-                     no: str = "no", batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
+                     no: str = "no", batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16,
+                     labels: Sequence[str] | None = None) -> list[float]:
     """log P(yes) − log P(no) for each (text, image) pair, at the first answer position.
+
+    A pair whose prompt does not fit the model's context raises :class:`PromptTooLongError`, named by ``labels``
+    (one per pair; default ``pair N``).
 
     The answer tokens are read from the tokenizer in context (:func:`yes_no_ids`): ``Yes`` and ``yes`` with
     whatever space the template puts before the answer, each casing's probability summed.
@@ -259,10 +271,11 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
     part: the prompt files put it first) run once and their KV cache serves all candidates.
     """
     rows = [[im] for im in images]
+    labels = _labels(labels, len(texts))
     prompts = [render(mllm, user_message(template, text=t)) for t in texts]
     yes_ids, no_ids = yes_no_ids(mllm, prompts[0], yes, no)
     if shared_prefix and _all_cached(rows) and len(prompts) > 1:
-        inputs = _inputs(mllm, prompts, rows)
+        inputs = _inputs(mllm, prompts, rows, labels)
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix)
         if prefix:
             out = torch.empty(len(prompts))
@@ -274,12 +287,21 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
             return out.tolist()
     out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
-        inputs = _inputs(mllm, prompts[s:s + batch_size], rows[s:s + batch_size])
+        inputs = _inputs(mllm, prompts[s:s + batch_size], rows[s:s + batch_size], labels[s:s + batch_size])
         last = inputs["attention_mask"].sum(dim=1) - 1
         keep, where = last.unique(return_inverse=True)  # only the answer positions reach the vocabulary head
         logits = _forward(mllm, inputs, logits_to_keep=keep).logits
         out_list += yes_no_score(logits[torch.arange(len(last)), where], yes_ids, no_ids).tolist()
     return out_list
+
+
+def _labels(labels: Sequence[str] | None, n: int) -> list[str]:
+    """What each of ``n`` pairs is called in an error (the caller's names, or ``pair N``)."""
+    if labels is None:
+        return [f"pair {i}" for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} pairs")
+    return list(labels)
 
 
 def _all_cached(rows: Sequence[Sequence]) -> bool:
@@ -298,8 +320,12 @@ def _mean_token_logprob(logits: torch.Tensor, target: torch.Tensor, first: torch
 
 @torch.inference_mode()
 def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], images: Sequence,
-                      batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16) -> list[float]:
+                      batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16,
+                      labels: Sequence[str] | None = None) -> list[float]:
     """Mean log P(text | image) over the text's tokens (and the end-of-turn token).
+
+    A pair whose prompt and text do not fit the model's context raises :class:`PromptTooLongError`, named by
+    ``labels`` (one per pair; default ``pair N``).
 
     The text is written as the model writes an answer (:func:`genret.mllm.answers.answer_format`: llava-1.5's
     ``ASSISTANT: a red circle</s>``, Qwen's ``assistant\na red circle<|im_end|>``), so its tokens are the
@@ -312,26 +338,28 @@ def generative_scores(mllm: MLLM, user_template: str, texts: Sequence[str], imag
     """
     fmt = answer_format(mllm)
     rows = [[im] for im in images]
+    labels = _labels(labels, len(texts))
     prompt = render(mllm, user_message(user_template))
     full = [prompt + fmt.text(t) for t in texts]
     if shared_prefix and _all_cached(rows) and len(full) > 1:
         if not _same_images(rows):  # many texts over several images: share each image's prefix between its rows
-            return _grouped_generative(mllm, prompt, full, rows, batch_size, min_prefix)
-        inputs = _inputs(mllm, full, rows)
+            return _grouped_generative(mllm, prompt, full, rows, batch_size, min_prefix, labels)
+        inputs = _inputs(mllm, full, rows, labels)
         start = int(_inputs(mllm, [prompt], rows[:1])["attention_mask"].sum())
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix, limit=start)
         if prefix:
             return _generative_after_prefix(mllm, inputs, start, prefix, positions, batch_size).tolist()
-    return _plain_generative(mllm, prompt, full, rows, batch_size)
+    return _plain_generative(mllm, prompt, full, rows, batch_size, labels)
 
 
-def _plain_generative(mllm: MLLM, prompt: str, full: list[str], rows: list[list], batch_size: int) -> list[float]:
+def _plain_generative(mllm: MLLM, prompt: str, full: list[str], rows: list[list], batch_size: int,
+                      labels: list[str]) -> list[float]:
     """:func:`generative_scores` in plain batches: every row's whole prompt runs."""
     out_list: list[float] = []
     for s in range(0, len(full), batch_size):
         chunk_rows = rows[s:s + batch_size]
         starts = _inputs(mllm, [prompt] * len(chunk_rows), chunk_rows)["attention_mask"].sum(dim=1)
-        inputs = _inputs(mllm, full[s:s + batch_size], chunk_rows)
+        inputs = _inputs(mllm, full[s:s + batch_size], chunk_rows, labels[s:s + batch_size])
         lo, length = int(starts.min()) - 1, inputs["input_ids"].shape[1]
         # Only the text's positions reach the vocabulary head, not the prompt's and images'.
         logits = _forward(mllm, inputs, logits_to_keep=torch.arange(lo, length - 1, device=mllm.device)).logits
@@ -358,19 +386,19 @@ def _generative_after_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], start:
 
 
 def _grouped_generative(mllm: MLLM, prompt: str, full: list[str], rows: list[list], batch_size: int,
-                        min_prefix: int) -> list[float]:
+                        min_prefix: int, labels: list[str]) -> list[float]:
     """:func:`generative_scores` of rows over several images (the same image object = the same image): rows are
     sorted by image, and each image's prompt and image tokens run once for all its rows (:func:`_prefix_forward`
     with owners). Where the prompts' image tokens differ in number (Qwen's grids), the plain batches are used."""
     owner_of: dict[int, int] = {}
     owners = [owner_of.setdefault(id(r[0]), len(owner_of)) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: owners[i])
-    inputs = _inputs(mllm, [full[i] for i in order], [rows[i] for i in order])
+    inputs = _inputs(mllm, [full[i] for i in order], [rows[i] for i in order], [labels[i] for i in order])
     starts = _inputs(mllm, [prompt] * len(order), [rows[i] for i in order])["attention_mask"].sum(dim=1)
     start = int(starts[0])
     positions = _positions(mllm, inputs) if bool((starts == start).all()) and start - 1 >= min_prefix else None
     if positions is None:
-        return _plain_generative(mllm, prompt, full, rows, batch_size)
+        return _plain_generative(mllm, prompt, full, rows, batch_size, labels)
     scores = _generative_after_prefix(mllm, inputs, start, start - 1, positions, batch_size,
                                       owners=[owners[i] for i in order])
     out = [0.0] * len(rows)
@@ -430,32 +458,30 @@ def listwise_prompt(user_template: str, item_template: str, query: dict[str, obj
     return user_message(user_template, **values), images
 
 
-def context_size(mllm: MLLM) -> int | None:
-    """The language model's context (``max_position_embeddings``), if its config says."""
-    config = mllm.model.config
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "max_position_embeddings", None)
-
-
-def check_listwise_length(mllm: MLLM, length: int, k: int, one: int) -> None:
+def check_listwise_length(mllm: MLLM, length: int, k: int, one: int, label: str = "the query") -> None:
     """Refuse a listwise prompt longer than the context, saying how many candidates fit.
 
     Args:
         length: the prompt's tokens with ``k`` candidates; ``one``: with a single candidate.
+        label: what the prompt is, for the message (``"query 'q1' with its 20 candidates"``).
+
+    Raises:
+        PromptTooLongError: naming the prompt, its length, the limit and the k that fits.
     """
     limit = context_size(mllm)
     if limit is None or length + 8 <= limit:
         return
     per = (length - one) / max(k - 1, 1)
     fits = max(int((limit - 8 - (one - per)) // per), 0) if per > 0 else 0
-    raise ValueError(f"a listwise prompt of {k} candidates is {length:,} tokens, more than {mllm.model_id}'s context "
-                     f"of {limit:,} (max_position_embeddings; ~{per:,.0f} tokens per candidate): at most k = {fits} "
-                     "fit; lower the stage's k, or bound the image size (processor_options)")
+    raise PromptTooLongError(
+        f"{label}: a listwise prompt of {k} candidates is {length:,} tokens, more than {mllm.model_id}'s context of "
+        f"{limit:,} (max_position_embeddings; ~{per:,.0f} tokens per candidate): at most k = {fits} fit; lower the "
+        "stage's k, or bound the image size (processor_options)", label=label, length=length, limit=limit - 8)
 
 
 @torch.inference_mode()
 def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: dict[str, object],
-                    candidates: Sequence[object], candidate_key: str) -> list[float]:
+                    candidates: Sequence[object], candidate_key: str, label: str = "the query") -> list[float]:
     """The log-probability of each candidate's number as the answer to one numbered prompt.
 
     The prompt is run once; its KV cache is repeated for the k answers, which are scored together.
@@ -468,15 +494,20 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
         item_template: one line per candidate, with ``{number}`` and ``{image}`` or ``{text}``.
         query: ``{"text": ...}`` or ``{"image": PIL image}``.
         candidates: PIL images (``candidate_key="image"``) or texts (``"text"``).
+        label: what the query is, for an error (``"query 'q1'"``).
+
+    Raises:
+        PromptTooLongError: the numbered prompt does not fit the model's context (the message says which k does).
     """
     messages, images = listwise_prompt(user_template, item_template, query, candidates, candidate_key)
     prompt = render(mllm, messages)
-    inputs = _inputs(mllm, [prompt], [images])
-    if len(candidates) > 1:
-        length = inputs["input_ids"].shape[1]
-        if length + 8 > (context_size(mllm) or length + 8):
+    inputs = _inputs(mllm, [prompt], [images], check=False)  # checked here, with the k that fits
+    length = inputs["input_ids"].shape[1]
+    if length + 8 > (context_size(mllm) or length + 8):
+        one = length
+        if len(candidates) > 1:
             one_messages, one_images = listwise_prompt(user_template, item_template, query, candidates[:1], candidate_key)
-            one = _inputs(mllm, [render(mllm, one_messages)], [one_images])["input_ids"].shape[1]
-            check_listwise_length(mllm, length, len(candidates), one)
+            one = _inputs(mllm, [render(mllm, one_messages)], [one_images], check=False)["input_ids"].shape[1]
+        check_listwise_length(mllm, length, len(candidates), one, label)
     out = _forward(mllm, inputs, use_cache=True, logits_to_keep=1)
     return answer_logprobs(mllm, mllm.model, inputs, out, number_answers(mllm, prompt, len(candidates))).tolist()

@@ -137,6 +137,7 @@ class MLLMAnswerer:
         import torch
 
         from genret.data.images import load_image
+        from genret.mllm.context import check_lengths
         from genret.mllm.rewriter import _stop_ids
 
         tok = self.mllm.tokenizer
@@ -146,6 +147,9 @@ class MLLMAnswerer:
                                          return_tensors="pt")
         finally:
             tok.padding_side = side
+        check_lengths(self.mllm, inputs["attention_mask"].sum(dim=1).tolist(),
+                      [f"the answer about {p}" for p in images], new_tokens=self.max_new_tokens,
+                      advice="ask a shorter question, or bound the image size (processor_options)")
         inputs = {k: v.to(self.mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with torch.inference_mode():

@@ -280,7 +280,8 @@ class ChatStage(RewriteStage):
         fits = [_overflow(rewriter, r) for r in rows]
         ok = [j for j, why in enumerate(fits) if why is None]
         fallbacks = [FALLBACK_QUESTIONS[len(queries[j].meta["turns"]) % len(FALLBACK_QUESTIONS)] for j in ok]
-        done = rewriter.rewrite([rows[j] for j in ok], fallbacks)
+        done = rewriter.rewrite([rows[j] for j in ok], fallbacks,
+                                labels=[f"stage {self.name!r}: query {queries[j].id!r}" for j in ok])
         self.generated["question"] += sum(not r.cached for r in done)
         fell = sum(r.fallback is not None for r in done)
         if fell:

@@ -172,7 +172,8 @@ class CIReVLStage(RewriteStage):
             return out
         tick = time.perf_counter()
         rows = [{"caption": cap, "modification": queries[i].text} for i, cap in zip(composed, captions)]
-        done = self._rewriter.rewrite(rows, [queries[i].text for i in composed])
+        done = self._rewriter.rewrite(rows, [queries[i].text for i in composed],
+                                      labels=[f"stage {self.name!r}: query {queries[i].id!r}" for i in composed])
         self.seconds["rewrite"] += time.perf_counter() - tick
         for i, cap, r in zip(composed, captions, done):
             q = queries[i]

@@ -220,7 +220,8 @@ class EIIRwQRStage(RewriteStage):
         self.seconds["caption"] += time.perf_counter() - tick
         prompts = self.prompt_rows(queries, rows, caption)
         tick = time.perf_counter()
-        done = rewriter.rewrite(prompts, [queries[i].meta["initial"] for i, _, _ in rows])
+        done = rewriter.rewrite(prompts, [queries[i].meta["initial"] for i, _, _ in rows],
+                                labels=[f"stage {self.name!r}: query {queries[i].id!r}" for i, _, _ in rows])
         self.seconds["rewrite"] += time.perf_counter() - tick
         for (i, shown, marked), r in zip(rows, done):
             q = queries[i]

@@ -234,6 +234,7 @@ class GenerateStage(RankStage):
     def _decode(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None):
         from genret.identifiers import constrained_beam_search
         from genret.mllm import scoring
+        from genret.mllm.context import check_lengths
 
         mllm = self.mllm
         template = self.prompt.section("retrieve")["user"]
@@ -249,6 +250,9 @@ class GenerateStage(RankStage):
             inputs = tok(texts, padding=True, return_tensors="pt")  # as the processor tokenized them in training
         finally:
             tok.padding_side = side
+        longest = max(t.max_length for t in (tries if isinstance(tries, list) else [tries]))  # an identifier's tokens
+        check_lengths(mllm, inputs["attention_mask"].sum(dim=1).tolist(),
+                      [f"stage {self.name!r}: query {q.id!r}" for q in queries], new_tokens=longest)
         inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
         return constrained_beam_search(mllm.model, inputs, tries, num_beams=self.config.num_beams,
                                        pad_token_id=tok.pad_token_id)

@@ -280,7 +280,7 @@ class RerankStage(RankStage):
         if direction == "t2i":  # listwise
             images = self._images(items, cache)
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": self._text(query)},
-                                           images, "image")
+                                           images, "image", label=f"stage {self.name!r}: query {query.id!r}")
         texts = [it.text for it in items]
         image = load_image(query.image)
         if self.config.cache_features:
@@ -288,8 +288,9 @@ class RerankStage(RankStage):
 
             image = image_features(self.mllm, [image])[0]
         if self.config.mode == "listwise":
-            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": image}, texts, "text")
-        return self._pairs(section, texts, [image] * len(texts))
+            return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": image}, texts, "text",
+                                           label=f"stage {self.name!r}: query {query.id!r}")
+        return self._pairs(section, texts, [image] * len(texts), [self._label(query, it) for it in items])
 
     @staticmethod
     def _text(query: Query) -> str:
@@ -308,16 +309,22 @@ class RerankStage(RankStage):
         # their texts (where its features are cached).
         distinct = list({it.id: it for it in flat}.values())
         by_id = dict(zip((it.id for it in distinct), self._images(distinct, cache)))
-        return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat])
+        labels = [self._label(q, it) for q, its in zip(queries, items) for it in its]
+        return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat], labels)
 
-    def _pairs(self, section: dict, texts: list[str], images: list) -> list[float]:
+    def _pairs(self, section: dict, texts: list[str], images: list, labels: list[str]) -> list[float]:
         from genret.mllm import scoring
 
         bs = self.config.batch_size
         if self.config.mode == "pointwise":
             return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
                                             self.prompt.settings.get("no", "no"), bs,
-                                            shared_prefix=self.config.shared_prefix)
+                                            shared_prefix=self.config.shared_prefix, labels=labels)
         texts = [section["assistant"].replace("{text}", t) for t in texts]
         return scoring.generative_scores(self.mllm, section["user"], texts, images, bs,
-                                         shared_prefix=self.config.shared_prefix)
+                                         shared_prefix=self.config.shared_prefix, labels=labels)
+
+
+    def _label(self, query: Query, item: Item) -> str:
+        """How a (query, candidate) pair is named in an error (a prompt past the model's context)."""
+        return f"stage {self.name!r}: query {query.id!r}, candidate {item.id!r}"
