@@ -186,3 +186,39 @@ def test_no_image_is_opened_outside_the_decoder():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if "Image.open(" in p.read_text() and p.name != "images.py" and "serve" not in p.parts]
     assert offenders == []
+
+
+@pytest.fixture
+def bomb_data(tmp_path):
+    """A JSONL data set whose second image is a 32 KB decompression bomb (256 million pixels)."""
+    import json
+
+    Image.new("RGB", (16, 16), RED).save(tmp_path / "ok.png")
+    Image.new("1", (16000, 16000)).save(tmp_path / "bomb.png")
+    lines = [{"image": "ok.png", "captions": ["a red square"], "split": "test"},
+             {"image": "bomb.png", "captions": ["nothing to see"], "split": "test"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "{out}", "--image", "{data}/bomb.png"],
+    ["index", "build", "{clip}", "--data", "{data}/d.jsonl", "--out", "{out}"],
+    ["eval", "{clip}", "--data", "{data}/d.jsonl", "--directions", "t2i"],
+], ids=["search", "index-build", "eval"])
+def test_the_cli_names_a_bomb_and_exits_2(bomb_data, clip_dir, tmp_path, capsys, argv):
+    """PIL's DecompressionBombError is no ValueError: the command once ended in a traceback."""
+    from genret.cli import main
+
+    argv = [a.format(data=bomb_data, clip=clip_dir, out=tmp_path / "pipe") for a in argv]
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{bomb_data / 'bomb.png'}: refused by PIL's decompression-bomb guard" in err
+
+
+def test_index_build_skips_a_bomb_when_asked(bomb_data, clip_dir, tmp_path, capsys):
+    from genret.cli import main
+
+    assert main(["-q", "index", "build", str(clip_dir), "--data", str(bomb_data / "d.jsonl"), "--out",
+                 str(tmp_path / "pipe"), "--on-error", "skip"]) == 0
+    assert "bomb.png: refused by PIL's decompression-bomb guard" in capsys.readouterr().err  # the warning names it
