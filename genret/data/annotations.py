@@ -85,6 +85,23 @@ def annotation_of(meta: Mapping[str, Any] | None) -> tuple[str, Annotation, Any]
     return next(annotations_of(meta), None)
 
 
+def check_annotations(meta: Mapping[str, Any] | None, fail) -> None:
+    """Read each known annotation in ``meta`` once, as a data set is loaded (its :meth:`~Annotation.signature`), so a
+    malformed one (a scene given as a number, an object missing its colour) is named there, by file and entry, not
+    deep in a stage or a trainer.
+
+    Args:
+        fail: makes the error naming the file and entry (``fail("message")`` returns the exception to raise).
+    """
+    for key, annotation, value in annotations_of(meta):
+        try:
+            annotation.signature(value)
+        except NotImplementedError:
+            continue
+        except Exception as err:  # noqa: BLE001 - whatever the plug-in raises on a bad value, named by entry here
+            raise fail(f"{key!r} is not a valid {key} annotation ({type(err).__name__}: {str(err)[:120]})") from None
+
+
 def require_annotation(key: str, what: str) -> Annotation:
     """The annotation registered under ``key``, or a ``ValueError`` that says what needed it."""
     if key not in ANNOTATIONS:

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from genret.data.annotations import check_annotations
 from genret.data.dataset import OnError
 from genret.data.entries import DatasetError, Entry, as_id, file_problem, read_json_file
 from genret.types import Item, Query
@@ -170,6 +171,8 @@ def _load_cirr(folder: Path, split: str, root: Path | None, on_error: OnError, n
     scenes = read_json_file(scenes_file, what="scene file") if scenes_file.is_file() or scenes_file.is_symlink() else {}
     if not isinstance(scenes, dict) or not all(isinstance(v, dict) for v in scenes.values()):
         raise DatasetError(f"{scenes_file}: expected an object mapping image names to scenes")
+    for name, scene in scenes.items():
+        check_annotations({"scene": scene}, lambda msg, name=name: DatasetError(f"{scenes_file}: {name!r}: {msg}"))
     return CIRSet(name=name, source=captions, split=split, format="cirr", triplets=triplets, images=images,
                   scenes={k: v for k, v in scenes.items() if k in images})
 

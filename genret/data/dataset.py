@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+from genret.data.annotations import check_annotations
 from genret.data.entries import DatasetError, Entry, file_problem, read_json_file, read_jsonl_lines
 from genret.data.images import probe_image
 from genret.types import Item, Query
@@ -245,6 +246,7 @@ def _make_record(path: Path, where: str, entry: Any, root: Path, karpathy: bool)
     if not captions:
         raise fail("has no captions")
     split = e.name("split", "train")
+    check_annotations(meta, fail)
     return ImageRecord(id=image_id, path=_resolve_image(path, where, root, sub, rel), split=split,
                        captions=captions, meta=meta)
 

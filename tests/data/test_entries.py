@@ -231,3 +231,26 @@ def test_cir_files_and_images_that_are_symlink_loops_are_named(tmp_path):
     captions.symlink_to("cap.rc2.val.json")
     with pytest.raises(DatasetError, match=r"cap\.rc2\.val\.json is a symlink loop"):
         load()
+
+
+@pytest.mark.parametrize("scene,match", [
+    (5, r"'scene' is not a valid scene annotation"),
+    ({"objects": [], "relation": "left of"}, r"'scene' is not a valid scene annotation \(ValueError"),
+    ({"objects": [{"shape": "circle"}, {"shape": "star"}], "relation": "left of"}, r"'scene' is not a valid scene"),
+])
+def test_a_malformed_annotation_is_named_as_the_data_loads(tmp_path, world, scene, match):
+    """A record's annotation (the world's scene) is read once at load: a bad one once failed deep in a stage."""
+    good = world.records[0].meta["scene"]
+    load, where = _jsonl(tmp_path, scene=good)
+    assert load().records[0].meta["scene"] == good
+    load, where = _jsonl(tmp_path, scene=scene)
+    with pytest.raises(DatasetError, match=match) as err:
+        load()
+    assert where in str(err.value)
+
+
+def test_a_malformed_scene_in_a_cirr_scenes_file_is_named(tmp_path):
+    load, _ = _cirr(tmp_path)
+    (tmp_path / "scenes.json").write_text(json.dumps({"r0": {"objects": "two", "relation": 3}}))
+    with pytest.raises(DatasetError, match=r"scenes\.json: 'r0': 'scene' is not a valid scene annotation"):
+        load()
