@@ -152,7 +152,7 @@ def run_demo(out: Path, fresh: bool = False, progress: bool = True, train_clip_h
         # Each rerank stage judges the same top 10 (no fusion, so the order it receives does not matter).
         stages += [{"type": "rerank", "name": "zero-shot", "model": str(mllm_dir), "mode": mode, "k": RERANK_K},
                    {"type": "rerank", "name": "lora", "model": str(mllm_dir), "mode": mode, "k": RERANK_K,
-                    "adapter": str(adapter)}]
+                    "adapter": str(Path(adapter).resolve())}]  # the file's paths are read relative to it
 
     t0 = time.perf_counter()
     config_path = out / "pipeline.toml"
