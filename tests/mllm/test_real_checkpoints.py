@@ -83,12 +83,10 @@ def test_smolvlm_rerank_caches_unsplit_features_and_says_so(encoder, world, real
 
 
 def test_smolvlm_splitting_with_cached_features_is_refused_before_loading(real_dirs):
-    from genret.stages.rerank import RerankConfig, RerankStage
+    from genret.stages.rerank import RerankConfig
 
-    stage = RerankStage(RerankConfig(model=str(real_dirs["smolvlm-256m-instruct"]),
-                                     processor_options={"do_image_splitting": True}), "rerank")
-    with pytest.raises(ValueError, match="set cache_features = false to keep the tiles"):
-        stage.mllm
+    with pytest.raises(ValueError, match="set cache_features = false to keep the tiles"):  # a setting: refused as read
+        RerankConfig(model=str(real_dirs["smolvlm-256m-instruct"]), processor_options={"do_image_splitting": True})
 
 
 # What each real template and tokenizer write right after the generation prompt.
