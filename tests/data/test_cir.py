@@ -256,9 +256,10 @@ def test_counts_are_capped_with_a_log_and_zero_leaves_cirr_out(tmp_path, caplog)
     assert not (tmp_path / "cirr").exists()  # the old triplets pointed at images that were redrawn
 
 
-def test_an_interrupted_cirr_leaves_no_json_and_no_partial_folder(tmp_path, monkeypatch):
+def test_an_interrupted_cirr_leaves_the_previous_world_and_no_partial_folder(tmp_path, monkeypatch):
     config = SynthConfig(n_train=6, n_val=0, n_test=4, seed=2)
     generate_world(tmp_path, config, progress=False)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     calls, render = [], synth.render
 
     def failing_render(*args, **kwargs):
@@ -270,8 +271,8 @@ def test_an_interrupted_cirr_leaves_no_json_and_no_partial_folder(tmp_path, monk
     monkeypatch.setattr(synth, "render", failing_render)
     with pytest.raises(KeyboardInterrupt):
         generate_world(tmp_path, replace(config, seed=3), progress=False)
-    assert not (tmp_path / "dataset_synth.json").exists() and not (tmp_path / "cirr").exists()
-    assert [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")] == []
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.parent.rglob("*") if ".genret-" in p.name] == []
 
 
 @pytest.mark.parametrize("kwargs,match", [

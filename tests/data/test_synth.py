@@ -219,9 +219,16 @@ def test_test_split_is_drawn_unlike_training(small):
                    for i in data["images"] if i["split"] == "test")
 
 
-def test_an_interrupted_run_leaves_no_json(tmp_path, monkeypatch):
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_interrupted_run_leaves_the_previous_world_whole(tmp_path, monkeypatch):
+    """The world is one artefact: a run cut short leaves the previous world as it was (never a JSON pointing at
+    half-drawn images), and no temporary files."""
     config = SynthConfig(n_train=6, n_val=0, n_test=2, seed=2)
     generate_world(tmp_path, config, progress=False)
+    before = _files(tmp_path)
     calls = []
 
     def failing_render(*args, **kwargs):
@@ -233,8 +240,8 @@ def test_an_interrupted_run_leaves_no_json(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "render", failing_render)
     with pytest.raises(KeyboardInterrupt):
         generate_world(tmp_path, replace(config, seed=3), progress=False)
-    assert not (tmp_path / "dataset_synth.json").exists()
-    assert [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")] == []  # no temporary files left
+    assert _files(tmp_path) == before
+    assert [p.name for p in tmp_path.parent.rglob("*") if ".genret-" in p.name] == []  # no temporary files left
 
 
 @pytest.mark.parametrize("kwargs,match", [

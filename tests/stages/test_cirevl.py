@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from genret._io import seal
+
 from genret.data.cir import load_cir
 from genret.world.scene import Scene
 from genret.eval.composed import evaluate_composed
@@ -133,7 +135,7 @@ def test_a_rewriter_adapter_is_checked_on_attach(rewriter_dir, clip_dir, tmp_pat
     shutil.copytree(out, bad)
     data = json.loads((bad / "genret.json").read_text())
     data[key] = value
-    (bad / "genret.json").write_text(json.dumps(data))
+    seal(bad, "genret.json", data)  # saved so: another task's (or mode's) adapter
     cir = load_cir(world_dir, "test")
     with pytest.raises(AdapterMismatchError, match=value):
         evaluate_composed(_pipe(clip_dir, model=manifest["base_model"], rewriter_adapter=str(bad)), cir,

@@ -104,7 +104,7 @@ def test_an_adapter_of_another_task_is_refused(encoder, world, grace_dir, tmp_pa
     other = tmp_path / "other"
     shutil.copytree(grace_dir, other)
     manifest = json.loads((other / "genret.json").read_text())
-    (other / "genret.json").write_text(json.dumps({**manifest, "task": "rerank"}))
+    seal(other, "genret.json", {**manifest, "task": "rerank"})  # saved so: another task's adapter
     with pytest.raises(AdapterMismatchError, match=r"stages\[0\]\.adapter: .*'rerank' adapter, loaded for the task "
                                                    "'grace'"):  # as the stage is built, before any encoding
         _pipe(encoder, {"type": "generate", "adapter": str(other)})

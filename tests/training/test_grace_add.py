@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from genret._io import seal
+
 from genret.identifiers import Identifiers, make_identifiers
 from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
 from genret.training.grace import GraceTrainConfig, train_grace
@@ -142,7 +144,7 @@ def test_bad_input_is_refused(parent, world, mllm_dir, tmp_path):
         if f.is_file():
             (rerank / f.name).write_bytes(f.read_bytes())
     m = json.loads((rerank / "genret.json").read_text())
-    (rerank / "genret.json").write_text(json.dumps({**m, "task": "rerank"}))
+    seal(rerank, "genret.json", {**m, "task": "rerank"})  # saved so: a rerank adapter
     with pytest.raises(ValueError, match="not a GRACE one"):
         add_images(rerank, world, tmp_path / "y", GraceAddConfig(new_splits="val"), progress=False)
     with pytest.raises(ValueError, match="replay must be in"):
