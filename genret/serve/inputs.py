@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from genret.data.images import load_image
 from genret.serve.errors import RequestError
 
 
@@ -50,7 +51,7 @@ def check_image(data: bytes, where: str, max_pixels: int) -> str:
                 raise RequestError(413, f"{where}: the image is {width}×{height} = {width * height:,} pixels, above "
                                         f"the server's limit of {max_pixels:,}; send a smaller one")
             fmt = img.format
-            img.load()
+            load_image(img, max_pixels)  # decoded as every image genret reads is (modes, frames, bombs)
     except RequestError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
