@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,6 +57,10 @@ class ArtefactError(ManifestError):
 
 class OutputError(ValueError):
     """An output folder that would replace or hold something it must not (the user's files, an input)."""
+
+
+class _KeptNew(OutputError):
+    """A write refused at the swap, its new artefact kept at its temporary name (the message says where)."""
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -135,14 +140,24 @@ def describe_file(path: Path) -> dict:
     return entry
 
 
-def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
-    """Every non-directory entry under ``folder`` (symbolic links not followed), by relative POSIX name."""
-    for root, dirs, files in os.walk(folder, followlinks=False):
+def _walk(folder: Path, empty_dirs: bool = False) -> Iterator[tuple[str, Path]]:
+    """Every non-directory entry under ``folder`` (symbolic links not followed), by relative POSIX name; with
+    ``empty_dirs``, empty folders too (as ``name/``).
+
+    Raises:
+        OSError: a folder under ``folder`` that cannot be read (what it holds cannot be seen, so cannot be kept).
+    """
+    def fail(err: OSError) -> None:
+        raise err
+
+    for root, dirs, files in os.walk(folder, followlinks=False, onerror=fail):
         dirs.sort()
         base = Path(root)
         for name in sorted(files) + [d for d in dirs if (base / d).is_symlink()]:
             path = base / name
             yield path.relative_to(folder).as_posix(), path
+        if empty_dirs and base != folder and not dirs and not files:
+            yield base.relative_to(folder).as_posix() + "/", base
 
 
 # ------------------------------------------------------------------------------------------------ manifests
@@ -295,36 +310,79 @@ def artefact_format(folder: str | os.PathLike) -> str | None:
 
 
 def owned_files(folder: str | os.PathLike) -> set[str]:
-    """The relative names of the files in ``folder`` that genret wrote there: those its manifest lists, the
-    manifest itself, and what a training run's marker claims (its checkpoints and logs)."""
+    """The relative names of the files in ``folder`` that genret wrote there and nobody changed since: those its
+    manifest lists (the manifest's digest valid; each a regular file inside the folder, of the listed size and
+    sampled hash), the manifest itself, and the folders a training run's marker claims (its checkpoints and logs).
+
+    A listed file the user has since edited, or a manifest edited by hand, is not genret's any more: it counts as
+    the user's.
+    """
     folder = Path(folder)
     owned: set[str] = set()
     path = manifest_file(folder)
     manifest = _parse(path) if path is not None else None
-    if manifest is not None and manifest.get("owner") == OWNER and isinstance(manifest.get("files"), dict):
-        owned |= set(manifest["files"]) | {path.name}
-    marker = _parse(folder / RUN_MARKER) if (folder / RUN_MARKER).is_file() else None
+    if (manifest is not None and manifest.get("owner") == OWNER and isinstance(manifest.get("files"), dict)
+            and manifest.get("digest") == _digest(manifest)):
+        owned.add(path.name)
+        owned |= {rel for rel, entry in manifest["files"].items() if _as_listed(folder, rel, entry)}
+    marker = _parse(folder / RUN_MARKER) if _plain_file(folder, RUN_MARKER) else None
     if marker is not None and marker.get("owner") == OWNER:
         owned.add(RUN_MARKER)
-        claimed = [d for d in marker.get("folders", []) if d in RUN_FOLDERS]
-        owned |= {rel for rel, _ in _walk(folder) if rel.split("/", 1)[0] in claimed}
+        claimed = [d for d in marker.get("folders", []) if d in RUN_FOLDERS and not (folder / d).is_symlink()]
+        owned |= {rel for rel, _ in _walk(folder, empty_dirs=True) if rel.split("/", 1)[0] in claimed}
     return owned
 
 
+def _plain_file(folder: Path, rel: str) -> bool:
+    """Whether ``rel`` names a regular file inside ``folder`` reached through no symbolic link."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or any(p in ("..", ".", "") for p in parts):
+        return False
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return False
+    return path.is_file()
+
+
+def _as_listed(folder: Path, rel: str, entry) -> bool:
+    """Whether the file ``rel`` is still what the manifest lists (size and sampled hash)."""
+    if not isinstance(entry, dict) or not _plain_file(folder, rel):
+        return False
+    path = folder / rel
+    try:
+        return path.stat().st_size == entry.get("size") and cached_fingerprint(path) == entry.get("sample")
+    except OSError:
+        return False
+
+
 def foreign_files(folder: str | os.PathLike) -> list[str]:
-    """The relative names of the entries under ``folder`` genret did not write there: the user's."""
+    """The relative names of the entries under ``folder`` genret did not write there (or that were changed since):
+    the user's, empty folders included (as ``name/``).
+
+    Raises:
+        OutputError: a folder under ``folder`` cannot be read (genret will not write beside what it cannot see).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    owned = owned_files(folder)
-    return [rel for rel, _ in _walk(folder) if rel not in owned]
+    try:
+        owned = owned_files(folder)
+        return [rel for rel, _ in _walk(folder, empty_dirs=True) if rel not in owned]
+    except OSError as err:
+        raise OutputError(f"{err.filename}: cannot be read ({err.strerror}); genret does not write beside files it "
+                          "cannot see: fix its permissions or name another folder (nothing was written)") from None
 
 
 def mark_run(folder: str | os.PathLike) -> None:
-    """Record in ``folder`` that a training run writes its checkpoints and logs there (see :func:`owned_files`)."""
-    path = Path(folder) / RUN_MARKER
+    """Record in ``folder`` that a training run writes its checkpoints and logs there (see :func:`owned_files`):
+    it claims only the folders of those names that are not there yet (one the user had stays the user's)."""
+    folder = Path(folder)
+    path = folder / RUN_MARKER
     if not path.is_file():
-        write_json(path, {"format": "genret.train_run", "owner": OWNER, "folders": list(RUN_FOLDERS)})
+        new = [d for d in RUN_FOLDERS if not (folder / d).exists() and not (folder / d).is_symlink()]
+        write_json(path, {"format": "genret.train_run", "owner": OWNER, "folders": new})
 
 
 # --------------------------------------------------------------------------------------------------- writes
@@ -371,6 +429,9 @@ def check_output_dir(path: str | os.PathLike, formats: tuple[str, ...] = (), *, 
         if inp == resolved or resolved in inp.parents:
             raise OutputError(f"{path} holds an input of this command ({given}): writing the {what} there would "
                               "destroy it; name another folder (nothing was written)")
+        if inp in resolved.parents and inp.is_dir() and artefact_format(inp) is not None:
+            raise OutputError(f"{path} is inside an input of this command ({given}, a saved genret artefact): writing "
+                              f"the {what} there would change it; name a folder outside it (nothing was written)")
     if path.is_dir() and any(path.iterdir()) and resolved not in _OVERWRITE:
         found = artefact_format(path)
         foreign = foreign_files(path)
@@ -424,29 +485,74 @@ def atomic_update(path: str | os.PathLike, formats: tuple[str, ...], manifest: s
 
 @contextmanager
 def _swapped_in(path: Path, manifest: str | None) -> Iterator[Path]:
+    _check_writable(path)
+    _recover(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders
+    keep_tmp = False
     try:
         yield tmp
         seal(tmp, manifest)
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise OutputError(f"{path} became a link or a file while it was written; nothing was replaced")
-        if path.is_dir():
-            _keep_foreign(path, tmp)
-        _swap(tmp, path)
+        owned, kept = (owned_files(path), _keep_foreign(path, tmp)) if path.is_dir() else (set(), [])
+        try:
+            _swap(tmp, path)
+        except OSError as err:
+            raise _KeptNew(f"{path}: cannot be replaced ({err.strerror}); the new artefact is complete at {tmp}: "
+                           "move it into place yourself") from None
+        if owned or kept:
+            _retire(tmp, path, owned, kept)
+    except _KeptNew:
+        keep_tmp = True  # the finished work stays where the message says
+        raise
     finally:
-        if tmp.exists() or tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)  # ours: the unfinished new folder, or the old one swapped out
+        if not keep_tmp and (tmp.exists() or tmp.is_symlink()):
+            shutil.rmtree(tmp, ignore_errors=True)  # ours: the unfinished new folder, or what is left of the old one
 
 
-def _keep_foreign(old: Path, new: Path) -> None:
-    """Hard-link (copy where links are refused) the user's entries of ``old`` into ``new`` at the same names."""
-    for rel in foreign_files(old):
-        src, dst = old / rel, new / rel
-        if dst.exists() or dst.is_symlink():
-            continue  # written anew by genret: --overwrite said so
-        _link(src, dst)
+def _check_writable(path: Path) -> None:
+    """Refuse before any work a place the swap cannot write: a parent folder that is not writable, an output on
+    another filesystem than its parent or a mount point (no rename can replace it)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: not writable: genret cannot write {path.name} there (nothing was written)")
+    if path.is_dir() and (os.path.ismount(path) or path.stat().st_dev != path.parent.stat().st_dev):
+        raise OutputError(f"{path} is a mount point (or on another filesystem than its folder), which no rename can "
+                          f"replace: name a folder inside it, e.g. {path / 'out'} (nothing was written)")
+
+
+def _keep_foreign(old: Path, new: Path) -> list[str]:
+    """Hard-link (copy where links are refused) the user's entries of ``old`` into ``new`` at the same names, their
+    folders made with the same permissions; returns their names.
+
+    Raises:
+        OutputError: a user's entry has the name of one the new artefact holds (genret never replaces the user's
+            file; the new artefact is kept at its temporary name).
+    """
+    foreign = foreign_files(old)
+    clash = [rel for rel in foreign if (new / rel.rstrip("/")).exists() or _file_above(new, rel)]
+    if clash and _legacy(old):  # saved by a genret before file lists: its files of the new one's names are its own
+        foreign = [rel for rel in foreign if rel not in clash]
+        clash = []
+    if clash:
+        raise _KeptNew(f"{old} already holds your {clash[0]!r} ({len(clash)} such), where the new artefact has a "
+                          f"file of that name: move yours out and write again; the new artefact is complete at {new}")
+    for rel in foreign:
+        src, dst = old / rel.rstrip("/"), new / rel.rstrip("/")
+        for folder in reversed([*Path(rel.rstrip("/")).parents][:-1]):  # the user's folders, with their permissions
+            if not (new / folder).exists():
+                (new / folder).mkdir()
+                shutil.copystat(old / folder, new / folder)
+        if rel.endswith("/"):
+            dst.mkdir()
+            shutil.copystat(src, dst)
+        else:
+            _link(src, dst)
+    return foreign
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -458,10 +564,59 @@ def _link(src: Path, dst: Path) -> None:
         if src.is_symlink():
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISREG(src.lstat().st_mode):
-            shutil.copy2(src, dst)
+            try:
+                shutil.copy2(src, dst)
+            except OSError as err:
+                raise _KeptNew(f"{src}: cannot be kept beside the new artefact ({err.strerror}); move it out of "
+                               f"{src.parent} and write again") from None
         else:
-            raise OutputError(f"{src}: cannot be kept beside the new artefact (not a regular file); move it out of "
-                              f"{src.parent} and write again (nothing was replaced)") from None
+            raise _KeptNew(f"{src}: cannot be kept beside the new artefact (not a regular file); move it out of "
+                           f"{src.parent} and write again") from None
+
+
+def _legacy(folder: Path) -> bool:
+    """Whether ``folder`` is a genret artefact saved before manifests listed files (one of its kind, by format)."""
+    path = manifest_file(folder)
+    manifest = _parse(path) if path is not None else None
+    return (manifest is not None and str(manifest.get("format", "")).startswith("genret.")
+            and not any(key in manifest for key in ("files", "owner", "digest")))
+
+
+def _file_above(new: Path, rel: str) -> bool:
+    """Whether a folder on the way to ``rel`` is a file in ``new`` (the user's ``a/b`` where genret writes ``a``)."""
+    return any((new / folder).is_file() for folder in Path(rel.rstrip("/")).parents if str(folder) != ".")
+
+
+def _retire(old: Path, path: Path, owned: set[str], kept: list[str]) -> None:
+    """Empty the old folder (swapped out to ``old``): its genret files and the user's (kept in the new one by
+    link) go; anything else (made while the new one was written) moves to the new folder."""
+    for rel in owned | set(kept):
+        target = old / rel.rstrip("/")
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    for rel, entry in list(_walk(old)):
+        dest = path / rel
+        if not dest.exists() and not dest.is_symlink():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(entry, dest)
+        else:  # an older genret's file of a name the new artefact writes
+            logger.debug("%s: replaced by the new %s", rel, path)
+
+
+def _recover(path: Path) -> None:
+    """Put back the old folder a two-rename swap (no atomic exchange on this system) left aside when it was cut off
+    between its renames: ``path`` missing and one ``.NAME.genret-old-*`` (a name only genret makes) beside it."""
+    if path.exists() or path.is_symlink() or not path.parent.is_dir():
+        return
+    aside = [d for d in sorted(path.parent.glob(f".{path.name}{TMP_MARK}old-*"))
+             if d.is_dir() and not d.is_symlink() and any(d.iterdir())]
+    if len(aside) > 1:
+        raise OutputError(f"{path} is missing and {len(aside)} folders a cut-off write set aside are beside it "
+                          f"({', '.join(d.name for d in aside)}): rename the one you want back to {path.name} "
+                          "(nothing was written)")
+    if aside:
+        os.rename(aside[0], path)
+        logger.warning("%s: put back from %s, where a write cut off mid-swap had left it", path, aside[0].name)
 
 
 _RENAME_EXCHANGE = 2
@@ -502,8 +657,7 @@ def _swap(new: Path, path: Path) -> None:
     if _exchange(new, path):
         return
     # No atomic exchange here: two renames; between them the old folder is at a unique name (logged) until moved back.
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}old-", dir=path.parent))
-    aside.rmdir()
+    aside = path.with_name(f".{path.name}{TMP_MARK}old-{uuid.uuid4().hex[:12]}")  # a name only genret makes
     os.rename(path, aside)
     logger.debug("%s moved aside to %s for the swap", path, aside)
     try:
@@ -515,17 +669,17 @@ def _swap(new: Path, path: Path) -> None:
 
 
 def remove_artefact(folder: str | os.PathLike) -> None:
-    """Remove what genret wrote in ``folder`` (the files its manifest lists, the manifest); other files stay."""
+    """Remove what genret wrote in ``folder`` (the files its manifest lists, as listed, and the manifest); other
+    files stay, and a folder that is a symbolic link is left alone."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         return
-    if not foreign_files(folder):
-        shutil.rmtree(folder)
-        return
+    foreign = foreign_files(folder)
     for rel in sorted(owned_files(folder), reverse=True):
         (folder / rel).unlink(missing_ok=True)
     for root, _dirs, _files in sorted(os.walk(folder), key=lambda w: -len(w[0])):
-        if not os.listdir(root):
+        if not os.listdir(root) and (Path(root) == folder or Path(root).relative_to(folder).as_posix() + "/"
+                                     not in foreign):
             os.rmdir(root)
 
 
@@ -536,26 +690,31 @@ def verify(path: str | os.PathLike) -> list[dict]:
     """Check every artefact under ``path`` fully: each manifest's files against their whole-content SHA-256.
 
     Returns:
-        One record per artefact found: its folder, format, how many files were checked, and ``error``
-        (the message) where one does not match.
+        One record per artefact found (and per file named like a manifest that is not a readable one): its folder,
+        format, how many files were checked, and ``error`` (the message) where one does not match.
     """
     path = Path(path)
     found = []
-    for root, dirs, _files in os.walk(path):
+    for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if TMP_MARK not in d)
         folder = Path(root)
-        manifest_path = manifest_file(folder)
-        manifest = _parse(manifest_path) if manifest_path is not None else None
-        if manifest is None or "format" not in manifest:
+        names = [n for n in MANIFEST_NAMES if n in files or (folder / n).is_symlink()]
+        if not names:
             continue
-        record = {"folder": str(folder), "format": manifest.get("format"), "files": 0, "error": None}
-        try:
-            if manifest.get("files") is None:
-                record["error"] = "saved by an earlier genret: its manifest lists no files, so nothing can be checked"
-            else:
+        first = folder / names[0]
+        manifest = None if first.is_symlink() else _parse(first)
+        record = {"folder": str(folder), "format": (manifest or {}).get("format"), "files": 0, "error": None}
+        if manifest is None or "format" not in manifest:
+            if names[0] == "genret.json" and manifest is not None:  # a model's summary without a format: not ours
+                continue
+            record["error"] = f"{first}: not a readable genret manifest (a link, not JSON, or no format)"
+        elif manifest.get("files") is None and not any(k in manifest for k in ("owner", "digest")):
+            record["error"] = "saved by an earlier genret: its manifest lists no files, so nothing can be checked"
+        else:
+            try:
                 record["files"] = check_files(folder, manifest, str(manifest.get("format")), full=True)
-        except ManifestError as err:
-            record["error"] = str(err)
+            except (ManifestError, OSError, ValueError) as err:
+                record["error"] = str(err)
         found.append(record)
     return found
 
@@ -594,9 +753,13 @@ def check_local_model(folder: str | os.PathLike, what: str = "model") -> None:
         ArtefactError: naming the file that is missing, cut short or not what was saved.
     """
     folder = Path(folder)
+    for name in MANIFEST_NAMES:
+        if (folder / name).is_symlink():
+            raise ArtefactError(f"{folder / name}: a symbolic link; a genret manifest is a file of its own folder: "
+                                f"copy the {what} as files")
     path = manifest_file(folder)
     manifest = _parse(path) if path is not None else None
-    if manifest is not None and manifest.get("owner") == OWNER:
-        check_files(folder, manifest, what)
+    if manifest is not None and (manifest.get("owner") == OWNER or str(manifest.get("format", "")).startswith("genret.")):
+        check_files(folder, manifest, what)  # a genret artefact: its files as saved (one from before file lists: warned)
     for file in sorted(folder.glob("*.safetensors")):
         check_safetensors(file)

@@ -232,7 +232,23 @@ def command_inputs(args: argparse.Namespace) -> list[Path]:
     for key, value in vars(args).items():
         if key != "out" and isinstance(value, str) and value and Path(value).exists():
             add(Path(value))
+    if isinstance(getattr(args, "data", None), str):  # the folder holding every image the data names
+        images = _image_folder(args.data, getattr(args, "image_root", None))
+        if images is not None:
+            add(images)
     return list(found)
+
+
+def _image_folder(data: str, image_root: str | None) -> Path | None:
+    """The deepest folder holding every image a data file names (None when it cannot be read: the command says why)."""
+    from genret.data import load_dataset
+
+    try:
+        records = load_dataset(data, image_root=image_root).records
+    except Exception:  # noqa: BLE001 - read again, and reported, by the command itself
+        return None
+    folders = {str(Path(r.path).resolve().parent) for r in records}
+    return Path(os.path.commonpath(sorted(folders))) if folders else None
 
 
 def _table(path: Path):
@@ -509,6 +525,9 @@ def _other_process() -> bool:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     """Under torchrun / accelerate launch every process embeds its share; the main one merges, builds and saves."""
+    import tempfile
+
+    from genret._io import TMP_MARK
     from genret.index.build import WORK_MARK, Share, clear
 
     share, state = Share(), None
@@ -524,8 +543,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         work = out.with_name(f".{out.name}.genret-parts-{run}")  # genret's own marked name, never a user's folder
         if state.is_main_process:
             clear(work)  # a killed build's leftovers (only a folder genret marked as its work folder)
-            work.mkdir(parents=True)
-            (work / WORK_MARK).write_text("genret index build: parts of a build split between processes\n")
+            made = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
+            (made / WORK_MARK).write_text("genret index build: parts of a build split between processes\n")
+            os.rename(made, work)  # marked before it takes the shared name: a kill leaves no unmarked work folder
         state.wait_for_everyone()
         share = Share(state.process_index, state.num_processes, state.wait_for_everyone, work)
     pipe = _open_pipeline(args.pipeline)
@@ -732,6 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, ImageLoadError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"genret: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system said no (permissions, a full disk, another device): say which file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"genret: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: no traceback; what was saved stays (every write is atomic)
         print("genret: interrupted; nothing half-written was kept (a training run resumes with --resume)",

@@ -312,3 +312,138 @@ def test_a_kill_at_every_step_of_a_write_leaves_the_old_or_the_new_artefact_and_
         outcomes.add(state)
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".p{stop}.") and "old" in p.name]
     assert outcomes == {"old", "new"}  # the kills fell both before and after the exchange
+
+
+# --- what a second review found (issue 25) --------------------------------------------------------------------
+
+def test_pruning_a_checkpoint_never_deletes_what_its_manifest_names_outside_it(tmp_path):
+    """A manifest (digest fixed up) naming ``../../victim`` or an absolute path, or a listed folder turned into a
+    link: only files inside the folder, reached through no link, are genret's to remove."""
+    from genret._io import _digest
+
+    victim, elsewhere = tmp_path / "victim.txt", tmp_path / "elsewhere"
+    victim.write_text("mine")
+    elsewhere.mkdir()
+    (elsewhere / "y").write_text("mine too")
+    step = _write(tmp_path / "run" / "checkpoints" / "step-1", {"x": b"1", "sub/y": b"2"})
+    (step / "extra.txt").write_text("user")
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["../../../victim.txt"] = manifest["files"]["x"]
+    manifest["files"][str(victim)] = manifest["files"]["x"]
+    manifest["digest"] = _digest(manifest)
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    import shutil
+
+    shutil.rmtree(step / "sub")
+    (step / "sub").symlink_to(elsewhere)
+    remove_artefact(step)
+    assert victim.read_text() == "mine" and (elsewhere / "y").read_text() == "mine too"
+    assert (step / "extra.txt").read_text() == "user"
+    link = tmp_path / "run" / "checkpoints" / "step-2"
+    link.symlink_to(elsewhere)
+    remove_artefact(link)  # a link is left alone, never followed
+    assert link.is_symlink() and (elsewhere / "y").is_file()
+
+
+def test_a_run_never_claims_checkpoints_or_logs_folders_the_user_had(tmp_path):
+    from genret._io import mark_run
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "mine.bin").write_text("mine")
+    mark_run(out)
+    (out / "logs").mkdir()
+    (out / "logs" / "events").write_text("genret's")
+    assert foreign_files(out) == ["checkpoints/mine.bin"]
+    with overwrite_allowed(out):
+        _write(out, {"weights": b"1"})
+    assert (out / "checkpoints" / "mine.bin").read_text() == "mine" and not (out / "logs").exists()
+
+
+def test_overwrite_never_replaces_a_users_file_of_a_name_genret_writes(tmp_path):
+    """--overwrite keeps the user's files: one of a name the new artefact holds refuses the swap, and the finished
+    artefact waits at the temporary name the message gives."""
+    path = _write(tmp_path / "p", {"report.md": b"genret's"})
+    (path / "report.md").write_text("my edits")  # a listed file the user changed is the user's now
+    assert foreign_files(path) == ["report.md"]
+    with pytest.raises(OutputError, match="files genret did not write there"):
+        _write(path, {"report.md": b"new"})
+    with overwrite_allowed(path), pytest.raises(OutputError, match=r"already holds your 'report.md'.* complete at (\S+)") as err:
+        _write(path, {"report.md": b"new"})
+    assert (path / "report.md").read_text() == "my edits"
+    kept = err.value.args[0].rsplit("complete at ", 1)[1]
+    assert (tmp_path / kept.rsplit("/", 1)[1] / "report.md").read_bytes() == b"new"
+
+
+def test_the_users_empty_folders_and_folder_permissions_are_kept(tmp_path):
+    path = _write(tmp_path / "p", {"x": b"1"})
+    (path / "private").mkdir(mode=0o700)
+    (path / "private" / "key").write_text("secret")
+    (path / "empty" / "deeper").mkdir(parents=True)
+    assert sorted(foreign_files(path)) == ["empty/deeper/", "private/key"]
+    with overwrite_allowed(path):
+        _write(path, {"x": b"2"})
+    assert (path / "private").stat().st_mode & 0o777 == 0o700 and (path / "private" / "key").read_text() == "secret"
+    assert (path / "empty" / "deeper").is_dir() and _tree(path)["x"] == b"2"
+
+
+def test_verify_fails_a_damaged_or_linked_manifest(tmp_path, capsys):
+    from genret.cli import main
+
+    top = _write(tmp_path / "top", {"x": b"1"})
+    _write(top / "inner", {"y": b"2"})
+    (top / "manifest.json").write_text("{ not json")
+    assert main(["-q", "verify", str(top)]) == 1
+    assert "not a readable genret manifest" in capsys.readouterr().out
+    (top / "manifest.json").unlink()
+    (top / "manifest.json").symlink_to(top / "inner" / "manifest.json")
+    assert [r["error"] is not None for r in verify(top)] == [True, False]
+
+
+def test_a_local_model_with_its_owner_edited_is_still_checked(tmp_path):
+    from genret._io import check_local_model
+
+    model = _write(tmp_path / "m", {"adapter_config.json": b'{"r": 4}'}, fmt="genret.rerank_adapter")
+    (model / "adapter_config.json").write_text('{"r": 64}')
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["owner"] = "me"
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError):
+        check_local_model(model, "adapter")
+
+
+@pytest.mark.skipif(not os.path.ismount("/dev/shm"), reason="no /dev/shm mount here")
+def test_a_mount_point_is_refused_before_any_work():
+    with overwrite_allowed("/dev/shm"), pytest.raises(OutputError, match="is a mount point"):
+        with atomic_dir("/dev/shm", (FMT,)):
+            raise AssertionError("the block must not run")
+
+
+def test_without_an_atomic_exchange_a_kill_between_the_renames_is_put_back(tmp_path):
+    """Where the system has no atomic exchange, the old folder waits at a marked name for the one moment between
+    two renames; the next write puts it back before anything else."""
+    import genret._io as io
+
+    path = _write(tmp_path / "p", {"x": b"old"})
+    (path / "mine").write_text("mine")
+    script = _KILLER.replace('(io, "_exchange"), ', "").replace("with io.overwrite_allowed(path):",
+                                                                 "io._exchange = lambda a, b: False\n"
+                                                                 "with io.overwrite_allowed(path):")
+    assert "io._exchange = lambda" in script
+    states = set()
+    for stop in range(1, 40):
+        done = subprocess.run([sys.executable, "-c", script, str(stop), str(path)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode == 0:
+            break
+        if not path.exists():
+            states.add("aside")
+            io._recover(path)
+        tree = _tree(path)
+        assert tree["mine"] == b"mine"
+        states.add("new" if "f2" in tree else "old")
+        _load(path)
+        if "f2" in tree:  # back to the old one for the next kill
+            with overwrite_allowed(path):
+                _write(path, {"x": b"old"})
+    assert "aside" in states and {"old", "new"} <= states

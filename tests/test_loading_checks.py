@@ -201,3 +201,19 @@ def test_a_cut_short_training_checkpoint_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(ArtefactError, match="trainable.safetensors: "):
         load_checkpoint(folder, model, optimizer)
+
+
+def test_an_item_without_its_content_hash_is_refused(pipe_copy, encoder):
+    """Every image is saved with its hash: an item stripped of it (to point at a file that cannot be checked) is not
+    served."""
+    folder, _ = pipe_copy
+    db = sqlite3.connect(folder / "gallery" / "images" / "items.sqlite")
+    row, text = db.execute("SELECT row, item FROM items ORDER BY row LIMIT 1").fetchone()
+    db.execute("UPDATE items SET item = ? WHERE row = ?", (json.dumps({**json.loads(text), "digest": None}), row))
+    db.commit()
+    db.close()
+    _reseal(folder)
+    pipe = _load(folder, encoder)
+    first = next(iter(pipe.gallery.items["image"]))
+    with pytest.raises(ArtefactError, match=f"item '{first}' has no content hash"):
+        pipe.gallery.item("image", first)

@@ -236,3 +236,20 @@ def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["-q", "demo", "--out", str(out)]) == 2
     assert "is not a folder genret demo made" in capsys.readouterr().err
     assert _sentinels_intact(out) and len(list(out.rglob("*"))) == 4
+
+
+def test_an_output_inside_an_input_artefact_or_over_the_data_images_is_refused(tmp_path, small_pipe, clip_dir, data,
+                                                                              capsys):
+    """`eval P --out P/gallery/images --overwrite` would have replaced P's index; `--data subset.jsonl --out world`
+    where the data names world/images/... would have replaced the images it indexes."""
+    before = _tree(small_pipe)
+    assert main(["-q", "eval", str(small_pipe), "--data", str(data), "--out", str(small_pipe / "gallery" / "images"),
+                 "--overwrite"]) == 2
+    assert "is inside an input of this command" in capsys.readouterr().err and _tree(small_pipe) == before
+    record = json.loads((data / "dataset_synth.json").read_text())["images"][0]
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text(json.dumps({"image": str(data / "images" / record["filename"]), "captions": ["a shape"],
+                                  "split": "test"}) + "\n")
+    before = _tree(data)
+    assert main(["-q", "index", "build", str(clip_dir), "--data", str(subset), "--out", str(data), "--overwrite"]) == 2
+    assert "holds an input of this command" in capsys.readouterr().err and _tree(data) == before

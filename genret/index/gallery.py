@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from genret._io import ArtefactError, cached_fingerprint, read_json, write_json
+from genret.data.images import ImageLoadError
 from genret.index.faiss_index import VectorIndex
 from genret.index.items import FILE, ItemStore, write_items
 from genret.types import Item
@@ -119,7 +120,9 @@ def _portable(item: dict, image_root: Path | None = None) -> dict:
     if not item.get("image"):
         return item
     image = Path(item["image"]).resolve()
-    digest = item.get("digest") or (cached_fingerprint(image) if image.is_file() else None)
+    if not image.is_file():
+        raise ImageLoadError(f"gallery item {item.get('id')!r}: its image {image} is gone; index the gallery again")
+    digest = item.get("digest") or cached_fingerprint(image)
     return {**item, "image": image.relative_to(image_root).as_posix(), "digest": digest}
 
 
@@ -132,6 +135,9 @@ def _inside(item: dict, root: Path | None, file: Path) -> dict:
     if full is None or (full != root and root not in full.parents):
         raise ArtefactError(f"{file}: item {item.get('id')!r} names the image {rel!r}, outside the gallery's images "
                             f"({root}); the file was edited: build the index again")
+    if not item.get("digest"):  # every image is saved with its content hash: without one it cannot be checked
+        raise ArtefactError(f"{file}: item {item.get('id')!r} has no content hash for its image; the file was edited: "
+                            "build the index again")
     return {**item, "image": str(full)}
 
 

@@ -153,19 +153,22 @@ def build_tiny(family: str, out_dir: str | Path, texts: Iterable[str], seed: int
     import torch
 
     from genret import __version__
-    from genret._io import write_json
+    from genret._io import atomic_dir, write_json
 
     if family not in BUILDERS:
         raise ValueError(f"no tiny builder for {family!r}; known: {', '.join(BUILDERS)}")
     torch.manual_seed(seed)
     model, processor = BUILDERS[family](list(texts))
     out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    write_json(out / "genret.json", {"format": "genret.tiny_mllm", "genret": __version__, "family": family,
-                                     "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
+    with atomic_dir(out, (FORMAT,)) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "genret.json", {"format": FORMAT, "genret": __version__, "family": family,
+                                         "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
     return out
 
+
+FORMAT = "genret.tiny_mllm"
 
 # Config fields that hold a token id, with the token they must name; a fixture's tokenizer decides their values.
 TOKEN_FIELDS = {"image_token_id": "image", "image_token_index": "image", "video_token_id": "<|video_pad|>",
@@ -205,6 +208,17 @@ def build_from_fixture(fixture: str | Path | dict, out_dir: str | Path, tokenize
     Returns:
         ``out_dir``.
     """
+    from genret._io import atomic_dir
+
+    fx = json.loads(Path(fixture).read_text()) if not isinstance(fixture, dict) else fixture
+    out = Path(out_dir)
+    with atomic_dir(out, (FORMAT,)) as tmp:
+        _fill_from_fixture(fx, tmp, tokenizer_file, seed)
+    return out
+
+
+def _fill_from_fixture(fx: dict, out: Path, tokenizer_file: str | Path, seed: int) -> None:
+    """Write :func:`build_from_fixture`'s files into the new folder ``out``."""
     import torch
     from tokenizers import AddedToken, Tokenizer
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -212,9 +226,6 @@ def build_from_fixture(fixture: str | Path | dict, out_dir: str | Path, tokenize
     from genret import __version__
     from genret._io import write_json, write_text
 
-    fx = json.loads(Path(fixture).read_text()) if not isinstance(fixture, dict) else fixture
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     spec = fx["tokenizer"]
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.get("added_tokens", ())])
@@ -249,6 +260,5 @@ def build_from_fixture(fixture: str | Path | dict, out_dir: str | Path, tokenize
     write_json(out / "preprocessor_config.json", fx["preprocessor_config"])
     write_json(out / "processor_config.json", fx["processor_config"])
     write_text(out / "chat_template.jinja", fx["chat_template"])
-    write_json(out / "genret.json", {"format": "genret.tiny_mllm", "genret": __version__, "fixture": fx["model_id"],
+    write_json(out / "genret.json", {"format": FORMAT, "genret": __version__, "fixture": fx["model_id"],
                                      "seed": seed, "parameters": sum(p.numel() for p in model.parameters())})
-    return out

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import numpy as np
 
 from genret._io import ManifestError
-from genret.data.images import ImageLoadError
+from genret.data.images import ImageLoadError, probe_image
 from genret.index.items import item_image
 from genret.pipeline import RetrievalPipeline
 from genret.serve.auth import RequireKey
@@ -334,8 +334,11 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         items = pipe.gallery.items.get("image", {})
         if item_id not in items:
             raise RequestError(404, f"no gallery image with id {item_id!r}")
-        try:  # the file that was indexed, inside the gallery's images: checked by its content hash
+        try:  # the file that was indexed, inside the gallery's images, checked by its content hash, and an image
             path = Path(item_image(items[item_id]))
+            reason = probe_image(path)
+            if reason is not None:
+                raise ImageLoadError(reason)
             data = path.read_bytes()
         except (ImageLoadError, ManifestError, OSError) as err:
             logger.error("gallery image %r: %s", item_id, err)

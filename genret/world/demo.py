@@ -104,7 +104,8 @@ def _claim(out: Path) -> None:
     """Make ``out`` the demo's working folder, refusing a folder of other files (the demo writes loose files there)."""
     from genret._io import OutputError, write_json
 
-    known = (out / DEMO_MARKER).is_file() or (out / "report" / "report.json").is_file()  # or made before the marker
+    known = (out / DEMO_MARKER).is_file() or all((out / f).is_file() for f in (  # or a demo's, made before the marker
+        "report/report.json", "world/dataset_synth.json", "pipeline.toml"))
     if out.is_dir() and any(out.iterdir()) and not known:
         raise OutputError(f"{out} exists and is not a folder genret demo made: name a new folder with --out "
                           "(nothing was written)")

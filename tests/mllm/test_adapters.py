@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genret._io import ManifestError
+from genret._io import ManifestError, seal
 from genret.mllm import MLLM
 from genret.mllm.adapters import AdapterMismatchError, language_model_targets, save_adapter
 from genret.mllm.scoring import image_features, pointwise_scores
@@ -105,7 +105,7 @@ def test_mismatched_adapters_are_refused_naming_both_sides(mllm_dir, adapters, t
     root, _ = adapters
     shutil.copytree(root / "a", tmp_path / "x")
     manifest = json.loads((tmp_path / "x" / "genret.json").read_text())
-    (tmp_path / "x" / "genret.json").write_text(json.dumps({**manifest, **edit}))
+    seal(tmp_path / "x", "genret.json", {**manifest, **edit})  # an adapter saved so
     if "prompt" in checks:
         checks = {**checks, "prompt": load_prompt(checks["prompt"])}
     mllm = MLLM.load(str(mllm_dir))
