@@ -140,14 +140,22 @@ def test_a_damaged_item_table_is_named_and_a_failed_write_keeps_the_old_one(tmp_
 
 
 def test_a_gallery_saves_items_as_sqlite_and_still_reads_items_json(tmp_path):
+    from dataclasses import replace
+
+    from genret._io import fingerprint
+
     index = VectorIndex(4, modality="image")
-    its = items(5)
+    (tmp_path / "pics").mkdir()
+    its = [replace(it, image=str(tmp_path / "pics" / f"{i}.png")) for i, it in enumerate(items(5))]
+    for it in its:
+        open(it.image, "wb").write(it.id.encode())
     index.add([it.id for it in its], unit(5, 4))
     gallery = Gallery(indexes={"image": index}, items={"image": {it.id: it for it in its}})
     gallery.save(tmp_path / "g")
     assert (tmp_path / "g" / "images" / "items.sqlite").is_file()
     loaded = Gallery.load(tmp_path / "g")
-    assert isinstance(loaded.items["image"], ItemStore) and loaded.item("image", "img3") == its[3]
+    assert isinstance(loaded.items["image"], ItemStore)
+    assert loaded.item("image", "img3") == replace(its[3], digest=fingerprint(its[3].image))  # saved with its hash
     (tmp_path / "g" / "images" / "items.sqlite").unlink()  # a gallery saved before items.sqlite
     (tmp_path / "g" / "images" / "items.json").write_text(json.dumps([vars(it) for it in its]))
     assert Gallery.load(tmp_path / "g").item("image", "img4") == its[4]

@@ -156,6 +156,7 @@ def test_unknown_model_type_says_no_family(tiny_dirs, tmp_path):
     """A SmolVLM2-style checkpoint (model_type smolvlm): it loads, then genret says it has no family for it."""
     path = tmp_path / "smolvlm"
     shutil.copytree(tiny_dirs["idefics3"], path)
+    (path / "genret.json").unlink()  # a checkpoint as the hub has it: no genret manifest
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "smolvlm"}))
     with pytest.raises(ValueError, match="no genret model family for model_type 'smolvlm'; supported: .*qwen2_vl"):

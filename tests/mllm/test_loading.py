@@ -94,6 +94,7 @@ def test_an_unknown_model_type_is_refused_before_the_weights_load(real_dirs, tmp
 
     path = tmp_path / "smolvlm2"
     shutil.copytree(real_dirs["smolvlm-256m-instruct"], path)
+    (path / "genret.json").unlink()  # a checkpoint as the hub has it: no genret manifest
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "smolvlm"}))
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained",
