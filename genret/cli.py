@@ -272,7 +272,7 @@ def _strings(obj) -> list[str]:
 
 def _check_out(args: argparse.Namespace, key: tuple) -> None:
     """Before any work: refuse an output folder that writing would damage (a file, ``.``, an input, user files)."""
-    from genret._io import check_output_dir, overwrite_allowed
+    from genret._swap import check_output_dir, overwrite_allowed
 
     if key not in OUT_FORMATS or not getattr(args, "out", None):
         return
@@ -577,7 +577,8 @@ def cmd_index_tune(args: argparse.Namespace) -> int:
     from genret.index.gallery import FOLDERS, Gallery
     from genret.index.tune import record, tunable, tune
 
-    from genret._io import atomic_update, read_manifest
+    from genret._io import read_manifest
+    from genret._swap import atomic_update
     from genret.pipeline import FORMAT, VERSION
 
     folder = Path(args.pipeline) / "gallery"
@@ -743,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from contextlib import nullcontext
 
-    from genret._io import overwrite_allowed
+    from genret._swap import overwrite_allowed
 
     try:
         _check_out(args, (args.command, sub))

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from genret import __version__
-from genret._io import atomic_dir, read_manifest, write_json
+from genret._io import read_manifest, write_json
+from genret._swap import atomic_dir
 from genret.config import (ConfigError, at_least, check_fields, from_dict, read_config_file, relative_paths,
                            resolve_paths, to_dict, write_config_file)
 from genret.data.dataset import Dataset

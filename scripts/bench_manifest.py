@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import best_of  # noqa: E402
 
-from genret._io import _parse, atomic_dir, check_files, verify  # noqa: E402
+from genret._io import _parse, check_files, verify  # noqa: E402
+from genret._swap import atomic_dir
 
 
 def main() -> None:

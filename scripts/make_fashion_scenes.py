@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from genret._io import atomic_dir, write_json
+from genret._io import write_json
+from genret._swap import atomic_dir
 
 FORMAT = "genret.fashion_scenes"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")

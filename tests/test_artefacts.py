@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genret._io import (ArtefactError, ManifestError, OutputError, atomic_dir, atomic_update, check_files, foreign_files,
-                        overwrite_allowed, read_manifest, remove_artefact, verify)
+from genret._io import ArtefactError, ManifestError, OutputError, check_files, read_manifest, verify
+from genret._swap import atomic_dir, atomic_update, foreign_files, overwrite_allowed, remove_artefact
 from genret._io import _digest
 
 FMT = "genret.test_thing"
@@ -261,6 +261,7 @@ _KILLER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     import genret._io as io
+    import genret._swap as sw
     stop, path = int(sys.argv[1]), Path(sys.argv[2])
     calls = [0]
     def counted(fn):
@@ -271,10 +272,10 @@ _KILLER = textwrap.dedent("""
             return fn(*a, **k)
         return wrapped
     for mod, name in [(os, "rename"), (os, "replace"), (os, "link"), (os, "unlink"), (os, "rmdir"),
-                      (io, "_exchange"), (io, "write_json")]:
+                      (sw, "_exchange"), (io, "write_json")]:
         setattr(mod, name, counted(getattr(mod, name)))
-    with io.overwrite_allowed(path):
-        with io.atomic_dir(path, ("genret.test_thing",)) as tmp:
+    with sw.overwrite_allowed(path):
+        with sw.atomic_dir(path, ("genret.test_thing",)) as tmp:
             for i in range(3):
                 (tmp / f"f{i}").write_text("new" * (i + 1))
             io.write_json(tmp / "manifest.json", {"format": "genret.test_thing", "version": 1})
@@ -346,7 +347,7 @@ def test_pruning_a_checkpoint_never_deletes_what_its_manifest_names_outside_it(t
 
 
 def test_a_run_never_claims_checkpoints_or_logs_folders_the_user_had(tmp_path):
-    from genret._io import mark_run
+    from genret._swap import mark_run
 
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)
@@ -422,14 +423,14 @@ def test_a_mount_point_is_refused_before_any_work():
 def test_without_an_atomic_exchange_a_kill_between_the_renames_is_put_back(tmp_path):
     """Where the system has no atomic exchange, the old folder waits at a marked name for the one moment between
     two renames; the next write puts it back before anything else."""
-    import genret._io as io
+    import genret._swap as sw
 
     path = _write(tmp_path / "p", {"x": b"old"})
     (path / "mine").write_text("mine")
-    script = _KILLER.replace('(io, "_exchange"), ', "").replace("with io.overwrite_allowed(path):",
-                                                                 "io._exchange = lambda a, b: False\n"
-                                                                 "with io.overwrite_allowed(path):")
-    assert "io._exchange = lambda" in script
+    script = _KILLER.replace('(sw, "_exchange"), ', "").replace("with sw.overwrite_allowed(path):",
+                                                                 "sw._exchange = lambda a, b: False\n"
+                                                                 "with sw.overwrite_allowed(path):")
+    assert "sw._exchange = lambda" in script
     states = set()
     for stop in range(1, 40):
         done = subprocess.run([sys.executable, "-c", script, str(stop), str(path)], capture_output=True, text=True,
@@ -438,7 +439,7 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_put_back(tmp_p
             break
         if not path.exists():
             states.add("aside")
-            io._recover(path)
+            sw._recover(path)
         tree = _tree(path)
         assert tree["mine"] == b"mine"
         states.add("new" if "f2" in tree else "old")

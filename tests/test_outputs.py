@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-from genret._io import OutputError, atomic_dir
 from genret.cli import main
 
 

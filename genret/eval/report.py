@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from genret._io import atomic_dir, atomic_path, write_json, write_text
+from genret._io import atomic_path, write_json, write_text
+from genret._swap import atomic_dir
 from genret.eval.evaluator import DIRECTIONS
 
 LABELS = {**DIRECTIONS, "cir": "composed (reference + modification → target)", "dialog": "interactive (rounds)"}
@@ -205,7 +206,7 @@ FORMAT = "genret.eval_report"
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``report.json``, ``report.md`` and ``recall.png`` as the folder ``out_dir``, atomically; returns it.
 
-    The folder is an artefact like any other (:func:`genret._io.atomic_dir`): a folder of the user's files, or of
+    The folder is an artefact like any other (:func:`genret._swap.atomic_dir`): a folder of the user's files, or of
     another artefact, is refused unless ``--overwrite`` (and the user's files are kept then).
     """
     out = Path(out_dir)

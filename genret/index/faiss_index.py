@@ -19,7 +19,8 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from genret._io import ManifestError, atomic_dir, read_json, read_manifest, write_json
+from genret._io import ManifestError, read_json, read_manifest, write_json
+from genret._swap import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
-from genret._io import atomic_dir, read_json, read_manifest, write_json
+from genret._io import read_json, read_manifest, write_json
+from genret._swap import atomic_dir
 from genret.index.faiss_index import (FORMAT, VERSION, IndexMismatchError, RowIds, check_encoder, check_new,
                                       check_vectors)
 

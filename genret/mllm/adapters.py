@@ -27,7 +27,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from genret._io import ManifestError, atomic_dir, check_local_model, read_json, write_json
+from genret._io import ManifestError, check_local_model, read_json, write_json
+from genret._swap import atomic_dir
 
 if TYPE_CHECKING:
     from genret.mllm.backend import MLLM

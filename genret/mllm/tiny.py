@@ -153,7 +153,8 @@ def build_tiny(family: str, out_dir: str | Path, texts: Iterable[str], seed: int
     import torch
 
     from genret import __version__
-    from genret._io import atomic_dir, write_json
+    from genret._io import write_json
+    from genret._swap import atomic_dir
 
     if family not in BUILDERS:
         raise ValueError(f"no tiny builder for {family!r}; known: {', '.join(BUILDERS)}")
@@ -208,7 +209,7 @@ def build_from_fixture(fixture: str | Path | dict, out_dir: str | Path, tokenize
     Returns:
         ``out_dir``.
     """
-    from genret._io import atomic_dir
+    from genret._swap import atomic_dir
 
     fx = json.loads(Path(fixture).read_text()) if not isinstance(fixture, dict) else fixture
     out = Path(out_dir)

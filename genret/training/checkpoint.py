@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from genret._io import ManifestError, atomic_dir, check_files, mark_run, read_json, remove_artefact, seal, write_json
+from genret._io import ManifestError, check_files, read_json, seal, write_json
+from genret._swap import atomic_dir, mark_run, remove_artefact
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from genret._io import atomic_dir, check_output_dir, mark_run
+from genret._swap import atomic_dir, check_output_dir, mark_run
 from genret.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from genret.training.distributed import step_loss
 from genret.training.options import TRACKERS, TrainOptions, resolve_mixed_precision

@@ -16,7 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from genret._io import ManifestError, atomic_dir, read_json, read_manifest, write_json
+from genret._io import ManifestError, read_json, read_manifest, write_json
+from genret._swap import atomic_dir
 
 MINI_WORLD = Path(os.environ.get("GENRET_MINI_WORLD") or Path(__file__).resolve().parents[2] / "adapters" / "mini-world")
 FORMAT = "genret.mini_world_models"

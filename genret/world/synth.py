@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from genret._io import atomic_dir, write_json
+from genret._io import write_json
+from genret._swap import atomic_dir
 from genret.world.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES, Edit, Scene, SceneObject, edits,
                                 sample_edit)
 
@@ -297,7 +298,7 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
     """Write the miniature world: ``images/NNNNNN.png``, ``cirr/`` and, last, ``dataset_synth.json`` (Karpathy format).
 
     ``cirr/`` holds the composed-retrieval triplets in the CIRR layout (see :func:`_write_cirr`); it is
-    left out when every ``cir_*`` count is 0. The world is written as one artefact (:func:`genret._io.atomic_dir`):
+    left out when every ``cir_*`` count is 0. The world is written as one artefact (:func:`genret._swap.atomic_dir`):
     a new folder that replaces ``out_dir`` once complete, so an interrupted run never leaves a JSON that points to
     missing or half-written images, and files of the user's in ``out_dir`` refuse the write (``--overwrite``:
     kept beside the world).
