@@ -202,76 +202,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 # What each command writes to its output folder: the genret artefacts it may replace there.
 OUT_FORMATS = {**{("train", c.name): c.formats for c in TRAIN_COMMANDS}, ("index", "build"): ("genret.pipeline",),
                ("data", "synth"): ("genret.world",), ("eval", None): ("genret.eval_report",)}
-CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
-
-
-def command_inputs(args: argparse.Namespace) -> list[Path]:
-    """Every path a command reads: each argument that names an existing path, and what the pipeline files and saved
-    pipelines among them name in turn (encoder, models, adapters, prompt files, the gallery's images), resolved."""
-    found: dict[Path, None] = {}
-
-    def add(path: Path) -> None:
-        path = path.resolve()
-        if path in found:
-            return
-        found[path] = None
-        table = None
-        if path.is_file() and path.suffix in CONFIG_SUFFIXES:
-            table, base = _table(path), path.parent
-        elif path.is_dir() and (path / "pipeline.toml").is_file():
-            table, base = _table(path / "pipeline.toml"), path
-            gallery = _table(path / "gallery" / "gallery.json") if (path / "gallery" / "gallery.json").is_file() else {}
-            for key in ("image_root",):
-                if isinstance(gallery.get(key), str):
-                    add(path / gallery[key])
-        for value in _strings(table):
-            for candidate in (base / value, Path(value)):  # relative to the file, or (older files) to the working folder
-                if value and candidate.exists():
-                    add(candidate)
-
-    for key, value in vars(args).items():
-        if key != "out" and isinstance(value, str) and value and Path(value).exists():
-            add(Path(value))
-    if isinstance(getattr(args, "data", None), str):  # the folder holding every image the data names
-        images = _image_folder(args.data, getattr(args, "image_root", None))
-        if images is not None:
-            add(images)
-    return list(found)
-
-
-def _image_folder(data: str, image_root: str | None) -> Path | None:
-    """The deepest folder holding every image a data file names (None when it cannot be read: the command says why)."""
-    from genret.data import load_dataset
-
-    try:
-        records = load_dataset(data, image_root=image_root).records
-    except Exception:  # noqa: BLE001 - read again, and reported, by the command itself
-        return None
-    folders = {str(Path(r.path).resolve().parent) for r in records}
-    return Path(os.path.commonpath(sorted(folders))) if folders else None
-
-
-def _table(path: Path):
-    from genret.config import read_config_file
-
-    try:
-        return read_config_file(path) if path.suffix in CONFIG_SUFFIXES else json.loads(path.read_text("utf-8"))
-    except (ValueError, OSError, ConfigError, UnicodeDecodeError):
-        return None  # read (and reported) by the command itself
-
-
-def _strings(obj) -> list[str]:
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _strings(v)]
-    if isinstance(obj, (list, tuple)):
-        return [s for v in obj for s in _strings(v)]
-    return []
-
-
 def _check_out(args: argparse.Namespace, key: tuple) -> None:
     """Before any work: refuse an output folder that writing would damage (a file, ``.``, an input, user files)."""
+    from genret._inputs import command_inputs
     from genret._swap import check_output_dir, overwrite_allowed
 
     if key not in OUT_FORMATS or not getattr(args, "out", None):

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "genret"
 LAYERS = {
-    0: ("__init__", "types", "config", "registry", "_io", "_swap", "prompts", "_hub", "bpe", "data"),
+    0: ("__init__", "types", "config", "registry", "_io", "_swap", "_inputs", "prompts", "_hub", "bpe", "data"),
     1: ("encoders", "index", "mllm", "identifiers"),
     2: ("stages",),
     3: ("pipeline", "eval"),
