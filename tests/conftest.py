@@ -91,6 +91,18 @@ def talker_dir(tmp_path_factory, mllm_dir):
     return out
 
 
+def as_legacy(folder, name="manifest.json"):
+    """Make ``folder`` look saved by a genret before content manifests (no file list, owner or digest): the older
+    checks must still hold."""
+    import json
+
+    path = folder / name
+    manifest = json.loads(path.read_text())
+    for key in ("files", "digest", "owner"):
+        manifest.pop(key)
+    path.write_text(json.dumps(manifest))
+
+
 def make_adapter(base_dir, out, seed, mode="pointwise", **manifest):
     """A LoRA adapter with random (non-zero) weights on the base, saved with its manifest."""
     import torch

@@ -51,6 +51,17 @@ def _reseal(folder):
         seal(manifest.parent, "manifest.json")
 
 
+def _edit_first_item(folder, encoder, **changes):
+    """Change the first image item's record in items.sqlite and re-seal (a deliberate edit); returns its id."""
+    db = sqlite3.connect(folder / "gallery" / "images" / "items.sqlite")
+    row, text = db.execute("SELECT row, item FROM items ORDER BY row LIMIT 1").fetchone()
+    db.execute("UPDATE items SET item = ? WHERE row = ?", (json.dumps({**json.loads(text), **changes}), row))
+    db.commit()
+    db.close()
+    _reseal(folder)
+    return json.loads(text)["id"]
+
+
 def _load(folder, encoder):
     return RetrievalPipeline.load(folder, encoder=encoder)
 
@@ -108,16 +119,9 @@ def test_features_of_another_split_are_refused_even_after_a_reseal(pipe_copy, en
 @pytest.mark.parametrize("image", ["/etc/passwd", "../../../../../../etc/passwd", "../world/dataset_synth.json/.."])
 def test_an_item_path_leading_outside_the_gallery_images_is_refused(pipe_copy, encoder, image):
     folder, _ = pipe_copy
-    db = sqlite3.connect(folder / "gallery" / "images" / "items.sqlite")
-    row, text = db.execute("SELECT row, item FROM items ORDER BY row LIMIT 1").fetchone()
-    db.execute("UPDATE items SET item = ? WHERE row = ?", (json.dumps({**json.loads(text), "image": image}), row))
-    db.commit()
-    db.close()
-    _reseal(folder)
-    pipe = _load(folder, encoder)
-    first = next(iter(pipe.gallery.items["image"]))
+    first = _edit_first_item(folder, encoder, image=image)
     with pytest.raises(ArtefactError, match=f"items.sqlite: item '{first}' names the image .*outside the gallery"):
-        pipe.gallery.item("image", first)
+        _load(folder, encoder).gallery.item("image", first)
 
 
 def test_a_gallery_image_changed_or_deleted_after_indexing_is_named_not_used(pipe_copy, encoder):
@@ -207,13 +211,6 @@ def test_an_item_without_its_content_hash_is_refused(pipe_copy, encoder):
     """Every image is saved with its hash: an item stripped of it (to point at a file that cannot be checked) is not
     served."""
     folder, _ = pipe_copy
-    db = sqlite3.connect(folder / "gallery" / "images" / "items.sqlite")
-    row, text = db.execute("SELECT row, item FROM items ORDER BY row LIMIT 1").fetchone()
-    db.execute("UPDATE items SET item = ? WHERE row = ?", (json.dumps({**json.loads(text), "digest": None}), row))
-    db.commit()
-    db.close()
-    _reseal(folder)
-    pipe = _load(folder, encoder)
-    first = next(iter(pipe.gallery.items["image"]))
+    first = _edit_first_item(folder, encoder, digest=None)
     with pytest.raises(ArtefactError, match=f"item '{first}' has no content hash"):
-        pipe.gallery.item("image", first)
+        _load(folder, encoder).gallery.item("image", first)

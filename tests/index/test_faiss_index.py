@@ -5,6 +5,8 @@ import pytest
 
 from genret.index import IndexMismatchError, VectorIndex
 
+from conftest import as_legacy
+
 
 def unit(n, d, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, d)).astype("float32")
@@ -159,14 +161,14 @@ def test_a_swapped_or_cut_index_file_is_refused_by_name(tmp_path):
     (tmp_path / "small" / "index.faiss").write_bytes((tmp_path / "big" / "index.faiss").read_bytes())
     with pytest.raises(ArtefactError, match=r"small/index.faiss: \d+ bytes, the manifest of this index says \d+"):
         VectorIndex.load(tmp_path / "small")
-    _legacy(tmp_path / "small")  # without a file list, the counts still disagree
+    as_legacy(tmp_path / "small")  # without a file list, the counts still disagree
     with pytest.raises(IndexMismatchError, match=r"small: index.faiss, ids.json and manifest.json disagree .*9 vectors, 5 ids"):
         VectorIndex.load(tmp_path / "small")
     data = (tmp_path / "big" / "index.faiss").read_bytes()
     (tmp_path / "big" / "index.faiss").write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtefactError, match=r"big/index.faiss: \d+ bytes"):
         VectorIndex.load(tmp_path / "big")
-    _legacy(tmp_path / "big")
+    as_legacy(tmp_path / "big")
     with pytest.raises(IndexMismatchError, match=r"big/index.faiss: not a readable faiss index"):
         VectorIndex.load(tmp_path / "big")
 
@@ -182,12 +184,3 @@ def test_after_a_removal_every_item_still_finds_itself(factory):
     kept = [i for i in range(300) if i % 7]
     assert [row[0] for row in index.search(x[kept], 1)[1]] == [str(i) for i in kept]
     assert np.allclose(index.reconstruct([str(i) for i in kept[:20]]), x[kept[:20]], atol=1e-6)
-
-
-def _legacy(folder):
-    """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for key in ("files", "digest", "owner"):
-        manifest.pop(key)
-    path.write_text(json.dumps(manifest))

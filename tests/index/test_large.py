@@ -13,6 +13,8 @@ from genret.index.gallery import Gallery
 from genret.index.items import ItemStore, write_items
 from genret.types import Item
 
+from conftest import as_legacy
+
 
 def unit(n, d, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, d)).astype("float32")
@@ -59,7 +61,7 @@ def test_a_missing_shard_file_is_named(tmp_path):
     (tmp_path / "ix" / "index-001.faiss").write_bytes(b"not faiss")
     with pytest.raises(ArtefactError, match="index-001.faiss: 9 bytes, the manifest of this index says"):
         VectorIndex.load(tmp_path / "ix")
-    _legacy(tmp_path / "ix")  # without a file list, faiss's own reading still names it
+    as_legacy(tmp_path / "ix")  # without a file list, faiss's own reading still names it
     with pytest.raises(IndexMismatchError, match="index-001.faiss: not a readable faiss index"):
         VectorIndex.load(tmp_path / "ix")
     (tmp_path / "ix" / "index-001.faiss").unlink()
@@ -194,12 +196,3 @@ def test_build_params_make_a_better_graph_and_are_kept(tmp_path, clip_dir, world
                  "HNSW16", "--build-params", "efConstruction=64"]) == 0
     manifest = json.loads((out / "gallery" / "images" / "manifest.json").read_text())
     assert (manifest["factory"], manifest["build_params"]) == ("HNSW16", "efConstruction=64")
-
-
-def _legacy(folder):
-    """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for key in ("files", "digest", "owner"):
-        manifest.pop(key)
-    path.write_text(json.dumps(manifest))

@@ -14,6 +14,8 @@ from genret.index.qdrant_index import QdrantIndex
 from genret.pipeline import EncoderConfig, IndexConfig, PipelineConfig, RetrievalPipeline
 from genret.types import Query
 
+from conftest import as_legacy
+
 
 def unit(n, d, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, d)).astype("float32")
@@ -62,7 +64,7 @@ def test_a_damaged_saved_index_is_named_and_left_as_it_was(tmp_path):
     vectors.write_bytes(good[: len(good) // 2])
     with pytest.raises(ArtefactError, match="vectors.safetensors: 104 bytes, the manifest of this index says 208"):
         load_index(tmp_path / "ix")
-    _legacy(tmp_path / "ix")  # without a file list (saved by an older genret), the older checks still name it
+    as_legacy(tmp_path / "ix")  # without a file list (saved by an older genret), the older checks still name it
     with pytest.raises(IndexMismatchError, match="vectors.safetensors: not readable"):
         load_index(tmp_path / "ix")
     vectors.write_bytes(good)
@@ -120,12 +122,3 @@ def test_a_pipeline_on_qdrant_ranks_as_on_faiss_and_reloads(tmp_path, capsys, wo
 
     assert main(["--quiet", "index", "tune", str(tmp_path / "p"), "--json"]) == 0
     assert "Qdrant collection" in capsys.readouterr().out  # not "exact index": Qdrant's HNSW is tuned on its server
-
-
-def _legacy(folder):
-    """Make ``folder`` look saved by a genret before content manifests (no file list): the older checks still hold."""
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for key in ("files", "digest", "owner"):
-        manifest.pop(key)
-    path.write_text(json.dumps(manifest))
