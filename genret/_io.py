@@ -314,6 +314,8 @@ def verify(path: str | os.PathLike) -> list[dict]:
             continue
         first = folder / names[0]
         manifest = None if first.is_symlink() else _parse(first)
+        if manifest is not None and str(manifest.get("format", "")).endswith("_cache"):
+            continue  # a cache (append-only shards, each checked as it is read), not a saved artefact
         record = {"folder": str(folder), "format": (manifest or {}).get("format"), "files": 0, "error": None}
         if manifest is None or "format" not in manifest:
             if names[0] == "genret.json" and manifest is not None:  # a model's summary without a format: not ours

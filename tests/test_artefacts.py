@@ -448,3 +448,13 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_put_back(tmp_p
             with overwrite_allowed(path):
                 _write(path, {"x": b"old"})
     assert "aside" in states and {"old", "new"} <= states
+
+
+def test_verify_leaves_caches_alone(tmp_path):
+    """A cache (append-only shards, checked as read) is not a saved artefact: verify neither checks nor fails it."""
+    _write(tmp_path / "top" / "art", {"x": b"1"})
+    cache = tmp_path / "top" / "cache" / "rewrites" / "abc"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text(json.dumps({"format": "genret.text_cache", "key": {}}))
+    (cache / "shard-1.json").write_text("{}")
+    assert [r["format"] for r in verify(tmp_path / "top")] == [FMT]
