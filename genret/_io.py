@@ -84,6 +84,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_text(path: str | os.PathLike, what: str = "file", error: type[Exception] = ValueError) -> str:
+    """A text file's content, with errors (of class ``error``) that name the file, and the line of a byte that is
+    not UTF-8."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise error(f"{path}: line {line}: not UTF-8 text; save the {what} as UTF-8") from None
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Read JSON with an error that names the file and the position of a syntax error."""
     path = Path(path)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import tomli_w
 import yaml
 
-from genret._io import write_text
+from genret._io import read_text, write_text
 
 C = TypeVar("C")
 
@@ -151,15 +151,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
+    text = read_text(path, "config file", ConfigError)
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:

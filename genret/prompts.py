@@ -15,6 +15,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from genret._io import read_text
+
+
 def _prompt_dir() -> Path:
     """``$GENRET_PROMPTS``, else the installed package's ``genret/_prompts``, else the checkout's ``prompts/``."""
     if os.environ.get("GENRET_PROMPTS"):
@@ -40,15 +43,7 @@ TEMPLATES = ("user", "assistant", "item")
 
 
 def _read(path: Path) -> dict:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise PromptError(f"{path}: cannot read the prompt file ({err.strerror or err})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise PromptError(f"{path}: line {line}: not UTF-8 text; save the prompt file as UTF-8") from None
+    text = read_text(path, "prompt file", PromptError)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
