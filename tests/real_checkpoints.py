@@ -21,7 +21,7 @@ CACHE = Path(os.environ.get("GENRET_FIXTURE_CACHE", Path.home() / ".cache" / "ge
 # fixture name -> the genret family it must load as
 CHECKPOINTS = {"qwen2-vl-2b-instruct": "qwen2_vl", "qwen2.5-vl-3b-instruct": "qwen2_vl", "llava-1.5-7b-hf": "llava",
                "llava-onevision-qwen2-0.5b-ov-hf": "llava_onevision",
-               "smolvlm-256m-instruct": "idefics3"}
+               "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl"}
 
 
 def fixture(name: str) -> dict:

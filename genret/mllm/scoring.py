@@ -84,7 +84,7 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list], labels: Sequence[s
     flat = [im for ims in images for im in ims]
     cached = bool(flat) and all(isinstance(im, torch.Tensor) for im in flat)
     if cached:
-        texts = [mllm.family.expand_image_tokens(mllm.processor, t, [_n_tokens(f) for f in ims])
+        texts = [mllm.family.expand_image_tokens(mllm.processor, t, [len(mllm.family.feature_embeds(f)) for f in ims])
                  for t, ims in zip(texts, images)]
     kwargs = {"images": flat} if flat and not cached else {}
     tok = mllm.processor.tokenizer
@@ -102,18 +102,14 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list], labels: Sequence[s
         ids = inputs["input_ids"]
         embeds = mllm.model.get_input_embeddings()(ids)
         mask = ids == mllm.family.image_token_id(mllm.model)
-        values = torch.cat([f.reshape(-1, f.shape[-1]) for f in flat])
+        values = torch.cat([mllm.family.feature_embeds(f) for f in flat])
         if int(mask.sum()) != len(values):
             raise ValueError(f"the prompts hold {int(mask.sum())} image tokens for {len(values)} feature vectors")
-        embeds[mask] = values.to(embeds.device, embeds.dtype)
+        if not mllm.family.model_writes_features:  # else the forward writes them (family.feature_kwargs)
+            embeds[mask] = values.to(embeds.device, embeds.dtype)
         inputs["inputs_embeds"] = embeds
         inputs.update({k: v.to(mllm.device) for k, v in mllm.family.feature_inputs(mllm.model, flat).items()})
     return inputs
-
-
-def _n_tokens(feature: torch.Tensor) -> int:
-    """How many image tokens a cached feature fills: all dimensions but the hidden one."""
-    return feature.numel() // feature.shape[-1]
 
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "inputs_embeds")
@@ -235,14 +231,16 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
         if head_for is None or not torch.equal(distinct, head_for):
             first = [s + int((owners[rows] == u).nonzero()[0]) for u in distinct]
             head = mllm.model(inputs_embeds=embeds[first, :prefix], attention_mask=mask[first, :prefix],
-                              position_ids=positions[..., first, :prefix], use_cache=True, logits_to_keep=1)
+                              position_ids=positions[..., first, :prefix], use_cache=True, logits_to_keep=1,
+                              **mllm.family.feature_kwargs(mllm.model, inputs, first, 0, prefix))
             head_for = distinct
         width = int(mask[rows].sum(dim=1).max())
         cache = copy.deepcopy(head.cache)
         cache.batch_select_indices(local.to(embeds.device))
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
                          cache=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
-                         logits_to_keep=keep(rows, width - prefix).to(embeds.device))
+                         logits_to_keep=keep(rows, width - prefix).to(embeds.device),
+                         **mllm.family.feature_kwargs(mllm.model, inputs, rows, prefix, width))
         yield rows, head.logits[local.to(head.logits.device)], out.logits
 
 

@@ -259,6 +259,8 @@ def _fill_from_fixture(fx: dict, out: Path, tokenizer_file: str | Path, seed: in
     write_json(out / "generation_config.json", generation)
     write_json(out / "tokenizer_config.json", spec["config"])
     write_json(out / "preprocessor_config.json", fx["preprocessor_config"])
+    if "video_preprocessor_config" in fx:  # Qwen3-VL ships one; genret loads the processor without its video part
+        write_json(out / "video_preprocessor_config.json", fx["video_preprocessor_config"])
     write_json(out / "processor_config.json", fx["processor_config"])
     write_text(out / "chat_template.jinja", fx["chat_template"])
     write_json(out / "genret.json", {"format": FORMAT, "genret": __version__, "fixture": fx["model_id"],

@@ -30,6 +30,9 @@ class Family:
     # The vision side's modules, by their last name component: the tower, and the projector into the language model.
     vision_tower_name: ClassVar[str] = "vision_tower"
     projector_name: ClassVar[str] = "multi_modal_projector"
+    # Whether a forward given :meth:`feature_kwargs` writes cached features into the embeddings itself (Qwen3-VL:
+    # its encoder outputs carry DeepStack levels); scoring then leaves the image tokens' embeddings as they are.
+    model_writes_features: ClassVar[bool] = False
     # Image processor settings a user may pass (``processor_options``), each with what it does.
     processor_options: ClassVar[dict[str, str]] = {}
 
@@ -90,6 +93,18 @@ class Family:
         for n, rest in zip(n_tokens, parts[1:]):
             out += token * n + rest
         return out
+
+    def feature_embeds(self, feature: torch.Tensor) -> torch.Tensor:
+        """The ``(tokens, hidden)`` embeddings a cached feature writes into the prompt (all dimensions but the hidden
+        one are tokens; Qwen3-VL's features also carry DeepStack levels, which are not)."""
+        return feature.reshape(-1, feature.shape[-1])
+
+    def feature_kwargs(self, model, inputs: dict[str, torch.Tensor], rows=slice(None), start: int = 0,
+                       end: int | None = None) -> dict[str, Any]:
+        """Forward arguments that cached features need beyond their embeddings, for a forward of ``rows`` and
+        positions ``start:end`` of ``inputs`` (:func:`genret.mllm.scoring._inputs`): the shared-prefix path runs a
+        prompt in parts. Qwen3-VL passes its DeepStack levels so; most families need nothing."""
+        return {}
 
     def feature_inputs(self, model, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the forward needs of cached ``features`` beyond their values (e.g. Qwen's ``image_grid_thw``).
