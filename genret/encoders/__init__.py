@@ -1,4 +1,4 @@
-"""Dual encoders (CLIP, SigLIP, sentence-transformers) behind one contract, with an embedding cache."""
+"""Dual encoders (CLIP, SigLIP, sentence-transformers, MLLM embedders) behind one contract, with an embedding cache."""
 
 from __future__ import annotations
 
@@ -24,8 +24,15 @@ def _st(model: str, **kwargs) -> DualEncoder:
     return SentenceTransformerEncoder(model, **kwargs)
 
 
+@ENCODERS.register("mllm")
+def _mllm(model: str, **kwargs) -> DualEncoder:
+    from genret.encoders.mllm import MLLMEmbedder
+
+    return MLLMEmbedder(model, **kwargs)
+
+
 def load_encoder(backend: str, model: str, **kwargs) -> DualEncoder:
-    """Load a dual encoder by backend name (``hf`` or ``sentence-transformers``) and model reference."""
+    """Load a dual encoder by backend name (``hf``, ``sentence-transformers`` or ``mllm``) and model reference."""
     return ENCODERS.get(backend)(model, **kwargs)
 
 

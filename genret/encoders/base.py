@@ -43,6 +43,16 @@ class DualEncoder(ABC):
         """The cache folder of this model: backend, id and weights fingerprint."""
         return hashlib.sha1(f"{self.backend}|{self.model_id}|{self.revision}".encode()).hexdigest()[:16]
 
+    def namespace_for(self, role: str | None) -> str:
+        """The cache folder of what this encoder makes for ``role``; one for both roles unless the encoder has roles."""
+        return self.cache_namespace
+
+    def _role_kwargs(self, role: str | None) -> dict:
+        """What ``_embed_*`` is told about the role; nothing for an encoder that embeds queries as documents."""
+        if role not in (None, "query", "document"):
+            raise ValueError(f"role must be 'query' or 'document', got {role!r}")
+        return {}
+
     def describe(self) -> dict:
         """What an index manifest records about this encoder."""
         return {"backend": self.backend, "model": self.model_id, "revision": self.revision, "dim": self.dim}
@@ -56,33 +66,42 @@ class DualEncoder(ABC):
         """Embed one batch of texts (not normalised)."""
 
     def encode_images(
-        self, images: Sequence[ImageLike], batch_size: int = 64, progress: bool = False
+        self, images: Sequence[ImageLike], batch_size: int = 64, progress: bool = False, role: str | None = None
     ) -> np.ndarray:
         """Embed images (paths or PIL images) into an ``(n, dim)`` float32 array of unit rows.
+
+        Args:
+            role: ``query`` or ``document``: an instructed embedder (:mod:`genret.encoders.mllm`) embeds each with
+                its own instruction and needs it; CLIP-like encoders embed both alike.
 
         Raises:
             genret.data.ImageLoadError: naming the file, when an image is missing or unreadable.
         """
+        kwargs = self._role_kwargs(role)
         keys = [image_key(im) for im in images] if self.cache is not None else None
-        return self._encode(list(images), keys, lambda b: self._embed_images([load_image(x) for x in b]),
-                            batch_size, progress, "images")
+        return self._encode(list(images), keys, lambda b: self._embed_images([load_image(x) for x in b], **kwargs),
+                            batch_size, progress, "images", role)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Embed texts into an ``(n, dim)`` float32 array of unit rows."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
+                     role: str | None = None) -> np.ndarray:
+        """Embed texts into an ``(n, dim)`` float32 array of unit rows (``role`` as for :meth:`encode_images`)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text {i} is {'empty' if isinstance(t, str) else type(t).__name__}: {t!r}")
+        kwargs = self._role_kwargs(role)
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts] if self.cache is not None else None
-        return self._encode(list(texts), keys, self._embed_texts, batch_size, progress, "texts")
+        return self._encode(list(texts), keys, lambda b: self._embed_texts(b, **kwargs), batch_size, progress,
+                            "texts", role)
 
     def _encode(self, inputs: list[T], keys: list[str] | None, embed: Callable[[list[T]], np.ndarray],
-                batch_size: int, progress: bool, what: str) -> np.ndarray:
+                batch_size: int, progress: bool, what: str, role: str | None = None) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        namespace = self.namespace_for(role)
         out = np.zeros((len(inputs), self.dim), dtype=np.float32)
         todo = list(range(len(inputs)))
         if keys is not None and self.cache is not None:
-            found = self.cache.get(self.cache_namespace, keys)
+            found = self.cache.get(namespace, keys)
             for i, vec in found.items():
                 out[i] = vec
             todo = [i for i in todo if i not in found]
@@ -96,5 +115,5 @@ class DualEncoder(ABC):
             bar.update(len(idx))
         bar.close()
         if keys is not None and self.cache is not None and todo:
-            self.cache.put(self.cache_namespace, [keys[i] for i in todo], out[todo])
+            self.cache.put(namespace, [keys[i] for i in todo], out[todo])
         return out
