@@ -1,7 +1,8 @@
 """``genret serve``: a saved pipeline behind an HTTP API (FastAPI) and a results page.
 
 Endpoints: ``POST /v1/search`` (text, image or both; the record of ``genret search --json``), ``POST
-/v1/search/upload`` (the same with a multipart image), ``POST /v1/rerank`` (the Cohere / Jina / vLLM shape),
+/v1/search/upload`` (the same with a multipart image), ``POST /v1/rerank`` (also ``/rerank``, ``/v2/rerank``) and
+``POST /score`` (also ``/v1/score``) in vLLM's shapes, current and older (:mod:`genret.serve.documents`),
 ``POST /v1/embeddings`` (the OpenAI shape, texts and images), ``GET /v1/indices``, ``GET /v1/images/{id}`` (a
 gallery image by id, never by path), ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``GET /health``
 and ``GET /`` (the page, with ``/page.js`` and ``/page.css``).
@@ -19,6 +20,8 @@ import asyncio
 import dataclasses
 import logging
 import mimetypes
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import quote
@@ -31,6 +34,7 @@ from genret.index.items import item_image
 from genret.pipeline import RetrievalPipeline
 from genret.serve.auth import RequireKey
 from genret.serve.batcher import DynamicBatcher, QueueFull
+from genret.serve.documents import Input, read_inputs, read_query, score_fields
 from genret.serve.errors import Redactor, RequestError, error_body
 from genret.serve.inputs import RequestFiles, Spool
 from genret.serve.limits import TokenLimit, encoder_limit, rerank_limit
@@ -95,7 +99,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         return [(r, len(payloads)) for r in results]
 
     def run_rerank(payloads):
-        return [rerankers[name].score(query, items, cache=False) for name, query, items in payloads]
+        """Each payload is one request's (stage name, [(query, items), ...]): the scores of each group."""
+        return [[rerankers[name].score(query, items, cache=False) for query, items in groups] for name, groups in payloads]
 
     def run_embed(encode):
         """Each payload is one request's inputs: all requests' inputs are encoded together, then split back."""
@@ -266,41 +271,91 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
                 raise RequestError(400, f"{at}: a {part.type} part needs its '{part.type}' field")
         return out
 
-    @app.post("/v1/rerank")
-    async def rerank(body: models.Rerank, files: RequestFiles = Depends(request_files)) -> dict:
-        """Score documents against a query with a rerank stage (Cohere / Jina / vLLM shape)."""
+    def rerank_stage(model: str | None) -> str:
+        """The rerank stage a request names (by stage name or model), or the first."""
         if not rerankers:
             raise RequestError(404, "this pipeline has no rerank stage")
-        name = body.model or next(iter(rerankers))
+        name = model or next(iter(rerankers))
         if name not in rerankers:
             by_model = [n for n, s in rerankers.items() if s.config.model == name]
             if not by_model:
                 raise RequestError(404, f"model {name!r} is not served here; use one of: {', '.join(rerankers)}")
             name = by_model[0]
-        query = parts(body.query, "query", files)
-        if len(query) != 1:
-            raise RequestError(400, f"query: one text or one image, got {len(query)} parts")
-        docs = parts(body.documents, "documents", files)
-        if not docs or len(docs) > config.max_documents:
-            raise RequestError(400, f"documents: between 1 and {config.max_documents}, got {len(docs)}")
-        (_, qkind, qvalue), want = query[0], "image" if query[0][1] == "text" else "text"
-        wrong = [i for i, (_, kind, _) in enumerate(docs) if kind != want]
-        if wrong:
-            raise RequestError(400, f"documents{wrong[:5]}: a {qkind} query ranks {want} documents "
-                                    f"(text → image or image → text), not {qkind}s")
-        check_tokens([(at, v) for at, kind, v in query + docs if kind == "text"], [stage_tokens[name]])
-        q = Query(id="query", text=qvalue) if qkind == "text" else Query(id="query", image=qvalue)
-        items = [Item(str(i), want, text=v if want == "text" else None, image=v if want == "image" else None)
-                 for i, (_, _, v) in enumerate(docs)]
-        scores = await call("rerank", (name, q, items))
+        return name
+
+    async def score_pairs(name: str, pairs: list[tuple[Input, Input]]) -> tuple[list[float], Optional[int]]:
+        """Each (query, document) pair's score from stage ``name`` and the prompt tokens they take (None where the
+        stage's prompt is not measured: a remote stage). A query ranks documents of the other kind; pairs sharing a
+        query are scored in one call."""
+        if not pairs or len(pairs) > config.max_documents:
+            raise RequestError(400, f"documents: between 1 and {config.max_documents}, got {len(pairs)}")
+        queries, groups, texts, directions = {}, {}, [], []
+        for i, (query, doc) in enumerate(pairs):
+            qkind, qvalue = query.single("one text or one image per query")
+            want = "image" if qkind == "text" else "text"
+            kind, value = doc.single(f"stage {name!r} scores one {want} per document for a {qkind} query")
+            if kind != want:
+                raise RequestError(400, f"{doc.at}: a {qkind} query ranks {want} documents (text → image or image → "
+                                        f"text), not {kind}s")
+            queries.setdefault((qkind, qvalue), query.at)
+            groups.setdefault((qkind, qvalue), []).append((i, Item(str(i), want, text=value if want == "text" else None,
+                                                                   image=value if want == "image" else None)))
+            texts.append((query.at, qvalue) if qkind == "text" else (doc.at, value))
+            directions.append("t2i" if qkind == "text" else "i2t")
+        limit, unique = stage_tokens[name], list(dict.fromkeys(texts))
+        counts = dict(zip(unique, limit.check(unique))) if limit is not None else {}
+        jobs = [(Query(id=queries[key], text=key[1]) if key[0] == "text" else Query(id=queries[key], image=key[1]),
+                 [item for _, item in rows]) for key, rows in groups.items()]
+        found = await call("rerank", (name, jobs))
+        scores = [0.0] * len(pairs)
+        for rows, got in zip(groups.values(), found):
+            for (i, _), score in zip(rows, got):
+                scores[i] = float(score)
+        tokens = None
+        if limit is not None and limit.prompt:
+            # Per pair, as vLLM counts its prompt tokens: the stage's prompt (measured once, on the gallery's first
+            # image) and the pair's text (less the special tokens the tokenizer adds alone, which the prompt holds).
+            bare = len(limit.tokenizer("", verbose=False)["input_ids"])
+            tokens = sum(limit.prompt[d] + counts[t] - bare for d, t in zip(directions, texts))
+        return scores, tokens
+
+    async def rerank(body: models.Rerank, files: RequestFiles = Depends(request_files)) -> dict:
+        """Score documents against a query with a rerank stage (vLLM / Cohere / Jina shape); results by score."""
+        name = rerank_stage(body.model)
+        query = read_query(body.query, files)
+        docs = read_inputs(body.documents, "documents", files)
+        scores, tokens = await score_pairs(name, [(query, doc) for doc in docs])
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n or len(scores)]
         results = []
         for i in order:
             row = {"index": i, "relevance_score": scores[i]}
-            if body.return_documents and want == "text":
-                row["document"] = {"text": docs[i][2]}
+            if body.return_documents:
+                row["document"] = docs[i].echo
             results.append(row)
-        return {"model": name, "results": results, "usage": {"documents": len(docs)}}
+        return {"id": f"rerank-{uuid.uuid4().hex}", "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+
+    for route in ("/v1/rerank", "/rerank", "/v2/rerank"):  # vLLM serves all three
+        app.post(route, include_in_schema=route == "/v1/rerank")(rerank)
+
+    async def score(body: models.Score, files: RequestFiles = Depends(request_files)) -> dict:
+        """vLLM's /score: queries and documents in pairs (1:1, 1:N or N:N, the i-th query with the i-th document),
+        each pair's score in their order."""
+        name = rerank_stage(body.model)
+        left_field, right_field = score_fields(body)
+        left = read_inputs(getattr(body, left_field), left_field, files)
+        right = read_inputs(getattr(body, right_field), right_field, files)
+        if len(left) > 1 and len(left) != len(right):
+            raise RequestError(400, f"{left_field} and {right_field}: {len(left)} and {len(right)}; vLLM pairs them 1:1, "
+                                    f"1:N or N:N (the i-th {left_field} item with the i-th {right_field} item)")
+        scores, tokens = await score_pairs(name, list(zip(left * len(right) if len(left) == 1 else left, right)))
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
+                "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                          "prompt_tokens_details": None}}
+
+    for route in ("/score", "/v1/score"):
+        app.post(route, include_in_schema=route == "/score")(score)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: models.Embedding, files: RequestFiles = Depends(request_files)) -> dict:

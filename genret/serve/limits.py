@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 from genret.serve.errors import RequestError
 
@@ -17,22 +17,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TokenLimit:
-    """At most ``limit`` tokens of ``tokenizer`` for a text ``who`` reads (``what`` says where the limit comes from)."""
+    """At most ``limit`` tokens of ``tokenizer`` for a text ``who`` reads (``what`` says where the limit comes from;
+    ``prompt``, for a rerank stage, the tokens of its prompt per direction with an empty text and one image)."""
 
     who: str
     tokenizer: Any
     limit: int
     what: str
+    prompt: Mapping[str, int] = field(default_factory=dict)
 
-    def check(self, texts: Sequence[tuple[str, str]]) -> None:
-        """Raise 400 naming the first (field, text) pair above the limit."""
+    def check(self, texts: Sequence[tuple[str, str]]) -> list[int]:
+        """Raise 400 naming the first (field, text) pair above the limit; else each text's token count."""
         if not texts:
-            return
+            return []
         counts = [len(ids) for ids in self.tokenizer([t for _, t in texts], truncation=False, verbose=False)["input_ids"]]
         for (where, _), n in zip(texts, counts):
             if n > self.limit:
                 raise RequestError(400, f"{where}: {n:,} tokens, more than {self.who} reads ({self.limit:,} tokens: "
                                         f"{self.what}); send a shorter text")
+        return counts
 
 
 def encoder_limit(encoder, name: str) -> TokenLimit | None:
@@ -59,8 +62,8 @@ def rerank_limit(stage, image) -> TokenLimit | None:
     context = scoring.context_size(mllm)
     if not context:
         return None
+    sizes: dict[str, int] = {}
     try:
-        prompt = 0
         for direction in ("t2i", "i2t"):
             section = stage.prompt.section(direction)
             item = section.get("item", "").replace("{number}", "1").replace("{text}", "")
@@ -69,10 +72,11 @@ def rerank_limit(stage, image) -> TokenLimit | None:
             text += section.get("assistant", "").replace("{text}", "")
             images = [image] * user.count("{image}")
             inputs = mllm.processor(text=[text], images=images or None, return_tensors="pt")
-            prompt = max(prompt, int(inputs["input_ids"].shape[1]))
+            sizes[direction] = int(inputs["input_ids"].shape[1])
     except Exception as err:  # an unusual processor: the context alone bounds the text, the library the rest
         logger.warning("stage %r: could not measure its prompt (%s); texts are checked against the whole context",
                        stage.name, err)
-        prompt = 0
+        sizes = {}
+    prompt = max(sizes.values(), default=0)
     return TokenLimit(f"stage {stage.name!r}", copy.deepcopy(mllm.tokenizer), max(context - prompt, 1),
-                      f"the model's context of {context:,} less {prompt:,} for the stage's prompt and one image")
+                      f"the model's context of {context:,} less {prompt:,} for the stage's prompt and one image", sizes)

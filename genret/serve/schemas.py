@@ -50,12 +50,38 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
     class Content(BaseModel):
         content: list[ContentPart] = Field(..., max_length=many)
 
+    class Document(BaseModel):
+        """An object among documents: ``{"content": [parts]}`` (one document, vLLM's shape) or a bare content part
+        (one document, genret's older shape); :mod:`genret.serve.documents` tells them apart and refuses an object
+        that is both or neither."""
+
+        type: Optional[Literal["text", "image_url"]] = None
+        text: Optional[Text] = None
+        image_url: Optional[ImageURL] = None
+        content: Optional[Annotated[list[ContentPart], Field(max_length=many)]] = None
+
+    # A string, an object, or a list of both (vLLM's ScoreInput | list[ScoreInput], and genret's older bare parts).
+    Inputs = Union[Text, Annotated[list[Union[Text, Document]], Field(max_length=many)], Document]
+
     class RerankRequest(BaseModel):
         model: Optional[Name] = Field(None, description="a rerank stage's name or model (default: the first)")
         query: Union[Text, Content]
-        documents: Union[Annotated[list[Union[Text, ContentPart]], Field(max_length=many)], Content]
-        top_n: Optional[int] = Field(None, ge=1)
-        return_documents: bool = False
+        documents: Inputs = Field(..., description="strings and {\"content\": [parts]} documents (vLLM's shape), "
+                                                  "or bare parts, one document each (genret's older shape)")
+        top_n: Optional[int] = Field(None, ge=0, description="results to return; 0 or unset: all (as vLLM)")
+        return_documents: bool = Field(True, description="false: leave each result's document out")
+
+    class ScoreRequest(BaseModel):
+        """vLLM's /score: one pair of fields, each side a string, an object or a list (1:1, 1:N or N:N pairs)."""
+
+        model: Optional[Name] = Field(None, description="a rerank stage's name or model (default: the first)")
+        queries: Optional[Inputs] = None
+        documents: Optional[Inputs] = None
+        items: Optional[Inputs] = None
+        data_1: Optional[Inputs] = None
+        data_2: Optional[Inputs] = None
+        text_1: Optional[Inputs] = None
+        text_2: Optional[Inputs] = None
 
     class EmbeddingRequest(BaseModel):
         input: Union[Text, Annotated[list[Union[Text, ContentPart]], Field(max_length=many)]]
@@ -63,4 +89,5 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
         encoding_format: Literal["float"] = "float"
 
     return SimpleNamespace(Text=Text, Name=Name, Search=SearchRequest, ImageURL=ImageURL, ContentPart=ContentPart,
-                           Content=Content, Rerank=RerankRequest, Embedding=EmbeddingRequest)
+                           Content=Content, Document=Document, Rerank=RerankRequest, Score=ScoreRequest,
+                           Embedding=EmbeddingRequest)

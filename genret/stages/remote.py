@@ -1,9 +1,11 @@
-"""A rerank stage's scores from a remote ``/v1/rerank`` endpoint (the Cohere / Jina / vLLM shape).
+"""A rerank stage's scores from a remote ``/v1/rerank`` endpoint (vLLM's shape; for texts, Cohere's too).
 
-The request is ``{"model", "query", "documents", "top_n"}``; images travel as base64 ``data:`` URLs in vLLM's
-multimodal content form (``{"content": [{"type": "image_url", "image_url": {"url": ...}}, ...]}``), texts as plain
-strings; the reply's ``results`` (``index``, ``relevance_score``) are put back in the order of the candidates.
-Any server that speaks the shape serves: vLLM running a Qwen2-VL reranker, a Jina reranker, another genret.
+The request is ``{"model", "query", "documents", "top_n"}`` as vLLM reads it today: texts as plain strings, each
+image as a document of its own, ``{"content": [{"type": "image_url", "image_url": {"url": "data:..."}}]}`` (its
+bytes as a base64 ``data:`` URL), an image query the same; ``top_n`` is the number of candidates, so every one is
+scored. The reply's ``results`` (``index``, ``relevance_score``; vLLM's ``id``, ``model``, ``usage`` and
+``document`` are not needed) are put back in the order of the candidates. Any server that speaks the shape serves:
+vLLM running a Qwen3-VL reranker, another genret serve.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def rerank_request(model: str, query: Query, items: Sequence[Item]) -> dict:
     """The ``/v1/rerank`` body for ``query`` against ``items`` (images for a text query, texts for an image one)."""
     if query.target == "image":
         q: object = query.text or " ".join(query.dialog)
-        documents: object = {"content": [image_part(it.image) for it in items]}
+        documents: list = [{"content": [image_part(it.image)]} for it in items]
     else:
         q = {"content": [image_part(query.image)]}
         documents = [it.text for it in items]
-    return {"model": model, "query": q, "documents": documents, "top_n": len(items), "return_documents": False}
+    return {"model": model, "query": q, "documents": documents, "top_n": len(items)}
 
 
 def remote_scores(config: "RerankConfig", query: Query, items: Sequence[Item]) -> list[float]:

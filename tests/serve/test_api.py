@@ -53,11 +53,11 @@ def test_search_image_both_ways(client, world):
     assert composed.status_code == 200 and composed.json()["target"] == "image"
 
 
-def test_rerank_cohere_shape_matches_the_stage(client, served_pipe, world):
+def test_rerank_vllm_shape_matches_the_stage(client, served_pipe, world):
     recs = world.split("test").records[:4]
     r = client.post("/v1/rerank", json={"model": "rerank", "query": recs[0].captions[0], "top_n": 3,
-                                        "documents": {"content": [{"type": "image_url", "image_url": {"url": b64(x.path)}}
-                                                                  for x in recs]}})
+                                        "documents": [{"content": [{"type": "image_url", "image_url": {"url": b64(x.path)}}]}
+                                                      for x in recs]})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 3 and [x["relevance_score"] for x in results] == sorted((x["relevance_score"] for x in results), reverse=True)

@@ -80,7 +80,7 @@ def test_texts_past_the_character_limit_are_422_naming_the_field(small, image, r
 
 @pytest.mark.parametrize("route, body, field", [
     ("/v1/rerank", {"query": "q", "documents": ["a"] * 4}, "documents"),
-    ("/v1/rerank", {"query": "q", "documents": {"content": [{"type": "text", "text": "a"}] * 4}}, "documents.Content.content"),
+    ("/v1/rerank", {"query": "q", "documents": {"content": [{"type": "text", "text": "a"}] * 4}}, "documents.Document.content"),
     ("/v1/rerank", {"query": {"content": [{"type": "text", "text": "a"}] * 4}, "documents": ["a"]}, "query.Content.content"),
     ("/v1/embeddings", {"input": ["a"] * 4}, "input"),
 ])

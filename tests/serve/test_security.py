@@ -227,8 +227,8 @@ def test_spooled_files_are_removed_when_a_request_fails(served_pipe):
     app = create_app(served_pipe)
     with TestClient(app) as client:
         good = "data:image/png;base64," + base64.b64encode(png("red")).decode()
-        r = client.post("/v1/rerank", json={"query": "a red circle", "documents": {"content": [
-            {"type": "image_url", "image_url": {"url": good}}, {"type": "text", "text": "not an image"}]}})
+        r = client.post("/v1/rerank", json={"query": "a red circle", "documents": [
+            {"type": "image_url", "image_url": {"url": good}}, {"type": "text", "text": "not an image"}]})
         assert_error(r, 400, "ranks image documents")
         assert spool_empties(app)
 
