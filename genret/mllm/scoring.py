@@ -115,6 +115,19 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list], labels: Sequence[s
 _TEXT_KEYS = ("input_ids", "attention_mask", "inputs_embeds")
 
 
+def keeps_cache(model) -> bool:
+    """Whether a forward of ``model`` now keeps its KV cache.
+
+    transformers drops the cache (``use_cache=False``, ``cache=None``) in a forward that checkpoints its layers:
+    gradient checkpointing, in training mode, with gradients on, because the backward pass replays each layer and
+    would write the cache twice. The scoring paths that reuse a cache (a shared prefix, an answer continued after
+    its prompt) take their no-cache path then.
+    """
+    if not torch.is_grad_enabled():
+        return True
+    return not any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
 def _forward(mllm: MLLM, inputs: dict[str, torch.Tensor], **kwargs):
     """One forward over :func:`_inputs`, with the family's extra arguments (explicit ``kwargs`` win)."""
     image_inputs = {k: v for k, v in inputs.items() if k not in _TEXT_KEYS}
@@ -248,6 +261,8 @@ def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence
                    limit: int | None = None) -> tuple[int, torch.Tensor | None]:
     """The prefix to share and every token's positions, or ``(0, None)`` where sharing does not pay or
     the family cannot split its inputs."""
+    if not keeps_cache(mllm.model):  # the prefix's cache would not be kept
+        return 0, None
     prefix = shared_prefix_length(inputs, images, mllm.family.image_token_id(mllm.model), limit)
     positions = _positions(mllm, inputs) if prefix >= min_prefix else None
     return (prefix, positions) if positions is not None else (0, None)
@@ -411,6 +426,52 @@ def number_answers(mllm: MLLM, prompt: str, k: int) -> list[list[int]]:
     return continuation_ids(mllm, prompt, [fmt.text(str(n)) for n in range(1, k + 1)])
 
 
+def number_logprobs(mllm: MLLM, call: Callable, model, prompt: str, images: list, k: int,
+                    inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """log P(``n`` | prompt) for each candidate number ``n`` = 1..k, every token of the answer as the model writes it.
+
+    The prompt runs once and its KV cache is continued with the answers (:func:`answer_logprobs`); where ``model``
+    keeps no cache (:func:`keeps_cache`: gradient checkpointing in training) each answer runs after the whole
+    prompt instead (:func:`whole_answer_logprobs`): the same numbers, k prompts' compute.
+
+    Args:
+        call: ``call(inputs, **kwargs)``, the forward of :func:`_inputs` (the stage's, or the trainer's, which
+            detaches frozen embeddings); ``model``: the model it runs (peft-wrapped or plain).
+        inputs: the prompt's :func:`_inputs`, where the caller has them already.
+    """
+    fmt = answer_format(mllm)
+    texts = [fmt.text(str(n)) for n in range(1, k + 1)]
+    if not keeps_cache(model):
+        return whole_answer_logprobs(mllm, call, prompt, images, texts)
+    if inputs is None:
+        with torch.no_grad():  # frozen embeddings and image features: no graph before the model's layers
+            inputs = _inputs(mllm, [prompt], [images])
+    out = call(inputs, use_cache=True, logits_to_keep=1)
+    return answer_logprobs(mllm, model, inputs, out, continuation_ids(mllm, prompt, texts))
+
+
+def whole_answer_logprobs(mllm: MLLM, call: Callable, prompt: str, images: list, texts: Sequence[str]) -> torch.Tensor:
+    """log P(text | prompt) of each of ``texts`` (answers as the model writes them), each run after the whole prompt:
+    no KV cache, so it holds under gradient checkpointing (one row per answer, the prompt and its images repeated).
+
+    Raises:
+        ValueError: where a row's tokens are not the prompt's followed by the answer's (the tokenizer merges them).
+    """
+    answers = continuation_ids(mllm, prompt, texts)
+    with torch.no_grad():
+        inputs = _inputs(mllm, [prompt + t for t in texts], [images] * len(texts))
+    lengths = inputs["attention_mask"].sum(dim=1)
+    start = int(lengths[0]) - len(answers[0])  # the prompt's tokens, the same in every row
+    for i, a in enumerate(answers):
+        if int(lengths[i]) - len(a) != start or inputs["input_ids"][i, start:start + len(a)].tolist() != a:
+            raise ValueError(f"the answer {texts[i]!r} does not tokenize apart from the prompt")
+    width = max(len(a) for a in answers)
+    keep = torch.arange(start - 1, start - 1 + width, device=lengths.device)  # each predicts the answer's next token
+    logp = call(inputs, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+    return torch.stack([sum((logp[i, j, a[j]] for j in range(1, len(a))), logp[i, 0, a[0]])
+                        for i, a in enumerate(answers)])
+
+
 def answer_logprobs(mllm: MLLM, model, inputs: dict[str, torch.Tensor], out, answers: list[list[int]]) -> torch.Tensor:
     """log P(answer | prompt) of each of ``answers`` (token ids), from the prompt's forward ``out``.
 
@@ -423,6 +484,9 @@ def answer_logprobs(mllm: MLLM, model, inputs: dict[str, torch.Tensor], out, ans
     scores = first[torch.tensor([a[0] for a in answers], device=first.device)]
     if width == 1:
         return scores
+    if out.cache is None:
+        raise RuntimeError("the prompt's forward kept no KV cache (transformers drops it under gradient "
+                           "checkpointing in training): score through number_logprobs, which runs without one")
     device = inputs["input_ids"].device
     ids = torch.full((k, width - 1), mllm.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
     for i, a in enumerate(answers):
@@ -507,5 +571,5 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
             one_messages, one_images = listwise_prompt(user_template, item_template, query, candidates[:1], candidate_key)
             one = _inputs(mllm, [render(mllm, one_messages)], [one_images], check=False)["input_ids"].shape[1]
         check_listwise_length(mllm, length, len(candidates), one, label)
-    out = _forward(mllm, inputs, use_cache=True, logits_to_keep=1)
-    return answer_logprobs(mllm, mllm.model, inputs, out, number_answers(mllm, prompt, len(candidates))).tolist()
+    return number_logprobs(mllm, lambda x, **kw: _forward(mllm, x, **kw), mllm.model, prompt, images, len(candidates),
+                           inputs).tolist()

@@ -273,13 +273,9 @@ def listwise_logprobs(batch: _Batch, examples: Sequence[Example]) -> torch.Tenso
 
 
 def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.Tensor:
-    """log P(answer ``n`` | prompt) for ``n`` = 1..k, with gradients (one prompt forward, one over the answers)."""
-    mllm = batch.mllm
-    answers = scoring.number_answers(mllm, prompt, k)
-    with torch.no_grad():
-        inputs = scoring._inputs(mllm, [prompt], [images])
-    out = batch.call(inputs, use_cache=True, logits_to_keep=1)
-    return scoring.answer_logprobs(mllm, batch.model, inputs, out, answers)
+    """log P(answer ``n`` | prompt) for ``n`` = 1..k, with gradients (one prompt forward, one over the answers; under
+    gradient checkpointing, which keeps no KV cache, one forward of k rows: :func:`genret.mllm.scoring.number_logprobs`)."""
+    return scoring.number_logprobs(batch.mllm, batch.call, batch.model, prompt, images, k)
 
 
 def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -479,3 +479,62 @@ def test_a_projector_adapter_trains_and_the_stage_keys_its_gallery_features_by_i
     again.load_state(tmp_path / "adapted" / "stages" / "rerank")
     assert set(again.features) == set(stage.features)
     assert torch.equal(again.features[first], stage.features[first])
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether a layer of ``model`` recomputes its activations in backward (transformers' own flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("family,mode", [("llava", "listwise"), ("qwen2_vl", "listwise"),
+                                         pytest.param("idefics3", "listwise", marks=pytest.mark.slow),
+                                         pytest.param("qwen2_vl", "pointwise", marks=pytest.mark.slow),
+                                         pytest.param("llava", "generative", marks=pytest.mark.slow)])
+def test_gradient_checkpointing_trains_on_the_same_scores_and_gradients(tiny_dirs, small, clip_dir, family, mode):
+    """Under gradient checkpointing transformers keeps no KV cache in a training forward, and the listwise loss
+    continued the prompt's cache with the answers (``'NoneType' object has no attribute 'batch_repeat_interleave'``
+    on step 1). Every mode's training scores and LoRA gradients must equal those of the same model without it."""
+    from peft import LoraConfig, get_peft_model
+
+    from genret.mllm import scoring
+    from genret.mllm.adapters import language_model_targets
+    from genret.training import rerank as tr
+    from genret.training.models import enable_checkpointing
+
+    prompt, examples, texts, paths = _one_example_each_way(mode, small, clip_dir)
+    got = []
+    for checkpointing in (False, True):
+        mllm = MLLM.load(str(tiny_dirs[family]))
+        if checkpointing:
+            enable_checkpointing(mllm.model)
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, init_lora_weights=False, lora_dropout=0.0,
+                          target_modules=language_model_targets(mllm.model, ("q_proj", "v_proj", "o_proj")))
+        mllm.model = get_peft_model(mllm.model, lora).train()
+        assert _checkpointing_on(mllm.model) is checkpointing  # the path under test is the one that runs
+        assert scoring.keeps_cache(mllm.model) is not checkpointing
+        with torch.no_grad():  # no backward to replay the layers: transformers keeps the cache
+            assert scoring.keeps_cache(mllm.model)
+        feats = dict(enumerate(training_features(mllm, paths)))
+        batch = tr._Batch(mllm, mllm.model, prompt, texts, paths, feats)
+        scores = {"pointwise": lambda: tr.pointwise_scores(batch, examples, "yes", "no"),
+                  "generative": lambda: tr.generative_scores(batch, examples),
+                  "listwise": lambda: tr.listwise_logprobs(batch, examples)}[mode]()
+        (scores * torch.arange(1.0, scores.numel() + 1).view_as(scores)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
+        got.append((scores.detach(), grads))
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = got
+    assert torch.allclose(checkpointed, plain, atol=1e-5), (checkpointed, plain)
+    assert plain_grads.keys() == checkpointed_grads.keys() and any(g.abs().sum() > 0 for g in plain_grads.values())
+    for name, grad in plain_grads.items():  # the same sums in another order: float rounding, relative to the size
+        assert torch.allclose(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max())), name
+
+
+def test_listwise_trains_under_gradient_checkpointing(mllm_dir, small, clip_dir, tmp_path):
+    """``genret train rerank --mode listwise --gradient-checkpointing`` crashed on step 1; it trains (its scores
+    and gradients equal those without checkpointing: the test above)."""
+    config = _config(mode="listwise", max_steps=2, batch_size=2, eval_every=0, gradient_checkpointing=True)
+    summary, losses = _train(mllm_dir, small, tmp_path / "out", config, prefilter=str(clip_dir))
+    assert summary["steps"] == 2 and summary["config"]["gradient_checkpointing"]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert MLLM.load(str(mllm_dir)).attach_adapter(tmp_path / "out", mode="listwise") == "out"
