@@ -1,6 +1,6 @@
 """The rerank stage with ``backend = "remote"``: its candidates go to a /v1/rerank endpoint on loopback (a real HTTP
-server scoring with a local stage of the same model) and come back as the local stage's scores; several text
-queries scored together match each scored alone."""
+server reading and answering as vLLM does today, scoring with a local stage of the same model) and come back as the
+local stage's scores; several text queries scored together match each scored alone."""
 
 import base64
 import json
@@ -28,8 +28,22 @@ def _image(url: str, folder: Path, n: int) -> str:
     return str(path)
 
 
+def _document(doc, folder: Path, n: int) -> Item:
+    """One document as vLLM reads it today: a string, or ``{"content": [parts]}`` (one document, whatever its parts;
+    this server scores documents of one image)."""
+    if isinstance(doc, str):
+        return Item(str(n), "text", text=doc)
+    (part,) = doc["content"]
+    assert part["type"] == "image_url"
+    return Item(str(n), "image", image=_image(part["image_url"]["url"], folder, n))
+
+
 def _endpoint(stage, folder: Path, seen: list):
-    """A minimal /v1/rerank server in the Cohere/vLLM shape, scoring with ``stage``."""
+    """A minimal /v1/rerank server reading vLLM's current request and writing its reply
+    (``vllm/entrypoints/pooling/scoring/{protocol,serving}.py`` at the commits in
+    docs/notes/issue-26-serve-vllm.md: ``id``, ``model``, ``usage``, ``results`` sorted by score and cut at ``top_n``
+    unless it is 0, each with ``index``, ``document`` ``{"text", "multi_modal"}`` and ``relevance_score``), scoring
+    with ``stage``."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -44,16 +58,18 @@ def _endpoint(stage, folder: Path, seen: list):
                 self.wfile.write(b'{"error": "unknown model"}')
                 return
             q, docs = body["query"], body["documents"]
-            if isinstance(q, str):
-                query = Query(id="q", text=q)
-                items = [Item(str(i), "image", image=_image(p["image_url"]["url"], folder, i))
-                         for i, p in enumerate(docs["content"])]
-            else:
-                query = Query(id="q", image=_image(q["content"][0]["image_url"]["url"], folder, 999))
-                items = [Item(str(i), "text", text=t) for i, t in enumerate(docs)]
+            docs = docs if isinstance(docs, list) else [docs]
+            query = Query(id="q", text=q) if isinstance(q, str) else \
+                Query(id="q", image=_image(q["content"][0]["image_url"]["url"], folder, 999))
+            items = [_document(d, folder, i) for i, d in enumerate(docs)]
             scores = stage.score(query, items, cache=False)
-            out = {"results": sorted(({"index": i, "relevance_score": s} for i, s in enumerate(scores)),
-                                     key=lambda r: -r["relevance_score"])[: body["top_n"]]}
+            results = sorted(({"index": i, "relevance_score": s,
+                               "document": {"text": d, "multi_modal": None} if isinstance(d, str)
+                               else {"text": None, "multi_modal": d["content"]}} for i, (d, s) in enumerate(zip(docs, scores))),
+                             key=lambda r: -r["relevance_score"])
+            top_n = body.get("top_n", 0)
+            out = {"id": "rerank-0", "model": body["model"], "usage": {"prompt_tokens": 7, "total_tokens": 7},
+                   "results": results[:top_n] if 0 < top_n < len(docs) else results}
             data = json.dumps(out).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -85,7 +101,10 @@ def test_remote_stage_gives_the_local_scores(encoder, world, mllm_dir, mode):
                 assert g.ids == w.ids
                 assert [c.scores["rerank"] for c in g.candidates] == pytest.approx(
                     [c.scores["rerank"] for c in w.candidates], abs=1e-4)
-            assert len(seen) == 4 and seen[0]["top_n"] == 5 and seen[0]["documents"]["content"][0]["type"] == "image_url"
+            assert len(seen) == 4 and seen[0]["top_n"] == 5 and len(seen[0]["documents"]) == 5
+            # vLLM's current shape: each image a document of its own, never several in one {"content": [...]}.
+            assert all(len(d["content"]) == 1 and d["content"][0]["type"] == "image_url" for d in seen[0]["documents"])
+            assert all(isinstance(d, str) for d in seen[3]["documents"]) and len(seen[3]["query"]["content"]) == 1
             # The local stage scored its three text queries in one call: the same as each alone.
             for q, w in zip(queries[:3], want):
                 alone = dict(local.run([q]))["rerank"][0]
