@@ -55,6 +55,7 @@ def rerank_limit(stage, image) -> TokenLimit | None:
     """A local rerank stage's text limit: its MLLM's context less its longest prompt (both directions; a listwise
     prompt with one candidate) holding an empty text and ``image``, measured once through the stage's processor."""
     from genret.mllm import scoring
+    from genret.mllm.answers import answer_format
 
     if stage.config.backend != "local":
         return None
@@ -69,7 +70,8 @@ def rerank_limit(stage, image) -> TokenLimit | None:
             item = section.get("item", "").replace("{number}", "1").replace("{text}", "")
             user = section["user"].replace("{candidates}", item)
             text = scoring.render(mllm, scoring.user_message(user, text=""))
-            text += section.get("assistant", "").replace("{text}", "")
+            if "assistant" in section:  # written as scoring writes an answer (its prefix and end-of-turn token)
+                text += answer_format(mllm).text(section["assistant"].replace("{text}", ""))
             images = [image] * user.count("{image}")
             inputs = mllm.processor(text=[text], images=images or None, return_tensors="pt")
             sizes[direction] = int(inputs["input_ids"].shape[1])

@@ -54,6 +54,20 @@ def want(served_pipe, recs):
     return t2i, i2t
 
 
+def prompt_tokens(stage, direction: str, texts, images) -> int:
+    """The tokens of each (text, image) pair's whole generative prompt, as the stage's processor makes it (what vLLM
+    counts as a pair's prompt tokens)."""
+    from genret.data.images import load_image
+    from genret.mllm import scoring
+    from genret.mllm.answers import answer_format
+
+    section, mllm = stage.prompt.section(direction), stage.mllm
+    prompt, fmt = scoring.render(mllm, scoring.user_message(section["user"])), answer_format(mllm)
+    return sum(mllm.processor(text=[prompt + fmt.text(section["assistant"].replace("{text}", t))],
+                              images=[load_image(i)], return_tensors="pt")["input_ids"].shape[1]
+               for t, i in zip(texts, images))
+
+
 def calls(client) -> float:
     """Model calls so far (the batcher's metrics)."""
     return sum(float(v) for v in re.findall(r'genret_batch_size_count\{kind="\w+"\} (\S+)', client.get("/metrics").text))
@@ -63,10 +77,12 @@ def by_index(body: dict) -> dict[int, float]:
     return {r["index"]: r["relevance_score"] for r in body["results"]}
 
 
-def test_rerank_reads_each_shape_and_answers_as_vllm(served, recs, want):
+def test_rerank_reads_each_shape_and_answers_as_vllm(served, served_pipe, recs, want):
     client, _ = served
     t2i, i2t = want
     query = recs[0].captions[0]
+    stage = served_pipe.stages[1]
+    tokens = prompt_tokens(stage, "t2i", [query] * 4, [r.path for r in recs])
     shapes = {  # name: (documents, the document vLLM would echo for each)
         "current": [{"content": [image(r.path)]} for r in recs],
         "older, bare parts": [image(r.path) for r in recs],
@@ -78,7 +94,7 @@ def test_rerank_reads_each_shape_and_answers_as_vllm(served, recs, want):
         body = r.json()
         assert set(body) == {"id", "model", "usage", "results"} and body["id"].startswith("rerank-"), name
         assert body["model"] == "rerank" and set(body["usage"]) == {"prompt_tokens", "total_tokens"}
-        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens, name
         assert len(body["results"]) == 4, name  # no top_n: all, as vLLM
         scores = [x["relevance_score"] for x in body["results"]]
         assert scores == sorted(scores, reverse=True)
@@ -93,6 +109,7 @@ def test_rerank_reads_each_shape_and_answers_as_vllm(served, recs, want):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["results"]) == 4  # top_n = 0: all
+    assert body["usage"]["prompt_tokens"] == prompt_tokens(stage, "i2t", [r.captions[0] for r in recs], [recs[0].path] * 4)
     assert [by_index(body)[i] for i in range(4)] == pytest.approx(i2t, abs=1e-4)
     echo = {x["index"]: x["document"] for x in body["results"]}
     assert echo[0] == {"text": recs[0].captions[0], "multi_modal": None}
@@ -107,7 +124,7 @@ def test_rerank_reads_each_shape_and_answers_as_vllm(served, recs, want):
     assert "document" not in bare.json()["results"][0]
 
 
-def test_score_pairs_queries_and_documents_as_vllm(served, recs, want):
+def test_score_pairs_queries_and_documents_as_vllm(served, served_pipe, recs, want):
     client, _ = served
     t2i, i2t = want
     one_to_many = {"queries": recs[0].captions[0], "documents": [{"content": [image(r.path)]} for r in recs]}
@@ -119,6 +136,9 @@ def test_score_pairs_queries_and_documents_as_vllm(served, recs, want):
     assert [(d["index"], d["object"]) for d in body["data"]] == [(i, "score") for i in range(4)]
     assert [d["score"] for d in body["data"]] == pytest.approx(t2i, abs=1e-4)  # in the documents' order
     assert set(body["usage"]) == {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"}
+    tokens = prompt_tokens(served_pipe.stages[1], "t2i", [recs[0].captions[0]] * 4, [r.path for r in recs])
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens
+    assert body["usage"]["completion_tokens"] == 0
     # The older names read alike, and /v1/score too.
     for names in (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "items")):
         other = {names[0]: one_to_many["queries"], names[1]: one_to_many["documents"]}
