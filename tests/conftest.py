@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 
 import pytest
 
@@ -137,20 +138,41 @@ def scaled_copy(mllm_dir, out, factor: float):
     return out
 
 
+class LazyMap(Mapping):
+    """``name -> make(name)``, each made on first use: a session builds only the checkpoints its tests ask for."""
+
+    def __init__(self, names, make):
+        self._names, self._make, self._made = list(names), make, {}
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
 @pytest.fixture(scope="session")
 def real_dirs(tmp_path_factory):
-    """A shrunk checkpoint of each real fixture (real tokenizer, template, processor and config values)."""
+    """A shrunk checkpoint of each real fixture (real tokenizer, template, processor and config values), built when
+    a test first asks for it."""
     from real_checkpoints import CHECKPOINTS, build
 
     root = tmp_path_factory.mktemp("real")
-    return {name: build(name, root / name) for name in CHECKPOINTS}
+    return LazyMap(CHECKPOINTS, lambda name: build(name, root / name))
 
 
 @pytest.fixture(scope="session")
 def real_mllms(real_dirs):
     from genret.mllm import MLLM
 
-    return {name: MLLM.load(str(path)) for name, path in real_dirs.items()}
+    return LazyMap(real_dirs, lambda name: MLLM.load(str(real_dirs[name])))
 
 
 @pytest.fixture(scope="session")

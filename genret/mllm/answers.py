@@ -59,8 +59,8 @@ def answer_format(mllm: "MLLM") -> AnswerFormat:
     turn = [*user, {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]}]
     fmt = AnswerFormat("", eos)
     try:
-        prompt = processor.apply_chat_template(user, add_generation_prompt=True)
-        full = processor.apply_chat_template(turn, add_generation_prompt=False)
+        prompt = mllm.family.apply_chat_template(processor, user, add_generation_prompt=True)
+        full = mllm.family.apply_chat_template(processor, turn, add_generation_prompt=False)
     except Exception:  # noqa: BLE001 - a template that cannot render an assistant turn: the plain format
         prompt = full = ""
     if full.startswith(prompt) and _PROBE in full[len(prompt):]:

@@ -278,7 +278,12 @@ def load_processor(ref: str, trust_remote_code: bool = False, **options):
     the model type's processor class is loaded again through :func:`processor_without_video`.
     """
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
+    cls = _processor_class(ref, trust_remote_code)
+    if cls is not None and "video_processor" in cls.get_attributes() and not is_torchvision_available():
+        # AutoProcessor would load the tokenizer, find no video processor and return the tokenizer alone: load once.
+        return processor_without_video(cls).from_pretrained(ref, **options)
     error: Exception | None = None
     try:
         processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code, **options)
@@ -286,7 +291,6 @@ def load_processor(ref: str, trust_remote_code: bool = False, **options):
         processor, error = None, err
     if processor is not None and hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
         return processor
-    cls = _processor_class(ref, trust_remote_code)
     if cls is not None and "video_processor" in cls.get_attributes():
         logger.info("%s: loading %s without its video processor", ref, cls.__name__)
         return processor_without_video(cls).from_pretrained(ref, **options)

@@ -43,7 +43,7 @@ def render(mllm: MLLM, messages: list[dict]) -> str:
     """
     if not keeps_image_order(mllm):
         messages = [_inline_images(mllm, m) for m in messages]
-    return mllm.processor.apply_chat_template(messages, add_generation_prompt=True)
+    return mllm.family.apply_chat_template(mllm.processor, messages, add_generation_prompt=True)
 
 
 
@@ -53,7 +53,7 @@ def keeps_image_order(mllm: MLLM) -> bool:
     if cached is None:
         probe = [{"role": "user", "content": [{"type": "text", "text": "GENRETA"}, {"type": "image"},
                                               {"type": "text", "text": "GENRETB"}]}]
-        text = mllm.processor.apply_chat_template(probe, add_generation_prompt=True)
+        text = mllm.family.apply_chat_template(mllm.processor, probe, add_generation_prompt=True)
         token = mllm.family.image_token(mllm.processor)
         cached = text.find("GENRETA") < text.find(token) < text.find("GENRETB")
         mllm._keeps_image_order = cached
@@ -249,12 +249,22 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
             head_for = distinct
         width = int(mask[rows].sum(dim=1).max())
         cache = copy.deepcopy(head.cache)
-        cache.batch_select_indices(local.to(embeds.device))
+        take_cache_rows(cache, local.to(embeds.device))
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
                          cache=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
                          logits_to_keep=keep(rows, width - prefix).to(embeds.device),
                          **mllm.family.feature_kwargs(mllm.model, inputs, rows, prefix, width))
         yield rows, head.logits[local.to(head.logits.device)], out.logits
+
+
+def take_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Make ``cache``'s batch the rows ``rows`` of it (indices, repeats allowed), in every kind of layer.
+
+    Beam search's ``reorder_cache`` selects rows of attention keys and values and of linear-attention layers'
+    convolution and recurrent states alike; ``batch_select_indices`` and ``batch_repeat_interleave`` miss the
+    latter in transformers 5.24 (Qwen3.5's Gated DeltaNet layers raise, hybrid layers would keep stale states).
+    """
+    cache.reorder_cache(rows)
 
 
 def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence[Sequence], min_prefix: int,
@@ -492,7 +502,7 @@ def answer_logprobs(mllm: MLLM, model, inputs: dict[str, torch.Tensor], out, ans
     for i, a in enumerate(answers):
         ids[i, :len(a) - 1] = torch.tensor(a[:-1])
     cache = out.cache
-    cache.batch_repeat_interleave(k)
+    take_cache_rows(cache, torch.zeros(k, dtype=torch.long, device=device))  # the prompt's one row, k times
     mask = torch.ones((k, inputs["input_ids"].shape[1] + width - 1), dtype=torch.long, device=device)
     positions = mllm.family.next_position_ids(mllm.model, inputs, width - 1).repeat_interleave(k, dim=-2)
     logp = model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions,

@@ -16,10 +16,16 @@ from genret.mllm import MLLM
 from genret.mllm.scoring import generative_scores, image_features, listwise_scores
 from genret.prompts import load_prompt
 from conftest import score_query
-from real_checkpoints import CHECKPOINTS, fixture
+from real_checkpoints import CHECKPOINTS, SLOW, fixture
 
-NAMES = list(CHECKPOINTS)
-EXACT_VOCAB = [n for n in NAMES if fixture(n)["tokenizer"]["config_ids_match"]]
+
+def _marked(names):
+    """``names`` as parameters, those of :data:`real_checkpoints.SLOW` marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+NAMES = _marked(CHECKPOINTS)
+EXACT_VOCAB = _marked(n for n in CHECKPOINTS if fixture(n)["tokenizer"]["config_ids_match"])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -92,7 +98,8 @@ def test_smolvlm_splitting_with_cached_features_is_refused_before_loading(real_d
 # What each real template and tokenizer write right after the generation prompt.
 ANSWER = {"qwen2-vl-2b-instruct": ("", "Yes", "<|im_end|>"), "qwen2.5-vl-3b-instruct": ("", "Yes", "<|im_end|>"),
           "llava-1.5-7b-hf": (" ", "▁Yes", "</s>"), "smolvlm-256m-instruct": (" ", "ĠYes", "<end_of_utterance>"),
-          "llava-onevision-qwen2-0.5b-ov-hf": ("", "Yes", "<|im_end|>")}
+          "llava-onevision-qwen2-0.5b-ov-hf": ("", "Yes", "<|im_end|>"),
+          "qwen3.5-0.8b": ("", "Yes", "<|im_end|>")}  # after the no-think form's closed <think></think> block
 
 
 @pytest.mark.parametrize("name", NAMES)

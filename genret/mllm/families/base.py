@@ -35,6 +35,13 @@ class Family:
     model_writes_features: ClassVar[bool] = False
     # Image processor settings a user may pass (``processor_options``), each with what it does.
     processor_options: ClassVar[dict[str, str]] = {}
+    # Variables every chat-template rendering gets (Qwen3.5: enable_thinking=False, the no-think form an answer follows).
+    chat_template_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def apply_chat_template(self, processor, messages: list[dict], add_generation_prompt: bool) -> str:
+        """``messages`` rendered by the checkpoint's own chat template, with :attr:`chat_template_kwargs`."""
+        return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             **self.chat_template_kwargs)
 
     def check_processor_options(self, options: dict, model: str = "") -> None:
         """Refuse processor options this family does not take, naming those it does."""

@@ -1,0 +1,128 @@
+"""Qwen3.5 on a shrunk copy of Qwen/Qwen3.5-0.8B: its real config, processor settings, chat template and 248K tokenizer.
+
+What is Qwen3.5's own, beside what ``test_real_checkpoints`` checks for every fixture: the chat template thinks (the
+4B and larger unless told ``enable_thinking=False``), and the language model is a hybrid of Gated-DeltaNet layers,
+whose cache holds a convolution window and a recurrent state instead of keys and values.
+"""
+
+import pytest
+import torch
+
+from conftest import score_query
+from genret.mllm.scoring import (generative_scores, image_features, listwise_prompt, listwise_scores, pointwise_scores,
+                                 render, user_message)
+from genret.prompts import load_prompt
+from real_checkpoints import fixture
+
+NAME = "qwen3.5-0.8b"
+NO_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+# The generation prompt's tail of the 0.8B and 2B templates (thinking only when asked) and of the 4B and larger
+# (thinking unless told not to); the rest of the template is the same (see the fixture's sources).
+SMALL_TAIL = "{%- if enable_thinking is defined and enable_thinking is true %}\n        {{- '<think>\\n' }}\n    {%- else %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}"
+LARGE_TAIL = "{%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n    {%- endif %}"
+TEMPLATES = {"0.8B": fixture(NAME)["chat_template"], "4B+": fixture(NAME)["chat_template"].replace(SMALL_TAIL, LARGE_TAIL)}
+
+
+@pytest.fixture
+def qwen(real_mllms, request):
+    """The shrunk Qwen3.5 with the chat template ``request.param`` names (the checkpoint's own by default)."""
+    mllm = real_mllms[NAME]
+    kept = mllm.processor.chat_template
+    mllm.processor.chat_template = TEMPLATES[getattr(request, "param", "0.8B")]
+    for memo in ("_answer_format", "_keeps_image_order"):
+        mllm.__dict__.pop(memo, None)
+    yield mllm
+    mllm.processor.chat_template = kept
+    for memo in ("_answer_format", "_keeps_image_order"):
+        mllm.__dict__.pop(memo, None)
+
+
+def test_the_tokenizer_is_qwen3_5s_248k_vocabulary(qwen):
+    """The converted tokenizer encodes as the package's own tiktoken encoder (its README's example, ids as printed
+    there) and puts the special tokens where Qwen3.5's config and chat template expect them."""
+    tok = qwen.tokenizer
+    assert len(tok) == 248_044 + 33 and qwen.model.config.text_config.vocab_size == 248_320
+    assert tok("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ", add_special_tokens=False)["input_ids"] == [
+        9419, 0, 220, 97169, 97621, 6115, 16, 478, 220, 16, 283, 220, 17, 9551, 254, 68933, 128, 97, 91914, 28495,
+        68933, 128, 105, 68933, 128, 95]
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<think>", "</think>"]) == [
+        248045, 248046, qwen.model.config.image_token_id, 248068, 248069]
+
+
+@pytest.mark.parametrize("qwen", ["0.8B", "4B+"], indirect=True)
+def test_scores_are_the_models_own_forward_over_its_no_think_template(qwen, images):
+    """Parity: generative log P(text | image) and pointwise log P(yes) − log P(no) equal (fp32, 1e-4) the model's
+    own forward over the checkpoint's own chat template rendered with ``enable_thinking=False``, for the 0.8B's
+    template and for the 4B+ one, which opens a ``<think>`` block unless told not to."""
+    processor, model, tok = qwen.processor, qwen.model, qwen.tokenizer
+    user = "{image}\nDescribe the image."
+    text = "a red circle left of a blue square"
+    messages = user_message(user)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    assert render(qwen, messages) == prompt and prompt.endswith(NO_THINK)
+    turn = processor.apply_chat_template(
+        [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}], enable_thinking=False)
+    assert turn.startswith(prompt) and turn[len(prompt):] == text + "<|im_end|>\n"
+    full = processor(text=[prompt + text + "<|im_end|>"], images=[images[0]], return_tensors="pt")
+    start = processor(text=[prompt], images=[images[0]], return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logp = model(**full).logits[0, :-1].float().log_softmax(-1)
+    ids = full["input_ids"][0, 1:]
+    want = sum(logp[p, ids[p]].item() for p in range(start - 1, len(ids))) / (len(ids) - start + 1)
+    assert generative_scores(qwen, user, [text], [images[0]])[0] == pytest.approx(want, abs=1e-4)
+
+    section = load_prompt("rerank_pointwise").section("t2i")
+    prompt = processor.apply_chat_template(user_message(section["user"], text=text), add_generation_prompt=True,
+                                           enable_thinking=False)
+    with torch.no_grad():
+        last = model(**processor(text=[prompt], images=[images[1]], return_tensors="pt")).logits[0, -1]
+    last = last.float().log_softmax(-1)
+    yes, no = tok.convert_tokens_to_ids(["Yes", "yes"]), tok.convert_tokens_to_ids(["No", "no"])
+    want = (last[yes].logsumexp(-1) - last[no].logsumexp(-1)).item()
+    got = pointwise_scores(qwen, section["user"], [text], [images[1]])[0]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert torch.sigmoid(torch.tensor(got)).item() == pytest.approx(  # P(yes) over {yes, no}
+        (last[yes].exp().sum() / (last[yes].exp().sum() + last[no].exp().sum())).item(), abs=1e-4)
+
+
+def test_the_hybrid_cache_serves_shared_prefixes_and_listwise_answers(qwen, images):
+    """Gated-DeltaNet layers keep conv and recurrent states: a shared prefix's cache selected for each row, and a
+    listwise prompt's cache repeated for its k answers, score as the whole prompts do, and a row scores the same
+    in a right-padded batch with longer rows (image grids of 8×8 and 6×12 tokens) as alone."""
+    feats = image_features(qwen, images)
+    for mode in ("pointwise", "generative"):
+        plain = score_query(qwen, mode, "i2t", images)  # plain batches, right-padded
+        assert score_query(qwen, mode, "i2t", feats) == pytest.approx(plain, abs=1e-4)  # the image in a shared prefix
+        assert max(plain) - min(plain) > 1e-3
+    section = load_prompt("rerank_pointwise").section("t2i")
+    batched = pointwise_scores(qwen, section["user"], ["a red circle"] * 4, images, batch_size=4)
+    alone = [pointwise_scores(qwen, section["user"], ["a red circle"], [im])[0] for im in images]
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+    section = load_prompt("rerank_listwise").section("t2i")
+    query = {"text": "a red circle left of a blue square"}
+    got = listwise_scores(qwen, section["user"], section["item"], query, images, "image")
+    messages, ims = listwise_prompt(section["user"], section["item"], query, images, "image")
+    prompt = render(qwen, messages)
+    want = []
+    for n in range(1, len(images) + 1):  # each number's log P after the whole prompt, no cache
+        full = qwen.processor(text=[prompt + f"{n}<|im_end|>"], images=ims, return_tensors="pt")
+        start = qwen.processor(text=[prompt], images=ims, return_tensors="pt")["input_ids"].shape[1]
+        with torch.no_grad():
+            logp = qwen.model(**full).logits[0, :-1].float().log_softmax(-1)
+        ids = full["input_ids"][0, 1:]
+        want.append(sum(logp[p, ids[p]].item() for p in range(start - 1, len(ids))))
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_lora_targets_the_gated_deltanet_and_attention_projections(qwen):
+    from genret.mllm.adapters import language_model_targets
+
+    pattern = language_model_targets(qwen.model, qwen.family.lora_targets)
+    import re
+
+    hit = {n for n, m in qwen.model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)}
+    kinds = {n.rsplit(".", 1)[-1] for n in hit}
+    assert kinds == set(qwen.family.lora_targets)
+    assert any(".linear_attn." in n for n in hit) and any(".self_attn." in n for n in hit)
+    assert not any("visual" in n or n.endswith(("in_proj_a", "in_proj_b")) for n in hit)
