@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -50,15 +50,37 @@ class EncoderConfig:
     """The dual encoder that embeds the gallery and the queries."""
 
     model: str = field(default="", metadata={"path": "model", "help": "Hugging Face model id or local directory"})
-    backend: str = field(default="hf", metadata={"help": "hf (CLIP, SigLIP) or sentence-transformers"})
+    backend: str = field(default="hf", metadata={"help": "hf (CLIP, SigLIP), sentence-transformers, or mllm (an "
+                                                         "MLLM embedder: Qwen3-VL-Embedding, GME)"})
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1 (default: GPU if any)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16"})
     batch_size: int = field(default=64, metadata={"range": at_least(1), "help": "images per encoding batch"})
     cache_dir: str = field(default="", metadata={"path": "dir", "help": "embedding cache folder ('' for none)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
+    embedder: str = field(default="", metadata={"help": "mllm: whose conventions the checkpoint follows "
+                                                        "(qwen3-vl-embedding, gme); default from the hub id"})
+    query_instruction: str | None = field(default=None, metadata={"help": "mllm: the instruction queries are "
+                                                                          "embedded under (default: the authors')"})
+    document_instruction: str | None = field(default=None, metadata={"help": "mllm: the instruction gallery items "
+                                                                             "are embedded under"})
+    dim: int = field(default=0, metadata={"range": at_least(0), "help": "mllm: Matryoshka truncation (0: the "
+                                                                          "model's full size)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
+        mllm = {"embedder": self.embedder, "query_instruction": self.query_instruction,
+                "document_instruction": self.document_instruction, "dim": self.dim}
+        extra = [k for k, v in mllm.items() if v not in ("", None, 0)]
+        if extra and self.backend != "mllm":
+            raise ValueError(f"encoder {', '.join(extra)}: settings of an MLLM embedder; add backend = \"mllm\" or "
+                             "remove them")
+
+    def embedder_kwargs(self) -> dict:
+        """The MLLM-embedder settings for :func:`genret.encoders.load_encoder` (none for other backends)."""
+        if self.backend != "mllm":
+            return {}
+        return {"embedder": self.embedder, "query_instruction": self.query_instruction,
+                "document_instruction": self.document_instruction, "dim": self.dim}
 
 
 @dataclass
@@ -187,7 +209,7 @@ class RetrievalPipeline:
             enc = config.encoder
             cache = EmbeddingCache(enc.cache_dir) if enc.cache_dir else None
             encoder = load_encoder(enc.backend, enc.model, device=enc.device or None, dtype=enc.dtype,
-                                   cache=cache, trust_remote_code=enc.trust_remote_code)
+                                   cache=cache, trust_remote_code=enc.trust_remote_code, **enc.embedder_kwargs())
         self.encoder = encoder
         self.gallery = gallery or Gallery()
         self.timings: dict[str, float] = {}
@@ -320,21 +342,30 @@ class RetrievalPipeline:
             if isinstance(stage, RewriteStage):
                 if not rewrite:
                     continue
-                queries = stage.rewrite(queries, ctx)
+                before, queries = queries, stage.rewrite(queries, ctx)
+                # A rewrite makes new queries; each keeps the instruction its request gave (one query out per query in).
+                queries = [q if q.instruction == o.instruction else replace(q, instruction=o.instruction)
+                           for q, o in zip(queries, before)]
             else:
                 upstream = stage.rank(queries, upstream, ctx, k=k)
                 outputs.append((stage.name, upstream))
             timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
         return outputs
 
-    def search(self, queries: Sequence[Query] | Query, k: int = 10) -> list[Ranking]:
+    def search(self, queries: Sequence[Query] | Query, k: int = 10, instruction: str | None = None) -> list[Ranking]:
         """The final ranking of each query, top ``k``.
+
+        Args:
+            instruction: the task instruction of a pointwise reranker checkpoint's prompt (Qwen3-VL-Reranker's
+                ``<Instruct>``) for the queries that carry none of their own (:attr:`Query.instruction`).
 
         Raises:
             ValueError: when ``k`` exceeds the size of the gallery searched.
         """
         check_k(k)
         queries = [queries] if isinstance(queries, Query) else list(queries)
+        if instruction is not None:
+            queries = [q if q.instruction is not None else replace(q, instruction=instruction) for q in queries]
         for target in {q.target for q in queries}:
             size = len(self.gallery.index(target))
             if k > size:

@@ -36,10 +36,19 @@ class PromptError(ValueError):
 
 SETTINGS = {"name": "the prompt's name (text)", "version": "its version, a whole number from 1",
             "yes": "pointwise rerank: the answer word read as a match (text)",
-            "no": "pointwise rerank: the answer word read as no match (text)"}
+            "no": "pointwise rerank: the answer word read as no match (text)",
+            "answer_tokens": "pointwise rerank: 'in_context' (every casing of the answer word that is one token after "
+                             "the prompt, summed: genret's default) or 'vocabulary' (the word's own vocabulary token, "
+                             "as a reranker checkpoint's authors read it)",
+            "score": "pointwise rerank: 'log_odds' (log P(yes) - log P(no), the default) or 'sigmoid' (P(yes) over "
+                     "P(yes) + P(no): the probability a reranker checkpoint's card reports)",
+            "instruction": "pointwise rerank: the default of the {instruction} placeholder (text)"}
+CHOICES = {"answer_tokens": ("in_context", "vocabulary"), "score": ("log_odds", "sigmoid")}
+"""The settings that take one of a few values, and those values."""
 """The top-level keys a prompt file may hold (beside its tables), and what each must be."""
-TEMPLATES = ("user", "assistant", "item")
-"""The templates a table may hold: the user turn, the assistant's answer (generative rerank), one listwise line."""
+TEMPLATES = ("system", "user", "assistant", "item")
+"""The templates a table may hold: the system prompt (pointwise rerank), the user turn, the assistant's answer
+(generative rerank), one listwise line."""
 
 
 def _read(path: Path) -> dict:
@@ -87,6 +96,8 @@ def _check_schema(path: Path, data: dict, exact: Mapping[str, Any] | None) -> No
                 raise PromptError(f"{path}: 'version' must be a whole number from 1, got {_what(value)}")
         elif not isinstance(value, str) or not value.strip():
             raise PromptError(f"{path}: {key!r} must be non-empty text, got {_what(value)}")
+        elif key in CHOICES and value not in CHOICES[key]:
+            raise PromptError(f"{path}: {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class Prompt:
 
 
 def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str, ...]]] | None = None,
-                exact: bool = False) -> Prompt:
+                exact: bool = False, optional: tuple[str, ...] = ()) -> Prompt:
     """Load ``prompts/<name>.toml`` (or a path) and check the placeholders each template needs.
 
     Args:
@@ -120,6 +131,7 @@ def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str
         required: direction → template key → placeholders it must contain.
         exact: the ``required`` placeholders are the only ones the caller fills: any other ``{name}`` in those
             templates (a typo such as ``{txt}``) is refused, since it would reach the model as written.
+        optional: placeholders the caller fills where a template has them, needed by none (``"{instruction}"``).
     """
     path = Path(name_or_path)
     if not path.suffix:
@@ -142,7 +154,7 @@ def load_prompt(name_or_path: str, required: Mapping[str, Mapping[str, tuple[str
                 raise PromptError(f"{path}: [{direction}].{template} is missing the placeholder(s) "
                                   f"{', '.join(missing)}")
             unknown = sorted({"{" + m + "}" for m in re.findall(r"\{([A-Za-z_]\w*)\}", templates[template])}
-                             - set(placeholders))
+                             - set(placeholders) - set(optional))
             if exact and unknown:  # it would reach the model as written, braces and all
                 raise PromptError(f"{path}: [{direction}].{template} has the placeholder(s) {', '.join(unknown)}, "
                                   f"which nothing fills; it takes {', '.join(placeholders) or 'none'}")

@@ -57,9 +57,14 @@ class Query:
     meta: Mapping[str, object] = field(default_factory=dict, hash=False, compare=False)
     """What a rewrite stage did to make this query (the original text, a caption, the model's raw answer,
     a fallback and why): kept for reports, never used to retrieve."""
+    instruction: str | None = None
+    """The task instruction a pointwise reranker's prompt takes for this query (Qwen3-VL-Reranker's
+    ``<Instruct>``); None: the stage's ``instruction``, else the checkpoint's default."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta or {})))
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction.strip()):
+            raise ValueError(f"query {self.id!r}: instruction must be non-empty text or None, got {self.instruction!r}")
         if self.text is None and self.image is None and not self.dialog:
             raise ValueError(f"query {self.id!r} has no text, image or dialog")
         if self.text is not None and not isinstance(self.text, str):

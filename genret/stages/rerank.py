@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 from genret.config import above, at_least, check_fields
 from genret.data.images import load_image
 from genret.index.items import item_image
+from genret.mllm.checkpoints import Conventions, ConventionsError, conventions_for
 from genret.mllm.features import FeatureStore
 from genret.prompts import load_prompt
 from genret.stages.base import STAGES, RankStage, StageContext
@@ -57,6 +58,13 @@ class RerankConfig(MLLMLoadConfig):
     api_key_env: str = field(default="", metadata={"help": "remote: environment variable holding the bearer key"})
     timeout: float = field(default=60.0, metadata={"range": above(0),
                                                    "help": "remote: seconds to wait for one request"})
+    instruction: str = field(default="", metadata={
+        "help": "pointwise: the task instruction a reranker checkpoint's prompt takes ({instruction}, e.g. "
+                "Qwen3-VL-Reranker's <Instruct>); '' its default; a request's own instruction wins"})
+    conventions: str = field(default="", metadata={
+        "help": "pointwise: whose scoring conventions (genret.mllm.checkpoints): '' the model's own (its row in "
+                "genret/mllm/checkpoints.json, genret_reranker.json in its folder, its sentence-transformers "
+                "files); a known checkpoint's hub id (a local copy of it); 'none' genret's prompt"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -69,6 +77,9 @@ class RerankConfig(MLLMLoadConfig):
             raise ValueError(f"backend = 'remote' needs url = 'http(s)://host:port/v1/rerank', got {self.url!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.backend == "remote" and (self.instruction or self.conventions):
+            raise ValueError("instruction and conventions are a local model's: a remote endpoint applies its own "
+                             "template; leave them unset with backend = 'remote'")
         if self.cache_features and self.processor_options.get("do_image_splitting"):
             raise ValueError("do_image_splitting = true cannot be scored from cached features (a tile layout is "
                              "lost); set cache_features = false to keep the tiles")
@@ -83,10 +94,47 @@ class RerankStage(RankStage):
 
     def __init__(self, config: RerankConfig, name: str) -> None:
         super().__init__(config, name)
-        self.prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=MODES[config.mode], exact=True)
+        self.conventions = Conventions()
+        if config.backend == "local":
+            self.conventions = conventions_for(config.model, config.conventions)
+        default = self.conventions.prompt if config.mode == "pointwise" else ""
+        self.prompt = load_prompt(config.prompt or default or f"rerank_{config.mode}", required=MODES[config.mode],
+                                  exact=True, optional=("{instruction}",) if config.mode == "pointwise" else ())
+        self._check_prompt(config)
+        self._answer_ids: tuple[int, int] | None = None
         self._mllm = None
         self.features = FeatureStore()
         self._warned = False
+
+    def _check_prompt(self, config: RerankConfig) -> None:
+        """Refuse an instruction the prompt cannot take, and pointwise settings in another mode's prompt."""
+        if config.mode != "pointwise":
+            extra = [k for k in ("answer_tokens", "score", "instruction") if k in self.prompt.settings]
+            extra += [f"[{d}].system" for d, t in self.prompt.sections.items() if "system" in t]
+            if extra:
+                raise ValueError(f"stage {self.name!r}: prompt {self.prompt.key} ({self.prompt.path}) has "
+                                 f"{', '.join(extra)}, which only pointwise scoring reads; mode is {config.mode!r}")
+        if config.instruction and not self._takes_instruction():
+            raise ValueError(f"stage {self.name!r}: instruction is set, but prompt {self.prompt.key} has no "
+                             "{instruction} placeholder to take it; leave it unset or use a prompt that has one")
+
+    def _takes_instruction(self) -> bool:
+        return any("{instruction}" in t.get("user", "") for t in self.prompt.sections.values())
+
+    def _instructions(self, queries: Sequence[Query]) -> list[dict] | None:
+        """Each query's ``{instruction}``: its own, else the stage's, else the checkpoint's default."""
+        if not self._takes_instruction():
+            named = [q.id for q in queries if q.instruction is not None]
+            if named:
+                raise ValueError(f"stage {self.name!r}: query {named[0]!r} carries an instruction, but prompt "
+                                 f"{self.prompt.key} has no {{instruction}} placeholder to take it")
+            return None
+        default = (self.config.instruction or self.conventions.instruction
+                   or self.prompt.settings.get("instruction"))
+        if default is None and any(q.instruction is None for q in queries):
+            raise ValueError(f"stage {self.name!r}: prompt {self.prompt.key} takes an {{instruction}} and has no "
+                             "default; set the stage's instruction")
+        return [{"instruction": q.instruction or default} for q in queries]
 
     def check(self, where: str = "") -> None:
         """:meth:`Stage.check`; with ``backend = "remote"`` the model is the endpoint's name for it: nothing local."""
@@ -102,7 +150,10 @@ class RerankStage(RankStage):
         if self._mllm is None:
             from genret.mllm import MLLM
 
-            mllm = MLLM.load(self.config.mllm_config(self.config.model))
+            load = self.config.mllm_config(self.config.model)
+            # the checkpoint's image settings (its authors' pixel bounds), each of the stage's own winning
+            load.processor_options = {**self.conventions.processor_options, **load.processor_options}
+            mllm = MLLM.load(load)
             if self.config.cache_features:
                 note = mllm.family.prepare_feature_cache(mllm.processor)
                 if note:
@@ -143,7 +194,8 @@ class RerankStage(RankStage):
 
         out = []
         for s in tqdm(range(0, len(items), 64), desc=f"{self.name}: image features", disable=not progress):
-            out.extend(image_features(self.mllm, [load_image(item_image(it)) for it in items[s:s + 64]]))
+            out.extend(image_features(self.mllm, [load_image(item_image(it)) for it in items[s:s + 64]],
+                                      several=self._several))
         return out
 
     def _feature_adapter(self) -> str | None:
@@ -158,7 +210,21 @@ class RerankStage(RankStage):
 
     def _describe(self) -> dict:
         return {"format": FEATURES_FORMAT, "version": 2, "model": self.config.model, "revision": self.mllm.revision,
-                "adapter": self._feature_adapter(), "family": self.mllm.family.name, "count": len(self.features)}
+                "adapter": self._feature_adapter(), "family": self.mllm.family.name, "count": len(self.features),
+                **self._feature_key()}
+
+    @property
+    def _several(self) -> bool:
+        """Whether gallery images sit in prompts of several images (listwise candidates), which a family may lay
+        out otherwise than an image alone (LLaVA-OneVision)."""
+        return self.config.mode == "listwise"
+
+    def _feature_key(self) -> dict:
+        """What besides the weights makes a cached feature: the processor's settings (:func:`image_key`) and the
+        layout (an image alone or among several)."""
+        from genret.mllm.textcache import image_key
+
+        return {"images": image_key(self.mllm), "layout": "several" if self._several else "alone"}
 
     def save_state(self, folder: Path) -> None:
         """Save the cached features (safetensors) with a manifest naming the MLLM that made them."""
@@ -193,14 +259,22 @@ class RerankStage(RankStage):
         """Whether ``folder`` holds features this stage can use (else a warning says why not)."""
         if not (folder / "manifest.json").is_file():
             return False
+        from genret._hub import fingerprints_match
         from genret._io import read_manifest
 
         manifest = read_manifest(folder, FEATURES_FORMAT, 2, "MLLM feature cache")
-        if manifest["revision"] != self.mllm.revision:  # the weights' fingerprint: a path may differ, the model not
+        if not fingerprints_match(manifest["revision"], self.mllm.revision, self.config.model):  # a path may differ
             logger.warning("%s: cached features were made by %s (%s), not %s; computing features on the fly",
                            folder, manifest["model"], manifest["revision"], self.config.model)
             return False
         adapter = self._feature_adapter()
+        key = self._feature_key()
+        if any(manifest.get(k) != v for k, v in key.items()):  # other processor settings or layout (or none saved)
+            logger.warning("%s: cached features were made with other image processor settings or layout (%s) than "
+                           "this stage's (%s: its processor_options, and listwise or not); computing features on the "
+                           "fly (index the gallery again to cache them)", folder,
+                           {k: manifest.get(k) for k in key}, key)
+            return False
         if manifest.get("adapter") != adapter:  # made with (or without) a vision-trained adapter
             logger.warning("%s: cached features were made with adapter %s, this stage's image features come from %s; "
                            "computing features on the fly (index the gallery again to cache them)", folder,
@@ -216,7 +290,7 @@ class RerankStage(RankStage):
         if not cache:
             from genret.mllm.scoring import image_features
 
-            return image_features(self.mllm, [load_image(item_image(it)) for it in items])
+            return image_features(self.mllm, [load_image(item_image(it)) for it in items], several=self._several)
         missing = [(i, it) for i, it in zip(ids, items) if i not in self.features]
         if missing:
             if self.features and not self._warned:
@@ -224,7 +298,8 @@ class RerankStage(RankStage):
                 self._warned = True
             from genret.mllm.scoring import image_features
 
-            self.features.update(zip((i for i, _ in missing), image_features(self.mllm, [load_image(item_image(it)) for _, it in missing])))
+            self.features.update(zip((i for i, _ in missing), image_features(
+                self.mllm, [load_image(item_image(it)) for _, it in missing], several=self._several)))
         return [self.features[i] for i in ids]
 
     def rank(self, queries: Sequence[Query], upstream: Sequence[Ranking] | None, ctx: StageContext,
@@ -267,6 +342,11 @@ class RerankStage(RankStage):
         """
         if not items:
             return []
+        if query.instruction is not None:
+            if self.config.backend == "remote":
+                raise ValueError(f"stage {self.name!r}: query {query.id!r} carries an instruction, which a remote "
+                                 "endpoint's own template cannot take")
+            self._instructions([query])  # a prompt without {instruction} refuses it, in every mode
         if self.config.backend == "remote":
             from genret.stages.remote import remote_scores
 
@@ -278,7 +358,8 @@ class RerankStage(RankStage):
         direction = "t2i" if query.target == "image" else "i2t"
         section = self.prompt.section(direction)
         if direction == "t2i":  # listwise
-            images = self._images(items, cache)
+            # A lone candidate is laid out as an image alone, not as the cached one among several.
+            images = self._images(items, cache) if len(items) > 1 else [load_image(item_image(items[0]))]
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"text": self._text(query)},
                                            images, "image", label=f"stage {self.name!r}: query {query.id!r}")
         texts = [it.text for it in items]
@@ -290,7 +371,8 @@ class RerankStage(RankStage):
         if self.config.mode == "listwise":
             return scoring.listwise_scores(self.mllm, section["user"], section["item"], {"image": image}, texts, "text",
                                            label=f"stage {self.name!r}: query {query.id!r}")
-        return self._pairs(section, texts, [image] * len(texts), [self._label(query, it) for it in items])
+        return self._pairs(section, texts, [image] * len(texts), [self._label(query, it) for it in items],
+                           [query] * len(texts))
 
     @staticmethod
     def _text(query: Query) -> str:
@@ -310,20 +392,50 @@ class RerankStage(RankStage):
         distinct = list({it.id: it for it in flat}.values())
         by_id = dict(zip((it.id for it in distinct), self._images(distinct, cache)))
         labels = [self._label(q, it) for q, its in zip(queries, items) for it in its]
-        return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat], labels)
+        return self._pairs(self.prompt.section("t2i"), texts, [by_id[it.id] for it in flat], labels,
+                           [q for q, its in zip(queries, items) for _ in its])
 
-    def _pairs(self, section: dict, texts: list[str], images: list, labels: list[str]) -> list[float]:
+    def _pairs(self, section: dict, texts: list[str], images: list, labels: list[str],
+               queries: Sequence[Query]) -> list[float]:
         from genret.mllm import scoring
 
         bs = self.config.batch_size
+        fills = self._instructions(queries)
         if self.config.mode == "pointwise":
-            return scoring.pointwise_scores(self.mllm, section["user"], texts, images, self.prompt.settings.get("yes", "yes"),
-                                            self.prompt.settings.get("no", "no"), bs,
-                                            shared_prefix=self.config.shared_prefix, labels=labels)
+            settings = self.prompt.settings
+            return scoring.pointwise_scores(self.mllm, section["user"], texts, images, settings.get("yes", "yes"),
+                                            settings.get("no", "no"), bs, shared_prefix=self.config.shared_prefix,
+                                            labels=labels, system=section.get("system"), fills=fills,
+                                            answer_tokens=settings.get("answer_tokens", "in_context"),
+                                            score=self._score(), answer_ids=self._checkpoint_answer_ids())
         texts = [section["assistant"].replace("{text}", t) for t in texts]
         return scoring.generative_scores(self.mllm, section["user"], texts, images, bs,
                                          shared_prefix=self.config.shared_prefix, labels=labels)
 
+
+    def _score(self) -> str:
+        """The pointwise score: the checkpoint's sentence-transformers files decide it where they say (and the
+        stage did not name its own prompt), else the prompt file."""
+        if self.conventions.score and not self.config.prompt:
+            return self.conventions.score
+        return self.prompt.settings.get("score", "log_odds")
+
+    def _checkpoint_answer_ids(self) -> tuple[int, int] | None:
+        """The answer token ids the checkpoint declares (its ``LogitScore``), checked against the prompt's words
+        read as vocabulary tokens: a checkpoint and a prompt that disagree are refused, not scored."""
+        conv = self.conventions
+        if conv.yes_id is None or self.config.prompt:
+            return None
+        if self._answer_ids is None:
+            settings, vocab = self.prompt.settings, self.mllm.tokenizer.get_vocab()
+            for word, want in ((settings.get("yes", "yes"), conv.yes_id), (settings.get("no", "no"), conv.no_id)):
+                if settings.get("answer_tokens") == "vocabulary" and vocab.get(word, want) != want:
+                    raise ConventionsError(
+                        f"stage {self.name!r}: {', '.join(conv.sources)} score token {want}, but prompt "
+                        f"{self.prompt.key} answers {word!r} (token {vocab[word]}); the checkpoint and its "
+                        "conventions disagree: set the stage's prompt to choose")
+            self._answer_ids = (conv.yes_id, conv.no_id)
+        return self._answer_ids
 
     def _label(self, query: Query, item: Item) -> str:
         """How a (query, candidate) pair is named in an error (a prompt past the model's context)."""
