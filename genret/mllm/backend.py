@@ -14,7 +14,7 @@ CUDA is present (accelerate's ``"auto"``) and on the CPU otherwise.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -175,6 +175,11 @@ class MLLM:
 
         if isinstance(config, str):
             config = MLLMConfig(model=config, **overrides)
+        from genret.mllm.checkpoints import adapter_base, merge_adapter
+
+        base = adapter_base(config.model, config.trust_remote_code)
+        if base is not None:  # a checkpoint shipped as a LoRA adapter (MonoQwen2-VL): its base, the adapter merged in
+            return merge_adapter(cls.load(replace(config, model=base)), config)
         ref, hf_config, family = check_mllm(config)
         text = getattr(hf_config, "text_config", None) or hf_config
         # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
@@ -219,6 +224,13 @@ def check_mllm(config: MLLMConfig, what: str = "MLLM", files: bool = True) -> tu
     """
     from transformers import AutoConfig
 
+    from genret.mllm.checkpoints import adapter_base
+
+    base = adapter_base(config.model, config.trust_remote_code)
+    if base is not None:  # a LoRA adapter checkpoint: what loads is its base (genret.mllm.checkpoints)
+        check_model_ref(config.model, what, files=files)
+        return check_mllm(replace(config, model=base), f"{what} (base of the adapter checkpoint {config.model!r})",
+                          files)
     ref = check_model_ref(config.model, what, files=files)
     try:
         hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=config.trust_remote_code)
@@ -246,7 +258,12 @@ class BaseModel(NamedTuple):
     def of(cls, config: MLLMConfig, what: str = "MLLM") -> "BaseModel":
         """The base model ``config`` names, checked by :func:`check_mllm` (no weights read)."""
         ref, _, family = check_mllm(config, what, files=False)
-        return cls(str(config.model), family, model_fingerprint(ref))
+        revision = model_fingerprint(ref)
+        from genret.mllm.checkpoints import adapter_base, adapter_fingerprint
+
+        if adapter_base(config.model, config.trust_remote_code) is not None:  # an adapter checkpoint, merged as it loads
+            revision = f"{revision}+{adapter_fingerprint(config.model)}"
+        return cls(str(config.model), family, revision)
 
 
 def processor_without_video(cls: type) -> type:
