@@ -10,7 +10,7 @@ Prompts are :class:`genret.prompts.Prompt` tables; ``{image}`` marks where an im
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -150,18 +150,42 @@ def image_features(mllm: MLLM, images: Sequence, batch_size: int = 32) -> list[t
     return out
 
 
-def yes_no_ids(mllm: MLLM, prompt: str, yes: str, no: str) -> tuple[list[int], list[int]]:
-    """The first tokens of the yes and of the no answer after ``prompt``, each casing the tokenizer writes as one
-    token in context (see :func:`genret.mllm.answers.answer_token_ids`).
+def yes_no_ids(mllm: MLLM, prompt: str, yes: str, no: str, tokens: str = "in_context") -> tuple[list[int], list[int]]:
+    """The first tokens of the yes and of the no answer after ``prompt``: with ``tokens="in_context"`` each casing
+    the tokenizer writes as one token in context (see :func:`genret.mllm.answers.answer_token_ids`); with
+    ``"vocabulary"`` the word's own vocabulary entry, as a reranker checkpoint's authors read it
+    (``tokenizer.convert_tokens_to_ids("yes")``).
 
     Raises:
-        ValueError: when yes and no share a token, so the two answers cannot be told apart.
+        ValueError: when yes and no share a token, so the two answers cannot be told apart, or a vocabulary word
+            that is no single token.
     """
-    yes_ids, no_ids = answer_token_ids(mllm, prompt, yes), answer_token_ids(mllm, prompt, no)
+    if tokens == "vocabulary":
+        yes_ids, no_ids = [_vocabulary_id(mllm, yes)], [_vocabulary_id(mllm, no)]
+    else:
+        yes_ids, no_ids = answer_token_ids(mllm, prompt, yes), answer_token_ids(mllm, prompt, no)
     if set(yes_ids) & set(no_ids):
         raise ValueError(f"the answers {yes!r} and {no!r} start with the same token after the prompt; "
                          "choose answer words that start differently")
     return yes_ids, no_ids
+
+
+def _vocabulary_id(mllm: MLLM, word: str) -> int:
+    vocab = mllm.tokenizer.get_vocab()
+    if word not in vocab:
+        raise ValueError(f"the answer word {word!r} is not one token of {mllm.model_id}'s vocabulary; use "
+                         "answer_tokens = 'in_context' or a word the vocabulary holds")
+    return int(vocab[word])
+
+
+def pointwise_messages(template: str, text: str, system: str | None = None,
+                       fill: Mapping[str, str] | None = None) -> list[dict]:
+    """A pointwise pair's chat: the ``system`` turn where the prompt has one, then the user turn of ``template``
+    with ``{text}`` and each of ``fill`` (``{instruction}``) filled."""
+    user = user_message(template, text=text, **dict(fill or {}))
+    if system is None:
+        return user
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, *user]
 
 
 def yes_no_score(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
@@ -281,7 +305,9 @@ def _shared_prefix(mllm: MLLM, inputs: dict[str, torch.Tensor], images: Sequence
 @torch.inference_mode()
 def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Sequence, yes: str = "yes",
                      no: str = "no", batch_size: int = 16, shared_prefix: bool = True, min_prefix: int = 16,
-                     labels: Sequence[str] | None = None) -> list[float]:
+                     labels: Sequence[str] | None = None, *, system: str | None = None,
+                     fills: Sequence[Mapping[str, str]] | None = None, answer_tokens: str = "in_context",
+                     score: str = "log_odds", answer_ids: tuple[int, int] | None = None) -> list[float]:
     """log P(yes) − log P(no) for each (text, image) pair, at the first answer position.
 
     A pair whose prompt does not fit the model's context raises :class:`PromptTooLongError`, named by ``labels``
@@ -292,11 +318,23 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
 
     With ``shared_prefix`` and cached image features, the tokens every prompt shares (the query
     part: the prompt files put it first) run once and their KV cache serves all candidates.
+
+    A reranker checkpoint is scored by its own conventions (:mod:`genret.mllm.checkpoints`): a ``system`` turn,
+    per-pair ``fills`` of the template's other placeholders (``{instruction}``), ``answer_tokens="vocabulary"``
+    (the words' own tokens, no casings summed) or explicit ``answer_ids`` (yes, no), and ``score="sigmoid"``:
+    P(yes) / (P(yes) + P(no)), the sigmoid of the log-odds, which is the softmax over the two answers' logits.
     """
     rows = [[im] for im in images]
     labels = _labels(labels, len(texts))
-    prompts = [render(mllm, user_message(template, text=t)) for t in texts]
-    yes_ids, no_ids = yes_no_ids(mllm, prompts[0], yes, no)
+    fills = [{}] * len(texts) if fills is None else list(fills)
+    prompts = [render(mllm, pointwise_messages(template, t, system, f)) for t, f in zip(texts, fills)]
+    if answer_ids is not None:
+        yes_ids, no_ids = [int(answer_ids[0])], [int(answer_ids[1])]
+    else:
+        yes_ids, no_ids = yes_no_ids(mllm, prompts[0], yes, no, answer_tokens)
+    if score not in ("log_odds", "sigmoid"):
+        raise ValueError(f"score must be 'log_odds' or 'sigmoid', got {score!r}")
+    finish = torch.sigmoid if score == "sigmoid" else (lambda x: x)
     if shared_prefix and _all_cached(rows) and len(prompts) > 1:
         inputs = _inputs(mllm, prompts, rows, labels)
         prefix, positions = _shared_prefix(mllm, inputs, rows, min_prefix)
@@ -307,14 +345,14 @@ def pointwise_scores(mllm: MLLM, template: str, texts: Sequence[str], images: Se
                                                   keep=lambda rows, _: answer[rows].unique()):
                 where = torch.searchsorted(answer[sel].unique(), answer[sel])
                 out[sel] = yes_no_score(logits[torch.arange(len(where)), where], yes_ids, no_ids).cpu()
-            return out.tolist()
+            return finish(out).tolist()
     out_list: list[float] = []
     for s in range(0, len(texts), batch_size):
         inputs = _inputs(mllm, prompts[s:s + batch_size], rows[s:s + batch_size], labels[s:s + batch_size])
         last = inputs["attention_mask"].sum(dim=1) - 1
         keep, where = last.unique(return_inverse=True)  # only the answer positions reach the vocabulary head
         logits = _forward(mllm, inputs, logits_to_keep=keep).logits
-        out_list += yes_no_score(logits[torch.arange(len(last)), where], yes_ids, no_ids).tolist()
+        out_list += finish(yes_no_score(logits[torch.arange(len(last)), where], yes_ids, no_ids)).tolist()
     return out_list
 
 
