@@ -43,7 +43,8 @@ class EmbedderSpec:
             truncation is refused).
         resize_factor, min_pixels, max_pixels: the authors' resize of an image before the processor (smart resize
             onto a ``resize_factor`` grid, within the pixel bounds).
-        processor_options: settings passed to the processor (after that resize).
+        processor_options: settings the processor is loaded with (``from_pretrained`` applies ``min_pixels`` /
+            ``max_pixels``; a ``size`` given there is not applied in transformers 5.24).
         max_length: the authors' token limit of one input.
     """
 

@@ -71,9 +71,10 @@ def encode_chunks(encoder, modality: str, items: Sequence[Item], chunk_size: int
     for start in range(0, len(items), chunk_size):
         chunk = list(items[start:start + chunk_size])
         if modality == "image":
-            vectors = encoder.encode_images([it.image for it in chunk], batch_size, progress and not many)
+            vectors = encoder.encode_images([it.image for it in chunk], batch_size, progress and not many,
+                                            role="document")
         else:
-            vectors = encoder.encode_texts([it.text for it in chunk], progress=progress and not many)
+            vectors = encoder.encode_texts([it.text for it in chunk], progress=progress and not many, role="document")
         bar.update(len(chunk))
         yield chunk, vectors
     bar.close()

@@ -320,11 +320,26 @@ def _read(file: Path, flags: int):
 
 def check_encoder(path: Path, saved: dict, current: dict) -> None:
     """Raise :class:`IndexMismatchError` when an index was built by another encoder."""
-    # A local model is known by its weights' fingerprint (the revision), not by the path it was given under: the
-    # same folder reached from another working directory, or moved with the pipeline, still matches.
-    # (genret._hub.model_fingerprint: a local folder's is a content hash, a hub model's is "<id>@<commit>".)
-    local = all(isinstance(d.get("revision"), str) and d["revision"] and "@" not in d["revision"] for d in (saved, current))
-    keys = ("dim", "revision", "backend") if local else ("dim", "model", "revision", "backend")
+    # A model is known by its files' fingerprint (the revision, genret._hub.model_fingerprint: what its files hold),
+    # not by the name or path it was given under: the same folder reached from elsewhere or moved with the pipeline,
+    # and a local copy of a hub model, still match; a hub model's new commit that leaves its files as they were too.
+    # An index made before carries the old key (a hub model's "<id>@<commit>"), checked by the old rule.
+    from genret._hub import fingerprints_match, legacy_note
+
+    fingerprinted = all(isinstance(d.get("revision"), str) and d["revision"] for d in (saved, current))
+    if fingerprinted and not fingerprints_match(saved["revision"], current["revision"], str(current.get("model", ""))):
+        raise IndexMismatchError(
+            f"{path}: index was built with encoder {saved.get('model')!r} (files fingerprint {saved['revision']!r}), "
+            f"but the encoder now is {current.get('model')!r} (fingerprint {current['revision']!r}): another model or "
+            f"other files{legacy_note(saved['revision'])}; rebuild the index with `genret index build` or load it with the encoder that made it")
+    keys = ("dim", "backend") if fingerprinted else ("dim", "model", "revision", "backend")
+    # An instructed embedder's document-side settings (instruction, pooling, dimensions, image size) make the
+    # vectors as much as the weights do: an index made under other ones, or by another kind of encoder, is refused.
+    if ("settings" in saved or "settings" in current) and saved.get("settings") != current.get("settings"):
+        raise IndexMismatchError(
+            f"{path}: index was built with encoder settings {saved.get('settings')!r}, but the encoder's now are "
+            f"{current.get('settings')!r}; rebuild the index with `genret index build` or load it with the settings "
+            "that made it")
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
             raise IndexMismatchError(

@@ -27,10 +27,12 @@ class PrefilterConfig:
 
 def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int = 256,
                    image_weight: float = 1.0) -> np.ndarray:
-    """Embed text queries with the text tower and image queries with the image tower, in order.
+    """Embed text queries with the text tower and image queries with the image tower, in order (as queries: an
+    instructed embedder uses its query instruction).
 
     An image + text query (a composed query, or a rewrite that keeps its reference) is the late fusion
-    of both, the usual "image + text" baseline of composed retrieval: unit(unit(text) + w · unit(image)).
+    of both, the usual "image + text" baseline of composed retrieval: unit(unit(text) + w · unit(image)); an
+    MLLM embedder, which takes both in one input, embeds it jointly instead (``image_weight`` is then unused).
     """
     out = np.zeros((len(queries), ctx.encoder.dim), dtype=np.float32)
     text_rows = [i for i, q in enumerate(queries) if q.image is None]
@@ -41,11 +43,15 @@ def encode_queries(queries: Sequence[Query], ctx: StageContext, batch_size: int 
         raise ValueError(f"queries without text or image: {bad[:5]}")
     if text_rows:
         texts = [queries[i].text or " ".join(queries[i].dialog) for i in text_rows]
-        out[text_rows] = ctx.encoder.encode_texts(texts, batch_size=batch_size)
+        out[text_rows] = ctx.encoder.encode_texts(texts, batch_size=batch_size, role="query")
     if image_rows:
-        out[image_rows] = ctx.encoder.encode_images([queries[i].image for i in image_rows], batch_size=64)
-    if both:
-        text = ctx.encoder.encode_texts([queries[i].text for i in both], batch_size=batch_size)
+        out[image_rows] = ctx.encoder.encode_images([queries[i].image for i in image_rows], batch_size=64,
+                                                    role="query")
+    joint = getattr(ctx.encoder, "encode_pairs", None)
+    if both and joint is not None:
+        out[both] = joint([queries[i].image for i in both], [queries[i].text for i in both], role="query")
+    elif both:
+        text = ctx.encoder.encode_texts([queries[i].text for i in both], batch_size=batch_size, role="query")
         fused = _unit(text) + image_weight * _unit(out[both])
         out[both] = _unit(fused)
     return out
