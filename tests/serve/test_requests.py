@@ -289,6 +289,9 @@ BODIES = {
         | st.lists(TEXTS, max_size=3)}, optional={
         "model": st.sampled_from(["rerank", "nope", None]) | TEXTS, "top_n": st.integers(-2, 10) | json_values(),
         "return_documents": st.booleans() | json_values()}),
+    "/score": st.fixed_dictionaries({}, optional={
+        name: TEXTS | content() | json_values() | st.lists(TEXTS | parts() | content(), max_size=3)
+        for name in ("queries", "documents", "items", "data_1", "data_2", "text_1", "text_2", "model")}),
     "/v1/embeddings": st.fixed_dictionaries({
         "input": TEXTS | st.lists(TEXTS | parts(), max_size=4) | json_values() | st.lists(image_part(), max_size=3)},
         optional={"model": TEXTS | json_values(),
