@@ -6,6 +6,7 @@ tokenizer hides (sentencepiece's "▁", byte-level BPE's leading space, a templa
 """
 
 import copy
+import inspect
 
 import json
 
@@ -57,7 +58,7 @@ def test_cached_features_and_shared_prefix_give_the_pil_scores(real_mllms, real_
         mllm = MLLM.load(str(real_dirs[name]))
         mllm.family.prepare_feature_cache(mllm.processor)
     plain = score_query(mllm, mode, direction, images)
-    feats = image_features(mllm, images)
+    feats = image_features(mllm, images, several=mode == "listwise" and direction == "t2i")  # k images in one prompt
     fast = score_query(mllm, mode, direction, feats)
     assert fast == pytest.approx(plain, abs=1e-4)
     if mode != "listwise":
@@ -98,7 +99,8 @@ def test_smolvlm_splitting_with_cached_features_is_refused_before_loading(real_d
 # What each real template and tokenizer write right after the generation prompt.
 ANSWER = {"qwen2-vl-2b-instruct": ("", "Yes", "<|im_end|>"), "qwen2.5-vl-3b-instruct": ("", "Yes", "<|im_end|>"),
           "llava-1.5-7b-hf": (" ", "▁Yes", "</s>"), "smolvlm-256m-instruct": (" ", "ĠYes", "<end_of_utterance>"),
-          "llava-onevision-qwen2-0.5b-ov-hf": ("", "Yes", "<|im_end|>"),
+          "llava-onevision-qwen2-0.5b-ov-hf": ("", "Yes", "<|im_end|>"), "qwen3-vl-2b-instruct": ("", "Yes", "<|im_end|>"),
+          "gemma-3-4b-it": ("", "Yes", "<end_of_turn>"),
           "qwen3.5-0.8b": ("", "Yes", "<|im_end|>")}  # after the no-think form's closed <think></think> block
 
 
@@ -132,17 +134,21 @@ def test_generative_scores_the_tokens_of_the_templates_own_assistant_turn(real_m
     mllm = real_mllms[name]
     user = "{image}\nDescribe the image."
     text = "a red circle left of a blue square"
-    prompt = render(mllm, user_message(user))
     messages = [m if keeps_image_order(mllm) else _inline_images(mllm, m) for m in user_message(user)]
+    # The template's own text, tokenized as transformers' apply_chat_template does (no second bos where it writes one).
+    prompt = mllm.processor.apply_chat_template(messages, add_generation_prompt=True)
     turn = mllm.processor.apply_chat_template(
         [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}])
     assert turn.startswith(prompt)
     written = turn[len(prompt):].rstrip()  # the template's answer: llava adds no end token, the model emits eos
-    if not written.endswith(mllm.tokenizer.eos_token):
+    if written.endswith(text):  # no end-of-turn token written (Gemma 3 writes <end_of_turn>; its eos is <eos>)
         written += mllm.tokenizer.eos_token
-    full = mllm.processor(text=[prompt + written], images=[images[0]], return_tensors="pt")
-    start = mllm.processor(text=[prompt], images=[images[0]], return_tensors="pt")["input_ids"].shape[1]
-    inputs = {k: v for k, v in full.items() if k != "token_type_ids"}
+    bos = mllm.tokenizer.bos_token
+    special = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
+    full = mllm.processor(text=[prompt + written], images=[images[0]], return_tensors="pt", **special)
+    start = mllm.processor(text=[prompt], images=[images[0]], return_tensors="pt", **special)["input_ids"].shape[1]
+    takes = inspect.signature(mllm.model.forward).parameters  # Gemma 3's forward takes the processor's token_type_ids
+    inputs = {k: v for k, v in full.items() if k != "token_type_ids" or k in takes}
     with torch.no_grad():
         logp = mllm.model(**inputs).logits[0, :-1].log_softmax(-1)
     ids = full["input_ids"][0, 1:]

@@ -1,0 +1,134 @@
+"""Qwen3-VL against the model's own forward: its chat template, its processor, its M-RoPE and DeepStack.
+
+The reference side never goes through genret: ``processor.apply_chat_template`` renders and tokenizes the
+messages (the image inside them), ``model(**inputs)`` runs on the processor's own outputs (the model computes
+its positions with ``get_rope_index`` and its DeepStack features from the pixels), and the score is read from
+its logits. genret's scores (PIL images, cached features, shared prefix) must equal it in float32 to 1e-4, on the
+shrunk Qwen3-VL-2B-Instruct build (real tokenizer, template and processor settings, random weights).
+"""
+
+import pytest
+import torch
+
+from genret.mllm.scoring import generative_scores, image_features, pointwise_scores
+from genret.prompts import load_prompt
+
+NAME = "qwen3-vl-2b-instruct"
+
+
+@pytest.fixture(scope="module")
+def qwen3(real_mllms):
+    return real_mllms[NAME]
+
+
+def _user(template: str, image, **values) -> dict:
+    """A user turn as the model card writes one: the image inside the message, text parts around it."""
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value)
+    before, after = template.split("{image}")
+    content = ([{"type": "text", "text": before}] if before else []) + [{"type": "image", "image": image}]
+    return {"role": "user", "content": content + ([{"type": "text", "text": after}] if after else [])}
+
+
+def _own(mllm, messages, **kwargs) -> dict:
+    return mllm.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs)
+
+
+@torch.no_grad()
+def _reference_generative(mllm, user: dict, text: str) -> float:
+    """Mean log P(answer tokens) by the model's own forward: the assistant turn its template writes, through its
+    end-of-turn token."""
+    start = _own(mllm, [user], add_generation_prompt=True)["input_ids"].shape[1]
+    full = _own(mllm, [user, {"role": "assistant", "content": [{"type": "text", "text": text}]}])
+    ids = full["input_ids"][0]
+    end = start + ids[start:].tolist().index(mllm.tokenizer.convert_tokens_to_ids("<|im_end|>")) + 1
+    logp = mllm.model(**full).logits[0].float().log_softmax(-1)
+    return float(sum(logp[p - 1, ids[p]] for p in range(start, end)) / (end - start))
+
+
+@torch.no_grad()
+def _reference_pointwise(mllm, user: dict) -> float:
+    """log P(yes) − log P(no) at the answer position of the model's own forward, each answer word in the casings
+    its tokenizer writes as one token (``Yes``/``yes``, ``No``/``no``)."""
+    inputs = _own(mllm, [user], add_generation_prompt=True)
+    logp = mllm.model(**inputs).logits[0, -1].float().log_softmax(-1)
+    ids = mllm.tokenizer.convert_tokens_to_ids
+    return float(logp[[ids("Yes"), ids("yes")]].logsumexp(0) - logp[[ids("No"), ids("no")]].logsumexp(0))
+
+
+def test_the_reference_inputs_are_the_checkpoints_own(qwen3, images):
+    """The reference really is the model's own path: the processor's M-RoPE inputs and 16 px patches merged 2×2,
+    the real min_pixels (65,536: a 64 px image becomes 8×8 tokens), no genret positions."""
+    inputs = _own(qwen3, [_user("{image}\nDescribe the image.", images[0])], add_generation_prompt=True)
+    assert {"mm_token_type_ids", "image_grid_thw", "pixel_values"} <= set(inputs)
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert int((inputs["input_ids"] == qwen3.model.config.image_token_id).sum()) == 64
+
+
+def test_generative_score_is_the_models_own_forward(qwen3, images):
+    section = load_prompt("rerank_generative").section("t2i")
+    texts = ["a red circle left of a blue square", "two green crosses", "nothing"]
+    want = [_reference_generative(qwen3, _user(section["user"], images[i]), t) for i, t in enumerate(texts)]
+    assert max(want) - min(want) > 1e-2  # the scores tell the pairs apart
+    got = [generative_scores(qwen3, section["user"], [t], [images[i]])[0] for i, t in enumerate(texts)]
+    assert got == pytest.approx(want, abs=1e-4)
+    feats = image_features(qwen3, images[:3])
+    assert generative_scores(qwen3, section["user"], texts, feats) == pytest.approx(want, abs=1e-4)
+    # one image, several texts: the image's prompt runs once as a shared prefix, its DeepStack levels in it
+    one = [_reference_generative(qwen3, _user(section["user"], images[3]), t) for t in texts]
+    assert generative_scores(qwen3, section["user"], texts, [image_features(qwen3, images[3:])[0]] * 3,
+                             min_prefix=1) == pytest.approx(one, abs=1e-4)
+
+
+def test_pointwise_p_yes_is_the_models_own_forward(qwen3, images):
+    section = load_prompt("rerank_pointwise").section("t2i")
+    query = "a red circle left of a blue square"
+    want = [_reference_pointwise(qwen3, _user(section["user"], im, text=query)) for im in images]
+    assert max(want) - min(want) > 1e-3
+    got = pointwise_scores(qwen3, section["user"], [query] * len(images), images)
+    assert got == pytest.approx(want, abs=1e-4)
+    # cached features after the shared query prefix: each suffix carries its image's features and DeepStack levels
+    feats = image_features(qwen3, images)
+    shared = pointwise_scores(qwen3, section["user"], [query] * len(images), feats, min_prefix=1, batch_size=3)
+    assert shared == pytest.approx(want, abs=1e-4)
+    p_yes = torch.tensor(shared).sigmoid()  # P(yes) renormalised over {yes, no}
+    assert p_yes.tolist() == pytest.approx(torch.tensor(want).sigmoid().tolist(), abs=1e-5)
+
+
+def test_cached_features_carry_the_deepstack_levels_and_they_count(qwen3, images):
+    """A feature is (1 + DeepStack levels, rows, cols, hidden); with its DeepStack levels zeroed the scores change,
+    so a cache without them could not give the PIL scores."""
+    levels = 1 + len(qwen3.model.config.vision_config.deepstack_visual_indexes)
+    feats = image_features(qwen3, images)
+    assert [tuple(f.shape[:3]) for f in feats] == [(levels, 8, 8)] * 3 + [(levels, 6, 12)]  # the crop: 64×32 px
+    section = load_prompt("rerank_pointwise").section("t2i")
+    texts = ["a red circle"] * len(images)
+    plain = pointwise_scores(qwen3, section["user"], texts, feats)
+    flat = [torch.cat([f[:1], torch.zeros_like(f[1:])]) for f in feats]
+    assert max(abs(a - b) for a, b in zip(plain, pointwise_scores(qwen3, section["user"], texts, flat))) > 1e-3
+
+
+def test_a_feature_of_another_layout_is_refused_by_name(qwen3, images):
+    section = load_prompt("rerank_pointwise").section("t2i")
+    feats = image_features(qwen3, images[:1])
+    with pytest.raises(ValueError, match=r"\(1 \+ DeepStack levels, rows, cols, hidden\).*recompute the feature cache"):
+        pointwise_scores(qwen3, section["user"], ["a red circle"], [feats[0][0]])  # a Qwen2-VL layout
+    with pytest.raises(ValueError, match=r"has 2 levels, this model takes 4"):
+        pointwise_scores(qwen3, section["user"], ["a red circle"], [feats[0][:2]])
+
+
+def test_positions_are_the_models_get_rope_index(qwen3, images):
+    """Qwen2-VL's explicit M-RoPE positions equal Qwen3-VL's own get_rope_index: two images of different grids,
+    text between and after, left in a batch with a shorter row (padding)."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[3]}, {"type": "text", "text": "and"},
+                                             {"type": "image", "image": images[0]}, {"type": "text", "text": "?"}]}]
+    text = qwen3.processor.apply_chat_template(messages, add_generation_prompt=True)
+    short = qwen3.processor.apply_chat_template(messages[:1] and [{"role": "user", "content": "hi"}],
+                                                add_generation_prompt=True)
+    inputs = qwen3.processor(text=[text, short], images=[images[3], images[0]], padding=True, return_tensors="pt")
+    want, _ = qwen3.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                               image_grid_thw=inputs["image_grid_thw"],
+                                               attention_mask=inputs["attention_mask"])
+    got = qwen3.family.position_ids(qwen3.model, inputs)
+    mask = inputs["attention_mask"].bool()
+    assert torch.equal(got[:, mask], want[:, mask])
