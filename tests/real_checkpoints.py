@@ -23,8 +23,9 @@ CHECKPOINTS = {"qwen2-vl-2b-instruct": "qwen2_vl", "qwen2.5-vl-3b-instruct": "qw
                "llava-onevision-qwen2-0.5b-ov-hf": "llava_onevision",
                "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl", "qwen3.5-0.8b": "qwen3_5"}
 # Fixtures whose every-path tests run only with ``-m slow`` (a representative of each runs by default): Qwen3.5's
-# 248K-token tokenizer takes ~10 s to load, and the parametrized tests load it six times.
-SLOW = {"qwen3.5-0.8b"}
+# 248K-token tokenizer takes ~10 s to load, and the parametrized tests load it six times. Qwen3-VL: 64 tokens or
+# more an image (min_pixels 65,536) through DeepStack; tests/mllm/test_qwen3_vl.py is its default representative.
+SLOW = {"qwen3.5-0.8b", "qwen3-vl-2b-instruct"}
 
 
 def fixture(name: str) -> dict:
