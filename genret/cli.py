@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "holding some")
     ver.add_argument("--json", action="store_true", help="print one record per artefact as JSON")
 
-    serve = sub.add_parser("serve", help="serve a saved pipeline over HTTP: /v1/search, /v1/rerank, /v1/embeddings, "
+    serve = sub.add_parser("serve", help="serve a saved pipeline over HTTP: /v1/search, /v1/rerank, /score, /v1/embeddings, "
                            "a results page at / (needs the serve extra: pip install 'genret[serve]')")
     serve.add_argument("pipeline", help="a saved pipeline folder (genret index build), or a pipeline file")
     _serve_options(serve)

@@ -100,7 +100,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
 
     def run_rerank(payloads):
         """Each payload is one request's (stage name, [(query, items), ...]): the scores of each group."""
-        return [[rerankers[name].score(query, items, cache=False) for query, items in groups] for name, groups in payloads]
+        return [[rerankers[name].score(query, items, cache=False) for query, items in groups]
+                for name, groups in payloads]
 
     def run_embed(encode):
         """Each payload is one request's inputs: all requests' inputs are encoded together, then split back."""
@@ -295,8 +296,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             want = "image" if qkind == "text" else "text"
             kind, value = doc.single(f"stage {name!r} scores one {want} per document for a {qkind} query")
             if kind != want:
-                raise RequestError(400, f"{doc.at}: a {qkind} query ranks {want} documents (text → image or image → "
-                                        f"text), not {kind}s")
+                raise RequestError(400, f"{doc.at}: a {qkind} query ranks {want} documents (text → image or "
+                                        f"image → text), not {kind}s")
             queries.setdefault((qkind, qvalue), query.at)
             groups.setdefault((qkind, qvalue), []).append((i, Item(str(i), want, text=value if want == "text" else None,
                                                                    image=value if want == "image" else None)))
@@ -346,8 +347,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         left = read_inputs(getattr(body, left_field), left_field, files)
         right = read_inputs(getattr(body, right_field), right_field, files)
         if len(left) > 1 and len(left) != len(right):
-            raise RequestError(400, f"{left_field} and {right_field}: {len(left)} and {len(right)}; vLLM pairs them 1:1, "
-                                    f"1:N or N:N (the i-th {left_field} item with the i-th {right_field} item)")
+            raise RequestError(400, f"{left_field} and {right_field}: {len(left)} and {len(right)}; vLLM pairs them "
+                                    f"1:1, 1:N or N:N (the i-th {left_field} item with the i-th {right_field} item)")
         scores, tokens = await score_pairs(name, list(zip(left * len(right) if len(left) == 1 else left, right)))
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
                 "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],

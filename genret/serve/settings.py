@@ -45,8 +45,9 @@ class ServeConfig:
                                                                 "also checked in tokens against the models' context)",
                                                         "range": at_least(1)})
     max_k: int = field(default=100, metadata={"help": "largest k a search may ask for", "range": at_least(1)})
-    max_documents: int = field(default=256, metadata={"help": "most documents of one /v1/rerank request, and inputs "
-                                                              "of one /v1/embeddings request", "range": at_least(1)})
+    max_documents: int = field(default=256, metadata={"help": "most documents of one /v1/rerank request, pairs of "
+                                                              "one /score request, inputs of one /v1/embeddings "
+                                                              "request", "range": at_least(1)})
     max_batch: int = field(default=16, metadata={"help": "most requests in one model call", "range": at_least(1)})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long a call waits for more requests",
                                                       "range": at_least(0)})
