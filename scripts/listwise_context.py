@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Bounded settings a user would pick to rank many candidates at once.
 BOUNDED = {"qwen2-vl-2b-instruct": {"max_pixels": 256 * 28 * 28}, "qwen2.5-vl-3b-instruct": {"max_pixels": 256 * 28 * 28},
-           "smolvlm-256m-instruct": {"do_image_splitting": False}}
+           "smolvlm-256m-instruct": {"do_image_splitting": False}, "qwen3-vl-2b-instruct": {"max_pixels": 256 * 32 * 32}}
 
 
 def measure(path: str, size: tuple[int, int], options: dict) -> dict:
