@@ -5,7 +5,7 @@ the text→image listwise prompt of ``prompts/rerank_listwise.toml`` is built wi
 a given size; the difference is one candidate's tokens, and the context (``max_position_embeddings``) gives the
 largest k that fits. Both the checkpoint's processor settings and a bounded one are shown.
 
-    python scripts/listwise_context.py [--size 640x480] [--json]
+    python scripts/listwise_context.py [--size 640x480] [--checkpoint NAME] [--json]
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="640x480", help="candidate image size, WxH")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="measure only this fixture (repeatable; default: every fixture)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -53,7 +55,9 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CHECKPOINTS:
+        for name in args.checkpoint or CHECKPOINTS:
+            if name not in CHECKPOINTS:
+                parser.error(f"--checkpoint {name!r}: no such fixture; known: {', '.join(CHECKPOINTS)}")
             path = str(build(name, Path(tmp) / name))
             for label, options in (("shipped", {}), ("bounded", BOUNDED.get(name))):
                 if options is None:

@@ -21,11 +21,12 @@ CACHE = Path(os.environ.get("GENRET_FIXTURE_CACHE", Path.home() / ".cache" / "ge
 # fixture name -> the genret family it must load as
 CHECKPOINTS = {"qwen2-vl-2b-instruct": "qwen2_vl", "qwen2.5-vl-3b-instruct": "qwen2_vl", "llava-1.5-7b-hf": "llava",
                "llava-onevision-qwen2-0.5b-ov-hf": "llava_onevision",
-               "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl", "qwen3.5-0.8b": "qwen3_5"}
+               "smolvlm-256m-instruct": "idefics3", "qwen3-vl-2b-instruct": "qwen3_vl", "qwen3.5-0.8b": "qwen3_5",
+               "gemma-3-4b-it": "gemma3"}
 # Fixtures whose every-path tests run only with ``-m slow`` (a representative of each runs by default): Qwen3.5's
 # 248K-token tokenizer takes ~10 s to load, and the parametrized tests load it six times. Qwen3-VL: 64 tokens or
 # more an image (min_pixels 65,536) through DeepStack; tests/mllm/test_qwen3_vl.py is its default representative.
-SLOW = {"qwen3.5-0.8b", "qwen3-vl-2b-instruct"}
+SLOW = {"qwen3.5-0.8b", "qwen3-vl-2b-instruct", "gemma-3-4b-it"}  # Gemma 3: a 262K-token tokenizer (~10 s a load) and 256 tokens an image
 
 
 def fixture(name: str) -> dict:

@@ -66,9 +66,18 @@ def answer_format(mllm: "MLLM") -> AnswerFormat:
     if full.startswith(prompt) and _PROBE in full[len(prompt):]:
         prefix, _, after = full[len(prompt):].partition(_PROBE)
         end = after.strip()
-        fmt = AnswerFormat(prefix, end if end and eos and eos in end else eos)
+        fmt = AnswerFormat(prefix, end if end and (eos and eos in end or _stops_generation(mllm, end)) else eos)
     mllm._answer_format = fmt
     return fmt
+
+
+def _stops_generation(mllm: "MLLM", token: str) -> bool:
+    """Whether ``token`` is one token that ends generation (the generation config's eos ids): Gemma 3's template
+    ends a turn with ``<end_of_turn>`` (id 106), its tokenizer's eos is ``<eos>``, its generation config stops on both."""
+    ids = mllm.tokenizer(token, add_special_tokens=False)["input_ids"]
+    stops = getattr(getattr(mllm.model, "generation_config", None), "eos_token_id", None)
+    stops = stops if isinstance(stops, list) else [stops]
+    return len(ids) == 1 and ids[0] in stops
 
 
 def continuation_ids(mllm: "MLLM", prompt: str, texts: Sequence[str]) -> list[list[int]]:

@@ -178,12 +178,13 @@ class Captioner:
         images = [load_image(p) for p in paths]
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            inputs = mllm.processor(text=[self.text] * len(images), images=images, padding=True, return_tensors="pt")
+            inputs = mllm.processor(text=[self.text] * len(images), images=mllm.family.processor_images([[im] for im in images]),
+                                    padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
         check_lengths(mllm, inputs["attention_mask"].sum(dim=1).tolist(), [f"the caption of {p}" for p in paths],
                       new_tokens=self.max_new_tokens, advice="bound the image size (processor_options)")
-        inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+        inputs = {k: v.to(mllm.device) for k, v in mllm.family.generate_inputs(mllm.model, inputs).items()}
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         gen = mllm.model.generate(**inputs, do_sample=False, num_beams=self.num_beams,
                                   max_new_tokens=self.max_new_tokens, pad_token_id=pad)

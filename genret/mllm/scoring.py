@@ -43,7 +43,23 @@ def render(mllm: MLLM, messages: list[dict]) -> str:
     """
     if not keeps_image_order(mllm):
         messages = [_inline_images(mllm, m) for m in messages]
-    return mllm.family.apply_chat_template(mllm.processor, messages, add_generation_prompt=True)
+    return without_template_bos(mllm, mllm.family.apply_chat_template(mllm.processor, messages, add_generation_prompt=True))
+
+
+def without_template_bos(mllm: MLLM, text: str) -> str:
+    """``text`` without the bos token a template writes (Gemma 3's ``<bos>``) where the tokenizer adds one itself.
+
+    transformers tokenizes a rendered chat that starts with the bos without special tokens, so the model sees one
+    bos; genret's prompts are tokenized with them (as the processor does by default), so the template's goes.
+    """
+    bos = mllm.tokenizer.bos_token
+    if not bos or not text.startswith(bos):
+        return text
+    adds = getattr(mllm, "_tokenizer_adds_bos", None)
+    if adds is None:
+        adds = mllm.tokenizer("a")["input_ids"][:1] == [mllm.tokenizer.bos_token_id]
+        mllm._tokenizer_adds_bos = adds
+    return text[len(bos):] if adds else text
 
 
 
@@ -269,6 +285,7 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
             first = [s + int((owners[rows] == u).nonzero()[0]) for u in distinct]
             head = mllm.model(inputs_embeds=embeds[first, :prefix], attention_mask=mask[first, :prefix],
                               position_ids=positions[..., first, :prefix], use_cache=True, logits_to_keep=1,
+                              **mllm.family.prefix_kwargs(mllm.model, inputs["input_ids"][first, :prefix]),
                               **mllm.family.feature_kwargs(mllm.model, inputs, first, 0, prefix))
             head_for = distinct
         width = int(mask[rows].sum(dim=1).max())
@@ -277,6 +294,7 @@ def _prefix_forward(mllm: MLLM, inputs: dict[str, torch.Tensor], prefix: int, po
         out = mllm.model(inputs_embeds=embeds[rows, prefix:width], attention_mask=mask[rows, :width],
                          cache=cache, position_ids=positions[..., rows, prefix:width], use_cache=True,
                          logits_to_keep=keep(rows, width - prefix).to(embeds.device),
+                         **mllm.family.prefix_kwargs(mllm.model, inputs["input_ids"][rows, :width]),
                          **mllm.family.feature_kwargs(mllm.model, inputs, rows, prefix, width))
         yield rows, head.logits[local.to(head.logits.device)], out.logits
 

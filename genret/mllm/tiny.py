@@ -237,12 +237,17 @@ def _fill_from_fixture(fx: dict, out: Path, tokenizer_file: str | Path, seed: in
     text = config.get("text_config", config)
     text["vocab_size"] = max(text.get("vocab_size", 0), tok.get_vocab_size(with_added_tokens=True))
     image_token = fx["processor_config"].get("image_token") or ("<|image_pad|>" if "qwen" in config["model_type"] else "<image>")
-    for key, token in TOKEN_FIELDS.items():
+    # A fixture names the tokens of fields its processor config does not (Gemma 3: boi/eoi/image_token_index).
+    for key, token in {**TOKEN_FIELDS, **fx.get("token_fields", {})}.items():
         if key in config:
             config[key] = ids(image_token if token == "image" else token)
     write_json(out / "config.json", config)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out))
+    with torch.no_grad():  # a matrix initialised to zeros (Gemma 3's image projection) would make every image alike
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(std=config.get("initializer_range", 0.02))
     model.save_pretrained(out)
 
     def token_id(name: str):

@@ -143,14 +143,14 @@ class MLLMAnswerer:
         tok = self.mllm.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            inputs = self.mllm.processor(text=texts, images=[load_image(p) for p in images], padding=True,
-                                         return_tensors="pt")
+            inputs = self.mllm.processor(text=texts, padding=True, return_tensors="pt",
+                                         images=self.mllm.family.processor_images([[load_image(p)] for p in images]))
         finally:
             tok.padding_side = side
         check_lengths(self.mllm, inputs["attention_mask"].sum(dim=1).tolist(),
                       [f"the answer about {p}" for p in images], new_tokens=self.max_new_tokens,
                       advice="ask a shorter question, or bound the image size (processor_options)")
-        inputs = {k: v.to(self.mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+        inputs = {k: v.to(self.mllm.device) for k, v in self.mllm.family.generate_inputs(self.mllm.model, inputs).items()}
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with torch.inference_mode():
             gen = self.mllm.model.generate(**inputs, do_sample=False, num_beams=self.num_beams,

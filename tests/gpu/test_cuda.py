@@ -25,7 +25,7 @@ def images(world):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["qwen2-vl-2b-instruct", "qwen2.5-vl-3b-instruct", "llava-1.5-7b-hf",
-                                  "smolvlm-256m-instruct", "llava-onevision-qwen2-0.5b-ov-hf", "qwen3-vl-2b-instruct"])
+                                  "smolvlm-256m-instruct", "llava-onevision-qwen2-0.5b-ov-hf", "qwen3-vl-2b-instruct", "gemma-3-4b-it"])
 def test_bf16_on_cuda_scores_like_float32_on_the_cpu(real_dirs, images, name, mode, direction):
     from genret.mllm import MLLM
 

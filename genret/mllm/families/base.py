@@ -78,6 +78,16 @@ class Family:
         """Pixel tensors (and grids) for a batch of PIL images."""
         return dict(processor.image_processor(images=images, return_tensors="pt"))
 
+    def several_image_inputs(self, processor, images: list) -> dict[str, torch.Tensor] | None:
+        """Pixel tensors of ``images`` as laid out in a prompt that holds several images (a listwise prompt), for a
+        family that lays such an image out otherwise than one alone (LLaVA-OneVision); None: as :meth:`image_inputs`."""
+        return None
+
+    def processor_images(self, rows: list[list]) -> list:
+        """What the processor's ``images=`` gets for a batch of prompts holding ``rows`` of images: one flat list,
+        or (LLaVA-OneVision) the rows, so that the processor knows which images share a prompt."""
+        return [im for row in rows for im in row]
+
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per image, the features the language model sees (after the projector).
 
@@ -130,6 +140,17 @@ class Family:
             attention_mask: ``(batch, length)``, 1 on real tokens.
         """
         return {}
+
+    def prefix_kwargs(self, model, input_ids: torch.Tensor) -> dict[str, Any]:
+        """What a forward over part of a sequence needs beside embeddings, mask and positions (a shared prefix, or
+        the rows' continuation after its KV cache), given the ids from the sequence's start to that part's end:
+        Gemma 3's ``token_type_ids``, which its image mask reads by absolute position."""
+        return {}
+
+    def generate_inputs(self, model, inputs: dict) -> dict:
+        """The processor's outputs as ``generate`` takes them: a tokenizer's BERT-style ``token_type_ids`` dropped
+        (Gemma 3 keeps them: they mark its images' bidirectional attention)."""
+        return {k: v for k, v in inputs.items() if k != "token_type_ids"}
 
     def next_position_ids(self, model, inputs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
         """Position ids of ``length`` tokens appended after each row's last real token (KV-cache continuation)."""
