@@ -5,6 +5,7 @@ the image), decoding greedily or by beam search, left-padded in batches. With a 
 every caption it makes and generates only the images it has not described before under the same key:
 
 - the base weights (``mllm.revision``), their dtype and quantisation,
+- the processor's image settings (:func:`~genret.mllm.textcache.image_key`: ``max_pixels`` and the like),
 - the active adapters, each by the sha256 of its ``adapter_model.safetensors``,
 - the prompt's name, version and section, and a hash of the rendered prompt (chat template included),
 - the decoding settings (``max_new_tokens``, ``num_beams``),
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from genret._io import ManifestError, read_json, write_json
 from genret.data.images import ImageLoadError, load_image
 from genret.mllm.context import check_lengths
+from genret.mllm.textcache import image_key
 from genret.prompts import Prompt, PromptError, load_prompt
 
 if TYPE_CHECKING:
@@ -124,6 +126,7 @@ class Captioner:
         """
         return {
             "model": {"revision": self.mllm.revision, "weights": _precision(self.mllm.model)},
+            "images": image_key(self.mllm),  # the processor's settings: another max_pixels describes another image
             "adapters": self._adapter_ids(),
             "prompt": {"name": self.prompt.name, "version": self.prompt.version, "section": self.section,
                        "sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16]},

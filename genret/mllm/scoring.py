@@ -102,7 +102,7 @@ def _inputs(mllm: MLLM, texts: list[str], images: list[list], labels: Sequence[s
     if cached:
         texts = [mllm.family.expand_image_tokens(mllm.processor, t, [len(mllm.family.feature_embeds(f)) for f in ims])
                  for t, ims in zip(texts, images)]
-    kwargs = {"images": flat} if flat and not cached else {}
+    kwargs = {"images": mllm.family.processor_images(images)} if flat and not cached else {}
     tok = mllm.processor.tokenizer
     side, tok.padding_side = tok.padding_side, "right"
     try:
@@ -156,11 +156,19 @@ def _forward(mllm: MLLM, inputs: dict[str, torch.Tensor], **kwargs):
 
 
 @torch.inference_mode()
-def image_features(mllm: MLLM, images: Sequence, batch_size: int = 32) -> list[torch.Tensor]:
-    """Per image, the projected features the language model sees: compute once, score many times."""
+def image_features(mllm: MLLM, images: Sequence, batch_size: int = 32, several: bool = False) -> list[torch.Tensor]:
+    """Per image, the projected features the language model sees: compute once, score many times.
+
+    Args:
+        several: the images will sit in prompts that hold several images (a listwise prompt of candidate images),
+            which a family may lay out otherwise than an image alone (LLaVA-OneVision: one view, not anyres tiles).
+    """
     out: list[torch.Tensor] = []
     for s in range(0, len(images), batch_size):
-        inputs = mllm.family.image_inputs(mllm.processor, list(images[s:s + batch_size]))
+        chunk = list(images[s:s + batch_size])
+        inputs = mllm.family.several_image_inputs(mllm.processor, chunk) if several else None
+        if inputs is None:
+            inputs = mllm.family.image_inputs(mllm.processor, chunk)
         inputs = {k: v.to(mllm.device) for k, v in inputs.items()}
         out += [f.detach().cpu() for f in mllm.family.image_features(mllm.model, inputs)]
     return out

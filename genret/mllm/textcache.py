@@ -36,7 +36,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def model_key(mllm: "MLLM") -> dict:
-    """The model's identity for cache keys: id, weights fingerprint, and each active adapter's weights digest."""
+    """The model's identity for cache keys: id, weights fingerprint, each active adapter's weights digest, and how
+    its processor reads an image (:func:`image_key`)."""
     adapters = []
     for name in mllm.active_adapters:
         info = mllm.adapters.get(name, {})
@@ -44,7 +45,22 @@ def model_key(mllm: "MLLM") -> dict:
             weights = Path(info.get("path", "")) / "adapter_model.safetensors"
             info["digest"] = file_digest(weights) if weights.is_file() else f"unknown:{name}"
         adapters.append({"name": name, "task": info.get("task"), "digest": info["digest"]})
-    return {"model": mllm.model_id, "revision": mllm.revision, "adapters": adapters}
+    return {"model": mllm.model_id, "revision": mllm.revision, "adapters": adapters, "images": image_key(mllm)}
+
+
+def image_key(mllm: "MLLM") -> str:
+    """How the model's processor turns an image into tokens, as a digest: the processor's and its image processor's
+    settings as they are now — the checkpoint's files, the user's ``processor_options`` as the family applied them,
+    and what a family changed for cached features (SmolVLM's splitting turned off). Every cache of what is made from
+    images (gallery features, captions, answers, rewrites) is keyed by it, so lowering ``max_pixels`` never serves
+    what the old setting made."""
+    processor = mllm.processor
+    try:
+        settings = processor.to_dict()
+    except (AttributeError, TypeError, ValueError):  # a processor that cannot describe itself: its image part can
+        settings = {"image_processor": processor.image_processor.to_dict()}
+    settings.pop("chat_template", None)  # prompts are keyed by the caches themselves
+    return _digest(json.loads(json.dumps(settings, sort_keys=True, default=str)))[:16]
 
 
 def _digest(obj: Any) -> str:

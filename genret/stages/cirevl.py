@@ -76,6 +76,9 @@ class CIReVLConfig(MLLMLoadConfig):
     batch_size: int = field(default=16, metadata={"range": at_least(1), "help": "images or prompts per generate call"})
     cache_dir: str = field(default="", metadata={"path": "dir",
                                                  "help": "where captions and rewrites persist ('' : memory only)"})
+    rewriter_processor_options: dict = field(default_factory=dict, metadata={
+        "help": "image processor settings of rewriter_model when it is another model than model (processor_options "
+                "are model's: a Qwen captioner's max_pixels is no setting of a LLaVA rewriter)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -83,6 +86,20 @@ class CIReVLConfig(MLLMLoadConfig):
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode in ("compose", "caption") and not self.model:
             raise ValueError(f"mode {self.mode!r} needs model (the captioning MLLM)")
+        if self.rewriter_processor_options and not self._own_rewriter():
+            raise ValueError("rewriter_processor_options are the settings of rewriter_model, another model than "
+                             "model: set rewriter_model, or put the settings in processor_options")
+
+    def _own_rewriter(self) -> bool:
+        return bool(self.rewriter_model) and self.rewriter_model != self.model
+
+    def mllm_config(self, model: str):
+        """The load settings of ``model``: each model its own ``processor_options`` (the captioner's are
+        ``processor_options``, another rewriter's ``rewriter_processor_options``)."""
+        config = super().mllm_config(model)
+        if self._own_rewriter() and model == self.rewriter_model:
+            config.processor_options = dict(self.rewriter_processor_options)
+        return config
 
 
 def check_composed(query: Query) -> None:

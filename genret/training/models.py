@@ -102,10 +102,20 @@ def token_targets(model, token_ids: Sequence[int]) -> dict[str, list[int]]:
     return targets
 
 
-def image_features(mllm: "MLLM", paths: Sequence[str], progress: bool = False, desc: str = "") -> list[torch.Tensor]:
-    """Projected image features as ordinary (non-inference) tensors in the model's dtype, computed once per run."""
+def image_features(mllm: "MLLM", paths: Sequence[str], progress: bool = False, desc: str = "",
+                   several: bool = False) -> list[torch.Tensor]:
+    """Projected image features as ordinary (non-inference) tensors in the model's dtype, computed once per run
+    (``several``: laid out as one of a prompt's several images, :func:`genret.mllm.scoring.image_features`)."""
     out: list[torch.Tensor] = []
     for s in tqdm(range(0, len(paths), 64), desc=desc, unit="batch", disable=not progress):
-        chunk = scoring.image_features(mllm, [load_image(p) for p in paths[s:s + 64]])
+        chunk = scoring.image_features(mllm, [load_image(p) for p in paths[s:s + 64]], several=several)
         out += [f.clone() for f in chunk]
     return out
+
+
+def lays_out_several(mllm: "MLLM") -> bool:
+    """Whether the family lays an image among several out otherwise than one alone (LLaVA-OneVision), so that a
+    listwise prompt of candidate images needs features of their own."""
+    from genret.mllm.families.base import Family
+
+    return type(mllm.family).several_image_inputs is not Family.several_image_inputs

@@ -57,7 +57,7 @@ from genret.mllm import scoring
 from genret.mllm.adapters import VISION_ADAPT
 from genret.mllm.answers import answer_format
 from genret.training.engine import Engine
-from genret.training.models import add_lora, image_features, load_base
+from genret.training.models import add_lora, image_features, lays_out_several, load_base
 from genret.training.options import LoraOptions, TrainOptions
 from genret.training.negatives import QueryGroup, caption_table, mine_negatives, top_k
 
@@ -94,7 +94,9 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
     eval_k: int = field(default=10, metadata={"help": "prefilter candidates reranked per val query"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (costs ~10%% of a step on the CPU)"})
     cache_features: bool = field(default=True, metadata={"help": "compute every training image's MLLM features once "
-                                 "(not with --vision projector/tower: the features then change as the adapter trains)"})
+                                 "(not with --vision projector/tower: the features then change as the adapter trains); "
+                                 "off: the images run through the vision tower at every step, laid out as the "
+                                 "checkpoint's processor does (SmolVLM's tiles kept)"})
     vision: str = field(default="none", metadata={"help": "what trains beside the language model's LoRA: none; "
                         "projector (the projector, whole, saved with the adapter); tower (the projector and a LoRA on "
                         "the vision tower). The images then run through the vision side at every step, and a rerank "
@@ -147,15 +149,22 @@ class _Batch:
                  feats: dict[int, torch.Tensor] | None, vision: str = "none") -> None:
         self.mllm, self.model, self.prompt = mllm, model, prompt
         self.texts, self.paths, self.feats, self.vision = texts, paths, feats, vision
+        self.several: dict[int, torch.Tensor] = {}  # features laid out as one of several images, made as needed
 
-    def features(self, indices: Sequence[int]) -> dict:
-        """Each image's cached features; the images themselves when the vision side trains (they run through it)."""
+    def features(self, indices: Sequence[int], several: bool = False) -> dict:
+        """Each image's cached features; the images themselves when the vision side trains or nothing is cached
+        (they run through the vision side in the forward, laid out by the processor).
+
+        ``several``: the images sit in a prompt of several (listwise candidates), which LLaVA-OneVision lays out
+        otherwise than an image alone: features of that layout, cached as they are first needed."""
         unique = sorted(set(indices))
-        if self.vision != "none":
-            return {i: load_image(self.paths[i]) for i in unique}
-        if self.feats is not None:
-            return {i: self.feats[i] for i in unique}
-        return dict(zip(unique, image_features(self.mllm, [self.paths[i] for i in unique])))
+        if self.vision != "none" or self.feats is None:  # the images run through the vision side in the forward,
+            return {i: load_image(self.paths[i]) for i in unique}  # laid out by the processor (SmolVLM's tiles kept)
+        if several and lays_out_several(self.mllm):
+            missing = [i for i in unique if i not in self.several]
+            self.several.update(zip(missing, image_features(self.mllm, [self.paths[i] for i in missing], several=True)))
+            return {i: self.several[i] for i in unique}
+        return {i: self.feats[i] for i in unique}
 
     def call(self, inputs: dict[str, torch.Tensor], **kwargs):
         """The trained model's forward on :func:`genret.mllm.scoring._inputs`: cached features through the
@@ -259,12 +268,13 @@ def listwise_logprobs(batch: _Batch, examples: Sequence[Example]) -> torch.Tenso
     the model writes an answer and scored on all its tokens (sentencepiece writes every number as ``▁`` and
     digits, Qwen's ``12`` is ``1`` ``2``): the prompt runs once, its KV cache is repeated for the k answers.
     """
-    feats = batch.features([i for e in examples for i in (e.candidates if e.direction == "t2i" else (e.query,))])
+    feats = batch.features([e.query for e in examples if e.direction == "i2t"])
+    several = batch.features([c for e in examples if e.direction == "t2i" for c in e.candidates], several=True)
     rows = []
     for e in examples:
         section = batch.prompt.section(e.direction)
         if e.direction == "t2i":
-            query, cands, key = {"text": batch.texts[e.query]}, [feats[c] for c in e.candidates], "image"
+            query, cands, key = {"text": batch.texts[e.query]}, [several[c] for c in e.candidates], "image"
         else:
             query, cands, key = {"image": feats[e.query]}, [batch.texts[c] for c in e.candidates], "text"
         messages, images = scoring.listwise_prompt(section["user"], section["item"], query, cands, key)
@@ -299,16 +309,20 @@ class _Evaluator:
         self.i2t_cands = top_k(txt, img[self.i2t], min(k, len(txt)))
         self.need = sorted({i for row in self.t2i_cands for i in row} | set(self.i2t))
         self.vision, self.progress = config.vision, progress
+        self.cache = config.cache_features  # off: PIL images, laid out by the processor as in training
         self.feats = self._features(mllm)
+        self.several: dict[int, torch.Tensor] = {}  # listwise candidates' features of that layout, as needed
         self.k = k
 
-    def _features(self, mllm: "MLLM") -> dict[int, torch.Tensor]:
+    def _features(self, mllm: "MLLM") -> dict:
+        if not self.cache:
+            return {i: load_image(self.paths[i]) for i in self.need}
         return dict(zip(self.need, image_features(mllm, [self.paths[i] for i in self.need], self.progress,
                                                   "val image features")))
 
     def __call__(self, mllm: "MLLM", prompt: "Prompt", mode: str) -> dict:
         if self.vision != "none":  # the adapter changes the image features: compute them with it as it is now
-            self.feats = self._features(mllm)
+            self.feats, self.several = self._features(mllm), {}
         out = {}
         for direction, queries, cands in (("t2i", self.t2i, self.t2i_cands), ("i2t", self.i2t, self.i2t_cands)):
             section = prompt.section(direction)
@@ -339,8 +353,13 @@ class _Evaluator:
             return scoring.generative_scores(mllm, section["user"], [self.texts[c] for c in row],
                                              [self.feats[q]] * len(row))
         if direction == "t2i":
+            feats = self.feats
+            if len(row) > 1 and self.cache and lays_out_several(mllm):  # LLaVA-OneVision: candidates laid out as several images
+                missing = [c for c in row if c not in self.several]
+                self.several.update(zip(missing, image_features(mllm, [self.paths[c] for c in missing], several=True)))
+                feats = self.several
             return scoring.listwise_scores(mllm, section["user"], section["item"], {"text": self.texts[q]},
-                                           [self.feats[c] for c in row], "image")
+                                           [feats[c] for c in row], "image")
         return scoring.listwise_scores(mllm, section["user"], section["item"], {"image": self.feats[q]},
                                        [self.texts[c] for c in row], "text")
 
@@ -380,6 +399,11 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     show = engine.show
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
     mllm = load_base(base, config, engine.device)
+    if config.cache_features and config.vision == "none":  # as the rerank stage: features a cache can hold
+        note = mllm.family.prepare_feature_cache(mllm.processor)
+        if note:
+            logger.warning("train rerank (%s), for the training images' cached features: %s; --no-cache-features "
+                           "(cache_features = false) trains on the checkpoint's own layout instead", base, note)
     yes, no = prompt.settings.get("yes", "yes"), prompt.settings.get("no", "no")
     if config.mode == "pointwise":  # the answer tokens are read in context; words that clash are refused here
         section = prompt.section("t2i" if config.directions != "i2t" else "i2t")["user"]

@@ -53,8 +53,10 @@ class Idefics3Family(Family):
         out = processor.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
         rows, cols = out.pop("rows", None), out.pop("cols", None)
         if rows is not None and (torch.as_tensor(rows).any() or torch.as_tensor(cols).any()):
-            raise ValueError("Idefics3 features of split images cannot be cached (their tile layout is lost); set "
-                             "do_image_splitting=false in the processor config, or score without cached features")
+            raise ValueError("Idefics3 features of split images cannot be cached (their tile layout is lost): turn "
+                             "splitting off (processor_options do_image_splitting = false), or keep the tiles without "
+                             "cached features (cache_features = false: a rerank stage's setting, and train rerank's "
+                             "--no-cache-features)")
         return dict(out)
 
     def expand_image_tokens(self, processor, text: str, n_tokens: list[int]) -> str:
