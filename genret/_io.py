@@ -114,9 +114,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
 
 
-def fingerprint(path: str | os.PathLike, full: bool = False) -> str:
+def fingerprint(path: str | os.PathLike, full: bool = False, samples: int = SAMPLES) -> str:
     """A content hash of a file: SHA-256 of it whole (``full``, or at most :data:`SMALL` bytes), else of its size
-    and :data:`SAMPLES` blocks spread evenly over it (first and last included): constant time for any size."""
+    and ``samples`` blocks spread evenly over it (first and last included): constant time for any size."""
     path = Path(path)
     size = path.stat().st_size
     h = hashlib.sha256()
@@ -126,8 +126,8 @@ def fingerprint(path: str | os.PathLike, full: bool = False) -> str:
                 h.update(chunk)
             return h.hexdigest()
         h.update(str(size).encode())
-        for i in range(SAMPLES):
-            fh.seek((size - BLOCK) * i // (SAMPLES - 1))
+        for i in range(samples):
+            fh.seek((size - BLOCK) * i // (samples - 1))
             h.update(fh.read(BLOCK))
     return "sample:" + h.hexdigest()
 
@@ -258,12 +258,12 @@ def check_files(folder: str | os.PathLike, manifest: dict, what: str = "artefact
 _HASHES: dict[tuple, str] = {}
 
 
-def cached_fingerprint(path: Path, full: bool = False) -> str:
+def cached_fingerprint(path: Path, full: bool = False, samples: int = SAMPLES) -> str:
     """:func:`fingerprint`, remembered for a file of the same size, time and inode (within this process)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, full)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, full, samples)
     if key not in _HASHES:
-        _HASHES[key] = fingerprint(path, full=full)
+        _HASHES[key] = fingerprint(path, full=full, samples=samples)
     return _HASHES[key]
 
 

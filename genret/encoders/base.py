@@ -40,8 +40,9 @@ class DualEncoder(ABC):
 
     @property
     def cache_namespace(self) -> str:
-        """The cache folder of this model: backend, id and weights fingerprint."""
-        return hashlib.sha1(f"{self.backend}|{self.model_id}|{self.revision}".encode()).hexdigest()[:16]
+        """The cache folder of this model: backend and the fingerprint of its files (not its name: a hub model and
+        a local copy of it share their embeddings; :func:`genret._hub.model_fingerprint`)."""
+        return hashlib.sha1(f"{self.backend}|{self.revision}".encode()).hexdigest()[:16]
 
     def namespace_for(self, role: str | None) -> str:
         """The cache folder of what this encoder makes for ``role``; one for both roles unless the encoder has roles."""

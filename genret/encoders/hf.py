@@ -62,7 +62,7 @@ class HFDualEncoder(DualEncoder):
         self.model.to(self.device).eval()
         self.model_type = self.model.config.model_type
         dim = int(getattr(self.model.config, "projection_dim", 0) or self.model.config.text_config.hidden_size)
-        super().__init__(str(model), model_fingerprint(ref, getattr(self.model.config, "_commit_hash", None)), dim, cache)
+        super().__init__(str(model), model_fingerprint(ref), dim, cache)
 
     @torch.inference_mode()
     def _embed_images(self, images: list) -> np.ndarray:

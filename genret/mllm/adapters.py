@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from genret._hub import fingerprints_match, legacy_note
 from genret._io import ManifestError, check_local_model, read_json, write_json
 from genret._swap import atomic_dir
 
@@ -114,11 +115,11 @@ def check_adapter(manifest: Mapping[str, Any], path: str | os.PathLike, mllm: "M
     if manifest["family"] != mllm.family.name:
         raise AdapterMismatchError(f"{where}: adapter made for a {manifest['family']!r} model, but "
                                    f"{mllm.model_id!r} is a {mllm.family.name!r} model")
-    if manifest["base_revision"] != mllm.revision:
+    if not fingerprints_match(manifest["base_revision"], mllm.revision, mllm.model_id):
         raise AdapterMismatchError(
             f"{where}: adapter trained on base {manifest['base_model']!r} (weights fingerprint "
-            f"{manifest['base_revision']}), but this MLLM is {mllm.model_id!r} (fingerprint {mllm.revision}); "
-            "load the base it was trained on, or train an adapter for this one")
+            f"{manifest['base_revision']}), but this MLLM is {mllm.model_id!r} (fingerprint {mllm.revision})"
+            f"{legacy_note(manifest['base_revision'])}; load the base it was trained on, or train an adapter for this one")
     if mode is not None and manifest["mode"] != mode:
         raise AdapterMismatchError(f"{where}: a {manifest['mode']!r} {manifest['task']} adapter, used in "
                                    f"{mode!r} mode; set mode = {manifest['mode']!r} or train a {mode!r} adapter")

@@ -197,10 +197,13 @@ def _open_parent(parent: Path, out_dir: Path, config: GraceAddConfig) -> tuple[d
     return manifest, Identifiers.load(parent)
 
 
-def _check_base(parent: Path, manifest: dict, revision: str) -> None:
-    if revision != manifest["base_revision"]:
+def _check_base(parent: Path, manifest: dict, revision: str, ref: str) -> None:
+    from genret._hub import fingerprints_match, legacy_note
+
+    if not fingerprints_match(manifest["base_revision"], revision, ref):
         raise ValueError(f"{parent}: trained on base {manifest['base_model']!r} with weights fingerprint "
-                         f"{manifest['base_revision']}, now {revision}: the base changed since")
+                         f"{manifest['base_revision']}, now {revision}: the base changed since"
+                         f"{legacy_note(manifest['base_revision'])}")
 
 
 def _given_queries(queries: "Mapping[str, Sequence[str]] | None", paths: dict) -> dict[str, list[str]]:
@@ -297,7 +300,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress)
     accelerator, show = engine.accelerator, engine.show
     mllm = load_base(manifest["base_model"], config, engine.device)
-    _check_base(parent, manifest, mllm.revision)
+    _check_base(parent, manifest, mllm.revision, mllm.model_id)
 
     old_items, new = list(old.item_ids), list(wanted)
     paths = {i: str(records[i].path) for i in old_items + new}

@@ -103,24 +103,20 @@ def test_an_unknown_model_type_is_refused_before_the_weights_load(real_dirs, tmp
         MLLM.load(str(path))
 
 
-def _hub_cache(root, repo, commit):
-    snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
-    (root / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
-    (root / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(commit)
-
-
-def test_hub_models_are_fingerprinted_by_id_and_snapshot_commit(tmp_path, monkeypatch):
-    """transformers 5 drops config._commit_hash: two hub models must still never share a fingerprint."""
+def test_hub_models_are_fingerprinted_by_their_files(tmp_path, monkeypatch):
+    """transformers 5 drops config._commit_hash; genret keys a hub model by its cached files (tests/test_hub.py):
+    two hub models never share a key, and one that is not in the cache cannot be keyed."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    _hub_cache(tmp_path, "Qwen/Qwen2-VL-2B-Instruct", "a" * 40)
-    _hub_cache(tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", "b" * 40)
+    for repo, commit, config in (("Qwen/Qwen2-VL-2B-Instruct", "a", "{}"), ("Qwen/Qwen2.5-VL-3B-Instruct", "b", "{ }")):
+        snap = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / (commit * 40)
+        snap.mkdir(parents=True)
+        (snap / "config.json").write_text(config)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text(commit * 40)
     first, second = model_fingerprint("Qwen/Qwen2-VL-2B-Instruct"), model_fingerprint("Qwen/Qwen2.5-VL-3B-Instruct")
-    assert first == "Qwen/Qwen2-VL-2B-Instruct@" + "a" * 40 and second.endswith("b" * 40) and first != second
-    assert model_fingerprint("org/other", commit_hash="c" * 40) == "org/other@" + "c" * 40
+    assert first.startswith("files-v2:") and first != second
     with pytest.raises(ValueError, match="cannot fingerprint 'org/missing'"):
         model_fingerprint("org/missing")
 
