@@ -7,7 +7,7 @@ Example::
     mllm = MLLM.load("adapters/mini-world/mllm")  # the miniature world's LLaVA, same code path
 
 Defaults suit the machine they run on: ``dtype="auto"`` is the checkpoint's ``torch_dtype`` (bf16/fp16) where a
-CUDA device is present and float32 on the CPU; ``device_map="auto"`` places the model on the GPU(s) where
+CUDA device is present (float32 for a family that overflows fp16 on a GPU without bf16) and float32 on the CPU; ``device_map="auto"`` places the model on the GPU(s) where
 CUDA is present (accelerate's ``"auto"``) and on the CPU otherwise.
 """
 
@@ -37,21 +37,53 @@ def bitsandbytes_available() -> bool:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype=None) -> "torch.dtype":
-    """The torch dtype ``dtype`` means here: ``"auto"`` is the checkpoint's half precision on CUDA, float32 on the CPU.
+def gpu_bf16() -> bool | None:
+    """What the CUDA device offers: None without one, else whether it computes in bf16 (Ampere and later; a T4 or
+    V100 does not). The one place the dtype choice asks torch.cuda."""
+    if not torch.cuda.is_available():
+        return None
+    return bool(torch.cuda.is_bf16_supported())
 
-    On CUDA, ``"auto"`` keeps a bf16 or fp16 checkpoint's ``torch_dtype`` (bf16 where the GPU lacks it is
-    fp16) and runs a float32 checkpoint in bf16 (fp16 on GPUs without bf16).
+
+def choose_dtype(dtype: str, checkpoint_dtype=None, bf16: bool | None = None, fp16_safe: bool = True,
+                 model: str = "the model") -> tuple["torch.dtype", str]:
+    """The torch dtype ``dtype`` means on a machine whose GPU offers ``bf16`` (:func:`gpu_bf16`; None: no GPU), and
+    why, where the choice needs saying. A pure function: the machine is an argument.
+
+    ``"auto"`` is float32 on the CPU. On a GPU it is a bf16 or fp16 checkpoint's own ``torch_dtype``, and bf16 for a
+    float32 one; where the GPU has no bf16, fp16. A family that is not ``fp16_safe``
+    (:attr:`genret.mllm.families.Family.fp16_safe`: Qwen2-VL's and Gemma 3's activations overflow fp16 and they
+    answer garbage) never gets fp16 from ``auto``: bf16 where the GPU has it, else float32. An explicit dtype
+    stands, with a warning where it is such a family's fp16.
+
+    Returns:
+        The dtype and a message for the log ("" when there is nothing to say).
     """
     if dtype != "auto":
-        return getattr(torch, dtype)
-    if not torch.cuda.is_available():
-        return torch.float32
-    bf16 = torch.cuda.is_bf16_supported()
+        if dtype == "float16" and not fp16_safe:
+            return torch.float16, (f"{model}: dtype float16 was asked for, but this model family's activations "
+                                   "overflow float16 (its outputs are reported to turn to garbage, transformers#33294); "
+                                   "bfloat16 or float32 is safe")
+        return getattr(torch, dtype), ""
+    if bf16 is None:
+        return torch.float32, ""
     name = str(checkpoint_dtype or "").replace("torch.", "")
-    if name == "float16" or not bf16:
-        return torch.float16
-    return torch.bfloat16
+    if bf16 and (name != "float16" or not fp16_safe):  # an fp16 checkpoint of such a family runs in bf16
+        return torch.bfloat16, ""
+    if fp16_safe:
+        return torch.float16, ""
+    return torch.float32, (f"{model}: dtype auto is float32 on this GPU: it has no bfloat16, and this model family's "
+                           "activations overflow float16 (outputs are reported to turn to garbage, transformers#33294); "
+                           "float32 takes twice the memory of half precision")
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype=None, family: Family | None = None, model: str = "the model") -> "torch.dtype":
+    """The torch dtype ``dtype`` means on this machine (:func:`choose_dtype` with :func:`gpu_bf16`), logging why
+    where it is not the plain choice."""
+    chosen, why = choose_dtype(dtype, checkpoint_dtype, gpu_bf16(), getattr(family, "fp16_safe", True), model)
+    if why:
+        logger.warning(why)
+    return chosen
 
 
 def resolve_device_map(device_map: str) -> str | None:
@@ -185,7 +217,7 @@ class MLLM:
         # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
         checkpoint_dtype = next((getattr(c, name, None) for name in ("dtype", "torch_dtype") for c in (hf_config, text)
                                  if getattr(c, name, None) is not None), None)
-        kwargs: dict = {"dtype": resolve_dtype(config.dtype, checkpoint_dtype),
+        kwargs: dict = {"dtype": resolve_dtype(config.dtype, checkpoint_dtype, family, str(config.model)),
                         "trust_remote_code": config.trust_remote_code}
         device_map = resolve_device_map(config.device_map)
         if device_map:

@@ -38,6 +38,42 @@ def test_auto_dtype_is_half_precision_on_a_gpu_and_float32_on_the_cpu(monkeypatc
     assert resolve_dtype("float32", checkpoint) == torch.float32  # an explicit choice stands
 
 
+FP16_UNSAFE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
+
+
+@pytest.mark.parametrize("model_type", [*FP16_UNSAFE, "llava", "llava_onevision", "idefics3"])
+@pytest.mark.parametrize("checkpoint", ["bfloat16", "float16", "float32"])
+def test_auto_dtype_on_a_gpu_without_bf16_is_float32_for_families_that_overflow_fp16(model_type, checkpoint):
+    """On a T4 or V100 (no bf16) ``auto`` was fp16, where Qwen2-VL's family and Gemma 3 answer garbage
+    (transformers#33294, #36822): those take float32 there, as the family says; the machine is an argument."""
+    from genret.mllm.backend import choose_dtype
+    from genret.mllm.families import family_for_type
+
+    family = family_for_type(model_type)
+    assert family.fp16_safe is (model_type not in FP16_UNSAFE)  # a family attribute, never a branch on names
+    chosen, why = choose_dtype("auto", checkpoint, bf16=False, fp16_safe=family.fp16_safe, model="m")
+    assert chosen == (torch.float16 if family.fp16_safe else torch.float32)
+    assert ("overflow float16" in why) is (not family.fp16_safe)
+    assert choose_dtype("auto", checkpoint, bf16=None, fp16_safe=family.fp16_safe)[0] == torch.float32  # the CPU
+    on_ampere = choose_dtype("auto", checkpoint, bf16=True, fp16_safe=family.fp16_safe)
+    assert on_ampere == (torch.float16 if checkpoint == "float16" and family.fp16_safe else torch.bfloat16, "")
+    explicit, warning = choose_dtype("float16", checkpoint, bf16=False, fp16_safe=family.fp16_safe)
+    assert explicit == torch.float16 and bool(warning) is (not family.fp16_safe)  # an explicit choice stands, warned
+
+
+@pytest.mark.parametrize("name,dtype", [("qwen2-vl-2b-instruct", torch.float32), ("llava-1.5-7b-hf", torch.float16)])
+def test_loading_on_a_gpu_without_bf16_takes_the_familys_safe_dtype(real_dirs, monkeypatch, caplog, name, dtype):
+    """The loader asks the device once (backend.gpu_bf16, stood in for here: this machine has no GPU) and a Qwen2-VL
+    checkpoint loads in float32, saying why; llava-1.5 keeps its fp16."""
+    import genret.mllm.backend as backend
+
+    monkeypatch.setattr(backend, "gpu_bf16", lambda: False)  # a T4: CUDA without bf16
+    with caplog.at_level("WARNING", logger="genret.mllm.backend"):
+        mllm = MLLM.load(str(real_dirs[name]), device_map="cpu")
+    assert mllm.model.dtype == dtype
+    assert ("no bfloat16, and this model family's activations overflow float16" in caplog.text) is (dtype == torch.float32)
+
+
 def test_auto_device_map_is_the_gpu_where_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device_map("auto") is None and resolve_device_map("") is None

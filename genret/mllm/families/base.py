@@ -37,6 +37,10 @@ class Family:
     processor_options: ClassVar[dict[str, str]] = {}
     # Variables every chat-template rendering gets (Qwen3.5: enable_thinking=False, the no-think form an answer follows).
     chat_template_kwargs: ClassVar[dict[str, Any]] = {}
+    # Whether the model computes correctly in float16. Not where its activations overflow fp16's range (65,504):
+    # Qwen2-VL's family (transformers#33294, QwenLM/Qwen3#761: "!!!!" and NaN logits) and Gemma 3
+    # (transformers#36822); ``dtype="auto"`` then takes float32 on a GPU without bf16 (genret.mllm.backend.choose_dtype).
+    fp16_safe: ClassVar[bool] = True
 
     def apply_chat_template(self, processor, messages: list[dict], add_generation_prompt: bool) -> str:
         """``messages`` rendered by the checkpoint's own chat template, with :attr:`chat_template_kwargs`."""

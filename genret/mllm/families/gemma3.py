@@ -31,6 +31,7 @@ class Gemma3Family(Family):
     # The Gemma 3 LM's attention; the SigLIP tower's q/k/v share these names (its output is out_proj).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     vision_tower_name, projector_name = "vision_tower", "multi_modal_projector"
+    fp16_safe = False  # empty or NaN output in float16 (transformers#36822; vLLM refuses Gemma 3 in fp16)
 
     def image_inputs(self, processor, images: list) -> dict[str, torch.Tensor]:
         """``pixel_values`` ``(images, 3, 896, 896)`` (the processor's ``num_crops`` is not a model input)."""

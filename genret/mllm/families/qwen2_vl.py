@@ -36,6 +36,9 @@ class Qwen2VLFamily(Family):
     # Language-model attention only: the vision tower names its projections qkv/proj.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     vision_tower_name, projector_name = "visual", "merger"  # the merger sits inside the tower
+    # fp16 overflows (transformers#33294: "!!!!" from Qwen2-VL; Qwen2.5-VL and the Qwen3 families it is the base of
+    # inherit it: vllm#13817 for Qwen2.5-VL); "auto" takes float32 on a GPU without bf16.
+    fp16_safe = False
     processor_options = {
         "min_pixels": "fewest pixels an image is resized to (Qwen2-VL: 3136 = 56×56)",
         "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 784 (Qwen2-VL's 12,845,056 makes a "
