@@ -1,8 +1,8 @@
 """How many listwise candidates fit each real checkpoint's context, measured on its real processor and template.
 
 For each fixture of ``tests/fixtures/checkpoints`` (real tokenizer, template, processor settings; shrunk layers),
-the text→image listwise prompt of ``prompts/rerank_listwise.toml`` is built with 1 and with 2 candidate images of
-a given size; the difference is one candidate's tokens, and the context (``max_position_embeddings``) gives the
+the text→image listwise prompt of ``prompts/rerank_listwise.toml`` is built with 2 and with 3 candidate images of
+a given size (several, as a listwise prompt holds them); the difference is one candidate's tokens, and the context (``max_position_embeddings``) gives the
 largest k that fits. Both the checkpoint's processor settings and a bounded one are shown.
 
     python scripts/listwise_context.py [--size 640x480] [--checkpoint NAME] [--json]
@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Bounded settings a user would pick to rank many candidates at once.
 BOUNDED = {"qwen2-vl-2b-instruct": {"max_pixels": 256 * 28 * 28}, "qwen2.5-vl-3b-instruct": {"max_pixels": 256 * 28 * 28},
-           "smolvlm-256m-instruct": {"do_image_splitting": False}, "qwen3-vl-2b-instruct": {"max_pixels": 256 * 32 * 32}}
+           "smolvlm-256m-instruct": {"do_image_splitting": False}, "qwen3-vl-2b-instruct": {"max_pixels": 256 * 32 * 32},
+           "qwen3.5-0.8b": {"max_pixels": 256 * 32 * 32}}
 
 
 def measure(path: str, size: tuple[int, int], options: dict) -> dict:
@@ -33,11 +34,12 @@ def measure(path: str, size: tuple[int, int], options: dict) -> dict:
     section = load_prompt("rerank_listwise").section("t2i")
     image = Image.new("RGB", size, "white")
     lengths = []
-    for k in (1, 2):
+    for k in (2, 3):  # a listwise prompt holds several images (LLaVA-OneVision lays one alone out otherwise)
         messages, images = listwise_prompt(section["user"], section["item"], {"text": "a red circle left of a blue square"},
                                            [image] * k, "image")
         lengths.append(int(_inputs(mllm, [render(mllm, messages)], [images])["input_ids"].shape[1]))
-    per, fixed = lengths[1] - lengths[0], 2 * lengths[0] - lengths[1]
+    per = lengths[1] - lengths[0]
+    fixed = lengths[0] - 2 * per
     limit = context_size(mllm)
     return {"per_candidate": per, "fixed": fixed, "context": limit, "k_fits": (limit - 8 - fixed) // per}
 
