@@ -107,6 +107,10 @@ def hub_snapshot(ref: str, revision: str = "main") -> Path | None:
         return None
 
 
+class NotDownloaded(ValueError):
+    """A hub model whose snapshot in the cache lacks its weights (only its config was fetched, so far)."""
+
+
 FINGERPRINT = "files-v2"
 """The scheme of :func:`model_fingerprint`, its prefix (older genret keyed a hub model by its commit)."""
 
@@ -154,7 +158,8 @@ def model_fingerprint(ref: str) -> str:
     process.
 
     Raises:
-        ValueError: a hub id whose files are not in the local cache (nothing could tell two versions apart).
+        ValueError: a hub id whose files are not in the local cache (nothing could tell two versions apart);
+            :class:`NotDownloaded` where only some are (its config, before the weights are fetched).
     """
     from genret._io import cached_fingerprint
 
@@ -164,6 +169,9 @@ def model_fingerprint(ref: str) -> str:
         raise ValueError(f"cannot fingerprint {ref!r}: it is neither a local directory nor in the Hugging Face cache; "
                          "load it once (from_pretrained) or pass a local directory")
     files = model_files(folder)
+    if folder is not path and not _weights_present(folder, files):
+        raise NotDownloaded(f"cannot fingerprint {ref!r} yet: its weights are not in the Hugging Face cache "
+                            f"({folder}); they are fetched as it loads")
     if not files:
         raise ValueError(f"cannot fingerprint {ref!r}: {folder} holds no model files")
     h = hashlib.sha256()
@@ -172,6 +180,21 @@ def model_fingerprint(ref: str) -> str:
         digest = cached_fingerprint(folder / rel, samples=max(16, size >> 24))
         h.update(f"{rel.as_posix()}\0{digest}\n".encode())
     return f"{FINGERPRINT}:{h.hexdigest()[:24]}"
+
+
+def _weights_present(folder: Path, files: list[Path]) -> bool:
+    """Whether a snapshot holds its weights: every shard its index names, else some weights file."""
+    import json
+
+    indexes = [f for f in files if f.name.endswith(".index.json")]
+    for index in indexes:
+        try:
+            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not all((folder / index.parent / shard).is_file() for shard in shards):
+            return False
+    return bool(indexes) or any(f.suffix in (".safetensors", ".bin") for f in files)
 
 
 def fingerprints_match(saved: str, current: str, ref: str) -> bool:

@@ -167,3 +167,13 @@ def test_indexes_and_embedding_caches_follow_the_files(offline_cache, clip_dir, 
 
 def _text_key(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def test_a_hub_model_fetched_only_in_part_is_not_keyed_by_its_config(offline_cache, mllm_dir):
+    """Online, a stage reads the config before the weights are fetched: a key of the config alone would refuse the
+    right adapter at load; the early check waits for the weights (the load checks the adapter again)."""
+    from genret.mllm.backend import BaseModel, MLLMConfig
+
+    snapshot = hub_cache(offline_cache, "example-org/partial", mllm_dir, "c" * 40)
+    (snapshot / "model.safetensors").unlink()
+    assert BaseModel.of(MLLMConfig(model="example-org/partial")).revision == ""

@@ -115,7 +115,7 @@ def check_adapter(manifest: Mapping[str, Any], path: str | os.PathLike, mllm: "M
     if manifest["family"] != mllm.family.name:
         raise AdapterMismatchError(f"{where}: adapter made for a {manifest['family']!r} model, but "
                                    f"{mllm.model_id!r} is a {mllm.family.name!r} model")
-    if not fingerprints_match(manifest["base_revision"], mllm.revision, mllm.model_id):
+    if mllm.revision and not fingerprints_match(manifest["base_revision"], mllm.revision, mllm.model_id):
         raise AdapterMismatchError(
             f"{where}: adapter trained on base {manifest['base_model']!r} (weights fingerprint "
             f"{manifest['base_revision']}), but this MLLM is {mllm.model_id!r} (fingerprint {mllm.revision})"

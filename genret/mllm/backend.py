@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from genret._hub import check_model_ref, model_fingerprint
+from genret._hub import NotDownloaded, check_model_ref, model_fingerprint
 from genret.mllm.families import Family, family_for_type, family_of
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,8 @@ def check_mllm(config: MLLMConfig, what: str = "MLLM", files: bool = True) -> tu
 
 class BaseModel(NamedTuple):
     """What an adapter is checked against (:func:`genret.mllm.adapters.check_adapter`), known before the weights
-    load: the model's reference, its family and its weights' fingerprint (a loaded :class:`MLLM` has the same three)."""
+    load: the model's reference, its family and its weights' fingerprint (a loaded :class:`MLLM` has the same three;
+    ``""`` for a hub model whose weights are not fetched yet: the fingerprint is checked once they are)."""
 
     model_id: str
     family: Family
@@ -290,7 +291,10 @@ class BaseModel(NamedTuple):
     def of(cls, config: MLLMConfig, what: str = "MLLM") -> "BaseModel":
         """The base model ``config`` names, checked by :func:`check_mllm` (no weights read)."""
         ref, _, family = check_mllm(config, what, files=False)
-        revision = model_fingerprint(ref)
+        try:
+            revision = model_fingerprint(ref)
+        except NotDownloaded:  # a hub model's weights are fetched as it loads: its adapters are checked then
+            return cls(str(config.model), family, "")
         from genret.mllm.checkpoints import adapter_base, adapter_fingerprint
 
         if adapter_base(config.model, config.trust_remote_code) is not None:  # an adapter checkpoint, merged as it loads

@@ -141,16 +141,29 @@ def test_an_unknown_model_type_is_refused_before_the_weights_load(real_dirs, tmp
 
 def test_hub_models_are_fingerprinted_by_their_files(tmp_path, monkeypatch):
     """transformers 5 drops config._commit_hash; genret keys a hub model by its cached files (tests/test_hub.py):
-    two hub models never share a key, and one that is not in the cache cannot be keyed."""
+    two hub models never share a key; one not in the cache, or whose weights are not yet (only its config was
+    fetched, or a shard is missing), cannot be keyed."""
     import huggingface_hub.constants
 
+    from genret._hub import NotDownloaded
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    snaps = {}
     for repo, commit, config in (("Qwen/Qwen2-VL-2B-Instruct", "a", "{}"), ("Qwen/Qwen2.5-VL-3B-Instruct", "b", "{ }")):
-        snap = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / (commit * 40)
+        snap = snaps[repo] = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / (commit * 40)
         snap.mkdir(parents=True)
         (snap / "config.json").write_text(config)
         (snap.parent.parent / "refs").mkdir()
         (snap.parent.parent / "refs" / "main").write_text(commit * 40)
+    with pytest.raises(NotDownloaded, match="its weights are not in the Hugging Face cache"):
+        model_fingerprint("Qwen/Qwen2-VL-2B-Instruct")  # only config.json fetched so far
+    (snaps["Qwen/Qwen2-VL-2B-Instruct"] / "model.safetensors").write_bytes(b"weights")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snaps["Qwen/Qwen2.5-VL-3B-Instruct"] / "model.safetensors.index.json").write_text(json.dumps(index))
+    (snaps["Qwen/Qwen2.5-VL-3B-Instruct"] / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    with pytest.raises(NotDownloaded):
+        model_fingerprint("Qwen/Qwen2.5-VL-3B-Instruct")  # a shard is still missing
+    (snaps["Qwen/Qwen2.5-VL-3B-Instruct"] / "model-00002-of-00002.safetensors").write_bytes(b"other half")
     first, second = model_fingerprint("Qwen/Qwen2-VL-2B-Instruct"), model_fingerprint("Qwen/Qwen2.5-VL-3B-Instruct")
     assert first.startswith("files-v2:") and first != second
     with pytest.raises(ValueError, match="cannot fingerprint 'org/missing'"):
