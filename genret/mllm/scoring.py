@@ -505,8 +505,9 @@ def number_logprobs(mllm: MLLM, call: Callable, model, prompt: str, images: list
     """log P(``n`` | prompt) for each candidate number ``n`` = 1..k, every token of the answer as the model writes it.
 
     The prompt runs once and its KV cache is continued with the answers (:func:`answer_logprobs`); where ``model``
-    keeps no cache (:func:`keeps_cache`: gradient checkpointing in training) each answer runs after the whole
-    prompt instead (:func:`whole_answer_logprobs`): the same numbers, k prompts' compute.
+    keeps no cache (:func:`keeps_cache`: gradient checkpointing in training), or with gradients where the family's
+    cache is written in place (Qwen3.5), each answer runs after the whole prompt instead
+    (:func:`whole_answer_logprobs`): the same numbers, k prompts' compute.
 
     Args:
         call: ``call(inputs, **kwargs)``, the forward of :func:`_inputs` (the stage's, or the trainer's, which
@@ -515,7 +516,7 @@ def number_logprobs(mllm: MLLM, call: Callable, model, prompt: str, images: list
     """
     fmt = answer_format(mllm)
     texts = [fmt.text(str(n)) for n in range(1, k + 1)]
-    if not keeps_cache(model):
+    if not keeps_cache(model) or (torch.is_grad_enabled() and mllm.family.cache_written_in_place):
         return whole_answer_logprobs(mllm, call, prompt, images, texts)
     if inputs is None:
         with torch.no_grad():  # frozen embeddings and image features: no graph before the model's layers

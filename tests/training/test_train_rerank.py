@@ -306,7 +306,8 @@ def test_bad_configs_are_refused(table, match):
         from_dict(RerankTrainConfig, table)
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b-hf", "qwen2-vl-2b-instruct"])
+@pytest.mark.parametrize("name", ["llava-1.5-7b-hf", "qwen2-vl-2b-instruct",
+                                  pytest.param("qwen3.5-0.8b", marks=pytest.mark.slow)])  # Gated-DeltaNet LoRA
 def test_listwise_trains_on_numbers_that_share_their_first_token(real_dirs, small, clip_dir, tmp_path, name):
     """Sentencepiece writes every number after ``ASSISTANT:`` as ``▁`` + digits, Qwen splits ``10`` into ``1`` ``0``:
     the old first-token loss refused both (llava-1.5 at any k >= 2); the loss is now on each whole number."""

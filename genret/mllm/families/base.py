@@ -37,6 +37,9 @@ class Family:
     processor_options: ClassVar[dict[str, str]] = {}
     # Variables every chat-template rendering gets (Qwen3.5: enable_thinking=False, the no-think form an answer follows).
     chat_template_kwargs: ClassVar[dict[str, Any]] = {}
+    # Whether a forward continuing a cache overwrites in place the states it read (Qwen3.5's Gated-DeltaNet conv and
+    # recurrent states): autograd then cannot go back through them, so training scores answers without a cache.
+    cache_written_in_place: ClassVar[bool] = False
     # Whether the model computes correctly in float16. Not where its activations overflow fp16's range (65,504):
     # Qwen2-VL's family (transformers#33294, QwenLM/Qwen3#761: "!!!!" and NaN logits) and Gemma 3
     # (transformers#36822); ``dtype="auto"`` then takes float32 on a GPU without bf16 (genret.mllm.backend.choose_dtype).

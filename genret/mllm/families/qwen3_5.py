@@ -14,7 +14,9 @@
   repeats them by batch row, so the shared-prefix and listwise paths run as for attention-only models. Padding:
   transformers zeroes the inputs of padded positions in a linear layer, so with left padding (generation) the
   state stays zero until a row's first token, and right padding (scoring) only follows every token read; a row
-  scores and generates as it does alone (tested on the shrunk checkpoint).
+  scores and generates as it does alone (tested on the shrunk checkpoint). A forward continuing the cache
+  overwrites those states in place, which autograd cannot go back through: with gradients (listwise training) each
+  answer runs after the whole prompt instead (:attr:`~Qwen3_5Family.cache_written_in_place`).
 - LoRA: the full-attention projections and the Gated-DeltaNet's input and output projections (``in_proj_qkv``,
   ``in_proj_z``, ``out_proj``); its per-head gate projections (``in_proj_a``/``in_proj_b``, hidden → heads) stay
   frozen, as the released quantised checkpoints leave them unquantised.
@@ -37,6 +39,7 @@ class Qwen3_5Family(Qwen3VLFamily):
     # Full attention and Gated DeltaNet; the vision tower's are qkv/proj/linear_fc*, the MoE experts no Linear.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")
     chat_template_kwargs = {"enable_thinking": False}
+    cache_written_in_place = True  # Gated DeltaNet: listwise training runs each answer after its whole prompt
     processor_options = {
         "min_pixels": "fewest pixels an image is resized to (Qwen3.5: 65,536 = 256×256, i.e. at least 64 tokens)",
         "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 1024 (Qwen3.5's 16,777,216 makes a "
