@@ -48,8 +48,8 @@ def add_tokens(identifiers: Identifiers, tokenizer, model=None) -> int:
     return added
 
 
-def tokenize(identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "") -> list[list[int]]:
-    """Token ids of each identifier, each ending with the tokenizer's eos id, aligned with ``item_ids``.
+def tokenize(identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "", end: str = "") -> list[list[int]]:
+    """Token ids of each identifier, each ending with the tokenizer's eos id (or ``end``'s), aligned with ``item_ids``.
 
     These exact sequences are what training targets and what the trie holds; do not re-tokenize the
     identifier text elsewhere.
@@ -58,6 +58,8 @@ def tokenize(identifiers: Identifiers, tokenizer, context: str = "", prefix: str
     answer, see :func:`genret.mllm.answers.answer_context`) each identifier is tokenized as the model
     writes it after its prompt, ``prefix`` included: sentencepiece's ``417`` alone is ``▁4 1 7``, after
     ``ASSISTANT:`` + ``" 417"`` it is ``▁ 4 1 7``; byte-level BPE's starts with ``Ġ`` after ``Assistant:``.
+    With ``end`` (the one token that ends the template's answer, Gemma 3's ``<end_of_turn>``) each sequence ends
+    with that token instead of the tokenizer's eos.
 
     Raises:
         ValueError: the tokenizer lacks the scheme's new tokens (call :func:`add_tokens` first), has no eos
@@ -70,6 +72,11 @@ def tokenize(identifiers: Identifiers, tokenizer, context: str = "", prefix: str
                          f"{identifiers.scheme} scheme's {len(identifiers.new_tokens)} new tokens (e.g. "
                          f"{missing[0]!r}); call genret.identifiers.add_tokens(identifiers, tokenizer, model) first")
     eos = tokenizer.eos_token_id
+    if end:
+        ids = tokenizer(end, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"the answer's end {end!r} is {len(ids)} tokens: an identifier must end with one")
+        eos = ids[0]
     if eos is None:
         raise ValueError("the tokenizer has no eos token: identifiers need one to end each sequence")
     if context or prefix:
@@ -138,9 +145,10 @@ class Trie:
         self.eos: int | None = int(last[0]) if (last == last[0]).all() else None
 
     @classmethod
-    def from_identifiers(cls, identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "") -> "Trie":
-        """The trie of :func:`tokenize` ``(identifiers, tokenizer, context, prefix)``."""
-        return cls(tokenize(identifiers, tokenizer, context, prefix), identifiers.item_ids)
+    def from_identifiers(cls, identifiers: Identifiers, tokenizer, context: str = "", prefix: str = "",
+                         end: str = "") -> "Trie":
+        """The trie of :func:`tokenize` ``(identifiers, tokenizer, context, prefix, end)``."""
+        return cls(tokenize(identifiers, tokenizer, context, prefix, end), identifiers.item_ids)
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -117,8 +117,9 @@ def answer_token_ids(mllm: "MLLM", prompt: str, word: str) -> list[int]:
     return [rows[0][0]]
 
 
-def answer_context(mllm: "MLLM") -> tuple[str, str]:
-    """``(prompt, prefix)``: a rendered generation prompt and what the template writes before an answer.
+def answer_context(mllm: "MLLM") -> tuple[str, str, str]:
+    """``(prompt, prefix, end)``: a rendered generation prompt, what the template writes before an answer and
+    what ends it (:attr:`AnswerFormat.suffix`: Gemma 3's ``<end_of_turn>``, which is not its tokenizer's eos).
 
     The prompt's ending is what every prompt of the model ends with, so an answer tokenized after it with
     the prefix (an image identifier, :func:`genret.identifiers.tokenize`) gets the tokens the model writes
@@ -126,4 +127,5 @@ def answer_context(mllm: "MLLM") -> tuple[str, str]:
     """
     from genret.mllm.scoring import render, user_message
 
-    return render(mllm, user_message("q")), answer_format(mllm).prefix
+    fmt = answer_format(mllm)
+    return render(mllm, user_message("q")), fmt.prefix, fmt.suffix

@@ -141,3 +141,28 @@ def test_the_real_vocabulary_holds_the_configs_image_token_ids(real_dirs):
     assert [built[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index")] == \
         [real["boi_token_index"], real["eoi_token_index"], real["image_token_index"]] == [255999, 256000, 262144]
     assert built["mm_tokens_per_image"] == 256 and built["vision_config"]["image_size"] == 896
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, qlora", [("pointwise", True), ("listwise", False), ("generative", False)])
+def test_rerank_lora_and_qlora_train_on_gemma(real_dirs, world, clip_dir, tmp_path, mode, qlora):
+    """A LoRA (QLoRA: NF4 base, gradient checkpointing) trains a step in each mode and the stage scores with it."""
+    import math
+    from dataclasses import replace
+
+    from genret.mllm import MLLM
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+
+    if qlora:
+        pytest.importorskip("bitsandbytes")
+    train = world.split("train")
+    small = replace(train, records=train.records[:4])
+    config = RerankTrainConfig(mode=mode, negatives=2, mine_k=3, batch_size=2, max_steps=1, eval_every=0,
+                               save_every=0, log_every=1, load_in_4bit=qlora, gradient_checkpointing=qlora)
+    summary = train_rerank(str(real_dirs[NAME]), small, tmp_path / "a", config, prefilter=str(clip_dir), progress=False)
+    assert summary["steps"] == 1 and all(math.isfinite(h["loss"]) for h in summary["history"] if "loss" in h)
+    mllm = MLLM.load(str(real_dirs[NAME]))
+    mllm.attach_adapter(tmp_path / "a", mode=mode)
+    image = Image.open(train.records[0].path).convert("RGB")
+    scores = pointwise_scores(mllm, load_prompt("rerank_pointwise").section("t2i")["user"], TEXTS, [image] * 2)
+    assert all(math.isfinite(s) for s in scores)
