@@ -10,6 +10,7 @@ shared prefix on or off).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -49,16 +50,14 @@ def stage_scores(model: str, conventions: str, query: Query, items, **settings) 
 # ---- MonoQwen2-VL: a LoRA adapter on Qwen2-VL-2B-Instruct, True/False, as its card scores it -----------------------
 
 @pytest.fixture(scope="module")
-def monoqwen(tmp_path_factory):
+def monoqwen(real_dirs, tmp_path_factory):
     """A shrunk MonoQwen2-VL: a peft LoRA adapter (random, non-zero B) on the shrunk Qwen2-VL-2B-Instruct, saved by
     peft as the checkpoint ships (adapter_config.json + adapter_model.safetensors, no config.json)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from real_checkpoints import build
-
     root = tmp_path_factory.mktemp("monoqwen")
-    base = build("qwen2-vl-2b-instruct", root / "Qwen2-VL-2B-Instruct")
+    base = real_dirs["qwen2-vl-2b-instruct"]
     torch.manual_seed(1)
     model = AutoModelForImageTextToText.from_pretrained(base)
     lora = LoraConfig(r=8, lora_alpha=4, init_lora_weights=False,
@@ -88,7 +87,7 @@ def test_monoqwen2_vl_scores_equal_the_cards_code(monoqwen, monoqwen_card, pictu
     for text, want in monoqwen_card.items():
         got = stage.score(Query(id="q", text=text), pictures, cache=False)
         assert got == pytest.approx(want, abs=1e-4)
-        assert max(want) - min(want) > 1e-2  # the candidates are told apart: a wrong image or token would show
+        assert max(want) - min(want) > 1e-3  # 10x the tolerance: a wrong image or answer token would show
 
 
 @pytest.mark.slow
@@ -155,3 +154,134 @@ def test_a_checkpoint_folder_adds_its_own_conventions(tmp_path):
     (tmp_path / "genret_reranker.json").write_text(json.dumps({"prompt": "x", "max_pixels": 3}))
     with pytest.raises(ConventionsError, match="unknown key"):
         conventions_for(str(tmp_path))
+
+
+# ---- Qwen3-VL-Reranker: yes/no at the last position, its own system and user turn, its image bounds ---------------
+
+# Images within 65,536..1,843,200 pixels: the checkpoint's own processor bounds (preprocessor_config.json,
+# shortest_edge 65,536) and the authors' (4,096..1,843,200) give them the same size, so sentence-transformers
+# (which calls the processor as configured) and the authors' code see the same pixels there.
+ST_SIZES = [(320, 240), (256, 288)]
+
+
+@pytest.fixture(scope="module")
+def qwen3_reranker(real_dirs, tmp_path_factory):
+    """A shrunk Qwen3-VL-Reranker-2B: the Qwen3-VL-2B fixture (real tokenizer, template, processor) saved by
+    sentence-transformers as a CrossEncoder (Transformer any-to-any + LogitScore on yes/no), with the pair
+    template (tests/fixtures/checkpoints/qwen3-vl-reranker-2b.json says what is verified of each file)."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules import LogitScore
+
+    from genret.encoders.mllm import _processor_without_torchvision
+    from real_checkpoints import fixture
+
+    fx = fixture("qwen3-vl-reranker-2b")
+    folder = tmp_path_factory.mktemp("qwen3vl") / "Qwen3-VL-Reranker-2B"
+    shutil.copytree(real_dirs[fx["base_fixture"]], folder)
+    (folder / "genret.json").unlink()  # a hub checkpoint has no genret manifest
+    (folder / "additional_chat_templates").mkdir()
+    for name, text in fx["additional_chat_templates"].items():
+        (folder / "additional_chat_templates" / f"{name}.jinja").write_text(text)
+    with _processor_without_torchvision():  # this machine has no torchvision (see genret.encoders.mllm)
+        module = Transformer(str(folder), transformer_task="any-to-any", model_kwargs={"dtype": torch.float32},
+                             processing_kwargs=fx["processing_kwargs"])
+        vocab = module.tokenizer.get_vocab()
+        head = LogitScore(true_token_id=vocab[fx["logit_score"]["true_token"]],
+                          false_token_id=vocab[fx["logit_score"]["false_token"]])
+        CrossEncoder(modules=[module, head], prompts=fx["prompts"],
+                     default_prompt_name=fx["default_prompt_name"]).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen3_authors(qwen3_reranker):
+    """The authors' model and processor on the shrunk checkpoint (their loading: float32 here, left padding)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from genret.mllm.backend import load_processor
+
+    processor = load_processor(str(qwen3_reranker))
+    processor.tokenizer.padding_side = "left"
+    return Qwen3VLForConditionalGeneration.from_pretrained(qwen3_reranker, dtype=torch.float32).eval(), processor
+
+
+def _pil(item):
+    return Image.open(item.image).convert("RGB")
+
+
+@pytest.mark.parametrize("cache_features", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_qwen3_vl_reranker_scores_equal_the_authors_code(qwen3_reranker, qwen3_authors, pictures, cache_features):
+    """Both directions, the default instruction and a request's own, images below the processor's own lower bound
+    too (the authors' 4,096-pixel bound is the checkpoint's row in genret's table)."""
+    from reference.qwen3_vl_reranker import scores
+
+    lm, processor = qwen3_authors
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise", cache_features=cache_features,
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    want = scores(lm, processor, {"text": QUERIES[0]}, [{"image": _pil(it)} for it in pictures])
+    got = stage.score(Query(id="q", text=QUERIES[0]), pictures, cache=False)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert max(want) - min(want) > 1e-2
+    captions = [Item(id=f"c{i}", modality="text", text=t) for i, t in enumerate([*QUERIES, "a blue square"])]
+    instruction = "Retrieve the caption that describes the image."
+    want = scores(lm, processor, {"image": _pil(pictures[3])}, [{"text": c.text} for c in captions], instruction)
+    got = stage.score(Query(id="q", image=pictures[3].image, instruction=instruction), captions, cache=False)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_qwen3_vl_reranker_scores_equal_sentence_transformers(qwen3_reranker, tmp_path):
+    """CrossEncoder.predict on the checkpoint's sentence-transformers files (LogitScore, sigmoid, the pair template)
+    gives genret's scores; the stage finds the answer ids and the score in those files too."""
+    from sentence_transformers import CrossEncoder
+
+    from genret.encoders.mllm import _processor_without_torchvision
+
+    items = []
+    for i, (w, h) in enumerate(ST_SIZES):
+        path = tmp_path / f"st{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        items.append(Item(id=f"st{i}", modality="image", image=str(path)))
+    with _processor_without_torchvision():
+        model = CrossEncoder(str(qwen3_reranker), device="cpu", model_kwargs={"dtype": torch.float32})
+    want = model.predict([(text, _pil(it)) for text in QUERIES for it in items]).tolist()
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise",
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    got = [s for text in QUERIES for s in stage.score(Query(id="q", text=text), items, cache=False)]
+    assert got == pytest.approx(want, abs=1e-4)
+    conv = stage.conventions
+    assert (conv.yes_id, conv.no_id, conv.score) == (9693, 2152, "sigmoid")  # Qwen3's "yes"/"no", as on the hub
+    instruction = "Find the photo the text describes."  # a request's own: sentence-transformers' prompt
+    want = model.predict([(QUERIES[0], _pil(it)) for it in items], prompt=instruction).tolist()
+    got = stage.score(Query(id="q", text=QUERIES[0], instruction=instruction), items, cache=False)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(got, stage.score(Query(id="q", text=QUERIES[0]), items, cache=False))) > 1e-4
+
+
+@pytest.mark.slow
+def test_qwen3_vl_reranker_takes_the_stages_instruction(qwen3_reranker, qwen3_authors, pictures):
+    """The stage's instruction stands for every query without one; a query's own still wins."""
+    from reference.qwen3_vl_reranker import scores
+
+    lm, processor = qwen3_authors
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise", instruction="Find the photo.",
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    docs = [{"image": _pil(it)} for it in pictures]
+    assert stage.score(Query(id="q", text=QUERIES[1]), pictures, cache=False) == pytest.approx(
+        scores(lm, processor, {"text": QUERIES[1]}, docs, "Find the photo."), abs=1e-4)
+    assert stage.score(Query(id="q", text=QUERIES[1], instruction="Other."), pictures, cache=False) == pytest.approx(
+        scores(lm, processor, {"text": QUERIES[1]}, docs, "Other."), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_reranker_needs_its_image_bounds(qwen3_reranker, qwen3_authors, pictures):
+    """Without the table's pixel bounds the processor's own (65,536 pixels at least) enlarges a small image, and
+    the scores leave the authors'."""
+    from reference.qwen3_vl_reranker import scores
+
+    lm, processor = qwen3_authors
+    small = pictures[:1]  # 64×64: 4,096 pixels
+    want = scores(lm, processor, {"text": QUERIES[0]}, [{"image": _pil(it)} for it in small])
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise", prompt="rerank_qwen3_vl_reranker",
+                                     conventions="none"), "rerank")
+    assert abs(stage.score(Query(id="q", text=QUERIES[0]), small, cache=False)[0] - want[0]) > 1e-3
