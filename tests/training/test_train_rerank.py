@@ -487,7 +487,8 @@ def _checkpointing_on(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
 
 
-@pytest.mark.parametrize("family,mode", [("llava", "listwise"), ("qwen2_vl", "listwise"),
+@pytest.mark.parametrize("family,mode", [("llava", "listwise"),
+                                         pytest.param("qwen2_vl", "listwise", marks=pytest.mark.slow),
                                          pytest.param("idefics3", "listwise", marks=pytest.mark.slow),
                                          pytest.param("qwen2_vl", "pointwise", marks=pytest.mark.slow),
                                          pytest.param("llava", "generative", marks=pytest.mark.slow)])
