@@ -25,7 +25,8 @@ def images(world):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["qwen2-vl-2b-instruct", "qwen2.5-vl-3b-instruct", "llava-1.5-7b-hf",
-                                  "smolvlm-256m-instruct", "llava-onevision-qwen2-0.5b-ov-hf", "qwen3-vl-2b-instruct", "gemma-3-4b-it"])
+                                  "smolvlm-256m-instruct", "llava-onevision-qwen2-0.5b-ov-hf", "qwen3-vl-2b-instruct", "gemma-3-4b-it",
+                                  "qwen3.5-0.8b"])
 def test_bf16_on_cuda_scores_like_float32_on_the_cpu(real_dirs, images, name, mode, direction):
     from genret.mllm import MLLM
 
@@ -56,16 +57,18 @@ def test_a_rerank_pipeline_on_the_gpu_ranks_as_on_the_cpu(encoder, world, real_d
     assert rankings["gpu"].candidates[0].item_id == rankings["cpu"].candidates[0].item_id
 
 
-def test_qlora_trains_in_4bit_on_cuda(real_dirs, world, clip_dir, tmp_path):
+@pytest.mark.parametrize("name, mode", [("qwen2-vl-2b-instruct", "pointwise"),
+                                        ("qwen3.5-0.8b", "listwise")])  # 4-bit Gated-DeltaNet projections, no cache
+def test_qlora_trains_in_4bit_on_cuda(real_dirs, world, clip_dir, tmp_path, name, mode):
     from dataclasses import replace
 
     from genret.training.rerank import RerankTrainConfig, train_rerank
 
     train = world.split("train")
     small = replace(train, records=train.records[:8])
-    config = RerankTrainConfig(mode="pointwise", negatives=3, mine_k=4, batch_size=4, max_steps=4, eval_every=0,
+    config = RerankTrainConfig(mode=mode, negatives=3, mine_k=4, batch_size=4, max_steps=4, eval_every=0,
                                save_every=0, load_in_4bit=True, dtype="bfloat16", log_every=1)
-    summary = train_rerank(str(real_dirs["qwen2-vl-2b-instruct"]), small, tmp_path / "qlora", config,
+    summary = train_rerank(str(real_dirs[name]), small, tmp_path / "qlora", config,
                            prefilter=str(clip_dir), progress=False)
     assert summary["steps"] == 4 and summary["speed"]["device"].startswith("cuda")
     assert (tmp_path / "qlora" / "adapter_model.safetensors").is_file()

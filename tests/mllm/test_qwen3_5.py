@@ -139,3 +139,37 @@ def test_captions_of_images_of_several_sizes_batched_are_those_made_one_by_one(q
         im.save(paths[-1])
     batched = Captioner(qwen, max_new_tokens=6, batch_size=3).caption(paths)
     assert batched == [Captioner(qwen, max_new_tokens=6, batch_size=1).caption([p])[0] for p in paths]
+
+
+@pytest.mark.slow
+def test_the_moe_variant_is_the_same_family(real_dirs, images, tmp_path):
+    """``qwen3_5_moe`` (Qwen3.5-35B-A3B and the like): the dense fixture with transformers' MoE fields at toy sizes
+    (no MoE checkpoint's own files here), loaded as a hub checkpoint is: same family, shared prefixes and listwise
+    answers over its hybrid cache as the whole prompts give, LoRA on the attention and Gated-DeltaNet projections."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from genret.mllm import MLLM
+    from genret.mllm.adapters import language_model_targets
+
+    out = tmp_path / "moe"
+    shutil.copytree(real_dirs[NAME], out, ignore=shutil.ignore_patterns("model*.safetensors", "genret.json"))
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"])
+    config["vision_config"]["model_type"] = "qwen3_5_moe"
+    text = config["text_config"]
+    for key in ("intermediate_size", "mlp_only_layers"):
+        text.pop(key, None)
+    text.update(model_type="qwen3_5_moe_text", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                shared_expert_intermediate_size=16)
+    (out / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
+    mllm = MLLM.load(str(out))
+    assert type(mllm.model).__name__ == "Qwen3_5MoeForConditionalGeneration" and mllm.family.name == "qwen3_5"
+    feats = image_features(mllm, images)
+    for mode in ("pointwise", "listwise"):
+        assert score_query(mllm, mode, "i2t", feats) == pytest.approx(score_query(mllm, mode, "i2t", images), abs=1e-4)
+    assert language_model_targets(mllm.model, mllm.family.lora_targets)
