@@ -337,6 +337,10 @@ class RetrievalPipeline:
         ctx, timings = self.context, self.timings if timings is None else timings
         outputs: list[tuple[str, list[Ranking]]] = []
         queries = list(queries)
+        asked = [q.id for q in queries if q.instruction is not None]
+        if asked and not any(getattr(stage, "takes_instruction", False) for stage in self.stages):
+            raise ValueError(f"query {asked[0]!r} carries an instruction, but no stage of this pipeline takes one (a "
+                             "pointwise rerank stage whose prompt has {instruction}, e.g. Qwen3-VL-Reranker's)")
         for stage in self.stages:
             start = time.perf_counter()
             if isinstance(stage, RewriteStage):

@@ -199,7 +199,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             if limit is not None:
                 limit.check(texts)
 
-    def query_of(text: str | None, image_path: str | None, target: str | None) -> Query:
+    def query_of(text: str | None, image_path: str | None, target: str | None,
+                 instruction: str | None = None) -> Query:
         if text is not None and not text.strip():
             text = None
         if text is None and image_path is None:
@@ -216,7 +217,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
                                     f"{', '.join(pipe.gallery.indexes) or 'none'})")
         if text is not None:  # the encoder cuts a text to its context (as genret search does); an MLLM would not
             check_tokens([("text", text)], list(stage_tokens.values()))
-        return Query(id="query", text=text, image=image_path, target=target)
+        return Query(id="query", text=text, image=image_path, target=target, instruction=instruction if instruction and instruction.strip() else None)
 
     def check_k(k: int, target: str) -> None:
         size = len(pipe.gallery.index(target))
@@ -234,8 +235,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         out["batch_size"] = batch
         return out
 
-    async def search(text, image_path, k, target):
-        query = query_of(text, image_path, target)
+    async def search(text, image_path, k, target, instruction=None):
+        query = query_of(text, image_path, target, instruction)
         check_k(k, query.target)
         result, batch = await call("search", (query, k))
         return record(result, batch)
@@ -244,7 +245,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
     async def search_json(body: models.Search, files: RequestFiles = Depends(request_files)) -> dict:
         """Search with a text, an image (base64), or both (composed, through the pipeline's rewrite stage)."""
         path = files.put_value(body.image, "image") if body.image is not None else None
-        return await search(body.text, path, body.k, body.target)
+        return await search(body.text, path, body.k, body.target, body.instruction)
 
     @app.post("/v1/search/upload")
     async def search_upload(file: UploadFile = File(..., description="the query image"),
@@ -284,7 +285,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             name = by_model[0]
         return name
 
-    async def score_pairs(name: str, pairs: list[tuple[Input, Input]]) -> tuple[list[float], Optional[int]]:
+    async def score_pairs(name: str, pairs: list[tuple[Input, Input]],
+                          instruction: str | None = None) -> tuple[list[float], Optional[int]]:
         """Each (query, document) pair's score from stage ``name`` and the prompt tokens they take (None where the
         stage's prompt is not measured: a remote stage). A query ranks documents of the other kind; pairs sharing a
         query are scored in one call."""
@@ -305,7 +307,9 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
             directions.append("t2i" if qkind == "text" else "i2t")
         limit, unique = stage_tokens[name], list(dict.fromkeys(texts))
         counts = dict(zip(unique, limit.check(unique))) if limit is not None else {}
-        jobs = [(Query(id=queries[key], text=key[1]) if key[0] == "text" else Query(id=queries[key], image=key[1]),
+        instruction = instruction if instruction and instruction.strip() else None  # Qwen3-VL-Reranker's <Instruct>
+        jobs = [(Query(id=queries[key], text=key[1], instruction=instruction) if key[0] == "text"
+                 else Query(id=queries[key], image=key[1], instruction=instruction),
                  [item for _, item in rows]) for key, rows in groups.items()]
         found = await call("rerank", (name, jobs))
         scores = [0.0] * len(pairs)
@@ -325,7 +329,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         name = rerank_stage(body.model)
         query = read_query(body.query, files)
         docs = read_inputs(body.documents, "documents", files)
-        scores, tokens = await score_pairs(name, [(query, doc) for doc in docs])
+        scores, tokens = await score_pairs(name, [(query, doc) for doc in docs], body.instruction)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n or len(scores)]
         results = []
         for i in order:

@@ -38,6 +38,9 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
         target: Optional[Literal["image", "text"]] = Field(
             None, description="the gallery to search: images for a text or composed query, texts for an image (the "
                               "default; no other pairing is served)")
+        instruction: Optional[Text] = Field(
+            None, description="the task instruction of a pointwise reranker checkpoint's prompt (Qwen3-VL-Reranker's "
+                              "<Instruct>); unset: the rerank stage's own")
 
     class ImageURL(BaseModel):
         url: ImageData
@@ -70,6 +73,9 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
                                                   "or bare parts, one document each (genret's older shape)")
         top_n: Optional[int] = Field(None, ge=0, description="results to return; 0 or unset: all (as vLLM)")
         return_documents: bool = Field(True, description="false: leave each result's document out")
+        instruction: Optional[Text] = Field(
+            None, description="the task instruction of a pointwise reranker checkpoint's prompt (Qwen3-VL-Reranker's "
+                              "<Instruct>); unset: the rerank stage's own")
 
     class ScoreRequest(BaseModel):
         """vLLM's /score: one pair of fields, each side a string, an object or a list (1:1, 1:N or N:N pairs)."""

@@ -114,16 +114,20 @@ class RerankStage(RankStage):
             if extra:
                 raise ValueError(f"stage {self.name!r}: prompt {self.prompt.key} ({self.prompt.path}) has "
                                  f"{', '.join(extra)}, which only pointwise scoring reads; mode is {config.mode!r}")
-        if config.instruction and not self._takes_instruction():
+        if config.instruction and not self.takes_instruction:
             raise ValueError(f"stage {self.name!r}: instruction is set, but prompt {self.prompt.key} has no "
                              "{instruction} placeholder to take it; leave it unset or use a prompt that has one")
 
-    def _takes_instruction(self) -> bool:
-        return any("{instruction}" in t.get("user", "") for t in self.prompt.sections.values())
+    @property
+    def takes_instruction(self) -> bool:
+        """Whether a query's instruction reaches this stage's model (a local pointwise prompt with
+        ``{instruction}``)."""
+        return self.config.backend == "local" and any("{instruction}" in t.get("user", "")
+                                                      for t in self.prompt.sections.values())
 
     def _instructions(self, queries: Sequence[Query]) -> list[dict] | None:
         """Each query's ``{instruction}``: its own, else the stage's, else the checkpoint's default."""
-        if not self._takes_instruction():
+        if not self.takes_instruction:
             named = [q.id for q in queries if q.instruction is not None]
             if named:
                 raise ValueError(f"stage {self.name!r}: query {named[0]!r} carries an instruction, but prompt "

@@ -1,22 +1,17 @@
 """MonoQwen2-VL's scoring as its model card gives it, re-implemented for genret's parity tests.
 
-Source: the usage code of https://huggingface.co/lightonai/MonoQwen2-VL-v0.1 (model card; Apache-2.0; revision read
-c8db55c, per docs/notes/issue-26-sources.md). The card's page itself could not be fetched from this workplace; its
-code was read in independent verbatim copies of it in public repositories (e.g. find_string ids 28185276821,
-28291640542, 16082609700: the same lines, comments included). What it does, step by step, is kept here:
+Source: the usage example of https://huggingface.co/lightonai/MonoQwen2-VL-v0.1 (model card; Apache-2.0; revision
+c8db55c, per docs/notes/issue-26-sources.md). The card's page could not be fetched from this workplace; its example
+was read in several independent copies of it in public repositories (find_string ids 28185276821, 28291640542,
+16082609700, 15979580683: the same lines and comments). Written here for genret, step by step as the example runs
+(not its text):
 
-    processor = AutoProcessor.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")
-    model = Qwen2VLForConditionalGeneration.from_pretrained("lightonai/MonoQwen2-VL-v0.1", ...)
-    prompt = ("Assert the relevance of the previous image document to the following query, "
-              "answer True or False. The query is: {query}").format(query=query)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=text, images=image, return_tensors="pt")
-    outputs = model(**inputs); logits_for_last_token = outputs.logits[:, -1, :]
-    true_token_id = processor.tokenizer.convert_tokens_to_ids("True")
-    false_token_id = processor.tokenizer.convert_tokens_to_ids("False")
-    relevance_score = torch.softmax(logits_for_last_token[:, [true_token_id, false_token_id]], dim=-1)
-    true_prob = relevance_score[0, 0].item()
+1. the processor of Qwen/Qwen2-VL-2B-Instruct; the model loaded with ``Qwen2VLForConditionalGeneration
+   .from_pretrained`` on the adapter repository (transformers' PEFT integration loads the base and the LoRA);
+2. one user turn: the image, then the text :data:`PROMPT` with the query; the chat template applied with the
+   generation prompt, untokenized; the processor called on that text and the image, PyTorch tensors;
+3. one forward; the logits at the last position; the vocabulary ids of ``True`` and ``False``
+   (``convert_tokens_to_ids``); the softmax over those two logits; the first entry, P(True), is the score.
 
 Two things differ from the card, for this machine only: the processor object is passed in (without torchvision,
 ``AutoProcessor`` on a Qwen2-VL folder returns the bare tokenizer, so the test builds the same processor class from

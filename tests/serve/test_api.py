@@ -177,3 +177,15 @@ def test_every_file_the_page_needs_travels_in_the_wheel():
     assets = [p.name for p in root.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
     assert {"page.html", "page.js", "page.css"} <= set(assets)
     assert all(any(fnmatch.fnmatch(a, pat) for pat in patterns) for a in assets), (assets, patterns)
+
+
+def test_a_requests_instruction_reaches_the_stages(client, served_pipe, world):
+    """The optional ``instruction`` of /v1/search and /v1/rerank travels as Query.instruction: a pipeline none of
+    whose stages takes one (a generative rerank here) says so with a 400 instead of dropping it."""
+    rec = world.split("test").records[0]
+    r = client.post("/v1/search", json={"text": rec.captions[0], "k": 4, "instruction": "Find the photo."})
+    assert r.status_code == 400 and "no stage of this pipeline takes one" in r.text, r.text
+    r = client.post("/v1/rerank", json={"query": rec.captions[0], "documents": [{"content": [
+        {"type": "image_url", "image_url": {"url": b64(rec.path)}}]}], "instruction": "Find the photo."})
+    assert r.status_code == 400 and "no {instruction} placeholder" in r.text, r.text
+    assert client.post("/v1/search", json={"text": rec.captions[0], "k": 4, "instruction": " "}).status_code == 200
