@@ -132,3 +132,112 @@ def test_positions_are_the_models_get_rope_index(qwen3, images):
     got = qwen3.family.position_ids(qwen3.model, inputs)
     mask = inputs["attention_mask"].bool()
     assert torch.equal(got[:, mask], want[:, mask])
+
+
+def _variant(tmp_path_factory, name: str, config: dict | None = None, shrink: dict | None = None):
+    """The Qwen3-VL-2B-Instruct fixture built with ``config`` merged into its config.json and ``shrink`` into its
+    shrink table (the tokenizer, template and processor stay the real ones)."""
+    import copy
+
+    from genret.mllm.tiny import _merge, build_from_fixture
+    from real_checkpoints import fixture, npm_file
+
+    fx = copy.deepcopy(fixture(NAME))
+    fx["config"] = _merge(fx["config"], config or {})
+    fx["shrink"] = _merge(fx["shrink"], shrink or {})
+    return build_from_fixture(fx, tmp_path_factory.mktemp(name) / name, npm_file(fx["tokenizer"]["source"]))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """Qwen3-VL MoE (``Qwen3VLMoeForConditionalGeneration``): the 2B fixture's files with the MoE classes and a
+    sparse MLP of 4 experts, 2 a token (no 2B MoE checkpoint exists; the 30B-A3B has 128, 8 a token)."""
+    from genret.mllm import MLLM
+
+    path = _variant(tmp_path_factory, "moe", config={
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+        "text_config": {"model_type": "qwen3_vl_moe_text", "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        "vision_config": {"model_type": "qwen3_vl_moe"}})
+    return MLLM.load(str(path))
+
+
+@pytest.mark.slow
+def test_the_moe_variant_is_the_same_family_and_scores_as_its_own_forward(moe, images):
+    assert type(moe.model).__name__ == "Qwen3VLMoeForConditionalGeneration" and moe.family.name == "qwen3_vl"
+    section = load_prompt("rerank_pointwise").section("i2t")
+    texts = ["a red circle", "two green crosses", "a blue square left of a star"]
+    want = [_reference_pointwise(moe, _user(section["user"], images[3], text=t)) for t in texts]
+    assert max(want) - min(want) > 1e-3
+    feats = image_features(moe, images[3:])
+    assert pointwise_scores(moe, section["user"], texts, [images[3]] * 3) == pytest.approx(want, abs=1e-4)
+    assert pointwise_scores(moe, section["user"], texts, feats * 3, min_prefix=1) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def few(world):
+    from dataclasses import replace
+
+    train = world.split("train")
+    return replace(train, records=train.records[:8])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pointwise", "listwise", "generative"])
+def test_a_rerank_lora_trains_on_cached_features_in_every_mode(real_dirs, few, clip_dir, tmp_path, mode):
+    """The trainer's forward goes through the family (cached features with their DeepStack levels); with gradient
+    checkpointing too (no KV cache kept)."""
+    import math
+
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+
+    for checkpointing in (False, True):
+        config = RerankTrainConfig(mode=mode, negatives=3, mine_k=4, batch_size=2, directions="both", max_steps=2,
+                                   warmup=0.0, log_every=1, eval_every=0, save_every=0,
+                                   gradient_checkpointing=checkpointing)
+        out = tmp_path / f"{mode}-{checkpointing}"
+        summary = train_rerank(str(real_dirs[NAME]), few, out, config, prefilter=str(clip_dir), progress=False)
+        losses = [h["loss"] for h in summary["history"] if "loss" in h]
+        assert summary["steps"] == 2 and losses and all(math.isfinite(x) for x in losses)
+        assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_trains_in_4bit(tmp_path_factory, few, clip_dir, tmp_path):
+    """4-bit NF4 on the CPU (the CUDA user's path); bitsandbytes' CPU kernels need layers 64 wide, so the vision
+    tower is built 64 wide here."""
+    pytest.importorskip("bitsandbytes")
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+
+    path = _variant(tmp_path_factory, "wide", shrink={"vision_config": {"hidden_size": 64}})
+    config = RerankTrainConfig(mode="pointwise", negatives=3, mine_k=4, batch_size=2, directions="both", max_steps=2,
+                               warmup=0.0, log_every=1, eval_every=0, save_every=0, load_in_4bit=True, dtype="float32")
+    summary = train_rerank(str(path), few, tmp_path / "q", config, prefilter=str(clip_dir), progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "q" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_grace_trains_atomic_identifiers_on_cached_features(real_dirs, world, clip_dir, tmp_path):
+    from genret.identifiers import Identifiers
+    from genret.training.grace import GraceTrainConfig, train_grace
+
+    given = {r.id: r.captions[:1] for r in world.split("test").records}
+    train_grace(str(real_dirs[NAME]), world, tmp_path / "g", GraceTrainConfig(scheme="atomic", max_steps=2, batch_size=4,
+                eval_queries=2, num_beams=2), prefilter=str(clip_dir), queries=given, progress=False)
+    assert len(Identifiers.load(tmp_path / "g").identifiers) == len(world.split("test").records)  # the gallery
+
+
+@pytest.mark.slow
+def test_the_chat_stage_asks_and_answers_with_qwen3_vl(real_dirs, world):
+    """ChatIR with Qwen3-VL as questioner (text only) and answerer (sees the target image): one round runs."""
+    from genret.stages.chat import ChatConfig, ChatStage, Target, initial_query
+    from genret.types import Query
+
+    records = world.split("test").records[:2]
+    stage = ChatStage(ChatConfig(rounds=1, model=str(real_dirs[NAME]), answerer="mllm", max_new_tokens=4,
+                                 answer_tokens=4), "chat")
+    queries = stage.start([Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, 0)) for r in records],
+                          [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records])
+    queries = stage.next_round(queries)
+    assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
+    assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
