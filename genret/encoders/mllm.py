@@ -10,9 +10,11 @@ Qwen3-VL-Embedding runs through sentence-transformers' multimodal ``SentenceTran
 checkpoint's own ``modules.json`` (``Transformer`` over ``Qwen3VLModel``, ``Pooling`` ``lasttoken``,
 ``Normalize``): genret passes the instruction as its ``prompt`` (which it writes as the system message, as the
 authors' code does) and resizes each image first as the authors' code does. Two things genret adds, and why:
-the images are resized before sentence-transformers sees them (the authors resize with ``qwen_vl_utils`` and then
-call the processor with ``do_resize=False``; the processor's own resize lands on the same grid, the pre-resize
-makes the pixels equal), and on a machine without torchvision sentence-transformers cannot build any Qwen-VL
+the images are resized before sentence-transformers sees them (the authors resize with ``qwen_vl_utils``, in PIL,
+and then call the processor with ``do_resize=False``; transformers' PIL image processor, loaded with the same pixel
+bounds, resizes to the same grid with the same filter -- the tests find no difference without the pre-resize --
+but with torchvision installed transformers resizes in torch, and the pre-resize keeps the authors' pixels), and on
+a machine without torchvision sentence-transformers cannot build any Qwen-VL
 processor (its video part needs torchvision), so while it loads, its ``AutoProcessor`` is genret's loader that
 falls back to the processor without the video part (:func:`genret.mllm.backend.load_processor`).
 
@@ -118,7 +120,7 @@ class MLLMEmbedder(DualEncoder):
                 "query_instruction": self.instructions["query"]}
 
     def namespace_for(self, role: str | None) -> str:
-        key = json.dumps([self.backend, self.model_id, self.revision, self.settings(self._need(role))],
+        key = json.dumps([self.backend, self.revision, self.settings(self._need(role))],  # files, not name
                          sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
