@@ -1,6 +1,6 @@
 """A persistent cache of generated text (rewrites, answers), keyed by what produced it.
 
-Layout: ``<root>/<kind>/<namespace>/manifest.json`` (the key: model, revision, adapters, prompt,
+Layout: ``<root>/<kind>/<namespace>/manifest.json`` (the key: the model files' fingerprint, adapters, prompt,
 decoding settings) and ``shard-<uuid>.json`` files of ``{entry key: value}``. A namespace is the
 hash of its key, so another model, adapter, prompt version or setting never sees these entries;
 ``manifest.json`` is checked on load. Each :meth:`TextCache.put` writes a new shard to a temporary
@@ -36,8 +36,9 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def model_key(mllm: "MLLM") -> dict:
-    """The model's identity for cache keys: id, weights fingerprint, each active adapter's weights digest, and how
-    its processor reads an image (:func:`image_key`)."""
+    """The model's identity for cache keys: its files' fingerprint (not its name: a local copy of a hub model shares
+    the cache, :func:`genret._hub.model_fingerprint`), each active adapter's weights digest, and how its processor
+    reads an image (:func:`image_key`)."""
     adapters = []
     for name in mllm.active_adapters:
         info = mllm.adapters.get(name, {})
@@ -45,7 +46,7 @@ def model_key(mllm: "MLLM") -> dict:
             weights = Path(info.get("path", "")) / "adapter_model.safetensors"
             info["digest"] = file_digest(weights) if weights.is_file() else f"unknown:{name}"
         adapters.append({"name": name, "task": info.get("task"), "digest": info["digest"]})
-    return {"model": mllm.model_id, "revision": mllm.revision, "adapters": adapters, "images": image_key(mllm)}
+    return {"revision": mllm.revision, "adapters": adapters, "images": image_key(mllm)}
 
 
 def image_key(mllm: "MLLM") -> str:
