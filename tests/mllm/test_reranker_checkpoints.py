@@ -285,3 +285,27 @@ def test_qwen3_vl_reranker_needs_its_image_bounds(qwen3_reranker, qwen3_authors,
     stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise", prompt="rerank_qwen3_vl_reranker",
                                      conventions="none"), "rerank")
     assert abs(stage.score(Query(id="q", text=QUERIES[0]), small, cache=False)[0] - want[0]) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_searchs_instruction_reaches_the_reranker(qwen3_reranker, _encoder, world, clip_dir):
+    """``pipeline.search(..., instruction=...)``: the rerank stage scores the candidates with it (as the stage does
+    for a query that carries it), and without it with the checkpoint's default."""
+    import copy
+
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+
+    stages = ({"type": "prefilter", "k": 4},
+              {"type": "rerank", "name": "rerank", "model": str(qwen3_reranker), "mode": "pointwise", "k": 4,
+               "conventions": "Qwen/Qwen3-VL-Reranker-2B"})
+    pipe = RetrievalPipeline(PipelineConfig(name="qwen3", encoder=EncoderConfig(model=str(clip_dir)), stages=stages),
+                             encoder=copy.copy(_encoder))
+    test = world.split("test")
+    pipe.index(test, progress=False)
+    text, instruction = test.records[0].captions[0], "Find the photo the text describes."
+    found = pipe.search(Query(id="q", text=text), k=4, instruction=instruction)[0].candidates
+    items = [pipe.gallery.item("image", c.item_id) for c in found]
+    want = pipe.stages[1].score(Query(id="q", text=text, instruction=instruction), items, cache=False)
+    assert [c.scores["rerank"] for c in found] == pytest.approx(want, abs=1e-4)
+    plain = {c.item_id: c.scores["rerank"] for c in pipe.search(Query(id="q", text=text), k=4)[0].candidates}
+    assert max(abs(plain[c.item_id] - c.scores["rerank"]) for c in found) > 1e-4
