@@ -110,8 +110,8 @@ def build_metaclip_2(out_dir, texts, seed: int = 0) -> Path:
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}))
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = MetaClip2Config(
-        text_config={**small, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-                     "pad_token_id": tok.pad_token_id},
+        text_config={**small, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id},
         vision_config={**small, "patch_size": 32, "image_size": 224}, projection_dim=16)
     torch.manual_seed(seed)
     MetaClip2Model(config).save_pretrained(out)

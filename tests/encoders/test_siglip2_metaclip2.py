@@ -21,7 +21,8 @@ TEXTS = ["a red circle left of a blue square", "two cats on a sofa", "ein Hund i
 def _images():
     rng = np.random.default_rng(1)
     # NaFlex keeps each aspect ratio: these become different patch grids, padded to one length in a batch
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(48, 64), (120, 300), (64, 64)]]
+    sizes = [(48, 64), (120, 300), (64, 64)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:
