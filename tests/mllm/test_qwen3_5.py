@@ -173,3 +173,68 @@ def test_the_moe_variant_is_the_same_family(real_dirs, images, tmp_path):
     for mode in ("pointwise", "listwise"):
         assert score_query(mllm, mode, "i2t", feats) == pytest.approx(score_query(mllm, mode, "i2t", images), abs=1e-4)
     assert language_model_targets(mllm.model, mllm.family.lora_targets)
+
+
+@pytest.fixture(scope="module")
+def few(world):
+    from dataclasses import replace
+
+    train = world.split("train")
+    return replace(train, records=train.records[:8])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pointwise", "listwise", "generative"])
+def test_a_rerank_lora_trains_through_the_gated_deltanet_in_every_mode(real_dirs, few, clip_dir, tmp_path, mode):
+    """LoRA on the attention and Gated-DeltaNet projections trains on cached features, with and without gradient
+    checkpointing (listwise scores each answer after its whole prompt: the hybrid cache is written in place)."""
+    import math
+
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+
+    for checkpointing in (False, True):
+        config = RerankTrainConfig(mode=mode, negatives=3, mine_k=4, batch_size=2, directions="both", max_steps=2,
+                                   warmup=0.0, log_every=1, eval_every=0, save_every=0,
+                                   gradient_checkpointing=checkpointing)
+        summary = train_rerank(str(real_dirs[NAME]), few, tmp_path / f"{mode}-{checkpointing}", config,
+                               prefilter=str(clip_dir), progress=False)
+        losses = [h["loss"] for h in summary["history"] if "loss" in h]
+        assert summary["steps"] == 2 and losses and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.slow
+def test_qlora_trains_in_4bit(tmp_path_factory, few, clip_dir, tmp_path):
+    """4-bit NF4 on the CPU (the CUDA user's path); bitsandbytes' CPU kernels need layers 64 wide, so the language
+    model and the vision tower are built 64 wide here (the Gated-DeltaNet projections quantised too)."""
+    import copy
+
+    pytest.importorskip("bitsandbytes")
+    from genret.mllm.tiny import _merge, build_from_fixture
+    from genret.training.rerank import RerankTrainConfig, train_rerank
+    from real_checkpoints import tiktoken_tokenizer
+
+    fx = copy.deepcopy(fixture(NAME))
+    fx["shrink"] = _merge(fx["shrink"], {"text_config": {"hidden_size": 64, "linear_key_head_dim": 32,
+                                                         "linear_value_head_dim": 32},
+                                         "vision_config": {"hidden_size": 64, "out_hidden_size": 64}})
+    path = build_from_fixture(fx, tmp_path_factory.mktemp("wide") / "wide", tiktoken_tokenizer(fx["tokenizer"]["source"]))
+    config = RerankTrainConfig(mode="pointwise", negatives=3, mine_k=4, batch_size=2, directions="both", max_steps=2,
+                               warmup=0.0, log_every=1, eval_every=0, save_every=0, load_in_4bit=True, dtype="float32")
+    summary = train_rerank(str(path), few, tmp_path / "q", config, prefilter=str(clip_dir), progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "q" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_chat_stage_asks_and_answers_with_qwen3_5(real_dirs, world):
+    """ChatIR with Qwen3.5 as questioner (text only) and answerer (sees the target image): one round runs."""
+    from genret.stages.chat import ChatConfig, ChatStage, Target, initial_query
+    from genret.types import Query
+
+    records = world.split("test").records[:2]
+    stage = ChatStage(ChatConfig(rounds=1, model=str(real_dirs[NAME]), answerer="mllm", max_new_tokens=4,
+                                 answer_tokens=4), "chat")
+    queries = stage.start([Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, 0)) for r in records],
+                          [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records])
+    queries = stage.next_round(queries)
+    assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
+    assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
