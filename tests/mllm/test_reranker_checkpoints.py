@@ -251,11 +251,29 @@ def test_qwen3_vl_reranker_scores_equal_sentence_transformers(qwen3_reranker, tm
     assert got == pytest.approx(want, abs=1e-4)
     conv = stage.conventions
     assert (conv.yes_id, conv.no_id, conv.score) == (9693, 2152, "sigmoid")  # Qwen3's "yes"/"no", as on the hub
-    instruction = "Find the photo the text describes."  # a request's own: sentence-transformers' prompt
-    want = model.predict([(QUERIES[0], _pil(it)) for it in items], prompt=instruction).tolist()
-    got = stage.score(Query(id="q", text=QUERIES[0], instruction=instruction), items, cache=False)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_reranker_instruction_and_captions_equal_sentence_transformers(qwen3_reranker, tmp_path):
+    """A request's instruction is sentence-transformers' prompt (its system message); an image query ranks captions."""
+    from sentence_transformers import CrossEncoder
+
+    from genret.encoders.mllm import _processor_without_torchvision
+
+    path = tmp_path / "st.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path)
+    items = [Item(id="st", modality="image", image=str(path))]
+    with _processor_without_torchvision():
+        model = CrossEncoder(str(qwen3_reranker), device="cpu", model_kwargs={"dtype": torch.float32})
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise",
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    instruction = "Find the photo the text describes."
+    want = model.predict([(text, _pil(items[0])) for text in QUERIES], prompt=instruction).tolist()
+    got = [stage.score(Query(id="q", text=text, instruction=instruction), items, cache=False)[0] for text in QUERIES]
     assert got == pytest.approx(want, abs=1e-4)
-    assert max(abs(a - b) for a, b in zip(got, stage.score(Query(id="q", text=QUERIES[0]), items, cache=False))) > 1e-4
+    captions = [Item(id=f"c{i}", modality="text", text=t) for i, t in enumerate(QUERIES)]
+    want = model.predict([(_pil(items[0]), c.text) for c in captions]).tolist()
+    assert stage.score(Query(id="q", image=str(path)), captions, cache=False) == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.slow
