@@ -18,9 +18,14 @@ NAME = "qwen3.5-0.8b"
 NO_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 # The generation prompt's tail of the 0.8B and 2B templates (thinking only when asked) and of the 4B and larger
 # (thinking unless told not to); the rest of the template is the same (see the fixture's sources).
-SMALL_TAIL = "{%- if enable_thinking is defined and enable_thinking is true %}\n        {{- '<think>\\n' }}\n    {%- else %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}"
-LARGE_TAIL = "{%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n    {%- endif %}"
-TEMPLATES = {"0.8B": fixture(NAME)["chat_template"], "4B+": fixture(NAME)["chat_template"].replace(SMALL_TAIL, LARGE_TAIL)}
+OPEN, CLOSED = "{{- '<think>\\n' }}", "{{- '<think>\\n\\n</think>\\n\\n' }}"
+SMALL_TAIL = ("{%- if enable_thinking is defined and enable_thinking is true %}\n        " + OPEN
+              + "\n    {%- else %}\n        " + CLOSED + "\n    {%- endif %}")
+LARGE_TAIL = ("{%- if enable_thinking is defined and enable_thinking is false %}\n        " + CLOSED
+              + "\n    {%- else %}\n        " + OPEN + "\n    {%- endif %}")
+TEMPLATES = {"0.8B": fixture(NAME)["chat_template"],
+             "4B+": fixture(NAME)["chat_template"].replace(SMALL_TAIL, LARGE_TAIL)}
+assert TEMPLATES["4B+"] != TEMPLATES["0.8B"]
 
 
 @pytest.fixture
@@ -91,7 +96,7 @@ def test_the_hybrid_cache_serves_shared_prefixes_and_listwise_answers(qwen, imag
     in a right-padded batch with longer rows (image grids of 8×8 and 6×12 tokens) as alone."""
     plain = score_query(qwen, "pointwise", "i2t", images)  # plain batches, right-padded
     feats = image_features(qwen, images)
-    assert score_query(qwen, "pointwise", "i2t", feats) == pytest.approx(plain, abs=1e-4)  # the image in a shared prefix
+    assert score_query(qwen, "pointwise", "i2t", feats) == pytest.approx(plain, abs=1e-4)  # image in a shared prefix
     assert max(plain) - min(plain) > 1e-3
     section = load_prompt("rerank_pointwise").section("t2i")
     batched = pointwise_scores(qwen, section["user"], ["a red circle"] * 4, images, batch_size=4)
@@ -217,7 +222,8 @@ def test_qlora_trains_in_4bit(tmp_path_factory, few, clip_dir, tmp_path):
     fx["shrink"] = _merge(fx["shrink"], {"text_config": {"hidden_size": 64, "linear_key_head_dim": 32,
                                                          "linear_value_head_dim": 32},
                                          "vision_config": {"hidden_size": 64, "out_hidden_size": 64}})
-    path = build_from_fixture(fx, tmp_path_factory.mktemp("wide") / "wide", tiktoken_tokenizer(fx["tokenizer"]["source"]))
+    path = build_from_fixture(fx, tmp_path_factory.mktemp("wide") / "wide",
+                              tiktoken_tokenizer(fx["tokenizer"]["source"]))
     config = RerankTrainConfig(mode="pointwise", negatives=3, mine_k=4, batch_size=2, directions="both", max_steps=2,
                                warmup=0.0, log_every=1, eval_every=0, save_every=0, load_in_4bit=True, dtype="float32")
     summary = train_rerank(str(path), few, tmp_path / "q", config, prefilter=str(clip_dir), progress=False)

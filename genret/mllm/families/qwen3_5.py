@@ -47,7 +47,7 @@ class Qwen3_5Family(Qwen3VLFamily):
     }
 
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per image, ``(1, rows, cols, hidden)``: the merged grid's features (Qwen3-VL's layout, no DeepStack level)."""
+        """Per image, ``(1, rows, cols, hidden)``: the merged grid's features (Qwen3-VL's layout, no DeepStack)."""
         grid = image_inputs["image_grid_thw"]
         out = model.get_image_features(pixel_values=image_inputs["pixel_values"], image_grid_thw=grid)
         levels = getattr(out, "deepstack_features", None)
