@@ -268,11 +268,18 @@ def lora_modules(model, family, targets: Sequence[str], vision: str = "none") ->
     import torch
 
     tower, projector = vision_side(model, family)
+    # Each member of a listed module list (Qwen3-VL's DeepStack mergers): peft's saved copy of a module must be
+    # callable, and the tower indexes the list.
+    projectors = [projector]
+    for name, _ in model.named_modules():
+        parent, _, index = name.rpartition(".")
+        if index.isdigit() and parent.rpartition(".")[2] in family.more_projectors:
+            projectors.append(name)
     if vision == "tower":
         linears = [n for n, m in model.named_modules() if n.startswith(tower + ".") and isinstance(m, torch.nn.Linear)
-                   and not (n == projector or n.startswith(projector + "."))]
+                   and not any(n == p or n.startswith(p + ".") for p in projectors)]
         pattern = f"(?:{pattern})|(?:{'|'.join(re.escape(n) for n in linears)})"
-    return pattern, [projector]
+    return pattern, projectors
 
 
 def trains_vision(manifest: Mapping[str, Any]) -> bool:

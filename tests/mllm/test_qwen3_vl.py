@@ -241,3 +241,29 @@ def test_the_chat_stage_asks_and_answers_with_qwen3_vl(real_dirs, world):
     queries = stage.next_round(queries)
     assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
     assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
+
+
+@pytest.mark.slow
+def test_a_projector_adapter_trains_the_deepstack_mergers_too(real_dirs, images):
+    """``vision = "projector"`` saves the main merger and each DeepStack merger whole with the adapter, so every level
+    of a cached feature is the adapter's; ``"tower"`` puts no LoRA on them."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    from genret.mllm import MLLM
+    from genret.mllm.adapters import lora_modules
+
+    mllm = MLLM.load(str(real_dirs[NAME]))
+    base = image_features(mllm, images[:1])[0]
+    pattern, save = lora_modules(mllm.model, mllm.family, ("q_proj",), "projector")
+    assert save == ["model.visual.merger", *(f"model.visual.deepstack_merger_list.{i}" for i in range(3))]
+    tower, _ = lora_modules(mllm.model, mllm.family, ("q_proj",), "tower")
+    assert not [n for n, _ in mllm.model.named_modules() if "merger" in n and re.fullmatch(tower, n)]
+    mllm.model = get_peft_model(mllm.model, LoraConfig(r=4, target_modules=pattern, modules_to_save=save)).eval()
+    with torch.no_grad():
+        for n, p in mllm.model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    adapted = image_features(mllm, images[:1])[0]
+    assert all(not torch.allclose(adapted[level], base[level], atol=1e-3) for level in range(len(base)))

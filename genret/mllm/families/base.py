@@ -30,6 +30,9 @@ class Family:
     # The vision side's modules, by their last name component: the tower, and the projector into the language model.
     vision_tower_name: ClassVar[str] = "vision_tower"
     projector_name: ClassVar[str] = "multi_modal_projector"
+    # Further modules that project vision features into the language model, trained with the projector: the module
+    # lists named here contribute each of their members (Qwen3-VL's DeepStack mergers).
+    more_projectors: ClassVar[tuple[str, ...]] = ()
     # Whether a forward given :meth:`feature_kwargs` writes cached features into the embeddings itself (Qwen3-VL:
     # its encoder outputs carry DeepStack levels); scoring then leaves the image tokens' embeddings as they are.
     model_writes_features: ClassVar[bool] = False

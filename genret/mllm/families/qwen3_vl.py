@@ -43,6 +43,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     # Language-model attention only (the vision tower's are qkv/proj; the MoE experts are not Linear modules).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     model_writes_features = True
+    more_projectors = ("deepstack_merger_list",)  # the DeepStack levels' mergers train with the main one
     processor_options = {
         "min_pixels": "fewest pixels an image is resized to (Qwen3-VL: 65,536 = 256×256, i.e. at least 64 tokens)",
         "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 1024 (Qwen3-VL's 16,777,216 makes a "
