@@ -209,7 +209,7 @@ class MLLM:
             config = MLLMConfig(model=config, **overrides)
         from genret.mllm.checkpoints import adapter_base, merge_adapter
 
-        base = adapter_base(config.model, config.trust_remote_code)
+        base = adapter_base(config.model)
         if base is not None:  # a checkpoint shipped as a LoRA adapter (MonoQwen2-VL): its base, the adapter merged in
             return merge_adapter(cls.load(replace(config, model=base)), config)
         ref, hf_config, family = check_mllm(config)
@@ -258,7 +258,7 @@ def check_mllm(config: MLLMConfig, what: str = "MLLM", files: bool = True) -> tu
 
     from genret.mllm.checkpoints import adapter_base
 
-    base = adapter_base(config.model, config.trust_remote_code)
+    base = adapter_base(config.model)
     if base is not None:  # a LoRA adapter checkpoint: what loads is its base (genret.mllm.checkpoints)
         check_model_ref(config.model, what, files=files)
         return check_mllm(replace(config, model=base), f"{what} (base of the adapter checkpoint {config.model!r})",
@@ -297,7 +297,7 @@ class BaseModel(NamedTuple):
             return cls(str(config.model), family, "")
         from genret.mllm.checkpoints import adapter_base, adapter_fingerprint
 
-        if adapter_base(config.model, config.trust_remote_code) is not None:  # an adapter checkpoint, merged as it loads
+        if adapter_base(config.model) is not None:  # an adapter checkpoint, merged as it loads
             revision = f"{revision}+{adapter_fingerprint(config.model)}"
         return cls(str(config.model), family, revision)
 

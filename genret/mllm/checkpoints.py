@@ -201,7 +201,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise ConventionsError(f"{path}: cannot read the {what}: {err}") from None
 
 
-def adapter_base(model: str, trust_remote_code: bool = False) -> str | None:
+def adapter_base(model: str) -> str | None:
     """The base model of a checkpoint shipped as a LoRA adapter (peft's ``adapter_config.json``, no
     ``config.json``), from its ``base_model_name_or_path``; None for any other checkpoint.
 
@@ -216,9 +216,16 @@ def adapter_base(model: str, trust_remote_code: bool = False) -> str | None:
     else:
         from transformers.utils import find_adapter_config_file
 
-        from genret._hub import hub_snapshot
+        from genret._hub import hub_offline, hub_reachable, hub_snapshot
 
         if hub_snapshot(model) is not None:  # its config.json is cached: a whole model
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=model, filename="adapter_config.json")
+        if isinstance(cached, str):
+            return _base_of(Path(cached))
+        if hub_offline() or not hub_reachable():  # nothing to ask: the loader names the missing model
             return None
         try:
             found = find_adapter_config_file(model)
@@ -227,6 +234,10 @@ def adapter_base(model: str, trust_remote_code: bool = False) -> str | None:
         if found is None:
             return None
         config_file = Path(found)
+    return _base_of(config_file)
+
+
+def _base_of(config_file: Path) -> str:
     base = _read_json(config_file, "adapter config").get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise ConventionsError(f"{config_file}: a LoRA adapter checkpoint without base_model_name_or_path; genret "
