@@ -193,6 +193,17 @@ class Run:
                 "speed": self.speed(), **({"logs": self.logs} if self.logs else {})}
 
 
+def _fp16_safe(base, config) -> tuple[bool, str]:
+    """Whether the MLLM ``base`` (None: no MLLM) may train under fp16 autocast, by its family; and its name."""
+    if base is None:
+        return True, "the model"
+    from genret.mllm.backend import MLLMConfig, check_mllm
+
+    _, _, family = check_mllm(MLLMConfig(model=str(base), trust_remote_code=getattr(config, "trust_remote_code", False)),
+                              files=False)
+    return family.fp16_safe, str(base)
+
+
 class Engine:
     """The accelerator, optimizer, schedule, loop, checkpoints and final save of one training run.
 
@@ -202,13 +213,16 @@ class Engine:
         out_dir: the folder the run writes (checkpoints and logs meanwhile, the result at the end).
         resume: continue from the last checkpoint in ``out_dir``.
         progress: show progress bars (on the main process).
+        base: the model a trainer adapts (a path or hub id), where it is an MLLM: ``mixed_precision = "auto"`` then
+            follows its family (:func:`~genret.training.options.resolve_mixed_precision`: never fp16 autocast for a
+            family whose activations overflow it).
 
     Raises:
         ValueError: resuming without a checkpoint, or starting over a folder that holds an unfinished run.
     """
 
     def __init__(self, name: str, config: TrainOptions, out_dir: str | os.PathLike, *, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, base: str | os.PathLike | None = None) -> None:
         from accelerate import Accelerator
 
         self.name, self.config, self.out_dir, self.resume = name, config, Path(out_dir), resume
@@ -227,7 +241,7 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.trackers = trackers(config.report_to)
-        self.mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, *_fp16_safe(base, config))
         # Accelerate keeps its state (mixed precision, accumulation) in process-wide singletons: a second run in one
         # process (the demo, a notebook) would inherit the first one's. Reset them; the process group stays.
         from accelerate.state import AcceleratorState, GradientState

@@ -289,7 +289,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     from genret.prompts import load_prompt
 
     config = config or GraceTrainConfig()
-    engine = Engine(f"grace-{config.scheme}", config, out_dir, resume=resume, progress=progress)
+    engine = Engine(f"grace-{config.scheme}", config, out_dir, resume=resume, progress=progress, base=base)
     out_dir, show = Path(out_dir), engine.show
     prompt = load_prompt(config.prompt, required=PROMPT_NEEDS)
     gallery = data.split(*config.gallery_splits.split(","))

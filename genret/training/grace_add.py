@@ -297,7 +297,8 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     wanted = _images_to_add(old, data, records, config, new_items, parent)
     scheme, train_cfg = old.scheme, GraceTrainConfig(**manifest["config"])
     prompt = load_prompt(manifest["prompt"]["name"], required=PROMPT_NEEDS)
-    engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress)
+    engine = Engine(f"grace-add-{scheme}", config, out_dir, resume=resume, progress=progress,
+                    base=manifest["base_model"])
     accelerator, show = engine.accelerator, engine.show
     mllm = load_base(manifest["base_model"], config, engine.device)
     _check_base(parent, manifest, mllm.revision, mllm.model_id)

@@ -12,12 +12,13 @@ trainer takes the same ones::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
 from genret.config import check_bounds
+
+logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
@@ -111,11 +112,29 @@ class LoraOptions(BaseModelOptions):
         self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
 
-def resolve_mixed_precision(name: str) -> str:
+def resolve_mixed_precision(name: str, fp16_safe: bool = True, model: str = "the model") -> str:
     """What ``mixed_precision`` means here: ``auto`` is bf16 on a CUDA GPU that has it, fp16 on one that has not,
-    ``no`` on the CPU (autocast to bf16 there is slower than float32 on most CPUs; ask for it with ``bf16``)."""
+    ``no`` on the CPU (autocast to bf16 there is slower than float32 on most CPUs; ask for it with ``bf16``).
+
+    A model family that is not ``fp16_safe`` (:attr:`genret.mllm.families.Family.fp16_safe`: Qwen2-VL's, Qwen3-VL's
+    and Gemma 3's activations overflow float16) never gets fp16 autocast from ``auto``: on a GPU without bf16 (T4,
+    V100) it trains in float32, with a warning; an explicit ``fp16`` stands, with a warning. The device is asked
+    once, through :func:`genret.mllm.backend.gpu_bf16`, as the model's dtype choice does.
+    """
+    from genret.mllm.backend import gpu_bf16
+
+    if name == "fp16" and not fp16_safe:
+        logger.warning("%s: mixed_precision fp16 was asked for, but this model family's activations overflow float16 "
+                       "(outputs are reported to turn to garbage, transformers#33294); bf16 or no is safe", model)
     if name != "auto":
         return name
-    if not torch.cuda.is_available():
+    bf16 = gpu_bf16()
+    if bf16 is None:
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if bf16:
+        return "bf16"
+    if fp16_safe:
+        return "fp16"
+    logger.warning("%s: mixed_precision auto is no (float32) on this GPU: it has no bfloat16, and this model family's "
+                   "activations overflow float16 (transformers#33294)", model)
+    return "no"

@@ -395,7 +395,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     from genret.stages.rerank import MODES as PROMPT_NEEDS
 
     config = config or RerankTrainConfig()
-    engine = Engine(f"rerank-{config.mode}", config, out_dir, resume=resume, progress=progress)
+    engine = Engine(f"rerank-{config.mode}", config, out_dir, resume=resume, progress=progress, base=base)
     show = engine.show
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
     mllm = load_base(base, config, engine.device)

@@ -266,7 +266,7 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
 
     config = config or RewriterTrainConfig()
     out_dir = Path(out_dir)
-    engine = Engine(f"rewriter-{config.task}", config, out_dir, resume=resume, progress=progress)
+    engine = Engine(f"rewriter-{config.task}", config, out_dir, resume=resume, progress=progress, base=base)
     accelerator, show = engine.accelerator, engine.show
     section = TASKS[config.task][1]
     prompt = load_prompt(config.prompt, required={section: {"user": ()}})

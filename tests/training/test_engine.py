@@ -262,3 +262,29 @@ def test_rewriter_resumes_on_the_same_curve(world, mllm_dir, tmp_path):
     resumed = train_rewriter(mllm_dir, world, tmp_path / "cut", config, progress=False, resume=True)
     assert resumed["history"] == whole["history"]
     assert _same(tmp_path / "whole", tmp_path / "cut", atol=1e-6)
+
+
+def test_auto_mixed_precision_never_gives_fp16_to_a_family_that_overflows_it(monkeypatch, caplog):
+    """A T4 or V100 (no bf16): fp16 autocast for LLaVA, float32 for Qwen2-VL's and Gemma 3's families (their
+    activations overflow fp16, transformers#33294), as the model's own dtype choice does; bf16 where the GPU has it."""
+    from genret.mllm.families import FAMILIES
+    from genret.training import options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    got = {t: options.resolve_mixed_precision("auto", FAMILIES.get(t).fp16_safe) for t in FAMILIES.names()}
+    assert got["llava"] == "fp16" and got["idefics3"] == "fp16"
+    assert got["qwen2_vl"] == got["qwen2_5_vl"] == got["qwen3_vl"] == got["qwen3_5"] == got["gemma3"] == "no"
+    assert "overflow float16" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert {options.resolve_mixed_precision("auto", False), options.resolve_mixed_precision("auto", True)} == {"bf16"}
+
+
+def test_a_trainer_resolves_mixed_precision_by_its_base_models_family(mllm_dir, real_dirs):
+    """The engine asks the base model's family, read from its config before any weights load."""
+    from genret.training import engine as engine_mod
+    from genret.training.options import TrainOptions
+
+    assert engine_mod._fp16_safe(None, TrainOptions()) == (True, "the model")
+    assert engine_mod._fp16_safe(mllm_dir, TrainOptions()) == (True, str(mllm_dir))  # the mini LLaVA
+    assert engine_mod._fp16_safe(real_dirs["qwen2-vl-2b-instruct"], TrainOptions())[0] is False
