@@ -244,3 +244,26 @@ def test_the_chat_stage_asks_and_answers_with_qwen3_5(real_dirs, world):
     queries = stage.next_round(queries)
     assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
     assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
+
+
+@pytest.mark.slow
+def test_a_rerank_pipeline_caches_gallery_features_and_reloads(encoder, world, real_dirs, tmp_path):
+    """The rerank stage on Qwen3.5: gallery features cached at index time ((1, 8, 8, hidden) a 64 px image), the
+    pipeline saved and loaded, the same ranking scores from the loaded features as from the images."""
+    from genret.pipeline import EncoderConfig, PipelineConfig, RetrievalPipeline
+    from genret.types import Query
+
+    path = str(real_dirs[NAME])
+    stages = ({"type": "prefilter", "k": 3}, {"type": "rerank", "name": "cached", "mode": "pointwise", "model": path,
+                                              "k": 3},
+              {"type": "rerank", "name": "pixels", "mode": "pointwise", "model": path, "k": 3,
+               "cache_features": False})
+    pipe = RetrievalPipeline(PipelineConfig(name="q", encoder=EncoderConfig(model="x"), stages=stages), encoder=encoder)
+    pipe.index(world.split("test"), progress=False)
+    assert all(tuple(f.shape) == (1, 8, 8, 32) for f in pipe.stages[1].features.values())
+    pipe.save(tmp_path / "p")
+    loaded = RetrievalPipeline.load(tmp_path / "p", encoder=encoder)
+    query = Query(id="q", text=world.split("test").records[0].captions[0])
+    outputs = dict(loaded.run([query]))
+    cached, pixels = ({c.item_id: c.scores[n] for c in outputs[n][0].candidates} for n in ("cached", "pixels"))
+    assert set(cached) == set(pixels) and cached == pytest.approx(pixels, abs=1e-4)
