@@ -57,7 +57,7 @@ def reference_pointwise(mllm, template: str, image, text: str, drop_token_types:
     inputs = _own(mllm, _messages(template, image, text), add_generation_prompt=True)
     if drop_token_types:
         inputs.pop("token_type_ids")
-    logp = mllm.model(**inputs).logits[0, -1].float().log_softmax(-1)
+    logp = mllm.model(**inputs, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)  # the last position's
     tok = mllm.tokenizer
 
     def word(w):
@@ -77,8 +77,8 @@ def reference_generative(mllm, template: str, image, answer: str) -> float:
     ids = full["input_ids"][0]
     assert torch.equal(ids[:len(prompt)], prompt)
     end = (ids == mllm.tokenizer.convert_tokens_to_ids("<end_of_turn>")).nonzero()[-1].item()
-    logits = mllm.model(**full).logits[0]
-    logp = logits[len(prompt) - 1:end].float().log_softmax(-1)
+    keep = torch.arange(len(prompt) - 1, end)  # the answer's positions (262K logits at every position: 300 MB)
+    logp = mllm.model(**full, logits_to_keep=keep).logits[0].float().log_softmax(-1)
     return float(logp.gather(-1, ids[len(prompt):end + 1].unsqueeze(-1)).mean())
 
 
