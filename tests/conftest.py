@@ -184,16 +184,16 @@ def images(world):
     return ims + [ims[0].crop((0, 0, 64, 32))]
 
 
-def score_query(mllm, mode, direction, images, **kwargs):
-    """Scores of one query against candidates, as the rerank stage asks for them (``kwargs``: pointwise and
-    generative options such as ``shared_prefix``)."""
+def score_query(mllm, mode, direction, images, query=None, **kwargs):
+    """Scores of one query against candidates, as the rerank stage asks for them (``query``: the t2i query text in
+    place of the default; ``kwargs``: pointwise and generative options such as ``shared_prefix``)."""
     from genret.mllm.scoring import generative_scores, listwise_scores, pointwise_scores
     from genret.prompts import load_prompt
 
     prompt = load_prompt(f"rerank_{mode}").section(direction)
     texts = ["a red circle left of a blue square", "a small green star", "two crosses", "a blue square"]
     if direction == "t2i":  # one text, the images are candidates
-        texts, ims = [texts[0]] * len(images), list(images)
+        texts, ims = [query or texts[0]] * len(images), list(images)
     else:  # one image, the texts are candidates
         ims = [images[-1]] * len(texts)
     if mode == "pointwise":

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import score_query
+from score_compare import Uninformative, check_scores
 from genret.mllm.scoring import image_features
 
 pytestmark = [pytest.mark.gpu,
@@ -35,11 +36,16 @@ def test_bf16_on_cuda_scores_like_float32_on_the_cpu(real_dirs, images, name, mo
     assert gpu.device.type == "cuda" and gpu.model.dtype in (torch.bfloat16, torch.float16)
     for mllm in (gpu, cpu):
         mllm.family.prepare_feature_cache(mllm.processor)
-    want = score_query(cpu, mode, direction, image_features(cpu, images))
-    got = score_query(gpu, mode, direction, image_features(gpu, images))
-    spread = max(want) - min(want)
-    # bf16 keeps ~3 significant digits; the tiny random models' scores span a few nats
-    assert got == pytest.approx(want, abs=0.05 * max(1.0, spread) + 0.05)
+    several = mode == "listwise" and direction == "t2i"  # the candidates share one prompt (LLaVA-OneVision's layout)
+    cpu_feats = image_features(cpu, images, several=several)
+    want = score_query(cpu, mode, direction, cpu_feats)
+    got = score_query(gpu, mode, direction, image_features(gpu, images, several=several))
+    # Score by score within bf16's rounding, and able to fail: the candidates' features reversed must score apart
+    # (a case whose scores cannot tell the order is skipped by name, not passed); tests/test_score_compare.py.
+    try:
+        check_scores(got, want, score_query(cpu, mode, direction, cpu_feats[::-1]))
+    except Uninformative as why:
+        pytest.skip(str(why))
 
 
 def test_a_rerank_pipeline_on_the_gpu_ranks_as_on_the_cpu(encoder, world, real_dirs):

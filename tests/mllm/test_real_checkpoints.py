@@ -52,18 +52,31 @@ def test_the_real_vocabulary_holds_the_configs_token_ids(real_dirs, name):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("mode", ["pointwise", "generative", "listwise"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cached_features_and_shared_prefix_give_the_pil_scores(real_mllms, real_dirs, images, name, mode, direction):
+def test_cached_features_and_shared_prefix_give_the_pil_scores(real_mllms, real_dirs, images, name, mode, direction,
+                                                               monkeypatch):
+    from genret.mllm import scoring
+
     mllm = real_mllms[name]
     if mllm.family.prepare_feature_cache(copy.deepcopy(mllm.processor)):  # SmolVLM: as the rerank stage sets it up
         mllm = MLLM.load(str(real_dirs[name]))
         mllm.family.prepare_feature_cache(mllm.processor)
-    plain = score_query(mllm, mode, direction, images)
+    plain = score_query(mllm, mode, direction, images, query=LONG_QUERY)
     feats = image_features(mllm, images, several=mode == "listwise" and direction == "t2i")  # k images in one prompt
-    fast = score_query(mllm, mode, direction, feats)
+    runs = []  # the shared-prefix path, seen running: a prefix shorter than min_prefix (16) would skip it
+    prefix_forward = scoring._prefix_forward
+    monkeypatch.setattr(scoring, "_prefix_forward", lambda *a, **k: runs.append(a[2]) or prefix_forward(*a, **k))
+    fast = score_query(mllm, mode, direction, feats, query=LONG_QUERY)
     assert fast == pytest.approx(plain, abs=1e-4)
+    if mode == "pointwise" or (mode, direction) == ("generative", "i2t"):  # the query's text, or its image, shared
+        assert runs and min(runs) >= 16, runs
     if mode != "listwise":
-        assert score_query(mllm, mode, direction, feats, shared_prefix=False) == pytest.approx(plain, abs=1e-4)
+        assert score_query(mllm, mode, direction, feats, shared_prefix=False, query=LONG_QUERY) == \
+            pytest.approx(plain, abs=1e-4)
     assert max(plain) - min(plain) > 1e-3
+
+
+# A t2i query whose prompt part before the image is past the shared prefix's 16-token minimum in every tokenizer.
+LONG_QUERY = "a small red circle to the left of a large blue square, both drawn on a plain white background"
 
 
 def test_smolvlm_rerank_caches_unsplit_features_and_says_so(encoder, world, real_dirs, caplog):
@@ -317,19 +330,40 @@ def test_grace_identifiers_are_the_tokens_the_template_writes(real_dirs, name, s
     assert trie.lookup(want) == "img007"
     inputs = {k: v for k, v in mllm.processor(text=[prompt], return_tensors="pt").items() if k != "token_type_ids"}
     [hits] = constrained_beam_search(mllm.model, inputs, trie, num_beams=4)
-    assert hits and all(h.item_id in items for h in hits)
+    # Decoding drops a beam that ends off the trie, so "every hit is an item" alone could not fail: all 4 beams come
+    # back (30 identifiers for 4 beams), i.e. every raw beam, before any filtering, was an identifier of the trie.
+    assert len(hits) == 4 and all(h.item_id in items and trie.lookup(h.tokens) == h.item_id for h in hits)
+
+
+# Checkpoints whose processor resizes every image to one size (one image token count): captions never pad.
+FIXED_IMAGE_TOKENS = {"llava-1.5-7b-hf", "smolvlm-256m-instruct", "gemma-3-4b-it"}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_captions_and_rewrites_run_batched_as_one_by_one(real_dirs, world, name):
-    """Left-padded batches (Qwen's rope positions included) give the captions and rewrites of single prompts."""
+def test_captions_and_rewrites_run_batched_as_one_by_one(real_dirs, world, name, tmp_path):
+    """Left-padded batches (Qwen's rope positions included) give the captions and rewrites of single prompts.
+
+    The images differ in size and aspect ratio, so that where a family's image token count follows the image (Qwen,
+    LLaVA-OneVision) the batch's rows differ in length and are padded; where every image is resized to one size
+    (llava-1.5, SmolVLM without splitting, Gemma 3) nothing pads in captioning, and only the rewrites pad.
+    """
+    from PIL import Image
+
     from genret.mllm.captioner import Captioner
     from genret.mllm.rewriter import Rewriter
+    from genret.mllm.scoring import _inputs
 
     mllm = MLLM.load(str(real_dirs[name]))
     mllm.family.prepare_feature_cache(mllm.processor)  # SmolVLM: one tile, to keep this quick
-    paths = [str(r.path) for r in world.split("test").records[:3]]
-    batched = Captioner(mllm, max_new_tokens=6, batch_size=3).caption(paths)
+    paths = []
+    for n, (r, size) in enumerate(zip(world.split("test").records, ((64, 64), (112, 56), (40, 120)))):
+        paths.append(str(tmp_path / f"{n}.png"))
+        Image.open(r.path).convert("RGB").resize(size).save(paths[-1])
+    captioner = Captioner(mllm, max_new_tokens=6, batch_size=3)
+    lengths = {int(_inputs(mllm, [captioner.text], [[Image.open(p).convert("RGB")]])["input_ids"].shape[1])
+               for p in paths}
+    assert len(lengths) > 1 or name in FIXED_IMAGE_TOKENS, lengths  # the rows pad where image tokens vary
+    batched = captioner.caption(paths)
     single = [Captioner(mllm, max_new_tokens=6, batch_size=1).caption([p])[0] for p in paths]
     assert batched == single and all(isinstance(c, str) for c in batched)
     rows = [{"caption": "a red circle", "modification": "make it blue"},
