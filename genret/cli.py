@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text", nargs="?", help="the text query (searches images)")
     search.add_argument("--image", default=None, help="an image query (searches captions)")
     search.add_argument("-k", "--k", type=POSITIVE_INT, default=10, help="results to show (default: 10)")
+    search.add_argument("--instruction", default=None,
+                        help="the task instruction of a pointwise reranker checkpoint's prompt (Qwen3-VL-Reranker's "
+                             "<Instruct>); default: the rerank stage's")
     search.add_argument("--json", action="store_true", help="print JSON")
 
     ev = sub.add_parser("eval", help="evaluate a pipeline on a dataset split")
@@ -572,11 +575,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give either a text query or --image PATH (not both)")
     if args.image is not None:
         load_image(args.image)  # a clear error before any model work
-        query = Query(id="query", image=args.image)
+        query = Query(id="query", image=args.image, instruction=args.instruction)
     else:
         if not args.text.strip():
             raise ValueError("the text query is empty")
-        query = Query(id="query", text=args.text)
+        query = Query(id="query", text=args.text, instruction=args.instruction)
     pipe = _open_pipeline(args.pipeline)
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")

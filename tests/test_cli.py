@@ -276,3 +276,10 @@ def test_a_stage_config_error_names_the_pipeline_file(tmp_path, clip_dir, world_
                                "stages": [{"type": "prefilter"}, {"type": "rerank", "mode": "sideways", "model": "m"}]})
     assert main(["-q", "index", "build", str(config), "--data", str(world_dir), "--out", str(tmp_path / "o")]) == 2
     assert f"{config}: stages[1]" in capsys.readouterr().err
+
+
+def test_search_instruction_needs_a_stage_that_takes_one(built, world, capsys):
+    """--instruction reaches the pipeline as the query's instruction: a prefilter alone takes none, and says so."""
+    rec = world.split("test").records[0]
+    assert main(["-q", "search", str(built), rec.captions[0], "--instruction", "Find the photo."]) == 2
+    assert "no stage of this pipeline takes one" in capsys.readouterr().err
