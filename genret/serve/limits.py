@@ -69,7 +69,9 @@ def rerank_limit(stage, image) -> TokenLimit | None:
             section = stage.prompt.section(direction)
             item = section.get("item", "").replace("{number}", "1").replace("{text}", "")
             user = section["user"].replace("{candidates}", item)
-            text = scoring.render(mllm, scoring.user_message(user, text=""))
+            fill = {"instruction": stage.default_instruction or ""} if stage.takes_instruction else None
+            # as scoring writes it: the checkpoint's system turn and the stage's instruction (pointwise_messages)
+            text = scoring.render(mllm, scoring.pointwise_messages(user, "", section.get("system"), fill))
             if "assistant" in section:  # written as scoring writes an answer (its prefix and end-of-turn token)
                 text += answer_format(mllm).text(section["assistant"].replace("{text}", ""))
             images = [image] * user.count("{image}")

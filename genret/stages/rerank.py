@@ -125,6 +125,11 @@ class RerankStage(RankStage):
         return self.config.backend == "local" and any("{instruction}" in t.get("user", "")
                                                       for t in self.prompt.sections.values())
 
+    @property
+    def default_instruction(self) -> str | None:
+        """The ``{instruction}`` of a query that carries none: the stage's, else the checkpoint's default."""
+        return self.config.instruction or self.conventions.instruction or self.prompt.settings.get("instruction")
+
     def _instructions(self, queries: Sequence[Query]) -> list[dict] | None:
         """Each query's ``{instruction}``: its own, else the stage's, else the checkpoint's default."""
         if not self.takes_instruction:
@@ -133,8 +138,7 @@ class RerankStage(RankStage):
                 raise ValueError(f"stage {self.name!r}: query {named[0]!r} carries an instruction, but prompt "
                                  f"{self.prompt.key} has no {{instruction}} placeholder to take it")
             return None
-        default = (self.config.instruction or self.conventions.instruction
-                   or self.prompt.settings.get("instruction"))
+        default = self.default_instruction
         if default is None and any(q.instruction is None for q in queries):
             raise ValueError(f"stage {self.name!r}: prompt {self.prompt.key} takes an {{instruction}} and has no "
                              "default; set the stage's instruction")

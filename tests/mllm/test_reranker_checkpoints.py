@@ -327,3 +327,22 @@ def test_a_searchs_instruction_reaches_the_reranker(qwen3_reranker, _encoder, wo
     assert [c.scores["rerank"] for c in found] == pytest.approx(want, abs=1e-4)
     plain = {c.item_id: c.scores["rerank"] for c in pipe.search(Query(id="q", text=text), k=4)[0].candidates}
     assert max(abs(plain[c.item_id] - c.scores["rerank"]) for c in found) > 1e-4
+
+
+def test_the_served_text_limit_counts_the_checkpoints_system_turn_and_instruction(qwen3_reranker, pictures):
+    """``genret serve``'s token limit (and usage) measures the stage's prompt as scoring writes it: Qwen3-VL-Reranker's
+    system turn and default instruction are part of it (they were left out, the instruction as a literal)."""
+    from genret.data.images import load_image
+    from genret.mllm import scoring
+    from genret.serve.limits import rerank_limit
+
+    stage = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise",
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    image = load_image(pictures[0].image)
+    limit = rerank_limit(stage, image)
+    section = stage.prompt.section("t2i")
+    fill = {"instruction": stage.default_instruction}
+    text = scoring.render(stage.mllm, scoring.pointwise_messages(section["user"], "", section["system"], fill))
+    assert "Judge whether the Document" in text and stage.default_instruction in text and "{instruction}" not in text
+    want = stage.mllm.processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    assert limit.prompt["t2i"] == want
