@@ -37,6 +37,18 @@ def build_qwen3_vl_embedding(out_dir, seed: int = 0) -> Path:
     return out
 
 
+_SHARED: dict[str, Path] = {}
+
+
+def shared_qwen3_vl_embedding(tmp_path_factory) -> Path:
+    """The shrunk Qwen3-VL-Embedding folder of :func:`build_qwen3_vl_embedding`, built once per test session for
+    every module that reads it (building takes ~10-30 s here); to edit one, :func:`copy_checkpoint` it first."""
+    name = "qwen3-vl-embedding"
+    if name not in _SHARED:
+        _SHARED[name] = build_qwen3_vl_embedding(tmp_path_factory.mktemp(name) / "model")
+    return _SHARED[name]
+
+
 def build_gme(out_dir, seed: int = 0) -> Path:
     """GME-Qwen2-VL-2B-Instruct, shrunk: a stock Qwen2-VL checkpoint."""
     out = Path(out_dir)

@@ -3,9 +3,10 @@
 Endpoints: ``POST /v1/search`` (text, image or both; the record of ``genret search --json``), ``POST
 /v1/search/upload`` (the same with a multipart image), ``POST /v1/rerank`` (also ``/rerank``, ``/v2/rerank``) and
 ``POST /score`` (also ``/v1/score``) in vLLM's shapes, current and older (:mod:`genret.serve.documents`),
-``POST /v1/embeddings`` (the OpenAI shape, texts and images), ``GET /v1/indices``, ``GET /v1/images/{id}`` (a
-gallery image by id, never by path), ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``GET /health``
-and ``GET /`` (the page, with ``/page.js`` and ``/page.css``).
+``POST /v1/embeddings`` (the OpenAI shape, texts and images, embedded as queries unless ``role`` says
+``document``), ``GET /v1/indices``, ``GET /v1/images/{id}`` (a gallery image by id, never by path), ``GET /metrics``
+(Prometheus text), ``GET /openapi.json``, ``GET /health`` and ``GET /`` (the page, with ``/page.js`` and
+``/page.css``).
 
 What holds for every request: with an API key, every path but :data:`~genret.serve.auth.PUBLIC` needs it (one
 gate in front of the app, before the body is read); the body is counted as it arrives (:class:`~genret.serve.middleware.BodyLimit`); every
@@ -48,6 +49,8 @@ ASSETS = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js"
           "/page.css": ("page.css", "text/css; charset=utf-8")}
 # Which gallery each kind of query searches (Query.modality → targets): no other pairing runs through the stages.
 TARGETS = {"text": ("image",), "image": ("text",), "image+text": ("image",)}
+# The roles an embedding request may ask for (genret.encoders.base.DualEncoder.encode_texts).
+ROLES = ("query", "document")
 
 
 def public_name(ref: str) -> str:
@@ -103,17 +106,20 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         return [[rerankers[name].score(query, items, cache=False) for query, items in groups]
                 for name, groups in payloads]
 
-    def run_embed(encode):
-        """Each payload is one request's inputs: all requests' inputs are encoded together, then split back."""
+    def run_embed(kind: str, role: str):
+        """Each payload is one request's inputs of ``kind`` (texts or image paths), all to be embedded as ``role``:
+        all requests' inputs are encoded together, then split back."""
         def run(payloads):
-            vectors = encode([x for inputs in payloads for x in inputs])
+            encode = pipe.encoder.encode_texts if kind == "text" else pipe.encoder.encode_images
+            vectors = encode([x for inputs in payloads for x in inputs], role=role)
             bounds = np.cumsum([0] + [len(inputs) for inputs in payloads])
             return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return run
 
+    # One kind per (input kind, role): an instructed embedder embeds a query and a document differently, so only
+    # requests of one role share a call.
     handlers = {"search": run_search, "rerank": run_rerank,
-                "embed_text": run_embed(lambda texts: pipe.encoder.encode_texts(texts)),
-                "embed_image": run_embed(lambda paths: pipe.encoder.encode_images(paths))}
+                **{f"embed_{kind}_{role}": run_embed(kind, role) for kind in ("text", "image") for role in ROLES}}
     batcher = DynamicBatcher(handlers, max_batch=config.max_batch, max_wait=config.max_wait_ms / 1000,
                              max_queue=config.max_queue, on_batch=metrics.batch)
 
@@ -364,7 +370,13 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
 
     @app.post("/v1/embeddings")
     async def embeddings(body: models.Embedding, files: RequestFiles = Depends(request_files)) -> dict:
-        """Embed texts and images with the pipeline's dual encoder (OpenAI shape; images as image_url parts)."""
+        """Embed texts and images with the pipeline's encoder (OpenAI shape; images as image_url parts), as
+        ``role``: ``query`` (the default: what a client compares against the gallery, embedded as the prefilter
+        embeds a search) or ``document`` (as the gallery was indexed). A CLIP-like encoder embeds both alike; an
+        instructed MLLM embedder uses that role's instruction."""
+        role = "query" if body.role is None else body.role
+        if role not in ROLES:
+            raise RequestError(400, f"role must be 'query' or 'document' (or left out: 'query'), got {role!r}")
         inputs = parts(body.input if isinstance(body.input, list) else [body.input], "input", files)
         if not inputs or len(inputs) > config.max_documents:
             raise RequestError(400, f"input: between 1 and {config.max_documents} items, got {len(inputs)}")
@@ -373,7 +385,7 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         # share model calls.
         kinds = {kind: [i for i, (_, k, _) in enumerate(inputs) if k == kind] for kind in ("text", "image")}
         kinds = {kind: rows for kind, rows in kinds.items() if rows}
-        found = await asyncio.gather(*(call("embed_" + kind, [inputs[i][2] for i in rows])
+        found = await asyncio.gather(*(call(f"embed_{kind}_{role}", [inputs[i][2] for i in rows])
                                        for kind, rows in kinds.items()))
         vectors = {i: v for rows, vs in zip(kinds.values(), found) for i, v in zip(rows, vs)}
         data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in vectors[i]]}

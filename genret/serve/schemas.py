@@ -93,6 +93,12 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
         input: Union[Text, Annotated[list[Union[Text, ContentPart]], Field(max_length=many)]]
         model: Optional[Name] = None
         encoding_format: Literal["float"] = "float"
+        # A bounded string checked by the route (a 400 naming the two values), not a Literal (a 422 from the schema).
+        role: Optional[Name] = Field(
+            None, json_schema_extra={"enum": ["query", "document"]},
+            description="embed the inputs as queries (unset: what a client compares against the gallery) or as "
+                        "documents (as the gallery was indexed); an instructed MLLM embedder uses that role's "
+                        "instruction, a CLIP-like encoder embeds both alike")
 
     return SimpleNamespace(Text=Text, Name=Name, Search=SearchRequest, ImageURL=ImageURL, ContentPart=ContentPart,
                            Content=Content, Document=Document, Rerank=RerankRequest, Score=ScoreRequest,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedder_checkpoints import build_gme, build_qwen3_vl_embedding
+from embedder_checkpoints import build_gme, shared_qwen3_vl_embedding
 from genret.encoders import EmbeddingCache
 from genret.encoders.mllm import MLLMEmbedder, _processor_without_torchvision
 from genret.index.faiss_index import IndexMismatchError
@@ -27,7 +27,7 @@ def _images():
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    return build_qwen3_vl_embedding(tmp_path_factory.mktemp("qwen3-vl-embedding") / "model")
+    return shared_qwen3_vl_embedding(tmp_path_factory)  # also served in tests/serve/test_embedding_roles.py
 
 
 @pytest.fixture(scope="module")

@@ -295,7 +295,8 @@ BODIES = {
     "/v1/embeddings": st.fixed_dictionaries({
         "input": TEXTS | st.lists(TEXTS | parts(), max_size=4) | json_values() | st.lists(image_part(), max_size=3)},
         optional={"model": TEXTS | json_values(),
-        "encoding_format": st.sampled_from(["float", "base64"]) | json_values()}),
+        "encoding_format": st.sampled_from(["float", "base64"]) | json_values(),
+        "role": st.sampled_from(["query", "document", "passage", None]) | TEXTS | json_values()}),
 }
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
