@@ -166,3 +166,24 @@ def test_rerank_lora_and_qlora_train_on_gemma(real_dirs, world, clip_dir, tmp_pa
     image = Image.open(train.records[0].path).convert("RGB")
     scores = pointwise_scores(mllm, load_prompt("rerank_pointwise").section("t2i")["user"], TEXTS, [image] * 2)
     assert all(math.isfinite(s) for s in scores)
+
+
+@pytest.mark.slow
+def test_captions_are_the_models_own_greedy_generate(gemma, pictures, tmp_path):
+    """The captioner's batched, left-padded generate (token_type_ids kept) writes what the model's own generate
+    writes over its own template for each image alone."""
+    from genret.mllm.captioner import Captioner
+
+    captioner = Captioner(gemma, max_new_tokens=8, batch_size=3)
+    paths = []
+    for n, im in enumerate(pictures):
+        paths.append(str(tmp_path / f"{n}.png"))
+        im.save(paths[-1])
+    got = captioner.caption(paths)
+    want = []
+    for im in pictures:
+        inputs = _own(gemma, _messages(captioner.template, im), add_generation_prompt=True)
+        with torch.no_grad():
+            out = gemma.model.generate(**inputs, do_sample=False, max_new_tokens=8)
+        want.append(gemma.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert got == want
