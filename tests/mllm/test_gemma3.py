@@ -130,6 +130,21 @@ def test_generative_equals_the_models_own_forward_over_its_template(gemma, pictu
     assert max(want) - min(want) > 1e-3
 
 
+def test_pan_and_scan_crops_are_not_cached_silently(gemma):
+    """A checkpoint shipping pan-and-scan on: features of a wide image would be several views, so they are refused,
+    and a stage that caches features turns the crops off and says so."""
+    import copy
+
+    processor = copy.deepcopy(gemma.processor)
+    processor.image_processor.do_pan_and_scan = True
+    wide = Image.new("RGB", (1200, 400), "white")
+    with pytest.raises(ValueError, match="pan-and-scan crops cannot be cached"):
+        gemma.family.image_inputs(processor, [wide])
+    assert "do_pan_and_scan turned off" in gemma.family.prepare_feature_cache(processor)
+    assert gemma.family.image_inputs(processor, [wide])["pixel_values"].shape == (1, 3, 896, 896)
+    assert gemma.family.prepare_feature_cache(processor) is None
+
+
 def test_the_real_vocabulary_holds_the_configs_image_token_ids(real_dirs):
     """<start_of_image>, <end_of_image> and <image_soft_token> of the real tokenizer are the real config's indices."""
     import json

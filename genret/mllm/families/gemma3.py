@@ -33,9 +33,24 @@ class Gemma3Family(Family):
     vision_tower_name, projector_name = "vision_tower", "multi_modal_projector"
     fp16_safe = False  # empty or NaN output in float16 (transformers#36822; vLLM refuses Gemma 3 in fp16)
 
+    def prepare_feature_cache(self, processor) -> str | None:
+        """Turn pan-and-scan off (a checkpoint that ships it on): a cached feature is one 896 px view, 256 tokens."""
+        if not getattr(processor.image_processor, "do_pan_and_scan", False):
+            return None
+        processor.image_processor.do_pan_and_scan = False
+        return ("do_pan_and_scan turned off for cached image features: every image is one 896 px view of "
+                f"{processor.image_seq_length} tokens (set cache_features = false to keep the crops)")
+
     def image_inputs(self, processor, images: list) -> dict[str, torch.Tensor]:
-        """``pixel_values`` ``(images, 3, 896, 896)`` (the processor's ``num_crops`` is not a model input)."""
-        return {"pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        """``pixel_values`` ``(images, 3, 896, 896)``; refuses pan-and-scan crops (their layout is not cached)."""
+        ip = processor.image_processor  # settings the preprocessor config leaves null: the processor's defaults
+        defaults = {k: v for k, v in getattr(processor, "images_kwargs", {}).items() if getattr(ip, k, None) is None}
+        out = ip(images=images, return_tensors="pt", **defaults)
+        if out.get("num_crops") is not None and torch.as_tensor(out["num_crops"]).any():
+            raise ValueError("Gemma 3 features of pan-and-scan crops cannot be cached (each image would be several "
+                             "views); set do_pan_and_scan=false in the preprocessor config, or score without cached "
+                             "features")
+        return {"pixel_values": out["pixel_values"]}
 
     def processor_images(self, rows: list[list]) -> list:
         """The rows themselves: Gemma 3's processor matches images to prompts by nesting (a flat list is one prompt's)."""
