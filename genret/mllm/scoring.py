@@ -595,11 +595,13 @@ def listwise_prompt(user_template: str, item_template: str, query: dict[str, obj
     return user_message(user_template, **values), images
 
 
-def check_listwise_length(mllm: MLLM, length: int, k: int, one: int, label: str = "the query") -> None:
+def check_listwise_length(mllm: MLLM, length: int, k: int, base: int, label: str = "the query") -> None:
     """Refuse a listwise prompt longer than the context, saying how many candidates fit.
 
     Args:
-        length: the prompt's tokens with ``k`` candidates; ``one``: with a single candidate.
+        length: the prompt's tokens with ``k`` candidates; ``base``: with none (the query and instructions alone; a
+            prompt of one candidate image would not do: LLaVA-OneVision lays an image alone out otherwise than one
+            among several).
         label: what the prompt is, for the message (``"query 'q1' with its 20 candidates"``).
 
     Raises:
@@ -608,8 +610,8 @@ def check_listwise_length(mllm: MLLM, length: int, k: int, one: int, label: str 
     limit = context_size(mllm)
     if limit is None or length + 8 <= limit:
         return
-    per = (length - one) / max(k - 1, 1)
-    fits = max(int((limit - 8 - (one - per)) // per), 0) if per > 0 else 0
+    per = (length - base) / max(k, 1)
+    fits = max(int((limit - 8 - base) // per), 0) if per > 0 else 0
     raise PromptTooLongError(
         f"{label}: a listwise prompt of {k} candidates is {length:,} tokens, more than {mllm.model_id}'s context of "
         f"{limit:,} (max_position_embeddings; ~{per:,.0f} tokens per candidate): at most k = {fits} fit; lower the "
@@ -641,10 +643,8 @@ def listwise_scores(mllm: MLLM, user_template: str, item_template: str, query: d
     inputs = _inputs(mllm, [prompt], [images], check=False)  # checked here, with the k that fits
     length = inputs["input_ids"].shape[1]
     if length + 8 > (context_size(mllm) or length + 8):
-        one = length
-        if len(candidates) > 1:
-            one_messages, one_images = listwise_prompt(user_template, item_template, query, candidates[:1], candidate_key)
-            one = _inputs(mllm, [render(mllm, one_messages)], [one_images], check=False)["input_ids"].shape[1]
-        check_listwise_length(mllm, length, len(candidates), one, label)
+        none_messages, none_images = listwise_prompt(user_template, item_template, query, [], candidate_key)
+        base = _inputs(mllm, [render(mllm, none_messages)], [none_images], check=False)["input_ids"].shape[1]
+        check_listwise_length(mllm, length, len(candidates), base, label)
     return number_logprobs(mllm, lambda x, **kw: _forward(mllm, x, **kw), mllm.model, prompt, images, len(candidates),
                            inputs).tolist()

@@ -107,3 +107,15 @@ def test_the_trainer_scores_listwise_candidates_in_the_same_layout(ov, photos, t
     want = listwise_scores(ov, section["user"], section["item"], {"text": "a red circle"},
                            [Image.open(p) for p in paths], "image")
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_a_listwise_prompt_past_the_context_names_the_k_that_fits_in_the_multi_image_layout(ov, photos):
+    """50 candidate photos of 736 tokens each pass the 32,768 context; the k that fits is scripts/listwise_context.py's
+    44 (from cached features: the one-candidate prompt it once measured from would hold a lone image)."""
+    from genret.mllm.context import PromptTooLongError
+
+    section = load_prompt("rerank_listwise").section("t2i")
+    feats = image_features(ov, photos[:1], several=True) * 50
+    with pytest.raises(PromptTooLongError, match=r"~73\d tokens per candidate\): at most k = 44 fit"):
+        listwise_scores(ov, section["user"], section["item"], {"text": "a red circle left of a blue square"}, feats,
+                        "image")
