@@ -299,7 +299,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     if "embeddings" in scheme.needs and prefilter is None:
         raise ValueError(f"the {scheme.name} scheme names images by the prefilter's image embeddings: pass prefilter (--clip)")
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
-    embeddings = encoder.encode_images(paths, progress=show) if encoder is not None else None
+    embeddings = encoder.encode_images(paths, progress=show, role="document") if encoder is not None else None
     mllm = load_base(str(base), config, engine.device)
 
     extra = dict(queries or {})

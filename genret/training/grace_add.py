@@ -306,7 +306,7 @@ def add_images(adapter_dir: str | os.PathLike, data: Dataset, out_dir: str | os.
     old_items, new = list(old.item_ids), list(wanted)
     paths = {i: str(records[i].path) for i in old_items + new}
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
-    emb = (encoder.encode_images([paths[i] for i in old_items + new], progress=show)
+    emb = (encoder.encode_images([paths[i] for i in old_items + new], progress=show, role="document")
            if encoder is not None else None)
 
     # Retrieve queries: training captions, given ones, pseudo-queries (the parent's, and the base's for new images).

@@ -72,8 +72,11 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
     if unknown:
         raise ValueError(f"directions must be among {DIRECTIONS}, got {unknown[0]!r}")
     texts, owners = caption_table(data)
-    images = encoder.encode_images([str(r.path) for r in data.records], batch_size=batch_size, progress=progress)
-    captions = encoder.encode_texts(texts, progress=progress)
+    # t2i: captions are queries, images documents; i2t the other way round (an instructed embedder tells them apart)
+    want = {"t2i": ("document", "query"), "i2t": ("query", "document")}
+    images = embed_as(encoder, "image", [str(r.path) for r in data.records], [want[d][0] for d in directions],
+                      batch_size=batch_size, progress=progress)
+    captions = embed_as(encoder, "text", texts, [want[d][1] for d in directions], progress=progress)
     caption_sets = [set(r.captions) for r in data.records]
     keys = [content_key(r) for r in data.records]
     same = max(Counter(keys).values())  # the most images that show one thing: look that much deeper
@@ -83,7 +86,7 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
     groups: list[QueryGroup] = []
     stats: dict = {}
     if "t2i" in directions:
-        ranked = top_k(images, captions, k + same)
+        ranked = top_k(images["document"], captions["query"], k + same)
         top1, kept = [], []
         for c, row in enumerate(ranked):
             positive = owners[c]
@@ -95,7 +98,7 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
                         "negatives": round(float(np.mean(kept)), 2)}
     if "i2t" in directions:
         most = max(len(r.captions) for r in data.records)
-        ranked = top_k(captions, images, k + same * most)
+        ranked = top_k(captions["document"], images["query"], k + same * most)
         top1, kept = [], []
         for i, row in enumerate(ranked):
             negs = [c for c in row if keys[owners[c]] != keys[i] and texts[c] not in caption_sets[i]][:k]
@@ -105,6 +108,20 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
         stats["i2t"] = {"queries": len(ranked), "prefilter_R@1": round(100 * float(np.mean(top1)), 2),
                         "negatives": round(float(np.mean(kept)), 2)}
     return groups, stats
+
+
+def embed_as(encoder: DualEncoder, kind: str, inputs: list, roles: Sequence[str], **kwargs) -> dict[str, np.ndarray]:
+    """``inputs`` (texts or image paths, as ``kind`` says) embedded in each of ``roles`` (``query``, ``document``).
+
+    Embedded once where the roles embed alike: a CLIP-like encoder, or an instructed embedder with one instruction
+    for both (its cache namespace, keyed by everything that makes the vectors, is then one).
+    """
+    encode = encoder.encode_texts if kind == "text" else encoder.encode_images
+    out: dict[str, np.ndarray] = {}
+    for role in dict.fromkeys(roles):
+        alike = next((r for r in out if encoder.namespace_for(r) == encoder.namespace_for(role)), None)
+        out[role] = out[alike] if alike is not None else encode(inputs, role=role, **kwargs)
+    return out
 
 
 def content_key(record) -> object:

@@ -59,7 +59,7 @@ from genret.mllm.answers import answer_format
 from genret.training.engine import Engine
 from genret.training.models import add_lora, image_features, lays_out_several, load_base
 from genret.training.options import LoraOptions, TrainOptions
-from genret.training.negatives import QueryGroup, caption_table, mine_negatives, top_k
+from genret.training.negatives import QueryGroup, caption_table, embed_as, mine_negatives, top_k
 
 if TYPE_CHECKING:
     from genret.encoders.base import DualEncoder
@@ -302,11 +302,11 @@ class _Evaluator:
         rng = random.Random(config.seed)
         self.t2i = rng.sample(range(len(self.texts)), min(config.eval_queries, len(self.texts)))
         self.i2t = rng.sample(range(len(val)), min(config.eval_queries, len(val)))
-        img = encoder.encode_images(self.paths, progress=progress)
-        txt = encoder.encode_texts(self.texts)
+        img = embed_as(encoder, "image", self.paths, ("document", "query"), progress=progress)
+        txt = embed_as(encoder, "text", self.texts, ("query", "document"))
         k = config.eval_k
-        self.t2i_cands = top_k(img, txt[self.t2i], min(k, len(img)))
-        self.i2t_cands = top_k(txt, img[self.i2t], min(k, len(txt)))
+        self.t2i_cands = top_k(img["document"], txt["query"][self.t2i], min(k, len(self.paths)))
+        self.i2t_cands = top_k(txt["document"], img["query"][self.i2t], min(k, len(self.texts)))
         self.need = sorted({i for row in self.t2i_cands for i in row} | set(self.i2t))
         self.vision, self.progress = config.vision, progress
         self.cache = config.cache_features  # off: PIL images, laid out by the processor as in training
