@@ -95,7 +95,7 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
         encoding_format: Literal["float"] = "float"
         # A bounded string checked by the route (a 400 naming the two values), not a Literal (a 422 from the schema).
         role: Optional[Name] = Field(
-            None, json_schema_extra={"enum": ["query", "document"]},
+            None, json_schema_extra={"enum": ["query", "document", None]},
             description="embed the inputs as queries (unset: what a client compares against the gallery) or as "
                         "documents (as the gallery was indexed); an instructed MLLM embedder uses that role's "
                         "instruction, a CLIP-like encoder embeds both alike")
