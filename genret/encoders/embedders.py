@@ -1,8 +1,8 @@
 """The conventions of published MLLM embedders, as data: instructions, prompt layout, pooling, dimensions, image size.
 
-An MLLM embedder (Qwen3-VL-Embedding, GME) turns an instructed prompt around an image or a text into one vector:
-the hidden state of its last token. What differs between checkpoints is not code but settings, each taken from the
-authors' own inference code (sources below and in ``docs/real-checkpoints.md``):
+An MLLM embedder (Qwen3-VL-Embedding, GME, VLM2Vec) turns an instructed prompt around an image or a text into one
+vector: the hidden state of its last token. What differs between checkpoints is not code but settings, each taken
+from the authors' own inference code (sources below and in ``docs/real-checkpoints.md``):
 
 - ``qwen3-vl-embedding``: QwenLM/Qwen3-VL-Embedding ``src/models/qwen3_vl_embedding.py`` @ 8ce3aab: the instruction
   is the system message (default ``Represent the user's input.``; one that does not end in punctuation gets a ``.``),
@@ -17,6 +17,15 @@ authors' own inference code (sources below and in ``docs/real-checkpoints.md``):
   ``<|im_start|>assistant\\n<|endoftext|>`` and that last token is pooled; images resized on a 28-pixel grid
   (``_smart_resize``), then by the processor to 256 - 1,280 visual tokens; the language model runs on the spliced
   embeddings with plain (1-D) positions, as that code does under the transformers < 4.52 it requires.
+- ``vlm2vec``: TIGER-AI-Lab/VLM2Vec @ 6e1e1d4 (``src/model/processor.py``, ``src/model/model.py``, its Qwen2-VL fork
+  and the MMEB retrieval parsers): no chat template, no system message; the prompt is
+  ``[<|image_pad|>\\n]{instruction}[ {text}]\\n`` (text documents without an instruction are embedded as they are,
+  as MMEB's text candidates are); the processor bounds are ``DataArguments``' defaults (3,136 - 1,003,520 pixels),
+  an image with a side under 28 pixels is resized to 56x56 first; last token, L2-normalised; every token gets a 1-D
+  position (:mod:`genret.encoders.vlm2vec` says why). The default instructions are MMEB's MSCOCO text-to-image
+  pair (the query's ``Find me an everyday image that matches the given caption:``, the image's ``Represent the given
+  image.``): each MMEB task has its own (``ziyjiang/MMEB_Test_Instruct``; the exact strings are UNVERIFIED here, the
+  repository's comments quote them with other punctuation).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ class EmbedderSpec:
     Attributes:
         name: the name a pipeline file gives (``embedder = "..."``).
         engine: ``sentence-transformers`` (its multimodal ``SentenceTransformer`` loads the checkpoint as published)
-            or ``gme`` (genret's own forward: see :mod:`genret.encoders.gme`).
+            or ``gme`` / ``vlm2vec`` (genret's own forwards: see :mod:`genret.encoders.gme`,
+            :mod:`genret.encoders.vlm2vec`).
         hub_ids: checkpoints known to follow these conventions (so ``embedder`` may be left out for them).
         query_instruction / document_instruction: the defaults of the authors' code.
         punctuate: end an instruction without final punctuation with a ``.`` (Qwen3-VL-Embedding does).
@@ -90,6 +100,12 @@ SPECS: dict[str, EmbedderSpec] = {
             query_instruction="You are a helpful assistant.", document_instruction="You are a helpful assistant.",
             resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
             processor_options={"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=1800),
+        EmbedderSpec(
+            name="vlm2vec", engine="vlm2vec", hub_ids=("VLM2Vec/VLM2Vec-V2.0",),
+            query_instruction="Find me an everyday image that matches the given caption:",
+            document_instruction="Represent the given image.",
+            resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28,
+            processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768),
     )
 }
 

@@ -18,7 +18,8 @@ a machine without torchvision sentence-transformers cannot build any Qwen-VL
 processor (its video part needs torchvision), so while it loads, its ``AutoProcessor`` is genret's loader that
 falls back to the processor without the video part (:func:`genret.mllm.backend.load_processor`).
 
-GME runs through genret's own forward (:mod:`genret.encoders.gme` says why sentence-transformers cannot).
+GME and VLM2Vec run through genret's own forwards (:mod:`genret.encoders.gme` and :mod:`genret.encoders.vlm2vec`
+say why sentence-transformers cannot).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class MLLMEmbedder(DualEncoder):
 
     Args:
         model: a hub id or a local checkpoint folder.
-        embedder: whose conventions it follows (``qwen3-vl-embedding``, ``gme``); may be left out for the published
-            hub ids.
+        embedder: whose conventions it follows (``qwen3-vl-embedding``, ``gme``, ``vlm2vec``); may be left out for the
+            published hub ids.
         query_instruction: the instruction queries are embedded under (default: the authors' default).
         document_instruction: the same for gallery items.
         dim: a Matryoshka truncation (the first ``dim`` values, normalised again); 0 keeps the model's size.
@@ -77,6 +78,11 @@ class MLLMEmbedder(DualEncoder):
             if self.spec.engine == "sentence-transformers":
                 self._st = _load_sentence_transformer(self.spec, ref, self.device, torch_dtype, trust_remote_code)
                 full = int(self._st.get_embedding_dimension())
+            elif self.spec.engine == "vlm2vec":
+                from genret.encoders.vlm2vec import VLM2VecForward
+
+                self._gme = VLM2VecForward(self.spec, ref, self.device, torch_dtype, trust_remote_code)
+                full = self._gme.dim
             else:
                 from genret.encoders.gme import GMEForward
 
@@ -103,7 +109,9 @@ class MLLMEmbedder(DualEncoder):
                 raise ValueError(f"encoder {role}_instruction is empty: {self.spec.name} writes it as the system "
                                  "message; leave the setting out for the authors' default")
         self.full_dim = full
-        super().__init__(str(model), model_fingerprint(ref), dim or full, cache)
+        # an adapter checkpoint's own files do not say which base it was merged into: the base's fingerprint too
+        revision = model_fingerprint(ref) + getattr(getattr(self, "_gme", None), "revision_suffix", "")
+        super().__init__(str(model), revision, dim or full, cache)
 
     # -- what the manifest and the cache are keyed by -------------------------------------------------------
     def settings(self, role: str) -> dict:
@@ -164,6 +172,8 @@ class MLLMEmbedder(DualEncoder):
             vecs = self._st.encode(inputs, prompt=instruction, batch_size=len(inputs), convert_to_tensor=True,
                                    show_progress_bar=False)
         else:
+            if self.spec.engine == "vlm2vec" and images is None and role == "document":
+                instruction = ""  # VLM2Vec embeds text documents as they are (MMEB's text candidates)
             vecs = self._gme.embed(images, texts, instruction)
             if self.spec.normalize:
                 vecs = torch.nn.functional.normalize(vecs.float(), p=2, dim=-1)

@@ -1,0 +1,186 @@
+"""VLM2Vec(-V2)'s embedding forward on Qwen2-VL, as its authors' code computes it, on today's transformers.
+
+Why genret runs this itself rather than through sentence-transformers: VLM2Vec publishes no sentence-transformers
+files, and its authors' code (TIGER-AI-Lab/VLM2Vec, pinned to transformers 4.52.3) runs its own fork of Qwen2-VL's
+modelling code, which computes something a stock forward does not: VLM2Vec writes a bare ``<|image_pad|>`` (no
+``<|vision_start|>``, no chat template), and the fork's ``get_rope_index`` counts images by the token after each
+``<|vision_start|>``; it finds none, so every token, image tokens included, gets a plain 1-D position. A stock
+transformers 5.24 forward finds the image tokens through the processor's ``mm_token_type_ids`` and gives them 3-D
+grid positions, and other embeddings (measured on a shrunk checkpoint: up to 0.26 apart, unit vectors). The weights
+are a stock ``qwen2_vl`` model, possibly shipped as a (DoRA) LoRA adapter onto Qwen2-VL-2B-Instruct: they load with
+``AutoModelForImageTextToText`` and peft, no remote code.
+
+The prompt (no chat template; from the authors' ``process_input_text`` and MMEB retrieval parsers):
+``[<|image_pad|>\\n]{instruction}[ {text}]\\n``; a text with no instruction and no image is embedded as it is (as
+MMEB's text candidates are). The hidden state of the last token (the final ``\\n``) is the embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from genret.encoders.embedders import EmbedderSpec
+
+logger = logging.getLogger(__name__)
+
+IMAGE = "<|image_pad|>"
+MIN_SIDE = 28  # the authors' batching resizes an image with a side under 28 pixels to 56x56 first
+TINY_SIZE = (56, 56)
+
+
+def vlm2vec_prompt(instruction: str, has_image: bool, text: str | None) -> str:
+    """The text VLM2Vec embeds for one input (see the module docstring)."""
+    if not instruction and not has_image:
+        return text or ""
+    body = instruction + (" " + text if text else "") if instruction else (text or "")
+    return (IMAGE + "\n" if has_image else "") + body + "\n"
+
+
+class VLM2VecForward:
+    """Loads a VLM2Vec checkpoint (whole, or a LoRA/DoRA adapter onto its base) and embeds inputs.
+
+    Args:
+        spec: the ``vlm2vec`` conventions (:data:`genret.encoders.embedders.SPECS`).
+        ref: the checkpoint (hub id or folder): a ``qwen2_vl`` model, or a peft adapter whose
+            ``adapter_config.json`` names its base.
+        device, dtype: where and in which precision the weights run.
+        trust_remote_code: passed to transformers (not needed: the weights are stock ``qwen2_vl``).
+
+    Attributes:
+        revision_suffix: the base model's fingerprint for an adapter checkpoint (its own files do not say which
+            base weights it was merged into), else empty.
+    """
+
+    def __init__(self, spec: EmbedderSpec, ref: str, device: str, dtype: torch.dtype,
+                 trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        from genret._hub import model_fingerprint
+        from genret.mllm.backend import load_processor
+        from genret.mllm.checkpoints import adapter_base
+
+        base = adapter_base(ref)
+        weights = base or ref
+        config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code)
+        if config.model_type != "qwen2_vl":
+            raise ValueError(f"{weights!r} is a {config.model_type!r} checkpoint; VLM2Vec's conventions (embedder = "
+                             "\"vlm2vec\") are those of its Qwen2-VL checkpoints (model_type 'qwen2_vl')")
+        self.spec = spec
+        self.model = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype,
+                                                                 trust_remote_code=trust_remote_code)
+        self.revision_suffix = ""
+        if base is not None:
+            self.model = merge_peft_adapter(self.model, ref)
+            self.revision_suffix = "+" + model_fingerprint(base)
+        self.model.to(device).eval()
+        try:
+            self.processor = load_processor(ref, trust_remote_code, **spec.processor_options)
+        except (OSError, ValueError, TypeError):
+            if base is None:
+                raise
+            self.processor = load_processor(base, trust_remote_code, **spec.processor_options)  # adapter files only
+        self.processor.tokenizer.padding_side = "right"  # pooling below reads the last non-padding position
+        self.dim = int(self.model.config.get_text_config().hidden_size)
+
+    @torch.inference_mode()
+    def embed(self, images: list | None, texts: list[str | None], instruction: str) -> torch.Tensor:
+        """The pooled (not normalised) embeddings of ``len(texts)`` inputs: image ``i`` (if any) and text ``i``
+        under ``instruction``. A batch is all with images or all without."""
+        prompts = [vlm2vec_prompt(instruction, images is not None, t) for t in texts]
+        pics = None
+        if images is not None:
+            pics = [im.resize(TINY_SIZE) if min(im.size) < MIN_SIDE else im for im in images]
+        inputs = self.processor(text=prompts, images=pics, padding=True, truncation=True,
+                                max_length=self.spec.max_length, return_tensors="pt")
+        device = self.model.device
+        ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+        model = self.model.model
+        embeds = model.get_input_embeddings()(ids)
+        if pics is not None:
+            feats = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
+            feats = torch.cat(list(feats.pooler_output)).to(embeds.dtype)
+            embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats)
+        # 1-D positions over the attended tokens, image tokens included (see the module docstring)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                      position_ids=positions).last_hidden_state
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=device), last]
+
+
+def merge_peft_adapter(model, adapter: str):
+    """``model`` with the LoRA/DoRA adapter at ``adapter`` merged into its weights.
+
+    An adapter saved against transformers 4.x module names (``model.layers.N`` where 5.x has
+    ``model.language_model.layers.N``, ``visual`` where it has ``model.visual``: every adapter trained before 5.0)
+    does not load through ``PeftModel.from_pretrained`` on 5.24: peft warns of missing keys and leaves the adapter at
+    its initialisation, an identity, so the base model's embeddings would come back silently. Its keys are renamed
+    here with the model's own checkpoint renamings (those ``from_pretrained`` applies to its weights).
+
+    Raises:
+        ValueError: adapter weights for modules the model does not have after renaming.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    folder = _adapter_folder(adapter)
+    config = LoraConfig.from_pretrained(folder)
+    state = load_peft_weights(folder, device="cpu")
+    modules = {name for name, _ in model.named_modules()}
+    renames = _renamings(model)
+    fixed, unknown = {}, []
+    for key, value in state.items():
+        head, sep, tail = key.partition(".lora_")
+        path = head.removeprefix("base_model.model.")
+        if path not in modules:
+            path = next((new for new in _renamed(path, renames) if new in modules), None)
+            if path is None:
+                unknown.append(key)
+                continue
+        fixed[f"base_model.model.{path}{sep}{tail}"] = value
+    if unknown:
+        raise ValueError(f"{adapter!r}: the adapter has weights for modules this model does not have "
+                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); is it for another base?")
+    peft_model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(peft_model, fixed)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing:
+        raise ValueError(f"{adapter!r}: the adapter leaves {len(missing)} LoRA weights unset (e.g. {missing[0]})")
+    return peft_model.merge_and_unload()
+
+
+def _adapter_folder(adapter: str) -> str:
+    """A local folder holding the adapter's files (a hub id is resolved in the local cache)."""
+    if Path(adapter).expanduser().is_dir():
+        return str(Path(adapter).expanduser())
+    from transformers.utils import find_adapter_config_file
+
+    found = find_adapter_config_file(adapter)
+    if found is None:
+        raise FileNotFoundError(f"{adapter!r}: no adapter_config.json")
+    return str(Path(found).parent)
+
+
+def _renamings(model) -> list[tuple[re.Pattern, str]]:
+    """The model's checkpoint key renamings (regex, replacement), as transformers applies them to weights."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    out = []
+    for transform in get_model_conversion_mapping(model):
+        if type(transform).__name__ not in ("WeightRenaming", "PrefixChange"):
+            continue
+        targets = list(transform.target_patterns)
+        for source in transform.source_patterns:
+            out.append((re.compile(source), targets[0] if len(targets) == 1 else targets.pop(0)))
+    return out
+
+
+def _renamed(path: str, renames: list[tuple[re.Pattern, str]]):
+    """``path`` under each renaming that matches it, one at a time."""
+    for pattern, target in renames:
+        if pattern.search(path):
+            yield pattern.sub(target, path, count=1)
