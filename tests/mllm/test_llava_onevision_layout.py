@@ -119,3 +119,20 @@ def test_a_listwise_prompt_past_the_context_names_the_k_that_fits_in_the_multi_i
     with pytest.raises(PromptTooLongError, match=r"~73\d tokens per candidate\): at most k = 44 fit"):
         listwise_scores(ov, section["user"], section["item"], {"text": "a red circle left of a blue square"}, feats,
                         "image")
+
+
+def test_a_listwise_rerank_stage_caches_its_gallery_in_the_multi_image_layout(ov, real_dirs, world):
+    """The stage's gallery features are those of its prompts (several images), say so in their manifest, and score
+    as the images of a request do; a lone candidate is laid out alone."""
+    from genret.stages.rerank import RerankConfig, RerankStage
+    from genret.types import Query
+
+    stage = RerankStage(RerankConfig(model=str(real_dirs[NAME]), mode="listwise"), "rerank")
+    stage._mllm = ov  # the stage's model as it loads it (loaded once for the session)
+    items = world.split("test").image_items()[:3]
+    query = Query(id="q", text="a red circle left of a blue square")
+    gallery = stage.score(query, items)
+    assert [tuple(stage.features[it.id].shape[:-1]) for it in items] == [(730,)] * 3
+    assert stage._describe()["layout"] == "several"
+    assert stage.score(query, items, cache=False) == pytest.approx(gallery, abs=1e-4)
+    assert len(stage.score(query, items[:1])) == 1
