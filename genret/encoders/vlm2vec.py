@@ -17,6 +17,7 @@ MMEB's text candidates are). The hidden state of the last token (the final ``\\n
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -63,7 +64,7 @@ class VLM2VecForward:
         from genret.mllm.backend import load_processor
         from genret.mllm.checkpoints import adapter_base
 
-        base = adapter_base(ref)
+        base = adapter_base(ref) or _adapter_beside_config(ref)
         weights = base or ref
         config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code)
         if config.model_type != "qwen2_vl":
@@ -151,6 +152,26 @@ def merge_peft_adapter(model, adapter: str):
     if missing:
         raise ValueError(f"{adapter!r}: the adapter leaves {len(missing)} LoRA weights unset (e.g. {missing[0]})")
     return peft_model.merge_and_unload()
+
+
+def _adapter_beside_config(ref: str) -> str | None:
+    """The base of a folder holding a ``config.json`` and a peft adapter but no model weights (the layout VLM2Vec's
+    own loading reads: the config and the adapter from one repository, the weights from the adapter's base); None
+    for any other checkpoint (a hub id is read in the local cache)."""
+    from genret._hub import hub_snapshot
+
+    path = Path(ref).expanduser()
+    folder = path if path.is_dir() else hub_snapshot(ref)
+    if folder is None or not (folder / "adapter_config.json").is_file():
+        return None
+    weights = [f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and not f.name.startswith("adapter")]
+    if weights:
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{folder / 'adapter_config.json'}: an adapter without base_model_name_or_path; genret cannot "
+                         "tell which model it adapts")
+    return base
 
 
 def _adapter_folder(adapter: str) -> str:

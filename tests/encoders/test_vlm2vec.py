@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from embedder_checkpoints import copy_checkpoint
 from genret.encoders.embedders import resolve_spec
 from genret.encoders.mllm import MLLMEmbedder
 
@@ -110,9 +111,11 @@ def _as_saved_by_transformers_4(adapter, out):
     return out
 
 
+@pytest.mark.slow
 def test_vlm2vec_dora_adapter_saved_by_transformers_4_loads_onto_its_base(base_dir, tmp_path):
-    """An adapter checkpoint (no config.json) merges into the base its adapter_config.json names, its 4.x key names
-    mapped onto 5.x's modules; peft alone leaves such an adapter at its identity start, silently."""
+    """An adapter checkpoint (no config.json, or a config.json and no weights) merges into the base its
+    adapter_config.json names, its 4.x key names mapped onto 5.x's modules; peft alone leaves such an adapter at its
+    identity start, silently."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -123,6 +126,11 @@ def test_vlm2vec_dora_adapter_saved_by_transformers_4_loads_onto_its_base(base_d
     reference, _, _ = _reference(base_dir, adapter)
     encoder = MLLMEmbedder(str(published), embedder="vlm2vec", device="cpu")
     docs = _check(encoder, reference)
+    # the layout VLM2Vec's own loading reads: config.json and the adapter in one folder, the weights the base's
+    beside = copy_checkpoint(published, tmp_path / "beside")
+    (beside / "config.json").write_text((base_dir / "config.json").read_text())
+    with_config = MLLMEmbedder(str(beside), embedder="vlm2vec", device="cpu")
+    assert np.abs(with_config.encode_images(_images(), role="document") - docs).max() < ATOL
     plain = MLLMEmbedder(str(base_dir), embedder="vlm2vec", device="cpu")
     assert np.abs(plain.encode_images(_images(), role="document") - docs).max() > 1e-3  # the adapter counts
     assert encoder.revision != plain.revision  # the adapter's files and its base's
