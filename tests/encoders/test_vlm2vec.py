@@ -68,6 +68,11 @@ def test_vlm2vec_equals_the_authors_procedure(base_dir):
     encoder = MLLMEmbedder(str(base_dir), embedder="vlm2vec", device="cpu")
     reference, model, processor = _reference(base_dir)
     docs = _check(encoder, reference)
+    # over the authors' 1,003,520-pixel bound (the checkpoint's own processor allows 12.8 M): scaled down to it
+    big = Image.fromarray(np.random.default_rng(5).integers(0, 255, (1000, 1100, 3), dtype=np.uint8))
+    want = reference([ref.image_input(IMAGE_DOC)], [big])
+    assert np.abs(encoder.encode_images([big], role="document") - want).max() < ATOL
+    assert encoder._gme.processor.image_processor.size["longest_edge"] == 1280 * 28 * 28
     # VLM2Vec's positions are 1-D: the stock forward's 3-D M-RoPE positions give other image embeddings
     stock = ref.embed(model, processor, [ref.image_input(IMAGE_DOC)] * 4, _images(), stock_positions=True).numpy()
     assert np.abs(stock - docs).max() > 1e-3
