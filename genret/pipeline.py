@@ -58,7 +58,8 @@ class EncoderConfig:
     cache_dir: str = field(default="", metadata={"path": "dir", "help": "embedding cache folder ('' for none)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the checkpoint"})
     embedder: str = field(default="", metadata={"help": "mllm: whose conventions the checkpoint follows "
-                                                        "(qwen3-vl-embedding, gme, vlm2vec); default from the hub id"})
+                                                        "(qwen3-vl-embedding, gme, vlm2vec, vlm2vec-v1); default "
+                                                        "from the hub id"})
     query_instruction: str | None = field(default=None, metadata={"help": "mllm: the instruction queries are "
                                                                           "embedded under (default: the authors')"})
     document_instruction: str | None = field(default=None, metadata={"help": "mllm: the instruction gallery items "

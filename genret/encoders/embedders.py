@@ -26,6 +26,9 @@ from the authors' own inference code (sources below and in ``docs/real-checkpoin
   pair (the query's ``Find me an everyday image that matches the given caption:``, the image's ``Represent the given
   image.``): each MMEB task has its own (``ziyjiang/MMEB_Test_Instruct``; the exact strings are UNVERIFIED here, the
   repository's comments quote them with other punctuation).
+- ``vlm2vec-v1``: VLM2Vec v1 on Qwen2-VL (TIGER-Lab/VLM2Vec-Qwen2VL-2B/7B): the same code, but its MMEB run
+  (``experiments/public/eval/eval_vlm2vecv1_8gpu.sh``: ``--resize_use_processor false --image_resolution high``)
+  resizes every image to 1344x1344 (``MultimodalEvalDataCollator``) before the processor.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class EmbedderSpec:
         processor_options: settings the processor is loaded with (``from_pretrained`` applies ``min_pixels`` /
             ``max_pixels``; a ``size`` given there is not applied in transformers 5.24).
         max_length: the authors' token limit of one input.
+        image_size: a fixed (width, height) every image is resized to before the processor (VLM2Vec v1's MMEB
+            runs); empty: none.
     """
 
     name: str
@@ -72,6 +77,7 @@ class EmbedderSpec:
     max_pixels: int = 16384 * 28 * 28
     processor_options: dict = field(default_factory=dict)
     max_length: int = 8192
+    image_size: tuple[int, int] | tuple = ()
 
     def instruction(self, text: str) -> str:
         """``text`` as the authors' code writes it into the prompt."""
@@ -106,6 +112,14 @@ SPECS: dict[str, EmbedderSpec] = {
             document_instruction="Represent the given image.",
             resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28,
             processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768),
+        EmbedderSpec(
+            name="vlm2vec-v1", engine="vlm2vec",
+            hub_ids=("TIGER-Lab/VLM2Vec-Qwen2VL-2B", "TIGER-Lab/VLM2Vec-Qwen2VL-7B"),
+            query_instruction="Find me an everyday image that matches the given caption:",
+            document_instruction="Represent the given image.",
+            resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28,
+            processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768,
+            image_size=(1344, 1344)),
     )
 }
 

@@ -119,7 +119,8 @@ class MLLMEmbedder(DualEncoder):
         s = self.spec
         return {"embedder": s.name, "instruction": self.instructions[role], "pooling": s.pooling,
                 "normalize": s.normalize, "dim": self.dim, "resize": [s.resize_factor, s.min_pixels, s.max_pixels],
-                "processor_options": s.processor_options, "max_length": s.max_length}
+                "processor_options": s.processor_options, "max_length": s.max_length,
+                **({"image_size": list(s.image_size)} if s.image_size else {})}
 
     def describe(self) -> dict:
         """The manifest record: the document side is checked on load (an index holds documents), the query

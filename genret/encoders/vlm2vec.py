@@ -94,7 +94,8 @@ class VLM2VecForward:
         prompts = [vlm2vec_prompt(instruction, images is not None, t) for t in texts]
         pics = None
         if images is not None:
-            pics = [im.resize(TINY_SIZE) if min(im.size) < MIN_SIDE else im for im in images]
+            pics = [im.resize(tuple(self.spec.image_size)) if self.spec.image_size else im for im in images]
+            pics = [im.resize(TINY_SIZE) if min(im.size) < MIN_SIDE else im for im in pics]
         inputs = self.processor(text=prompts, images=pics, padding=True, truncation=True,
                                 max_length=self.spec.max_length, return_tensors="pt")
         device = self.model.device

@@ -1,6 +1,7 @@
-"""VLM2Vec(-V2) as the prefilter encoder: genret's embeddings equal the authors' procedure (``tests/reference/vlm2vec.py``,
-checked once against TIGER-AI-Lab/VLM2Vec's own code) at fp32, 1e-4, on the shrunk Qwen2-VL-2B-Instruct build with
-its real tokenizer and processor settings; whole checkpoints and DoRA adapters saved against transformers 4.x."""
+"""VLM2Vec(-V2) as the prefilter encoder: genret's embeddings equal the authors' procedure
+(``tests/reference/vlm2vec.py``, checked once against TIGER-AI-Lab/VLM2Vec's own code) at fp32, 1e-4, on the shrunk
+Qwen2-VL-2B-Instruct build with its real tokenizer and processor settings; whole checkpoints and DoRA adapters
+saved against transformers 4.x."""
 
 import json
 
@@ -78,6 +79,21 @@ def test_vlm2vec_equals_the_authors_procedure(base_dir):
     assert np.abs(stock - docs).max() > 1e-3
     with pytest.raises(ValueError, match="not trained for truncated"):
         MLLMEmbedder(str(base_dir), embedder="vlm2vec", device="cpu", dim=32)
+
+
+@pytest.mark.slow
+def test_vlm2vec_v1_resizes_images_as_its_mmeb_run(base_dir):
+    """v1 (TIGER-Lab/VLM2Vec-Qwen2VL-*): the same procedure, its MMEB run resizing every image to 1344x1344 first
+    (``MultimodalEvalDataCollator`` under ``--resize_use_processor false --image_resolution high``)."""
+    from reference import vlm2vec as ref
+
+    assert resolve_spec("", "TIGER-Lab/VLM2Vec-Qwen2VL-2B").name == "vlm2vec-v1"
+    reference, _, _ = _reference(base_dir)
+    v1 = MLLMEmbedder(str(base_dir), embedder="vlm2vec-v1", device="cpu")
+    image = _images()[1]
+    want = reference([ref.image_input(IMAGE_DOC)], [image.resize((1344, 1344))])
+    assert np.abs(v1.encode_images([image], role="document") - want).max() < ATOL
+    assert v1.describe()["settings"]["image_size"] == [1344, 1344]
 
 
 def _dora_adapter(base_dir, out):
