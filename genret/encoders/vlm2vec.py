@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -62,7 +61,7 @@ class VLM2VecForward:
 
         from genret._hub import model_fingerprint
         from genret.mllm.backend import load_processor
-        from genret.mllm.checkpoints import adapter_base
+        from genret.mllm.checkpoints import adapter_base, merge_peft_adapter
 
         base = adapter_base(ref) or _adapter_beside_config(ref)
         weights = base or ref
@@ -114,47 +113,6 @@ class VLM2VecForward:
         return hidden[torch.arange(hidden.shape[0], device=device), last]
 
 
-def merge_peft_adapter(model, adapter: str):
-    """``model`` with the LoRA/DoRA adapter at ``adapter`` merged into its weights.
-
-    An adapter saved against transformers 4.x module names (``model.layers.N`` where 5.x has
-    ``model.language_model.layers.N``, ``visual`` where it has ``model.visual``: every adapter trained before 5.0)
-    does not load through ``PeftModel.from_pretrained`` on 5.24: peft warns of missing keys and leaves the adapter at
-    its initialisation, an identity, so the base model's embeddings would come back silently. Its keys are renamed
-    here with the model's own checkpoint renamings (those ``from_pretrained`` applies to its weights).
-
-    Raises:
-        ValueError: adapter weights for modules the model does not have after renaming.
-    """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    folder = _adapter_folder(adapter)
-    config = LoraConfig.from_pretrained(folder)
-    state = load_peft_weights(folder, device="cpu")
-    modules = {name for name, _ in model.named_modules()}
-    renames = _renamings(model)
-    fixed, unknown = {}, []
-    for key, value in state.items():
-        head, sep, tail = key.partition(".lora_")
-        path = head.removeprefix("base_model.model.")
-        if path not in modules:
-            path = next((new for new in _renamed(path, renames) if new in modules), None)
-            if path is None:
-                unknown.append(key)
-                continue
-        fixed[f"base_model.model.{path}{sep}{tail}"] = value
-    if unknown:
-        raise ValueError(f"{adapter!r}: the adapter has weights for modules this model does not have "
-                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); is it for another base?")
-    peft_model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(peft_model, fixed)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing:
-        raise ValueError(f"{adapter!r}: the adapter leaves {len(missing)} LoRA weights unset (e.g. {missing[0]})")
-    return peft_model.merge_and_unload()
-
-
 def _adapter_beside_config(ref: str) -> str | None:
     """The base of a folder holding a ``config.json`` and a peft adapter but no model weights (the layout VLM2Vec's
     own loading reads: the config and the adapter from one repository, the weights from the adapter's base); None
@@ -173,36 +131,3 @@ def _adapter_beside_config(ref: str) -> str | None:
         raise ValueError(f"{folder / 'adapter_config.json'}: an adapter without base_model_name_or_path; genret cannot "
                          "tell which model it adapts")
     return base
-
-
-def _adapter_folder(adapter: str) -> str:
-    """A local folder holding the adapter's files (a hub id is resolved in the local cache)."""
-    if Path(adapter).expanduser().is_dir():
-        return str(Path(adapter).expanduser())
-    from transformers.utils import find_adapter_config_file
-
-    found = find_adapter_config_file(adapter)
-    if found is None:
-        raise FileNotFoundError(f"{adapter!r}: no adapter_config.json")
-    return str(Path(found).parent)
-
-
-def _renamings(model) -> list[tuple[re.Pattern, str]]:
-    """The model's checkpoint key renamings (regex, replacement), as transformers applies them to weights."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    out = []
-    for transform in get_model_conversion_mapping(model):
-        if type(transform).__name__ not in ("WeightRenaming", "PrefixChange"):
-            continue
-        targets = list(transform.target_patterns)
-        for source in transform.source_patterns:
-            out.append((re.compile(source), targets[0] if len(targets) == 1 else targets.pop(0)))
-    return out
-
-
-def _renamed(path: str, renames: list[tuple[re.Pattern, str]]):
-    """``path`` under each renaming that matches it, one at a time."""
-    for pattern, target in renames:
-        if pattern.search(path):
-            yield pattern.sub(target, path, count=1)

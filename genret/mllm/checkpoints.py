@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -267,11 +268,83 @@ def merge_adapter(mllm, config) -> Any:
     if config.load_in_4bit or config.load_in_8bit:
         raise ValueError(f"{config.model!r} is a LoRA adapter checkpoint, merged into its base as it loads; 4-bit "
                          "and 8-bit weights cannot take the merge: load it in bfloat16/float32")
-    from peft import PeftModel
-
-    mllm.model = PeftModel.from_pretrained(mllm.model, config.model).merge_and_unload()
+    mllm.model = merge_peft_adapter(mllm.model, config.model)
     mllm.model.eval()
     mllm.revision = f"{mllm.revision}+{adapter_fingerprint(config.model)}"
     mllm.model_id = str(config.model)
     logger.info("%s: LoRA adapter checkpoint merged into its base %s", config.model, mllm.model.config.name_or_path)
     return mllm
+
+
+def merge_peft_adapter(model, adapter: str):
+    """``model`` with the LoRA/DoRA adapter at ``adapter`` merged into its weights.
+
+    An adapter saved against transformers 4.x module names (``model.layers.N`` where 5.x has
+    ``model.language_model.layers.N``, ``visual`` where it has ``model.visual``: every adapter trained before 5.0)
+    does not load through ``PeftModel.from_pretrained`` on 5.24: peft warns of missing keys and leaves the adapter at
+    its initialisation, an identity, so the base model's embeddings would come back silently. Its keys are renamed
+    here with the model's own checkpoint renamings (those ``from_pretrained`` applies to its weights).
+
+    Raises:
+        ValueError: adapter weights for modules the model does not have after renaming.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    folder = _adapter_folder(adapter)
+    config = LoraConfig.from_pretrained(folder)
+    state = load_peft_weights(folder, device="cpu")
+    modules = {name for name, _ in model.named_modules()}
+    renames = _renamings(model)
+    fixed, unknown = {}, []
+    for key, value in state.items():
+        head, sep, tail = key.partition(".lora_")
+        path = head.removeprefix("base_model.model.")
+        if path not in modules:
+            path = next((new for new in _renamed(path, renames) if new in modules), None)
+            if path is None:
+                unknown.append(key)
+                continue
+        fixed[f"base_model.model.{path}{sep}{tail}"] = value
+    if unknown:
+        raise ValueError(f"{adapter!r}: the adapter has weights for modules this model does not have "
+                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); is it for another base?")
+    peft_model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(peft_model, fixed)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing:
+        raise ValueError(f"{adapter!r}: the adapter leaves {len(missing)} LoRA weights unset (e.g. {missing[0]})")
+    return peft_model.merge_and_unload()
+
+
+def _adapter_folder(adapter: str) -> str:
+    """A local folder holding the adapter's files (a hub id is resolved in the local cache)."""
+    if Path(adapter).expanduser().is_dir():
+        return str(Path(adapter).expanduser())
+    from transformers.utils import find_adapter_config_file
+
+    found = find_adapter_config_file(adapter)
+    if found is None:
+        raise FileNotFoundError(f"{adapter!r}: no adapter_config.json")
+    return str(Path(found).parent)
+
+
+def _renamings(model) -> list[tuple[re.Pattern, str]]:
+    """The model's checkpoint key renamings (regex, replacement), as transformers applies them to weights."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    out = []
+    for transform in get_model_conversion_mapping(model):
+        if type(transform).__name__ not in ("WeightRenaming", "PrefixChange"):
+            continue
+        targets = list(transform.target_patterns)
+        for source in transform.source_patterns:
+            out.append((re.compile(source), targets[0] if len(targets) == 1 else targets.pop(0)))
+    return out
+
+
+def _renamed(path: str, renames: list[tuple[re.Pattern, str]]):
+    """``path`` under each renaming that matches it, one at a time."""
+    for pattern, target in renames:
+        if pattern.search(path):
+            yield pattern.sub(target, path, count=1)
