@@ -18,14 +18,11 @@ MMEB's text candidates are). The hidden state of the last token (the final ``\\n
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from genret.encoders.embedders import EmbedderSpec
-
-logger = logging.getLogger(__name__)
 
 IMAGE = "<|image_pad|>"
 MIN_SIDE = 28  # the authors' batching resizes an image with a side under 28 pixels to 56x56 first

@@ -282,23 +282,27 @@ def merge_peft_adapter(model, adapter: str):
     An adapter saved against transformers 4.x module names (``model.layers.N`` where 5.x has
     ``model.language_model.layers.N``, ``visual`` where it has ``model.visual``: every adapter trained before 5.0)
     does not load through ``PeftModel.from_pretrained`` on 5.24: peft warns of missing keys and leaves the adapter at
-    its initialisation, an identity, so the base model's embeddings would come back silently. Its keys are renamed
-    here with the model's own checkpoint renamings (those ``from_pretrained`` applies to its weights).
+    its initialisation, an identity, so the base model comes back silently. Its keys are renamed here with the
+    model's own checkpoint renamings (those ``from_pretrained`` applies to its weights); other saved weights
+    (``modules_to_save``) keep their keys.
 
     Raises:
-        ValueError: adapter weights for modules the model does not have after renaming.
+        ValueError: LoRA weights for modules the model does not have after renaming, or LoRA weights left unset.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     folder = _adapter_folder(adapter)
-    config = LoraConfig.from_pretrained(folder)
+    config = PeftConfig.from_pretrained(folder)
     state = load_peft_weights(folder, device="cpu")
     modules = {name for name, _ in model.named_modules()}
     renames = _renamings(model)
     fixed, unknown = {}, []
     for key, value in state.items():
         head, sep, tail = key.partition(".lora_")
+        if not sep:
+            fixed[key] = value
+            continue
         path = head.removeprefix("base_model.model.")
         if path not in modules:
             path = next((new for new in _renamed(path, renames) if new in modules), None)
