@@ -217,13 +217,18 @@ def adapter_base(model: str) -> str | None:
     else:
         from transformers.utils import find_adapter_config_file
 
-        from genret._hub import hub_offline, hub_reachable, hub_snapshot
+        from genret._hub import hub_offline, hub_reachable, hub_snapshot, looks_local
 
+        if looks_local(model):  # a path that is not there: the loader's check names it (no hub id to ask about)
+            return None
         if hub_snapshot(model) is not None:  # its config.json is cached: a whole model
             return None
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(repo_id=model, filename="adapter_config.json")
+        try:
+            cached = try_to_load_from_cache(repo_id=model, filename="adapter_config.json")
+        except ValueError:  # not a valid repository id either: the loader's check names it
+            return None
         if isinstance(cached, str):
             return _base_of(Path(cached))
         if hub_offline() or not hub_reachable():  # nothing to ask: the loader names the missing model

@@ -194,10 +194,16 @@ class Run:
 
 
 def _fp16_safe(base, config) -> tuple[bool, str]:
-    """Whether the MLLM ``base`` (None: no MLLM) may train under fp16 autocast, by its family; and its name."""
-    if base is None:
-        return True, "the model"
-    from genret.mllm.backend import MLLMConfig, check_mllm
+    """Whether the MLLM ``base`` (None: no MLLM) may train under fp16 autocast, by its family; and its name.
+
+    Asked only where the answer matters (fp16 asked for, or ``auto`` on a GPU without bf16), so a trainer's own
+    checks of its arguments come first everywhere else.
+    """
+    from genret.mllm.backend import MLLMConfig, check_mllm, gpu_bf16
+
+    wanted = config.mixed_precision
+    if base is None or not (wanted == "fp16" or (wanted == "auto" and gpu_bf16() is False)):
+        return True, str(base or "the model")
 
     _, _, family = check_mllm(MLLMConfig(model=str(base), trust_remote_code=getattr(config, "trust_remote_code", False)),
                               files=False)

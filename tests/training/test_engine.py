@@ -285,6 +285,9 @@ def test_a_trainer_resolves_mixed_precision_by_its_base_models_family(mllm_dir, 
     from genret.training import engine as engine_mod
     from genret.training.options import TrainOptions
 
-    assert engine_mod._fp16_safe(None, TrainOptions()) == (True, "the model")
-    assert engine_mod._fp16_safe(mllm_dir, TrainOptions()) == (True, str(mllm_dir))  # the mini LLaVA
-    assert engine_mod._fp16_safe(real_dirs["qwen2-vl-2b-instruct"], TrainOptions())[0] is False
+    fp16 = TrainOptions(mixed_precision="fp16")
+    assert engine_mod._fp16_safe(None, fp16) == (True, "the model")
+    assert engine_mod._fp16_safe(mllm_dir, fp16) == (True, str(mllm_dir))  # the mini LLaVA
+    assert engine_mod._fp16_safe(real_dirs["qwen2-vl-2b-instruct"], fp16)[0] is False
+    # on the CPU auto needs no answer: the base is not even read (a trainer's own argument checks come first)
+    assert engine_mod._fp16_safe("no/such-model", TrainOptions()) == (True, "no/such-model")
