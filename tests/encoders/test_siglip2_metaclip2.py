@@ -30,7 +30,6 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).detach().numpy()
 
 
-@pytest.mark.slow  # ~20-40 s here: the stand-in's 262k-token vocabulary
 def test_siglip2_naflex_embeds_as_transformers_does(tmp_path):
     encoder = HFDualEncoder(str(build_siglip2_naflex(tmp_path / "siglip2")), device="cpu")
     assert type(encoder.model).__name__ == "Siglip2Model" and encoder.model_type == "siglip2"
