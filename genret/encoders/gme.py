@@ -61,17 +61,27 @@ class GMEForward:
         """
         prompts = [self.prompt(instruction, images is not None, t) for t in texts]
         pics = [resize_for(self.spec, im) for im in images] if images is not None else None
-        inputs = self.processor(text=prompts, images=pics, padding=True, truncation=True,
-                                max_length=self.spec.max_length, return_tensors="pt")
-        device = self.model.device
-        ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        model = self.model.model
-        embeds = model.get_input_embeddings()(ids)
-        if pics is not None:
-            feats = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
-            feats = torch.cat(list(feats.pooler_output)).to(embeds.dtype)
-            embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats)
         # No position ids: 1-D positions for every token, as GME's code gets (see the module docstring).
-        hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=device), last]
+        return last_token_states(self.model, self.processor, prompts, pics, self.spec.max_length)
+
+
+def last_token_states(model, processor, prompts: list[str], pics: list | None, max_length: int,
+                      one_d_positions: bool = False) -> torch.Tensor:
+    """The last real token's final hidden state of each prompt through a stock Qwen2-VL, the image features written
+    at its image tokens, and the language model run with 1-D positions as GME's and VLM2Vec's own code runs it:
+    the model's default (``one_d_positions`` False: every position counts, padding included) or the attended
+    tokens' running count (True), never the multimodal RoPE grid a stock forward gives image tokens."""
+    inputs = processor(text=prompts, images=pics, padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")
+    device = model.device
+    ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)
+    if pics is not None:
+        feats = inner.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
+        feats = torch.cat(list(feats.pooler_output)).to(embeds.dtype)
+        embeds = embeds.masked_scatter((ids == inner.config.image_token_id).unsqueeze(-1), feats)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1) if one_d_positions else None
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    last = mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=device), last]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from genret.encoders.embedders import EmbedderSpec
+from genret.encoders.gme import last_token_states
 
 IMAGE = "<|image_pad|>"
 MIN_SIDE = 28  # the authors' batching resizes an image with a side under 28 pixels to 56x56 first
@@ -92,22 +93,8 @@ class VLM2VecForward:
         if images is not None:
             pics = [im.resize(tuple(self.spec.image_size)) if self.spec.image_size else im for im in images]
             pics = [im.resize(TINY_SIZE) if min(im.size) < MIN_SIDE else im for im in pics]
-        inputs = self.processor(text=prompts, images=pics, padding=True, truncation=True,
-                                max_length=self.spec.max_length, return_tensors="pt")
-        device = self.model.device
-        ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        model = self.model.model
-        embeds = model.get_input_embeddings()(ids)
-        if pics is not None:
-            feats = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
-            feats = torch.cat(list(feats.pooler_output)).to(embeds.dtype)
-            embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats)
         # 1-D positions over the attended tokens, image tokens included (see the module docstring)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
-        hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                      position_ids=positions).last_hidden_state
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=device), last]
+        return last_token_states(self.model, self.processor, prompts, pics, self.spec.max_length, one_d_positions=True)
 
 
 def _adapter_beside_config(ref: str) -> str | None:
