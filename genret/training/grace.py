@@ -53,6 +53,7 @@ from genret.data.images import load_image
 from genret.identifiers import SCHEMES, Identifiers, Trie, add_tokens, constrained_beam_search, tokenize
 from genret.mllm import scoring
 from genret.mllm.answers import answer_context
+from genret.mllm.textcache import image_key
 from genret.stages.generate import PROMPT_NEEDS  # the stage owns what its prompt holds
 from genret.training.distributed import on_main
 from genret.training.engine import Engine, Streams
@@ -236,9 +237,11 @@ def evaluate_grace(mllm: "MLLM", prompt: "Prompt", trie: Trie, item_ids: Sequenc
             hits = 0
             for s in range(0, len(texts), batch_size):
                 rendered = _prompts(mllm, prompt, texts[s:s + batch_size])
-                kw = {"images": [load_image(p) for p in pics[s:s + batch_size]]} if pics else {}
+                kw = {"images": mllm.family.processor_images([[load_image(p)] for p in pics[s:s + batch_size]])
+                      } if pics else {}
                 inputs = mllm.processor(text=rendered, padding=True, return_tensors="pt", **kw)
-                inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "token_type_ids"}
+                # as the captioner and answerer: the family keeps what generate needs (Gemma 3's token_type_ids)
+                inputs = {k: v.to(mllm.device) for k, v in mllm.family.generate_inputs(mllm.model, inputs).items()}
                 found = constrained_beam_search(mllm.model, inputs, trie, num_beams=num_beams, num_return_sequences=1,
                                                 pad_token_id=tok.pad_token_id)
                 hits += sum(bool(f) and f[0].item_id == w for f, w in zip(found, want[s:s + batch_size]))
@@ -315,7 +318,7 @@ def train_grace(base: str | os.PathLike, data: Dataset, out_dir: str | os.PathLi
     pseudo: list[str] = []
     if config.pseudo_queries:
         key = {"base_revision": mllm.revision, "prompt": prompt.key, "items": len(items), "first": items[0],
-               "last": items[-1], "caption_tokens": config.caption_tokens}
+               "last": items[-1], "caption_tokens": config.caption_tokens, "images": image_key(mllm)}
         pseudo = _load_pseudo(out_dir / PSEUDO_FILE, key) or on_main(
             engine.accelerator, lambda: pseudo_queries(mllm, prompt, paths, config.caption_tokens, progress=show))
         queries += [(t, g) for g, t in enumerate(pseudo) if t]

@@ -42,6 +42,11 @@ def test_adapter_folder_holds_identifiers_tokenizer_and_pseudo_queries(grace_dir
     assert ids.new_tokens[0] in {t["content"] for t in tok["added_tokens"]}
     pseudo = json.loads((out / "pseudo_queries.json").read_text())
     assert len(pseudo["queries"]) == len(ids)
+    # made from images: keyed by how the processor turns an image into tokens (a lowered max_pixels recaptions)
+    from genret.mllm import MLLM
+    from genret.mllm.textcache import image_key
+
+    assert pseudo["key"]["images"] == image_key(MLLM.load(manifest["base_model"]))
     # No gallery image is a training one: no dataset caption becomes a query, only the given ones.
     assert manifest["data"]["captions"] == 0 and manifest["data"]["retrieve_queries"] == len(ids)
     weights = (out / "adapter_model.safetensors")
