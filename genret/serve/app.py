@@ -359,7 +359,8 @@ def create_app(pipe: RetrievalPipeline, config: ServeConfig | None = None):
         if len(left) > 1 and len(left) != len(right):
             raise RequestError(400, f"{left_field} and {right_field}: {len(left)} and {len(right)}; vLLM pairs them "
                                     f"1:1, 1:N or N:N (the i-th {left_field} item with the i-th {right_field} item)")
-        scores, tokens = await score_pairs(name, list(zip(left * len(right) if len(left) == 1 else left, right)))
+        scores, tokens = await score_pairs(name, list(zip(left * len(right) if len(left) == 1 else left, right)),
+                                           body.instruction)
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
                 "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,

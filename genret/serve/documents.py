@@ -52,6 +52,13 @@ class Input:
 
 
 def _part(part: Any, at: str, files: RequestFiles) -> tuple[str, str]:
+    """One content part as ``(kind, value)``; 400 for a part missing its type's field, or carrying a field its type
+    does not use (``{"type": "image_url", "image_url": ..., "text": ...}`` could mean the text or the image)."""
+    other = [f for f in ("text", "image_url") if f != part.type and getattr(part, f, None) is not None]
+    if other:
+        raise RequestError(400, f"{at}: a{'n' if part.type == 'image_url' else ''} {part.type} part does not use "
+                                f"{', '.join(repr(f) for f in other)}; send each as its own part "
+                                '({"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}})')
     if part.type == "text" and part.text is not None:
         return "text", part.text
     if part.type == "image_url" and part.image_url is not None:

@@ -88,6 +88,9 @@ def request_models(config: ServeConfig) -> SimpleNamespace:
         data_2: Optional[Inputs] = None
         text_1: Optional[Inputs] = None
         text_2: Optional[Inputs] = None
+        instruction: Optional[Text] = Field(
+            None, description="the task instruction of a pointwise reranker checkpoint's prompt (Qwen3-VL-Reranker's "
+                              "<Instruct>); unset: the rerank stage's own")
 
     class EmbeddingRequest(BaseModel):
         input: Union[Text, Annotated[list[Union[Text, ContentPart]], Field(max_length=many)]]

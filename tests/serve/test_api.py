@@ -188,4 +188,8 @@ def test_a_requests_instruction_reaches_the_stages(client, served_pipe, world):
     r = client.post("/v1/rerank", json={"query": rec.captions[0], "documents": [{"content": [
         {"type": "image_url", "image_url": {"url": b64(rec.path)}}]}], "instruction": "Find the photo."})
     assert r.status_code == 400 and "no {instruction} placeholder" in r.text, r.text
+    for route in ("/score", "/v1/score"):  # vLLM's /score takes one too (it was dropped, unknown to the schema)
+        r = client.post(route, json={"queries": rec.captions[0], "documents": [{"content": [
+            {"type": "image_url", "image_url": {"url": b64(rec.path)}}]}], "instruction": "Find the photo."})
+        assert r.status_code == 400 and "no {instruction} placeholder" in r.text, (route, r.text)
     assert client.post("/v1/search", json={"text": rec.captions[0], "k": 4, "instruction": " "}).status_code == 200
