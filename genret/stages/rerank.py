@@ -98,6 +98,13 @@ class RerankStage(RankStage):
         if config.backend == "local":
             self.conventions = conventions_for(config.model, config.conventions)
         default = self.conventions.prompt if config.mode == "pointwise" else ""
+        declared = self.conventions.yes_id is not None or self.conventions.score is not None
+        if config.mode == "pointwise" and declared and not default and not config.prompt:
+            raise ValueError(
+                f"stage {name!r}: {config.model} declares how it scores ({', '.join(self.conventions.sources)}) but "
+                "not the prompt it was trained on, and genret's own pointwise prompt would give other scores than its "
+                "model card; set conventions = '<hub id>' for a copy of a checkpoint genret knows, put a "
+                "genret_reranker.json naming a prompt in its folder, or set prompt = '...' to score with one you choose")
         self.prompt = load_prompt(config.prompt or default or f"rerank_{config.mode}", required=MODES[config.mode],
                                   exact=True, optional=("{instruction}",) if config.mode == "pointwise" else ())
         self._check_prompt(config)

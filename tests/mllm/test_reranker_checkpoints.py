@@ -110,6 +110,51 @@ def test_monoqwen2_vl_takes_no_instruction(monoqwen, pictures):
                      pictures)
 
 
+@pytest.fixture
+def monoqwen_hub(monoqwen, tmp_path, monkeypatch):
+    """MonoQwen2-VL as a Hugging Face cache holds it after a download by its hub id (the adapter's files only, no
+    config.json: its base is the local shrunk Qwen2-VL that its adapter_config.json names), downloads off.
+    Returns the snapshot folder."""
+    import huggingface_hub.constants as constants
+    from test_hub import hub_cache
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, adapter = monoqwen
+    return hub_cache(cache, "lightonai/MonoQwen2-VL-v0.1", adapter, "d" * 40, readme="# MonoQwen2-VL")
+
+
+def test_monoqwen2_vl_loads_by_its_hub_id_from_the_cache(monoqwen, monoqwen_hub, monoqwen_card, pictures):
+    """A cached adapter snapshot (adapter_config.json, no config.json) is an adapter checkpoint, not a whole model:
+    its base loads and the adapter merges in, scoring as the local folder and the card do, keyed by the same files."""
+    from genret.mllm.backend import BaseModel, MLLMConfig
+
+    _, adapter = monoqwen
+    assert not (monoqwen_hub / "config.json").exists() and (monoqwen_hub / "adapter_config.json").is_file()
+    hub_id = "lightonai/MonoQwen2-VL-v0.1"
+    query = Query(id="q", text=QUERIES[0])
+    by_id = stage_scores(hub_id, "", query, pictures)
+    assert by_id == stage_scores(str(adapter), hub_id, query, pictures)
+    assert by_id == pytest.approx(monoqwen_card[QUERIES[0]], abs=1e-4)
+    assert BaseModel.of(MLLMConfig(model=hub_id)).revision == BaseModel.of(MLLMConfig(model=str(adapter))).revision
+
+
+def test_a_monoqwen2_vl_snapshot_without_its_weights_names_them_offline(monoqwen_hub):
+    """Fetched in part (its adapter_config.json, read to find the base, but not its weights): the early check waits
+    for the weights, and the load, downloads off, names the missing file before the base loads."""
+    from genret.mllm.backend import MLLM, BaseModel, MLLMConfig
+
+    (monoqwen_hub / "adapter_model.safetensors").unlink()
+    hub_id = "lightonai/MonoQwen2-VL-v0.1"
+    assert BaseModel.of(MLLMConfig(model=hub_id)).revision == ""
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not in its snapshot .*HF_HUB_OFFLINE=1"):
+        MLLM.load(hub_id)
+
+
 # ---- the conventions: a table, a file in the checkpoint's folder, its sentence-transformers files -----------------
 
 def test_known_checkpoints_name_their_prompt_and_image_bounds():
@@ -346,3 +391,15 @@ def test_the_served_text_limit_counts_the_checkpoints_system_turn_and_instructio
     assert "Judge whether the Document" in text and stage.default_instruction in text and "{instruction}" not in text
     want = stage.mllm.processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]
     assert limit.prompt["t2i"] == want
+
+
+def test_a_folder_that_declares_its_scoring_but_no_prompt_is_refused_not_guessed(qwen3_reranker):
+    """A local copy of a reranker with sentence-transformers files (LogitScore, sigmoid) but no table row or
+    genret_reranker.json: genret's own prompt would score it unlike its card, so the stage says what to set."""
+    with pytest.raises(ValueError, match="conventions = '<hub id>'"):
+        RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise"), "rerank")
+    named = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise",
+                                     conventions="Qwen/Qwen3-VL-Reranker-2B"), "rerank")
+    assert named.prompt.key.startswith("rerank_qwen3_vl_reranker")
+    chosen = RerankStage(RerankConfig(model=str(qwen3_reranker), mode="pointwise", prompt="rerank_pointwise"), "rerank")
+    assert chosen.prompt.key.startswith("rerank_pointwise")
