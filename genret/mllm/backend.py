@@ -207,10 +207,11 @@ class MLLM:
 
         if isinstance(config, str):
             config = MLLMConfig(model=config, **overrides)
-        from genret.mllm.checkpoints import adapter_base, merge_adapter
+        from genret.mllm.checkpoints import adapter_base, adapter_folder, merge_adapter
 
         base = adapter_base(config.model)
         if base is not None:  # a checkpoint shipped as a LoRA adapter (MonoQwen2-VL): its base, the adapter merged in
+            adapter_folder(config.model)  # its files first (fetched, or offline what is missing named), then the base
             return merge_adapter(cls.load(replace(config, model=base)), config)
         ref, hf_config, family = check_mllm(config)
         text = getattr(hf_config, "text_config", None) or hf_config
@@ -298,7 +299,10 @@ class BaseModel(NamedTuple):
         from genret.mllm.checkpoints import adapter_base, adapter_fingerprint
 
         if adapter_base(config.model) is not None:  # an adapter checkpoint, merged as it loads
-            revision = f"{revision}+{adapter_fingerprint(config.model)}"
+            try:
+                revision = f"{revision}+{adapter_fingerprint(config.model)}"
+            except NotDownloaded:  # a hub adapter's weights are fetched as it loads, like a hub model's
+                return cls(str(config.model), family, "")
         return cls(str(config.model), family, revision)
 
 

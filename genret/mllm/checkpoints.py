@@ -206,41 +206,35 @@ def adapter_base(model: str) -> str | None:
     """The base model of a checkpoint shipped as a LoRA adapter (peft's ``adapter_config.json``, no
     ``config.json``), from its ``base_model_name_or_path``; None for any other checkpoint.
 
+    A local folder and a hub snapshot in the Hugging Face cache are read alike: a whole model holds ``config.json``,
+    an adapter checkpoint ``adapter_config.json`` alone (its weights may not be fetched yet: :func:`adapter_folder`
+    fetches them). A hub id with neither cached is asked of the hub, where downloads are on and it can be reached.
+
     Raises:
         ConventionsError: an adapter checkpoint whose config names no base model.
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
-            return None
-        config_file = path / "adapter_config.json"
+        folder = path
     else:
-        from transformers.utils import find_adapter_config_file
-
         from genret._hub import hub_offline, hub_reachable, hub_snapshot, looks_local
 
         if looks_local(model):  # a path that is not there: the loader's check names it (no hub id to ask about)
             return None
-        if hub_snapshot(model) is not None:  # its config.json is cached: a whole model
-            return None
-        from huggingface_hub import try_to_load_from_cache
+        folder = hub_snapshot(model)
+        if folder is None or not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
+            if hub_offline() or not hub_reachable():  # nothing to ask: the loader names what is missing
+                return None
+            from transformers.utils import find_adapter_config_file
 
-        try:
-            cached = try_to_load_from_cache(repo_id=model, filename="adapter_config.json")
-        except ValueError:  # not a valid repository id either: the loader's check names it
-            return None
-        if isinstance(cached, str):
-            return _base_of(Path(cached))
-        if hub_offline() or not hub_reachable():  # nothing to ask: the loader names the missing model
-            return None
-        try:
-            found = find_adapter_config_file(model)
-        except OSError:
-            return None
-        if found is None:
-            return None
-        config_file = Path(found)
-    return _base_of(config_file)
+            try:
+                found = find_adapter_config_file(model)
+            except (OSError, ValueError):  # not there, or not a valid repository id: the loader's check names it
+                return None
+            return None if found is None else _base_of(Path(found))
+    if (folder / "config.json").is_file() or not (folder / "adapter_config.json").is_file():
+        return None
+    return _base_of(folder / "adapter_config.json")
 
 
 def _base_of(config_file: Path) -> str:
@@ -253,11 +247,18 @@ def _base_of(config_file: Path) -> str:
 
 def adapter_fingerprint(model: str) -> str:
     """A fingerprint of an adapter checkpoint's own files (:func:`genret._hub.model_fingerprint`: their contents,
-    a local folder or the hub snapshot in the local cache alike)."""
-    from genret._hub import model_fingerprint
+    a local folder or the hub snapshot in the local cache alike).
+
+    Raises:
+        NotDownloaded: a hub adapter whose weights are not fetched yet (:func:`adapter_folder` fetches them).
+        ConventionsError: one that is neither a folder nor in the cache.
+    """
+    from genret._hub import NotDownloaded, model_fingerprint
 
     try:
         return model_fingerprint(model)
+    except NotDownloaded:
+        raise
     except ValueError as err:
         raise ConventionsError(f"cannot fingerprint adapter checkpoint {model!r}: {err}") from None
 
@@ -297,7 +298,7 @@ def merge_peft_adapter(model, adapter: str):
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    folder = _adapter_folder(adapter)
+    folder = str(adapter_folder(adapter))
     config = PeftConfig.from_pretrained(folder)
     state = load_peft_weights(folder, device="cpu")
     modules = {name for name, _ in model.named_modules()}
@@ -326,16 +327,54 @@ def merge_peft_adapter(model, adapter: str):
     return peft_model.merge_and_unload()
 
 
-def _adapter_folder(adapter: str) -> str:
-    """A local folder holding the adapter's files (a hub id is resolved in the local cache)."""
-    if Path(adapter).expanduser().is_dir():
-        return str(Path(adapter).expanduser())
-    from transformers.utils import find_adapter_config_file
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+"""The weights files of a peft adapter, the first one found loads (peft's own order)."""
 
-    found = find_adapter_config_file(adapter)
-    if found is None:
-        raise FileNotFoundError(f"{adapter!r}: no adapter_config.json")
-    return str(Path(found).parent)
+
+def adapter_folder(adapter: str) -> Path:
+    """A local folder holding the adapter checkpoint's files: ``adapter`` itself when it is a folder, else its hub
+    snapshot in the Hugging Face cache, its missing files fetched first (``snapshot_download``; a snapshot may hold
+    only the ``adapter_config.json`` read to find the base).
+
+    Raises:
+        FileNotFoundError: a hub adapter whose files are not all cached while downloads are off or the hub cannot be
+            reached, naming the files missing; a folder without ``adapter_config.json`` or weights.
+    """
+    from genret._hub import hub_cache, hub_offline, hub_reachable, hub_snapshot
+
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        missing = _adapter_missing(path)
+        if missing:
+            raise FileNotFoundError(f"adapter checkpoint {adapter!r}: {path} lacks {' and '.join(missing)}; it is not "
+                                    "a peft adapter folder (peft's save_pretrained writes both)")
+        return path
+    snapshot = hub_snapshot(adapter)
+    missing = _adapter_missing(snapshot) if snapshot is not None else ["adapter_config.json", ADAPTER_WEIGHTS[0]]
+    if not missing:
+        return snapshot
+    if hub_offline() or not hub_reachable():
+        where = f"its snapshot {snapshot}" if snapshot is not None else f"the Hugging Face cache ({hub_cache()})"
+        why = "Hugging Face hub downloads are off (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub cannot be reached"
+        raise FileNotFoundError(f"adapter checkpoint {adapter!r}: {' and '.join(missing)} not in {where}, and {why}; "
+                                f"download it first (hf download {adapter}), allow downloads, or pass a local "
+                                "adapter folder")
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id=adapter))  # the whole repository: its fingerprint counts every file
+    missing = _adapter_missing(folder)
+    if missing:
+        raise FileNotFoundError(f"adapter checkpoint {adapter!r}: the hub repository has no {' and '.join(missing)}; "
+                                "it is not a peft adapter")
+    return folder
+
+
+def _adapter_missing(folder: Path) -> list[str]:
+    """The peft files ``folder`` lacks: its config, and weights in either format."""
+    missing = [] if (folder / "adapter_config.json").is_file() else ["adapter_config.json"]
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        missing.append(ADAPTER_WEIGHTS[0])
+    return missing
 
 
 def _renamings(model) -> list[tuple[re.Pattern, str]]:
