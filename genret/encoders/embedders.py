@@ -61,6 +61,8 @@ class EmbedderSpec:
         max_length: the authors' token limit of one input.
         image_size: a fixed (width, height) every image is resized to before the processor (VLM2Vec v1's MMEB
             runs); empty: none.
+        text_documents_instructed: whether a text document is embedded under the document instruction (False:
+            as it is, VLM2Vec's MMEB text candidates; the instruction is then an image document's only).
     """
 
     name: str
@@ -78,6 +80,7 @@ class EmbedderSpec:
     processor_options: dict = field(default_factory=dict)
     max_length: int = 8192
     image_size: tuple[int, int] | tuple = ()
+    text_documents_instructed: bool = True
 
     def instruction(self, text: str) -> str:
         """``text`` as the authors' code writes it into the prompt."""
@@ -111,7 +114,8 @@ SPECS: dict[str, EmbedderSpec] = {
             query_instruction="Find me an everyday image that matches the given caption:",
             document_instruction="Represent the given image.",
             resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28,
-            processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768),
+            processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768,
+            text_documents_instructed=False),
         EmbedderSpec(
             name="vlm2vec-v1", engine="vlm2vec",
             hub_ids=("TIGER-Lab/VLM2Vec-Qwen2VL-2B", "TIGER-Lab/VLM2Vec-Qwen2VL-7B"),
@@ -119,7 +123,7 @@ SPECS: dict[str, EmbedderSpec] = {
             document_instruction="Represent the given image.",
             resize_factor=28, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28,
             processor_options={"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}, max_length=32768,
-            image_size=(1344, 1344)),
+            image_size=(1344, 1344), text_documents_instructed=False),
     )
 }
 

@@ -117,7 +117,9 @@ class MLLMEmbedder(DualEncoder):
     def settings(self, role: str) -> dict:
         """Everything besides the weights that makes ``role``'s vectors what they are."""
         s = self.spec
-        return {"embedder": s.name, "instruction": self.instructions[role], "pooling": s.pooling,
+        # a spec whose text documents take no instruction records so: the text gallery's vectors were made without it
+        plain = {"text_instruction": ""} if role == "document" and not s.text_documents_instructed else {}
+        return {"embedder": s.name, "instruction": self.instructions[role], **plain, "pooling": s.pooling,
                 "normalize": s.normalize, "dim": self.dim, "resize": [s.resize_factor, s.min_pixels, s.max_pixels],
                 "processor_options": s.processor_options, "max_length": s.max_length,
                 **({"image_size": list(s.image_size)} if s.image_size else {})}
@@ -163,6 +165,8 @@ class MLLMEmbedder(DualEncoder):
     @torch.inference_mode()
     def _embed(self, images: list | None, texts: list[str | None], role: str) -> np.ndarray:
         instruction = self.instructions[role]
+        if images is None and role == "document" and not self.spec.text_documents_instructed:
+            instruction = ""  # e.g. VLM2Vec embeds text documents as they are (MMEB's text candidates)
         if self.spec.engine == "sentence-transformers":
             inputs = []
             for i, text in enumerate(texts):
@@ -173,8 +177,6 @@ class MLLMEmbedder(DualEncoder):
             vecs = self._st.encode(inputs, prompt=instruction, batch_size=len(inputs), convert_to_tensor=True,
                                    show_progress_bar=False)
         else:
-            if self.spec.engine == "vlm2vec" and images is None and role == "document":
-                instruction = ""  # VLM2Vec embeds text documents as they are (MMEB's text candidates)
             vecs = self._gme.embed(images, texts, instruction)
             if self.spec.normalize:
                 vecs = torch.nn.functional.normalize(vecs.float(), p=2, dim=-1)
