@@ -27,22 +27,24 @@ class GMEForward:
     Args:
         spec: the ``gme`` conventions (:data:`genret.encoders.embedders.SPECS`).
         ref: the checkpoint (hub id or folder).
-        device, dtype: where and in which precision the weights run.
+        device, dtype: where and in which precision the weights run (a dtype name or ``auto``, resolved with the
+            checkpoint's family as :meth:`MLLM.load` does: no fp16 from ``auto`` for Qwen2-VL).
         trust_remote_code: passed to transformers (not needed: the weights are stock ``qwen2_vl``).
     """
 
-    def __init__(self, spec: EmbedderSpec, ref: str, device: str, dtype: torch.dtype,
+    def __init__(self, spec: EmbedderSpec, ref: str, device: str, dtype: str,
                  trust_remote_code: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
-        from genret.mllm.backend import load_processor
+        from genret.mllm.backend import dtype_for_checkpoint, load_processor
 
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         if config.model_type != "qwen2_vl":
             raise ValueError(f"{ref!r} is a {config.model_type!r} checkpoint; GME's conventions (embedder = \"gme\") "
                              "are those of its Qwen2-VL checkpoints (model_type 'qwen2_vl')")
         self.spec = spec
-        self.model = AutoModelForImageTextToText.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForImageTextToText.from_pretrained(ref, dtype=dtype_for_checkpoint(dtype, config, ref),
+                                                                 trust_remote_code=trust_remote_code)
         self.model.to(device).eval()
         self.processor = load_processor(ref, trust_remote_code, **spec.processor_options)
         self.processor.tokenizer.padding_side = "right"  # pooling below reads the last non-padding position

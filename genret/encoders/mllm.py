@@ -53,7 +53,9 @@ class MLLMEmbedder(DualEncoder):
         document_instruction: the same for gallery items.
         dim: a Matryoshka truncation (the first ``dim`` values, normalised again); 0 keeps the model's size.
         device: default the GPU when there is one.
-        dtype: torch dtype name of the weights.
+        dtype: torch dtype name of the weights, or ``auto``; resolved with the checkpoint's family as
+            :meth:`genret.mllm.MLLM.load` does (Qwen2-VL / Qwen3-VL overflow fp16: ``auto`` never gives it them, an
+            explicit float16 is warned about).
         cache: an optional :class:`EmbeddingCache`.
         trust_remote_code: off by default; neither embedder needs it.
 
@@ -73,20 +75,19 @@ class MLLMEmbedder(DualEncoder):
         self.spec: EmbedderSpec = resolve_spec(embedder, str(model))
         ref = check_model_ref(model, "encoder model")
         self.device = device or default_device()
-        torch_dtype = getattr(torch, dtype)
         try:
             if self.spec.engine == "sentence-transformers":
-                self._st = _load_sentence_transformer(self.spec, ref, self.device, torch_dtype, trust_remote_code)
+                self._st = _load_sentence_transformer(self.spec, ref, self.device, dtype, trust_remote_code)
                 full = int(self._st.get_embedding_dimension())
             elif self.spec.engine == "vlm2vec":
                 from genret.encoders.vlm2vec import VLM2VecForward
 
-                self._gme = VLM2VecForward(self.spec, ref, self.device, torch_dtype, trust_remote_code)
+                self._gme = VLM2VecForward(self.spec, ref, self.device, dtype, trust_remote_code)
                 full = self._gme.dim
             else:
                 from genret.encoders.gme import GMEForward
 
-                self._gme = GMEForward(self.spec, ref, self.device, torch_dtype, trust_remote_code)
+                self._gme = GMEForward(self.spec, ref, self.device, dtype, trust_remote_code)
                 full = self._gme.dim
         except OSError as err:
             raise FileNotFoundError(f"could not load encoder model {model!r}: {err}") from None
@@ -184,10 +185,15 @@ class MLLMEmbedder(DualEncoder):
         return vecs[:, :self.dim].float().cpu().numpy()
 
 
-def _load_sentence_transformer(spec: EmbedderSpec, ref: str, device: str, dtype: torch.dtype,
-                               trust_remote_code: bool):
-    """The checkpoint as sentence-transformers loads it, checked to pool as ``spec`` says."""
+def _load_sentence_transformer(spec: EmbedderSpec, ref: str, device: str, dtype: str, trust_remote_code: bool):
+    """The checkpoint as sentence-transformers loads it (in ``dtype`` as its family allows), checked to pool as
+    ``spec`` says."""
     from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig
+
+    from genret.mllm.backend import dtype_for_checkpoint
+
+    dtype = dtype_for_checkpoint(dtype, AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code), ref)
 
     with _processor_without_torchvision():
         model = SentenceTransformer(ref, device=device, trust_remote_code=trust_remote_code,

@@ -45,7 +45,8 @@ class VLM2VecForward:
         spec: the ``vlm2vec`` conventions (:data:`genret.encoders.embedders.SPECS`).
         ref: the checkpoint (hub id or folder): a ``qwen2_vl`` model, or a peft adapter whose
             ``adapter_config.json`` names its base.
-        device, dtype: where and in which precision the weights run.
+        device, dtype: where and in which precision the weights run (a dtype name or ``auto``, resolved with the
+            checkpoint's family as :meth:`MLLM.load` does: no fp16 from ``auto`` for Qwen2-VL).
         trust_remote_code: passed to transformers (not needed: the weights are stock ``qwen2_vl``).
 
     Attributes:
@@ -53,12 +54,12 @@ class VLM2VecForward:
             base weights it was merged into), else empty.
     """
 
-    def __init__(self, spec: EmbedderSpec, ref: str, device: str, dtype: torch.dtype,
+    def __init__(self, spec: EmbedderSpec, ref: str, device: str, dtype: str,
                  trust_remote_code: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         from genret._hub import model_fingerprint
-        from genret.mllm.backend import load_processor
+        from genret.mllm.backend import dtype_for_checkpoint, load_processor
         from genret.mllm.checkpoints import adapter_base, merge_peft_adapter
 
         base = adapter_base(ref) or _adapter_beside_config(ref)
@@ -68,8 +69,8 @@ class VLM2VecForward:
             raise ValueError(f"{weights!r} is a {config.model_type!r} checkpoint; VLM2Vec's conventions (embedder = "
                              "\"vlm2vec\") are those of its Qwen2-VL checkpoints (model_type 'qwen2_vl')")
         self.spec = spec
-        self.model = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype,
-                                                                 trust_remote_code=trust_remote_code)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            weights, dtype=dtype_for_checkpoint(dtype, config, weights), trust_remote_code=trust_remote_code)
         self.revision_suffix = ""
         if base is not None:
             self.model = merge_peft_adapter(self.model, ref)

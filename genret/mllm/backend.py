@@ -86,6 +86,17 @@ def resolve_dtype(dtype: str, checkpoint_dtype=None, family: Family | None = Non
     return chosen
 
 
+def dtype_for_checkpoint(dtype: str, hf_config, model: str = "the model") -> "torch.dtype":
+    """:func:`resolve_dtype` for a checkpoint by its config: the dtype its weights were saved in and its family's
+    fp16 safety (``family_for_type(config.model_type)``), so every loader of MLLM weights (:meth:`MLLM.load`, the MLLM
+    embedders) keeps the same guard."""
+    text = getattr(hf_config, "text_config", None) or hf_config
+    # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
+    saved = next((getattr(c, name, None) for name in ("dtype", "torch_dtype") for c in (hf_config, text)
+                  if getattr(c, name, None) is not None), None)
+    return resolve_dtype(dtype, saved, family_for_type(hf_config.model_type, model), model)
+
+
 def resolve_device_map(device_map: str) -> str | None:
     """What ``device_map`` passes to ``from_pretrained``: ``"auto"`` (or legacy ``""``) is the GPUs where CUDA is
     present and nothing (the CPU) otherwise."""
@@ -214,11 +225,7 @@ class MLLM:
             adapter_folder(config.model)  # its files first (fetched, or offline what is missing named), then the base
             return merge_adapter(cls.load(replace(config, model=base)), config)
         ref, hf_config, family = check_mllm(config)
-        text = getattr(hf_config, "text_config", None) or hf_config
-        # ``dtype`` (transformers >= 4.56; reading ``torch_dtype`` there warns that it is deprecated), else the old name.
-        checkpoint_dtype = next((getattr(c, name, None) for name in ("dtype", "torch_dtype") for c in (hf_config, text)
-                                 if getattr(c, name, None) is not None), None)
-        kwargs: dict = {"dtype": resolve_dtype(config.dtype, checkpoint_dtype, family, str(config.model)),
+        kwargs: dict = {"dtype": dtype_for_checkpoint(config.dtype, hf_config, str(config.model)),
                         "trust_remote_code": config.trust_remote_code}
         device_map = resolve_device_map(config.device_map)
         if device_map:

@@ -207,3 +207,22 @@ def test_index_build_across_processes_with_an_mllm_embedder(qwen3_dir, world_dir
         assert a.ids == b.ids and np.allclose(a.reconstruct(a.ids), b.reconstruct(b.ids), atol=1e-5)
     assert one.gallery.index("image").reconstruct(one.gallery.index("image").ids).shape[1] == 32
     assert one.encoder.describe()["settings"]["dim"] == 32
+
+
+@pytest.mark.parametrize("embedder", ["gme", "vlm2vec", "qwen3-vl-embedding"])
+def test_embedders_take_the_familys_safe_dtype(real_dirs, qwen3_dir, monkeypatch, caplog, embedder):
+    """The fp16 guard of MLLM.load holds for the embedders too: on a GPU without bf16 (backend.gpu_bf16, stood in
+    for: this machine has none) ``auto`` loads Qwen2-VL / Qwen3-VL weights in float32, saying why, and an explicit
+    float16 stands with a warning (transformers#33294)."""
+    import genret.mllm.backend as backend
+
+    folder = qwen3_dir if embedder == "qwen3-vl-embedding" else real_dirs["qwen2-vl-2b-instruct"]
+    monkeypatch.setattr(backend, "gpu_bf16", lambda: False)  # a T4: CUDA without bf16
+    for dtype, want in (("auto", torch.float32), ("float16", torch.float16)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="genret.mllm.backend"):
+            encoder = MLLMEmbedder(str(folder), embedder=embedder, device="cpu", dtype=dtype)
+        model = encoder._st if embedder == "qwen3-vl-embedding" else encoder._gme.model
+        assert next(model.parameters()).dtype == want, dtype
+        assert "overflow float16" in caplog.text, dtype
+
