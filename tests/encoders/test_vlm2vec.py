@@ -76,9 +76,10 @@ def test_vlm2vec_equals_the_authors_procedure(base_dir):
     assert encoder._gme.processor.image_processor.size["longest_edge"] == 1280 * 28 * 28
     # text documents take no instruction (a spec field, not a branch on the engine's name): the document settings
     # (an index manifest's, the cache key's) record what a text gallery was embedded under, not only the image one
-    assert not encoder.spec.text_documents_instructed and resolve_spec("vlm2vec-v1", "").text_documents_instructed is False
-    assert encoder.settings("document")["instruction"] == IMAGE_DOC
-    assert encoder.settings("document")["text_instruction"] == "" and "text_instruction" not in encoder.settings("query")
+    assert not encoder.spec.text_documents_instructed and not resolve_spec("vlm2vec-v1", "").text_documents_instructed
+    documents = encoder.settings("document")
+    assert documents["instruction"] == IMAGE_DOC and documents["text_instruction"] == ""
+    assert "text_instruction" not in encoder.settings("query")
     # VLM2Vec's positions are 1-D: the stock forward's 3-D M-RoPE positions give other image embeddings
     stock = ref.embed(model, processor, [ref.image_input(IMAGE_DOC)] * 4, _images(), stock_positions=True).numpy()
     assert np.abs(stock - docs).max() > 1e-3
