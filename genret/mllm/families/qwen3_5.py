@@ -40,11 +40,7 @@ class Qwen3_5Family(Qwen3VLFamily):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")
     chat_template_kwargs = {"enable_thinking": False}
     cache_written_in_place = True  # Gated DeltaNet: listwise training runs each answer after its whole prompt
-    processor_options = {
-        "min_pixels": "fewest pixels an image is resized to (Qwen3.5: 65,536 = 256×256, i.e. at least 64 tokens)",
-        "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 1024 (Qwen3.5's 16,777,216 makes a "
-                      "phone photo ~12,000 tokens; 256*32*32 bounds it at 256)",
-    }
+    # processor_options: Qwen3-VL's (the same processor and pixel bounds)
 
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per image, ``(1, rows, cols, hidden)``: the merged grid's features (Qwen3-VL's layout, no DeepStack)."""

@@ -45,9 +45,10 @@ class Qwen3VLFamily(Qwen2VLFamily):
     model_writes_features = True
     more_projectors = ("deepstack_merger_list",)  # the DeepStack levels' mergers train with the main one
     processor_options = {
-        "min_pixels": "fewest pixels an image is resized to (Qwen3-VL: 65,536 = 256×256, i.e. at least 64 tokens)",
-        "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 1024 (Qwen3-VL's 16,777,216 makes a "
-                      "phone photo ~12,000 tokens; 256*32*32 bounds it at 256)",
+        "min_pixels": "fewest pixels an image is resized to (Qwen3-VL, Qwen3.5: 65,536 = 256×256, i.e. at least 64 "
+                      "tokens)",
+        "max_pixels": "most pixels an image is resized to; tokens ≈ pixels / 1024 (Qwen3-VL's and Qwen3.5's "
+                      "16,777,216 makes a phone photo ~12,000 tokens; 256*32*32 bounds it at 256)",
     }
 
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
