@@ -209,6 +209,21 @@ def score_query(mllm, mode, direction, images, query=None, **kwargs):
 # --- genret serve (tests/serve/) ---
 
 
+def one_chat_round(model: str, world) -> None:
+    """ChatIR with ``model`` as questioner (text only) and answerer (sees the target image): one round runs, and
+    every query gets a question and an answer."""
+    from genret.stages.chat import ChatConfig, ChatStage, Target, initial_query
+    from genret.types import Query
+
+    records = world.split("test").records[:2]
+    stage = ChatStage(ChatConfig(rounds=1, model=model, answerer="mllm", max_new_tokens=4, answer_tokens=4), "chat")
+    queries = stage.start([Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, 0)) for r in records],
+                          [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records])
+    queries = stage.next_round(queries)
+    assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
+    assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
+
+
 @pytest.fixture(scope="module")
 def served_pipe(_encoder, world, mllm_dir, clip_dir):
     """Prefilter → generative rerank on the tiny world's test split (images and captions indexed)."""

@@ -8,7 +8,7 @@ whose cache holds a convolution window and a recurrent state instead of keys and
 import pytest
 import torch
 
-from conftest import score_query
+from conftest import one_chat_round, score_query
 from genret.mllm.scoring import (generative_scores, image_features, listwise_prompt, listwise_scores, pointwise_scores,
                                  render, user_message)
 from genret.prompts import load_prompt
@@ -233,17 +233,7 @@ def test_qlora_trains_in_4bit(tmp_path_factory, few, clip_dir, tmp_path):
 @pytest.mark.slow
 def test_the_chat_stage_asks_and_answers_with_qwen3_5(real_dirs, world):
     """ChatIR with Qwen3.5 as questioner (text only) and answerer (sees the target image): one round runs."""
-    from genret.stages.chat import ChatConfig, ChatStage, Target, initial_query
-    from genret.types import Query
-
-    records = world.split("test").records[:2]
-    stage = ChatStage(ChatConfig(rounds=1, model=str(real_dirs[NAME]), answerer="mllm", max_new_tokens=4,
-                                 answer_tokens=4), "chat")
-    queries = stage.start([Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, 0)) for r in records],
-                          [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records])
-    queries = stage.next_round(queries)
-    assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
-    assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
+    one_chat_round(str(real_dirs[NAME]), world)
 
 
 @pytest.mark.slow

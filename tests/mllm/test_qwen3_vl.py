@@ -10,6 +10,7 @@ shrunk Qwen3-VL-2B-Instruct build (real tokenizer, template and processor settin
 import pytest
 import torch
 
+from conftest import one_chat_round
 from genret.mllm.scoring import generative_scores, image_features, pointwise_scores
 from genret.prompts import load_prompt
 
@@ -230,17 +231,7 @@ def test_grace_trains_atomic_identifiers_on_cached_features(real_dirs, world, cl
 @pytest.mark.slow
 def test_the_chat_stage_asks_and_answers_with_qwen3_vl(real_dirs, world):
     """ChatIR with Qwen3-VL as questioner (text only) and answerer (sees the target image): one round runs."""
-    from genret.stages.chat import ChatConfig, ChatStage, Target, initial_query
-    from genret.types import Query
-
-    records = world.split("test").records[:2]
-    stage = ChatStage(ChatConfig(rounds=1, model=str(real_dirs[NAME]), answerer="mllm", max_new_tokens=4,
-                                 answer_tokens=4), "chat")
-    queries = stage.start([Query(id=r.id, text=initial_query(r.meta, r.captions, r.id, 0)) for r in records],
-                          [Target(id=r.id, image=str(r.path), meta=r.meta) for r in records])
-    queries = stage.next_round(queries)
-    assert all(len(q.meta["turns"]) == 1 and q.meta["turns"][0]["raw_answer"] for q in queries)
-    assert stage.generated["question"] == 2 and stage.generated["answer"] == 2
+    one_chat_round(str(real_dirs[NAME]), world)
 
 
 @pytest.mark.slow
