@@ -96,3 +96,60 @@ def test_random_negatives_stand_in_for_near_misses_and_stay_false(world, clip_di
     assert near[0.0] == 1.0 and near[1.0] < 0.2, near
     with pytest.raises(ValueError, match="random_negatives must be a share in \\[0, 1\\], got 2"):
         PretrainConfig(random_negatives=2)
+
+
+def test_judge_and_pick_rows_score_as_the_stages_score_them(epoch, mllm_dir):
+    """The pretraining rows as the model sees them (rendered prompt, label position, attention mask, images) give
+    the numbers the stages read: a judge row's label is the first answer token the pointwise stage reads, at the
+    position it reads it, and a pick row's answer log-probability is the listwise stage's score of that number."""
+    import torch
+
+    from genret.data import load_image
+    from genret.mllm import MLLM, scoring
+    from genret.prompts import load_prompt
+    from genret.training.pretrain_mllm import _batch
+
+    train, examples = epoch
+    mllm = MLLM.load(str(mllm_dir))
+    proc, n_tokens = mllm.processor, mllm.model.config.image_seq_length
+
+    def row_logprobs(e):  # log-probabilities at every answer position of the training row
+        ids, start = encode_example(proc, mllm.family, n_tokens, e)
+        batch = _batch([(ids, start)], proc.tokenizer.pad_token_id)
+        pixels = proc.image_processor(images=[load_image(train.records[i].path) for i in e.images],
+                                      return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = mllm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=pixels).logits[0].float().log_softmax(-1)
+        assert (batch["labels"][0, :start] == -100).all() and batch["labels"][0, start:].tolist() == ids[start:]
+        return logits, ids, start
+
+    pointwise, listwise = load_prompt("rerank_pointwise"), load_prompt("rerank_listwise")
+    for direction in ("t2i", "i2t"):
+        for answer in ("yes", "no"):
+            e = next(e for e in examples if e.task == "judge" and e.answer == answer
+                     and _text(e).startswith("Text: ") == (direction == "t2i"))
+            text = re.search(r"Text: (.*)\n", _text(e)).group(1)
+            template = pointwise.section(direction)["user"]
+            logits, ids, start = row_logprobs(e)
+            yes_ids, no_ids = scoring.yes_no_ids(mllm, scoring.render(mllm, scoring.pointwise_messages(template, text)),
+                                                 "yes", "no")
+            assert ids[start] in (yes_ids if answer == "yes" else no_ids), (e, ids[start:])
+            trained = scoring.yes_no_score(logits[start - 1], yes_ids, no_ids).item()
+            stage = scoring.pointwise_scores(mllm, template, [text], [load_image(train.records[e.images[0]].path)])
+            assert abs(trained - stage[0]) < 1e-4, (direction, answer, trained, stage)
+    for direction in ("t2i", "i2t"):
+        e = next(e for e in examples if e.task == "pick" and _text(e).startswith("Text: ") == (direction == "t2i"))
+        logits, ids, start = row_logprobs(e)
+        trained = sum(logits[j - 1, ids[j]].item() for j in range(start, len(ids)))
+        section = listwise.section(direction)
+        body = _text(e)
+        if direction == "t2i":
+            query = {"text": body.split("\n", 1)[0][len("Text: "):]}
+            cands = [load_image(train.records[i].path) for i in e.images]
+        else:
+            query = {"image": load_image(train.records[e.images[0]].path)}
+            cands = [t for _, t in sorted(re.findall(r"Text (\d+): (.*)\n", body), key=lambda x: int(x[0]))]
+        stage = scoring.listwise_scores(mllm, section["user"], section["item"], query, cands,
+                                        "image" if direction == "t2i" else "text")
+        assert abs(trained - stage[int(e.answer) - 1]) < 1e-4, (direction, trained, stage)
