@@ -57,14 +57,18 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike = MINI_WORLD) -> Pa
     return dest
 
 
-# World versions whose images and captions (all the shipped models learn from) are those of an earlier one:
-# v3 only added the composed-retrieval triplets (cirr/), drawn from their own random stream.
-_SAME_IMAGES = {3: 2}
+# World versions whose training images and captions (all the shipped models learn from) are those of an earlier
+# one: v3 only added the composed-retrieval triplets (cirr/), v4 gave val its twins; each from its own random
+# stream, so train (and test) stayed byte-identical.
+_SAME_IMAGES = {3: 2, 4: 2}
+_NOT_LEARNT = ("val_twin_fraction",)  # config keys that change no training image
 
 
 def _images_part(version: int, config: dict) -> tuple[int, dict]:
-    """What of a world the models depend on: the version of its image-caption part, its config without cir_*."""
-    return _SAME_IMAGES.get(version, version), {k: v for k, v in config.items() if not k.startswith("cir_")}
+    """What of a world the models depend on: the version of its image-caption part, its config without cir_* (and
+    the val-only keys)."""
+    return _SAME_IMAGES.get(version, version), {k: v for k, v in config.items()
+                                                if not k.startswith("cir_") and k not in _NOT_LEARNT}
 
 
 def shipped_models(world_version: int, world_config: dict, folder: str | os.PathLike | None = None) -> dict[str, Path]:

@@ -13,6 +13,8 @@ The test split is built so that a model must read structure, not a bag of words:
   objects' places swapped, so the relation inverts). Twins are drawn with the same rotations, radii and
   background noise, so their pixels differ only where the swap shows. Every caption of one twin is false
   of the other, yet uses the same words.
+- *Val twins too*: ``val_twin_fraction`` of the val images come in pairs the same way (each pair a val scene
+  and its twin), so that recipes and fusion weights are chosen on a split that asks what test asks.
 - *Unseen combinations*: no test scene signature (the two objects' shape, colour and size plus the
   relation, whichever object is named first) occurs in train or val, and no val signature occurs in train.
 - *Drawn differently*: training shapes are rotated by at most 12° and filled flat; test shapes are rotated
@@ -44,11 +46,13 @@ from genret.world.scene import (COLOURS, MAX_CAPTIONS, RELATIONS, SHAPES, SIZES,
 
 logger = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 """Bumped whenever the same config would give a different world (layout, drawing, captions, triplets).
 
 Version 3 added the composed-retrieval triplets (``cirr/``); its Karpathy part (images and captions) is
-byte-identical to version 2's for the same sizes and seed."""
+byte-identical to version 2's for the same sizes and seed. Version 4 gave val its twins (``val_twin_fraction``),
+drawn from their own random stream after every split is planned: train and test are byte-identical to version
+2's, val keeps its first image of each pair and the val triplets change with it."""
 
 TWIN_KINDS = ("binding", "relation")
 
@@ -83,6 +87,8 @@ class SynthConfig:
     image_size: int = field(default=64, metadata={"help": "image side in pixels (at least 32)"})
     captions_per_image: int = field(default=5, metadata={"help": f"distinct captions per image (1 to {MAX_CAPTIONS})"})
     twin_fraction: float = field(default=0.5, metadata={"help": "fraction of test images that come in twin pairs"})
+    val_twin_fraction: float = field(default=0.5, metadata={"help": "fraction of val images that come in twin "
+                                                                    "pairs"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same files"})
     cir_train: int = field(default=2000, metadata={"help": "composed-retrieval triplets on train images (cirr/; "
                                                            "at most one per image, 0: none)"})
@@ -104,8 +110,10 @@ class SynthConfig:
         if not 1 <= self.captions_per_image <= MAX_CAPTIONS:
             raise ValueError(f"captions_per_image must be in 1..{MAX_CAPTIONS} (the distinct captions the "
                              f"templates give), got {self.captions_per_image}")
-        if not isinstance(self.twin_fraction, (int, float)) or not 0.0 <= self.twin_fraction <= 1.0:
-            raise ValueError(f"twin_fraction must be in [0, 1], got {self.twin_fraction!r}")
+        for name in ("twin_fraction", "val_twin_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
 def sample_scene(rng: random.Random, image_size: int = 64, distinct: bool = False) -> Scene:
@@ -262,7 +270,32 @@ def _plan(config: SynthConfig, rng: random.Random) -> list[_Planned]:
     taken = {p.scene.signature() for p in test}
     val = _avoiding("val", config.n_val, taken, rng, config)
     taken |= {p.scene.signature() for p in val}
-    return _avoiding("train", config.n_train, taken, rng, config) + val + test
+    train = _avoiding("train", config.n_train, taken, rng, config)
+    return train + _val_twins(val, config, taken | {p.scene.signature() for p in train}) + test
+
+
+def _val_twins(val: list[_Planned], config: SynthConfig, taken: set) -> list[_Planned]:
+    """``val`` with every second image of its first ``val_twin_fraction`` replaced by the twin of the one before
+    (binding and relation alternately), where that twin's signature is in no split; from its own random stream, so
+    that the splits planned before are unchanged."""
+    rng = random.Random(f"genret-val-twins-{config.seed}")
+    out, offset = list(val), config.n_train
+    n_pairs = min(len(val) // 2, int(len(val) * config.val_twin_fraction / 2 + 0.5))
+    taken = taken | {p.scene.signature() for p in val}
+    for pair in range(n_pairs):
+        base = out[2 * pair]
+        for kind in (TWIN_KINDS[pair % 2], TWIN_KINDS[1 - pair % 2]):
+            twin = base.scene.binding_twin() if kind == "binding" else base.scene.relation_twin()
+            if twin.signature() not in taken:
+                break
+        else:  # both twins' signatures are taken (a binding twin of a scene sharing a shape is itself): keep it
+            continue
+        taken.add(twin.signature())
+        i = offset + 2 * pair
+        out[2 * pair] = replace(base, twin_of=i + 1, twin_kind=kind)
+        out[2 * pair + 1] = _Planned("val", twin, tuple(twin.captions(rng, config.captions_per_image)), base.seed,
+                                     i, kind)
+    return out
 
 
 def _avoiding(split: str, n: int, taken: set, rng: random.Random, config: SynthConfig) -> list[_Planned]:

@@ -87,21 +87,39 @@ def test_other_seed_gives_other_world(small, tmp_path):
 
 
 @pytest.mark.parametrize("config,splits,twins", [
-    (SMALL, (60, 10, 30), 16),  # 30 * 0.5 = 15 images, rounded up to whole pairs
-    (SynthConfig(n_train=5, n_val=0, n_test=7, twin_fraction=1.0, seed=1), (5, 0, 7), 6),
-    (SynthConfig(n_train=5, n_val=3, n_test=10, twin_fraction=0.0, seed=1), (5, 3, 10), 0),
-    (SynthConfig(n_train=0, n_val=0, n_test=1, twin_fraction=1.0, seed=1), (0, 0, 1), 0),
+    (SMALL, (60, 10, 30), (6, 16)),  # 30 * 0.5 = 15 images, rounded up to whole pairs; val 10 * 0.5 = 5 likewise
+    (SynthConfig(n_train=5, n_val=0, n_test=7, twin_fraction=1.0, seed=1), (5, 0, 7), (0, 6)),
+    (SynthConfig(n_train=5, n_val=3, n_test=10, twin_fraction=0.0, val_twin_fraction=0.0, seed=1), (5, 3, 10),
+     (0, 0)),
+    (SynthConfig(n_train=5, n_val=4, n_test=10, twin_fraction=0.0, val_twin_fraction=1.0, seed=1), (5, 4, 10),
+     (4, 0)),
+    (SynthConfig(n_train=0, n_val=0, n_test=1, twin_fraction=1.0, seed=1), (0, 0, 1), (0, 0)),
 ])
 def test_split_counts_and_twin_pairs(tmp_path, config, splits, twins):
     data = json.loads(generate_world(tmp_path, config, progress=False).read_text())
     assert tuple(sum(i["split"] == s for i in data["images"]) for s in ("train", "val", "test")) == splits
-    assert sum("twin_of" in i for i in data["images"]) == twins
+    assert tuple(sum("twin_of" in i and i["split"] == s for i in data["images"]) for s in ("val", "test")) == twins
+
+
+def test_val_twins_change_neither_train_nor_test(small, tmp_path):
+    """Val's twins come from their own random stream: train and test are those of a world without them, and val
+    keeps the first image of each pair; each twin's scene occurs in no other split."""
+    out, data = small
+    plain = json.loads(generate_world(tmp_path, replace(SMALL, val_twin_fraction=0.0), progress=False).read_text())
+    assert "twin_of" not in json.dumps([i for i in plain["images"] if i["split"] == "val"])
+    for a, b in zip(data["images"], plain["images"]):
+        if a["split"] != "val" or "twin_of" not in a or a["twin_of"] > a["imgid"]:
+            assert a["sentences"] == b["sentences"] and a["scene"] == b["scene"], a["filename"]
+            assert (out / "images" / a["filename"]).read_bytes() == (tmp_path / "images" / b["filename"]).read_bytes()
+    sig = lambda d, split: [s.signature() for s in _scenes(d, split)]  # noqa: E731
+    val = sig(data, "val")
+    assert len(set(val)) == len(val) and not set(val) & (set(sig(data, "train")) | set(sig(data, "test")))
 
 
 def test_karpathy_layout_that_genret_and_others_can_read(small):
     out, data = small
     assert data["dataset"] == "synth"
-    assert data["genret"] == {"generator": "genret.world.synth", "version": 3, "config": asdict(SMALL)}
+    assert data["genret"] == {"generator": "genret.world.synth", "version": 4, "config": asdict(SMALL)}
     sentids = [s["sentid"] for i in data["images"] for s in i["sentences"]]
     assert sentids == list(range(len(sentids)))
     for k, entry in enumerate(data["images"]):
@@ -147,7 +165,7 @@ def test_twins_differ_only_in_binding_or_relation(small):
     assert {i["twin_kind"] for i in twins} == {"binding", "relation"}
     for entry in twins:
         other = images[entry["twin_of"]]
-        assert entry["split"] == other["split"] == "test"
+        assert entry["split"] == other["split"] in ("val", "test")
         assert other["twin_of"] == entry["imgid"] and other["twin_kind"] == entry["twin_kind"]
         a, b = Scene.from_dict(entry["scene"]), Scene.from_dict(other["scene"])
         places = lambda s: [(o.x, o.y) for o in s.objects]  # noqa: E731
@@ -187,7 +205,8 @@ def test_at_default_size_test_scenes_stay_unseen():
     plan = synth._plan(SynthConfig(), random.Random(0))
     sig = lambda split: {p.scene.signature() for p in plan if p.split == split}  # noqa: E731
     assert not sig("test") & (sig("train") | sig("val")) and not sig("val") & sig("train")
-    assert sum(p.twin_of is not None for p in plan) == 250
+    assert sum(p.twin_of is not None for p in plan if p.split == "test") == 250
+    assert sum(p.twin_of is not None for p in plan if p.split == "val") == 90  # of 100: 5 pairs' twins are taken
 
 
 @pytest.mark.parametrize("image_size", [32, 64, 96])
@@ -254,6 +273,7 @@ def test_an_interrupted_run_leaves_the_previous_world_whole(tmp_path, monkeypatc
     (dict(captions_per_image=MAX_CAPTIONS + 1), f"captions_per_image must be in 1..{MAX_CAPTIONS}"),
     (dict(twin_fraction=1.5), r"twin_fraction must be in \[0, 1\]"),
     (dict(twin_fraction=-0.1), r"twin_fraction must be in \[0, 1\]"),
+    (dict(val_twin_fraction=2), r"val_twin_fraction must be in \[0, 1\]"),
     (dict(n_train=0, n_val=0, n_test=0), "nothing to generate"),
 ])
 def test_config_validation_names_the_field(kwargs, match):
