@@ -55,7 +55,8 @@ def caption_table(data: Dataset) -> tuple[list[str], list[int]]:
 
 
 def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequence[str] = DIRECTIONS,
-                   batch_size: int = 64, progress: bool = False) -> tuple[list[QueryGroup], dict]:
+                   batch_size: int = 64, progress: bool = False,
+                   duplicate_threshold: float | None = None) -> tuple[list[QueryGroup], dict]:
     """The prefilter's top-``k`` non-matching candidates of every query of ``data``.
 
     Args:
@@ -63,10 +64,14 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
         data: the training records.
         k: negatives kept per query (fewer when the data has fewer non-matching candidates).
         directions: ``t2i``, ``i2t`` or both.
+        duplicate_threshold: false-negative filtering (U-MARVEL's): a mined candidate whose prefilter embedding
+            has a cosine of at least this with the positive's (image with image for ``t2i``, caption with the
+            nearest of the image's captions for ``i2t``) is dropped as a likely unlabelled match; ``None``
+            keeps every non-matching candidate.
 
     Returns:
-        The query groups, and statistics: per direction the prefilter's R@1 on these queries and the
-        mean number of negatives kept.
+        The query groups, and statistics: per direction the prefilter's R@1 on these queries, the mean number
+        of negatives kept and, with ``duplicate_threshold``, the share of candidates dropped as near-duplicates.
     """
     unknown = [d for d in directions if d not in DIRECTIONS]
     if unknown:
@@ -85,29 +90,50 @@ def mine_negatives(encoder: DualEncoder, data: Dataset, k: int, directions: Sequ
         by_image[owner].append(c)
     groups: list[QueryGroup] = []
     stats: dict = {}
+    # Looking deeper where near-duplicates are dropped, so that k are still kept.
+    deeper = 2 * k if duplicate_threshold is not None else 0
+
+    def near_duplicate(vectors: np.ndarray, candidate: int, positives: Sequence[int]) -> bool:
+        return duplicate_threshold is not None and max(_cosine(vectors[candidate], vectors[p])
+                                                       for p in positives) >= duplicate_threshold
+
     if "t2i" in directions:
-        ranked = top_k(images["document"], captions["query"], k + same)
-        top1, kept = [], []
+        ranked = top_k(images["document"], captions["query"], k + same + deeper)
+        top1, kept, dropped = [], [], []
         for c, row in enumerate(ranked):
             positive = owners[c]
-            negs = [i for i in row if keys[i] != keys[positive] and texts[c] not in caption_sets[i]][:k]
-            groups.append(QueryGroup("t2i", c, (positive,), tuple(negs)))
+            negs = [i for i in row if keys[i] != keys[positive] and texts[c] not in caption_sets[i]]
+            clean = [i for i in negs if not near_duplicate(images["document"], i, (positive,))]
+            groups.append(QueryGroup("t2i", c, (positive,), tuple(clean[:k])))
             top1.append(row[0] == positive)
-            kept.append(len(negs))
-        stats["t2i"] = {"queries": len(ranked), "prefilter_R@1": round(100 * float(np.mean(top1)), 2),
-                        "negatives": round(float(np.mean(kept)), 2)}
+            kept.append(len(clean[:k]))
+            dropped.append(1 - len(clean) / max(len(negs), 1))
+        stats["t2i"] = _mining_stats(len(ranked), top1, kept, dropped, duplicate_threshold)
     if "i2t" in directions:
         most = max(len(r.captions) for r in data.records)
-        ranked = top_k(captions["document"], images["query"], k + same * most)
-        top1, kept = [], []
+        ranked = top_k(captions["document"], images["query"], k + same * most + deeper)
+        top1, kept, dropped = [], [], []
         for i, row in enumerate(ranked):
-            negs = [c for c in row if keys[owners[c]] != keys[i] and texts[c] not in caption_sets[i]][:k]
-            groups.append(QueryGroup("i2t", i, tuple(by_image[i]), tuple(negs)))
+            negs = [c for c in row if keys[owners[c]] != keys[i] and texts[c] not in caption_sets[i]]
+            clean = [c for c in negs if not near_duplicate(captions["document"], c, by_image[i])]
+            groups.append(QueryGroup("i2t", i, tuple(by_image[i]), tuple(clean[:k])))
             top1.append(owners[row[0]] == i)
-            kept.append(len(negs))
-        stats["i2t"] = {"queries": len(ranked), "prefilter_R@1": round(100 * float(np.mean(top1)), 2),
-                        "negatives": round(float(np.mean(kept)), 2)}
+            kept.append(len(clean[:k]))
+            dropped.append(1 - len(clean) / max(len(negs), 1))
+        stats["i2t"] = _mining_stats(len(ranked), top1, kept, dropped, duplicate_threshold)
     return groups, stats
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def _mining_stats(queries: int, top1: list, kept: list, dropped: list, threshold: float | None) -> dict:
+    out = {"queries": queries, "prefilter_R@1": round(100 * float(np.mean(top1)), 2),
+           "negatives": round(float(np.mean(kept)), 2)}
+    if threshold is not None:
+        out.update(duplicate_threshold=threshold, dropped_as_duplicates=round(100 * float(np.mean(dropped)), 2))
+    return out
 
 
 def embed_as(encoder: DualEncoder, kind: str, inputs: list, roles: Sequence[str], **kwargs) -> dict[str, np.ndarray]:

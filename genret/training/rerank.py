@@ -82,6 +82,11 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
     directions: str = field(default="both", metadata={"help": "training queries: t2i (captions), i2t (images) or both"})
     negatives: int = field(default=7, metadata={"help": "negatives per query, sampled from the prefilter's top mine_k"})
     mine_k: int = field(default=20, metadata={"help": "prefilter candidates per query that negatives are drawn from"})
+    false_negatives: float = field(default=0.0, metadata={"help": "false-negative filtering (U-MARVEL's): drop a mined "
+                                   "candidate whose prefilter embedding has at least this cosine with the positive's "
+                                   "(a likely unlabelled match); 0: keep them all"})
+    permutations: int = field(default=1, metadata={"help": "listwise: orders each query's candidates appear in within "
+                              "a batch (the positive elsewhere in each), so no answer position is learnt"})
     group_weight: float = field(default=1.0, metadata={"help": "pointwise: weight of the softmax loss over a query's group"})
     temperature: float = field(default=0.1, metadata={"help": "generative: softmax temperature over a group's mean "
                                                           "log-likelihoods"})
@@ -114,6 +119,11 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.false_negatives <= 1:
+            raise ValueError(f"false_negatives must be a cosine in [0, 1] (0: off), got {self.false_negatives}")
+        if self.permutations < 1 or (self.permutations > 1 and self.mode != "listwise"):
+            raise ValueError(f"permutations must be at least 1, and above 1 only with mode listwise (got "
+                             f"{self.permutations} with mode {self.mode})")
         if self.vision not in VISION_ADAPT:
             raise ValueError(f"vision must be one of {', '.join(VISION_ADAPT)}, got {self.vision!r}")
 
@@ -288,6 +298,23 @@ def _answer_logprobs(batch: _Batch, prompt: str, images: list, k: int) -> torch.
     return scoring.number_logprobs(batch.mllm, batch.call, batch.model, prompt, images, k)
 
 
+def permuted(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    """Each example and ``n - 1`` reorderings of its candidates, the positive at another number in each (spread
+    over the list) and the negatives shuffled: a pure function of the example and ``seed``."""
+    out = []
+    for e in examples:
+        out.append(e)
+        k = len(e.candidates)
+        rng = random.Random(f"{seed}:{e.direction}:{e.query}:{e.candidates}")
+        negatives = [c for j, c in enumerate(e.candidates) if j != e.target]
+        for p in range(1, n):
+            rng.shuffle(negatives)
+            at = (e.target + p * max(1, k // n)) % k
+            out.append(Example(e.direction, e.query, tuple(negatives[:at] + [e.candidates[e.target]] + negatives[at:]),
+                               at))
+    return out
+
+
 def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy over the candidates' answer log-probabilities (the whole number, every token)."""
     return F.cross_entropy(scores, target)
@@ -410,11 +437,14 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         scoring.yes_no_ids(mllm, scoring.render(mllm, scoring.user_message(section, text="a")), yes, no)
 
     encoder = load_encoder("hf", str(prefilter)) if isinstance(prefilter, (str, os.PathLike)) else prefilter
-    groups, mining = mine_negatives(encoder, train, config.mine_k, DIRECTIONS[config.directions], progress=show)
+    groups, mining = mine_negatives(encoder, train, config.mine_k, DIRECTIONS[config.directions], progress=show,
+                                    duplicate_threshold=config.false_negatives or None)
     short = [g for g in groups if len(g.negatives) < config.negatives]
     if short:
+        filtered = (f" after false-negative filtering (false_negatives {config.false_negatives}: raise it, or)"
+                    if config.false_negatives else "")
         raise ValueError(f"{train.source}: {len(short)} queries have fewer than {config.negatives} non-matching "
-                         f"candidates (the training split has {len(train)} images); lower negatives")
+                         f"candidates{filtered} (the training split has {len(train)} images); lower negatives")
     per_step = engine.rows_per_step
     if len(groups) < per_step:
         raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's {per_step} "
@@ -443,6 +473,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         return [rows[c * config.batch_size:(c + 1) * config.batch_size] for c in range(engine.chunks)]
 
     def loss(chunk: list[Example]) -> torch.Tensor:
+        if config.permutations > 1:
+            chunk = permuted(chunk, config.permutations, config.seed)
         target = torch.tensor([e.target for e in chunk], device=engine.device)
         if config.mode == "pointwise":
             return pointwise_loss(pointwise_scores(batch, chunk, yes, no), target, config.group_weight)

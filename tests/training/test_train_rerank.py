@@ -300,6 +300,9 @@ def test_cli_trains_and_the_stage_uses_the_adapter(world_dir, world, mllm_dir, c
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, no, bf16, fp16, got 'fp8'"),
     ({"report_to": "tensorboard,nope"}, "report_to names 'nope'; choose from tensorboard"),
     ({"dtype": "int3"}, "dtype must be one of auto, float32"),
+    ({"false_negatives": 1.5}, "false_negatives must be a cosine in \\[0, 1\\] \\(0: off\\), got 1.5"),
+    ({"permutations": 0}, "permutations must be at least 1"),
+    ({"permutations": 2, "mode": "pointwise"}, "above 1 only with mode listwise"),
 ])
 def test_bad_configs_are_refused(table, match):
     with pytest.raises(ConfigError, match=match):
@@ -540,3 +543,47 @@ def test_listwise_trains_under_gradient_checkpointing(mllm_dir, small, clip_dir,
     assert summary["steps"] == 2 and summary["config"]["gradient_checkpointing"]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
     assert MLLM.load(str(mllm_dir)).attach_adapter(tmp_path / "out", mode="listwise") == "out"
+
+
+def test_listwise_permutations_move_the_positive_and_keep_the_candidates():
+    from genret.training.rerank import Example, permuted
+
+    examples = [Example("t2i", 5, (10, 11, 12, 13, 14, 15, 16, 17), 2), Example("i2t", 1, (3, 4, 5, 6), 0)]
+    out = permuted(examples, 3, seed=0)
+    assert len(out) == 6 and out[0] == examples[0] and out[3] == examples[1]
+    for e, copies in ((examples[0], out[:3]), (examples[1], out[3:])):
+        positive = e.candidates[e.target]
+        assert all(sorted(c.candidates) == sorted(e.candidates) and c.candidates[c.target] == positive
+                   and (c.direction, c.query) == (e.direction, e.query) for c in copies)
+        assert len({c.target for c in copies}) == 3  # the positive at three numbers
+    assert permuted(examples, 3, seed=0) == out and permuted(examples, 3, seed=1) != out
+    assert permuted(examples, 1, seed=0) == examples
+
+
+def test_false_negative_filtering_drops_near_duplicates_of_the_positive(_encoder, world):
+    import numpy as np
+
+    from genret.training.negatives import embed_as, mine_negatives
+
+    train = world.split("train")
+    plain, stats = mine_negatives(_encoder, train, k=4)
+    assert "dropped_as_duplicates" not in stats["t2i"]
+    images = embed_as(_encoder, "image", [str(r.path) for r in train.records], ("document",))["document"]
+    images = images / np.linalg.norm(images, axis=1, keepdims=True)
+    cosines = [float(images[g.positives[0]] @ images[n]) for g in plain if g.direction == "t2i" for n in g.negatives]
+    threshold = float(np.median(cosines))  # half the mined images are nearer the positive than this
+    filtered, stats = mine_negatives(_encoder, train, k=4, duplicate_threshold=threshold)
+    assert 0 < stats["t2i"]["dropped_as_duplicates"] < 100 and stats["t2i"]["duplicate_threshold"] == threshold
+    for g in (g for g in filtered if g.direction == "t2i"):
+        assert all(float(images[g.positives[0]] @ images[n]) < threshold for n in g.negatives)
+    kept = [n for g in filtered if g.direction == "t2i" for n in g.negatives]
+    assert kept and len(kept) <= sum(len(g.negatives) for g in plain if g.direction == "t2i")
+    assert [g.positives for g in filtered] == [g.positives for g in plain]
+
+
+def test_listwise_trains_on_several_orders_and_filtered_negatives(judge_dir, small, clip_dir, tmp_path):
+    config = _config(mode="listwise", permutations=2, false_negatives=0.999, max_steps=3, eval_every=0)
+    summary, losses = _train(judge_dir, small, tmp_path / "lw", config, prefilter=str(clip_dir))
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert summary["config"]["permutations"] == 2
+    assert summary["data"]["mining"]["i2t"]["duplicate_threshold"] == 0.999
