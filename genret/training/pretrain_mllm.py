@@ -60,6 +60,9 @@ class PretrainConfig(TrainOptions):
     random_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives drawn at "
                                     "random from the other images instead of the prefilter's near misses (easy "
                                     "pairs to learn comparing on)"})
+    random_negatives_last: float = field(default=-1.0, metadata={"help": "a curriculum: the share of random "
+                                         "negatives in the last epoch, reached linearly from --random-negatives in "
+                                         "the first (easy pairs first, near misses later; -1: no change)"})
     loss_average: str = field(default="token", metadata={"help": "how the answer-token loss is averaged: token "
                               "(over a batch's answer tokens, as transformers does) or example (over each "
                               "example's first, so a yes/no or a number weighs as much as a caption)"})
@@ -79,6 +82,9 @@ class PretrainConfig(TrainOptions):
             raise ValueError(f"candidates must be at least 2, got {self.candidates}")
         if not 0 <= self.random_negatives <= 1:
             raise ValueError(f"random_negatives must be a share in [0, 1], got {self.random_negatives}")
+        if self.random_negatives_last != -1 and not 0 <= self.random_negatives_last <= 1:
+            raise ValueError(f"random_negatives_last must be a share in [0, 1] (or -1: as random_negatives), got "
+                             f"{self.random_negatives_last}")
         if self.loss_average not in ("token", "example"):
             raise ValueError(f"loss_average must be token or example, got {self.loss_average!r}")
 
@@ -86,6 +92,13 @@ class PretrainConfig(TrainOptions):
     def task_list(self) -> list[str]:
         """The tasks named in :attr:`tasks`."""
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def random_share(self, epoch: int) -> float:
+        """The share of random negatives in ``epoch`` (0-based) of :attr:`epochs`: the curriculum's point."""
+        if self.random_negatives_last == -1 or self.epochs < 2:
+            return self.random_negatives
+        at = min(epoch, self.epochs - 1) / (self.epochs - 1)
+        return self.random_negatives + at * (self.random_negatives_last - self.random_negatives)
 
     def counts(self) -> dict[str, int]:
         """Examples per image and epoch of each task drawn (``describe``: every caption)."""
@@ -199,7 +212,10 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     wrapped = engine.prepare(model, [{"params": rest, "lr": config.lr},
                                      {"params": vision, "lr": config.lr * config.vision_lr_scale}])
-    epochs = [mix.epoch(rng) for _ in range(config.epochs)]
+    epochs = []
+    for e in range(config.epochs):
+        mix.random_negatives = config.random_share(e)
+        epochs.append(mix.epoch(rng))
     per_step, chunks = engine.rows_per_step, engine.chunks
     # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
     counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]

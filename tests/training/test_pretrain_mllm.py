@@ -116,3 +116,16 @@ def test_init_goes_on_training_a_saved_mllm_and_is_checked(clip_dir, world, tmp_
         pretrain_mllm(clip_dir, train, tmp_path / "c", replace(config, init=str(tmp_path)), TINY, progress=False)
     with pytest.raises(ValueError, match="loss_average must be token or example"):
         PretrainConfig(loss_average="sum")
+
+
+def test_the_random_negatives_curriculum_reaches_each_epochs_examples(clip_dir, world, tmp_path, monkeypatch):
+    from genret.training.instructions import Mixture
+
+    shares, epoch = [], Mixture.epoch
+    monkeypatch.setattr(Mixture, "epoch", lambda self, rng: shares.append(self.random_negatives) or epoch(self, rng))
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    pretrain_mllm(clip_dir, train, tmp_path / "m", PretrainConfig(epochs=3, batch_size=16, tasks="describe,judge",
+                                                                  random_negatives=1.0, random_negatives_last=0.0),
+                  TINY, progress=False)
+    assert shares[-3:] == [1.0, 0.5, 0.0]  # the three epochs drawn (after the tokenizer's look at one)
