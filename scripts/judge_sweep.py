@@ -125,6 +125,22 @@ def pick_accuracy(mllm: MLLM, test, rng: random.Random, n: int) -> dict[str, flo
     return {d: round(100 * float(np.mean(h)), 1) for d, h in hits.items()}
 
 
+@torch.no_grad()
+def generative_twins(mllm: MLLM, pairs: list[dict], records) -> dict[str, float]:
+    """How often the generative stage's score (log P(caption | image)) puts the right one above its twin: per t2i
+    caption its image against the twin image, per i2t image its caption against the twin's."""
+    prompt = load_prompt("rerank_generative")
+    out = {}
+    for d in ("t2i", "i2t"):
+        right = [p for p in pairs if p["dir"] == d and p["kind"] == "right"]
+        twin = [p for p in pairs if p["dir"] == d and p["kind"] == "twin"]
+        scores = [scoring.generative_scores(mllm, prompt.section(d)["user"], [p["text"] for p in rows],
+                                            [load_image(records[p["image"]].path) for p in rows])
+                  for rows in (right, twin)]
+        out[d] = round(100 * float(np.mean(np.array(scores[0]) > np.array(scores[1]))), 1)
+    return out
+
+
 def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
     """Held-out accuracy (%) of a logistic probe on standardised states."""
     from sklearn.linear_model import LogisticRegression
@@ -152,8 +168,12 @@ def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int) -> d
     truth = np.array([p["yes"] for p in held])
     out: dict = {"model": str(folder), "parameters": sum(p.numel() for n, p in mllm.model.named_parameters()
                                                           if "language_model" in n or "lm_head" in n)}
+    direction = np.array([p["dir"] for p in held])
     for name, sel in (("easy", kind != "twin"), ("twin", kind != "easy")):
         out[f"judge_{name}"] = round(100 * float((said[sel] == truth[sel]).mean()), 1)
+        for d in ("t2i", "i2t"):
+            part = sel & (direction == d)
+            out[f"judge_{name}_{d}"] = round(100 * float((said[part] == truth[part]).mean()), 1)
         for layer in layers:
             out[f"probe_{name}_L{layer}"] = probe(fit_states[layer], y_fit, states[layer][sel], truth[sel])
     # twin margin: per t2i caption, log-odds(right image) - log-odds(twin image); per i2t image, right - twin caption
@@ -162,6 +182,7 @@ def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int) -> d
     diff = margins[right] - margins[twin]
     out["twin_margin"] = f"{diff.mean():+.3f} ± {diff.std():.3f}"
     out["twin_right"] = round(100 * float((diff > 0).mean()), 1)
+    out["generative_twin"] = generative_twins(mllm, held, test.records)
     out["pick"] = pick_accuracy(mllm, test, rng, pick_sets)
     out["caption_loss"] = caption_loss(mllm.model, mllm.processor, mllm.family, test)
     return out
@@ -211,16 +232,18 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("| model | LM params | judge easy / twin | twin margin (right − twin) | twin right | pick t2i / i2t | "
-          "probe easy / twin (mid, last) | caption loss image / shuffled |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | LM params | judge easy / twin (t2i; i2t) | twin margin (right − twin) | twin right | pick t2i / i2t | "
+          "probe easy / twin (mid, last) | generative twins t2i / i2t | caption loss image / shuffled |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         at = sorted(int(k.rsplit("L", 1)[1]) for k in r if k.startswith("probe_easy_L"))
         mid, last = at[0], at[-1]
-        print(f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['judge_easy']} / {r['judge_twin']} | "
+        print(f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['judge_easy']} / {r['judge_twin']} "
+              f"({r['judge_easy_t2i']} / {r['judge_twin_t2i']}; {r['judge_easy_i2t']} / {r['judge_twin_i2t']}) | "
               f"{r['twin_margin']} | {r['twin_right']} | {r['pick']['t2i']} / {r['pick']['i2t']} | "
               f"{r[f'probe_easy_L{mid}']}, {r[f'probe_easy_L{last}']} / {r[f'probe_twin_L{mid}']}, "
-              f"{r[f'probe_twin_L{last}']} | {r['caption_loss']['with_image']} / {r['caption_loss']['shuffled_image']} |")
+              f"{r[f'probe_twin_L{last}']} | {r['generative_twin']['t2i']} / {r['generative_twin']['i2t']} | "
+              f"{r['caption_loss']['with_image']} / {r['caption_loss']['shuffled_image']} |")
 
 
 if __name__ == "__main__":
