@@ -105,10 +105,15 @@ def _run_mllm(args, config) -> dict:
     from genret.training.mini_mllm import MiniMLLMConfig
     from genret.training.pretrain_mllm import pretrain_mllm
 
+    from dataclasses import replace
+
+    from genret.data.dataset import TRAIN_SPLITS
+
     data = _load_data(args)
+    held_out = replace(data, records=tuple(r for r in data.records if r.split not in TRAIN_SPLITS))
     return pretrain_mllm(args.clip, data.split("train"), args.out, config,
                          MiniMLLMConfig(image_features=args.image_features), val=_val(data), progress=not args.quiet,
-                         resume=args.resume)
+                         resume=args.resume, held_out=held_out)
 
 
 def _run_rerank(args, config) -> dict:

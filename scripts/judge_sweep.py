@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--judge-per-image", type=int, default=4)
     parser.add_argument("--pick-per-image", type=int, default=1)
     parser.add_argument("--random-negatives", type=float, default=0.3)
+    parser.add_argument("--twin-negatives", type=float, default=0.0)
     parser.add_argument("--loss-average", default="example")
     parser.add_argument("--augment-rotation", type=float, default=20.0)
     parser.add_argument("--probe-rows", type=int, default=1500)
@@ -221,13 +222,15 @@ def main() -> None:
             continue
         config = PretrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, tasks=args.tasks,
                                 judge_per_image=args.judge_per_image, pick_per_image=args.pick_per_image,
-                                random_negatives=args.random_negatives, loss_average=args.loss_average,
+                                random_negatives=args.random_negatives, twin_negatives=args.twin_negatives,
+                                loss_average=args.loss_average,
                                 augment_rotation=args.augment_rotation, save_every=200, log_every=50,
                                 seed=args.seed, threads=args.threads)
         arch = MiniMLLMConfig(hidden_size=hidden, layers=layers, heads=max(4, hidden // 64),
                               intermediate_size=4 * hidden)
         resume = any(folder.glob("checkpoints/*/trainer_state.json"))
-        pretrain_mllm(args.clip, data.split("train"), folder, config, arch, resume=resume)
+        pretrain_mllm(args.clip, data.split("train"), folder, config, arch, resume=resume,
+                      held_out=data.split("val", "test"))
     rows = [evaluate(f, data, args.probe_rows, args.pick_sets, args.seed) for f in folders]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -16,6 +16,8 @@ What an annotation is asked:
 - :meth:`~Annotation.edit`: an edit instruction and the annotations it can lead to (composed retrieval);
 - :meth:`~Annotation.hard_negative`, :meth:`~Annotation.render`, :meth:`~Annotation.captions`: a copy with one
   attribute changed, drawn as an image, and its captions (contrastive hard negatives);
+- :meth:`~Annotation.twins`: the copies that differ only in how the parts are bound or placed (the same words,
+  another picture): the negatives that teach a judge to read structure;
 - :meth:`~Annotation.sample`: a fresh annotation drawn as the data set draws its own (a generator: unlimited
   training images, rendered on the fly);
 - :meth:`~Annotation.attributes`: what the image shows as named classes (``{"first shape": "circle", ...}``):
@@ -55,6 +57,9 @@ class Annotation(Protocol):
 
     def hard_negative(self, value: Any, rng: random.Random) -> Any:
         """The annotation with one attribute changed (a near miss)."""
+
+    def twins(self, value: Any) -> list[Any]:
+        """The annotations that name the same parts bound or placed otherwise (none where there is no such)."""
 
     def render(self, value: Any, size: int, seed: int) -> Any:
         """The annotation drawn as a ``size`` × ``size`` PIL image."""

@@ -78,12 +78,20 @@ class Mixture:
         chat_rounds: rounds of the oracle dialogs the ``ask`` examples come from.
         random_negatives: share of judge and pick negatives drawn at random from the other images (or their
             captions) instead of the prefilter's near misses: easy pairs, which differ in most attributes.
+        twin_negatives: share of judge and pick negatives that are the image's *twin* (the records' annotation
+            plug-in's :meth:`~genret.data.annotations.Annotation.twins`: the same words bound or placed otherwise),
+            drawn anew as an image (listed in :attr:`drawn`, numbered after the records) or written as its caption:
+            what the test split's twins ask, which near misses mined from the training images rarely are.
+        avoid: annotation signatures never drawn as twins (the held-out splits', so no held-out scene is shown).
     """
 
     def __init__(self, records: Sequence, groups: Sequence, texts: Sequence[str], tasks: dict[str, int],
-                 candidates: int = 4, chat_rounds: int = 5, seed: int = 0, random_negatives: float = 0.0) -> None:
+                 candidates: int = 4, chat_rounds: int = 5, seed: int = 0, random_negatives: float = 0.0,
+                 twin_negatives: float = 0.0, avoid: frozenset = frozenset()) -> None:
         self.records, self.texts, self.tasks, self.candidates = records, texts, tasks, candidates
-        self.random_negatives = random_negatives
+        self.random_negatives, self.twin_negatives, self.avoid = random_negatives, twin_negatives, avoid
+        self.drawn: list = []  # twins drawn as images: (annotation kind, value); image index len(records) + k
+        self._drawn_at: dict[tuple[int, int], int] = {}
         self.by_query = {(g.direction, g.query): g for g in groups}
         self.t2i = {}  # image -> its caption queries' groups
         for g in groups:
@@ -121,6 +129,34 @@ class Mixture:
         template = self.prompts["chat"].section("answer")["user"] if rng.random() < 0.5 else "{image}\n{question}"
         return Example("answer", (i,), message(template, question=question), answer)
 
+    def _twin(self, i: int, rng: random.Random) -> tuple[int, object, object] | None:
+        """One of image ``i``'s twins not in :attr:`avoid`, as ``(which, kind, value)``; ``None`` where it has none."""
+        found = self.annotated[i]
+        if found is None or not self.twin_negatives or rng.random() >= self.twin_negatives:
+            return None
+        _, kind, value = found
+        twins = [(k, t) for k, t in enumerate(kind.twins(value)) if kind.signature(t) not in self.avoid]
+        if not twins:
+            return None
+        which, twin = rng.choice(twins)
+        return which, kind, twin
+
+    def _twin_image(self, i: int, rng: random.Random) -> int | None:
+        """Image ``i``'s twin drawn anew (its index: after the records), or ``None``."""
+        found = self._twin(i, rng)
+        if found is None:
+            return None
+        which, kind, twin = found
+        if (i, which) not in self._drawn_at:
+            self._drawn_at[i, which] = len(self.records) + len(self.drawn)
+            self.drawn.append((kind, twin))
+        return self._drawn_at[i, which]
+
+    def _twin_text(self, i: int, rng: random.Random) -> str | None:
+        """A caption of image ``i``'s twin (the same words, another binding), or ``None``."""
+        found = self._twin(i, rng)
+        return None if found is None else found[1].captions(found[2], rng, 1)[0]
+
     def _other_image(self, i: int, rng: random.Random) -> int:
         j = rng.randrange(len(self.records) - 1)
         return j + (j >= i)
@@ -152,14 +188,15 @@ class Mixture:
             g = self.by_query[("i2t", i)]
             match = match or not g.negatives
             text = self.texts[rng.choice(g.positives)] if match else \
-                self._negative_text(i, g.negatives[:self.candidates], rng)
+                self._twin_text(i, rng) or self._negative_text(i, g.negatives[:self.candidates], rng)
             return Example("judge", (i,), message(prompt.section("i2t")["user"], text=text), yes if match else no)
         groups = self.t2i.get(i)
         if not groups:
             return None
         g = rng.choice(groups)
         match = match or not g.negatives
-        image = i if match else self._negative_image(i, g.negatives[:self.candidates], rng, self.texts[g.query])
+        image = i if match else self._twin_image(i, rng) or \
+            self._negative_image(i, g.negatives[:self.candidates], rng, self.texts[g.query])
         return Example("judge", (image,), message(prompt.section("t2i")["user"], text=self.texts[g.query]),
                        yes if match else no)
 
@@ -170,8 +207,9 @@ class Mixture:
             if len(g.negatives) < n - 1:
                 return None
             negatives = list(g.negatives[:n - 1])
+            twin = self._twin_text(i, rng)
             cands = [self.texts[rng.choice(g.positives)]] + [
-                self._negative_text(i, [c], rng) for c in negatives]
+                self._negative_text(i, [c], rng) for c in negatives[:n - 1 - bool(twin)]] + ([twin] if twin else [])
             order = list(range(n))
             rng.shuffle(order)
             right = order.index(0) + 1
@@ -186,8 +224,10 @@ class Mixture:
             if len(g.negatives) < n - 1:
                 return None
             cands = [i]
-            for c in g.negatives[:n - 1]:  # distinct candidates, a random one standing in for a near miss
+            twin = self._twin_image(i, rng)
+            for c in g.negatives[:n - 1 - (twin is not None)]:  # distinct, a random one standing in for a near miss
                 cands.append(self._negative_image(i, [c], rng, self.texts[g.query], taken=cands))
+            cands += [twin] if twin is not None else []
             rng.shuffle(cands)
             right = cands.index(i) + 1
             section = prompt.section("t2i")

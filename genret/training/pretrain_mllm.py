@@ -60,6 +60,10 @@ class PretrainConfig(TrainOptions):
     random_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives drawn at "
                                     "random from the other images instead of the prefilter's near misses (easy "
                                     "pairs to learn comparing on)"})
+    twin_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives that are the "
+                                  "image's twin (the same words bound or placed otherwise), drawn anew by the "
+                                  "records' annotation plug-in, never one of a held-out split's scenes (the "
+                                  "binding and relation contrasts that mined near misses rarely are)"})
     random_negatives_last: float = field(default=-1.0, metadata={"help": "a curriculum: the share of random "
                                          "negatives in the last epoch, reached linearly from --random-negatives in "
                                          "the first (easy pairs first, near misses later; -1: no change)"})
@@ -82,6 +86,8 @@ class PretrainConfig(TrainOptions):
             raise ValueError(f"candidates must be at least 2, got {self.candidates}")
         if not 0 <= self.random_negatives <= 1:
             raise ValueError(f"random_negatives must be a share in [0, 1], got {self.random_negatives}")
+        if not 0 <= self.twin_negatives <= 1:
+            raise ValueError(f"twin_negatives must be a share in [0, 1], got {self.twin_negatives}")
         if self.random_negatives_last != -1 and not 0 <= self.random_negatives_last <= 1:
             raise ValueError(f"random_negatives_last must be a share in [0, 1] (or -1: as random_negatives), got "
                              f"{self.random_negatives_last}")
@@ -117,8 +123,10 @@ def encode_example(processor, family, n_image_tokens: int, example: Example) -> 
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig, progress: bool = False) -> Mixture:
-    """The instruction mixture over ``train``, its judge and pick negatives mined by the CLIP at ``clip_dir``."""
+def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig, progress: bool = False,
+            held_out: Dataset | None = None) -> Mixture:
+    """The instruction mixture over ``train``, its judge and pick negatives mined by the CLIP at ``clip_dir``; no twin
+    drawn shows a scene of ``held_out`` (the val and test splits)."""
     counts = config.counts()
     groups, texts = [], []
     if "judge" in counts or "pick" in counts:
@@ -128,8 +136,10 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
         groups, _ = mine_negatives(HFDualEncoder(str(clip_dir), device="cpu"), train, k=max(config.candidates, 4),
                                    progress=progress)
         texts = caption_table(train)[0]
+    avoid = frozenset(found[1].signature(found[2]) for r in (held_out.records if held_out is not None else ())
+                      if (found := annotation_of(r.meta)))
     return Mixture(train.records, groups, texts, counts, candidates=config.candidates, seed=config.seed,
-                   random_negatives=config.random_negatives)
+                   random_negatives=config.random_negatives, twin_negatives=config.twin_negatives, avoid=avoid)
 
 
 def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
@@ -178,8 +188,10 @@ def _batch(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.T
 def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os.PathLike,
                   config: PretrainConfig | None = None, arch: MiniMLLMConfig | None = None,
                   val: Dataset | None = None, progress: bool = True, resume: bool = False,
-                  on_step: "Callable[[dict], None] | None" = None) -> dict:
+                  on_step: "Callable[[dict], None] | None" = None, held_out: Dataset | None = None) -> dict:
     """Build the mini MLLM from ``clip_dir`` and pretrain it on ``train``; saves a HF checkpoint.
+
+    ``held_out``: the records whose scenes ``twin_negatives`` must never draw (the val and test splits).
 
     Returns:
         The summary saved as ``genret.json`` (config, loss per epoch, held-out caption loss with and
@@ -188,6 +200,9 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     from genret.mllm.families import family_of
 
     config, arch = config or PretrainConfig(), arch or MiniMLLMConfig()
+    if config.twin_negatives and held_out is None:
+        raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none of "
+                         "theirs is drawn")
     init = load_init(config.init, arch) if config.init else None  # refused before anything is written
     engine = Engine("mllm", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
@@ -197,7 +212,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
               for q, a in found[1].questions(found[2], rng)]
     texts += ["Does the image match the text? Answer yes or no.", "Which image matches the text best? "
               "Answer with its number.", "Text:", "Image", "0 1 2 3 4 5 6 7 8 9"]
-    mix = mixture(train, clip_dir, config, progress=engine.show)
+    mix = mixture(train, clip_dir, config, progress=engine.show, held_out=held_out)
     texts += [f"{e.answer}" for e in mix.epoch(random.Random(config.seed))[:2000] if e.task in ("ask", "rewrite")]
     model, processor = init or build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
@@ -216,6 +231,11 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     for e in range(config.epochs):
         mix.random_negatives = config.random_share(e)
         epochs.append(mix.epoch(rng))
+    if mix.drawn:  # the twins drawn anew, after the records' images (their indices)
+        size = load_image(train.records[0].path).size[0]
+        drawn = [kind.render(value, size, config.seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
+        pixels = torch.cat([pixels] + [processor.image_processor(images=drawn[i:i + 256], return_tensors="pt")[
+            "pixel_values"] for i in range(0, len(drawn), 256)])
     per_step, chunks = engine.rows_per_step, engine.chunks
     # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
     counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]
@@ -258,7 +278,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     summary = {"format": "genret.mini_mllm", "genret": __version__, "task": "pretrain", "clip": str(clip_dir),
                **({"init": str(config.init)} if config.init else {}),
                "arch": asdict(arch), **run.summary(config),
-               "data": {"source": str(train.source), "images": len(train),
+               "data": {"source": str(train.source), "images": len(train), "twins_drawn": len(mix.drawn),
                         "examples_per_epoch": dict(Counter(e.task for e in epochs[0]))},
                "parameters": sum(p.numel() for p in final.parameters())}
     if val is not None and engine.main:

@@ -97,6 +97,11 @@ class SceneAnnotation:
 
         return sample_scene(rng, image_size)
 
+    def twins(self, value) -> list[Scene]:
+        """The binding twin (where the two colours differ) and the relation twin, as the test split pairs them."""
+        scene = _scene(value)
+        return [t for t in (scene.binding_twin(), scene.relation_twin()) if t.signature() != scene.signature()]
+
     def attributes(self, value) -> dict[str, str]:
         """:func:`scene_attributes`."""
         return scene_attributes(_scene(value))

@@ -161,3 +161,38 @@ def test_random_negatives_curriculum_goes_from_the_first_share_to_the_last():
     assert PretrainConfig(epochs=3, random_negatives=0.3).random_share(2) == 0.3  # -1: no curriculum
     with pytest.raises(ValueError, match="random_negatives_last must be a share in \\[0, 1\\]"):
         PretrainConfig(random_negatives_last=1.5)
+
+
+def test_twin_negatives_are_the_images_twins_drawn_anew_and_never_a_held_out_scene(world, clip_dir):
+    from genret.world.scene import Scene
+
+    train = world.split("train")
+    held = world.split("val", "test")
+    avoid = {Scene.from_dict(r.meta["scene"]).signature() for r in held.records}
+    mix = mixture(train, clip_dir, PretrainConfig(twin_negatives=1.0), held_out=held)
+    examples = mix.epoch(random.Random(0))
+    n = len(train.records)
+    scenes = [Scene.from_dict(r.meta["scene"]) for r in train.records]
+    twins_of = [{t.signature() for t in (s.binding_twin(), s.relation_twin()) if t.signature() != s.signature()}
+                for s in scenes]
+    owner = {c: i for i, r in enumerate(train.records) for c in r.captions}
+    assert mix.drawn and all(kind.signature(v) not in avoid for kind, v in mix.drawn)
+    judged = drawn_seen = twin_texts = 0
+    for e in (e for e in examples if e.task == "judge" and e.answer == "no"):
+        text = re.search(r"Text: (.*)\n", _text(e)).group(1)
+        judged += 1
+        if e.images[0] >= n:  # t2i: the caption's image's twin, drawn
+            kind, value = mix.drawn[e.images[0] - n]
+            assert kind.signature(value) in twins_of[owner[text]] and text not in kind.captions(value, random.Random(0), 12)
+            drawn_seen += 1
+        elif text not in owner:  # i2t: a caption of the image's twin (no training image's)
+            shown = scenes[e.images[0]]
+            assert not any(text == c for c in shown.all_captions()) and text in {
+                c for t in (shown.binding_twin(), shown.relation_twin()) for c in t.all_captions()}
+            twin_texts += 1
+    assert drawn_seen and twin_texts and drawn_seen + twin_texts > judged / 2
+    for e in (e for e in examples if e.task == "pick" and _text(e).startswith("Text: ")):
+        text = _text(e).split("\n", 1)[0][len("Text: "):]
+        assert e.images[int(e.answer) - 1] == owner[text] and len(set(e.images)) == len(e.images)
+    with pytest.raises(ValueError, match="twin_negatives must be a share in \\[0, 1\\]"):
+        PretrainConfig(twin_negatives=-0.5)

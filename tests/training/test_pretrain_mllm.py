@@ -129,3 +129,17 @@ def test_the_random_negatives_curriculum_reaches_each_epochs_examples(clip_dir, 
                                                                   random_negatives=1.0, random_negatives_last=0.0),
                   TINY, progress=False)
     assert shares[-3:] == [1.0, 0.5, 0.0]  # the three epochs drawn (after the tokenizer's look at one)
+
+
+def test_twin_negatives_are_drawn_shown_and_need_the_held_out_splits(clip_dir, world, tmp_path):
+    import pytest
+
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    config = PretrainConfig(epochs=1, batch_size=16, tasks="describe,judge,pick", twin_negatives=1.0)
+    with pytest.raises(ValueError, match="twin_negatives draws scenes anew: give held_out"):
+        pretrain_mllm(clip_dir, train, tmp_path / "x", config, TINY, progress=False)
+    assert not (tmp_path / "x").exists()
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "m", config, TINY, progress=False,
+                            held_out=world.split("val", "test"))
+    assert summary["data"]["twins_drawn"] > 0 and summary["steps"] > 0
