@@ -111,9 +111,12 @@ def _run_mllm(args, config) -> dict:
 
     data = _load_data(args)
     held_out = replace(data, records=tuple(r for r in data.records if r.split not in TRAIN_SPLITS))
-    return pretrain_mllm(args.clip, data.split("train"), args.out, config,
-                         MiniMLLMConfig(image_features=args.image_features), val=_val(data), progress=not args.quiet,
-                         resume=args.resume, held_out=held_out)
+    given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features")
+             if getattr(args, k) is not None}
+    # --init: the checkpoint's architecture (options given are checked against it); else the defaults and these.
+    arch = MiniMLLMConfig(**given) if given or not config.init else None
+    return pretrain_mllm(args.clip, data.split("train"), args.out, config, arch, val=_val(data),
+                         progress=not args.quiet, resume=args.resume, held_out=held_out)
 
 
 def _run_rerank(args, config) -> dict:
@@ -165,9 +168,13 @@ TRAIN_COMMANDS = (
     TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
                  "genret.training.pretrain_mllm:PretrainConfig", _run_mllm,
                  (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),
-                  ("--image-features", {"choices": ("default", "full"), "default": "default",
+                  ("--image-features", {"choices": ("default", "full"), "default": None,
                                         "help": "what of the vision tower the language model reads: default, the "
-                                                "patch tokens (LLaVA-1.5); full, the class token too"})),
+                                                "patch tokens (LLaVA-1.5); full, the class token too"}),
+                  ("--hidden-size", {"type": int, "default": None, "help": "the Llama's width (default 128)"}),
+                  ("--layers", {"type": int, "default": None, "help": "the Llama's layers (default 4)"}),
+                  ("--heads", {"type": int, "default": None, "help": "attention heads (default 4)"}),
+                  ("--intermediate-size", {"type": int, "default": None, "help": "MLP width (default 512)"})),
                  out="checkpoint folder to write", formats=("genret.mini_mllm", "genret.train_run")),
     TrainCommand("rerank", "LoRA/QLoRA fine-tune an MLLM reranker on the prefilter's hard negatives",
                  "genret.training.rerank:RerankTrainConfig", _run_rerank,

@@ -142,6 +142,14 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
                    random_negatives=config.random_negatives, twin_negatives=config.twin_negatives, avoid=avoid)
 
 
+def _saved_arch(folder: str | os.PathLike) -> dict:
+    """The architecture a ``genret train mllm`` folder records (its ``genret.json``), ``{}`` where it records none."""
+    from genret._io import read_json
+
+    path = Path(folder) / "genret.json"
+    return dict(read_json(path).get("arch", {})) if path.is_file() else {}
+
+
 def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
     """The mini MLLM and processor at ``folder`` (``--init``), checked against the architecture options."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -199,7 +207,9 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     """
     from genret.mllm.families import family_of
 
-    config, arch = config or PretrainConfig(), arch or MiniMLLMConfig()
+    config = config or PretrainConfig()
+    if arch is None:  # the defaults, or (--init) the checkpoint's own
+        arch = MiniMLLMConfig(**_saved_arch(config.init)) if config.init else MiniMLLMConfig()
     if config.twin_negatives and held_out is None:
         raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none of "
                          "theirs is drawn")

@@ -112,6 +112,10 @@ def test_init_goes_on_training_a_saved_mllm_and_is_checked(clip_dir, world, tmp_
         pretrain_mllm(clip_dir, train, tmp_path / "c", replace(config, init=str(tmp_path / "a")),
                       replace(TINY, hidden_size=64), progress=False)
     assert not (tmp_path / "c").exists()
+    # Without architecture options, --init trains the checkpoint's own (not the defaults, which differ from TINY).
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "d", replace(config, init=str(tmp_path / "a")), None,
+                            progress=False)
+    assert summary["arch"] == summary["arch"] | {"hidden_size": TINY.hidden_size, "layers": TINY.layers}
     with pytest.raises(FileNotFoundError, match="no mini MLLM there"):
         pretrain_mllm(clip_dir, train, tmp_path / "c", replace(config, init=str(tmp_path)), TINY, progress=False)
     with pytest.raises(ValueError, match="loss_average must be token or example"):
@@ -143,3 +147,18 @@ def test_twin_negatives_are_drawn_shown_and_need_the_held_out_splits(clip_dir, w
     summary = pretrain_mllm(clip_dir, train, tmp_path / "m", config, TINY, progress=False,
                             held_out=world.split("val", "test"))
     assert summary["data"]["twins_drawn"] > 0 and summary["steps"] > 0
+
+
+def test_the_command_takes_the_language_models_size_and_init_keeps_it(clip_dir, world_dir, tmp_path):
+    from genret.cli import main
+
+    common = ["--clip", str(clip_dir), "--data", str(world_dir), "--max-steps", "1", "--batch-size", "8",
+              "--tasks", "describe", "--save-every", "0"]
+    assert main(["-q", "train", "mllm", *common, "--out", str(tmp_path / "a"), "--hidden-size", "32", "--layers", "1",
+                 "--heads", "2", "--intermediate-size", "64"]) == 0
+    made = json.loads((tmp_path / "a" / "genret.json").read_text())["arch"]
+    assert (made["hidden_size"], made["layers"], made["heads"], made["intermediate_size"]) == (32, 1, 2, 64)
+    assert main(["-q", "train", "mllm", *common, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "b" / "genret.json").read_text())["arch"] == made
+    assert main(["-q", "train", "mllm", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"),
+                 "--layers", "3"]) != 0 and not (tmp_path / "c").exists()
