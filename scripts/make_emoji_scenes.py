@@ -19,8 +19,6 @@ written whole or not at all (``genret.json`` is its manifest: the config and the
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import _scenes
 from genret._io import write_json
 from genret._swap import atomic_dir
 
@@ -142,10 +141,6 @@ def render(scene: Scene, drawings: Drawings, which: int, seed: int) -> Image.Ima
     return canvas
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def plan(config: EmojiConfig) -> list[tuple[str, Scene, int | None, str | None]]:
     """Every image's split, scene and twin (train, val, test order). Val and test scenes say nothing a training
     scene says (their signatures are unseen), and each twin pair's two scenes are both new."""
@@ -212,35 +207,17 @@ def make(out: str | Path, font: str | Path = FONT, config: EmojiConfig = EmojiCo
             seed = config.seed * 1_000_003 + (imgid if twin_of is None else min(imgid, twin_of))  # twins: one noise
             render(scene, drawings, which, seed).save(tmp / "images" / name)
             caps = scene.captions(random.Random(f"{config.seed}:{imgid}"))
-            sentids = list(range(sentid, sentid + len(caps)))
+            meta = {**scene.to_dict(), "drawings": [f"U+{THINGS[t][which]:X}" for t in scene.things]}
+            entries.append(_scenes.entry(imgid, split, caps, sentid, "emoji", meta, twin_of, kind))
             sentid += len(caps)
-            entry = {"filename": name, "filepath": "images", "split": split, "imgid": imgid, "sentids": sentids,
-                     "sentences": [{"raw": c, "tokens": c.split(), "imgid": imgid, "sentid": s}
-                                   for s, c in zip(sentids, caps)],
-                     "emoji": {**scene.to_dict(), "drawings": [f"U+{THINGS[t][which]:X}" for t in scene.things]}}
-            if twin_of is not None:
-                entry["twin_of"], entry["twin_kind"] = twin_of, kind
-            entries.append(entry)
         write_json(tmp / "dataset_emoji.json", {"dataset": "emoji-scenes", "images": entries})
         write_json(tmp / "genret.json", {"format": FORMAT, "version": 1, "config": asdict(config),
-                                         "font": {"file": font.name, "sha256": _sha256(font)}})
+                                         "font": {"file": font.name, "sha256": _scenes.sha256(font)}})
     return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--font", default=str(FONT), help="Noto Color Emoji's .ttf")
-    for name, value in asdict(EmojiConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
-    args = parser.parse_args(argv)
-    config = EmojiConfig(**{k: getattr(args, k) for k in asdict(EmojiConfig())})
-    try:
-        print(f"wrote {make(args.out, args.font, config)}")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return _scenes.main(__doc__, EmojiConfig, make, ("--font", FONT, "Noto Color Emoji's .ttf"), argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ not at all (``genret.json`` is its manifest: the config and the SHA-256 of the f
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import hashlib
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import _scenes
 from genret._io import write_json
 from genret._swap import atomic_dir
 
@@ -130,10 +129,6 @@ def render(scene: Scene, images: np.ndarray, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def make(out: str | Path, source: str | Path = SOURCE, config: FashionConfig = FashionConfig()) -> Path:
     """Write the data set to ``out`` (``images/``, ``dataset_fashion.json``, ``genret.json``), whole or not at all."""
     source = Path(source)
@@ -167,34 +162,17 @@ def make(out: str | Path, source: str | Path = SOURCE, config: FashionConfig = F
             name = f"{imgid:06d}.png"
             render(scene, images, config.seed * 1_000_003 + imgid).save(tmp / "images" / name)
             caps = scene.captions(random.Random(f"{config.seed}:{imgid}"))
-            sentids = list(range(sentid, sentid + len(caps)))
+            entries.append(_scenes.entry(imgid, split, caps, sentid, "fashion", scene.to_dict(), twin_of, kind))
             sentid += len(caps)
-            entry = {"filename": name, "filepath": "images", "split": split, "imgid": imgid, "sentids": sentids,
-                     "sentences": [{"raw": c, "tokens": c.split(), "imgid": imgid, "sentid": s}
-                                   for s, c in zip(sentids, caps)], "fashion": scene.to_dict()}
-            if twin_of is not None:
-                entry["twin_of"], entry["twin_kind"] = twin_of, kind
-            entries.append(entry)
         write_json(tmp / "dataset_fashion.json", {"dataset": "fashion-scenes", "images": entries})
         write_json(tmp / "genret.json", {"format": FORMAT, "version": 1, "config": asdict(config),
-                                         "source": {f: _sha256(source / f) for pair in FILES.values() for f in pair}})
+                                         "source": {f: _scenes.sha256(source / f)
+                                                    for pair in FILES.values() for f in pair}})
     return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--source", default=str(SOURCE), help="folder of the four Fashion-MNIST .gz files")
-    for name, value in asdict(FashionConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
-    args = parser.parse_args(argv)
-    config = FashionConfig(**{k: getattr(args, k) for k in asdict(FashionConfig())})
-    try:
-        print(f"wrote {make(args.out, args.source, config)}")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return _scenes.main(__doc__, FashionConfig, make, ("--source", SOURCE, "folder of the four Fashion-MNIST .gz files"), argv)
 
 
 if __name__ == "__main__":

@@ -300,3 +300,20 @@ def assert_error(response, status: int, match: str = "") -> dict:
 def loopback():
     """Server(app) as a context manager: a real uvicorn on a free loopback port."""
     return Server
+
+
+def load_script(name: str):
+    """A module of ``scripts/`` (``load_script("make_emoji_scenes")``), imported by path, with ``scripts/`` on the
+    import path for its helpers (``_scenes``, ``_bench``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

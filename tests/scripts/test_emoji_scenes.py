@@ -1,9 +1,6 @@
 """The third data set's maker (scripts/make_emoji_scenes.py), on Debian's Noto Color Emoji (./run test installs it)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +9,12 @@ from PIL import Image
 from genret.data import load_dataset
 from genret.eval.evaluator import twin_pairs
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_emoji_scenes.py"
-
 
 @pytest.fixture(scope="module")
 def maker():
-    spec = importlib.util.spec_from_file_location("make_emoji_scenes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script("make_emoji_scenes")
 
 
 def test_the_data_set_has_its_splits_twins_unseen_drawings_and_true_captions(maker, tmp_path):

@@ -1,9 +1,7 @@
 """The second data set's maker (scripts/make_fashion_scenes.py), on IDX files written here in Fashion-MNIST's format."""
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +10,12 @@ import pytest
 from genret.data import load_dataset
 from genret.eval.evaluator import twin_pairs
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_fashion_scenes.py"
-
 
 @pytest.fixture(scope="module")
 def maker():
-    spec = importlib.util.spec_from_file_location("make_fashion_scenes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script("make_fashion_scenes")
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
