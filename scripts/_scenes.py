@@ -15,6 +15,16 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def captions(a: str, b: str, horizontal: bool, rng, n: int = 5) -> list[str]:
+    """``n`` of the six ways to say that ``a`` is left of (or above) ``b``, in ``rng``'s order."""
+    first, second = ("to the left of", "to the right of") if horizontal else ("above", "below")
+    where = ("on the left", "on the right") if horizontal else ("at the top", "at the bottom")
+    forms = [f"a {a} {first} a {b}", f"a {b} {second} a {a}", f"a {a} {where[0]} and a {b} {where[1]}",
+             f"a {b} {where[1]} and a {a} {where[0]}", f"a {a} placed {first} a {b}", f"a {b} placed {second} a {a}"]
+    rng.shuffle(forms)
+    return forms[:n]
+
+
 def entry(imgid: int, split: str, captions: list[str], first_sentid: int, key: str, meta: dict,
           twin_of: int | None = None, kind: str | None = None) -> dict:
     """One Karpathy image entry (``images/NNNNNN.png``), its scene under ``key``, and its twin link."""

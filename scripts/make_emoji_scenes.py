@@ -66,13 +66,7 @@ class Scene:
 
     def captions(self, rng: random.Random, n: int = 5) -> list[str]:
         a, b = (f"{s} {t}" for s, t in zip(self.sizes, self.things))
-        first, second = ("to the left of", "to the right of") if self.horizontal else ("above", "below")
-        where = ("on the left", "on the right") if self.horizontal else ("at the top", "at the bottom")
-        forms = [f"a {a} {first} a {b}", f"a {b} {second} a {a}", f"a {a} {where[0]} and a {b} {where[1]}",
-                 f"a {b} {where[1]} and a {a} {where[0]}", f"a {a} placed {first} a {b}",
-                 f"a {b} placed {second} a {a}"]
-        rng.shuffle(forms)
-        return forms[:n]
+        return _scenes.captions(a, b, self.horizontal, rng, n)
 
     def signature(self) -> tuple:
         """What the captions say: which thing, how big, is left of (or above) which (``things[0]`` always is)."""

@@ -78,13 +78,7 @@ class Scene:
 
     def captions(self, rng: random.Random, n: int = 5) -> list[str]:
         a, b = (f"{c} {CLASSES[k]}" for c, k in zip(self.colours, self.classes))
-        first, second = ("to the left of", "to the right of") if self.horizontal else ("above", "below")
-        where = ("on the left", "on the right") if self.horizontal else ("at the top", "at the bottom")
-        forms = [f"a {a} {first} a {b}", f"a {b} {second} a {a}", f"a {a} {where[0]} and a {b} {where[1]}",
-                 f"a {b} {where[1]} and a {a} {where[0]}", f"a {a} placed {first} a {b}",
-                 f"a {b} placed {second} a {a}"]
-        rng.shuffle(forms)
-        return forms[:n]
+        return _scenes.captions(a, b, self.horizontal, rng, n)
 
     def to_dict(self) -> dict:
         return {"items": list(self.items), "classes": [CLASSES[k] for k in self.classes], "colours": list(self.colours),
