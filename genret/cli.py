@@ -114,7 +114,9 @@ def _run_mllm(args, config) -> dict:
     given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features")
              if getattr(args, k) is not None}
     # --init: the checkpoint's architecture (options given are checked against it); else the defaults and these.
-    arch = MiniMLLMConfig(**given) if given or not config.init else None
+    from genret.training.pretrain_mllm import saved_arch
+
+    arch = MiniMLLMConfig(**{**(saved_arch(config.init) if config.init else {}), **given})
     return pretrain_mllm(args.clip, data.split("train"), args.out, config, arch, val=_val(data),
                          progress=not args.quiet, resume=args.resume, held_out=held_out)
 

@@ -169,11 +169,15 @@ def plan(config: EmojiConfig) -> list[tuple[str, Scene, int | None, str | None]]
             taken.add(scene.signature())
             rows.append((split, scene, None, None))
         held[split] = rows
-    train = []
+    train, misses = [], 0
     while len(train) < config.n_train:
         scene = sample(rng)
         if scene.signature() not in taken:
             train.append(("train", scene, None, None))
+        else:
+            misses += 1
+            if misses > 100_000:
+                raise ValueError("the held-out splits take almost every scene: lower --n-val or --n-test")
     for split_rows in (train, held["val"], held["test"]):
         for split, scene, step, kind in split_rows:
             at = len(out)

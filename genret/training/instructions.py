@@ -76,12 +76,14 @@ class Mixture:
         tasks: the tasks drawn, per image and epoch ``{task: count}`` (``describe`` counts captions: all of them).
         candidates: numbered candidates of a pick example.
         chat_rounds: rounds of the oracle dialogs the ``ask`` examples come from.
-        random_negatives: share of judge and pick negatives drawn at random from the other images (or their
-            captions) instead of the prefilter's near misses: easy pairs, which differ in most attributes.
-        twin_negatives: share of judge and pick negatives that are the image's *twin* (the records' annotation
-            plug-in's :meth:`~genret.data.annotations.Annotation.twins`: the same words bound or placed otherwise),
-            drawn anew as an image (listed in :attr:`drawn`, numbered after the records) or written as its caption:
-            what the test split's twins ask, which near misses mined from the training images rarely are.
+        random_negatives: share of judge and pick negatives (of those not twins) drawn at random from the other
+            images (or their captions) instead of the prefilter's near misses: easy pairs, which differ in most
+            attributes.
+        twin_negatives: share of judge negatives (and of pick rows, one candidate each) that are the image's *twin*
+            (the records' annotation plug-in's :meth:`~genret.data.annotations.Annotation.twins`: the same words
+            bound or placed otherwise), drawn anew as an image (listed in :attr:`drawn`, numbered after the records;
+            a new drawing of the twin scene, not a pixel-aligned copy) or written as its caption: what the test
+            split's twins ask, which near misses mined from the training images rarely are.
         avoid: annotation signatures never drawn as twins (the held-out splits', so no held-out scene is shown).
     """
 
@@ -135,7 +137,10 @@ class Mixture:
         if found is None or not self.twin_negatives or rng.random() >= self.twin_negatives:
             return None
         _, kind, value = found
-        twins = [(k, t) for k, t in enumerate(kind.twins(value)) if kind.signature(t) not in self.avoid]
+        try:
+            twins = [(k, t) for k, t in enumerate(kind.twins(value)) if kind.signature(t) not in self.avoid]
+        except (NotImplementedError, AttributeError):  # a plug-in that knows no twins: the other negatives
+            return None
         if not twins:
             return None
         which, twin = rng.choice(twins)

@@ -60,13 +60,16 @@ class PretrainConfig(TrainOptions):
     random_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives drawn at "
                                     "random from the other images instead of the prefilter's near misses (easy "
                                     "pairs to learn comparing on)"})
-    twin_negatives: float = field(default=0.0, metadata={"help": "judge and pick: share of negatives that are the "
-                                  "image's twin (the same words bound or placed otherwise), drawn anew by the "
-                                  "records' annotation plug-in, never one of a held-out split's scenes (the "
-                                  "binding and relation contrasts that mined near misses rarely are)"})
+    twin_negatives: float = field(default=0.0, metadata={"help": "judge: share of negatives that are the image's "
+                                  "twin (the same words bound or placed otherwise), drawn anew by the records' "
+                                  "annotation plug-in, never one of a held-out split's scenes (the binding and "
+                                  "relation contrasts that mined near misses rarely are); pick: the share of rows "
+                                  "with the twin among the candidates. --random-negatives then applies to the rest"})
     random_negatives_last: float = field(default=-1.0, metadata={"help": "a curriculum: the share of random "
-                                         "negatives in the last epoch, reached linearly from --random-negatives in "
-                                         "the first (easy pairs first, near misses later; -1: no change)"})
+                                         "negatives in the last epoch the run reaches (--max-steps may end it "
+                                         "sooner; past the epochs they repeat in order), reached linearly from "
+                                         "--random-negatives in the first (easy pairs first, near misses later; "
+                                         "-1: no change)"})
     loss_average: str = field(default="token", metadata={"help": "how the answer-token loss is averaged: token "
                               "(over a batch's answer tokens, as transformers does) or example (over each "
                               "example's first, so a yes/no or a number weighs as much as a caption)"})
@@ -99,11 +102,13 @@ class PretrainConfig(TrainOptions):
         """The tasks named in :attr:`tasks`."""
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
-    def random_share(self, epoch: int) -> float:
-        """The share of random negatives in ``epoch`` (0-based) of :attr:`epochs`: the curriculum's point."""
-        if self.random_negatives_last == -1 or self.epochs < 2:
+    def random_share(self, epoch: int, span: int | None = None) -> float:
+        """The share of random negatives in ``epoch`` (0-based): the curriculum's point, reached linearly over the
+        ``span`` epochs the run reaches (default :attr:`epochs`; fewer where ``max_steps`` ends it sooner)."""
+        span = self.epochs if span is None else span
+        if self.random_negatives_last == -1 or span < 2:
             return self.random_negatives
-        at = min(epoch, self.epochs - 1) / (self.epochs - 1)
+        at = min(epoch, span - 1) / (span - 1)
         return self.random_negatives + at * (self.random_negatives_last - self.random_negatives)
 
     def counts(self) -> dict[str, int]:
@@ -142,7 +147,16 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
                    random_negatives=config.random_negatives, twin_negatives=config.twin_negatives, avoid=avoid)
 
 
-def _saved_arch(folder: str | os.PathLike) -> dict:
+def image_pixels(train: Dataset, mix: Mixture, processor, seed: int) -> torch.Tensor:
+    """The pixel rows a step's examples index: the training images in order, then the mixture's twins drawn anew
+    (:attr:`Mixture.drawn`, the ``k``-th drawn with seed ``seed * 1_000_003 + k`` at the training images' size)."""
+    images = [load_image(r.path) for r in train.records]
+    images += [kind.render(value, images[0].size[0], seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
+    return torch.cat([processor.image_processor(images=images[i:i + 256], return_tensors="pt")["pixel_values"]
+                      for i in range(0, len(images), 256)])
+
+
+def saved_arch(folder: str | os.PathLike) -> dict:
     """The architecture a ``genret train mllm`` folder records (its ``genret.json``), ``{}`` where it records none."""
     from genret._io import read_json
 
@@ -209,7 +223,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
 
     config = config or PretrainConfig()
     if arch is None:  # the defaults, or (--init) the checkpoint's own
-        arch = MiniMLLMConfig(**_saved_arch(config.init)) if config.init else MiniMLLMConfig()
+        arch = MiniMLLMConfig(**saved_arch(config.init)) if config.init else MiniMLLMConfig()
     if config.twin_negatives and held_out is None:
         raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none of "
                          "theirs is drawn")
@@ -227,9 +241,6 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     model, processor = init or build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
     n_tokens = model.config.image_seq_length
-    pixels = torch.cat([processor.image_processor(images=[load_image(r.path) for r in train.records[i:i + 256]],
-                                                  return_tensors="pt")["pixel_values"]
-                        for i in range(0, len(train.records), 256)])
 
     if config.gradient_checkpointing:
         enable_checkpointing(model)
@@ -237,16 +248,14 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     wrapped = engine.prepare(model, [{"params": rest, "lr": config.lr},
                                      {"params": vision, "lr": config.lr * config.vision_lr_scale}])
-    epochs = []
-    for e in range(config.epochs):
-        mix.random_negatives = config.random_share(e)
-        epochs.append(mix.epoch(rng))
-    if mix.drawn:  # the twins drawn anew, after the records' images (their indices)
-        size = load_image(train.records[0].path).size[0]
-        drawn = [kind.render(value, size, config.seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
-        pixels = torch.cat([pixels] + [processor.image_processor(images=drawn[i:i + 256], return_tensors="pt")[
-            "pixel_values"] for i in range(0, len(drawn), 256)])
     per_step, chunks = engine.rows_per_step, engine.chunks
+    epochs, span = [], config.epochs
+    for e in range(config.epochs):
+        mix.random_negatives = config.random_share(e, span)
+        epochs.append(mix.epoch(rng))
+        if e == 0 and config.max_steps:  # the curriculum spans the epochs the steps reach (they repeat past them)
+            span = min(config.epochs, -(-config.max_steps // max(1, len(epochs[0]) // per_step)))
+    pixels = image_pixels(train, mix, processor, config.seed)
     # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
     counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]
     starts = np.cumsum([0] + counts)

@@ -121,6 +121,9 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0 <= self.false_negatives <= 1:
             raise ValueError(f"false_negatives must be a cosine in [0, 1] (0: off), got {self.false_negatives}")
+        if self.permutations > self.negatives + 1:
+            raise ValueError(f"permutations ({self.permutations}) must not exceed the candidates per query "
+                             f"(negatives + 1 = {self.negatives + 1}): each order puts the positive at another number")
         if self.permutations < 1 or (self.permutations > 1 and self.mode != "listwise"):
             raise ValueError(f"permutations must be at least 1, and above 1 only with mode listwise (got "
                              f"{self.permutations} with mode {self.mode})")
@@ -441,10 +444,11 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
                                     duplicate_threshold=config.false_negatives or None)
     short = [g for g in groups if len(g.negatives) < config.negatives]
     if short:
-        filtered = (f" after false-negative filtering (false_negatives {config.false_negatives}: raise it, or)"
-                    if config.false_negatives else "")
+        filtered = (f" left after false-negative filtering at cosine {config.false_negatives}" if config.false_negatives
+                    else "")
         raise ValueError(f"{train.source}: {len(short)} queries have fewer than {config.negatives} non-matching "
-                         f"candidates{filtered} (the training split has {len(train)} images); lower negatives")
+                         f"candidates{filtered} (the training split has {len(train)} images); lower negatives"
+                         + (" or raise false_negatives" if config.false_negatives else ""))
     per_step = engine.rows_per_step
     if len(groups) < per_step:
         raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's {per_step} "

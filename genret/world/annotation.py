@@ -98,7 +98,8 @@ class SceneAnnotation:
         return sample_scene(rng, image_size)
 
     def twins(self, value) -> list[Scene]:
-        """The binding twin (where the two colours differ) and the relation twin, as the test split pairs them."""
+        """The binding twin (where the two colours differ) and the relation twin: the scenes the test split pairs
+        with this one (drawn anew, they are new pictures of those scenes, not pixel-aligned copies)."""
         scene = _scene(value)
         return [t for t in (scene.binding_twin(), scene.relation_twin()) if t.signature() != scene.signature()]
 

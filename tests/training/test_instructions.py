@@ -159,6 +159,7 @@ def test_random_negatives_curriculum_goes_from_the_first_share_to_the_last():
     config = PretrainConfig(epochs=3, random_negatives=1.0, random_negatives_last=0.2)
     assert [round(config.random_share(e), 6) for e in range(4)] == [1.0, 0.6, 0.2, 0.2]
     assert PretrainConfig(epochs=3, random_negatives=0.3).random_share(2) == 0.3  # -1: no curriculum
+    assert [round(config.random_share(e, span=2), 6) for e in range(3)] == [1.0, 0.2, 0.2]  # max_steps: 2 reached
     with pytest.raises(ValueError, match="random_negatives_last must be a share in \\[0, 1\\]"):
         PretrainConfig(random_negatives_last=1.5)
 

@@ -133,6 +133,12 @@ def test_the_random_negatives_curriculum_reaches_each_epochs_examples(clip_dir, 
                                                                   random_negatives=1.0, random_negatives_last=0.0),
                   TINY, progress=False)
     assert shares[-3:] == [1.0, 0.5, 0.0]  # the three epochs drawn (after the tokenizer's look at one)
+    shares.clear()  # max_steps ends the run in its second epoch (7 steps each): the curriculum spans those two
+    pretrain_mllm(clip_dir, train, tmp_path / "s", PretrainConfig(epochs=3, batch_size=16, tasks="describe,judge",
+                                                                  random_negatives=1.0, random_negatives_last=0.0,
+                                                                  max_steps=10),
+                  TINY, progress=False)
+    assert shares[-3:] == [1.0, 0.0, 0.0]
 
 
 def test_twin_negatives_are_drawn_shown_and_need_the_held_out_splits(clip_dir, world, tmp_path):
@@ -147,6 +153,33 @@ def test_twin_negatives_are_drawn_shown_and_need_the_held_out_splits(clip_dir, w
     summary = pretrain_mllm(clip_dir, train, tmp_path / "m", config, TINY, progress=False,
                             held_out=world.split("val", "test"))
     assert summary["data"]["twins_drawn"] > 0 and summary["steps"] > 0
+
+
+def test_drawn_twins_are_the_pixel_rows_after_the_records(clip_dir, world):
+    import random
+
+    import torch
+    from transformers import AutoProcessor
+
+    from genret.data import load_image
+    from genret.training.pretrain_mllm import image_pixels, mixture
+
+    train = world.split("train")
+    train = replace(train, records=train.records[:16])
+    mix = mixture(train, clip_dir, PretrainConfig(twin_negatives=1.0), held_out=world.split("val", "test"))
+    examples = mix.epoch(random.Random(0))
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    pixels = image_pixels(train, mix, processor, seed=3)
+    n = len(train.records)
+    assert len(pixels) == n + len(mix.drawn) and len(mix.drawn) > 0
+    assert torch.equal(pixels[:n], processor.image_processor(images=[load_image(r.path) for r in train.records],
+                                                              return_tensors="pt")["pixel_values"])
+    for k, (kind, value) in enumerate(mix.drawn):
+        own = processor.image_processor(images=[kind.render(value, 64, 3 * 1_000_003 + k)],
+                                        return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(pixels[n + k], own)
+    shown = {i for e in examples for i in e.images}
+    assert max(shown) < len(pixels) and any(i >= n for i in shown)
 
 
 def test_the_command_takes_the_language_models_size_and_init_keeps_it(clip_dir, world_dir, tmp_path):

@@ -303,6 +303,7 @@ def test_cli_trains_and_the_stage_uses_the_adapter(world_dir, world, mllm_dir, c
     ({"false_negatives": 1.5}, "false_negatives must be a cosine in \\[0, 1\\] \\(0: off\\), got 1.5"),
     ({"permutations": 0}, "permutations must be at least 1"),
     ({"permutations": 2, "mode": "pointwise"}, "above 1 only with mode listwise"),
+    ({"permutations": 9, "mode": "listwise", "negatives": 3, "mine_k": 4}, "must not exceed the candidates per query"),
 ])
 def test_bad_configs_are_refused(table, match):
     with pytest.raises(ConfigError, match=match):
