@@ -86,11 +86,21 @@ def _val(dataset):
     return dataset.split("val") if any(r.split == "val" for r in dataset.records) else None
 
 
+def _held_out(dataset):
+    """The records of every split no trainer learns from (val, test): what a trainer drawing images must not draw."""
+    from dataclasses import replace
+
+    from genret.data.dataset import TRAIN_SPLITS
+
+    return replace(dataset, records=tuple(r for r in dataset.records if r.split not in TRAIN_SPLITS))
+
+
 def _run_clip(args, config) -> dict:
     from genret.training.clip import train_clip
 
     data = _load_data(args)
-    return train_clip(data.split("train"), args.out, config, val=_val(data), progress=not args.quiet, resume=args.resume)
+    return train_clip(data.split("train"), args.out, config, val=_val(data), progress=not args.quiet, resume=args.resume,
+                      held_out=_held_out(data))
 
 
 def _run_clip_dialog(args, config) -> dict:
@@ -105,12 +115,8 @@ def _run_mllm(args, config) -> dict:
     from genret.training.mini_mllm import MiniMLLMConfig
     from genret.training.pretrain_mllm import pretrain_mllm
 
-    from dataclasses import replace
-
-    from genret.data.dataset import TRAIN_SPLITS
-
     data = _load_data(args)
-    held_out = replace(data, records=tuple(r for r in data.records if r.split not in TRAIN_SPLITS))
+    held_out = _held_out(data)
     given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features")
              if getattr(args, k) is not None}
     # --init: the checkpoint's architecture (options given are checked against it); else the defaults and these.

@@ -6,7 +6,8 @@
 
 For each ``--size`` HIDDENxLAYERS a mini MLLM is built on the CLIP's vision tower (``genret train mllm``'s
 ``pretrain_mllm``) and trained for the same number of steps on the same mixture (resumable: a size whose folder is
-finished is only evaluated, one cut short goes on). Each model is then measured on the test split, through the
+finished is only evaluated, one cut short goes on). Each model is then measured on ``--split`` (val by default: the
+size to remake at is a recipe choice; the world's val split has twins since its version 4), through the
 stages' own scoring paths (:func:`genret.mllm.scoring.pointwise_scores`'s prompt and answer position,
 :func:`~genret.mllm.scoring.listwise_scores`):
 
@@ -49,7 +50,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def held_out_pairs(test, rng: random.Random) -> list[dict]:
-    """Judge pairs on the test split: per twin pair, each direction, the right item, its twin's and a random one."""
+    """Judge pairs on a held-out split: per twin pair, each direction, the right item, its twin's and a random one."""
     by_id = {r.id: i for i, r in enumerate(test.records)}
     out = []
     for a, b in twin_pairs(test):
@@ -150,11 +151,14 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
     return round(100 * clf.score((x_test - mu) / sd, y_test), 1)
 
 
-def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int) -> dict:
-    """Every measure of the module docstring for the mini MLLM at ``folder``."""
+def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int, split: str = "val") -> dict:
+    """Every measure of the module docstring for the mini MLLM at ``folder``, on the held-out ``split``."""
     mllm = MLLM.load(str(folder))
     mllm.model.eval()
-    train, test = data.split("train"), data.split("test")
+    train, test = data.split("train"), data.split(split)
+    if not twin_pairs(test):
+        raise SystemExit(f"--split {split}: the data set has no twin pairs in it; remake the world "
+                         "(genret data synth) or name a split with twins")
     n_layers = mllm.model.config.text_config.num_hidden_layers
     layers = sorted({n_layers // 2, n_layers})
     rng = random.Random(seed)
@@ -208,6 +212,7 @@ def main() -> None:
     parser.add_argument("--augment-rotation", type=float, default=20.0)
     parser.add_argument("--probe-rows", type=int, default=1500)
     parser.add_argument("--pick-sets", type=int, default=100)
+    parser.add_argument("--split", default="val", help="held-out split to measure on (val: choose on it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
@@ -231,7 +236,7 @@ def main() -> None:
         resume = any(folder.glob("checkpoints/*/trainer_state.json"))
         pretrain_mllm(args.clip, data.split("train"), folder, config, arch, resume=resume,
                       held_out=data.split("val", "test"))
-    rows = [evaluate(f, data, args.probe_rows, args.pick_sets, args.seed) for f in folders]
+    rows = [evaluate(f, data, args.probe_rows, args.pick_sets, args.seed, args.split) for f in folders]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -90,6 +90,23 @@ def annotation_of(meta: Mapping[str, Any] | None) -> tuple[str, Annotation, Any]
     return next(annotations_of(meta), None)
 
 
+def signatures(records) -> frozenset:
+    """The :meth:`~Annotation.signature` of every record in ``records`` that carries a known annotation: what a
+    trainer that draws images anew (fresh images, twins) must never draw, given the held-out splits' records."""
+    return frozenset(found[1].signature(found[2]) for r in records if (found := annotation_of(r.meta)))
+
+
+def draw_avoiding(draw, kind: Annotation, avoid: frozenset, what: str, tries: int = 1000) -> Any:
+    """``draw()`` again until its annotation's signature is not in ``avoid`` (a held-out scene); an error naming
+    ``what`` after ``tries`` draws (the held-out splits cover what the generator can draw)."""
+    for _ in range(tries):
+        value = draw()
+        if not avoid or kind.signature(value) not in avoid:
+            return value
+    raise ValueError(f"{what}: {tries} draws in a row showed a held-out scene; the held-out splits cover what the "
+                     "generator draws: draw from a larger space or hold out fewer scenes")
+
+
 def check_annotations(meta: Mapping[str, Any] | None, fail) -> None:
     """Read each known annotation in ``meta`` once, as a data set is loaded (its :meth:`~Annotation.signature`), so a
     malformed one (a scene given as a number, an object missing its colour) is named there, by file and entry, not

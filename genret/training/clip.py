@@ -22,7 +22,7 @@ from genret import __version__
 from genret._io import write_json
 from genret.bpe import train_clip_tokenizer
 from genret.config import check_bounds
-from genret.data.annotations import annotation_of
+from genret.data.annotations import annotation_of, draw_avoiding, signatures
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.eval.metrics import recall_at_k
@@ -216,15 +216,17 @@ def _swaps(records, image_size: int, captions_per_image: int, seed: int) -> tupl
 
 
 def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
-               classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+               classes: dict[str, list[str]], avoid: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """``n`` image-caption rows drawn anew for ``step`` from the plug-in (seeded by the config's seed and the step, so
-    every process and a resumed run draw the same), with their shape swaps after them under ``shape_negatives``."""
+    every process and a resumed run draw the same), with their shape swaps after them under ``shape_negatives``;
+    none shows a scene whose signature is in ``avoid`` (the held-out splits')."""
     import random
 
     rng = random.Random(f"genret.clip.fresh:{config.seed}:{step}")
-    values = [kind.sample(rng, config.image_size) for _ in range(n)]
+    what = f"fresh images at step {step}"
+    values = [draw_avoiding(lambda: kind.sample(rng, config.image_size), kind, avoid, what) for _ in range(n)]
     if config.shape_negatives:
-        values += [kind.hard_negative(v, rng) for v in values]
+        values += [draw_avoiding(lambda v=v: kind.hard_negative(v, rng), kind, avoid, what) for v in values]
     images = [kind.render(v, config.image_size, rng.getrandbits(32)) for v in values]
     tokens = tok([kind.captions(v, rng, 1)[0] for v in values])
     rows = {"pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
@@ -306,7 +308,8 @@ def _micro_batches(rows: dict[str, torch.Tensor], n: int, chunks: int, size: int
 
 
 def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConfig, val: Dataset | None = None,
-               progress: bool = True, resume: bool = False, on_step: "Callable[[dict], None] | None" = None) -> dict:
+               progress: bool = True, resume: bool = False, on_step: "Callable[[dict], None] | None" = None,
+               held_out: Dataset | None = None) -> dict:
     """Train a mini CLIP on ``train`` and save it under ``out_dir`` (atomically).
 
     Args:
@@ -317,10 +320,15 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         progress: show a progress bar with the loss.
         resume: continue from the last checkpoint under ``out_dir/checkpoints``.
         on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
+        held_out: the records whose scenes ``fresh_images`` must never draw (the val and test splits); required
+            with ``fresh_images``.
 
     Returns:
         The training summary also saved as ``genret.json``.
     """
+    if config.fresh_images and held_out is None:
+        raise ValueError("fresh_images draws scenes anew: give held_out (the val and test splits), so that none of "
+                         "theirs is drawn for training")
     init = load_init(config) if config.init else None  # refused before anything is written
     engine = Engine("clip", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
@@ -367,7 +375,8 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     total = config.max_steps or steps_per_epoch * config.epochs
     state = None
     if config.fresh_images:
-        rows = lambda step: fresh_rows(kind, step, per_step, config, tok, processor, classes)  # noqa: E731
+        avoid = signatures(held_out.records)
+        rows = lambda step: fresh_rows(kind, step, per_step, config, tok, processor, classes, avoid)  # noqa: E731
     else:
         rows, state = _file_batches(train, config, processor, tok, rng, per_step, kind, classes)
 

@@ -23,7 +23,7 @@ import torch
 
 from genret import __version__
 from genret._io import write_json
-from genret.data.annotations import annotation_of
+from genret.data.annotations import annotation_of, signatures
 from genret.data.dataset import Dataset
 from genret.data.images import load_image
 from genret.training.augment import rotate
@@ -141,8 +141,7 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
         groups, _ = mine_negatives(HFDualEncoder(str(clip_dir), device="cpu"), train, k=max(config.candidates, 4),
                                    progress=progress)
         texts = caption_table(train)[0]
-    avoid = frozenset(found[1].signature(found[2]) for r in (held_out.records if held_out is not None else ())
-                      if (found := annotation_of(r.meta)))
+    avoid = signatures(held_out.records if held_out is not None else ())
     return Mixture(train.records, groups, texts, counts, candidates=config.candidates, seed=config.seed,
                    random_negatives=config.random_negatives, twin_negatives=config.twin_negatives, avoid=avoid)
 

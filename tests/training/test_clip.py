@@ -110,6 +110,34 @@ def test_fresh_rows_are_drawn_by_step_with_their_swaps_and_labels(world):
     assert scene_attributes(Scene.from_dict(train.records[0].meta["scene"]))["layout"] in classes["layout"]
 
 
+def test_fresh_rows_never_draw_a_held_out_scene(world):
+    import random
+
+    from conftest import TINY_CLIP
+    from genret.bpe import train_clip_tokenizer
+    from genret.data.annotations import draw_avoiding, signatures
+    from genret.training.clip import attribute_classes, build_clip, fresh_rows
+
+    train = world.split("train")
+    config = dataclasses.replace(TINY_CLIP, fresh_images=True)
+    tokenizer = train_clip_tokenizer([c for r in train.records for c in r.captions], 300, 24)
+    _, processor = build_clip(config, tokenizer)
+    tok = lambda t: tokenizer(t, padding="max_length", truncation=True, max_length=24, return_tensors="pt")  # noqa: E731
+    kind, _ = attribute_classes(train.records)
+    # the scene step 3 draws first, held out: that row is drawn again, the rest as before
+    first = kind.sample(random.Random(f"genret.clip.fresh:{config.seed}:3"), config.image_size)
+    plain = fresh_rows(kind, 3, 4, config, tok, processor, {})
+    avoiding = fresh_rows(kind, 3, 4, config, tok, processor, {}, avoid=frozenset({kind.signature(first)}))
+    assert not torch.equal(plain["pixel_values"][0], avoiding["pixel_values"][0])
+    held = signatures(world.split("val", "test").records)
+    assert len(held) == len(world.split("val", "test").records) > 0
+    rng = random.Random(0)
+    drawn = [draw_avoiding(lambda: kind.sample(rng, 64), kind, held, "x") for _ in range(300)]
+    assert not {kind.signature(v) for v in drawn} & held
+    with pytest.raises(ValueError, match="fresh images at step 9: 1000 draws in a row showed a held-out scene"):
+        draw_avoiding(lambda: first, kind, frozenset({kind.signature(first)}), "fresh images at step 9")
+
+
 def test_fresh_images_with_attribute_heads_train_and_save_a_plain_clip(world, tmp_path):
     from conftest import TINY_CLIP
     from safetensors.torch import load_file
@@ -119,7 +147,10 @@ def test_fresh_images_with_attribute_heads_train_and_save_a_plain_clip(world, tm
 
     config = dataclasses.replace(TINY_CLIP, fresh_images=True, shape_negatives=True, attribute_weight=1.0,
                                  max_steps=4, batch_size=8)
-    summary = train_clip(world.split("train"), tmp_path / "c", config, val=world.split("val"), progress=False)
+    with pytest.raises(ValueError, match="give held_out"):
+        train_clip(world.split("train"), tmp_path / "c", config, progress=False)
+    summary = train_clip(world.split("train"), tmp_path / "c", config, val=world.split("val"), progress=False,
+                         held_out=world.split("val", "test"))
     assert summary["data"]["fresh_images"] and summary["data"]["images_seen"] == 32
     assert set(summary["data"]["attributes"]) >= {"first shape", "layout"} and summary["history"][-1]["loss"] > 0
     heads = summary["metrics"]["val"]["val_heads"]  # the heads' accuracy on the val images, each attribute
@@ -138,15 +169,16 @@ def test_a_fresh_image_run_resumes_on_the_same_curve(world, tmp_path):
 
     config = dataclasses.replace(TINY_CLIP, fresh_images=True, attribute_weight=0.5, max_steps=5, batch_size=8,
                                  save_every=2, log_every=1)
-    whole = train_clip(world.split("train"), tmp_path / "whole", config, progress=False)
+    held = world.split("val", "test")
+    whole = train_clip(world.split("train"), tmp_path / "whole", config, progress=False, held_out=held)
 
     def crash(info):
         if info["step"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_clip(world.split("train"), tmp_path / "cut", config, progress=False, on_step=crash)
-    resumed = train_clip(world.split("train"), tmp_path / "cut", config, progress=False, resume=True)
+        train_clip(world.split("train"), tmp_path / "cut", config, progress=False, on_step=crash, held_out=held)
+    resumed = train_clip(world.split("train"), tmp_path / "cut", config, progress=False, resume=True, held_out=held)
     assert resumed["history"] == whole["history"]
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
