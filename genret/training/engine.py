@@ -63,19 +63,37 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def check_resume(state: dict, expected: dict, folder: Path) -> None:
-    """Refuse to continue a checkpoint under other settings, naming the first that differs."""
+def check_resume(state: dict, expected: dict, folder: Path, defaults: dict | None = None) -> None:
+    """Refuse to continue a checkpoint under other settings, naming the first that differs.
+
+    ``defaults``: the config's default settings. A setting the checkpoint does not record (one an older genret did
+    not have, which behaved as its default) is accepted where this run leaves it at its default."""
     expected = json.loads(json.dumps(expected))  # as the checkpoint stores it (tuples become lists)
+    defaults = json.loads(json.dumps(defaults or {}))
     for key, want in expected.items():
         have = state.get(key)
         if isinstance(want, dict) and isinstance(have, dict):  # the config: name the setting itself
-            pairs = [(name, have.get(name), value) for name, value in want.items()]
+            pairs = [(name, have.get(name), value) for name, value in want.items()
+                     if name in have or name not in defaults or defaults[name] != value]
         else:
             pairs = [(key, have, want)]
         for name, had, value in pairs:
             if had != value:
                 raise ValueError(f"{folder}: the checkpoint was made with {name} = {had!r}, this run has {value!r}; "
                                  "resume with the same settings, or start a fresh run in another folder")
+
+
+def _defaults(config) -> dict:
+    """The default of every field of the dataclass ``config`` that has one."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(config):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def trackers(report_to: str) -> list[str]:
@@ -339,7 +357,7 @@ class Engine:
         step, history, window = 0, [], []
         if self.resume:
             saved = load_checkpoint(self.last, self.unwrapped, self.optimizer, acc if self.sharded else None)
-            check_resume(saved, identity, self.last)
+            check_resume(saved, identity, self.last, defaults=_defaults(config))
             step, history, window = saved["step"], saved["history"], saved["window"]
             if state is not None:
                 state[1](saved.get("data", {}))

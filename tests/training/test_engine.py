@@ -291,3 +291,17 @@ def test_a_trainer_resolves_mixed_precision_by_its_base_models_family(mllm_dir, 
     assert engine_mod._fp16_safe(real_dirs["qwen2-vl-2b-instruct"], fp16)[0] is False
     # on the CPU auto needs no answer: the base is not even read (a trainer's own argument checks come first)
     assert engine_mod._fp16_safe("no/such-model", TrainOptions()) == (True, "no/such-model")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
+    from genret.training.engine import check_resume
+
+    saved = {"config": {"lr": 0.001}, "processes": 1}  # made before twin_negatives existed
+    defaults = {"lr": 5e-4, "twin_negatives": 0.0}
+    check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.0}, "processes": 1}, tmp_path, defaults)
+    with pytest.raises(ValueError, match="made with twin_negatives = None, this run has 0.5"):
+        check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.5}, "processes": 1}, tmp_path, defaults)
+    with pytest.raises(ValueError, match="made with lr = 0.001, this run has 0.0005"):
+        check_resume(saved, {"config": {"lr": 5e-4, "twin_negatives": 0.0}, "processes": 1}, tmp_path, defaults)
+    with pytest.raises(ValueError, match="twin_negatives = None"):  # without the defaults, any new setting refuses
+        check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.0}, "processes": 1}, tmp_path)
