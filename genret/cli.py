@@ -132,7 +132,7 @@ def _run_rerank(args, config) -> dict:
 
     data = _load_data(args)
     return train_rerank(args.base, data.split("train"), args.out, config, prefilter=args.clip, val=_val(data),
-                        resume=args.resume, progress=not args.quiet)
+                        resume=args.resume, progress=not args.quiet, held_out=_held_out(data))
 
 
 def _run_rewriter(args, config) -> dict:

@@ -107,6 +107,18 @@ def draw_avoiding(draw, kind: Annotation, avoid: frozenset, what: str, tries: in
                      "generator draws: draw from a larger space or hold out fewer scenes")
 
 
+def eligible_twins(found: tuple[str, Annotation, Any] | None, avoid: frozenset = frozenset()) -> list[tuple[int, Any]]:
+    """``(which, twin)`` for each of an annotation's :meth:`~Annotation.twins` not in ``avoid`` (a held-out scene);
+    none where ``found`` (:func:`annotation_of`'s) is ``None`` or its plug-in knows no twins."""
+    if found is None:
+        return []
+    _, kind, value = found
+    try:
+        return [(k, t) for k, t in enumerate(kind.twins(value)) if kind.signature(t) not in avoid]
+    except (NotImplementedError, AttributeError):  # a plug-in that knows no twins
+        return []
+
+
 def check_annotations(meta: Mapping[str, Any] | None, fail) -> None:
     """Read each known annotation in ``meta`` once, as a data set is loaded (its :meth:`~Annotation.signature`), so a
     malformed one (a scene given as a number, an object missing its colour) is named there, by file and entry, not

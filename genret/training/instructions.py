@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from genret.data.annotations import annotation_of
+from genret.data.annotations import annotation_of, eligible_twins
 from genret.mllm.scoring import listwise_prompt, user_message
 from genret.prompts import load_prompt
 
@@ -136,15 +136,11 @@ class Mixture:
         found = self.annotated[i]
         if found is None or not self.twin_negatives or rng.random() >= self.twin_negatives:
             return None
-        _, kind, value = found
-        try:
-            twins = [(k, t) for k, t in enumerate(kind.twins(value)) if kind.signature(t) not in self.avoid]
-        except (NotImplementedError, AttributeError):  # a plug-in that knows no twins: the other negatives
-            return None
+        twins = eligible_twins(found, self.avoid)  # none: the other negatives
         if not twins:
             return None
         which, twin = rng.choice(twins)
-        return which, kind, twin
+        return which, found[1], twin
 
     def _twin_image(self, i: int, rng: random.Random) -> int | None:
         """Image ``i``'s twin drawn anew (its index: after the records), or ``None``."""

@@ -17,6 +17,11 @@ the model is trained on exactly the score that stage reads:
   Loss = softmax cross-entropy over the group's ``s / temperature`` (the positive should win) −
   ``lm_weight`` × the positive's ``s`` (its caption likelihood, which keeps the captioner a captioner).
 
+``twin_negatives``: a share of the queries get, in place of one mined negative, their image's *twin* (the records'
+annotation plug-in's :meth:`~genret.data.annotations.Annotation.twins`: the same words bound or placed otherwise),
+drawn anew once per training image (never a val or test scene) for t2i, its caption for i2t: the question the test
+split's twins ask, which the training split's mined near misses almost never are.
+
 By default LoRA goes on the language model only; the vision tower and projector stay frozen, so every
 training image's projected features are computed once and fed through the cached-features path. With
 ``vision = "projector"`` the projector trains too (whole), with ``"tower"`` also a LoRA on the vision tower:
@@ -85,6 +90,9 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
     false_negatives: float = field(default=0.0, metadata={"help": "false-negative filtering (U-MARVEL's): drop a mined "
                                    "candidate whose prefilter embedding has at least this cosine with the positive's "
                                    "(a likely unlabelled match); 0: keep them all"})
+    twin_negatives: float = field(default=0.0, metadata={"help": "share of queries one of whose negatives is their "
+                                  "image's twin (the same words bound or placed otherwise), drawn anew by the "
+                                  "records' annotation plug-in, never a val or test scene; 0: mined negatives only"})
     permutations: int = field(default=1, metadata={"help": "listwise: orders each query's candidates appear in within "
                               "a batch (the positive elsewhere in each), so no answer position is learnt"})
     group_weight: float = field(default=1.0, metadata={"help": "pointwise: weight of the softmax loss over a query's group"})
@@ -119,6 +127,8 @@ class RerankTrainConfig(LoraOptions, TrainOptions):
             raise ValueError(f"mine_k ({self.mine_k}) must be at least negatives ({self.negatives})")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.twin_negatives <= 1:
+            raise ValueError(f"twin_negatives must be a share in [0, 1], got {self.twin_negatives}")
         if not 0 <= self.false_negatives <= 1:
             raise ValueError(f"false_negatives must be a cosine in [0, 1] (0: off), got {self.false_negatives}")
         if self.permutations > self.negatives + 1:
@@ -140,8 +150,12 @@ class Example(NamedTuple):
     target: int
 
 
-def epoch_examples(groups: Sequence[QueryGroup], config: RerankTrainConfig, epoch: int) -> list[Example]:
-    """The examples of one epoch, a pure function of (seed, epoch): resuming redraws the same ones."""
+def epoch_examples(groups: Sequence[QueryGroup], config: RerankTrainConfig, epoch: int,
+                   twins: dict[tuple[str, int], int] | None = None) -> list[Example]:
+    """The examples of one epoch, a pure function of (seed, epoch): resuming redraws the same ones.
+
+    ``twins``: ``(direction, image) -> candidate index`` of the image's twin (:func:`draw_twins`); a share
+    ``twin_negatives`` of the queries that have one get it in place of a random one of their negatives."""
     rng = random.Random(config.seed * 1_000_003 + epoch)
     order = list(range(len(groups)))
     rng.shuffle(order)
@@ -150,8 +164,39 @@ def epoch_examples(groups: Sequence[QueryGroup], config: RerankTrainConfig, epoc
         group = groups[g]
         positive = rng.choice(group.positives)
         negs = rng.sample(group.negatives, config.negatives)
+        if twins and config.twin_negatives:
+            image = group.positives[0] if group.direction == "t2i" else group.query
+            twin = twins.get((group.direction, image))
+            if twin is not None and rng.random() < config.twin_negatives:
+                negs[rng.randrange(len(negs))] = twin
         at = rng.randrange(config.negatives + 1)
         out.append(Example(group.direction, group.query, tuple(negs[:at] + [positive] + negs[at:]), at))
+    return out
+
+
+def draw_twins(train: Dataset, config: RerankTrainConfig, avoid: frozenset, texts: list[str],
+               images: list) -> dict[tuple[str, int], int]:
+    """One twin per training image that has one, drawn anew (seeded by the config's seed and the image): its
+    picture appended to ``images`` (the t2i candidates) and one of its captions to ``texts`` (the i2t ones).
+    Returns ``(direction, image) -> candidate index`` for :func:`epoch_examples`."""
+    from genret.data.annotations import annotation_of, eligible_twins
+
+    out: dict[tuple[str, int], int] = {}
+    size = load_image(train.records[0].path).size[0] if train.records else 0
+    for i, record in enumerate(train.records):
+        found = annotation_of(record.meta)
+        twins = eligible_twins(found, avoid)
+        if not twins:
+            continue
+        rng = random.Random(f"genret.rerank.twin:{config.seed}:{i}")
+        kind, (_, twin) = found[1], rng.choice(twins)
+        out["t2i", i] = len(images)
+        images.append(kind.render(twin, size, rng.getrandbits(32)))
+        out["i2t", i] = len(texts)
+        texts.append(kind.captions(twin, rng, 1)[0])
+    if not out:
+        raise ValueError(f"{train.source}: twin_negatives needs records whose annotation plug-in draws twins "
+                         "(the miniature world's scenes do); none of these has one")
     return out
 
 
@@ -397,7 +442,7 @@ class _Evaluator:
 def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.PathLike,
                  config: RerankTrainConfig | None = None, *, prefilter: "str | os.PathLike | DualEncoder",
                  val: Dataset | None = None, resume: bool = False, progress: bool = True,
-                 on_step: Callable[[dict], None] | None = None) -> dict:
+                 on_step: Callable[[dict], None] | None = None, held_out: Dataset | None = None) -> dict:
     """Fine-tune a LoRA reranker on ``base`` with prefilter-mined hard negatives; saves it to ``out_dir``.
 
     Args:
@@ -411,6 +456,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         resume: continue from the last checkpoint in ``out_dir``.
         progress: show progress bars (loss and speed).
         on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
+        held_out: the records whose scenes ``twin_negatives`` must never draw (the val and test splits); required
+            with ``twin_negatives``.
 
     Returns:
         The adapter manifest, also saved as ``out_dir/genret.json`` (config, history, metrics, speed).
@@ -425,6 +472,9 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     from genret.stages.rerank import MODES as PROMPT_NEEDS
 
     config = config or RerankTrainConfig()
+    if config.twin_negatives and held_out is None:
+        raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none of "
+                         "theirs is drawn for training")
     engine = Engine(f"rerank-{config.mode}", config, out_dir, resume=resume, progress=progress, base=base)
     show = engine.show
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
@@ -454,7 +504,12 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's {per_step} "
                          "(batch_size x gradient_accumulation_steps x processes); lower batch_size")
     texts, _ = caption_table(train)
-    paths = [str(r.path) for r in train.records]
+    paths: list = [str(r.path) for r in train.records]
+    twins = None
+    if config.twin_negatives:
+        from genret.data.annotations import signatures
+
+        twins = draw_twins(train, config, signatures(held_out.records), texts, paths)
     feats = None
     if config.cache_features and config.vision == "none":
         feats = dict(enumerate(image_features(mllm, paths, show, "train image features")))
@@ -472,7 +527,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
 
     def draw(step: int) -> list[list[Example]]:  # a pure function of (seed, step): a resumed run draws the same
         if epoch.get("n") != step // steps_per_epoch:
-            epoch.update(n=step // steps_per_epoch, examples=epoch_examples(groups, config, step // steps_per_epoch))
+            epoch.update(n=step // steps_per_epoch,
+                         examples=epoch_examples(groups, config, step // steps_per_epoch, twins))
         rows = epoch["examples"][(step % steps_per_epoch) * per_step:][:per_step]
         return [rows[c * config.batch_size:(c + 1) * config.batch_size] for c in range(engine.chunks)]
 
@@ -495,7 +551,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rerank", "mode": config.mode,
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name, "vision": config.vision,
         "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
-        "data": {"source": str(train.source), "images": len(train), "captions": len(texts), "queries": len(groups),
+        "data": {"source": str(train.source), "images": len(train), "captions": len(caption_table(train)[0]),
+                 "queries": len(groups), **({"twins_drawn": len(twins) // 2} if twins else {}),
                  "mining": mining, "prefilter": getattr(encoder, "model_id", str(prefilter))},
         "train_seconds": engine.seconds,
     }

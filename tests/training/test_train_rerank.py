@@ -588,3 +588,53 @@ def test_listwise_trains_on_several_orders_and_filtered_negatives(judge_dir, sma
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert summary["config"]["permutations"] == 2
     assert summary["data"]["mining"]["i2t"]["duplicate_threshold"] == 0.999
+
+
+def test_twin_negatives_are_drawn_once_per_image_never_held_out_and_replace_a_negative(small, world):
+    from genret.data.annotations import annotation_of, signatures
+    from genret.training.negatives import QueryGroup, caption_table
+    from genret.training.rerank import draw_twins, epoch_examples
+
+    config = _config(twin_negatives=1.0)
+    texts, images = caption_table(small)[0], [str(r.path) for r in small.records]
+    n_texts, n_images = len(texts), len(images)
+    twins = draw_twins(small, config, signatures(world.split("val", "test").records), texts, images)
+    assert set(twins) == {(d, i) for d in ("t2i", "i2t") for i in range(len(small))}  # every scene has a twin
+    kind = annotation_of(small.records[0].meta)[1]
+    for i, record in enumerate(small.records):
+        value = annotation_of(record.meta)[2]
+        assert twins["t2i", i] >= n_images and twins["i2t", i] >= n_texts
+        assert texts[twins["i2t", i]] not in record.captions  # the same words, bound or placed otherwise
+        assert kind.twins(value)  # and the drawn picture is one of them, not the scene itself
+    again = draw_twins(small, config, frozenset(), caption_table(small)[0], [str(r.path) for r in small.records])
+    assert again == twins  # seeded per image: a resumed run draws the same
+    # a held-out scene is never drawn: hold out every twin the first image has, and it gets none
+    value = annotation_of(small.records[0].meta)[2]
+    avoid = frozenset(kind.signature(t) for t in kind.twins(value))
+    fewer = draw_twins(small, config, avoid, caption_table(small)[0], [str(r.path) for r in small.records])
+    assert ("t2i", 0) not in fewer and ("t2i", 1) in fewer
+    groups = [QueryGroup("t2i", 0, (0,), (1, 2, 3, 4)), QueryGroup("i2t", 1, (5, 6), (7, 8, 9, 10))]
+    with_twins = epoch_examples(groups, config, 0, twins)
+    plain = epoch_examples(groups, _config(), 0)
+    by_query = {(g.direction, g.query): g for g in groups}
+    for e in with_twins:
+        g, image = by_query[e.direction, e.query], (e.query if e.direction == "i2t" else 0)
+        rest = [c for k, c in enumerate(e.candidates) if k != e.target]
+        assert e.candidates[e.target] in g.positives and len(e.candidates) == config.negatives + 1
+        assert twins[e.direction, image] in rest  # one negative gave way to the twin, the others mined
+        assert len(set(rest) & set(g.negatives)) == config.negatives - 1
+    assert epoch_examples(groups, config, 0, twins) == with_twins  # a pure function of (seed, epoch)
+    assert epoch_examples(groups, _config(twin_negatives=0.0), 0, twins) == plain
+    with pytest.raises(ValueError, match="twin_negatives must be a share in \\[0, 1\\], got 2"):
+        _config(twin_negatives=2)
+
+
+def test_twin_negatives_train_and_need_the_held_out_splits(judge_dir, small, world, clip_dir, tmp_path):
+    config = _config(mode="generative", twin_negatives=0.5, max_steps=2, eval_every=0)
+    with pytest.raises(ValueError, match="give held_out"):
+        _train(judge_dir, small, tmp_path / "no", config, prefilter=str(clip_dir))
+    summary, losses = _train(judge_dir, small, tmp_path / "tw", config, prefilter=str(clip_dir),
+                             held_out=world.split("val", "test"))
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert summary["data"]["twins_drawn"] == len(small) and summary["config"]["twin_negatives"] == 0.5
+    assert summary["data"]["captions"] == sum(len(r.captions) for r in small.records)
