@@ -19,7 +19,9 @@ stages' own scoring paths (:func:`genret.mllm.scoring.pointwise_scores`'s prompt
   caption among 4 for an image;
 - ``probe``: a logistic probe of the answer position's hidden state (last layer and the middle one), fitted on
   training-split judge rows and scored on the held-out pairs: does the model compute the match and not say it
-  (probe high, judge low), or not compute it (both at chance)?
+  (probe high, judge low), or not compute it (both at chance)? The easy/twin probe is fitted on random non-matches;
+  the ``twin probe`` on training images against their twins (drawn anew, never a held-out scene), scored on the
+  held-out right and twin pairs: a direction for binding that random non-matches would not reveal.
 - the held-out caption loss with the right image and with a shuffled one (how much the model looks).
 """
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from genret.data import load_dataset, load_image
+from genret.data.annotations import signatures
 from genret.eval.evaluator import twin_pairs
 from genret.mllm import MLLM, scoring
 from genret.prompts import load_prompt
@@ -81,6 +84,35 @@ def train_pairs(train, rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def twin_train_pairs(train, rng: random.Random, n: int, avoid: frozenset, size: int) -> list[dict]:
+    """Judge pairs on the training split for the twin probe: half matching, half the image against its twin (drawn
+    anew by the annotation plug-in, never a held-out scene): t2i the twin's picture for the caption, i2t a caption
+    of the twin for the image. A probe fitted on these asks whether the answer position *holds* binding and place
+    (a probe fitted on random non-matches need not find that direction even where it is there)."""
+    from genret.data.annotations import annotation_of, eligible_twins
+
+    have = [i for i, r in enumerate(train.records) if eligible_twins(annotation_of(r.meta), avoid)]
+    out = []
+    for _ in range(n):
+        i = rng.choice(have)
+        found = annotation_of(train.records[i].meta)
+        kind, (_, twin) = found[1], rng.choice(eligible_twins(found, avoid))
+        yes, d = rng.random() < 0.5, rng.choice(("t2i", "i2t"))
+        text = rng.choice(train.records[i].captions)
+        if d == "t2i":
+            row = {"dir": d, "text": text, "image": i, "yes": yes}
+            if not yes:
+                row["picture"] = kind.render(twin, size, rng.getrandbits(32))
+        else:
+            row = {"dir": d, "text": text if yes else kind.captions(twin, rng, 1)[0], "image": i, "yes": yes}
+        out.append(row)
+    return out
+
+
+def _picture(p: dict, records):
+    return p["picture"] if "picture" in p else load_image(records[p["image"]].path)
+
+
 @torch.no_grad()
 def judge_states(mllm: MLLM, pairs: list[dict], records, layers: list[int], batch_size: int = 32):
     """The yes/no log-odds at the answer position (as :func:`scoring.pointwise_scores` reads it) and that position's
@@ -93,7 +125,7 @@ def judge_states(mllm: MLLM, pairs: list[dict], records, layers: list[int], batc
         texts = [scoring.render(mllm, scoring.pointwise_messages(prompt.section(p["dir"])["user"], p["text"]))
                  for p in chunk]
         yes_ids, no_ids = scoring.yes_no_ids(mllm, texts[0], yes, no)
-        inputs = scoring._inputs(mllm, texts, [[load_image(records[p["image"]].path)] for p in chunk])
+        inputs = scoring._inputs(mllm, texts, [[_picture(p, records)] for p in chunk])
         out = mllm.model(**inputs, output_hidden_states=True)
         last = inputs["attention_mask"].sum(dim=1) - 1
         rows = torch.arange(len(chunk))
@@ -167,6 +199,10 @@ def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int, spli
     fit = train_pairs(train, rng, probe_rows)
     _, fit_states = judge_states(mllm, fit, train.records, layers)
     y_fit = np.array([p["yes"] for p in fit])
+    avoid = signatures(data.split("val", "test").records)
+    twin_fit = twin_train_pairs(train, rng, probe_rows, avoid, load_image(train.records[0].path).size[0])
+    _, twin_states = judge_states(mllm, twin_fit, train.records, layers)
+    y_twin = np.array([p["yes"] for p in twin_fit])
     kind = np.array([p["kind"] for p in held])
     said = margins > 0
     truth = np.array([p["yes"] for p in held])
@@ -180,6 +216,9 @@ def evaluate(folder: str, data, probe_rows: int, pick_sets: int, seed: int, spli
             out[f"judge_{name}_{d}"] = round(100 * float((said[part] == truth[part]).mean()), 1)
         for layer in layers:
             out[f"probe_{name}_L{layer}"] = probe(fit_states[layer], y_fit, states[layer][sel], truth[sel])
+    for layer in layers:  # fitted on training twins: is binding and place held at the answer position at all?
+        sel = kind != "easy"
+        out[f"twin_probe_L{layer}"] = probe(twin_states[layer], y_twin, states[layer][sel], truth[sel])
     # twin margin: per t2i caption, log-odds(right image) - log-odds(twin image); per i2t image, right - twin caption
     right = [k for k, p in enumerate(held) if p["kind"] == "right"]
     twin = [k for k, p in enumerate(held) if p["kind"] == "twin"]
@@ -241,8 +280,9 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print("| model | LM params | judge easy / twin (t2i; i2t) | twin margin (right − twin) | twin right | pick t2i / i2t | "
-          "probe easy / twin (mid, last) | generative twins t2i / i2t | caption loss image / shuffled |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "probe easy / twin (mid, last) | twin probe, fitted on twins (mid, last) | generative twins t2i / i2t | "
+          "caption loss image / shuffled |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         at = sorted(int(k.rsplit("L", 1)[1]) for k in r if k.startswith("probe_easy_L"))
         mid, last = at[0], at[-1]
@@ -250,7 +290,8 @@ def main() -> None:
               f"({r['judge_easy_t2i']} / {r['judge_twin_t2i']}; {r['judge_easy_i2t']} / {r['judge_twin_i2t']}) | "
               f"{r['twin_margin']} | {r['twin_right']} | {r['pick']['t2i']} / {r['pick']['i2t']} | "
               f"{r[f'probe_easy_L{mid}']}, {r[f'probe_easy_L{last}']} / {r[f'probe_twin_L{mid}']}, "
-              f"{r[f'probe_twin_L{last}']} | {r['generative_twin']['t2i']} / {r['generative_twin']['i2t']} | "
+              f"{r[f'probe_twin_L{last}']} | {r[f'twin_probe_L{mid}']}, {r[f'twin_probe_L{last}']} | "
+              f"{r['generative_twin']['t2i']} / {r['generative_twin']['i2t']} | "
               f"{r['caption_loss']['with_image']} / {r['caption_loss']['shuffled_image']} |")
 
 
