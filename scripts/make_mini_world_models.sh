@@ -6,6 +6,7 @@
 # checkpoints are there) continues with --resume; run it again after an interruption. Each step shows progress.
 # The same script runs on a GPU machine unchanged (device and dtype follow the defaults: bf16 where supported).
 #   scripts/make_mini_world_models.sh [work dir, default runs/mini-world]
+# MLLM_ARGS (environment) passes options to the MLLM's pretraining, e.g. "--hidden-size 256 --layers 4".
 # On 2 CPU cores: CLIP ~47 + ~30 min (3,600 then 3,000 steps of 64 fresh images and their shape swaps), MLLM
 # pretraining with the instruction mixture ~45 min (3 epochs), the rerank LoRA ~5 min, then 10 + 8 + 8 min for the
 # three rewrite LoRAs.
@@ -32,8 +33,9 @@ step "$out/clip-base" genret train clip --data "$out/world" --out "$out/clip-bas
 step "$out/clip" genret train clip --data "$out/world" --out "$out/clip" --init "$out/clip-base" --fresh-images \
     --shape-negatives --attribute-weight 5 --augment-rotation 20 --batch-size 64 --max-steps 3000 --lr 5e-4 \
     --save-every 200 --eval-every 300 --log-every 100
+# shellcheck disable=SC2086  # MLLM_ARGS: extra `genret train mllm` options (the language model's size, the mixture's)
 step "$out/mllm" genret train mllm --clip "$out/clip" --data "$out/world" --out "$out/mllm" --epochs 3 \
-    --augment-rotation 20 --save-every 500
+    --augment-rotation 20 --save-every 200 ${MLLM_ARGS:-}
 # The rerank LoRA the demo uses: generative (log P(caption | image)), the mode that judges zero-shot; 800 steps of
 # 8 prefilter-mined query groups x 8 candidates (docs/benchmarks.md, "Rerank LoRAs on this base").
 step "$out/rerank" genret train rerank --data "$out/world" --base "$out/mllm" --clip "$out/clip" --out "$out/rerank" \
