@@ -140,14 +140,17 @@ def _run_rewriter(args, config) -> dict:
     from genret.data.cir import load_cir
     from genret.training.rewriter import train_rewriter
 
+    held_out = None
     if config.task == "cirevl":
         train = load_cir(args.data, args.split, image_root=args.image_root)
         val = load_cir(args.data, args.val_split, image_root=args.image_root) if args.val_split else None
+        if config.scene_edits:  # every split but the one trained on: their scenes are never learnt as targets
+            held_out = [load_cir(args.data, s, image_root=args.image_root) for s in ("val", "test") if s != args.split]
     else:
         train = load_dataset(args.data, image_root=args.image_root)
         val = train if args.val_split else None
     return train_rewriter(args.base, train, args.out, config, val=val, prefilter=args.clip, resume=args.resume,
-                          progress=not args.quiet)
+                          progress=not args.quiet, held_out=held_out)
 
 
 def _run_grace(args, config) -> dict:

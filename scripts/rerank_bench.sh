@@ -34,9 +34,14 @@ for mode in generative pointwise listwise; do
       --out "$out/lora-$mode" --mode "$mode" --max-steps "${LORA_STEPS:-800}" --save-every 200
   variants+=(--variant "lora-$mode:$mode:10:$out/lora-$mode")
 done
+# The tables are written next to the models (table.md; fusion-MODE.json) and made again on each call.
 "$py" "$here/scripts/rerank_table.py" --clip "$out/clip" --mllm "$out/mllm" --data "$data" \
-    --queries "${TABLE_QUERIES:-0}" "${variants[@]}"
+    --queries "${TABLE_QUERIES:-0}" "${variants[@]}" | tee "$out/table.md.tmp"
+mv "$out/table.md.tmp" "$out/table.md"
 for mode in generative pointwise listwise; do
   "$py" "$here/scripts/fusion_sweep.py" --clip "$out/clip" --mllm "$out/mllm" --data "$data" --mode "$mode" \
-      --adapter "$out/lora-$mode"
+      --adapter "$out/lora-$mode" --json > "$out/fusion-$mode.json.tmp"
+  mv "$out/fusion-$mode.json.tmp" "$out/fusion-$mode.json"
+  "$py" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], "w =", r["weight"], "(chosen on val); test R@1 t2i, i2t:",
+    {k: (v["t2i"]["R@1"], v["i2t"]["R@1"]) for k, v in r["report"].items()})' "$out/fusion-$mode.json" "$mode"
 done

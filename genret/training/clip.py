@@ -183,21 +183,24 @@ def load_init(config: CLIPTrainConfig):
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def hard_negatives(records, image_size: int, captions_per_image: int, seed: int = 0) -> tuple[list, list[list[str]]]:
+def hard_negatives(records, image_size: int, captions_per_image: int, seed: int = 0, *,
+                   avoid: frozenset) -> tuple[list, list[list[str]]]:
     """For each record, its annotation with one attribute changed, drawn anew, and that near miss's captions.
 
     The hard negatives of ``shape_negatives``, made by the plug-in that knows the records' annotation
     (:meth:`~genret.data.annotations.Annotation.hard_negative`; for the miniature world's scenes, one object's shape
-    swapped: same colours, sizes and places, so only shape tells an image from its swap).
+    swapped: same colours, sizes and places, so only shape tells an image from its swap). None is a scene whose
+    signature is in ``avoid`` (the held-out splits': :func:`genret.data.annotations.signatures`).
 
     Raises:
         ValueError: a record without an annotation a plug-in knows.
     """
-    _, images, texts = _swaps(records, image_size, captions_per_image, seed)
+    _, images, texts = _swaps(records, image_size, captions_per_image, seed, avoid)
     return images, texts
 
 
-def _swaps(records, image_size: int, captions_per_image: int, seed: int) -> tuple[list, list, list[list[str]]]:
+def _swaps(records, image_size: int, captions_per_image: int, seed: int,
+           avoid: frozenset) -> tuple[list, list, list[list[str]]]:
     import random
 
     rng = random.Random(seed)
@@ -208,18 +211,16 @@ def _swaps(records, image_size: int, captions_per_image: int, seed: int) -> tupl
             raise ValueError(f"{r.path}: shape_negatives needs every training record's scene (or another "
                              "annotation a plug-in can draw a near miss of); this one has none")
         _, kind, value = found
-        swapped = kind.hard_negative(value, rng)
+        swapped = draw_avoiding(lambda: kind.hard_negative(value, rng), kind, avoid, f"{r.path}: its shape swap")
         values.append(swapped)
         images.append(kind.render(swapped, image_size, rng.getrandbits(32)))
         texts.append(kind.captions(swapped, rng, captions_per_image))
     return values, images, texts
 
 
-def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
-               classes: dict[str, list[str]], avoid: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """``n`` image-caption rows drawn anew for ``step`` from the plug-in (seeded by the config's seed and the step, so
-    every process and a resumed run draw the same), with their shape swaps after them under ``shape_negatives``;
-    none shows a scene whose signature is in ``avoid`` (the held-out splits')."""
+def fresh_values(kind, step: int, n: int, config: CLIPTrainConfig, *, avoid: frozenset):
+    """The annotations :func:`fresh_rows` draws for ``step`` (its ``n`` scenes, then their swaps under
+    ``shape_negatives``), none in ``avoid``, and the generator it goes on drawing with."""
     import random
 
     rng = random.Random(f"genret.clip.fresh:{config.seed}:{step}")
@@ -227,6 +228,15 @@ def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
     values = [draw_avoiding(lambda: kind.sample(rng, config.image_size), kind, avoid, what) for _ in range(n)]
     if config.shape_negatives:
         values += [draw_avoiding(lambda v=v: kind.hard_negative(v, rng), kind, avoid, what) for v in values]
+    return values, rng
+
+
+def fresh_rows(kind, step: int, n: int, config: CLIPTrainConfig, tok, processor,
+               classes: dict[str, list[str]], *, avoid: frozenset) -> dict[str, torch.Tensor]:
+    """``n`` image-caption rows drawn anew for ``step`` from the plug-in (seeded by the config's seed and the step, so
+    every process and a resumed run draw the same), with their shape swaps after them under ``shape_negatives``;
+    none shows a scene whose signature is in ``avoid`` (the held-out splits')."""
+    values, rng = fresh_values(kind, step, n, config, avoid=avoid)
     images = [kind.render(v, config.image_size, rng.getrandbits(32)) for v in values]
     tokens = tok([kind.captions(v, rng, 1)[0] for v in values])
     rows = {"pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
@@ -253,14 +263,16 @@ def _val_recall(model, pixels: torch.Tensor, tokens: dict, owners: np.ndarray) -
     return recall_at_k([[str(t)] for t in top], [{str(o)} for o in owners], 1)
 
 
-def _file_batches(train: Dataset, config: CLIPTrainConfig, processor, tok, rng, per_step: int, kind, classes):
+def _file_batches(train: Dataset, config: CLIPTrainConfig, processor, tok, rng, per_step: int, kind, classes,
+                  avoid: frozenset):
     """The split's own images in a seeded order, an epoch a pass: ``draw(step)`` -> the step's rows (each record's
     swap after the rows under ``shape_negatives``), and the (get, set) of its resumable state."""
     pixels = _pixels(processor, train.records)
     cap_tokens = [tok(list(r.captions)) for r in train.records]
     labels = _labels(kind, [annotation_of(r.meta)[2] for r in train.records], classes) if classes else None
     if config.shape_negatives:
-        values, images, texts = _swaps(train.records, config.image_size, len(train.records[0].captions), config.seed)
+        values, images, texts = _swaps(train.records, config.image_size, len(train.records[0].captions), config.seed,
+                                       avoid)
         swap_pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         swap_tokens = [tok(t) for t in texts]
         swap_labels = _labels(kind, values, classes) if classes else None
@@ -320,15 +332,15 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
         progress: show a progress bar with the loss.
         resume: continue from the last checkpoint under ``out_dir/checkpoints``.
         on_step: called after every optimizer step with ``{"step", "total", "loss"}``.
-        held_out: the records whose scenes ``fresh_images`` must never draw (the val and test splits); required
-            with ``fresh_images``.
+        held_out: the records whose scenes ``fresh_images`` and ``shape_negatives`` must never draw (the val and
+            test splits); required with either.
 
     Returns:
         The training summary also saved as ``genret.json``.
     """
-    if config.fresh_images and held_out is None:
-        raise ValueError("fresh_images draws scenes anew: give held_out (the val and test splits), so that none of "
-                         "theirs is drawn for training")
+    if (config.fresh_images or config.shape_negatives) and held_out is None:
+        raise ValueError(f"{'fresh_images' if config.fresh_images else 'shape_negatives'} draws scenes anew: give "
+                         "held_out (the val and test splits), so that none of theirs is drawn for training")
     init = load_init(config) if config.init else None  # refused before anything is written
     engine = Engine("clip", config, out_dir, resume=resume, progress=progress)
     torch.manual_seed(config.seed)
@@ -374,11 +386,12 @@ def train_clip(train: Dataset, out_dir: str | os.PathLike, config: CLIPTrainConf
     steps_per_epoch = max(1, len(train.records) // per_step)
     total = config.max_steps or steps_per_epoch * config.epochs
     state = None
+    avoid = signatures(held_out.records) if held_out is not None else frozenset()
     if config.fresh_images:
-        avoid = signatures(held_out.records)
-        rows = lambda step: fresh_rows(kind, step, per_step, config, tok, processor, classes, avoid)  # noqa: E731
+        rows = lambda step: fresh_rows(kind, step, per_step, config, tok, processor, classes,  # noqa: E731
+                                       avoid=avoid)
     else:
-        rows, state = _file_batches(train, config, processor, tok, rng, per_step, kind, classes)
+        rows, state = _file_batches(train, config, processor, tok, rng, per_step, kind, classes, avoid)
 
     def draw(step: int) -> list[dict]:
         drawn = rows(step)

@@ -73,8 +73,15 @@ def check_resume(state: dict, expected: dict, folder: Path, defaults: dict | Non
     for key, want in expected.items():
         have = state.get(key)
         if isinstance(want, dict) and isinstance(have, dict):  # the config: name the setting itself
+            known = defaults if key == "config" else {}
+            for name, value in want.items():
+                if name in have or name not in known or known[name] == value:
+                    continue
+                raise ValueError(f"{folder}: the checkpoint predates the setting {name} (it ran as the default, "
+                                 f"{known[name]!r}); this run has {value!r}: resume with {name} = {known[name]!r}, "
+                                 "or start a fresh run in another folder")
             pairs = [(name, have.get(name), value) for name, value in want.items()
-                     if name in have or name not in defaults or defaults[name] != value]
+                     if name in have or name not in known]
         else:
             pairs = [(key, have, want)]
         for name, had, value in pairs:

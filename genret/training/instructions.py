@@ -84,7 +84,8 @@ class Mixture:
             bound or placed otherwise), drawn anew as an image (listed in :attr:`drawn`, numbered after the records;
             a new drawing of the twin scene, not a pixel-aligned copy) or written as its caption: what the test
             split's twins ask, which near misses mined from the training images rarely are.
-        avoid: annotation signatures never drawn as twins (the held-out splits', so no held-out scene is shown).
+        avoid: annotation signatures never drawn as twins nor given as a rewrite's target (the held-out splits', so
+            no held-out scene is shown or learnt as an answer).
     """
 
     def __init__(self, records: Sequence, groups: Sequence, texts: Sequence[str], tasks: dict[str, int],
@@ -244,6 +245,9 @@ class Mixture:
             return None
         _, kind, value = found
         text, targets = kind.edit(value, rng)
+        targets = [t for t in targets if kind.signature(t) not in self.avoid] if self.avoid else targets
+        if not targets:  # each scene the edit leads to is held out: its description is not learnt as an answer
+            return None
         caption = rng.choice(kind.descriptions(value))
         target = closest_text(caption, kind.descriptions(rng.choice(targets)))
         template = self.prompts["cirevl"].section("rewrite")["user"]

@@ -176,12 +176,13 @@ def epoch_examples(groups: Sequence[QueryGroup], config: RerankTrainConfig, epoc
 
 def draw_twins(train: Dataset, config: RerankTrainConfig, avoid: frozenset, texts: list[str],
                images: list) -> dict[tuple[str, int], int]:
-    """One twin per training image that has one, drawn anew (seeded by the config's seed and the image): its
-    picture appended to ``images`` (the t2i candidates) and one of its captions to ``texts`` (the i2t ones).
-    Returns ``(direction, image) -> candidate index`` for :func:`epoch_examples`."""
+    """One twin per training image that has one, drawn anew (seeded by the config's seed and the image): for t2i
+    queries its picture appended to ``images``, for i2t one of its captions to ``texts`` (only what the config's
+    directions need). Returns ``(direction, image) -> candidate index`` for :func:`epoch_examples`."""
     from genret.data.annotations import annotation_of, eligible_twins
 
     out: dict[tuple[str, int], int] = {}
+    directions = DIRECTIONS[config.directions]
     size = load_image(train.records[0].path).size[0] if train.records else 0
     for i, record in enumerate(train.records):
         found = annotation_of(record.meta)
@@ -190,13 +191,17 @@ def draw_twins(train: Dataset, config: RerankTrainConfig, avoid: frozenset, text
             continue
         rng = random.Random(f"genret.rerank.twin:{config.seed}:{i}")
         kind, (_, twin) = found[1], rng.choice(twins)
-        out["t2i", i] = len(images)
-        images.append(kind.render(twin, size, rng.getrandbits(32)))
-        out["i2t", i] = len(texts)
-        texts.append(kind.captions(twin, rng, 1)[0])
+        seed = rng.getrandbits(32)
+        if "t2i" in directions:
+            out["t2i", i] = len(images)
+            images.append(kind.render(twin, size, seed))
+        if "i2t" in directions:
+            out["i2t", i] = len(texts)
+            texts.append(kind.captions(twin, rng, 1)[0])
     if not out:
-        raise ValueError(f"{train.source}: twin_negatives needs records whose annotation plug-in draws twins "
-                         "(the miniature world's scenes do); none of these has one")
+        raise ValueError(f"{train.source}: twin_negatives found no training image with a twin to draw (the "
+                         "records' annotation plug-in draws none, or every twin is a held-out scene): set "
+                         "twin_negatives to 0")
     return out
 
 
@@ -472,9 +477,15 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
     from genret.stages.rerank import MODES as PROMPT_NEEDS
 
     config = config or RerankTrainConfig()
-    if config.twin_negatives and held_out is None:
-        raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none of "
-                         "theirs is drawn for training")
+    if config.twin_negatives:
+        from genret.data.annotations import annotation_of
+
+        if held_out is None:
+            raise ValueError("twin_negatives draws scenes anew: give held_out (the val and test splits), so that none "
+                             "of theirs is drawn for training")
+        if not any(annotation_of(r.meta) for r in train.records):
+            raise ValueError(f"{train.source}: twin_negatives draws each image's twin from its annotation (the "
+                             "miniature world's scenes); these records carry none: set twin_negatives to 0")
     engine = Engine(f"rerank-{config.mode}", config, out_dir, resume=resume, progress=progress, base=base)
     show = engine.show
     prompt = load_prompt(config.prompt or f"rerank_{config.mode}", required=PROMPT_NEEDS[config.mode], exact=True)
@@ -552,7 +563,8 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name, "vision": config.vision,
         "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
         "data": {"source": str(train.source), "images": len(train), "captions": len(caption_table(train)[0]),
-                 "queries": len(groups), **({"twins_drawn": len(twins) // 2} if twins else {}),
+                 "queries": len(groups),
+                 **({"twins_drawn": len({i for _, i in twins})} if twins else {}),
                  "mining": mining, "prefilter": getattr(encoder, "model_id", str(prefilter))},
         "train_seconds": engine.seconds,
     }

@@ -148,13 +148,15 @@ def dataset_captions(cir: "CIRSet", seed: int = 0) -> dict[str, str]:
     return {i: rng.choice(kind.descriptions(s)) for i, s in sorted(cir.scenes.items())}
 
 
-def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0) -> list[tuple[dict, str]]:
+def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0, *, avoid: frozenset) -> list[tuple[dict, str]]:
     """Text-only rows drawn from the world's facts: ``per_image`` fresh edits of each gallery image's scene.
 
     Each row is the scene's full caption (seeded pick), an edit drawn as the world draws its triplets'
     (:meth:`~genret.data.annotations.Annotation.edit`), and the full caption of one valid edited scene closest to
     that caption. No image is drawn or captioned: the rewriter works on text, so its lesson (edit a
-    description) can come in far more variety than the split's triplets give.
+    description) can come in far more variety than the split's triplets give. No target is a scene whose signature
+    is in ``avoid`` (the held-out splits' scenes: their descriptions are not learnt as answers); an edit all of whose
+    targets are is drawn again.
     """
     if not cir.scenes:
         raise ValueError(f"{cir.source}: scene_edits draws edits from the world's scenes (scenes.json); this set "
@@ -166,11 +168,26 @@ def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0) -> list[tuple
             continue
         scene = cir.scenes[i]
         for _ in range(per_image):
-            text, targets = kind.edit(scene, rng)
+            text, targets = draw_avoiding_all(lambda: kind.edit(scene, rng), kind, avoid, f"{cir.source}: {i}")
             caption = rng.choice(kind.descriptions(scene))
             target = closest_text(caption, kind.descriptions(rng.choice(targets)))
             out.append(({"caption": caption, "modification": text}, target))
     return out
+
+
+def draw_avoiding_all(draw, kind, avoid: frozenset, what: str, tries: int = 100):
+    """``draw()`` of an edit ``(text, targets)`` until a target is not in ``avoid``; the edit with those targets only."""
+    for _ in range(tries):
+        text, targets = draw()
+        kept = [t for t in targets if kind.signature(t) not in avoid] if avoid else list(targets)
+        if kept:
+            return text, kept
+    raise ValueError(f"{what}: {tries} edits in a row led only to held-out scenes; hold out fewer scenes")
+
+
+def cir_scene_signatures(cirs) -> frozenset:
+    """The signatures of every scene of the CIR sets ``cirs`` (the held-out splits'), for :func:`scene_edit_pairs`."""
+    return frozenset(_scenes(cir).signature(v) for cir in cirs if cir.scenes for v in cir.scenes.values())
 
 
 def _scenes(cir: "CIRSet"):
@@ -244,7 +261,7 @@ def feedback_pairs(records, base: str | os.PathLike, prefilter: "str | os.PathLi
 def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
                    config: RewriterTrainConfig | None = None, *, val=None, prefilter: "str | os.PathLike | None" = None,
                    resume: bool = False, progress: bool = True,
-                   on_step: "Callable[[dict], None] | None" = None) -> dict:
+                   on_step: "Callable[[dict], None] | None" = None, held_out=None) -> dict:
     """Train a rewriter LoRA for ``config.task``; saves the adapter in ``out_dir``.
 
     Args:
@@ -255,6 +272,8 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
             its val split).
         prefilter: the dual encoder that retrieves the shown results (``eiirwqr``).
         resume: continue from the last checkpoint under ``out_dir/checkpoints`` (same settings required).
+        held_out: the held-out CIR sets (val, test) whose scenes ``scene_edits`` must never give as a target;
+            required with ``scene_edits``.
 
     Returns:
         The manifest (also ``out_dir/genret.json``): config, history, val exact match before/after, speed.
@@ -265,6 +284,9 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
     from genret.prompts import load_prompt
 
     config = config or RewriterTrainConfig()
+    if config.scene_edits and held_out is None:
+        raise ValueError("scene_edits draws edited scenes anew: give held_out (the val and test CIR sets), so that "
+                         "none of their scenes is learnt as a target")
     out_dir = Path(out_dir)
     engine = Engine(f"rewriter-{config.task}", config, out_dir, resume=resume, progress=progress, base=base)
     accelerator, show = engine.accelerator, engine.show
@@ -282,7 +304,8 @@ def train_rewriter(base: str | os.PathLike, train, out_dir: str | os.PathLike,
             if reference_text in ("dataset", "both"):
                 pairs += rewrite_pairs(data, dataset_captions(data, config.seed))
             if config.scene_edits and split == "train":
-                pairs += scene_edit_pairs(data, config.scene_edits, config.seed)
+                pairs += scene_edit_pairs(data, config.scene_edits, config.seed,
+                                          avoid=cir_scene_signatures(held_out))
             if reference_text in ("captioner", "both"):
                 ids = _images_to_caption(data)
                 caps = dict(zip(ids, captioner.caption([str(data.images[i]) for i in ids], progress=show)))

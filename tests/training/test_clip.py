@@ -59,7 +59,7 @@ def test_shape_swaps_change_one_shape_only(world):
     from genret.training.clip import hard_negatives
 
     records = world.split("train").records[:12]
-    images, texts = hard_negatives(records, 64, 3)
+    images, texts = hard_negatives(records, 64, 3, avoid=frozenset())
     assert len(images) == len(texts) == 12 and images[0].size == (64, 64)
     for r, captions in zip(records, texts):
         a, b = Scene.from_dict(r.meta["scene"]).objects
@@ -76,12 +76,28 @@ def test_shape_negatives_train_and_need_scenes(tmp_path, world):
     from genret.training.clip import train_clip
 
     config = dataclasses.replace(TINY_CLIP, epochs=1, shape_negatives=True)
-    summary = train_clip(world.split("train"), tmp_path / "c", config, progress=False)
+    held = world.split("val", "test")
+    with pytest.raises(ValueError, match="shape_negatives draws scenes anew: give held_out"):
+        train_clip(world.split("train"), tmp_path / "c", config, progress=False)
+    summary = train_clip(world.split("train"), tmp_path / "c", config, progress=False, held_out=held)
     assert summary["config"]["shape_negatives"] and summary["history"][0]["loss"] > 0
     plain = Dataset(name="x", source=world.source, records=tuple(dataclasses.replace(r, meta={})
                                                                   for r in world.split("train").records))
     with pytest.raises(ValueError, match="needs every training record's scene"):
-        train_clip(plain, tmp_path / "d", config, progress=False)
+        train_clip(plain, tmp_path / "d", config, progress=False, held_out=held)
+
+
+def test_shape_swaps_never_draw_a_held_out_scene(world):
+    from genret.data.annotations import annotation_of
+    from genret.training.clip import _swaps
+
+    records = world.split("train").records[:40]
+    kind = annotation_of(records[0].meta)[1]
+    values, _, _ = _swaps(records, 64, 1, 0, frozenset())
+    # hold out every swap drawn without an avoid set: each is drawn again, as another scene
+    held = frozenset(kind.signature(v) for v in values)
+    again, _, _ = _swaps(records, 64, 1, 0, held)
+    assert not {kind.signature(v) for v in again} & held
 
 
 def test_fresh_rows_are_drawn_by_step_with_their_swaps_and_labels(world):
@@ -99,7 +115,7 @@ def test_fresh_rows_are_drawn_by_step_with_their_swaps_and_labels(world):
     kind, classes = attribute_classes(train.records)
     assert set(classes) == {"layout", "first shape", "first colour", "first size", "second shape", "second colour",
                             "second size"} and classes["first size"] == ["large", "small"]
-    a, b, c = (fresh_rows(kind, s, 6, config, tok, processor, classes) for s in (3, 3, 4))
+    a, b, c = (fresh_rows(kind, s, 6, config, tok, processor, classes, avoid=frozenset()) for s in (3, 3, 4))
     assert a["pixel_values"].shape == (12, 3, 64, 64) and a["labels"].shape == (12, 7)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["pixel_values"], c["pixel_values"])
     shape = list(classes).index("first shape"), list(classes).index("second shape")
@@ -116,7 +132,7 @@ def test_fresh_rows_never_draw_a_held_out_scene(world):
     from conftest import TINY_CLIP
     from genret.bpe import train_clip_tokenizer
     from genret.data.annotations import draw_avoiding, signatures
-    from genret.training.clip import attribute_classes, build_clip, fresh_rows
+    from genret.training.clip import attribute_classes, build_clip, fresh_rows, fresh_values
 
     train = world.split("train")
     config = dataclasses.replace(TINY_CLIP, fresh_images=True)
@@ -126,9 +142,16 @@ def test_fresh_rows_never_draw_a_held_out_scene(world):
     kind, _ = attribute_classes(train.records)
     # the scene step 3 draws first, held out: that row is drawn again, the rest as before
     first = kind.sample(random.Random(f"genret.clip.fresh:{config.seed}:3"), config.image_size)
-    plain = fresh_rows(kind, 3, 4, config, tok, processor, {})
+    plain = fresh_rows(kind, 3, 4, config, tok, processor, {}, avoid=frozenset())
     avoiding = fresh_rows(kind, 3, 4, config, tok, processor, {}, avoid=frozenset({kind.signature(first)}))
     assert not torch.equal(plain["pixel_values"][0], avoiding["pixel_values"][0])
+    # the shape swaps too: the first swap step 3 draws, held out, is drawn again (the scenes before it as they were)
+    swapping = dataclasses.replace(config, shape_negatives=True)
+    plain, _ = fresh_values(kind, 3, 4, swapping, avoid=frozenset())
+    swap = kind.signature(plain[4])
+    avoiding, _ = fresh_values(kind, 3, 4, swapping, avoid=frozenset({swap}))
+    assert avoiding[:4] == plain[:4] and kind.signature(avoiding[4]) != swap
+    assert swap not in {kind.signature(v) for v in avoiding}
     held = signatures(world.split("val", "test").records)
     assert len(held) == len(world.split("val", "test").records) > 0
     rng = random.Random(0)

@@ -197,3 +197,15 @@ def test_twin_negatives_are_the_images_twins_drawn_anew_and_never_a_held_out_sce
         assert e.images[int(e.answer) - 1] == owner[text] and len(set(e.images)) == len(e.images)
     with pytest.raises(ValueError, match="twin_negatives must be a share in \\[0, 1\\]"):
         PretrainConfig(twin_negatives=-0.5)
+
+
+def test_rewrite_examples_never_answer_with_a_held_out_scene(world, clip_dir):
+    from genret.world.scene import Scene
+
+    train, held = world.split("train"), world.split("val", "test")
+    held_captions = {c for r in held.records for c in Scene.from_dict(r.meta["scene"]).all_captions()}
+    config = PretrainConfig(tasks="rewrite", rewrite_per_image=4)
+    plain = mixture(train, clip_dir, config).epoch(random.Random(0))
+    assert [e for e in plain if e.answer in held_captions]  # edits do lead to held-out scenes
+    kept = mixture(train, clip_dir, config, held_out=held).epoch(random.Random(0))
+    assert kept and not [e for e in kept if e.answer in held_captions]

@@ -595,19 +595,25 @@ def test_twin_negatives_are_drawn_once_per_image_never_held_out_and_replace_a_ne
     from genret.training.negatives import QueryGroup, caption_table
     from genret.training.rerank import draw_twins, epoch_examples
 
-    config = _config(twin_negatives=1.0)
+    config = _config(twin_negatives=1.0, directions="both")
     texts, images = caption_table(small)[0], [str(r.path) for r in small.records]
     n_texts, n_images = len(texts), len(images)
-    twins = draw_twins(small, config, signatures(world.split("val", "test").records), texts, images)
+    held = signatures(world.split("val", "test").records)
+    twins = draw_twins(small, config, held, texts, images)
     assert set(twins) == {(d, i) for d in ("t2i", "i2t") for i in range(len(small))}  # every scene has a twin
     kind = annotation_of(small.records[0].meta)[1]
     for i, record in enumerate(small.records):
         value = annotation_of(record.meta)[2]
         assert twins["t2i", i] >= n_images and twins["i2t", i] >= n_texts
-        assert texts[twins["i2t", i]] not in record.captions  # the same words, bound or placed otherwise
-        assert kind.twins(value)  # and the drawn picture is one of them, not the scene itself
-    again = draw_twins(small, config, frozenset(), caption_table(small)[0], [str(r.path) for r in small.records])
-    assert again == twins  # seeded per image: a resumed run draws the same
+        caption = texts[twins["i2t", i]]  # a caption of one of the scene's twins (the same words, bound otherwise)
+        assert caption not in record.captions
+        assert any(caption in t.all_captions() for t in kind.twins(value) if kind.signature(t) not in held)
+    texts2, images2 = caption_table(small)[0], [str(r.path) for r in small.records]
+    assert draw_twins(small, config, held, texts2, images2) == twins  # seeded per image: a resumed run draws the same
+    assert texts2[n_texts:] == texts[n_texts:]
+    assert [im.tobytes() for im in images2[n_images:]] == [im.tobytes() for im in images[n_images:]]
+    only_i2t = draw_twins(small, _config(twin_negatives=1.0), held, caption_table(small)[0], [])
+    assert set(only_i2t) == {("i2t", i) for i in range(len(small))}  # nothing drawn that no query asks for
     # a held-out scene is never drawn: hold out every twin the first image has, and it gets none
     value = annotation_of(small.records[0].meta)[2]
     avoid = frozenset(kind.signature(t) for t in kind.twins(value))
@@ -630,11 +636,14 @@ def test_twin_negatives_are_drawn_once_per_image_never_held_out_and_replace_a_ne
 
 
 def test_twin_negatives_train_and_need_the_held_out_splits(judge_dir, small, world, clip_dir, tmp_path):
-    config = _config(mode="generative", twin_negatives=0.5, max_steps=2, eval_every=0)
+    config = _config(mode="generative", twin_negatives=1.0, max_steps=2, eval_every=0, directions="both")
     with pytest.raises(ValueError, match="give held_out"):
         _train(judge_dir, small, tmp_path / "no", config, prefilter=str(clip_dir))
+    bare = replace(small, records=tuple(replace(r, meta={}) for r in small.records))
+    with pytest.raises(ValueError, match="these records carry none: set twin_negatives to 0"):
+        _train(judge_dir, bare, tmp_path / "no", config, prefilter=str(clip_dir), held_out=world.split("val"))
     summary, losses = _train(judge_dir, small, tmp_path / "tw", config, prefilter=str(clip_dir),
                              held_out=world.split("val", "test"))
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert summary["data"]["twins_drawn"] == len(small) and summary["config"]["twin_negatives"] == 0.5
+    assert summary["data"]["twins_drawn"] == len(small) and summary["config"]["twin_negatives"] == 1.0
     assert summary["data"]["captions"] == sum(len(r.captions) for r in small.records)

@@ -48,9 +48,10 @@ def test_scene_edits_are_text_rows_whose_target_satisfies_the_edit(world_dir):
     from genret.world.scene import edits
 
     cir = load_cir(world_dir, "train")
-    pairs = scene_edit_pairs(cir, per_image=2, seed=3)
-    assert len(pairs) == 2 * len(cir.images) and pairs == scene_edit_pairs(cir, per_image=2, seed=3)
-    assert pairs != scene_edit_pairs(cir, per_image=2, seed=4)
+    none = frozenset()
+    pairs = scene_edit_pairs(cir, per_image=2, seed=3, avoid=none)
+    assert len(pairs) == 2 * len(cir.images) and pairs == scene_edit_pairs(cir, per_image=2, seed=3, avoid=none)
+    assert pairs != scene_edit_pairs(cir, per_image=2, seed=4, avoid=none)
     scenes = {c: Scene.from_dict(cir.scenes[i]) for i in cir.images for c in full_captions(Scene.from_dict(cir.scenes[i]))}
     one_word = 0
     for row, target in pairs:
@@ -63,7 +64,22 @@ def test_scene_edits_are_text_rows_whose_target_satisfies_the_edit(world_dir):
         one_word += len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
     assert one_word > len(pairs) / 2  # colour, shape and size edits, phrased as the caption was
     with pytest.raises(ValueError, match="scene_edits"):
-        scene_edit_pairs(dataclasses.replace(cir, scenes={}), 1)
+        scene_edit_pairs(dataclasses.replace(cir, scenes={}), 1, avoid=none)
+
+
+def test_scene_edits_never_give_a_held_out_scene_as_the_target(world_dir):
+    from genret.training.rewriter import cir_scene_signatures
+
+    cir = load_cir(world_dir, "train")
+    held = [load_cir(world_dir, "val"), load_cir(world_dir, "test")]
+    avoid = cir_scene_signatures(held)
+    assert len(avoid) > 100
+    by_caption = {c: s for cs in (held[0], held[1]) for s in cs.scenes.values()
+                  for c in full_captions(Scene.from_dict(s))}
+    plain = scene_edit_pairs(cir, per_image=3, seed=0, avoid=frozenset())
+    assert any(t in by_caption for _, t in plain)  # without the held-out scenes avoided, some targets are theirs
+    kept = scene_edit_pairs(cir, per_image=3, seed=0, avoid=avoid)
+    assert len(kept) == len(plain) and not [t for _, t in kept if t in by_caption]
 
 
 def test_chat_pairs_are_the_oracle_dialogs_next_questions(world):
