@@ -1,0 +1,179 @@
+"""Which twins each scorer tells apart: the miniature world's binding twins (colours swapped between the two
+objects) and relation twins (places swapped) apart.
+
+    python scripts/twin_kinds.py --clip CLIP --mllm MLLM [--mllm MLLM ...] --data DATA [--split val]
+        [--positions] [--json]
+
+For each twin pair of the split (``twin_of``), in both directions: t2i, one caption of an image against the image
+and its twin; i2t, the image against its caption and one of the twin's. Scored by the CLIP (cosine), and for each
+MLLM by the generative stage's score (log P(caption | image)) and the pointwise stage's (log P(yes) − log P(no)),
+each through the stage's own prompt. The table gives how often the right one scores higher, per twin kind.
+
+Why: a binding twin differs where a caption's words sit next to each other ("red circle"), which a captioner reads
+off the object it looks at; a relation twin differs in where the objects are, which a language model with 1-D
+positions must read from the patch tokens' content. The split says which the rerankers lack.
+
+``--positions``: where each image token is, read back by a linear probe from the token alone (its column, and its
+row, of the patch grid; fitted on 200 images' tokens, scored on 100 others) at each vision-tower layer and after the
+projector (the tokens the language model reads): how much of the place a token holds reaches the language model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import numpy as np
+import torch
+
+from genret.data import load_dataset, load_image
+from genret.encoders.hf import HFDualEncoder
+from genret.eval.evaluator import twin_pairs
+from genret.mllm import MLLM, scoring
+from genret.prompts import load_prompt
+from genret.training.negatives import embed_as
+from genret.world.scene import Scene
+
+
+def kind_of(a: Scene, b: Scene) -> str:
+    """``binding`` or ``relation``: which of ``a``'s twins ``b`` is."""
+    if b.signature() == a.binding_twin().signature():
+        return "binding"
+    if b.signature() == a.relation_twin().signature():
+        return "relation"
+    raise ValueError(f"{b} is not a twin of {a}")
+
+
+def rows(data, rng: random.Random) -> list[dict]:
+    """Per twin pair and direction, the query and its right and twin candidates."""
+    by_id = {r.id: r for r in data.records}
+    out = []
+    for x, y in twin_pairs(data):
+        for a, b in ((by_id[x], by_id[y]), (by_id[y], by_id[x])):
+            kind = kind_of(Scene.from_dict(a.meta["scene"]), Scene.from_dict(b.meta["scene"]))
+            text = rng.choice(a.captions)
+            out.append({"dir": "t2i", "kind": kind, "text": text, "right": str(a.path), "twin": str(b.path)})
+            out.append({"dir": "i2t", "kind": kind, "image": str(a.path), "right": text,
+                        "twin": rng.choice(b.captions)})
+    return out
+
+
+def clip_right(clip: HFDualEncoder, cases: list[dict]) -> np.ndarray:
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    out = []
+    for c in cases:
+        if c["dir"] == "t2i":
+            t = unit(embed_as(clip, "text", [c["text"]], ("query",))["query"])
+            i = unit(embed_as(clip, "image", [c["right"], c["twin"]], ("document",))["document"])
+            s = (t @ i.T)[0]
+            out.append(float(s[0]) > float(s[1]))
+        else:
+            i = unit(embed_as(clip, "image", [c["image"]], ("query",))["query"])
+            t = unit(embed_as(clip, "text", [c["right"], c["twin"]], ("document",))["document"])
+            s = (i @ t.T)[0]
+            out.append(float(s[0]) > float(s[1]))
+    return np.array(out)
+
+
+@torch.no_grad()
+def mllm_right(mllm: MLLM, cases: list[dict]) -> dict[str, np.ndarray]:
+    generative, pointwise = load_prompt("rerank_generative"), load_prompt("rerank_pointwise")
+    yes, no = pointwise.settings.get("yes", "yes"), pointwise.settings.get("no", "no")
+    gen, judge = [], []
+    for c in cases:
+        d = c["dir"]
+        if d == "t2i":
+            texts, images = [c["text"]] * 2, [load_image(c["right"]), load_image(c["twin"])]
+        else:
+            texts, images = [c["right"], c["twin"]], [load_image(c["image"])] * 2
+        g = scoring.generative_scores(mllm, generative.section(d)["user"], texts, images)
+        gen.append(g[0] > g[1])
+        p = scoring.pointwise_scores(mllm, pointwise.section(d)["user"], texts, images, yes=yes, no=no)
+        judge.append(p[0] > p[1])
+    return {"generative": np.array(gen), "pointwise": np.array(judge)}
+
+
+@torch.no_grad()
+def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dict[str, dict[str, float]]:
+    """Per vision-tower layer and after the projector, a linear probe's accuracy (%) at reading each patch token's
+    column and row from the token alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    n_fit = min(n_fit, 2 * len(data.records) // 3)
+    n_test = min(n_test, len(data.records) - n_fit)
+    images = [load_image(r.path) for r in data.records[:n_fit + n_test]]
+    inputs = mllm.family.image_inputs(mllm.processor, images)
+    tower = mllm.model.model.vision_tower if hasattr(mllm.model, "model") else mllm.model.vision_tower
+    states = tower(pixel_values=inputs["pixel_values"].to(mllm.device), output_hidden_states=True).hidden_states
+    projected = torch.stack(scoring.image_features(mllm, images)).float()
+    n = projected.shape[1]
+    side = int(round(n ** 0.5))
+    where = {"column": np.arange(n) % side, "row": np.arange(n) // side}
+    levels = {f"tower layer {k}": h[:, -n:].float() for k, h in enumerate(states) if k}
+    levels["projected (the language model's input)"] = projected
+    out = {}
+    for name, x in levels.items():
+        x = x.cpu().numpy()
+        fit, test = x[:n_fit].reshape(-1, x.shape[-1]), x[n_fit:].reshape(-1, x.shape[-1])
+        mu, sd = fit.mean(0), fit.std(0) + 1e-6
+        out[name] = {}
+        for what, y in where.items():
+            clf = LogisticRegression(max_iter=2000).fit((fit - mu) / sd, np.tile(y, n_fit))
+            out[name][what] = round(100 * clf.score((test - mu) / sd, np.tile(y, len(x) - n_fit)), 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", required=True)
+    parser.add_argument("--mllm", action="append", default=[])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--positions", action="store_true", help="also probe where each image token is (per MLLM)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.data).split(args.split)
+    cases = rows(data, random.Random(args.seed))
+    if not cases:
+        raise SystemExit(f"--split {args.split}: no twin pairs in it")
+    scorers = {"prefilter (CLIP)": clip_right(HFDualEncoder(args.clip, device="cpu"), cases)}
+    positions = {}
+    for folder in args.mllm:
+        mllm = MLLM.load(folder)
+        mllm.model.eval()
+        for name, right in mllm_right(mllm, cases).items():
+            scorers[f"{folder} {name}"] = right
+        if args.positions:
+            positions[folder] = position_probe(mllm, data)
+    kinds = np.array([c["kind"] for c in cases])
+    dirs = np.array([c["dir"] for c in cases])
+    table = {}
+    for name, right in scorers.items():
+        table[name] = {f"{k} {d}": round(100 * float(right[(kinds == k) & (dirs == d)].mean()), 1)
+                       for k in ("binding", "relation") for d in ("t2i", "i2t") if ((kinds == k) & (dirs == d)).any()}
+    counts = {f"{k} {d}": int(((kinds == k) & (dirs == d)).sum()) for k in ("binding", "relation") for d in ("t2i", "i2t")}
+    if args.json:
+        print(json.dumps({"split": args.split, "cases": counts, "right_%": table, "positions_%": positions}, indent=2))
+        return
+    cols = list(counts)
+    print(f"{args.split}: how often the right one scores above its twin, % (cases: "
+          + ", ".join(f"{c} {n}" for c, n in counts.items()) + ")")
+    print("| scorer | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
+    for folder, levels in positions.items():
+        print(f"\n{folder}: each image token's place read back from the token alone (linear probe, %)")
+        print("| tokens | column | row |\n|---|---|---|")
+        for name, acc in levels.items():
+            print(f"| {name} | {acc['column']} | {acc['row']} |")
+
+
+if __name__ == "__main__":
+    main()
