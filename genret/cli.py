@@ -117,7 +117,8 @@ def _run_mllm(args, config) -> dict:
 
     data = _load_data(args)
     held_out = _held_out(data)
-    given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features")
+    given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features",
+                                    "vision_layer")
              if getattr(args, k) is not None}
     # --init: the checkpoint's architecture (options given are checked against it); else the defaults and these.
     from genret.training.pretrain_mllm import saved_arch
@@ -182,6 +183,9 @@ TRAIN_COMMANDS = (
                   ("--image-features", {"choices": ("default", "full"), "default": None,
                                         "help": "what of the vision tower the language model reads: default, the "
                                                 "patch tokens (LLaVA-1.5); full, the class token too"}),
+                  ("--vision-layer", {"type": int, "default": None,
+                                      "help": "the tower's hidden state the projector reads (default -1, the last; "
+                                              "LLaVA-1.5 reads -2)"}),
                   ("--hidden-size", {"type": int, "default": None, "help": "the Llama's width (default 128)"}),
                   ("--layers", {"type": int, "default": None, "help": "the Llama's layers (default 4)"}),
                   ("--heads", {"type": int, "default": None, "help": "attention heads (default 4)"}),

@@ -36,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -63,17 +63,18 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def check_resume(state: dict, expected: dict, folder: Path, defaults: dict | None = None) -> None:
+def check_resume(state: dict, expected: dict, folder: Path, defaults: dict[str, dict] | None = None) -> None:
     """Refuse to continue a checkpoint under other settings, naming the first that differs.
 
-    ``defaults``: the config's default settings. A setting the checkpoint does not record (one an older genret did
-    not have, which behaved as its default) is accepted where this run leaves it at its default."""
+    ``defaults``: per identity key (``config``, ``arch``), its settings' defaults. A setting the checkpoint does not
+    record (one an older genret did not have, which behaved as its default) is accepted where this run leaves it at
+    its default."""
     expected = json.loads(json.dumps(expected))  # as the checkpoint stores it (tuples become lists)
-    defaults = json.loads(json.dumps(defaults or {}))
+    defaults = json.loads(json.dumps(defaults or {}))  # as stored
     for key, want in expected.items():
         have = state.get(key)
         if isinstance(want, dict) and isinstance(have, dict):  # the config: name the setting itself
-            known = defaults if key == "config" else {}
+            known = defaults.get(key, {})
             for name, value in want.items():
                 if name in have or name not in known or known[name] == value:
                     continue
@@ -359,12 +360,16 @@ class Engine:
         """
         config, acc = self.config, self.accelerator
         identity = {**(identity or {}), "processes": self.processes}
+        defaults = {"config": _defaults(config)}
+        for key, value in identity.items():  # a dataclass (the architecture): recorded as a dict, with its defaults
+            if is_dataclass(value):
+                defaults[key], identity[key] = _defaults(value), asdict(value)
         logs = set(log_steps) if log_steps is not None else None
         evals = set(eval_steps) if eval_steps is not None else None
         step, history, window = 0, [], []
         if self.resume:
             saved = load_checkpoint(self.last, self.unwrapped, self.optimizer, acc if self.sharded else None)
-            check_resume(saved, identity, self.last, defaults=_defaults(config))
+            check_resume(saved, identity, self.last, defaults=defaults)
             step, history, window = saved["step"], saved["history"], saved["window"]
             if state is not None:
                 state[1](saved.get("data", {}))

@@ -28,12 +28,17 @@ class MiniMLLMConfig:
     image_features: str = field(default="default", metadata={"help": "what of the vision tower the language model "
                                 "reads (LLaVA's vision_feature_select_strategy): default, the patch tokens (LLaVA-1.5); "
                                 "full, the class token too, whose last state carries the CLIP's pooled summary"})
+    vision_layer: int = field(default=-1, metadata={"help": "which of the vision tower's hidden states the projector "
+                              "reads (LLaVA's vision_feature_layer; -1 the last, LLaVA-1.5 reads -2; earlier layers "
+                              "keep more of each patch's place)"})
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide hidden_size ({self.hidden_size})")
         if self.image_features not in ("default", "full"):
             raise ValueError(f"image_features must be default or full, got {self.image_features!r}")
+        if self.vision_layer >= 0:
+            raise ValueError(f"vision_layer counts from the tower's last hidden state (-1), back; got {self.vision_layer}")
 
 
 def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLMConfig = MiniMLLMConfig()):
@@ -54,6 +59,9 @@ def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLM
     clip_processor = AutoProcessor.from_pretrained(clip_dir)
     tokenizer = train_chat_tokenizer(texts, config.vocab_size)
     vision = clip.config.vision_config
+    if -config.vision_layer > vision.num_hidden_layers + 1:
+        raise ValueError(f"vision_layer {config.vision_layer}: {clip_dir}'s tower has {vision.num_hidden_layers} layers "
+                         f"(hidden states -1 .. -{vision.num_hidden_layers + 1})")
     patches = (vision.image_size // vision.patch_size) ** 2 + (config.image_features == "full")
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.layers,
                        num_attention_heads=config.heads, num_key_value_heads=config.heads,
@@ -62,7 +70,8 @@ def build_mini_mllm(clip_dir: str | Path, texts: Iterable[str], config: MiniMLLM
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     llava_config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=patches,
-                               vision_feature_layer=-1, vision_feature_select_strategy=config.image_features)
+                               vision_feature_layer=config.vision_layer,
+                               vision_feature_select_strategy=config.image_features)
     model = LlavaForConditionalGeneration(llava_config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     # num_additional_image_tokens=1: the CLS token ("default" drops it again), so the processor expands <image> to

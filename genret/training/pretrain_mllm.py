@@ -291,7 +291,7 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
 
     run = engine.fit(total, draw, loss, epoch_of=epoch_of, on_step=on_step,
                      log_steps=None if config.log_every else [int(s) for s in starts[1:] if s <= total],
-                     identity={"config": asdict(config), "arch": asdict(arch), "images": len(train)})
+                     identity={"config": asdict(config), "arch": arch, "images": len(train)})
     final = engine.unwrapped
     summary = {"format": "genret.mini_mllm", "genret": __version__, "task": "pretrain", "clip": str(clip_dir),
                **({"init": str(config.init)} if config.init else {}),

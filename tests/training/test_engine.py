@@ -296,16 +296,20 @@ def test_a_trainer_resolves_mixed_precision_by_its_base_models_family(mllm_dir, 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
     from genret.training.engine import check_resume
 
-    saved = {"config": {"lr": 0.001}, "processes": 1}  # made before twin_negatives existed
-    defaults = {"lr": 5e-4, "twin_negatives": 0.0}
-    check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.0}, "processes": 1}, tmp_path, defaults)
+    saved = {"config": {"lr": 0.001}, "arch": {"layers": 4}, "processes": 1}  # made before the new settings
+    defaults = {"config": {"lr": 5e-4, "twin_negatives": 0.0}, "arch": {"layers": 4, "vision_layer": -1}}
+    check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.0}, "arch": {"layers": 4, "vision_layer": -1},
+                         "processes": 1}, tmp_path, defaults)
     with pytest.raises(ValueError, match="predates the setting twin_negatives \\(it ran as the default, 0.0\\); this "
                        "run has 0.5: resume with twin_negatives = 0.0"):
         check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.5}, "processes": 1}, tmp_path, defaults)
+    with pytest.raises(ValueError, match="predates the setting vision_layer"):
+        check_resume(saved, {"config": {"lr": 0.001}, "arch": {"layers": 4, "vision_layer": -2}, "processes": 1},
+                     tmp_path, defaults)
     with pytest.raises(ValueError, match="made with lr = 0.001, this run has 0.0005"):
         check_resume(saved, {"config": {"lr": 5e-4, "twin_negatives": 0.0}, "processes": 1}, tmp_path, defaults)
     with pytest.raises(ValueError, match="twin_negatives = None"):  # without the defaults, any new setting refuses
         check_resume(saved, {"config": {"lr": 0.001, "twin_negatives": 0.0}, "processes": 1}, tmp_path)
-    with pytest.raises(ValueError, match="made with twin_negatives = None"):  # only the config's defaults apply
-        check_resume({**saved, "arch": {}}, {"config": {"lr": 0.001}, "arch": {"twin_negatives": 0.0},
-                                            "processes": 1}, tmp_path, defaults)
+    with pytest.raises(ValueError, match="made with vision_layer = None"):  # each key's own defaults only
+        check_resume(saved, {"config": {"lr": 0.001}, "arch": {"layers": 4, "vision_layer": -1}, "processes": 1},
+                     tmp_path, {"config": {"vision_layer": -1}})

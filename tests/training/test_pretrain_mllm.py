@@ -77,6 +77,32 @@ def test_full_image_features_give_the_language_model_the_class_token_too(clip_di
         MiniMLLMConfig(image_features="cls")
 
 
+def test_the_projector_reads_the_vision_layer_asked_for(clip_dir, world, tmp_path):
+    import pytest
+    import torch
+
+    from genret.mllm import MLLM
+    from genret.mllm.scoring import image_features
+    from genret.data.images import load_image
+
+    train = replace(world.split("train"), records=world.split("train").records[:16])
+    config = PretrainConfig(epochs=1, batch_size=16, max_steps=1, tasks="describe")
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "m", config, replace(TINY, vision_layer=-2), progress=False)
+    assert summary["arch"]["vision_layer"] == -2
+    mllm = MLLM.load(str(tmp_path / "m"))
+    assert mllm.model.config.vision_feature_layer == -2
+    image = load_image(train.records[0].path)
+    pixels = mllm.family.image_inputs(mllm.processor, [image])["pixel_values"]
+    with torch.no_grad():
+        states = mllm.model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        expected = mllm.model.model.multi_modal_projector(states[-2][:, 1:])[0]
+    assert torch.allclose(image_features(mllm, [image])[0].float(), expected.float(), atol=1e-5)
+    with pytest.raises(ValueError, match="vision_layer counts from the tower's last hidden state"):
+        MiniMLLMConfig(vision_layer=0)
+    with pytest.raises(ValueError, match="vision_layer -9: .*'s tower has 1 layers \\(hidden states -1 .. -2\\)"):
+        pretrain_mllm(clip_dir, train, tmp_path / "n", config, replace(TINY, vision_layer=-9), progress=False)
+
+
 def test_example_averaged_loss_weighs_each_example_alike():
     import torch
 
