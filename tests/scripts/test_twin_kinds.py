@@ -1,0 +1,43 @@
+"""scripts/twin_kinds.py: each twin pair sorted by kind, every scorer through the stages' own scores."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import load_script
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "twin_kinds.py"
+
+
+def test_pairs_are_sorted_into_binding_and_relation_twins(world):
+    from genret.eval.evaluator import twin_pairs
+    from genret.world.scene import Scene
+
+    script = load_script("twin_kinds")
+    import random
+
+    test = world.split("test")
+    cases = script.rows(test, random.Random(0))
+    assert len(cases) == 4 * len(twin_pairs(test)) > 0
+    by_path = {str(r.path): Scene.from_dict(r.meta["scene"]) for r in test.records}
+    for c in (c for c in cases if c["dir"] == "t2i"):
+        a, b = by_path[c["right"]], by_path[c["twin"]]
+        twin = a.binding_twin() if c["kind"] == "binding" else a.relation_twin()
+        assert twin.signature() == b.signature() and c["text"] in a.all_captions()
+    a = next(iter(by_path.values()))
+    assert script.kind_of(a, a.relation_twin()) == "relation"
+
+
+def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, clip_dir, mllm_dir):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--clip", str(clip_dir), "--mllm", str(mllm_dir), "--data",
+                          str(world_dir), "--split", "test", "--positions", "--threads", "1", "--json"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert sum(result["cases"].values()) > 0
+    scorers = result["right_%"]
+    assert set(scorers) == {"prefilter (CLIP)", f"{mllm_dir} generative", f"{mllm_dir} pointwise"}
+    assert all(0 <= v <= 100 for row in scorers.values() for v in row.values())
+    levels = result["positions_%"][str(mllm_dir)]
+    assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
+    assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
