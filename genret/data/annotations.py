@@ -96,12 +96,17 @@ def signatures(records) -> frozenset:
     return frozenset(found[1].signature(found[2]) for r in records if (found := annotation_of(r.meta)))
 
 
+def not_held_out(kind: Annotation, values, avoid: frozenset) -> list:
+    """The annotations of ``values`` whose signature is not in ``avoid`` (the held-out splits' scenes)."""
+    return [v for v in values if kind.signature(v) not in avoid] if avoid else list(values)
+
+
 def draw_avoiding(draw, kind: Annotation, avoid: frozenset, what: str, tries: int = 1000) -> Any:
     """``draw()`` again until its annotation's signature is not in ``avoid`` (a held-out scene); an error naming
     ``what`` after ``tries`` draws (the held-out splits cover what the generator can draw)."""
     for _ in range(tries):
         value = draw()
-        if not avoid or kind.signature(value) not in avoid:
+        if not_held_out(kind, [value], avoid):
             return value
     raise ValueError(f"{what}: {tries} draws in a row showed a held-out scene; the held-out splits cover what the "
                      "generator draws: draw from a larger space or hold out fewer scenes")

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from genret.data.annotations import annotation_of, eligible_twins
+from genret.data.annotations import annotation_of, eligible_twins, not_held_out
 from genret.mllm.scoring import listwise_prompt, user_message
 from genret.prompts import load_prompt
 
@@ -245,7 +245,7 @@ class Mixture:
             return None
         _, kind, value = found
         text, targets = kind.edit(value, rng)
-        targets = [t for t in targets if kind.signature(t) not in self.avoid] if self.avoid else targets
+        targets = not_held_out(kind, targets, self.avoid)
         if not targets:  # each scene the edit leads to is held out: its description is not learnt as an answer
             return None
         caption = rng.choice(kind.descriptions(value))

@@ -515,6 +515,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         raise ValueError(f"{train.source}: {len(groups)} training queries, fewer than one step's {per_step} "
                          "(batch_size x gradient_accumulation_steps x processes); lower batch_size")
     texts, _ = caption_table(train)
+    n_captions = len(texts)  # before any twin's caption joins them
     paths: list = [str(r.path) for r in train.records]
     twins = None
     if config.twin_negatives:
@@ -562,7 +563,7 @@ def train_rerank(base: str | os.PathLike, train: Dataset, out_dir: str | os.Path
         "format": FORMAT, "version": VERSION, "genret": __version__, "task": "rerank", "mode": config.mode,
         "base_model": str(base), "base_revision": mllm.revision, "family": mllm.family.name, "vision": config.vision,
         "prompt": {"name": prompt.name, "version": prompt.version}, **run.summary(config),
-        "data": {"source": str(train.source), "images": len(train), "captions": len(caption_table(train)[0]),
+        "data": {"source": str(train.source), "images": len(train), "captions": n_captions,
                  "queries": len(groups),
                  **({"twins_drawn": len({i for _, i in twins})} if twins else {}),
                  "mining": mining, "prefilter": getattr(encoder, "model_id", str(prefilter))},

@@ -177,9 +177,11 @@ def scene_edit_pairs(cir: "CIRSet", per_image: int, seed: int = 0, *, avoid: fro
 
 def draw_avoiding_all(draw, kind, avoid: frozenset, what: str, tries: int = 100):
     """``draw()`` of an edit ``(text, targets)`` until a target is not in ``avoid``; the edit with those targets only."""
+    from genret.data.annotations import not_held_out
+
     for _ in range(tries):
         text, targets = draw()
-        kept = [t for t in targets if kind.signature(t) not in avoid] if avoid else list(targets)
+        kept = not_held_out(kind, targets, avoid)
         if kept:
             return text, kept
     raise ValueError(f"{what}: {tries} edits in a row led only to held-out scenes; hold out fewer scenes")
