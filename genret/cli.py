@@ -118,7 +118,7 @@ def _run_mllm(args, config) -> dict:
     data = _load_data(args)
     held_out = _held_out(data)
     given = {k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "intermediate_size", "image_features",
-                                    "vision_layer")
+                                    "vision_layer", "interface")
              if getattr(args, k) is not None}
     # --init: the checkpoint's architecture (options given are checked against it); else the defaults and these.
     from genret.training.pretrain_mllm import saved_arch
@@ -177,9 +177,14 @@ TRAIN_COMMANDS = (
                  "genret.training.dialog_clip:DialogCLIPConfig", _run_clip_dialog,
                  (("--clip", {"required": True, "help": "the CLIP checkpoint whose text tower is fine-tuned"}),),
                  out="checkpoint folder to write", formats=("genret.clip", "genret.train_run")),
-    TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA on a mini CLIP's vision tower)",
+    TrainCommand("mllm", "build and pretrain the mini MLLM (LLaVA or Qwen2-VL on a mini CLIP's vision tower)",
                  "genret.training.pretrain_mllm:PretrainConfig", _run_mllm,
                  (("--clip", {"required": True, "help": "the mini CLIP checkpoint whose vision tower it uses"}),
+                  ("--interface", {"choices": ("llava", "qwen2_vl"), "default": None,
+                                   "help": "how the language model reads the image: llava (LLaVA-1.5, the default: "
+                                           "projected patch tokens in raster order, 1-D positions) or qwen2_vl "
+                                           "(Qwen2-VL: 2 x 2 merged patches, multimodal RoPE gives each its row and "
+                                           "column; the tower starts from the CLIP's blocks)"}),
                   ("--image-features", {"choices": ("default", "full"), "default": None,
                                         "help": "what of the vision tower the language model reads: default, the "
                                                 "patch tokens (LLaVA-1.5); full, the class token too"}),

@@ -106,13 +106,15 @@ def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dic
     n_test = min(n_test, len(data.records) - n_fit)
     images = [load_image(r.path) for r in data.records[:n_fit + n_test]]
     inputs = mllm.family.image_inputs(mllm.processor, images)
-    tower = mllm.model.model.vision_tower if hasattr(mllm.model, "model") else mllm.model.vision_tower
-    states = tower(pixel_values=inputs["pixel_values"].to(mllm.device), output_hidden_states=True).hidden_states
-    projected = torch.stack(scoring.image_features(mllm, images)).float()
+    projected = torch.stack([f.reshape(-1, f.shape[-1]) for f in scoring.image_features(mllm, images)]).float()
     n = projected.shape[1]
     side = int(round(n ** 0.5))
     where = {"column": np.arange(n) % side, "row": np.arange(n) // side}
-    levels = {f"tower layer {k}": h[:, -n:].float() for k, h in enumerate(states) if k}
+    levels = {}
+    tower = getattr(getattr(mllm.model, "model", mllm.model), "vision_tower", None)
+    if tower is not None:  # LLaVA: each layer of the CLIP tower (Qwen2-VL's tower gives its place by 2-D RoPE instead)
+        states = tower(pixel_values=inputs["pixel_values"].to(mllm.device), output_hidden_states=True).hidden_states
+        levels = {f"tower layer {k}": h[:, -n:].float() for k, h in enumerate(states) if k}
     levels["projected (the language model's input)"] = projected
     out = {}
     for name, x in levels.items():

@@ -34,7 +34,7 @@ IDEFICS3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fak
 
 
 
-def _image_processor(name: str, **kwargs):
+def pil_image_processor(name: str, **kwargs):
     """The PIL-backed image processor ``name`` (transformers 5 names it ``...Pil``; 4.x has no suffix)."""
     import transformers
 
@@ -59,7 +59,7 @@ def _llava(texts: list[str]):
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**_text_config(tokenizer)).to_dict(),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
-    image_processor = _image_processor("CLIPImageProcessor", size={"shortest_edge": 32},
+    image_processor = pil_image_processor("CLIPImageProcessor", size={"shortest_edge": 32},
                                        crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE.read_text(),
@@ -67,10 +67,11 @@ def _llava(texts: list[str]):
     return LlavaForConditionalGeneration(config), processor
 
 
-def _qwen_tokenizer(texts: list[str]):
+def qwen_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
+    """A ``Qwen2Tokenizer`` (byte-level BPE learnt on ``texts``) that holds Qwen's real special tokens."""
     from transformers import Qwen2Tokenizer
 
-    model = json.loads(byte_level_bpe(texts, QWEN_SPECIAL, VOCAB_SIZE).to_str())["model"]
+    model = json.loads(byte_level_bpe(texts, QWEN_SPECIAL, vocab_size).to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL)})
@@ -85,7 +86,7 @@ def _qwen(prefix: str):
 
         from genret.mllm.backend import processor_without_video
 
-        tokenizer = _qwen_tokenizer(texts)
+        tokenizer = qwen_tokenizer(texts)
         ids = tokenizer.convert_tokens_to_ids
         if prefix == "Qwen2VL":
             vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2}
@@ -99,7 +100,7 @@ def _qwen(prefix: str):
             text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"))
-        image_processor = _image_processor("Qwen2VLImageProcessor", patch_size=8, merge_size=2, temporal_patch_size=2,
+        image_processor = pil_image_processor("Qwen2VLImageProcessor", patch_size=8, merge_size=2, temporal_patch_size=2,
                                            size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
         processor_class = processor_without_video(getattr(transformers, f"{prefix}Processor"))
         processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
@@ -122,7 +123,7 @@ def _idefics3(texts: list[str]):
                                         bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                                         pad_token="<|endoftext|>", padding_side="right",
                                         extra_special_tokens=list(IDEFICS3_SPECIAL[1:]))
-    image_processor = _image_processor("Idefics3ImageProcessor", size={"longest_edge": 64},
+    image_processor = pil_image_processor("Idefics3ImageProcessor", size={"longest_edge": 64},
                                        max_image_size={"longest_edge": 32}, do_image_splitting=False)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
                                   chat_template=(TEMPLATES / "idefics3.jinja").read_text())

@@ -146,13 +146,13 @@ def mixture(train: Dataset, clip_dir: str | os.PathLike, config: PretrainConfig,
                    random_negatives=config.random_negatives, twin_negatives=config.twin_negatives, avoid=avoid)
 
 
-def image_pixels(train: Dataset, mix: Mixture, processor, seed: int) -> torch.Tensor:
+def image_pixels(train: Dataset, mix: Mixture, processor, seed: int, family) -> torch.Tensor:
     """The pixel rows a step's examples index: the training images in order, then the mixture's twins drawn anew
-    (:attr:`Mixture.drawn`, the ``k``-th drawn with seed ``seed * 1_000_003 + k`` at the training images' size)."""
+    (:attr:`Mixture.drawn`, the ``k``-th drawn with seed ``seed * 1_000_003 + k`` at the training images' size);
+    ``(images, channels, height, width)`` as :meth:`Family.dense_pixels` gives them."""
     images = [load_image(r.path) for r in train.records]
     images += [kind.render(value, images[0].size[0], seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
-    return torch.cat([processor.image_processor(images=images[i:i + 256], return_tensors="pt")["pixel_values"]
-                      for i in range(0, len(images), 256)])
+    return torch.cat([family.dense_pixels(processor, images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
 def saved_arch(folder: str | os.PathLike) -> dict:
@@ -165,7 +165,9 @@ def saved_arch(folder: str | os.PathLike) -> dict:
 
 def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
     """The mini MLLM and processor at ``folder`` (``--init``), checked against the architecture options."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
+
+    from genret.mllm.backend import load_processor
 
     from genret._io import read_json
 
@@ -182,7 +184,14 @@ def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
     if wrong:
         raise ValueError(f"--init {folder}: the architecture options differ from the checkpoint's: {', '.join(wrong)}; "
                          "leave them at the checkpoint's values")
-    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    return AutoModelForImageTextToText.from_pretrained(folder), load_processor(str(folder))
+
+
+def is_tower(family, name: str) -> bool:
+    """Whether parameter ``name`` belongs to the vision tower proper (trained at ``vision_lr_scale``), not to the
+    projector into the language model (Qwen2-VL's merger sits inside its tower module)."""
+    parts = name.split(".")
+    return family.vision_tower_name in parts and family.projector_name not in parts
 
 
 def example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -239,12 +248,11 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
     texts += [f"{e.answer}" for e in mix.epoch(random.Random(config.seed))[:2000] if e.task in ("ask", "rewrite")]
     model, processor = init or build_mini_mllm(clip_dir, texts, arch)
     family = family_of(model)
-    n_tokens = model.config.image_seq_length
 
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
-    rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    vision = [p for n, p in model.named_parameters() if is_tower(family, n)]
+    rest = [p for n, p in model.named_parameters() if not is_tower(family, n)]
     wrapped = engine.prepare(model, [{"params": rest, "lr": config.lr},
                                      {"params": vision, "lr": config.lr * config.vision_lr_scale}])
     per_step, chunks = engine.rows_per_step, engine.chunks
@@ -254,7 +262,8 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
         epochs.append(mix.epoch(rng))
         if e == 0 and config.max_steps:  # the curriculum spans the epochs the steps reach (they repeat past them)
             span = min(config.epochs, -(-config.max_steps // max(1, len(epochs[0]) // per_step)))
-    pixels = image_pixels(train, mix, processor, config.seed)
+    pixels = image_pixels(train, mix, processor, config.seed, family)  # after the epochs: they draw the twins
+    n_tokens = family.tokens_per_image(model, *pixels.shape[-2:])
     # Steps of an epoch: its examples in steps of per_step; a last, shorter step only where it fills every chunk.
     counts = [len(e) // per_step + (len(e) % per_step >= chunks) for e in epochs]
     starts = np.cumsum([0] + counts)
@@ -279,7 +288,10 @@ def pretrain_mllm(clip_dir: str | os.PathLike, train: Dataset, out_dir: str | os
             shown = [i for e in chunk for i in e.images]
             seen = rotate(pixels[shown], config.augment_rotation, config.seed, step) if shown and \
                 config.augment_rotation else pixels[shown]
-            out.append({**_batch(items, pad), **({"pixel_values": seen} if shown else {})})
+            batch = _batch(items, pad)
+            images = family.pixel_inputs(model, seen) if shown else None
+            out.append({**batch, **(images or {}),
+                        **family.forward_kwargs(model, batch["input_ids"], images, batch["attention_mask"])})
         return out
 
     def loss(batch: dict) -> torch.Tensor:
@@ -321,15 +333,16 @@ def caption_loss(model, processor, family, data: Dataset, limit: int = 200) -> d
     """
     recs = data.records[:limit]
     device = next(model.parameters()).device
-    pix = processor.image_processor(images=[load_image(r.path) for r in recs], return_tensors="pt")["pixel_values"]
-    items = [encode_example(processor, family, model.config.image_seq_length,
+    pix = family.dense_pixels(processor, [load_image(r.path) for r in recs])
+    items = [encode_example(processor, family, family.tokens_per_image(model, *pix.shape[-2:]),
                             Example("describe", (0,), message(DESCRIBE[0]), r.captions[0])) for r in recs]
     out = {}
     for name, order in (("with_image", list(range(len(recs)))), ("shuffled_image", list(range(1, len(recs))) + [0])):
         losses = []
         for s in range(0, len(recs), 50):
             batch = _batch(items[s:s + 50], processor.tokenizer.pad_token_id)
-            batch["pixel_values"] = pix[order[s:s + 50]]
+            images = family.pixel_inputs(model, pix[order[s:s + 50]])
+            batch.update(images, **family.forward_kwargs(model, batch["input_ids"], images, batch["attention_mask"]))
             losses.append(model(**{k: v.to(device) for k, v in batch.items()}).loss.item())
         out[name] = round(float(np.mean(losses)), 4)
     return out

@@ -166,3 +166,20 @@ def test_unknown_model_type_says_no_family(tiny_dirs, tmp_path):
 def test_build_tiny_names_the_families_it_knows(tmp_path):
     with pytest.raises(ValueError, match="llava, qwen2_vl, qwen2_5_vl, idefics3"):
         build_tiny("gpt5", tmp_path, ["x"])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_dense_pixels_turn_back_into_the_processors_inputs(tiny_mllms, images, family):
+    """Training augments (rotates) images as (batch, channels, height, width) pixels; what the forward then gets of
+    them is exactly what the processor gives for the same images."""
+    mllm = tiny_mllms[family]
+    shown = images[:3]  # same-size images (the fourth is not)
+    dense = mllm.family.dense_pixels(mllm.processor, shown)
+    assert dense.dim() == 4 and dense.shape[:2] == (3, 3)
+    expected = mllm.family.image_inputs(mllm.processor, shown)
+    got = mllm.family.pixel_inputs(mllm.model, dense)
+    assert set(got) == {k for k in expected if k in ("pixel_values", "image_grid_thw")}
+    for key, value in got.items():
+        assert torch.equal(value, expected[key]), key
+    n = mllm.family.tokens_per_image(mllm.model, *dense.shape[-2:])
+    assert sum(f.reshape(-1, f.shape[-1]).shape[0] for f in image_features(mllm, shown)) == 3 * n

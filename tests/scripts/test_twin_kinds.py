@@ -41,3 +41,16 @@ def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, cli
     levels = result["positions_%"][str(mllm_dir)]
     assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
     assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
+
+
+def test_the_place_probe_reads_a_qwen2_vl_grid_of_merged_tokens(world, tmp_path):
+    """Qwen2-VL's features come as (rows, cols, hidden) and its tower has no CLIP layers: the probe reads the merged
+    tokens' grid, nothing else."""
+    from genret.mllm import MLLM
+    from genret.mllm.tiny import build_tiny
+
+    script = load_script("twin_kinds")
+    mllm = MLLM.load(str(build_tiny("qwen2_vl", tmp_path / "q", ["a red circle left of a blue square"])))
+    levels = script.position_probe(mllm, world.split("val"), n_fit=12, n_test=6)
+    assert list(levels) == ["projected (the language model's input)"]
+    assert all(0 <= v <= 100 for v in levels["projected (the language model's input)"].values())

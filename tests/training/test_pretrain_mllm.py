@@ -188,6 +188,7 @@ def test_drawn_twins_are_the_pixel_rows_after_the_records(clip_dir, world):
     from transformers import AutoProcessor
 
     from genret.data import load_image
+    from genret.mllm.families import FAMILIES
     from genret.training.pretrain_mllm import image_pixels, mixture
 
     train = world.split("train")
@@ -195,7 +196,7 @@ def test_drawn_twins_are_the_pixel_rows_after_the_records(clip_dir, world):
     mix = mixture(train, clip_dir, PretrainConfig(twin_negatives=1.0), held_out=world.split("val", "test"))
     examples = mix.epoch(random.Random(0))
     processor = AutoProcessor.from_pretrained(clip_dir)
-    pixels = image_pixels(train, mix, processor, seed=3)
+    pixels = image_pixels(train, mix, processor, seed=3, family=FAMILIES.get("llava"))
     n = len(train.records)
     assert len(pixels) == n + len(mix.drawn) and len(mix.drawn) > 0
     assert torch.equal(pixels[:n], processor.image_processor(images=[load_image(r.path) for r in train.records],
@@ -221,3 +222,55 @@ def test_the_command_takes_the_language_models_size_and_init_keeps_it(clip_dir, 
     assert json.loads((tmp_path / "b" / "genret.json").read_text())["arch"] == made
     assert main(["-q", "train", "mllm", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"),
                  "--layers", "3"]) != 0 and not (tmp_path / "c").exists()
+
+
+def test_the_qwen2_vl_interface_gives_image_tokens_rows_and_columns(clip_dir, world, tmp_path):
+    """--interface qwen2_vl: a real Qwen2-VL whose tower starts from the CLIP's blocks, trained with the multimodal RoPE
+    positions the stages score with, and loaded as any Qwen2-VL checkpoint."""
+    import pytest
+    import torch
+    from transformers import CLIPModel
+
+    from genret.data.images import load_image
+    from genret.mllm import MLLM
+    from genret.mllm.scoring import image_features
+    from genret.training.mini_mllm import mrope_section
+
+    train = replace(world.split("train"), records=world.split("train").records[:16])
+    arch = replace(TINY, interface="qwen2_vl")
+    config = PretrainConfig(epochs=1, batch_size=8, max_steps=2, tasks="describe,judge", judge_per_image=1,
+                            vision_lr_scale=0.0, lr=1e-3)
+    summary = pretrain_mllm(clip_dir, train, tmp_path / "q", config, arch, val=world.split("val"), progress=False)
+    assert summary["arch"]["interface"] == "qwen2_vl" and summary["steps"] == 2
+    mllm = MLLM.load(str(tmp_path / "q"))
+    assert type(mllm.model).__name__ == "Qwen2VLForConditionalGeneration" and mllm.family.name == "qwen2_vl"
+    assert mllm.model.config.text_config.rope_parameters["mrope_section"] == mrope_section(32 // 2) == [2, 3, 3]
+    # The tower kept the CLIP's blocks (its lr scale was 0): the patch embedding's two temporal copies sum to the
+    # CLIP's, each block's fused qkv is the CLIP's q, k, v.
+    clip = CLIPModel.from_pretrained(clip_dir).vision_model
+    tower = mllm.model.model.visual
+    assert torch.allclose(tower.patch_embed.proj.weight.sum(2), clip.embeddings.patch_embedding.weight, atol=1e-6)
+    att = clip.encoder.layers[0].self_attn
+    assert torch.equal(tower.blocks[0].attn.qkv.weight,
+                       torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
+    # Each image is a grid of merged tokens, and the stages score with it: the pixels training fed are the
+    # processor's own.
+    image = load_image(train.records[0].path)
+    side = clip.config.image_size // clip.config.patch_size // 2
+    assert image_features(mllm, [image])[0].shape[:2] == (side, side)
+    dense = mllm.family.dense_pixels(mllm.processor, [image])
+    assert torch.equal(mllm.family.pixel_inputs(mllm.model, dense)["pixel_values"],
+                       mllm.family.image_inputs(mllm.processor, [image])["pixel_values"])
+    assert summary["val_caption_loss"]["with_image"] > 0
+    with pytest.raises(ValueError, match="image_features and vision_layer are LLaVA's settings"):
+        MiniMLLMConfig(interface="qwen2_vl", vision_layer=-2)
+    with pytest.raises(ValueError, match="interface must be llava or qwen2_vl"):
+        MiniMLLMConfig(interface="idefics3")
+
+
+def test_mrope_sections_split_a_head_as_qwen2_vl_does():
+    from genret.training.mini_mllm import mrope_section
+
+    assert mrope_section(128) == [16, 24, 24]  # Qwen2-VL-7B's own
+    for head_dim in (16, 32, 64, 96):
+        assert sum(mrope_section(head_dim)) == head_dim // 2

@@ -88,6 +88,19 @@ class Family:
         """Pixel tensors (and grids) for a batch of PIL images."""
         return dict(processor.image_processor(images=images, return_tensors="pt"))
 
+    def dense_pixels(self, processor, images: list) -> torch.Tensor:
+        """``(batch, channels, height, width)`` pixels of same-size ``images``, normalised as the processor does: the
+        form in which training augments them (:meth:`pixel_inputs` turns them into the forward's inputs)."""
+        return self.image_inputs(processor, images)["pixel_values"]
+
+    def pixel_inputs(self, model, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward's image inputs for :meth:`dense_pixels`-form ``pixels``."""
+        return {"pixel_values": pixels}
+
+    def tokens_per_image(self, model, height: int, width: int) -> int:
+        """Image tokens the language model reads for one ``height`` × ``width`` image of :meth:`dense_pixels`."""
+        return int(model.config.image_seq_length)
+
     def several_image_inputs(self, processor, images: list) -> dict[str, torch.Tensor] | None:
         """Pixel tensors of ``images`` as laid out in a prompt that holds several images (a listwise prompt), for a
         family that lays such an image out otherwise than one alone (LLaVA-OneVision); None: as :meth:`image_inputs`."""

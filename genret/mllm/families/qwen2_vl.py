@@ -61,6 +61,38 @@ class Qwen2VLFamily(Family):
         """The block the chat template writes for an image."""
         return "<|vision_start|><|image_pad|><|vision_end|>"
 
+    @staticmethod
+    def _layout(processor_or_config) -> tuple[int, int, int]:
+        c = processor_or_config
+        return int(c.patch_size), int(c.merge_size if hasattr(c, "merge_size") else c.spatial_merge_size), \
+            int(c.temporal_patch_size)
+
+    def dense_pixels(self, processor, images: list) -> torch.Tensor:
+        """The processor's patches put back into ``(batch, channels, height, width)`` (one temporal copy)."""
+        inputs = self.image_inputs(processor, images)
+        grid = inputs["image_grid_thw"]
+        if len(set(map(tuple, grid.tolist()))) != 1 or int(grid[0, 0]) != 1:
+            raise ValueError(f"dense pixels need still images of one size; the processor made grids {grid.tolist()}")
+        p, m, t = self._layout(processor.image_processor)
+        _, h, w = grid[0].tolist()
+        x = inputs["pixel_values"].reshape(len(images), h // m, w // m, m, m, -1, t, p, p)[:, :, :, :, :, :, 0]
+        return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(len(images), -1, h * p, w * p)
+
+    def pixel_inputs(self, model, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Patches laid out as ``Qwen2VLImageProcessor`` lays them (merge blocks in raster order, then channel,
+        temporal copy, row, column of each patch), and each image's ``image_grid_thw``."""
+        p, m, t = self._layout(model.config.vision_config)
+        b, c, hh, ww = pixels.shape
+        h, w = hh // p, ww // p
+        x = pixels.unsqueeze(1).expand(b, t, c, hh, ww).reshape(b, t, c, h // m, m, p, w // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * h * w, c * t * p * p)
+        return {"pixel_values": x, "image_grid_thw": torch.tensor([[1, h, w]] * b, dtype=torch.long)}
+
+    def tokens_per_image(self, model, height: int, width: int) -> int:
+        """One token per merged block of patches."""
+        p, m, _ = self._layout(model.config.vision_config)
+        return (height // p // m) * (width // p // m)
+
     def image_features(self, model, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per image, ``(rows, cols, hidden)``: the merged patch grid after the merger."""
         grid = image_inputs["image_grid_thw"]
