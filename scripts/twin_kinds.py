@@ -97,6 +97,31 @@ def mllm_right(mllm: MLLM, cases: list[dict]) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
+def place_answers(mllm: MLLM, data) -> dict[str, float]:
+    """How often the MLLM prefers the true answer to "Where is the X?" (the pretraining's answer task) over the
+    inverse place, by log P(answer | image, question): does it read which object is where, asked directly."""
+    from genret.world.scene import Scene
+
+    right = {"left / right": [], "above / below": []}
+    for r in data.records:
+        scene = Scene.from_dict(r.meta["scene"])
+        axis = "left / right" if scene.relation in ("left of", "right of") else "above / below"
+        for question, true, inverse in place_questions(scene):
+            g = scoring.generative_scores(mllm, "{image}\n" + question, [true, inverse], [load_image(r.path)] * 2)
+            right[axis].append(g[0] > g[1])
+    return {k: round(100 * float(np.mean(v)), 1) for k, v in right.items() if v}
+
+
+def place_questions(scene) -> list[tuple[str, str, str]]:
+    """Per object of ``scene``: "Where is the X?", its true place (the pretraining's answer) and the inverse one."""
+    from genret.world.scene import INVERSE
+
+    (a, b), rel = scene.objects, scene.relation
+    return [(f"Where is the {obj.noun()}?", f"{place} the {other.noun()}", f"{INVERSE[place]} the {other.noun()}")
+            for obj, other, place in ((a, b, rel), (b, a, INVERSE[rel]))]
+
+
+@torch.no_grad()
 def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dict[str, dict[str, float]]:
     """Per vision-tower layer and after the projector, a linear probe's accuracy (%) at reading each patch token's
     column and row from the token alone."""
@@ -135,6 +160,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--positions", action="store_true", help="also probe where each image token is (per MLLM)")
+    parser.add_argument("--places", action="store_true", help="also ask each MLLM where each object is (both objects "
+                        "of every image of the split: the true place against the inverse one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
@@ -145,7 +172,7 @@ def main() -> None:
     if not cases:
         raise SystemExit(f"--split {args.split}: no twin pairs in it")
     scorers = {"prefilter (CLIP)": clip_right(HFDualEncoder(args.clip, device="cpu"), cases)}
-    positions = {}
+    positions, places = {}, {}
     for folder in args.mllm:
         mllm = MLLM.load(folder)
         mllm.model.eval()
@@ -153,6 +180,8 @@ def main() -> None:
             scorers[f"{folder} {name}"] = right
         if args.positions:
             positions[folder] = position_probe(mllm, data)
+        if args.places:
+            places[folder] = place_answers(mllm, data)
     kinds = np.array([c["kind"] for c in cases])
     dirs = np.array([c["dir"] for c in cases])
     table = {}
@@ -161,7 +190,8 @@ def main() -> None:
                        for k in ("binding", "relation") for d in ("t2i", "i2t") if ((kinds == k) & (dirs == d)).any()}
     counts = {f"{k} {d}": int(((kinds == k) & (dirs == d)).sum()) for k in ("binding", "relation") for d in ("t2i", "i2t")}
     if args.json:
-        print(json.dumps({"split": args.split, "cases": counts, "right_%": table, "positions_%": positions}, indent=2))
+        print(json.dumps({"split": args.split, "cases": counts, "right_%": table, "positions_%": positions,
+                          "places_%": places}, indent=2))
         return
     cols = list(counts)
     print(f"{args.split}: how often the right one scores above its twin, % (cases: "
@@ -170,6 +200,11 @@ def main() -> None:
     print("|---" * (len(cols) + 1) + "|")
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
+    if places:
+        print("\nWhere is the X? the true place preferred to the inverse one, %")
+        print("| MLLM | left / right | above / below |\n|---|---|---|")
+        for folder, acc in places.items():
+            print(f"| {folder} | {acc.get('left / right', '-')} | {acc.get('above / below', '-')} |")
     for folder, levels in positions.items():
         print(f"\n{folder}: each image token's place read back from the token alone (linear probe, %)")
         print("| tokens | column | row |\n|---|---|---|")

@@ -31,7 +31,7 @@ def test_pairs_are_sorted_into_binding_and_relation_twins(world):
 
 def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, clip_dir, mllm_dir):
     out = subprocess.run([sys.executable, str(SCRIPT), "--clip", str(clip_dir), "--mllm", str(mllm_dir), "--data",
-                          str(world_dir), "--split", "test", "--positions", "--threads", "1", "--json"],
+                          str(world_dir), "--split", "test", "--positions", "--places", "--threads", "1", "--json"],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert sum(result["cases"].values()) > 0
@@ -41,6 +41,9 @@ def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, cli
     levels = result["positions_%"][str(mllm_dir)]
     assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
     assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
+    places = result["places_%"][str(mllm_dir)]
+    assert set(places) <= {"left / right", "above / below"} and places
+    assert all(0 <= v <= 100 for v in places.values())
 
 
 def test_the_place_probe_reads_a_qwen2_vl_grid_of_merged_tokens(world, tmp_path):
@@ -54,3 +57,22 @@ def test_the_place_probe_reads_a_qwen2_vl_grid_of_merged_tokens(world, tmp_path)
     levels = script.position_probe(mllm, world.split("val"), n_fit=12, n_test=6)
     assert list(levels) == ["projected (the language model's input)"]
     assert all(0 <= v <= 100 for v in levels["projected (the language model's input)"].values())
+
+
+def test_place_questions_ask_where_each_object_is_as_pretraining_does(world):
+    """The true answer is the one the pretraining's answer task teaches for that question; the other, its inverse."""
+    import random
+
+    from genret.world.scene import Scene, questions
+
+    script = load_script("twin_kinds")
+    for r in world.split("val").records[:20]:
+        scene = Scene.from_dict(r.meta["scene"])
+        taught = dict(q for q in questions(scene, random.Random(0)) if q[0].startswith("Where is"))
+        asked = script.place_questions(scene)
+        assert len(asked) == 2 and asked[0][0] != asked[1][0]
+        for question, true, inverse in asked:
+            assert taught.get(question, true) == true and true != inverse
+            assert true.split(" the ")[0] in ("left of", "right of", "above", "below")
+        a, b = scene.objects
+        assert asked[0][1] == f"{scene.relation} the {b.noun()}"
