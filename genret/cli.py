@@ -184,15 +184,16 @@ TRAIN_COMMANDS = (
                                    "help": "how the language model reads the image: llava (LLaVA-1.5, the default: "
                                            "projected patch tokens in raster order, 1-D positions) or qwen2_vl "
                                            "(Qwen2-VL: 2 x 2 merged patches, multimodal RoPE gives each its row and "
-                                           "column; the tower starts from the CLIP's blocks)"}),
+                                           "column; the tower starts from the CLIP's blocks, without their absolute positions, and trains at "
+                                           "--vision-lr-scale, best at the default 0.1 in docs/benchmarks.md)"}),
                   ("--image-features", {"choices": ("default", "full"), "default": None,
                                         "help": "what of the vision tower the language model reads: default, the "
                                                 "patch tokens (LLaVA-1.5); full, the class token too"}),
                   ("--vision-layer", {"type": int, "default": None,
                                       "help": "the tower's hidden state the projector reads (default -1, the last; "
                                               "LLaVA-1.5 reads -2)"}),
-                  ("--hidden-size", {"type": int, "default": None, "help": "the Llama's width (default 128)"}),
-                  ("--layers", {"type": int, "default": None, "help": "the Llama's layers (default 4)"}),
+                  ("--hidden-size", {"type": int, "default": None, "help": "the language model's width (default 128)"}),
+                  ("--layers", {"type": int, "default": None, "help": "the language model's layers (default 4)"}),
                   ("--heads", {"type": int, "default": None, "help": "attention heads (default 4)"}),
                   ("--intermediate-size", {"type": int, "default": None, "help": "MLP width (default 512)"})),
                  out="checkpoint folder to write", formats=("genret.mini_mllm", "genret.train_run")),

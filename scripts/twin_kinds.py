@@ -131,9 +131,11 @@ def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dic
     n_test = min(n_test, len(data.records) - n_fit)
     images = [load_image(r.path) for r in data.records[:n_fit + n_test]]
     inputs = mllm.family.image_inputs(mllm.processor, images)
-    projected = torch.stack([f.reshape(-1, f.shape[-1]) for f in scoring.image_features(mllm, images)]).float()
+    feats = scoring.image_features(mllm, images)
+    projected = torch.stack([mllm.family.feature_embeds(f) for f in feats]).float()
     n = projected.shape[1]
-    side = int(round(n ** 0.5))
+    # Qwen keeps (rows, cols, hidden) per image (Qwen3-VL a level axis first): the columns are the grid's own.
+    side = int(feats[0].shape[-2]) if feats[0].dim() >= 3 else int(round(n ** 0.5))
     where = {"column": np.arange(n) % side, "row": np.arange(n) // side}
     levels = {}
     tower = getattr(getattr(mllm.model, "model", mllm.model), "vision_tower", None)

@@ -22,10 +22,10 @@ from genret.bpe import CHAT_TEMPLATE, train_chat_tokenizer
 
 @dataclass
 class MiniMLLMConfig:
-    """Architecture of the mini MLLM's language side (the vision side is the CLIP's)."""
+    """Architecture of the mini MLLM's language side and interface (the vision side starts from the CLIP's tower)."""
 
-    hidden_size: int = field(default=128, metadata={"help": "Llama hidden size"})
-    layers: int = field(default=4, metadata={"help": "Llama layers"})
+    hidden_size: int = field(default=128, metadata={"help": "language model hidden size"})
+    layers: int = field(default=4, metadata={"help": "language model layers"})
     heads: int = field(default=4, metadata={"help": "attention heads"})
     intermediate_size: int = field(default=512, metadata={"help": "MLP width"})
     max_positions: int = field(default=4096, metadata={"help": "context length (listwise prompts hold many images)"})

@@ -152,6 +152,10 @@ def image_pixels(train: Dataset, mix: Mixture, processor, seed: int, family) -> 
     ``(images, channels, height, width)`` as :meth:`Family.dense_pixels` gives them."""
     images = [load_image(r.path) for r in train.records]
     images += [kind.render(value, images[0].size[0], seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
+    sizes = sorted({im.size for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{train.source}: the training images come in {len(sizes)} sizes ({sizes[:3]}...); pretraining "
+                         "batches them as one tensor: resize them to one size first")
     return torch.cat([family.dense_pixels(processor, images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
@@ -191,7 +195,8 @@ def is_tower(family, name: str) -> bool:
     """Whether parameter ``name`` belongs to the vision tower proper (trained at ``vision_lr_scale``), not to the
     projector into the language model (Qwen2-VL's merger sits inside its tower module)."""
     parts = name.split(".")
-    return family.vision_tower_name in parts and family.projector_name not in parts
+    projectors = (family.projector_name, *family.more_projectors)
+    return family.vision_tower_name in parts and not any(p in parts for p in projectors)
 
 
 def example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

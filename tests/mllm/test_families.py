@@ -176,6 +176,13 @@ def test_dense_pixels_turn_back_into_the_processors_inputs(tiny_mllms, images, f
     shown = images[:3]  # same-size images (the fourth is not)
     dense = mllm.family.dense_pixels(mllm.processor, shown)
     assert dense.dim() == 4 and dense.shape[:2] == (3, 3)
+    if family != "llava":  # Qwen's patches put back are the picture itself, normalised (no resize at this size)
+        import numpy as np
+
+        ip = mllm.processor.image_processor
+        mean, std = (torch.tensor(v)[:, None, None] for v in (ip.image_mean, ip.image_std))
+        direct = torch.tensor(np.asarray(shown[0].resize(dense.shape[-1:-3:-1])), dtype=torch.float32)
+        assert torch.allclose(dense[0], (direct.permute(2, 0, 1) / 255 - mean) / std, atol=1e-5)
     expected = mllm.family.image_inputs(mllm.processor, shown)
     got = mllm.family.pixel_inputs(mllm.model, dense)
     assert set(got) == {k for k in expected if k in ("pixel_values", "image_grid_thw")}

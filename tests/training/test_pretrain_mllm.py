@@ -274,3 +274,21 @@ def test_mrope_sections_split_a_head_as_qwen2_vl_does():
     assert mrope_section(128) == [16, 24, 24]  # Qwen2-VL-7B's own
     for head_dim in (16, 32, 64, 96):
         assert sum(mrope_section(head_dim)) == head_dim // 2
+
+
+def test_the_tower_trains_at_its_own_rate_and_the_projectors_at_the_language_models(tmp_path):
+    """is_tower on real parameter names: LLaVA's projector and Qwen2-VL's merger (inside its tower module) train with
+    the language model; the towers' blocks at vision_lr_scale."""
+    from genret.mllm import MLLM
+    from genret.mllm.tiny import build_tiny
+    from genret.training.pretrain_mllm import is_tower
+
+    for family, tower, projector in (("llava", "vision_tower", "multi_modal_projector"),
+                                     ("qwen2_vl", "visual.blocks", "visual.merger")):
+        mllm = MLLM.load(str(build_tiny(family, tmp_path / family, ["a red circle left of a blue square"])))
+        names = [n for n, _ in mllm.model.named_parameters()]
+        towers = {n for n in names if is_tower(mllm.family, n)}
+        assert towers and all(f".{tower}." in n or n.startswith(f"{tower}.") or f".{tower.split('.')[0]}." in n
+                              for n in towers)
+        assert not any(projector in n for n in towers) and any(projector in n for n in names)
+        assert not any("language_model" in n or "lm_head" in n for n in towers)

@@ -72,7 +72,8 @@ class Qwen2VLFamily(Family):
         inputs = self.image_inputs(processor, images)
         grid = inputs["image_grid_thw"]
         if len(set(map(tuple, grid.tolist()))) != 1 or int(grid[0, 0]) != 1:
-            raise ValueError(f"dense pixels need still images of one size; the processor made grids {grid.tolist()}")
+            raise ValueError(f"dense pixels need still images of one size; the processor made grids {grid.tolist()}: "
+                             "give images of one size")
         p, m, t = self._layout(processor.image_processor)
         _, h, w = grid[0].tolist()
         x = inputs["pixel_values"].reshape(len(images), h // m, w // m, m, m, -1, t, p, p)[:, :, :, :, :, :, 0]
