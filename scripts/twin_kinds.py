@@ -2,7 +2,7 @@
 objects) and relation twins (places swapped) apart.
 
     python scripts/twin_kinds.py --clip CLIP --mllm MLLM [--mllm MLLM ...] --data DATA [--split val]
-        [--positions] [--json]
+        [--positions] [--places] [--json]
 
 For each twin pair of the split (``twin_of``), in both directions: t2i, one caption of an image against the image
 and its twin; i2t, the image against its caption and one of the twin's. Scored by the CLIP (cosine), and for each
@@ -16,6 +16,10 @@ positions must read from the patch tokens' content. The split says which the rer
 ``--positions``: where each image token is, read back by a linear probe from the token alone (its column, and its
 row, of the patch grid; fitted on 200 images' tokens, scored on 100 others) at each vision-tower layer and after the
 projector (the tokens the language model reads): how much of the place a token holds reaches the language model.
+
+``--places``: the pretraining's own question, "Where is the X?", for both objects of every image of the split, by
+log P(answer | image, question): the true place against the inverse one (which object is where), and the true
+axis's answers against the other axis's (the layout).
 """
 
 from __future__ import annotations
@@ -98,26 +102,32 @@ def mllm_right(mllm: MLLM, cases: list[dict]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def place_answers(mllm: MLLM, data) -> dict[str, float]:
-    """How often the MLLM prefers the true answer to "Where is the X?" (the pretraining's answer task) over the
-    inverse place, by log P(answer | image, question): does it read which object is where, asked directly."""
+    """Asked "Where is the X?" (the pretraining's answer task), scored by log P(answer | image, question): how often
+    the MLLM prefers the true place to the inverse one, per axis (which object is where), and how often it puts the
+    true axis's two answers above the other axis's (the layout: side by side or stacked)."""
     from genret.world.scene import Scene
 
-    right = {"left / right": [], "above / below": []}
+    right = {"left / right": [], "above / below": [], "axis": []}
     for r in data.records:
         scene = Scene.from_dict(r.meta["scene"])
         axis = "left / right" if scene.relation in ("left of", "right of") else "above / below"
-        for question, true, inverse in place_questions(scene):
-            g = scoring.generative_scores(mllm, "{image}\n" + question, [true, inverse], [load_image(r.path)] * 2)
+        for question, true, inverse, across in place_questions(scene):
+            g = scoring.generative_scores(mllm, "{image}\n" + question, [true, inverse, *across],
+                                          [load_image(r.path)] * 4)
             right[axis].append(g[0] > g[1])
+            right["axis"].append(max(g[:2]) > max(g[2:]))
     return {k: round(100 * float(np.mean(v)), 1) for k, v in right.items() if v}
 
 
-def place_questions(scene) -> list[tuple[str, str, str]]:
-    """Per object of ``scene``: "Where is the X?", its true place (the pretraining's answer) and the inverse one."""
+def place_questions(scene) -> list[tuple[str, str, str, tuple[str, str]]]:
+    """Per object of ``scene``: "Where is the X?", its true place (the pretraining's answer), the inverse one, and the
+    two places of the other axis."""
     from genret.world.scene import INVERSE
 
     (a, b), rel = scene.objects, scene.relation
-    return [(f"Where is the {obj.noun()}?", f"{place} the {other.noun()}", f"{INVERSE[place]} the {other.noun()}")
+    cross = ("above", "below") if rel in ("left of", "right of") else ("left of", "right of")
+    return [(f"Where is the {obj.noun()}?", f"{place} the {other.noun()}", f"{INVERSE[place]} the {other.noun()}",
+             tuple(f"{c} the {other.noun()}" for c in cross))
             for obj, other, place in ((a, b, rel), (b, a, INVERSE[rel]))]
 
 
@@ -203,10 +213,10 @@ def main() -> None:
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
     if places:
-        print("\nWhere is the X? the true place preferred to the inverse one, %")
-        print("| MLLM | left / right | above / below |\n|---|---|---|")
+        print("\nWhere is the X? the true place preferred to the inverse one (per axis), and the true axis to the other, %")
+        print("| MLLM | left / right | above / below | axis |\n|---|---|---|---|")
         for folder, acc in places.items():
-            print(f"| {folder} | {acc.get('left / right', '-')} | {acc.get('above / below', '-')} |")
+            print(f"| {folder} | {acc.get('left / right', '-')} | {acc.get('above / below', '-')} | {acc['axis']} |")
     for folder, levels in positions.items():
         print(f"\n{folder}: each image token's place read back from the token alone (linear probe, %)")
         print("| tokens | column | row |\n|---|---|---|")

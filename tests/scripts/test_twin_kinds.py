@@ -42,7 +42,7 @@ def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, cli
     assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
     assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
     places = result["places_%"][str(mllm_dir)]
-    assert set(places) <= {"left / right", "above / below"} and places
+    assert "axis" in places and set(places) <= {"left / right", "above / below", "axis"}
     assert all(0 <= v <= 100 for v in places.values())
 
 
@@ -71,8 +71,11 @@ def test_place_questions_ask_where_each_object_is_as_pretraining_does(world):
         taught = dict(q for q in questions(scene, random.Random(0)) if q[0].startswith("Where is"))
         asked = script.place_questions(scene)
         assert len(asked) == 2 and asked[0][0] != asked[1][0]
-        for question, true, inverse in asked:
+        for question, true, inverse, across in asked:
             assert taught.get(question, true) == true and true != inverse
             assert true.split(" the ")[0] in ("left of", "right of", "above", "below")
+            axes = [{"left of": "h", "right of": "h", "above": "v", "below": "v"}[t.split(" the ")[0]]
+                    for t in (true, inverse, *across)]
+            assert axes[0] == axes[1] and axes[2] == axes[3] != axes[0]
         a, b = scene.objects
         assert asked[0][1] == f"{scene.relation} the {b.noun()}"
