@@ -15,7 +15,8 @@ positions must read from the patch tokens' content. The split says which the rer
 
 ``--positions``: where each image token is, read back by a linear probe from the token alone (its column, and its
 row, of the patch grid; fitted on 200 images' tokens, scored on 100 others) at each vision-tower layer and after the
-projector (the tokens the language model reads): how much of the place a token holds reaches the language model.
+projector (the tokens the language model reads), and at each language-model layer (the image tokens' own states there,
+under the generative prompt): how much of the place a token holds reaches the language model and stays.
 
 ``--places``: the pretraining's own question, "Where is the X?", for both objects of every image of the split, by
 log P(answer | image, question): the true place against the inverse one (which object is where), and the true
@@ -132,9 +133,30 @@ def place_questions(scene) -> list[tuple[str, str, str, tuple[str, str]]]:
 
 
 @torch.no_grad()
+def language_model_states(mllm: MLLM, images: list, batch: int = 50) -> list[torch.Tensor]:
+    """Per language-model hidden state (the embeddings, then each layer), ``(images, tokens, hidden)`` at the image
+    tokens' positions, with the generative stage's prompt ("Describe the image.") after them."""
+    prompt = scoring.render(mllm, scoring.user_message(load_prompt("rerank_generative").section("t2i")["user"]))
+    image_id = mllm.family.image_token_id(mllm.model)
+    per_level: list[list[torch.Tensor]] = []
+    for s in range(0, len(images), batch):
+        shown = images[s:s + batch]
+        inputs = scoring._inputs(mllm, [prompt] * len(shown), [[im] for im in shown])
+        extra = mllm.family.forward_kwargs(mllm.model, inputs["input_ids"], inputs, inputs.get("attention_mask"))
+        model_inputs = {k: v.to(mllm.device) for k, v in inputs.items() if k != "labels"}
+        states = mllm.model(**model_inputs, **extra, output_hidden_states=True).hidden_states
+        at = inputs["input_ids"] == image_id
+        for k, h in enumerate(states):
+            if len(per_level) <= k:
+                per_level.append([])
+            per_level[k].append(h[at.to(h.device)].reshape(len(shown), -1, h.shape[-1]).float().cpu())
+    return [torch.cat(level) for level in per_level]
+
+
+@torch.no_grad()
 def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dict[str, dict[str, float]]:
-    """Per vision-tower layer and after the projector, a linear probe's accuracy (%) at reading each patch token's
-    column and row from the token alone."""
+    """Per vision-tower layer, after the projector and at each language-model layer (the image tokens' own states
+    there), a linear probe's accuracy (%) at reading each patch token's column and row from the token alone."""
     from sklearn.linear_model import LogisticRegression
 
     n_fit = min(n_fit, 2 * len(data.records) // 3)
@@ -153,6 +175,9 @@ def position_probe(mllm: MLLM, data, n_fit: int = 200, n_test: int = 100) -> dic
         states = tower(pixel_values=inputs["pixel_values"].to(mllm.device), output_hidden_states=True).hidden_states
         levels = {f"tower layer {k}": h[:, -n:].float() for k, h in enumerate(states) if k}
     levels["projected (the language model's input)"] = projected
+    for k, h in enumerate(language_model_states(mllm, images)):
+        if k:
+            levels[f"language model layer {k} (at the image tokens)"] = h
     out = {}
     for name, x in levels.items():
         x = x.cpu().numpy()

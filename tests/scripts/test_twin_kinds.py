@@ -40,6 +40,7 @@ def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, cli
     assert all(0 <= v <= 100 for row in scorers.values() for v in row.values())
     levels = result["positions_%"][str(mllm_dir)]
     assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
+    assert any(k.startswith("language model layer") for k in levels)
     assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
     places = result["places_%"][str(mllm_dir)]
     assert "axis" in places and set(places) <= {"left / right", "above / below", "axis"}
@@ -55,8 +56,11 @@ def test_the_place_probe_reads_a_qwen2_vl_grid_of_merged_tokens(world, tmp_path)
     script = load_script("twin_kinds")
     mllm = MLLM.load(str(build_tiny("qwen2_vl", tmp_path / "q", ["a red circle left of a blue square"])))
     levels = script.position_probe(mllm, world.split("val"), n_fit=12, n_test=6)
-    assert list(levels) == ["projected (the language model's input)"]
-    assert all(0 <= v <= 100 for v in levels["projected (the language model's input)"].values())
+    assert list(levels)[0] == "projected (the language model's input)" and not any("tower" in k for k in levels)
+    # the image tokens' own states at each language-model layer (multimodal RoPE positions passed as scoring does)
+    assert [k for k in levels if k.startswith("language model layer")] == [
+        f"language model layer {k} (at the image tokens)" for k in range(1, mllm.model.config.text_config.num_hidden_layers + 1)]
+    assert all(0 <= v <= 100 for acc in levels.values() for v in acc.values())
 
 
 def test_place_questions_ask_where_each_object_is_as_pretraining_does(world):
