@@ -2,7 +2,7 @@
 objects) and relation twins (places swapped) apart.
 
     python scripts/twin_kinds.py --clip CLIP --mllm MLLM [--mllm MLLM ...] --data DATA [--split val]
-        [--positions] [--places] [--json]
+        [--positions] [--places] [--attention] [--json]
 
 For each twin pair of the split (``twin_of``), in both directions: t2i, one caption of an image against the image
 and its twin; i2t, the image against its caption and one of the twin's. Scored by the CLIP (cosine), and for each
@@ -21,6 +21,9 @@ under the generative prompt): how much of the place a token holds reaches the la
 ``--places``: the pretraining's own question, "Where is the X?", for both objects of every image of the split, by
 log P(answer | image, question): the true place against the inverse one (which object is where), and the true
 axis's answers against the other axis's (the layout).
+
+``--attention`` (LLaVA): where the answer position looks when asked about one object — each layer's and head's
+attention on the patch under the asked object and under the other one.
 """
 
 from __future__ import annotations
@@ -133,6 +136,44 @@ def place_questions(scene) -> list[tuple[str, str, str, tuple[str, str]]]:
 
 
 @torch.no_grad()
+def object_attention(mllm: MLLM, data, limit: int = 60) -> dict[str, list[dict[str, float]]]:
+    """Where the answer position looks when asked about one object: per question kind ("Where is the X?", "What colour
+    is the <shape>?") and language-model layer, each head's attention from the prompt's last token to the patch under
+    the asked object's centre, to the patch under the other's, and to all image tokens (means over the split's first
+    ``limit`` scenes whose two shapes differ). LLaVA's raster of patch tokens only."""
+    from genret.world.scene import Scene
+
+    if getattr(getattr(mllm.model, "model", mllm.model), "vision_tower", None) is None:
+        raise SystemExit("--attention reads LLaVA's raster of patch tokens; this MLLM is not a LLaVA")
+    mllm.model.set_attn_implementation("eager")  # the only one that returns attention weights
+    vision = mllm.model.config.vision_config
+    side, patch = vision.image_size // vision.patch_size, vision.patch_size
+    image_id = mllm.family.image_token_id(mllm.model)
+    records = [r for r in data.records if len({o["shape"] for o in r.meta["scene"]["objects"]}) == 2][:limit]
+    seen: dict[str, list[torch.Tensor]] = {"where": [], "colour": []}
+    for r in records:
+        scene = Scene.from_dict(r.meta["scene"])
+        a, b = scene.objects
+        cells = [min(int(o.y // patch), side - 1) * side + min(int(o.x // patch), side - 1) for o in (a, b)]
+        for kind, question in (("where", f"Where is the {a.noun()}?"), ("colour", f"What colour is the {a.shape}?")):
+            prompt = scoring.render(mllm, scoring.user_message("{image}\n" + question))
+            inputs = scoring._inputs(mllm, [prompt], [[load_image(r.path)]])
+            out = mllm.model(**{k: v.to(mllm.device) for k, v in inputs.items() if k != "labels"},
+                             output_attentions=True)
+            at = (inputs["input_ids"][0] == image_id).nonzero().flatten()
+            seen[kind].append(torch.stack([torch.stack([w[0, :, -1, at][:, cells[0]], w[0, :, -1, at][:, cells[1]],
+                                                        w[0, :, -1, at].sum(-1)], -1).float().cpu()
+                                           for w in out.attentions]))  # layers x heads x 3
+    out = {}
+    for kind, rows in seen.items():
+        mean = torch.stack(rows).mean(0)
+        out[kind] = [{"layer": k + 1, "asked": [round(float(x), 4) for x in mean[k, :, 0]],
+                      "other": [round(float(x), 4) for x in mean[k, :, 1]],
+                      "image": [round(float(x), 3) for x in mean[k, :, 2]]} for k in range(mean.shape[0])]
+    return out
+
+
+@torch.no_grad()
 def language_model_states(mllm: MLLM, images: list, batch: int = 50) -> list[torch.Tensor]:
     """Per language-model hidden state (the embeddings, then each layer), ``(images, tokens, hidden)`` at the image
     tokens' positions, with the generative stage's prompt ("Describe the image.") after them."""
@@ -197,6 +238,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--positions", action="store_true", help="also probe where each image token is (per MLLM)")
+    parser.add_argument("--attention", action="store_true", help="also measure the answer position's attention on "
+                        "the asked object's and the other object's patches (LLaVA)")
     parser.add_argument("--places", action="store_true", help="also ask each MLLM where each object is (both objects "
                         "of every image of the split: the true place against the inverse one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -209,7 +252,7 @@ def main() -> None:
     if not cases:
         raise SystemExit(f"--split {args.split}: no twin pairs in it")
     scorers = {"prefilter (CLIP)": clip_right(HFDualEncoder(args.clip, device="cpu"), cases)}
-    positions, places = {}, {}
+    positions, places, attention = {}, {}, {}
     for folder in args.mllm:
         mllm = MLLM.load(folder)
         mllm.model.eval()
@@ -219,6 +262,8 @@ def main() -> None:
             positions[folder] = position_probe(mllm, data)
         if args.places:
             places[folder] = place_answers(mllm, data)
+        if args.attention:
+            attention[folder] = object_attention(mllm, data)
     kinds = np.array([c["kind"] for c in cases])
     dirs = np.array([c["dir"] for c in cases])
     table = {}
@@ -228,7 +273,7 @@ def main() -> None:
     counts = {f"{k} {d}": int(((kinds == k) & (dirs == d)).sum()) for k in ("binding", "relation") for d in ("t2i", "i2t")}
     if args.json:
         print(json.dumps({"split": args.split, "cases": counts, "right_%": table, "positions_%": positions,
-                          "places_%": places}, indent=2))
+                          "places_%": places, "attention": attention}, indent=2))
         return
     cols = list(counts)
     print(f"{args.split}: how often the right one scores above its twin, % (cases: "
@@ -242,6 +287,14 @@ def main() -> None:
         print("| MLLM | left / right | above / below | axis |\n|---|---|---|---|")
         for folder, acc in places.items():
             print(f"| {folder} | {acc.get('left / right', '-')} | {acc.get('above / below', '-')} | {acc['axis']} |")
+    for folder, kinds in attention.items():
+        print(f"\n{folder}: the answer position's attention on the asked object's patch / the other's (each head)")
+        print("| question | layer | " + " | ".join(f"head {h}" for h in range(len(kinds["where"][0]["asked"])))
+              + " |\n|---|---|" + "---|" * len(kinds["where"][0]["asked"]))
+        for kind, layers in kinds.items():
+            for row in layers:
+                print(f"| {kind} | {row['layer']} | " + " | ".join(f"{x:.3f} / {y:.3f}" for x, y in
+                                                                    zip(row["asked"], row["other"])) + " |")
     for folder, levels in positions.items():
         print(f"\n{folder}: each image token's place read back from the token alone (linear probe, %)")
         print("| tokens | column | row |\n|---|---|---|")

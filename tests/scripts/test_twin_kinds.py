@@ -31,7 +31,8 @@ def test_pairs_are_sorted_into_binding_and_relation_twins(world):
 
 def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, clip_dir, mllm_dir):
     out = subprocess.run([sys.executable, str(SCRIPT), "--clip", str(clip_dir), "--mllm", str(mllm_dir), "--data",
-                          str(world_dir), "--split", "test", "--positions", "--places", "--threads", "1", "--json"],
+                          str(world_dir), "--split", "test", "--positions", "--places", "--attention", "--threads", "1",
+                          "--json"],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert sum(result["cases"].values()) > 0
@@ -42,6 +43,13 @@ def test_the_table_scores_every_kind_and_the_places_of_the_tokens(world_dir, cli
     assert "projected (the language model's input)" in levels and any(k.startswith("tower layer") for k in levels)
     assert any(k.startswith("language model layer") for k in levels)
     assert all(0 <= acc[w] <= 100 for acc in levels.values() for w in ("column", "row"))
+    attention = result["attention"][str(mllm_dir)]
+    assert set(attention) == {"where", "colour"}
+    for layers in attention.values():
+        assert [row["layer"] for row in layers] == list(range(1, len(layers) + 1)) and layers
+        for row in layers:
+            assert len(row["asked"]) == len(row["other"]) == len(row["image"]) > 0
+            assert all(0 <= x + y <= z + 1e-3 <= 1.001 for x, y, z in zip(row["asked"], row["other"], row["image"]))
     places = result["places_%"][str(mllm_dir)]
     assert "axis" in places and set(places) <= {"left / right", "above / below", "axis"}
     assert all(0 <= v <= 100 for v in places.values())
@@ -61,6 +69,10 @@ def test_the_place_probe_reads_a_qwen2_vl_grid_of_merged_tokens(world, tmp_path)
     assert [k for k in levels if k.startswith("language model layer")] == [
         f"language model layer {k} (at the image tokens)" for k in range(1, mllm.model.config.text_config.num_hidden_layers + 1)]
     assert all(0 <= v <= 100 for acc in levels.values() for v in acc.values())
+    import pytest
+
+    with pytest.raises(SystemExit, match="--attention reads LLaVA's raster"):
+        script.object_attention(mllm, world.split("val"))
 
 
 def test_place_questions_ask_where_each_object_is_as_pretraining_does(world):
