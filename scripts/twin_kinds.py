@@ -115,9 +115,9 @@ def place_answers(mllm: MLLM, data) -> dict[str, float]:
     for r in data.records:
         scene = Scene.from_dict(r.meta["scene"])
         axis = "left / right" if scene.relation in ("left of", "right of") else "above / below"
+        image = load_image(r.path)
         for question, true, inverse, across in place_questions(scene):
-            g = scoring.generative_scores(mllm, "{image}\n" + question, [true, inverse, *across],
-                                          [load_image(r.path)] * 4)
+            g = scoring.generative_scores(mllm, "{image}\n" + question, [true, inverse, *across], [image] * 4)
             right[axis].append(g[0] > g[1])
             right["axis"].append(max(g[:2]) > max(g[2:]))
     return {k: round(100 * float(np.mean(v)), 1) for k, v in right.items() if v}
@@ -158,19 +158,19 @@ def object_attention(mllm: MLLM, data, limit: int = 60) -> dict[str, list[dict[s
         for kind, question in (("where", f"Where is the {a.noun()}?"), ("colour", f"What colour is the {a.shape}?")):
             prompt = scoring.render(mllm, scoring.user_message("{image}\n" + question))
             inputs = scoring._inputs(mllm, [prompt], [[load_image(r.path)]])
-            out = mllm.model(**{k: v.to(mllm.device) for k, v in inputs.items() if k != "labels"},
-                             output_attentions=True)
+            attentions = mllm.model(**{k: v.to(mllm.device) for k, v in inputs.items() if k != "labels"},
+                                    output_attentions=True).attentions
             at = (inputs["input_ids"][0] == image_id).nonzero().flatten()
-            seen[kind].append(torch.stack([torch.stack([w[0, :, -1, at][:, cells[0]], w[0, :, -1, at][:, cells[1]],
-                                                        w[0, :, -1, at].sum(-1)], -1).float().cpu()
-                                           for w in out.attentions]))  # layers x heads x 3
-    out = {}
+            on_image = [w[0, :, -1, at].float().cpu() for w in attentions]  # per layer: heads x image tokens
+            seen[kind].append(torch.stack([torch.stack([w[:, cells[0]], w[:, cells[1]], w.sum(-1)], -1)
+                                           for w in on_image]))  # layers x heads x 3
+    table = {}
     for kind, rows in seen.items():
         mean = torch.stack(rows).mean(0)
-        out[kind] = [{"layer": k + 1, "asked": [round(float(x), 4) for x in mean[k, :, 0]],
-                      "other": [round(float(x), 4) for x in mean[k, :, 1]],
-                      "image": [round(float(x), 3) for x in mean[k, :, 2]]} for k in range(mean.shape[0])]
-    return out
+        table[kind] = [{"layer": k + 1, "asked": [round(float(x), 4) for x in mean[k, :, 0]],
+                        "other": [round(float(x), 4) for x in mean[k, :, 1]],
+                        "image": [round(float(x), 3) for x in mean[k, :, 2]]} for k in range(mean.shape[0])]
+    return table
 
 
 @torch.no_grad()

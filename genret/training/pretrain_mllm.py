@@ -152,11 +152,12 @@ def image_pixels(train: Dataset, mix: Mixture, processor, seed: int, family) -> 
     ``(images, channels, height, width)`` as :meth:`Family.dense_pixels` gives them."""
     images = [load_image(r.path) for r in train.records]
     images += [kind.render(value, images[0].size[0], seed * 1_000_003 + k) for k, (kind, value) in enumerate(mix.drawn)]
-    sizes = sorted({im.size for im in images})
-    if len(sizes) > 1:
-        raise ValueError(f"{train.source}: the training images come in {len(sizes)} sizes ({sizes[:3]}...); pretraining "
-                         "batches them as one tensor: resize them to one size first")
-    return torch.cat([family.dense_pixels(processor, images[i:i + 256]) for i in range(0, len(images), 256)])
+    parts = [family.dense_pixels(processor, images[i:i + 256]) for i in range(0, len(images), 256)]
+    shapes = sorted({tuple(p.shape[1:]) for p in parts})
+    if len(shapes) > 1:  # a processor that does not crop to one size (Qwen2-VL's) keeps the images' own sizes
+        raise ValueError(f"{train.source}: the processor makes the training images {len(shapes)} sizes ({shapes[:3]}); "
+                         "pretraining batches them as one tensor: resize them to one size first")
+    return torch.cat(parts)
 
 
 def saved_arch(folder: str | os.PathLike) -> dict:
@@ -171,9 +172,8 @@ def load_init(folder: str | os.PathLike, arch: MiniMLLMConfig):
     """The mini MLLM and processor at ``folder`` (``--init``), checked against the architecture options."""
     from transformers import AutoModelForImageTextToText
 
-    from genret.mllm.backend import load_processor
-
     from genret._io import read_json
+    from genret.mllm.backend import load_processor
 
     folder = Path(folder)
     if not (folder / "genret.json").is_file() or not (folder / "config.json").is_file():

@@ -292,3 +292,30 @@ def test_the_tower_trains_at_its_own_rate_and_the_projectors_at_the_language_mod
                               for n in towers)
         assert not any(projector in n for n in towers) and any(projector in n for n in names)
         assert not any("language_model" in n or "lm_head" in n for n in towers)
+
+
+def test_pixel_rows_take_any_sizes_the_processor_makes_one_and_refuse_the_rest(world, tmp_path):
+    """LLaVA's processor crops every image to one size, so training images of several sizes are fine; Qwen2-VL's keeps
+    each image's own size, and several sizes are refused with what to do."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from genret.data import load_image
+    from genret.mllm import MLLM
+    from genret.mllm.tiny import build_tiny
+    from genret.training.pretrain_mllm import image_pixels
+
+    records = list(world.split("train").records[:4])
+    bigger = tmp_path / "bigger.png"
+    load_image(records[0].path).resize((96, 48)).save(bigger)  # another size and shape
+    train = replace(world.split("train"), records=[replace(records[0], path=bigger), *records[1:]])
+    no_twins = SimpleNamespace(drawn=[])
+    for family in ("llava", "qwen2_vl"):
+        mllm = MLLM.load(str(build_tiny(family, tmp_path / family, ["a red circle left of a blue square"])))
+        if family == "llava":
+            pixels = image_pixels(train, no_twins, mllm.processor, 0, mllm.family)
+            assert pixels.shape[0] == 4 and pixels.shape[-2:] == (32, 32)
+        else:
+            with pytest.raises(ValueError, match="of one size"):
+                image_pixels(train, no_twins, mllm.processor, 0, mllm.family)
